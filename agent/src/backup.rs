@@ -1,0 +1,497 @@
+//! Backup: read → find changes → chunk → hash → dedup → compress → encrypt → pack →
+//! upload → index → commit the recovery point.
+//!
+//! ```text
+//! reader ──segments──▶ workers (one per core) ──results──▶ collector ──packs──▶ uploaders
+//!    ▲                      │ chunk, hash, dedup,            │ packs blobs,        │ put pack
+//!    └──── free buffers ◀───┘ compress, encrypt               │ orders extents      ▼
+//!                                                             └◀──── uploaded pack records
+//! ```
+//! Every channel is bounded, so memory stays flat whatever the disk size.
+//! Without a change map, an incremental re-reads the disk and hashes it (memory or
+//! disk speed); chunks whose id the index already holds cost nothing more.
+//!
+//! Commit order: packs, then index objects, then the point. A crash leaves packs
+//! without an index; the next backup indexes them from their tables and reuses
+//! their chunks (see [`recover_unindexed_packs`]).
+
+use std::collections::{BTreeMap, HashSet};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::bounded;
+use serde::Serialize;
+use tracing::{info, warn};
+
+use crate::chunker::SEGMENT_SIZE;
+use crate::crypto::ChunkId;
+use crate::error::{Error, Result};
+use crate::index::{self, Index, PackRecord};
+use crate::pack::{self, PackWriter, TARGET_PACK_SIZE};
+use crate::point::{self, Consistency, DiskMeta, Extent, Meta};
+use crate::progress::Progress;
+use crate::repo::Repository;
+use crate::source::{BlockSource, FileSource, is_zero};
+
+/// One disk to back up.
+#[derive(Debug, Clone)]
+pub struct DiskSpec {
+    /// Name inside the point; unique within it.
+    pub name: String,
+    pub path: PathBuf,
+}
+
+impl DiskSpec {
+    /// A disk named after its file name.
+    pub fn from_path(path: impl Into<PathBuf>) -> Self {
+        let path = path.into();
+        let name = path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|| path.display().to_string());
+        DiskSpec { name, path }
+    }
+}
+
+/// What to back up.
+#[derive(Debug, Clone)]
+pub struct BackupOptions {
+    pub source: String,
+    pub disks: Vec<DiskSpec>,
+    /// The consistency to record; `None` records `crash`, or `fuzzy` when a disk
+    /// changed while it was read.
+    pub consistency: Option<Consistency>,
+}
+
+/// What a backup did.
+#[derive(Debug, Clone, Serialize)]
+pub struct Summary {
+    pub point: String,
+    pub source: String,
+    pub parent: Option<String>,
+    pub consistency: Consistency,
+    /// Size of all disks.
+    pub disk_bytes: u64,
+    /// Bytes actually read (holes are skipped).
+    pub bytes_read: u64,
+    /// Chunks and bytes that were new to the repository.
+    pub new_chunks: u64,
+    pub new_bytes: u64,
+    /// What the new chunks take in the repository (compressed, encrypted).
+    pub stored_bytes: u64,
+    pub packs_written: u64,
+    /// Packs left by an interrupted backup that this one indexed and reused.
+    pub packs_recovered: u64,
+    pub duration_secs: f64,
+    pub requests: crate::store::Requests,
+}
+
+struct Segment {
+    disk: usize,
+    seq: u64,
+    len: usize,
+    /// `None` for a segment that lies entirely in a hole.
+    data: Option<Vec<u8>>,
+}
+
+struct SegResult {
+    disk: usize,
+    seq: u64,
+    extents: Vec<(u32, Option<ChunkId>)>,
+    blobs: Vec<(ChunkId, u32, Vec<u8>)>,
+    buf: Option<Vec<u8>>,
+}
+
+#[derive(Default)]
+struct Shared {
+    error: Mutex<Option<Error>>,
+    uploaded: Mutex<Vec<PackRecord>>,
+    bytes_read: AtomicU64,
+    new_chunks: AtomicU64,
+    new_bytes: AtomicU64,
+    stored_bytes: AtomicU64,
+}
+
+impl Shared {
+    fn fail(&self, e: Error) {
+        let mut slot = self.error.lock().expect("error slot");
+        if slot.is_none() {
+            *slot = Some(e);
+        }
+    }
+    fn failed(&self) -> bool {
+        self.error.lock().expect("error slot").is_some()
+    }
+}
+
+/// How many packs between two index objects written during a backup.
+const INDEX_EVERY: usize = 64;
+
+/// Make one recovery point of all disks of a source.
+pub fn backup(repo: &Repository, opts: &BackupOptions, progress: &Progress) -> Result<Summary> {
+    let started = Instant::now();
+    if opts.source.is_empty() || opts.source.contains('@') || opts.source.contains('/') {
+        return Err(Error::InvalidInput(format!(
+            "source name {:?} must be non-empty, without '@' or '/'",
+            opts.source
+        )));
+    }
+    if opts.disks.is_empty() {
+        return Err(Error::InvalidInput("give at least one disk to back up".into()));
+    }
+    let mut names = HashSet::new();
+    for d in &opts.disks {
+        if !names.insert(&d.name) {
+            return Err(Error::InvalidInput(format!(
+                "two disks are named {:?}; give them different file names",
+                d.name
+            )));
+        }
+    }
+    let sources: Vec<FileSource> = opts
+        .disks
+        .iter()
+        .map(|d| FileSource::open(&d.path))
+        .collect::<Result<_>>()?;
+    let sources: Vec<&dyn BlockSource> = sources.iter().map(|s| s as &dyn BlockSource).collect();
+    backup_sources(repo, opts, &sources, progress, started)
+}
+
+/// The backup pipeline over any block sources.
+pub fn backup_sources(
+    repo: &Repository,
+    opts: &BackupOptions,
+    sources: &[&dyn BlockSource],
+    progress: &Progress,
+    started: Instant,
+) -> Result<Summary> {
+    let (mut index, damaged) = index::load(&repo.store, &repo.key)?;
+    for e in &damaged {
+        warn!(error = %e, "ignoring a damaged index object; its chunks will be stored again");
+    }
+    let recovered = recover_unindexed_packs(repo, &mut index)?;
+    let parent = repo
+        .points()?
+        .0
+        .into_iter()
+        .filter(|p| p.meta.source == opts.source)
+        .next_back()
+        .map(|p| p.id);
+
+    struct DiskState {
+        size: u64,
+        marker: Option<(i64, i64)>,
+        ranges: Vec<(u64, u64)>,
+    }
+    let mut disks = Vec::new();
+    for s in sources {
+        let size = s.size()?;
+        let marker = s.change_marker();
+        let ranges = s.data_ranges()?;
+        progress.add_total(size);
+        disks.push(DiskState { size, marker, ranges });
+    }
+
+    let workers = std::thread::available_parallelism().map_or(2, |n| n.get());
+    let shared = Shared::default();
+    let chunker = repo.config.chunker;
+    let level = repo.config.compression_level;
+    let pending: Mutex<HashSet<ChunkId>> = Mutex::default();
+    let index = &index;
+
+    let (seg_tx, seg_rx) = bounded::<Segment>(workers);
+    let (res_tx, res_rx) = bounded::<SegResult>(workers);
+    let (free_tx, free_rx) = bounded::<Vec<u8>>(workers * 2 + 2);
+    let (pack_tx, pack_rx) = bounded::<([u8; 32], Vec<u8>, Vec<pack::BlobEntry>)>(1);
+    for _ in 0..workers * 2 + 2 {
+        free_tx.send(Vec::new()).expect("free list has room");
+    }
+
+    let mut extents: Vec<Vec<Extent>> = vec![Vec::new(); sources.len()];
+    let mut packs_written = 0u64;
+
+    std::thread::scope(|scope| -> Result<()> {
+        // Reader: segments in order, holes without reading.
+        {
+            let shared = &shared;
+            let disks = &disks;
+            scope.spawn(move || {
+                let free_rx = free_rx;
+                for (d, (src, st)) in sources.iter().zip(disks).enumerate() {
+                    let mut ranges = st.ranges.iter().peekable();
+                    let mut seq = 0u64;
+                    let mut off = 0u64;
+                    while off < st.size {
+                        let len = (st.size - off).min(SEGMENT_SIZE as u64) as usize;
+                        let end = off + len as u64;
+                        while ranges.peek().is_some_and(|r| r.1 <= off) {
+                            ranges.next();
+                        }
+                        let has_data = ranges.peek().is_some_and(|r| r.0 < end);
+                        let data = if has_data {
+                            let Ok(mut buf) = free_rx.recv() else { return };
+                            buf.resize(len, 0);
+                            if let Err(e) = src.read_exact_at(&mut buf, off) {
+                                shared.fail(e);
+                                return;
+                            }
+                            shared.bytes_read.fetch_add(len as u64, Ordering::Relaxed);
+                            Some(buf)
+                        } else {
+                            None
+                        };
+                        if seg_tx.send(Segment { disk: d, seq, len, data }).is_err() {
+                            return;
+                        }
+                        seq += 1;
+                        off = end;
+                    }
+                }
+            });
+        }
+
+        // Workers: chunk, hash, dedup, compress, encrypt.
+        for _ in 0..workers {
+            let seg_rx = seg_rx.clone();
+            let res_tx = res_tx.clone();
+            let (shared, pending, key) = (&shared, &pending, &repo.key);
+            scope.spawn(move || {
+                let mut compressor =
+                    zstd::bulk::Compressor::new(level).expect("zstd level was validated");
+                let mut scratch = Vec::new();
+                let mut cuts = Vec::new();
+                for seg in seg_rx.iter() {
+                    let mut out = SegResult {
+                        disk: seg.disk,
+                        seq: seg.seq,
+                        extents: Vec::new(),
+                        blobs: Vec::new(),
+                        buf: None,
+                    };
+                    match &seg.data {
+                        None => out.extents.push((seg.len as u32, None)),
+                        Some(data) => {
+                            chunker.cut(data, &mut cuts);
+                            let mut at = 0usize;
+                            for &n in &cuts {
+                                let chunk = &data[at..at + n as usize];
+                                at += n as usize;
+                                if is_zero(chunk) {
+                                    out.extents.push((n, None));
+                                    continue;
+                                }
+                                let id = key.chunk_id(chunk);
+                                out.extents.push((n, Some(id)));
+                                if index.contains(&id)
+                                    || !pending.lock().expect("pending set").insert(id)
+                                {
+                                    continue;
+                                }
+                                let sealed =
+                                    pack::seal_chunk(key, &mut compressor, &mut scratch, chunk);
+                                shared.new_chunks.fetch_add(1, Ordering::Relaxed);
+                                shared.new_bytes.fetch_add(n as u64, Ordering::Relaxed);
+                                shared
+                                    .stored_bytes
+                                    .fetch_add(sealed.len() as u64, Ordering::Relaxed);
+                                out.blobs.push((id, n, sealed));
+                            }
+                        }
+                    }
+                    out.buf = seg.data;
+                    if res_tx.send(out).is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+        drop(seg_rx);
+        drop(res_tx);
+
+        // Uploaders: put packs, record them for the index.
+        for _ in 0..2 {
+            let pack_rx = pack_rx.clone();
+            let shared = &shared;
+            scope.spawn(move || {
+                for (id, bytes, entries) in pack_rx.iter() {
+                    let size = bytes.len() as u64;
+                    let name = pack::object_name(&id);
+                    if let Err(e) = repo.put_object(&name, bytes) {
+                        shared.fail(e);
+                        return;
+                    }
+                    info!(pack = %name, size, chunks = entries.len(), "pack uploaded");
+                    shared
+                        .uploaded
+                        .lock()
+                        .expect("uploaded list")
+                        .push(PackRecord { id, size, entries });
+                }
+            });
+        }
+        drop(pack_rx);
+
+        // Collector (this thread): pack blobs, put extents in order, flush indexes.
+        let mut writer = PackWriter::new();
+        let mut reorder: Vec<BTreeMap<u64, Vec<(u32, Option<ChunkId>)>>> =
+            vec![BTreeMap::new(); sources.len()];
+        let mut next_seq = vec![0u64; sources.len()];
+        let flush_index = |all: bool| -> Result<()> {
+            let records = {
+                let mut up = shared.uploaded.lock().expect("uploaded list");
+                if up.len() < INDEX_EVERY && !(all && !up.is_empty()) {
+                    return Ok(());
+                }
+                std::mem::take(&mut *up)
+            };
+            let obj = index::encode(&repo.key, &records);
+            repo.put_object(&index::object_name(&obj), obj)
+        };
+        for res in res_rx.iter() {
+            if shared.failed() {
+                break;
+            }
+            for (id, raw_len, sealed) in res.blobs {
+                writer.add(id, raw_len, &sealed);
+                if writer.len() >= TARGET_PACK_SIZE {
+                    let full = std::mem::take(&mut writer).finish(&repo.key);
+                    packs_written += 1;
+                    if pack_tx.send(full).is_err() {
+                        break;
+                    }
+                    if let Err(e) = flush_index(false) {
+                        shared.fail(e);
+                    }
+                }
+            }
+            if let Some(buf) = res.buf {
+                let _ = free_tx.send(buf);
+            }
+            let seg_len: u64 = res.extents.iter().map(|e| e.0 as u64).sum();
+            progress.add_done(seg_len);
+            reorder[res.disk].insert(res.seq, res.extents);
+            while let Some(ext) = reorder[res.disk].remove(&next_seq[res.disk]) {
+                for (len, id) in ext {
+                    point::push_extent(&mut extents[res.disk], len, id);
+                }
+                next_seq[res.disk] += 1;
+            }
+        }
+        // Dropping the receivers unblocks any stage still sending after a failure.
+        drop(res_rx);
+        drop(free_tx);
+        if !shared.failed() && !writer.is_empty() {
+            packs_written += 1;
+            if pack_tx.send(writer.finish(&repo.key)).is_err() {
+                shared.fail(Error::InvalidInput("uploaders stopped".into()));
+            }
+        }
+        drop(pack_tx);
+        Ok(())
+    })?;
+
+    if let Some(e) = shared.error.lock().expect("error slot").take() {
+        return Err(e);
+    }
+    // Every pack landed: index them, then commit the point.
+    let records = std::mem::take(&mut *shared.uploaded.lock().expect("uploaded list"));
+    if !records.is_empty() {
+        let obj = index::encode(&repo.key, &records);
+        repo.put_object(&index::object_name(&obj), obj)?;
+    }
+
+    let mut consistency = opts.consistency.unwrap_or(Consistency::Crash);
+    let mut disk_meta = Vec::new();
+    for ((spec, (src, st)), ext) in opts.disks.iter().zip(sources.iter().zip(&disks)).zip(&extents) {
+        let after = src.size()?;
+        if after != st.size {
+            return Err(Error::SourceChanged {
+                path: spec.path.clone(),
+                before: st.size,
+                after,
+            });
+        }
+        let covered: u64 = ext.iter().map(|e| e.len as u64).sum();
+        if covered != st.size {
+            return Err(Error::InvalidInput(format!(
+                "internal error: disk {} extents cover {covered} of {} bytes",
+                spec.name, st.size
+            )));
+        }
+        if st.marker.is_some() && src.change_marker() != st.marker && opts.consistency.is_none() {
+            warn!(disk = %spec.path.display(), "disk was written while it was read; the point is recorded as fuzzy");
+            consistency = Consistency::Fuzzy;
+        }
+        disk_meta.push(DiskMeta {
+            name: spec.name.clone(),
+            path: spec.path.display().to_string(),
+            size: st.size,
+            digest: point::disk_digest(&repo.key, st.size, ext),
+            data_bytes: ext.iter().filter(|e| e.id.is_some()).map(|e| e.len as u64).sum(),
+        });
+    }
+    let meta = Meta {
+        source: opts.source.clone(),
+        time: chrono::Utc::now(),
+        parent: parent.clone(),
+        consistency,
+        tool_version: env!("CARGO_PKG_VERSION").to_string(),
+        host: crate::crypto::hostname(),
+        chunker: repo.config.chunker,
+        disks: disk_meta,
+    };
+    let (id, obj) = point::encode(&repo.key, &meta, &extents);
+    repo.put_object(&point::object_name(&id), obj)?;
+    let summary = Summary {
+        point: id,
+        source: opts.source.clone(),
+        parent,
+        consistency,
+        disk_bytes: disks.iter().map(|d| d.size).sum(),
+        bytes_read: shared.bytes_read.load(Ordering::Relaxed),
+        new_chunks: shared.new_chunks.load(Ordering::Relaxed),
+        new_bytes: shared.new_bytes.load(Ordering::Relaxed),
+        stored_bytes: shared.stored_bytes.load(Ordering::Relaxed),
+        packs_written,
+        packs_recovered: recovered,
+        duration_secs: started.elapsed().as_secs_f64(),
+        requests: repo.store.requests(),
+    };
+    info!(point = %summary.point, source = %summary.source, new_bytes = summary.new_bytes, "recovery point committed");
+    Ok(summary)
+}
+
+/// Index packs that an interrupted backup uploaded but never indexed, so their
+/// chunks are reused instead of uploaded again. Returns how many were recovered.
+pub fn recover_unindexed_packs(repo: &Repository, index: &mut Index) -> Result<u64> {
+    let mut records = Vec::new();
+    for (name, size) in repo.store.list("packs/")? {
+        let Some(id) = pack::parse_name(&name) else {
+            continue;
+        };
+        if index.has_pack(&id) {
+            continue;
+        }
+        match pack::read_table(&repo.store, &repo.key, &name, size) {
+            Ok(entries) => {
+                index.add_pack(id, size, &entries);
+                records.push(PackRecord { id, size, entries });
+            }
+            Err(Error::Missing { .. }) => {}
+            Err(e) => warn!(error = %e, "an unindexed pack is unreadable; its chunks will be stored again"),
+        }
+    }
+    if !records.is_empty() {
+        info!(packs = records.len(), "indexed packs left by an interrupted backup");
+        let obj = index::encode(&repo.key, &records);
+        repo.put_object(&index::object_name(&obj), obj)?;
+    }
+    Ok(records.len() as u64)
+}
+
+/// How long ago a time was, for display.
+pub fn since(t: chrono::DateTime<chrono::Utc>) -> Duration {
+    (chrono::Utc::now() - t).to_std().unwrap_or_default()
+}

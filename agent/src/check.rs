@@ -1,0 +1,266 @@
+//! `check`: verify a repository's structure, and with `read_data` every byte, and
+//! name exactly which packs and which recovery points are damaged.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Instant;
+
+use serde::Serialize;
+
+use crate::crypto::ChunkId;
+use crate::error::{Error, Result};
+use crate::index::{self, IdMap};
+use crate::pack::{self, BlobEntry};
+use crate::point;
+use crate::progress::Progress;
+use crate::repo::Repository;
+
+#[derive(Debug, Clone, Copy, Default)]
+pub struct CheckOptions {
+    /// Read and verify every chunk of every pack.
+    pub read_data: bool,
+}
+
+/// One damaged object.
+#[derive(Debug, Clone, Serialize)]
+pub struct Problem {
+    pub object: String,
+    pub detail: String,
+}
+
+/// A recovery point that cannot be fully restored.
+#[derive(Debug, Clone, Serialize)]
+pub struct DamagedPoint {
+    pub id: String,
+    pub source: String,
+    pub time: String,
+    /// Damaged chunks as "disk@offset: reason" (the first few).
+    pub chunks: Vec<String>,
+    pub damaged_chunks: u64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    pub ok: bool,
+    pub read_data: bool,
+    pub points: u64,
+    pub packs: u64,
+    pub chunks: u64,
+    pub bytes_read: u64,
+    pub problems: Vec<Problem>,
+    pub damaged_points: Vec<DamagedPoint>,
+    /// Packs no index lists: left by an interrupted backup, indexed by the next one.
+    pub unindexed_packs: Vec<String>,
+    pub duration_secs: f64,
+}
+
+pub fn check(repo: &Repository, opts: CheckOptions, progress: &Progress) -> Result<Report> {
+    let started = Instant::now();
+    let mut problems = Vec::new();
+    let (index, damaged_index) = index::load(&repo.store, &repo.key)?;
+    for e in damaged_index {
+        problems.push(problem_of(e));
+    }
+    let listed: HashMap<String, u64> = repo.store.list("packs/")?.into_iter().collect();
+
+    // Packs: present, and of the size the index recorded.
+    let mut bad_packs: HashMap<u32, String> = HashMap::new();
+    let mut pack_names = Vec::new();
+    for (pos, (id, size)) in index.packs().enumerate() {
+        let name = pack::object_name(&id);
+        let pos = pos as u32;
+        match listed.get(&name) {
+            None => {
+                bad_packs.insert(pos, "pack is missing".into());
+                problems.push(Problem { object: name.clone(), detail: "is missing".into() });
+            }
+            Some(&actual) if actual != size => {
+                let d = format!("is {actual} bytes, the index says {size} (truncated?)");
+                bad_packs.insert(pos, format!("pack {d}"));
+                problems.push(Problem { object: name.clone(), detail: d });
+            }
+            Some(_) => {}
+        }
+        pack_names.push((pos, name, size));
+    }
+    let unindexed_packs: Vec<String> = listed
+        .keys()
+        .filter(|n| pack::parse_name(n).is_some_and(|id| !index.has_pack(&id)))
+        .cloned()
+        .collect();
+
+    // Every byte: packs hash to their names, every chunk opens and matches its id.
+    let mut bad_chunks: IdMap<String> = IdMap::default();
+    let bytes_read = AtomicU64::new(0);
+    if opts.read_data {
+        let mut by_pack: BTreeMap<u32, Vec<BlobEntry>> = BTreeMap::new();
+        for (id, loc) in index.chunks() {
+            by_pack.entry(loc.pack).or_default().push(BlobEntry {
+                id: *id,
+                offset: loc.offset,
+                length: loc.length,
+                raw_len: loc.raw_len,
+            });
+        }
+        progress.add_total(pack_names.iter().map(|p| p.2).sum());
+        let found: Mutex<(Vec<Problem>, IdMap<String>)> = Mutex::default();
+        let next = AtomicU64::new(0);
+        let threads = std::thread::available_parallelism().map_or(2, |n| n.get()).max(2);
+        std::thread::scope(|s| {
+            for _ in 0..threads {
+                s.spawn(|| loop {
+                    let i = next.fetch_add(1, Ordering::Relaxed) as usize;
+                    let Some((pos, name, size)) = pack_names.get(i) else { return };
+                    let entries = by_pack.get(pos).map(Vec::as_slice).unwrap_or_default();
+                    let (probs, bad) = verify_pack(repo, name, *size, entries, &bad_packs, *pos);
+                    bytes_read.fetch_add(*size, Ordering::Relaxed);
+                    progress.add_done(*size);
+                    let mut f = found.lock().expect("check results");
+                    f.0.extend(probs);
+                    f.1.extend(bad);
+                });
+            }
+        });
+        let (probs, bad) = found.into_inner().expect("check results");
+        problems.extend(probs);
+        bad_chunks = bad;
+    }
+
+    // Points: readable, consistent, and every chunk available and sound.
+    let mut damaged_points = Vec::new();
+    let mut point_count = 0u64;
+    for id in repo.point_ids()? {
+        point_count += 1;
+        let p = match repo.load_point(&id) {
+            Ok(p) => p,
+            Err(e) => {
+                let pr = problem_of(e);
+                damaged_points.push(DamagedPoint {
+                    id: id.clone(),
+                    source: "?".into(),
+                    time: "?".into(),
+                    chunks: vec![format!("the recovery point itself: {}", pr.detail)],
+                    damaged_chunks: 0,
+                });
+                problems.push(pr);
+                continue;
+            }
+        };
+        let mut reasons = Vec::new();
+        let mut count = 0u64;
+        for (d, meta) in p.meta.disks.iter().enumerate() {
+            if point::disk_digest(&repo.key, meta.size, &p.extents[d]) != meta.digest {
+                reasons.push(format!("disk {}: chunk list does not match its digest", meta.name));
+                count += 1;
+            }
+        }
+        for (d, off, _, cid) in p.chunks() {
+            let why = match index.get(&cid) {
+                None => Some("no pack holds it".to_string()),
+                Some(loc) => bad_packs
+                    .get(&loc.pack)
+                    .cloned()
+                    .or_else(|| bad_chunks.get(&cid).cloned()),
+            };
+            if let Some(why) = why {
+                count += 1;
+                if reasons.len() < 10 {
+                    reasons.push(format!("{}@{off}: chunk {}: {why}", p.meta.disks[d].name, &cid.to_hex()[..16]));
+                }
+            }
+        }
+        if count > 0 {
+            damaged_points.push(DamagedPoint {
+                id: p.id.clone(),
+                source: p.meta.source.clone(),
+                time: p.meta.time.to_rfc3339(),
+                chunks: reasons,
+                damaged_chunks: count,
+            });
+        }
+    }
+
+    Ok(Report {
+        ok: problems.is_empty() && damaged_points.is_empty(),
+        read_data: opts.read_data,
+        points: point_count,
+        packs: pack_names.len() as u64,
+        chunks: index.chunk_count() as u64,
+        bytes_read: bytes_read.into_inner(),
+        problems,
+        damaged_points,
+        unindexed_packs,
+        duration_secs: started.elapsed().as_secs_f64(),
+    })
+}
+
+fn problem_of(e: Error) -> Problem {
+    match e {
+        Error::Corrupt { object, detail } => Problem { object, detail },
+        Error::Missing { object } => Problem { object, detail: "is missing".into() },
+        Error::UnsupportedVersion { object, found, supported } => Problem {
+            object,
+            detail: format!("has format version {found}, this ferry reads {supported}"),
+        },
+        other => Problem { object: "repository".into(), detail: other.to_string() },
+    }
+}
+
+/// Read one pack whole and verify it; returns problems and damaged chunks.
+fn verify_pack(
+    repo: &Repository,
+    name: &str,
+    size: u64,
+    entries: &[BlobEntry],
+    bad_packs: &HashMap<u32, String>,
+    pos: u32,
+) -> (Vec<Problem>, Vec<(ChunkId, String)>) {
+    let mut problems = Vec::new();
+    let mut bad = Vec::new();
+    if bad_packs.contains_key(&pos) {
+        return (problems, bad); // missing or truncated: already reported
+    }
+    let bytes = match repo.store.get(name) {
+        Ok(b) => b,
+        Err(e) => {
+            let pr = problem_of(e);
+            for en in entries {
+                bad.push((en.id, format!("pack {}", pr.detail)));
+            }
+            problems.push(pr);
+            return (problems, bad);
+        }
+    };
+    if blake3::hash(&bytes).as_bytes() != &pack::parse_name(name).unwrap_or_default() {
+        problems.push(Problem {
+            object: name.to_string(),
+            detail: "content does not match its name (bytes were altered)".into(),
+        });
+    }
+    if bytes.len() as u64 != size {
+        problems.push(Problem {
+            object: name.to_string(),
+            detail: format!("is {} bytes, the index says {size}", bytes.len()),
+        });
+    }
+    let mut bad_in_pack = 0;
+    for en in entries {
+        let end = en.offset as usize + en.length as usize;
+        let result = match bytes.get(en.offset as usize..end) {
+            Some(sealed) => pack::open_chunk(&repo.key, en, sealed).map(|_| ()),
+            None => Err("lies past the end of the pack".to_string()),
+        };
+        if let Err(d) = result {
+            bad_in_pack += 1;
+            bad.push((en.id, format!("in {name}: {d}")));
+        }
+    }
+    if bad_in_pack > 0 {
+        problems.push(Problem {
+            object: name.to_string(),
+            detail: format!("{bad_in_pack} of its {} chunks are damaged", entries.len()),
+        });
+    }
+    (problems, bad)
+}

@@ -1,0 +1,306 @@
+//! Keys and authenticated encryption.
+//!
+//! A repository has one master secret: a 256-bit data key (AES-256-GCM) and a
+//! 256-bit id key (keyed BLAKE3 for chunk ids). Each `keys/<id>` object wraps the
+//! master secret with a key derived from a password by Argon2id, so a password can
+//! be added or changed without touching any data.
+//!
+//! Every sealed message is `nonce[12] || ciphertext || tag[16]`. Nonces are random;
+//! see docs/formats.md for the bound this places on the number of objects per key.
+
+use ring::aead::{AES_256_GCM, Aad, LessSafeKey, NONCE_LEN, Nonce, UnboundKey};
+use ring::rand::{SecureRandom, SystemRandom};
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+
+/// Bytes a sealed message adds to its plaintext.
+pub const OVERHEAD: usize = NONCE_LEN + 16;
+
+/// A chunk id: keyed BLAKE3 of the chunk's plaintext.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct ChunkId(pub [u8; 32]);
+
+impl ChunkId {
+    pub fn to_hex(&self) -> String {
+        hex::encode(self.0)
+    }
+}
+
+impl std::fmt::Debug for ChunkId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", &self.to_hex()[..16])
+    }
+}
+
+impl std::fmt::Display for ChunkId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.to_hex())
+    }
+}
+
+/// The repository's master secret, unwrapped.
+pub struct MasterKey {
+    data: LessSafeKey,
+    id_key: [u8; 32],
+    raw: [u8; 64],
+}
+
+impl std::fmt::Debug for MasterKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("MasterKey(..)")
+    }
+}
+
+impl MasterKey {
+    /// A fresh random master secret.
+    pub fn generate() -> Self {
+        let mut raw = [0u8; 64];
+        fill_random(&mut raw);
+        Self::from_raw(raw)
+    }
+
+    fn from_raw(raw: [u8; 64]) -> Self {
+        let mut id_key = [0u8; 32];
+        id_key.copy_from_slice(&raw[32..]);
+        let data = LessSafeKey::new(
+            UnboundKey::new(&AES_256_GCM, &raw[..32]).expect("AES-256 key is 32 bytes"),
+        );
+        MasterKey { data, id_key, raw }
+    }
+
+    /// The id of a chunk with this plaintext.
+    pub fn chunk_id(&self, plaintext: &[u8]) -> ChunkId {
+        ChunkId(*blake3::keyed_hash(&self.id_key, plaintext).as_bytes())
+    }
+
+    /// A keyed hasher (for digests that must not be computable without the key).
+    pub fn keyed_hasher(&self, context: &str) -> blake3::Hasher {
+        let mut h = blake3::Hasher::new_keyed(&self.id_key);
+        h.update(context.as_bytes());
+        h
+    }
+
+    /// Seal `plaintext` into `out` (appended) as `nonce || ciphertext || tag`.
+    pub fn seal_into(&self, aad: &[u8], plaintext: &[u8], out: &mut Vec<u8>) {
+        seal_into(&self.data, aad, plaintext, out);
+    }
+
+    pub fn seal(&self, aad: &[u8], plaintext: &[u8]) -> Vec<u8> {
+        let mut out = Vec::with_capacity(plaintext.len() + OVERHEAD);
+        self.seal_into(aad, plaintext, &mut out);
+        out
+    }
+
+    /// Open a sealed message; fails when it was altered or sealed with another key.
+    pub fn open(&self, aad: &[u8], sealed: &[u8]) -> Option<Vec<u8>> {
+        open(&self.data, aad, sealed)
+    }
+
+    /// Wrap the master secret under a password.
+    pub fn wrap(&self, password: &[u8], kdf: KdfParams) -> Result<KeyFile> {
+        let mut salt = [0u8; 32];
+        fill_random(&mut salt);
+        let kdf = KdfParams {
+            salt: hex::encode(salt),
+            ..kdf
+        };
+        let kek = kdf.derive(password)?;
+        let wrapped = kek.seal(KEY_AAD, &self.raw);
+        Ok(KeyFile {
+            kdf,
+            wrapped: hex::encode(wrapped),
+            created: chrono::Utc::now(),
+            host: hostname(),
+        })
+    }
+
+    /// Unwrap a key file with a password; `None` when the password does not open it.
+    pub fn unwrap(key: &KeyFile, password: &[u8]) -> Result<Option<MasterKey>> {
+        let kek = key.kdf.derive(password)?;
+        let wrapped = hex::decode(&key.wrapped)
+            .map_err(|_| Error::corrupt("key file", "wrapped key is not hex"))?;
+        let Some(raw) = kek.open(KEY_AAD, &wrapped) else {
+            return Ok(None);
+        };
+        let raw: [u8; 64] = raw
+            .try_into()
+            .map_err(|_| Error::corrupt("key file", "wrapped key has the wrong length"))?;
+        Ok(Some(MasterKey::from_raw(raw)))
+    }
+}
+
+const KEY_AAD: &[u8] = b"ferry key v1";
+
+/// Argon2id parameters, stored in every key file.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct KdfParams {
+    pub algorithm: String,
+    /// Memory in KiB.
+    pub memory_kib: u32,
+    pub iterations: u32,
+    pub parallelism: u32,
+    /// Hex salt (empty until a key is wrapped).
+    #[serde(default)]
+    pub salt: String,
+}
+
+impl Default for KdfParams {
+    /// OWASP's recommended Argon2id floor (64 MiB, 3 passes), about 0.2 s here.
+    fn default() -> Self {
+        KdfParams {
+            algorithm: "argon2id".into(),
+            memory_kib: 64 * 1024,
+            iterations: 3,
+            parallelism: 1,
+            salt: String::new(),
+        }
+    }
+}
+
+struct Kek(LessSafeKey);
+
+impl Kek {
+    fn seal(&self, aad: &[u8], plaintext: &[u8]) -> Vec<u8> {
+        let mut out = Vec::new();
+        seal_into(&self.0, aad, plaintext, &mut out);
+        out
+    }
+    fn open(&self, aad: &[u8], sealed: &[u8]) -> Option<Vec<u8>> {
+        open(&self.0, aad, sealed)
+    }
+}
+
+impl KdfParams {
+    fn derive(&self, password: &[u8]) -> Result<Kek> {
+        if self.algorithm != "argon2id" {
+            return Err(Error::corrupt(
+                "key file",
+                format!("unknown key derivation {:?}", self.algorithm),
+            ));
+        }
+        // Bounds keep a hostile key file from making us allocate or spin forever.
+        if !(8..=4 * 1024 * 1024).contains(&self.memory_kib)
+            || !(1..=64).contains(&self.iterations)
+            || !(1..=64).contains(&self.parallelism)
+        {
+            return Err(Error::corrupt(
+                "key file",
+                "Argon2id parameters out of bounds",
+            ));
+        }
+        let salt = hex::decode(&self.salt)
+            .map_err(|_| Error::corrupt("key file", "salt is not hex"))?;
+        let params = argon2::Params::new(
+            self.memory_kib,
+            self.iterations,
+            self.parallelism,
+            Some(32),
+        )
+        .map_err(|e| Error::corrupt("key file", format!("Argon2id parameters: {e}")))?;
+        let argon = argon2::Argon2::new(argon2::Algorithm::Argon2id, argon2::Version::V0x13, params);
+        let mut out = [0u8; 32];
+        argon
+            .hash_password_into(password, &salt, &mut out)
+            .map_err(|e| Error::corrupt("key file", format!("Argon2id: {e}")))?;
+        Ok(Kek(LessSafeKey::new(
+            UnboundKey::new(&AES_256_GCM, &out).expect("AES-256 key is 32 bytes"),
+        )))
+    }
+}
+
+/// The JSON body of a `keys/<id>` object.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KeyFile {
+    pub kdf: KdfParams,
+    /// Hex of the sealed 64-byte master secret.
+    pub wrapped: String,
+    pub created: chrono::DateTime<chrono::Utc>,
+    pub host: String,
+}
+
+fn seal_into(key: &LessSafeKey, aad: &[u8], plaintext: &[u8], out: &mut Vec<u8>) {
+    let mut nonce = [0u8; NONCE_LEN];
+    fill_random(&mut nonce);
+    out.reserve(plaintext.len() + OVERHEAD);
+    out.extend_from_slice(&nonce);
+    let start = out.len();
+    out.extend_from_slice(plaintext);
+    let tag = key
+        .seal_in_place_separate_tag(
+            Nonce::assume_unique_for_key(nonce),
+            Aad::from(aad),
+            &mut out[start..],
+        )
+        .expect("AES-GCM seals any message under 64 GiB");
+    out.extend_from_slice(tag.as_ref());
+}
+
+fn open(key: &LessSafeKey, aad: &[u8], sealed: &[u8]) -> Option<Vec<u8>> {
+    if sealed.len() < OVERHEAD {
+        return None;
+    }
+    let nonce = Nonce::try_assume_unique_for_key(&sealed[..NONCE_LEN]).ok()?;
+    let mut buf = sealed[NONCE_LEN..].to_vec();
+    let plain_len = key
+        .open_in_place(nonce, Aad::from(aad), &mut buf)
+        .ok()?
+        .len();
+    buf.truncate(plain_len);
+    Some(buf)
+}
+
+/// Fill a buffer from the operating system's CSPRNG.
+pub fn fill_random(buf: &mut [u8]) {
+    SystemRandom::new()
+        .fill(buf)
+        .expect("the operating system's random source is available");
+}
+
+/// A random lowercase hex id of `n` bytes.
+pub fn random_hex(n: usize) -> String {
+    let mut b = vec![0u8; n];
+    fill_random(&mut b);
+    hex::encode(b)
+}
+
+pub(crate) fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_else(|_| "unknown".into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fast_kdf() -> KdfParams {
+        KdfParams {
+            memory_kib: 64,
+            iterations: 1,
+            ..KdfParams::default()
+        }
+    }
+
+    #[test]
+    fn seal_open_round_trip_and_tamper_detection() {
+        let k = MasterKey::generate();
+        let sealed = k.seal(b"ad", b"hello");
+        assert_eq!(k.open(b"ad", &sealed).as_deref(), Some(&b"hello"[..]));
+        assert!(k.open(b"other ad", &sealed).is_none());
+        let mut bad = sealed.clone();
+        bad[14] ^= 1;
+        assert!(k.open(b"ad", &bad).is_none());
+        assert!(MasterKey::generate().open(b"ad", &sealed).is_none());
+    }
+
+    #[test]
+    fn wrap_unwrap_with_right_and_wrong_password() {
+        let k = MasterKey::generate();
+        let file = k.wrap(b"secret", fast_kdf()).unwrap();
+        let back = MasterKey::unwrap(&file, b"secret").unwrap().unwrap();
+        assert_eq!(back.chunk_id(b"x"), k.chunk_id(b"x"));
+        assert!(MasterKey::unwrap(&file, b"wrong").unwrap().is_none());
+    }
+}

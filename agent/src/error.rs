@@ -1,0 +1,129 @@
+//! The data plane's error type: one variant per meaning, so callers (and the CLI's
+//! exit codes) decide by kind, never by parsing messages.
+
+use std::path::PathBuf;
+
+/// Everything that can go wrong in the data plane.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// No repository at the given location.
+    #[error("no Ferry repository at {location}: create one with `ferry -r {location} init`")]
+    NoRepository { location: String },
+
+    /// A repository already exists where `init` was asked to create one.
+    #[error("a repository already exists at {location}; nothing was changed")]
+    AlreadyExists { location: String },
+
+    /// No key of the repository opens with the given password.
+    #[error(
+        "wrong password for the repository at {location}: none of its {keys} key(s) opens with it; check FERRY_PASSWORD or --password-file"
+    )]
+    WrongPassword { location: String, keys: usize },
+
+    /// An object was written by a format version this build does not read.
+    #[error(
+        "{object} has format version {found}, but this ferry reads version {supported}; upgrade ferry to read this repository"
+    )]
+    UnsupportedVersion {
+        object: String,
+        found: u8,
+        supported: u8,
+    },
+
+    /// An object read back from storage is damaged.
+    #[error("{object} is damaged: {detail}")]
+    Corrupt { object: String, detail: String },
+
+    /// An object that must exist is missing.
+    #[error("{object} is missing from the repository")]
+    Missing { object: String },
+
+    /// A chunk needed by a restore is damaged or missing.
+    #[error(
+        "chunk {chunk} (disk {disk}, offset {offset}) cannot be restored: {detail}; run `ferry check --read-data` to see every damaged point"
+    )]
+    DamagedChunk {
+        chunk: String,
+        disk: String,
+        offset: u64,
+        detail: String,
+    },
+
+    /// The user asked for something that cannot be done as asked.
+    #[error("{0}")]
+    InvalidInput(String),
+
+    /// A source disk could not be read.
+    #[error("cannot read disk {path}: {source}")]
+    Source {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+
+    /// A source disk changed size while it was being backed up.
+    #[error(
+        "disk {path} changed size during the backup (from {before} to {after} bytes); nothing was committed; run the backup again once the disk is stable"
+    )]
+    SourceChanged {
+        path: PathBuf,
+        before: u64,
+        after: u64,
+    },
+
+    /// Writing a restore target failed.
+    #[error("cannot write {path}: {source}")]
+    Target {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+
+    /// The object store failed.
+    #[error("object store error on {object}: {source}")]
+    Store {
+        object: String,
+        #[source]
+        source: object_store::Error,
+    },
+
+    /// A recovery point reference matched nothing (or too much).
+    #[error("{0}")]
+    PointNotFound(String),
+}
+
+impl Error {
+    /// True when the error is the user's input (exit code 2), false for a failed operation (exit code 1).
+    pub fn is_usage(&self) -> bool {
+        matches!(
+            self,
+            Error::NoRepository { .. }
+                | Error::AlreadyExists { .. }
+                | Error::WrongPassword { .. }
+                | Error::InvalidInput(_)
+                | Error::PointNotFound(_)
+                | Error::Source { .. }
+        )
+    }
+
+    pub(crate) fn corrupt(object: impl Into<String>, detail: impl Into<String>) -> Self {
+        Error::Corrupt {
+            object: object.into(),
+            detail: detail.into(),
+        }
+    }
+
+    pub(crate) fn store(object: impl Into<String>, source: object_store::Error) -> Self {
+        match source {
+            object_store::Error::NotFound { .. } => Error::Missing {
+                object: object.into(),
+            },
+            source => Error::Store {
+                object: object.into(),
+                source,
+            },
+        }
+    }
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;

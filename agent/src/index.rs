@@ -1,0 +1,236 @@
+//! The index: which pack holds each chunk.
+//!
+//! ```text
+//! struct IndexObject {
+//!     header: Envelope,                       // kind = Index (4)
+//!     body:   Sealed<Zstd<IndexBody>>,        // AAD = header
+//! }
+//! struct IndexBody { packs: u32 LE, [PackRecord; packs] }
+//! struct PackRecord { id: [u8; 32], size: u64 LE, count: u32 LE, entries: [BlobEntry; count] }
+//! ```
+//! Index objects are named `index/<BLAKE3 of the object>` and only ever added.
+//! In memory, the index costs about 56 bytes per unique chunk (see docs/performance.md).
+
+use std::collections::HashMap;
+use std::hash::{BuildHasherDefault, Hasher};
+
+use bytes::Bytes;
+
+use crate::crypto::{ChunkId, MasterKey};
+use crate::error::{Error, Result};
+use crate::format::{self, Kind, Reader};
+use crate::pack::{BlobEntry, ENTRY_LEN};
+
+/// Chunk ids are already uniformly random: hash them by their first 8 bytes.
+#[derive(Default)]
+pub struct IdHasher(u64);
+
+impl Hasher for IdHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        // `[u8; 32]` hashes as one write of 32 bytes (after no length prefix for arrays).
+        let mut b = [0u8; 8];
+        let n = bytes.len().min(8);
+        b[..n].copy_from_slice(&bytes[..n]);
+        self.0 ^= u64::from_le_bytes(b);
+    }
+}
+
+pub type IdMap<V> = HashMap<ChunkId, V, BuildHasherDefault<IdHasher>>;
+
+/// Where a chunk lives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Location {
+    pub pack: u32,
+    pub offset: u32,
+    pub length: u32,
+    pub raw_len: u32,
+}
+
+/// A pack known to the index.
+#[derive(Debug, Clone)]
+pub struct PackRecord {
+    pub id: [u8; 32],
+    pub size: u64,
+    pub entries: Vec<BlobEntry>,
+}
+
+/// Every chunk the repository holds.
+#[derive(Debug, Default)]
+pub struct Index {
+    packs: Vec<([u8; 32], u64)>,
+    pack_pos: HashMap<[u8; 32], u32>,
+    chunks: IdMap<Location>,
+}
+
+impl Index {
+    pub fn contains(&self, id: &ChunkId) -> bool {
+        self.chunks.contains_key(id)
+    }
+
+    pub fn get(&self, id: &ChunkId) -> Option<Location> {
+        self.chunks.get(id).copied()
+    }
+
+    /// The pack id and size of a location's pack.
+    pub fn pack(&self, pos: u32) -> ([u8; 32], u64) {
+        self.packs[pos as usize]
+    }
+
+    pub fn has_pack(&self, id: &[u8; 32]) -> bool {
+        self.pack_pos.contains_key(id)
+    }
+
+    pub fn packs(&self) -> impl Iterator<Item = ([u8; 32], u64)> + '_ {
+        self.packs.iter().copied()
+    }
+
+    pub fn chunk_count(&self) -> usize {
+        self.chunks.len()
+    }
+
+    pub fn chunks(&self) -> impl Iterator<Item = (&ChunkId, &Location)> {
+        self.chunks.iter()
+    }
+
+    /// Add a pack's entries; a pack seen twice (two index objects) is added once.
+    pub fn add_pack(&mut self, id: [u8; 32], size: u64, entries: &[BlobEntry]) {
+        if self.pack_pos.contains_key(&id) {
+            return;
+        }
+        let pos = self.packs.len() as u32;
+        self.packs.push((id, size));
+        self.pack_pos.insert(id, pos);
+        for e in entries {
+            // The first copy of a chunk wins; later duplicates (two concurrent backups
+            // storing the same chunk) stay reachable only through their pack table.
+            self.chunks.entry(e.id).or_insert(Location {
+                pack: pos,
+                offset: e.offset,
+                length: e.length,
+                raw_len: e.raw_len,
+            });
+        }
+    }
+}
+
+/// Encode an index object for some packs.
+pub fn encode(key: &MasterKey, packs: &[PackRecord]) -> Vec<u8> {
+    let mut body = Vec::new();
+    body.extend_from_slice(&(packs.len() as u32).to_le_bytes());
+    for p in packs {
+        body.extend_from_slice(&p.id);
+        body.extend_from_slice(&p.size.to_le_bytes());
+        body.extend_from_slice(&(p.entries.len() as u32).to_le_bytes());
+        for e in &p.entries {
+            e.encode(&mut body);
+        }
+    }
+    let compressed = zstd::bulk::compress(&body, 3).expect("zstd compresses to memory");
+    let header = format::header(Kind::Index);
+    let mut out = header.to_vec();
+    key.seal_into(&header, &compressed, &mut out);
+    out
+}
+
+/// The limit on a decompressed index object (about 6 million chunk entries).
+const MAX_INDEX_BODY: usize = 256 << 20;
+
+/// Decode an index object.
+pub fn decode(key: &MasterKey, name: &str, bytes: &[u8]) -> Result<Vec<PackRecord>> {
+    let sealed = format::split(name, Kind::Index, bytes)?;
+    let compressed = key
+        .open(&format::header(Kind::Index), sealed)
+        .ok_or_else(|| Error::corrupt(name, "fails authentication"))?;
+    let body = format::decompress_bounded(&compressed, MAX_INDEX_BODY)
+        .ok_or_else(|| Error::corrupt(name, "cannot be decompressed"))?;
+    decode_body(name, &body)
+}
+
+fn decode_body(name: &str, body: &[u8]) -> Result<Vec<PackRecord>> {
+    let bad = |what: &str| Error::corrupt(name, what.to_string());
+    let mut r = Reader::new(body);
+    let n = r.count(44).ok_or_else(|| bad("pack count out of bounds"))?;
+    let mut packs = Vec::with_capacity(n);
+    for _ in 0..n {
+        let id = r.array32().ok_or_else(|| bad("short pack record"))?;
+        let size = r.u64().ok_or_else(|| bad("short pack record"))?;
+        let count = r.count(ENTRY_LEN).ok_or_else(|| bad("entry count out of bounds"))?;
+        let mut entries = Vec::with_capacity(count);
+        for _ in 0..count {
+            let e = BlobEntry::decode(&mut r).ok_or_else(|| bad("short entry"))?;
+            if e.offset as u64 + e.length as u64 > size {
+                return Err(bad("entry points outside its pack"));
+            }
+            entries.push(e);
+        }
+        packs.push(PackRecord { id, size, entries });
+    }
+    if r.remaining() != 0 {
+        return Err(bad("trailing bytes"));
+    }
+    Ok(packs)
+}
+
+/// The object name of an encoded index object.
+pub fn object_name(encoded: &[u8]) -> String {
+    format!("index/{}", blake3::hash(encoded).to_hex())
+}
+
+/// Load every index object into memory; damaged ones are returned, not fatal.
+pub fn load(
+    store: &crate::store::Store,
+    key: &MasterKey,
+) -> Result<(Index, Vec<Error>)> {
+    let mut index = Index::default();
+    let mut damaged = Vec::new();
+    for (name, _) in store.list("index/")? {
+        let bytes: Bytes = match store.get(&name) {
+            Ok(b) => b,
+            Err(Error::Missing { .. }) => continue, // removed since the listing
+            Err(e) => return Err(e),
+        };
+        match decode(key, &name, &bytes) {
+            Ok(packs) => {
+                for p in packs {
+                    index.add_pack(p.id, p.size, &p.entries);
+                }
+            }
+            Err(e) => damaged.push(e),
+        }
+    }
+    Ok((index, damaged))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn round_trip() {
+        let key = MasterKey::generate();
+        let rec = PackRecord {
+            id: [3; 32],
+            size: 1000,
+            entries: vec![BlobEntry { id: ChunkId([9; 32]), offset: 8, length: 100, raw_len: 200 }],
+        };
+        let obj = encode(&key, std::slice::from_ref(&rec));
+        let back = decode(&key, "i", &obj).unwrap();
+        assert_eq!(back[0].entries, rec.entries);
+        let mut idx = Index::default();
+        idx.add_pack(back[0].id, back[0].size, &back[0].entries);
+        assert_eq!(idx.get(&ChunkId([9; 32])).unwrap().raw_len, 200);
+    }
+
+    proptest! {
+        #[test]
+        fn hostile_bodies_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..600)) {
+            let _ = decode_body("i", &bytes);
+            let key = MasterKey::generate();
+            let _ = decode(&key, "i", &bytes);
+        }
+    }
+}

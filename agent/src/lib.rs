@@ -1,0 +1,24 @@
+//! Ferry's data plane: block sources, chunking, encryption, packs, indexes,
+//! recovery points, backup, restore and check.
+//!
+//! Architecture invariant: this crate never holds cloud control-plane credentials;
+//! it only reads sources and reads and writes its repository.
+
+pub mod backup;
+pub mod check;
+pub mod chunker;
+pub mod crypto;
+pub mod error;
+pub mod format;
+pub mod index;
+pub mod pack;
+pub mod point;
+pub mod progress;
+pub mod repo;
+pub mod restore;
+pub mod source;
+pub mod store;
+
+pub use error::{Error, Result};
+pub use repo::Repository;
+pub use store::Store;

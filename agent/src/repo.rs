@@ -1,0 +1,256 @@
+//! A repository: its config, keys, and access to its objects.
+//!
+//! ```text
+//! config            Envelope(kind Config) || Sealed<JSON Config>   written last by init
+//! keys/<hex>        Envelope(kind Key)    || JSON KeyFile          one per password
+//! packs/<xx>/<hex>  see pack.rs
+//! index/<hex>       see index.rs
+//! points/<hex>      see point.rs
+//! ```
+
+use bytes::Bytes;
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+
+use crate::chunker::Chunker;
+use crate::crypto::{KdfParams, KeyFile, MasterKey, random_hex};
+use crate::error::{Error, Result};
+use crate::format::{self, Kind};
+use crate::point::{self, Point};
+use crate::store::Store;
+
+/// Settings fixed when the repository is created.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub id: String,
+    pub created: DateTime<Utc>,
+    pub chunker: Chunker,
+    /// zstd level for chunks (1..=19).
+    pub compression_level: i32,
+}
+
+/// Options for `init`.
+#[derive(Debug, Clone)]
+pub struct InitOptions {
+    pub chunker: Chunker,
+    pub compression_level: i32,
+    pub kdf: KdfParams,
+}
+
+impl Default for InitOptions {
+    fn default() -> Self {
+        InitOptions {
+            chunker: Chunker::default(),
+            compression_level: DEFAULT_COMPRESSION_LEVEL,
+            kdf: KdfParams::default(),
+        }
+    }
+}
+
+/// See docs/performance.md: level 3 keeps the repository no larger than restic's
+/// while staying well above disk speed on two cores.
+pub const DEFAULT_COMPRESSION_LEVEL: i32 = 3;
+
+/// An open, unlocked repository.
+#[derive(Debug)]
+pub struct Repository {
+    pub(crate) store: Store,
+    pub(crate) key: MasterKey,
+    pub(crate) config: Config,
+}
+
+impl Repository {
+    /// Create a repository. Keys go first and the config last, so a crash leaves
+    /// either nothing usable or a complete repository.
+    pub fn init(store: Store, password: &[u8], opts: InitOptions) -> Result<Repository> {
+        opts.chunker.validate()?;
+        if !(1..=19).contains(&opts.compression_level) {
+            return Err(Error::InvalidInput(format!(
+                "compression level {} must be from 1 to 19",
+                opts.compression_level
+            )));
+        }
+        if store.exists("config")? {
+            return Err(Error::AlreadyExists {
+                location: store.location().to_string(),
+            });
+        }
+        let key = MasterKey::generate();
+        let key_file = key.wrap(password, opts.kdf)?;
+        let mut obj = format::header(Kind::Key).to_vec();
+        obj.extend_from_slice(&serde_json::to_vec_pretty(&key_file).expect("key file serialises"));
+        store.put(&format!("keys/{}", random_hex(16)), obj.into())?;
+        let config = Config {
+            id: random_hex(16),
+            created: Utc::now(),
+            chunker: opts.chunker,
+            compression_level: opts.compression_level,
+        };
+        let header = format::header(Kind::Config);
+        let mut obj = header.to_vec();
+        key.seal_into(
+            &header,
+            &serde_json::to_vec(&config).expect("config serialises"),
+            &mut obj,
+        );
+        store.put("config", obj.into())?;
+        Ok(Repository { store, key, config })
+    }
+
+    /// Open a repository with a password.
+    pub fn open(store: Store, password: &[u8]) -> Result<Repository> {
+        let config_obj = match store.get("config") {
+            Ok(b) => b,
+            Err(Error::Missing { .. }) => {
+                return Err(Error::NoRepository {
+                    location: store.location().to_string(),
+                });
+            }
+            Err(e) => return Err(e),
+        };
+        // The version is checked before any password work.
+        let sealed = format::split("config", Kind::Config, &config_obj)?;
+        let keys = store.list("keys/")?;
+        let mut key = None;
+        for (name, _) in &keys {
+            let bytes = store.get(name)?;
+            let body = format::split(name, Kind::Key, &bytes)?;
+            let file: KeyFile = serde_json::from_slice(body)
+                .map_err(|e| Error::corrupt(name, format!("key file: {e}")))?;
+            if let Some(k) = MasterKey::unwrap(&file, password)? {
+                key = Some(k);
+                break;
+            }
+        }
+        let Some(key) = key else {
+            return Err(Error::WrongPassword {
+                location: store.location().to_string(),
+                keys: keys.len(),
+            });
+        };
+        let json = key
+            .open(&format::header(Kind::Config), sealed)
+            .ok_or_else(|| Error::corrupt("config", "fails authentication with the repository key"))?;
+        let config: Config = serde_json::from_slice(&json)
+            .map_err(|e| Error::corrupt("config", e.to_string()))?;
+        config
+            .chunker
+            .validate()
+            .map_err(|e| Error::corrupt("config", e.to_string()))?;
+        Ok(Repository { store, key, config })
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    pub fn key(&self) -> &MasterKey {
+        &self.key
+    }
+
+    /// The ids of every recovery point.
+    pub fn point_ids(&self) -> Result<Vec<String>> {
+        Ok(self
+            .store
+            .list("points/")?
+            .into_iter()
+            .filter_map(|(n, _)| n.strip_prefix("points/").map(str::to_string))
+            .collect())
+    }
+
+    /// Load one point by its full id.
+    pub fn load_point(&self, id: &str) -> Result<Point> {
+        let bytes = self.store.get(&point::object_name(id))?;
+        if blake3::hash(&bytes).to_hex().as_str() != id {
+            return Err(Error::corrupt(
+                point::object_name(id),
+                "content does not match its name",
+            ));
+        }
+        point::decode(&self.key, id, &bytes)
+    }
+
+    /// Every readable point, oldest first, and the errors of the unreadable ones.
+    pub fn points(&self) -> Result<(Vec<Point>, Vec<Error>)> {
+        let mut ok = Vec::new();
+        let mut bad = Vec::new();
+        for id in self.point_ids()? {
+            match self.load_point(&id) {
+                Ok(p) => ok.push(p),
+                Err(Error::Missing { .. }) => {}
+                Err(e @ (Error::Corrupt { .. } | Error::UnsupportedVersion { .. })) => bad.push(e),
+                Err(e) => return Err(e),
+            }
+        }
+        ok.sort_by(|a, b| a.meta.time.cmp(&b.meta.time).then(a.id.cmp(&b.id)));
+        Ok((ok, bad))
+    }
+
+    /// Resolve `ID`, an unambiguous id prefix, `SOURCE@latest` or `SOURCE@TIME`
+    /// (the newest point at or before TIME, RFC 3339 or `YYYY-MM-DD[ HH:MM[:SS]]` UTC).
+    pub fn resolve(&self, reference: &str) -> Result<Point> {
+        if let Some((source, when)) = reference.split_once('@') {
+            let (points, _) = self.points()?;
+            let of_source = points.into_iter().filter(|p| p.meta.source == source);
+            let found = if when == "latest" {
+                of_source.last()
+            } else {
+                let t = parse_time(when)?;
+                of_source.filter(|p| p.meta.time <= t).last()
+            };
+            return found.ok_or_else(|| {
+                Error::PointNotFound(format!(
+                    "no recovery point of source {source:?} matches {when:?}; list them with `ferry points --source {source}`"
+                ))
+            });
+        }
+        if reference.len() < 4 || !reference.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(Error::PointNotFound(format!(
+                "{reference:?} is not a recovery point: give an id (at least 4 hex digits), SOURCE@latest or SOURCE@TIME"
+            )));
+        }
+        let reference = reference.to_ascii_lowercase();
+        let matches: Vec<_> = self
+            .point_ids()?
+            .into_iter()
+            .filter(|id| id.starts_with(&reference))
+            .collect();
+        match matches.as_slice() {
+            [id] => self.load_point(id),
+            [] => Err(Error::PointNotFound(format!(
+                "no recovery point with id {reference}; list them with `ferry points`"
+            ))),
+            _ => Err(Error::PointNotFound(format!(
+                "{} recovery points start with {reference}; give more digits",
+                matches.len()
+            ))),
+        }
+    }
+
+    pub(crate) fn put_object(&self, name: &str, bytes: Vec<u8>) -> Result<()> {
+        self.store.put(name, Bytes::from(bytes))
+    }
+}
+
+fn parse_time(s: &str) -> Result<DateTime<Utc>> {
+    if let Ok(t) = DateTime::parse_from_rfc3339(s) {
+        return Ok(t.with_timezone(&Utc));
+    }
+    for fmt in ["%Y-%m-%d %H:%M:%S", "%Y-%m-%dT%H:%M:%S", "%Y-%m-%d %H:%M", "%Y-%m-%dT%H:%M"] {
+        if let Ok(t) = chrono::NaiveDateTime::parse_from_str(s, fmt) {
+            return Ok(t.and_utc());
+        }
+    }
+    if let Ok(d) = chrono::NaiveDate::parse_from_str(s, "%Y-%m-%d") {
+        // A bare date means the end of that day.
+        return Ok(d.and_hms_opt(23, 59, 59).expect("valid time").and_utc());
+    }
+    Err(Error::InvalidInput(format!(
+        "cannot read {s:?} as a time: use RFC 3339 (2026-11-23T10:00:00Z) or YYYY-MM-DD[ HH:MM[:SS]] in UTC"
+    )))
+}

@@ -1,0 +1,431 @@
+//! Restore: a recovery point back to image files or block devices.
+//!
+//! Chunks are fetched pack by pack with ranged reads (neighbouring blobs coalesced
+//! into one request), verified against their ids, and written at every offset that
+//! uses them, by several threads at once. Zeros are never written to files (the
+//! output is sparse). A file is restored to `NAME.ferry-partial` and renamed when
+//! complete; running the same restore again resumes: chunks already in place are
+//! checked and kept, the rest fetched.
+
+use std::collections::BTreeMap;
+use std::fs::{File, OpenOptions};
+use std::os::unix::fs::{FileExt, FileTypeExt};
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Instant;
+
+use serde::Serialize;
+use tracing::info;
+
+use crate::crypto::ChunkId;
+use crate::error::{Error, Result};
+use crate::index::{self, IdMap, Location};
+use crate::pack::{self, BlobEntry};
+use crate::point::{self, Point};
+use crate::progress::Progress;
+use crate::repo::Repository;
+
+/// Where and what to restore.
+#[derive(Debug, Clone)]
+pub struct RestoreOptions {
+    /// A directory (each disk becomes `DIR/NAME`), a file, or a block device.
+    pub target: PathBuf,
+    /// Restore only this disk.
+    pub disk: Option<String>,
+    /// Replace existing files instead of refusing.
+    pub overwrite: bool,
+}
+
+/// What a restore did.
+#[derive(Debug, Clone, Serialize)]
+pub struct Summary {
+    pub point: String,
+    pub disks: Vec<RestoredDisk>,
+    pub bytes_written: u64,
+    /// Chunks found already in place in a partial restore and kept.
+    pub chunks_kept: u64,
+    pub chunks_fetched: u64,
+    pub duration_secs: f64,
+    pub requests: crate::store::Requests,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct RestoredDisk {
+    pub name: String,
+    pub path: PathBuf,
+    pub size: u64,
+    pub resumed: bool,
+}
+
+/// Coalesce blobs closer than this into one ranged read.
+const MAX_GAP: u64 = 256 << 10;
+/// Upper bound of one ranged read.
+const MAX_READ: u64 = 8 << 20;
+
+struct Job {
+    pack: u32,
+    start: u64,
+    end: u64,
+    blobs: Vec<(ChunkId, Location)>,
+}
+
+/// Restore a point.
+pub fn restore(repo: &Repository, point: &Point, opts: &RestoreOptions, progress: &Progress) -> Result<Summary> {
+    let started = Instant::now();
+    let disks: Vec<usize> = match &opts.disk {
+        Some(name) => vec![point
+            .meta
+            .disks
+            .iter()
+            .position(|d| &d.name == name)
+            .ok_or_else(|| {
+                Error::InvalidInput(format!(
+                    "recovery point {} has no disk {name:?}; it has: {}",
+                    point.short_id(),
+                    point.meta.disks.iter().map(|d| d.name.as_str()).collect::<Vec<_>>().join(", ")
+                ))
+            })?],
+        None => (0..point.meta.disks.len()).collect(),
+    };
+    for &d in &disks {
+        let meta = &point.meta.disks[d];
+        if point::disk_digest(&repo.key, meta.size, &point.extents[d]) != meta.digest {
+            return Err(Error::corrupt(
+                point::object_name(&point.id),
+                format!("disk {} chunk list does not match its digest", meta.name),
+            ));
+        }
+    }
+    let target_is_dir = opts.target.is_dir();
+    if !target_is_dir && disks.len() > 1 {
+        return Err(Error::InvalidInput(format!(
+            "recovery point {} has {} disks: restore to a directory, or pick one with --disk",
+            point.short_id(),
+            disks.len()
+        )));
+    }
+
+    let (index, _) = index::load(&repo.store, &repo.key)?;
+    let mut summary = Summary {
+        point: point.id.clone(),
+        disks: Vec::new(),
+        bytes_written: 0,
+        chunks_kept: 0,
+        chunks_fetched: 0,
+        duration_secs: 0.0,
+        requests: Default::default(),
+    };
+    for &d in &disks {
+        progress.add_total(point.meta.disks[d].size);
+    }
+    for d in disks {
+        let meta = &point.meta.disks[d];
+        let final_path = if target_is_dir {
+            opts.target.join(&meta.name)
+        } else {
+            opts.target.clone()
+        };
+        let out = Output::open(&final_path, meta.size, opts.overwrite)?;
+        info!(disk = %meta.name, to = %final_path.display(), resumed = out.resumed, "restoring");
+        let stats = restore_disk(repo, &index, point, d, &out, progress)?;
+        summary.bytes_written += stats.0;
+        summary.chunks_kept += stats.1;
+        summary.chunks_fetched += stats.2;
+        summary.disks.push(RestoredDisk {
+            name: meta.name.clone(),
+            path: final_path.clone(),
+            size: meta.size,
+            resumed: out.resumed,
+        });
+        out.finish()?;
+    }
+    summary.duration_secs = started.elapsed().as_secs_f64();
+    summary.requests = repo.store.requests();
+    Ok(summary)
+}
+
+struct Output {
+    file: File,
+    /// Where the data is written (the partial file for files).
+    path: PathBuf,
+    final_path: PathBuf,
+    is_device: bool,
+    resumed: bool,
+}
+
+impl Output {
+    fn open(final_path: &Path, size: u64, overwrite: bool) -> Result<Output> {
+        let err = |path: &Path| {
+            let path = path.to_path_buf();
+            move |source| Error::Target { path, source }
+        };
+        if let Ok(meta) = std::fs::metadata(final_path)
+            && meta.file_type().is_block_device()
+        {
+            let file = OpenOptions::new().write(true).read(true).open(final_path).map_err(err(final_path))?;
+            let dev_size = rustix::fs::seek(&file, rustix::fs::SeekFrom::End(0))
+                .map_err(|e| Error::Target { path: final_path.to_path_buf(), source: e.into() })?;
+            if dev_size < size {
+                return Err(Error::InvalidInput(format!(
+                    "device {} holds {dev_size} bytes, the disk needs {size}",
+                    final_path.display()
+                )));
+            }
+            return Ok(Output {
+                file,
+                path: final_path.to_path_buf(),
+                final_path: final_path.to_path_buf(),
+                is_device: true,
+                resumed: false,
+            });
+        }
+        if final_path.exists() {
+            if !overwrite {
+                return Err(Error::InvalidInput(format!(
+                    "{} already exists; remove it, pick another target, or pass --overwrite",
+                    final_path.display()
+                )));
+            }
+            std::fs::remove_file(final_path).map_err(err(final_path))?;
+        }
+        let mut partial = final_path.as_os_str().to_owned();
+        partial.push(".ferry-partial");
+        let partial = PathBuf::from(partial);
+        let resumed = partial.exists();
+        let file = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .read(true)
+            .write(true)
+            .open(&partial)
+            .map_err(err(&partial))?;
+        file.set_len(size).map_err(err(&partial))?;
+        Ok(Output {
+            file,
+            path: partial,
+            final_path: final_path.to_path_buf(),
+            is_device: false,
+            resumed,
+        })
+    }
+
+    fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
+        self.file.write_all_at(buf, offset).map_err(|source| Error::Target {
+            path: self.path.clone(),
+            source,
+        })
+    }
+
+    /// Make a range read as zeros.
+    fn zero(&self, offset: u64, len: u64) -> Result<()> {
+        if !self.is_device && !self.resumed {
+            return Ok(()); // a fresh sparse file already reads zeros
+        }
+        if !self.is_device {
+            let punched = rustix::fs::fallocate(
+                &self.file,
+                rustix::fs::FallocateFlags::PUNCH_HOLE | rustix::fs::FallocateFlags::KEEP_SIZE,
+                offset,
+                len,
+            );
+            if punched.is_ok() {
+                return Ok(());
+            }
+        }
+        let zeros = vec![0u8; len.min(4 << 20) as usize];
+        let mut at = offset;
+        while at < offset + len {
+            let n = (offset + len - at).min(zeros.len() as u64) as usize;
+            self.write_at(&zeros[..n], at)?;
+            at += n as u64;
+        }
+        Ok(())
+    }
+
+    fn finish(self) -> Result<()> {
+        let err = |source| Error::Target { path: self.path.clone(), source };
+        self.file.sync_all().map_err(err)?;
+        if !self.is_device {
+            std::fs::rename(&self.path, &self.final_path).map_err(err)?;
+        }
+        Ok(())
+    }
+}
+
+/// Restore one disk; returns (bytes written, chunks kept, chunks fetched).
+fn restore_disk(
+    repo: &Repository,
+    index: &index::Index,
+    point: &Point,
+    disk: usize,
+    out: &Output,
+    progress: &Progress,
+) -> Result<(u64, u64, u64)> {
+    let name = &point.meta.disks[disk].name;
+    // Where every chunk goes; zero runs are handled here.
+    let mut wanted: IdMap<(u32, Vec<u64>)> = IdMap::default();
+    let mut order: Vec<ChunkId> = Vec::new();
+    let mut off = 0u64;
+    for e in &point.extents[disk] {
+        match e.id {
+            None => {
+                out.zero(off, e.len as u64)?;
+                progress.add_done(e.len as u64);
+            }
+            Some(id) => {
+                let (_, offs) = wanted.entry(id).or_insert_with(|| (e.len, Vec::new()));
+                if offs.is_empty() {
+                    order.push(id);
+                }
+                offs.push(off);
+            }
+        }
+        off += e.len as u64;
+    }
+
+    // A resumed restore keeps every chunk already in place.
+    let mut kept = 0u64;
+    if out.resumed {
+        let still: Mutex<IdMap<(u32, Vec<u64>)>> = Mutex::default();
+        let kept_n = AtomicU64::new(0);
+        let items: Vec<_> = wanted.into_iter().collect();
+        let next = AtomicU64::new(0);
+        std::thread::scope(|s| {
+            for _ in 0..std::thread::available_parallelism().map_or(2, |n| n.get()) {
+                s.spawn(|| {
+                    let mut buf = Vec::new();
+                    loop {
+                        let i = next.fetch_add(1, Ordering::Relaxed) as usize;
+                        let Some((id, (len, offs))) = items.get(i) else { return };
+                        let len = *len as usize;
+                        let mut missing = Vec::new();
+                        for &o in offs {
+                            buf.resize(len, 0);
+                            let good = out.file.read_exact_at(&mut buf, o).is_ok()
+                                && repo.key.chunk_id(&buf) == *id;
+                            if good {
+                                kept_n.fetch_add(1, Ordering::Relaxed);
+                                progress.add_done(len as u64);
+                            } else {
+                                missing.push(o);
+                            }
+                        }
+                        if !missing.is_empty() {
+                            still.lock().expect("resume map").insert(*id, (len as u32, missing));
+                        }
+                    }
+                });
+            }
+        });
+        wanted = still.into_inner().expect("resume map");
+        order.retain(|id| wanted.contains_key(id));
+        kept = kept_n.into_inner();
+    }
+
+    // Group by pack, in pack order, and coalesce neighbours into ranged reads.
+    let mut by_pack: BTreeMap<u32, Vec<(ChunkId, Location)>> = BTreeMap::new();
+    for id in &order {
+        let Some(loc) = index.get(id) else {
+            let first = wanted[id].1[0];
+            return Err(Error::DamagedChunk {
+                chunk: id.to_hex(),
+                disk: name.clone(),
+                offset: first,
+                detail: "no pack holds it (its pack or index is missing)".into(),
+            });
+        };
+        by_pack.entry(loc.pack).or_default().push((*id, loc));
+    }
+    let mut jobs = Vec::new();
+    for (pack, mut blobs) in by_pack {
+        blobs.sort_by_key(|b| b.1.offset);
+        let mut cur: Option<Job> = None;
+        for (id, loc) in blobs {
+            let (s, e) = (loc.offset as u64, loc.offset as u64 + loc.length as u64);
+            if let Some(j) = &mut cur
+                && s <= j.end + MAX_GAP
+                && e - j.start <= MAX_READ
+            {
+                j.end = j.end.max(e);
+                j.blobs.push((id, loc));
+                continue;
+            }
+            if let Some(j) = cur.take() {
+                jobs.push(j);
+            }
+            cur = Some(Job { pack, start: s, end: e, blobs: vec![(id, loc)] });
+        }
+        jobs.extend(cur);
+    }
+
+    let written = AtomicU64::new(0);
+    let fetched = AtomicU64::new(0);
+    let failure: Mutex<Option<Error>> = Mutex::new(None);
+    let next = AtomicU64::new(0);
+    let threads = (std::thread::available_parallelism().map_or(2, |n| n.get()) * 2).max(4);
+    std::thread::scope(|s| {
+        for _ in 0..threads {
+            s.spawn(|| {
+                loop {
+                    if failure.lock().expect("failure slot").is_some() {
+                        return;
+                    }
+                    let i = next.fetch_add(1, Ordering::Relaxed) as usize;
+                    let Some(job) = jobs.get(i) else { return };
+                    if let Err(e) = run_job(repo, index, job, &wanted, name, out, progress, &written, &fetched) {
+                        failure.lock().expect("failure slot").get_or_insert(e);
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    if let Some(e) = failure.into_inner().expect("failure slot") {
+        return Err(e);
+    }
+    Ok((written.into_inner(), kept, fetched.into_inner()))
+}
+
+#[allow(clippy::too_many_arguments)]
+fn run_job(
+    repo: &Repository,
+    index: &index::Index,
+    job: &Job,
+    wanted: &IdMap<(u32, Vec<u64>)>,
+    disk: &str,
+    out: &Output,
+    progress: &Progress,
+    written: &AtomicU64,
+    fetched: &AtomicU64,
+) -> Result<()> {
+    let (pack_id, _) = index.pack(job.pack);
+    let name = pack::object_name(&pack_id);
+    let damaged = |id: &ChunkId, detail: String| Error::DamagedChunk {
+        chunk: id.to_hex(),
+        disk: disk.to_string(),
+        offset: wanted[id].1[0],
+        detail,
+    };
+    let bytes = match repo.store.get_range(&name, job.start..job.end) {
+        Ok(b) => b,
+        Err(e @ (Error::Missing { .. } | Error::Corrupt { .. })) => {
+            return Err(damaged(&job.blobs[0].0, format!("{name}: {e}")));
+        }
+        Err(e) => return Err(e),
+    };
+    for (id, loc) in &job.blobs {
+        let s = (loc.offset as u64 - job.start) as usize;
+        let sealed = &bytes[s..s + loc.length as usize];
+        let entry = BlobEntry { id: *id, offset: loc.offset, length: loc.length, raw_len: loc.raw_len };
+        let plain = pack::open_chunk(&repo.key, &entry, sealed)
+            .map_err(|d| damaged(id, format!("in {name}: {d}")))?;
+        for &o in &wanted[id].1 {
+            out.write_at(&plain, o)?;
+            written.fetch_add(plain.len() as u64, Ordering::Relaxed);
+            progress.add_done(plain.len() as u64);
+        }
+        fetched.fetch_add(1, Ordering::Relaxed);
+    }
+    Ok(())
+}

@@ -1,0 +1,3 @@
+//! Connectors: how Ferry reaches the outside world. For now, object stores by URL.
+
+pub mod store;

@@ -1,0 +1,394 @@
+//! Command-line options and the commands they run. Conventions follow restic and
+//! borg: `-r/--repo` or `FERRY_REPO`, `FERRY_PASSWORD` or `--password-file`,
+//! `--json` on every listing.
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::{Context, Result};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use ferry_agent::backup::{BackupOptions, DiskSpec};
+use ferry_agent::check::CheckOptions;
+use ferry_agent::chunker::Chunker;
+use ferry_agent::point::Consistency;
+use ferry_agent::progress::Progress;
+use ferry_agent::repo::{InitOptions, Repository};
+use ferry_agent::restore::RestoreOptions;
+
+use crate::output::{self, Bar, bytes};
+
+/// An error in what the user asked for (exit code 2).
+#[derive(Debug)]
+pub struct UsageError(pub String);
+
+impl std::fmt::Display for UsageError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for UsageError {}
+
+/// Ferry: recovery points of whole disks, and runbooks that rebuild stacks from them.
+#[derive(Debug, Parser)]
+#[command(name = "ferry", version, about, max_term_width = 100)]
+pub struct Cli {
+    #[command(flatten)]
+    pub global: Global,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Options every command takes.
+#[derive(Debug, Args)]
+pub struct Global {
+    /// Repository: a directory path or file:// URL.
+    #[arg(short = 'r', long = "repo", env = "FERRY_REPO", global = true, hide_env_values = true)]
+    pub repo: Option<String>,
+    /// Read the repository password from this file (else FERRY_PASSWORD, else a prompt).
+    #[arg(long, env = "FERRY_PASSWORD_FILE", global = true)]
+    pub password_file: Option<PathBuf>,
+    /// Print machine-readable JSON on stdout.
+    #[arg(long, global = true)]
+    pub json: bool,
+    /// No progress bar.
+    #[arg(short, long, global = true)]
+    pub quiet: bool,
+    /// More logging (-v info, -vv debug); FERRY_LOG overrides.
+    #[arg(short, long, action = clap::ArgAction::Count, global = true)]
+    pub verbose: u8,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Create a repository.
+    Init(InitArgs),
+    /// Make one recovery point of a source's disks.
+    Backup(BackupArgs),
+    /// List recovery points.
+    Points(PointsArgs),
+    /// Restore a recovery point to image files or devices.
+    Restore(RestoreArgs),
+    /// Verify the repository's structure, and with --read-data every byte.
+    Check(CheckArgs),
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum ChunkerKind {
+    /// Fixed-size chunks (best for disks: writes stay aligned).
+    Fixed,
+    /// Content-defined chunks (FastCDC), resynchronised every 4 MiB.
+    Cdc,
+}
+
+#[derive(Debug, Args)]
+pub struct InitArgs {
+    /// How to cut chunks; fixed for the repository's life.
+    #[arg(long, value_enum, default_value = "fixed")]
+    pub chunker: ChunkerKind,
+    /// Chunk size (fixed) or average chunk size (cdc), e.g. 64KiB.
+    #[arg(long, default_value = "64KiB")]
+    pub chunk_size: String,
+    /// zstd level for chunks, 1 to 19.
+    #[arg(long, default_value_t = ferry_agent::repo::DEFAULT_COMPRESSION_LEVEL)]
+    pub compression: i32,
+}
+
+#[derive(Debug, Args)]
+pub struct BackupArgs {
+    /// Name of the machine or VM the disks belong to.
+    #[arg(long)]
+    pub source: String,
+    /// Record this consistency instead of detecting it (crash, or fuzzy when a disk changed while read).
+    #[arg(long, value_enum)]
+    pub consistency: Option<ConsistencyArg>,
+    /// Image files or block devices.
+    #[arg(required = true)]
+    pub disks: Vec<PathBuf>,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum ConsistencyArg {
+    Crash,
+    App,
+    Fuzzy,
+}
+
+#[derive(Debug, Args)]
+pub struct PointsArgs {
+    /// Only this source's points.
+    #[arg(long)]
+    pub source: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct RestoreArgs {
+    /// Recovery point: an id (or a unique prefix), SOURCE@latest, or SOURCE@TIME.
+    pub point: String,
+    /// A directory (one file per disk), an image file, or a block device.
+    #[arg(long = "to")]
+    pub to: PathBuf,
+    /// Restore only this disk.
+    #[arg(long)]
+    pub disk: Option<String>,
+    /// Replace existing image files.
+    #[arg(long)]
+    pub overwrite: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct CheckArgs {
+    /// Read and verify every byte of every pack.
+    #[arg(long)]
+    pub read_data: bool,
+}
+
+pub fn run(cli: Cli) -> Result<ExitCode> {
+    let g = &cli.global;
+    match &cli.command {
+        Command::Init(a) => init(g, a),
+        Command::Backup(a) => backup(g, a),
+        Command::Points(a) => points(g, a),
+        Command::Restore(a) => restore(g, a),
+        Command::Check(a) => check(g, a),
+    }
+}
+
+fn repo_location(g: &Global) -> Result<&str> {
+    g.repo.as_deref().filter(|r| !r.is_empty()).ok_or_else(|| {
+        UsageError("no repository given: pass -r/--repo PATH or set FERRY_REPO".into()).into()
+    })
+}
+
+/// The password from --password-file, FERRY_PASSWORD, or a prompt on a terminal.
+fn password(g: &Global, confirm: bool) -> Result<Vec<u8>> {
+    if let Some(file) = &g.password_file {
+        let mut s = std::fs::read(file)
+            .with_context(|| format!("cannot read password file {}", file.display()))
+            .map_err(|e| UsageError(output::error_chain(&e)))?;
+        while s.last().is_some_and(|b| *b == b'\n' || *b == b'\r') {
+            s.pop();
+        }
+        return Ok(s);
+    }
+    if let Ok(p) = std::env::var("FERRY_PASSWORD") {
+        return Ok(p.into_bytes());
+    }
+    if std::io::stdin().is_terminal() {
+        let p = rpassword::prompt_password("repository password: ")?;
+        if confirm && rpassword::prompt_password("again: ")? != p {
+            return Err(UsageError("the passwords differ; nothing was created".into()).into());
+        }
+        return Ok(p.into_bytes());
+    }
+    Err(UsageError(
+        "no password: set FERRY_PASSWORD or pass --password-file FILE".into(),
+    )
+    .into())
+}
+
+fn open(g: &Global) -> Result<Repository> {
+    let store = ferry_connectors::store::open(repo_location(g)?, false)?;
+    let pw = password(g, false)?;
+    Ok(Repository::open(store, &pw)?)
+}
+
+fn print_json(v: &impl serde::Serialize) -> Result<()> {
+    println!("{}", serde_json::to_string_pretty(v)?);
+    Ok(())
+}
+
+fn init(g: &Global, a: &InitArgs) -> Result<ExitCode> {
+    let size = output::parse_size(&a.chunk_size)
+        .filter(|&s| s <= u32::MAX as u64)
+        .ok_or_else(|| UsageError(format!("cannot read chunk size {:?} (e.g. 64KiB)", a.chunk_size)))?
+        as u32;
+    let chunker = match a.chunker {
+        ChunkerKind::Fixed => Chunker::Fixed { size },
+        ChunkerKind::Cdc => Chunker::Cdc { min: size / 4, avg: size, max: size * 4 },
+    };
+    let location = repo_location(g)?;
+    let store = ferry_connectors::store::open(location, true)?;
+    let pw = password(g, true)?;
+    if pw.is_empty() {
+        return Err(UsageError("the password is empty; choose one".into()).into());
+    }
+    let repo = Repository::init(
+        store,
+        &pw,
+        InitOptions { chunker, compression_level: a.compression, ..InitOptions::default() },
+    )?;
+    if g.json {
+        print_json(repo.config())?;
+    } else {
+        println!(
+            "created repository {} at {location} ({} chunks, zstd level {})",
+            &repo.config().id[..8],
+            chunker.describe(),
+            a.compression
+        );
+        println!("keep the password safe: without it the data cannot be read");
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn backup(g: &Global, a: &BackupArgs) -> Result<ExitCode> {
+    let repo = open(g)?;
+    let opts = BackupOptions {
+        source: a.source.clone(),
+        disks: a.disks.iter().map(DiskSpec::from_path).collect(),
+        consistency: a.consistency.map(|c| match c {
+            ConsistencyArg::Crash => Consistency::Crash,
+            ConsistencyArg::App => Consistency::App,
+            ConsistencyArg::Fuzzy => Consistency::Fuzzy,
+        }),
+    };
+    let progress = Arc::new(Progress::default());
+    let bar = Bar::start(progress.clone(), "backup", !g.quiet && !g.json);
+    let s = ferry_agent::backup::backup(&repo, &opts, &progress)?;
+    drop(bar);
+    if g.json {
+        print_json(&s)?;
+    } else {
+        println!("recovery point {} of {} committed ({})", &s.point[..8], s.source, s.consistency);
+        println!(
+            "  read {} of {}, new {} stored as {} in {} pack(s), {:.2} s ({}/s)",
+            bytes(s.bytes_read),
+            bytes(s.disk_bytes),
+            bytes(s.new_bytes),
+            bytes(s.stored_bytes),
+            s.packs_written,
+            s.duration_secs,
+            bytes((s.bytes_read as f64 / s.duration_secs.max(1e-6)) as u64),
+        );
+        if s.packs_recovered > 0 {
+            println!("  reused {} pack(s) left by an interrupted backup", s.packs_recovered);
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn points(g: &Global, a: &PointsArgs) -> Result<ExitCode> {
+    let repo = open(g)?;
+    let (points, bad) = repo.points()?;
+    let points: Vec<_> = points
+        .into_iter()
+        .filter(|p| a.source.as_ref().is_none_or(|s| &p.meta.source == s))
+        .collect();
+    for e in &bad {
+        eprintln!("ferry: warning: {e}; run `ferry check`");
+    }
+    if g.json {
+        let v: Vec<_> = points
+            .iter()
+            .map(|p| {
+                serde_json::json!({
+                    "id": p.id, "source": p.meta.source, "time": p.meta.time,
+                    "parent": p.meta.parent, "consistency": p.meta.consistency,
+                    "host": p.meta.host, "tool_version": p.meta.tool_version,
+                    "disks": p.meta.disks,
+                })
+            })
+            .collect();
+        print_json(&v)?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!("{:<10} {:<20} {:<16} {:<11} {:>10}  disks", "id", "time (UTC)", "source", "consistency", "size");
+    for p in &points {
+        let size: u64 = p.meta.disks.iter().map(|d| d.size).sum();
+        let names: Vec<_> = p.meta.disks.iter().map(|d| d.name.as_str()).collect();
+        println!(
+            "{:<10} {:<20} {:<16} {:<11} {:>10}  {}",
+            p.short_id(),
+            p.meta.time.format("%Y-%m-%d %H:%M:%S"),
+            p.meta.source,
+            p.meta.consistency.to_string(),
+            bytes(size),
+            names.join(", ")
+        );
+    }
+    println!("{} recovery point(s)", points.len());
+    Ok(ExitCode::SUCCESS)
+}
+
+fn restore(g: &Global, a: &RestoreArgs) -> Result<ExitCode> {
+    let repo = open(g)?;
+    let point = repo.resolve(&a.point)?;
+    let progress = Arc::new(Progress::default());
+    let bar = Bar::start(progress.clone(), "restore", !g.quiet && !g.json);
+    let s = ferry_agent::restore::restore(
+        &repo,
+        &point,
+        &RestoreOptions { target: a.to.clone(), disk: a.disk.clone(), overwrite: a.overwrite },
+        &progress,
+    )?;
+    drop(bar);
+    if g.json {
+        print_json(&s)?;
+    } else {
+        for d in &s.disks {
+            println!(
+                "restored {} ({}) to {}{}",
+                d.name,
+                bytes(d.size),
+                d.path.display(),
+                if d.resumed { " (resumed)" } else { "" }
+            );
+        }
+        println!(
+            "  point {}, wrote {}, {} chunk(s) fetched and verified, {} kept, {:.2} s",
+            point.short_id(),
+            bytes(s.bytes_written),
+            s.chunks_fetched,
+            s.chunks_kept,
+            s.duration_secs
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn check(g: &Global, a: &CheckArgs) -> Result<ExitCode> {
+    let repo = open(g)?;
+    let progress = Arc::new(Progress::default());
+    let bar = Bar::start(progress.clone(), "check", !g.quiet && !g.json);
+    let r = ferry_agent::check::check(&repo, CheckOptions { read_data: a.read_data }, &progress)?;
+    drop(bar);
+    if g.json {
+        print_json(&r)?;
+    } else {
+        println!(
+            "checked {} recovery point(s), {} pack(s), {} chunk(s){}",
+            r.points,
+            r.packs,
+            r.chunks,
+            if r.read_data { format!(", read {}", bytes(r.bytes_read)) } else { String::new() }
+        );
+        for p in &r.problems {
+            println!("damaged: {} {}", p.object, p.detail);
+        }
+        for p in &r.damaged_points {
+            println!(
+                "recovery point {} ({} at {}) cannot be fully restored: {} damaged chunk(s)",
+                &p.id[..8.min(p.id.len())],
+                p.source,
+                p.time,
+                p.damaged_chunks
+            );
+            for c in &p.chunks {
+                println!("  {c}");
+            }
+        }
+        if !r.unindexed_packs.is_empty() {
+            println!(
+                "note: {} pack(s) left by an interrupted backup are not indexed yet; the next backup indexes and reuses them",
+                r.unindexed_packs.len()
+            );
+        }
+        if r.ok {
+            println!("no damage found");
+        }
+    }
+    Ok(if r.ok { ExitCode::SUCCESS } else { ExitCode::from(1) })
+}
