@@ -17,8 +17,8 @@
 
 use std::collections::{BTreeMap, HashSet};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::bounded;
@@ -139,7 +139,9 @@ pub fn backup(repo: &Repository, opts: &BackupOptions, progress: &Progress) -> R
         )));
     }
     if opts.disks.is_empty() {
-        return Err(Error::InvalidInput("give at least one disk to back up".into()));
+        return Err(Error::InvalidInput(
+            "give at least one disk to back up".into(),
+        ));
     }
     let mut names = HashSet::new();
     for d in &opts.disks {
@@ -191,7 +193,11 @@ pub fn backup_sources(
         let marker = s.change_marker();
         let ranges = s.data_ranges()?;
         progress.add_total(size);
-        disks.push(DiskState { size, marker, ranges });
+        disks.push(DiskState {
+            size,
+            marker,
+            ranges,
+        });
     }
 
     let workers = std::thread::available_parallelism().map_or(2, |n| n.get());
@@ -242,7 +248,15 @@ pub fn backup_sources(
                         } else {
                             None
                         };
-                        if seg_tx.send(Segment { disk: d, seq, len, data }).is_err() {
+                        if seg_tx
+                            .send(Segment {
+                                disk: d,
+                                seq,
+                                len,
+                                data,
+                            })
+                            .is_err()
+                        {
                             return;
                         }
                         seq += 1;
@@ -404,7 +418,12 @@ pub fn backup_sources(
 
     let mut consistency = opts.consistency.unwrap_or(Consistency::Crash);
     let mut disk_meta = Vec::new();
-    for ((spec, (src, st)), ext) in opts.disks.iter().zip(sources.iter().zip(&disks)).zip(&extents) {
+    for ((spec, (src, st)), ext) in opts
+        .disks
+        .iter()
+        .zip(sources.iter().zip(&disks))
+        .zip(&extents)
+    {
         let after = src.size()?;
         if after != st.size {
             return Err(Error::SourceChanged {
@@ -429,7 +448,11 @@ pub fn backup_sources(
             path: spec.path.display().to_string(),
             size: st.size,
             digest: point::disk_digest(&repo.key, st.size, ext),
-            data_bytes: ext.iter().filter(|e| e.id.is_some()).map(|e| e.len as u64).sum(),
+            data_bytes: ext
+                .iter()
+                .filter(|e| e.id.is_some())
+                .map(|e| e.len as u64)
+                .sum(),
         });
     }
     let meta = Meta {
@@ -480,11 +503,16 @@ pub fn recover_unindexed_packs(repo: &Repository, index: &mut Index) -> Result<u
                 records.push(PackRecord { id, size, entries });
             }
             Err(Error::Missing { .. }) => {}
-            Err(e) => warn!(error = %e, "an unindexed pack is unreadable; its chunks will be stored again"),
+            Err(e) => {
+                warn!(error = %e, "an unindexed pack is unreadable; its chunks will be stored again")
+            }
         }
     }
     if !records.is_empty() {
-        info!(packs = records.len(), "indexed packs left by an interrupted backup");
+        info!(
+            packs = records.len(),
+            "indexed packs left by an interrupted backup"
+        );
         let obj = index::encode(&repo.key, &records);
         repo.put_object(&index::object_name(&obj), obj)?;
     }

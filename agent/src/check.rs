@@ -73,12 +73,18 @@ pub fn check(repo: &Repository, opts: CheckOptions, progress: &Progress) -> Resu
         match listed.get(&name) {
             None => {
                 bad_packs.insert(pos, "pack is missing".into());
-                problems.push(Problem { object: name.clone(), detail: "is missing".into() });
+                problems.push(Problem {
+                    object: name.clone(),
+                    detail: "is missing".into(),
+                });
             }
             Some(&actual) if actual != size => {
                 let d = format!("is {actual} bytes, the index says {size} (truncated?)");
                 bad_packs.insert(pos, format!("pack {d}"));
-                problems.push(Problem { object: name.clone(), detail: d });
+                problems.push(Problem {
+                    object: name.clone(),
+                    detail: d,
+                });
             }
             Some(_) => {}
         }
@@ -106,19 +112,26 @@ pub fn check(repo: &Repository, opts: CheckOptions, progress: &Progress) -> Resu
         progress.add_total(pack_names.iter().map(|p| p.2).sum());
         let found: Mutex<(Vec<Problem>, IdMap<String>)> = Mutex::default();
         let next = AtomicU64::new(0);
-        let threads = std::thread::available_parallelism().map_or(2, |n| n.get()).max(2);
+        let threads = std::thread::available_parallelism()
+            .map_or(2, |n| n.get())
+            .max(2);
         std::thread::scope(|s| {
             for _ in 0..threads {
-                s.spawn(|| loop {
-                    let i = next.fetch_add(1, Ordering::Relaxed) as usize;
-                    let Some((pos, name, size)) = pack_names.get(i) else { return };
-                    let entries = by_pack.get(pos).map(Vec::as_slice).unwrap_or_default();
-                    let (probs, bad) = verify_pack(repo, name, *size, entries, &bad_packs, *pos);
-                    bytes_read.fetch_add(*size, Ordering::Relaxed);
-                    progress.add_done(*size);
-                    let mut f = found.lock().expect("check results");
-                    f.0.extend(probs);
-                    f.1.extend(bad);
+                s.spawn(|| {
+                    loop {
+                        let i = next.fetch_add(1, Ordering::Relaxed) as usize;
+                        let Some((pos, name, size)) = pack_names.get(i) else {
+                            return;
+                        };
+                        let entries = by_pack.get(pos).map(Vec::as_slice).unwrap_or_default();
+                        let (probs, bad) =
+                            verify_pack(repo, name, *size, entries, &bad_packs, *pos);
+                        bytes_read.fetch_add(*size, Ordering::Relaxed);
+                        progress.add_done(*size);
+                        let mut f = found.lock().expect("check results");
+                        f.0.extend(probs);
+                        f.1.extend(bad);
+                    }
                 });
             }
         });
@@ -151,7 +164,10 @@ pub fn check(repo: &Repository, opts: CheckOptions, progress: &Progress) -> Resu
         let mut count = 0u64;
         for (d, meta) in p.meta.disks.iter().enumerate() {
             if point::disk_digest(&repo.key, meta.size, &p.extents[d]) != meta.digest {
-                reasons.push(format!("disk {}: chunk list does not match its digest", meta.name));
+                reasons.push(format!(
+                    "disk {}: chunk list does not match its digest",
+                    meta.name
+                ));
                 count += 1;
             }
         }
@@ -166,7 +182,11 @@ pub fn check(repo: &Repository, opts: CheckOptions, progress: &Progress) -> Resu
             if let Some(why) = why {
                 count += 1;
                 if reasons.len() < 10 {
-                    reasons.push(format!("{}@{off}: chunk {}: {why}", p.meta.disks[d].name, &cid.to_hex()[..16]));
+                    reasons.push(format!(
+                        "{}@{off}: chunk {}: {why}",
+                        p.meta.disks[d].name,
+                        &cid.to_hex()[..16]
+                    ));
                 }
             }
         }
@@ -198,12 +218,22 @@ pub fn check(repo: &Repository, opts: CheckOptions, progress: &Progress) -> Resu
 fn problem_of(e: Error) -> Problem {
     match e {
         Error::Corrupt { object, detail } => Problem { object, detail },
-        Error::Missing { object } => Problem { object, detail: "is missing".into() },
-        Error::UnsupportedVersion { object, found, supported } => Problem {
+        Error::Missing { object } => Problem {
+            object,
+            detail: "is missing".into(),
+        },
+        Error::UnsupportedVersion {
+            object,
+            found,
+            supported,
+        } => Problem {
             object,
             detail: format!("has format version {found}, this ferry reads {supported}"),
         },
-        other => Problem { object: "repository".into(), detail: other.to_string() },
+        other => Problem {
+            object: "repository".into(),
+            detail: other.to_string(),
+        },
     }
 }
 
@@ -245,10 +275,11 @@ fn verify_pack(
         });
     }
     let mut bad_in_pack = 0;
+    let mut opener = pack::ChunkOpener::default();
     for en in entries {
         let end = en.offset as usize + en.length as usize;
         let result = match bytes.get(en.offset as usize..end) {
-            Some(sealed) => pack::open_chunk(&repo.key, en, sealed).map(|_| ()),
+            Some(sealed) => opener.open(&repo.key, en, sealed).map(|_| ()),
             None => Err("lies past the end of the pack".to_string()),
         };
         if let Err(d) = result {

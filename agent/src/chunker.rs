@@ -124,6 +124,14 @@ mod tests {
         assert!(Chunker::Fixed { size: 65536 }.validate().is_ok());
         assert!(Chunker::Fixed { size: 1000 }.validate().is_err());
         assert!(Chunker::Fixed { size: 8 << 20 }.validate().is_err());
-        assert!(Chunker::Cdc { min: 1 << 20, avg: 1 << 16, max: 1 << 21 }.validate().is_err());
+        assert!(
+            Chunker::Cdc {
+                min: 1 << 20,
+                avg: 1 << 16,
+                max: 1 << 21
+            }
+            .validate()
+            .is_err()
+        );
     }
 }

@@ -97,6 +97,17 @@ impl MasterKey {
         open(&self.data, aad, sealed)
     }
 
+    /// Open a sealed message held in `buf`, in place; returns the plaintext within it.
+    pub fn open_in_place<'a>(&self, aad: &[u8], buf: &'a mut [u8]) -> Option<&'a [u8]> {
+        if buf.len() < OVERHEAD {
+            return None;
+        }
+        let (nonce, rest) = buf.split_at_mut(NONCE_LEN);
+        let nonce = Nonce::try_assume_unique_for_key(nonce).ok()?;
+        let plain = self.data.open_in_place(nonce, Aad::from(aad), rest).ok()?;
+        Some(plain)
+    }
+
     /// Wrap the master secret under a password.
     pub fn wrap(&self, password: &[u8], kdf: KdfParams) -> Result<KeyFile> {
         let mut salt = [0u8; 32];
@@ -189,16 +200,13 @@ impl KdfParams {
                 "Argon2id parameters out of bounds",
             ));
         }
-        let salt = hex::decode(&self.salt)
-            .map_err(|_| Error::corrupt("key file", "salt is not hex"))?;
-        let params = argon2::Params::new(
-            self.memory_kib,
-            self.iterations,
-            self.parallelism,
-            Some(32),
-        )
-        .map_err(|e| Error::corrupt("key file", format!("Argon2id parameters: {e}")))?;
-        let argon = argon2::Argon2::new(argon2::Algorithm::Argon2id, argon2::Version::V0x13, params);
+        let salt =
+            hex::decode(&self.salt).map_err(|_| Error::corrupt("key file", "salt is not hex"))?;
+        let params =
+            argon2::Params::new(self.memory_kib, self.iterations, self.parallelism, Some(32))
+                .map_err(|e| Error::corrupt("key file", format!("Argon2id parameters: {e}")))?;
+        let argon =
+            argon2::Argon2::new(argon2::Algorithm::Argon2id, argon2::Version::V0x13, params);
         let mut out = [0u8; 32];
         argon
             .hash_password_into(password, &salt, &mut out)

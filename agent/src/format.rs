@@ -55,7 +55,10 @@ pub fn split<'a>(object: &str, kind: Kind, bytes: &'a [u8]) -> Result<&'a [u8]> 
     if bytes.len() < HEADER_LEN {
         return Err(Error::corrupt(
             object,
-            format!("{} bytes is shorter than the 8-byte header (truncated?)", bytes.len()),
+            format!(
+                "{} bytes is shorter than the 8-byte header (truncated?)",
+                bytes.len()
+            ),
         ));
     }
     if bytes[..4] != MAGIC {
@@ -140,7 +143,10 @@ mod tests {
         let mut obj = header(Kind::Index).to_vec();
         obj.extend_from_slice(b"body");
         assert_eq!(split("x", Kind::Index, &obj).unwrap(), b"body");
-        assert!(matches!(split("x", Kind::Point, &obj), Err(Error::Corrupt { .. })));
+        assert!(matches!(
+            split("x", Kind::Point, &obj),
+            Err(Error::Corrupt { .. })
+        ));
         obj[5] = 9;
         assert!(matches!(
             split("x", Kind::Index, &obj),

@@ -157,7 +157,9 @@ fn decode_body(name: &str, body: &[u8]) -> Result<Vec<PackRecord>> {
     for _ in 0..n {
         let id = r.array32().ok_or_else(|| bad("short pack record"))?;
         let size = r.u64().ok_or_else(|| bad("short pack record"))?;
-        let count = r.count(ENTRY_LEN).ok_or_else(|| bad("entry count out of bounds"))?;
+        let count = r
+            .count(ENTRY_LEN)
+            .ok_or_else(|| bad("entry count out of bounds"))?;
         let mut entries = Vec::with_capacity(count);
         for _ in 0..count {
             let e = BlobEntry::decode(&mut r).ok_or_else(|| bad("short entry"))?;
@@ -180,10 +182,7 @@ pub fn object_name(encoded: &[u8]) -> String {
 }
 
 /// Load every index object into memory; damaged ones are returned, not fatal.
-pub fn load(
-    store: &crate::store::Store,
-    key: &MasterKey,
-) -> Result<(Index, Vec<Error>)> {
+pub fn load(store: &crate::store::Store, key: &MasterKey) -> Result<(Index, Vec<Error>)> {
     let mut index = Index::default();
     let mut damaged = Vec::new();
     for (name, _) in store.list("index/")? {
@@ -215,7 +214,12 @@ mod tests {
         let rec = PackRecord {
             id: [3; 32],
             size: 1000,
-            entries: vec![BlobEntry { id: ChunkId([9; 32]), offset: 8, length: 100, raw_len: 200 }],
+            entries: vec![BlobEntry {
+                id: ChunkId([9; 32]),
+                offset: 8,
+                length: 100,
+                raw_len: 200,
+            }],
         };
         let obj = encode(&key, std::slice::from_ref(&rec));
         let back = decode(&key, "i", &obj).unwrap();

@@ -192,9 +192,10 @@ fn decode_body(name: &str, body: &[u8]) -> Result<(Meta, Vec<Vec<Extent>>)> {
     let bad = |what: String| Error::corrupt(name, what);
     let mut r = Reader::new(body);
     let json_len = r.u32().ok_or_else(|| bad("short header".into()))? as usize;
-    let json = r.bytes(json_len).ok_or_else(|| bad("metadata length out of bounds".into()))?;
-    let meta: Meta =
-        serde_json::from_slice(json).map_err(|e| bad(format!("metadata: {e}")))?;
+    let json = r
+        .bytes(json_len)
+        .ok_or_else(|| bad("metadata length out of bounds".into()))?;
+    let meta: Meta = serde_json::from_slice(json).map_err(|e| bad(format!("metadata: {e}")))?;
     let mut extents = Vec::with_capacity(meta.disks.len().min(1024));
     for disk in &meta.disks {
         let count = r.u64().ok_or_else(|| bad("short extent list".into()))?;
@@ -206,13 +207,19 @@ fn decode_body(name: &str, body: &[u8]) -> Result<(Meta, Vec<Vec<Extent>>)> {
         for _ in 0..count {
             let word = r.u32().ok_or_else(|| bad("short extent".into()))?;
             let e = if word & ZERO_FLAG != 0 {
-                Extent { len: word & !ZERO_FLAG, id: None }
+                Extent {
+                    len: word & !ZERO_FLAG,
+                    id: None,
+                }
             } else {
                 let id = r.array32().ok_or_else(|| bad("short extent".into()))?;
                 if word == 0 || word as usize > MAX_CHUNK {
                     return Err(bad(format!("chunk length {word} out of bounds")));
                 }
-                Extent { len: word, id: Some(ChunkId(id)) }
+                Extent {
+                    len: word,
+                    id: Some(ChunkId(id)),
+                }
             };
             total += e.len as u64;
             list.push(e);
@@ -245,7 +252,13 @@ mod tests {
             tool_version: "test".into(),
             host: "h".into(),
             chunker: Chunker::default(),
-            disks: vec![DiskMeta { name: "d".into(), path: "/d".into(), size, digest: String::new(), data_bytes: 0 }],
+            disks: vec![DiskMeta {
+                name: "d".into(),
+                path: "/d".into(),
+                size,
+                digest: String::new(),
+                data_bytes: 0,
+            }],
         }
     }
 
@@ -268,10 +281,41 @@ mod tests {
     #[test]
     fn digest_ignores_how_zeros_are_split() {
         let key = MasterKey::generate();
-        let a = vec![Extent { len: 8192, id: None }, Extent { len: 10, id: Some(ChunkId([1; 32])) }];
-        let b = vec![Extent { len: 4096, id: None }, Extent { len: 4096, id: None }, Extent { len: 10, id: Some(ChunkId([1; 32])) }];
+        let a = vec![
+            Extent {
+                len: 8192,
+                id: None,
+            },
+            Extent {
+                len: 10,
+                id: Some(ChunkId([1; 32])),
+            },
+        ];
+        let b = vec![
+            Extent {
+                len: 4096,
+                id: None,
+            },
+            Extent {
+                len: 4096,
+                id: None,
+            },
+            Extent {
+                len: 10,
+                id: Some(ChunkId([1; 32])),
+            },
+        ];
         assert_eq!(disk_digest(&key, 8202, &a), disk_digest(&key, 8202, &b));
-        let c = vec![Extent { len: 10, id: Some(ChunkId([1; 32])) }, Extent { len: 8192, id: None }];
+        let c = vec![
+            Extent {
+                len: 10,
+                id: Some(ChunkId([1; 32])),
+            },
+            Extent {
+                len: 8192,
+                id: None,
+            },
+        ];
         assert_ne!(disk_digest(&key, 8202, &a), disk_digest(&key, 8202, &c));
     }
 

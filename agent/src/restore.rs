@@ -62,6 +62,10 @@ pub struct RestoredDisk {
 const MAX_GAP: u64 = 256 << 10;
 /// Upper bound of one ranged read.
 const MAX_READ: u64 = 8 << 20;
+/// Restored bytes between two background syncs.
+const SYNC_EVERY: u64 = 256 << 20;
+/// The largest single write of restored bytes.
+const WRITE_BATCH: usize = 4 << 20;
 
 struct Job {
     pack: u32,
@@ -71,21 +75,34 @@ struct Job {
 }
 
 /// Restore a point.
-pub fn restore(repo: &Repository, point: &Point, opts: &RestoreOptions, progress: &Progress) -> Result<Summary> {
+pub fn restore(
+    repo: &Repository,
+    point: &Point,
+    opts: &RestoreOptions,
+    progress: &Progress,
+) -> Result<Summary> {
     let started = Instant::now();
     let disks: Vec<usize> = match &opts.disk {
-        Some(name) => vec![point
-            .meta
-            .disks
-            .iter()
-            .position(|d| &d.name == name)
-            .ok_or_else(|| {
-                Error::InvalidInput(format!(
-                    "recovery point {} has no disk {name:?}; it has: {}",
-                    point.short_id(),
-                    point.meta.disks.iter().map(|d| d.name.as_str()).collect::<Vec<_>>().join(", ")
-                ))
-            })?],
+        Some(name) => vec![
+            point
+                .meta
+                .disks
+                .iter()
+                .position(|d| &d.name == name)
+                .ok_or_else(|| {
+                    Error::InvalidInput(format!(
+                        "recovery point {} has no disk {name:?}; it has: {}",
+                        point.short_id(),
+                        point
+                            .meta
+                            .disks
+                            .iter()
+                            .map(|d| d.name.as_str())
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    ))
+                })?,
+        ],
         None => (0..point.meta.disks.len()).collect(),
     };
     for &d in &disks {
@@ -163,9 +180,17 @@ impl Output {
         if let Ok(meta) = std::fs::metadata(final_path)
             && meta.file_type().is_block_device()
         {
-            let file = OpenOptions::new().write(true).read(true).open(final_path).map_err(err(final_path))?;
-            let dev_size = rustix::fs::seek(&file, rustix::fs::SeekFrom::End(0))
-                .map_err(|e| Error::Target { path: final_path.to_path_buf(), source: e.into() })?;
+            let file = OpenOptions::new()
+                .write(true)
+                .read(true)
+                .open(final_path)
+                .map_err(err(final_path))?;
+            let dev_size = rustix::fs::seek(&file, rustix::fs::SeekFrom::End(0)).map_err(|e| {
+                Error::Target {
+                    path: final_path.to_path_buf(),
+                    source: e.into(),
+                }
+            })?;
             if dev_size < size {
                 return Err(Error::InvalidInput(format!(
                     "device {} holds {dev_size} bytes, the disk needs {size}",
@@ -211,10 +236,12 @@ impl Output {
     }
 
     fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
-        self.file.write_all_at(buf, offset).map_err(|source| Error::Target {
-            path: self.path.clone(),
-            source,
-        })
+        self.file
+            .write_all_at(buf, offset)
+            .map_err(|source| Error::Target {
+                path: self.path.clone(),
+                source,
+            })
     }
 
     /// Make a range read as zeros.
@@ -244,7 +271,10 @@ impl Output {
     }
 
     fn finish(self) -> Result<()> {
-        let err = |source| Error::Target { path: self.path.clone(), source };
+        let err = |source| Error::Target {
+            path: self.path.clone(),
+            source,
+        };
         self.file.sync_all().map_err(err)?;
         if !self.is_device {
             std::fs::rename(&self.path, &self.final_path).map_err(err)?;
@@ -297,7 +327,9 @@ fn restore_disk(
                     let mut buf = Vec::new();
                     loop {
                         let i = next.fetch_add(1, Ordering::Relaxed) as usize;
-                        let Some((id, (len, offs))) = items.get(i) else { return };
+                        let Some((id, (len, offs))) = items.get(i) else {
+                            return;
+                        };
                         let len = *len as usize;
                         let mut missing = Vec::new();
                         for &o in offs {
@@ -312,7 +344,10 @@ fn restore_disk(
                             }
                         }
                         if !missing.is_empty() {
-                            still.lock().expect("resume map").insert(*id, (len as u32, missing));
+                            still
+                                .lock()
+                                .expect("resume map")
+                                .insert(*id, (len as u32, missing));
                         }
                     }
                 });
@@ -354,7 +389,12 @@ fn restore_disk(
             if let Some(j) = cur.take() {
                 jobs.push(j);
             }
-            cur = Some(Job { pack, start: s, end: e, blobs: vec![(id, loc)] });
+            cur = Some(Job {
+                pack,
+                start: s,
+                end: e,
+                blobs: vec![(id, loc)],
+            });
         }
         jobs.extend(cur);
     }
@@ -364,22 +404,44 @@ fn restore_disk(
     let failure: Mutex<Option<Error>> = Mutex::new(None);
     let next = AtomicU64::new(0);
     let threads = (std::thread::available_parallelism().map_or(2, |n| n.get()) * 2).max(4);
+    let done = std::sync::atomic::AtomicBool::new(false);
     std::thread::scope(|s| {
-        for _ in 0..threads {
-            s.spawn(|| {
-                loop {
-                    if failure.lock().expect("failure slot").is_some() {
-                        return;
-                    }
-                    let i = next.fetch_add(1, Ordering::Relaxed) as usize;
-                    let Some(job) = jobs.get(i) else { return };
-                    if let Err(e) = run_job(repo, index, job, &wanted, name, out, progress, &written, &fetched) {
-                        failure.lock().expect("failure slot").get_or_insert(e);
-                        return;
-                    }
+        // Start writeback while chunks are still arriving, so the final sync only
+        // waits for the tail instead of the whole disk.
+        s.spawn(|| {
+            let mut synced = 0u64;
+            while !done.load(Ordering::Relaxed) {
+                std::thread::sleep(std::time::Duration::from_millis(50));
+                let now = written.load(Ordering::Relaxed);
+                if now - synced >= SYNC_EVERY {
+                    let _ = out.file.sync_data();
+                    synced = now;
                 }
-            });
+            }
+        });
+        let workers: Vec<_> = (0..threads)
+            .map(|_| {
+                s.spawn(|| {
+                    loop {
+                        if failure.lock().expect("failure slot").is_some() {
+                            return;
+                        }
+                        let i = next.fetch_add(1, Ordering::Relaxed) as usize;
+                        let Some(job) = jobs.get(i) else { return };
+                        if let Err(e) = run_job(
+                            repo, index, job, &wanted, name, out, progress, &written, &fetched,
+                        ) {
+                            failure.lock().expect("failure slot").get_or_insert(e);
+                            return;
+                        }
+                    }
+                })
+            })
+            .collect();
+        for w in workers {
+            let _ = w.join();
         }
+        done.store(true, Ordering::Relaxed);
     });
     if let Some(e) = failure.into_inner().expect("failure slot") {
         return Err(e);
@@ -414,18 +476,39 @@ fn run_job(
         }
         Err(e) => return Err(e),
     };
+    // Chunks that follow each other on the disk are written with one call: one
+    // large write costs the file system far less than many chunk-sized ones.
+    let mut opener = pack::ChunkOpener::default();
+    let mut run: Vec<u8> = Vec::with_capacity(WRITE_BATCH);
+    let mut run_start = 0u64;
     for (id, loc) in &job.blobs {
         let s = (loc.offset as u64 - job.start) as usize;
         let sealed = &bytes[s..s + loc.length as usize];
-        let entry = BlobEntry { id: *id, offset: loc.offset, length: loc.length, raw_len: loc.raw_len };
-        let plain = pack::open_chunk(&repo.key, &entry, sealed)
+        let entry = BlobEntry {
+            id: *id,
+            offset: loc.offset,
+            length: loc.length,
+            raw_len: loc.raw_len,
+        };
+        let plain = opener
+            .open(&repo.key, &entry, sealed)
             .map_err(|d| damaged(id, format!("in {name}: {d}")))?;
         for &o in &wanted[id].1 {
-            out.write_at(&plain, o)?;
+            if !run.is_empty() && (run_start + run.len() as u64 != o || run.len() >= WRITE_BATCH) {
+                out.write_at(&run, run_start)?;
+                run.clear();
+            }
+            if run.is_empty() {
+                run_start = o;
+            }
+            run.extend_from_slice(plain);
             written.fetch_add(plain.len() as u64, Ordering::Relaxed);
             progress.add_done(plain.len() as u64);
         }
         fetched.fetch_add(1, Ordering::Relaxed);
+    }
+    if !run.is_empty() {
+        out.write_at(&run, run_start)?;
     }
     Ok(())
 }

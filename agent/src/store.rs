@@ -116,7 +116,10 @@ impl Store {
                 },
                 e => Error::corrupt(
                     name,
-                    format!("cannot read bytes {}..{}: {e} (truncated?)", range.start, range.end),
+                    format!(
+                        "cannot read bytes {}..{}: {e} (truncated?)",
+                        range.start, range.end
+                    ),
                 ),
             })?;
         if bytes.len() as u64 != want {

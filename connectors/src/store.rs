@@ -29,15 +29,16 @@ pub fn open(location: &str, create: bool) -> Result<Store> {
     let dir = std::path::Path::new(path);
     if !dir.exists() {
         if !create {
-            return Err(Error::NoRepository { location: location.to_string() });
+            return Err(Error::NoRepository {
+                location: location.to_string(),
+            });
         }
         std::fs::create_dir_all(dir).map_err(|e| {
             Error::InvalidInput(format!("cannot create repository directory {path}: {e}"))
         })?;
     }
-    let fs = LocalFileSystem::new_with_prefix(dir).map_err(|e| {
-        Error::InvalidInput(format!("cannot use {path} as a repository: {e}"))
-    })?;
+    let fs = LocalFileSystem::new_with_prefix(dir)
+        .map_err(|e| Error::InvalidInput(format!("cannot use {path} as a repository: {e}")))?;
     Ok(Store::new(Arc::new(fs), location))
 }
 
@@ -53,6 +54,9 @@ mod tests {
         assert!(matches!(open(loc, false), Err(Error::NoRepository { .. })));
         assert!(open(loc, true).is_ok());
         assert!(p.is_dir());
-        assert!(matches!(open("s3://b/p", false), Err(Error::InvalidInput(_))));
+        assert!(matches!(
+            open("s3://b/p", false),
+            Err(Error::InvalidInput(_))
+        ));
     }
 }

@@ -45,7 +45,13 @@ pub struct Cli {
 #[derive(Debug, Args)]
 pub struct Global {
     /// Repository: a directory path or file:// URL.
-    #[arg(short = 'r', long = "repo", env = "FERRY_REPO", global = true, hide_env_values = true)]
+    #[arg(
+        short = 'r',
+        long = "repo",
+        env = "FERRY_REPO",
+        global = true,
+        hide_env_values = true
+    )]
     pub repo: Option<String>,
     /// Read the repository password from this file (else FERRY_PASSWORD, else a prompt).
     #[arg(long, env = "FERRY_PASSWORD_FILE", global = true)]
@@ -183,10 +189,7 @@ fn password(g: &Global, confirm: bool) -> Result<Vec<u8>> {
         }
         return Ok(p.into_bytes());
     }
-    Err(UsageError(
-        "no password: set FERRY_PASSWORD or pass --password-file FILE".into(),
-    )
-    .into())
+    Err(UsageError("no password: set FERRY_PASSWORD or pass --password-file FILE".into()).into())
 }
 
 fn open(g: &Global) -> Result<Repository> {
@@ -203,11 +206,19 @@ fn print_json(v: &impl serde::Serialize) -> Result<()> {
 fn init(g: &Global, a: &InitArgs) -> Result<ExitCode> {
     let size = output::parse_size(&a.chunk_size)
         .filter(|&s| s <= u32::MAX as u64)
-        .ok_or_else(|| UsageError(format!("cannot read chunk size {:?} (e.g. 64KiB)", a.chunk_size)))?
-        as u32;
+        .ok_or_else(|| {
+            UsageError(format!(
+                "cannot read chunk size {:?} (e.g. 64KiB)",
+                a.chunk_size
+            ))
+        })? as u32;
     let chunker = match a.chunker {
         ChunkerKind::Fixed => Chunker::Fixed { size },
-        ChunkerKind::Cdc => Chunker::Cdc { min: size / 4, avg: size, max: size * 4 },
+        ChunkerKind::Cdc => Chunker::Cdc {
+            min: size / 4,
+            avg: size,
+            max: size * 4,
+        },
     };
     let location = repo_location(g)?;
     let store = ferry_connectors::store::open(location, true)?;
@@ -218,7 +229,11 @@ fn init(g: &Global, a: &InitArgs) -> Result<ExitCode> {
     let repo = Repository::init(
         store,
         &pw,
-        InitOptions { chunker, compression_level: a.compression, ..InitOptions::default() },
+        InitOptions {
+            chunker,
+            compression_level: a.compression,
+            ..InitOptions::default()
+        },
     )?;
     if g.json {
         print_json(repo.config())?;
@@ -252,7 +267,12 @@ fn backup(g: &Global, a: &BackupArgs) -> Result<ExitCode> {
     if g.json {
         print_json(&s)?;
     } else {
-        println!("recovery point {} of {} committed ({})", &s.point[..8], s.source, s.consistency);
+        println!(
+            "recovery point {} of {} committed ({})",
+            &s.point[..8],
+            s.source,
+            s.consistency
+        );
         println!(
             "  read {} of {}, new {} stored as {} in {} pack(s), {:.2} s ({}/s)",
             bytes(s.bytes_read),
@@ -264,7 +284,10 @@ fn backup(g: &Global, a: &BackupArgs) -> Result<ExitCode> {
             bytes((s.bytes_read as f64 / s.duration_secs.max(1e-6)) as u64),
         );
         if s.packs_recovered > 0 {
-            println!("  reused {} pack(s) left by an interrupted backup", s.packs_recovered);
+            println!(
+                "  reused {} pack(s) left by an interrupted backup",
+                s.packs_recovered
+            );
         }
     }
     Ok(ExitCode::SUCCESS)
@@ -295,7 +318,10 @@ fn points(g: &Global, a: &PointsArgs) -> Result<ExitCode> {
         print_json(&v)?;
         return Ok(ExitCode::SUCCESS);
     }
-    println!("{:<10} {:<20} {:<16} {:<11} {:>10}  disks", "id", "time (UTC)", "source", "consistency", "size");
+    println!(
+        "{:<10} {:<20} {:<16} {:<11} {:>10}  disks",
+        "id", "time (UTC)", "source", "consistency", "size"
+    );
     for p in &points {
         let size: u64 = p.meta.disks.iter().map(|d| d.size).sum();
         let names: Vec<_> = p.meta.disks.iter().map(|d| d.name.as_str()).collect();
@@ -321,7 +347,11 @@ fn restore(g: &Global, a: &RestoreArgs) -> Result<ExitCode> {
     let s = ferry_agent::restore::restore(
         &repo,
         &point,
-        &RestoreOptions { target: a.to.clone(), disk: a.disk.clone(), overwrite: a.overwrite },
+        &RestoreOptions {
+            target: a.to.clone(),
+            disk: a.disk.clone(),
+            overwrite: a.overwrite,
+        },
         &progress,
     )?;
     drop(bar);
@@ -353,7 +383,13 @@ fn check(g: &Global, a: &CheckArgs) -> Result<ExitCode> {
     let repo = open(g)?;
     let progress = Arc::new(Progress::default());
     let bar = Bar::start(progress.clone(), "check", !g.quiet && !g.json);
-    let r = ferry_agent::check::check(&repo, CheckOptions { read_data: a.read_data }, &progress)?;
+    let r = ferry_agent::check::check(
+        &repo,
+        CheckOptions {
+            read_data: a.read_data,
+        },
+        &progress,
+    )?;
     drop(bar);
     if g.json {
         print_json(&r)?;
@@ -363,7 +399,11 @@ fn check(g: &Global, a: &CheckArgs) -> Result<ExitCode> {
             r.points,
             r.packs,
             r.chunks,
-            if r.read_data { format!(", read {}", bytes(r.bytes_read)) } else { String::new() }
+            if r.read_data {
+                format!(", read {}", bytes(r.bytes_read))
+            } else {
+                String::new()
+            }
         );
         for p in &r.problems {
             println!("damaged: {} {}", p.object, p.detail);
@@ -390,5 +430,9 @@ fn check(g: &Global, a: &CheckArgs) -> Result<ExitCode> {
             println!("no damage found");
         }
     }
-    Ok(if r.ok { ExitCode::SUCCESS } else { ExitCode::from(1) })
+    Ok(if r.ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
 }

@@ -16,7 +16,11 @@ pub fn bytes(n: u64) -> String {
         v /= 1024.0;
         u += 1;
     }
-    if u == 0 { format!("{n} B") } else { format!("{v:.1} {}", UNITS[u]) }
+    if u == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.1} {}", UNITS[u])
+    }
 }
 
 /// Parse `64KiB`, `4M`, `65536`.
@@ -79,7 +83,10 @@ impl Bar {
             }
             bar.finish_and_clear();
         });
-        Bar { stop, thread: Some(thread) }
+        Bar {
+            stop,
+            thread: Some(thread),
+        }
     }
 }
 

@@ -1,0 +1,191 @@
+//! Helpers for end-to-end tests: run the real `ferry` binary on real files.
+#![allow(dead_code)]
+
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+/// The `ferry` binary built next to this test (scripts/test builds it first).
+pub fn ferry_bin() -> PathBuf {
+    if let Ok(p) = std::env::var("FERRY_BIN") {
+        return PathBuf::from(p);
+    }
+    let exe = std::env::current_exe().expect("test executable path");
+    let dir = exe.parent().and_then(Path::parent).expect("target dir");
+    let bin = dir.join("ferry");
+    assert!(
+        bin.exists(),
+        "{} is missing: run `cargo build -p ferry-orchestrator` first (scripts/test does)",
+        bin.display()
+    );
+    bin
+}
+
+/// A scratch directory with a repository path and a password.
+pub struct Env {
+    pub dir: tempfile::TempDir,
+    pub repo: PathBuf,
+}
+
+impl Env {
+    pub fn new() -> Env {
+        let dir = tempfile::tempdir_in(
+            std::env::var("FERRY_TEST_TMP").unwrap_or_else(|_| "/var/tmp".into()),
+        )
+        .expect("temp dir");
+        let repo = dir.path().join("repo");
+        Env { dir, repo }
+    }
+
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    pub fn cmd(&self) -> Command {
+        let mut c = Command::new(ferry_bin());
+        c.env("FERRY_REPO", &self.repo)
+            .env("FERRY_PASSWORD", "correct horse")
+            .env_remove("FERRY_PASSWORD_FILE")
+            .env_remove("FERRY_LOG")
+            .arg("--quiet");
+        c
+    }
+
+    /// Run ferry with arguments; returns the output whatever the exit code.
+    pub fn run(&self, args: &[&str]) -> Output {
+        self.cmd().args(args).output().expect("ferry runs")
+    }
+
+    /// Run ferry and insist on success.
+    pub fn ok(&self, args: &[&str]) -> String {
+        let out = self.run(args);
+        assert!(
+            out.status.success(),
+            "ferry {args:?} failed with {:?}\nstdout: {}\nstderr: {}",
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).expect("utf-8 output")
+    }
+
+    /// Run ferry with --json and parse stdout.
+    pub fn json(&self, args: &[&str]) -> serde_json::Value {
+        let mut a = vec!["--json"];
+        a.extend_from_slice(args);
+        serde_json::from_str(&self.ok(&a)).expect("JSON output")
+    }
+
+    /// Run ferry with --json and parse stdout, whatever the exit code.
+    pub fn json_allow_fail(&self, args: &[&str]) -> serde_json::Value {
+        let mut a = vec!["--json"];
+        a.extend_from_slice(args);
+        let out = self.run(&a);
+        serde_json::from_slice(&out.stdout).expect("JSON output")
+    }
+
+    pub fn init(&self) {
+        self.ok(&["init"]);
+    }
+
+    /// Back up and return the JSON summary.
+    pub fn backup(&self, source: &str, disks: &[&Path]) -> serde_json::Value {
+        let mut a = vec!["backup", "--source", source];
+        let ds: Vec<String> = disks.iter().map(|d| d.display().to_string()).collect();
+        a.extend(ds.iter().map(String::as_str));
+        self.json(&a)
+    }
+}
+
+/// A deterministic pseudo-random generator (xorshift), so tests need no crate.
+pub struct Rng(pub u64);
+
+impl Rng {
+    pub fn next(&mut self) -> u64 {
+        let mut x = self.0;
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        self.0 = x;
+        x
+    }
+    pub fn fill(&mut self, buf: &mut [u8]) {
+        for c in buf.chunks_mut(8) {
+            let v = self.next().to_le_bytes();
+            c.copy_from_slice(&v[..c.len()]);
+        }
+    }
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+}
+
+/// A sparse image of `size` bytes: random data in some places, compressible text in
+/// others, real zeros, and holes.
+pub fn make_image(path: &Path, size: u64, seed: u64) {
+    let f = std::fs::File::create(path).expect("create image");
+    f.set_len(size).expect("size image");
+    let mut rng = Rng(seed | 1);
+    let mut off = 0u64;
+    let mut buf = vec![0u8; 1 << 20];
+    while off < size {
+        let n = (size - off).min(buf.len() as u64) as usize;
+        match (off >> 20) % 4 {
+            0 => {
+                rng.fill(&mut buf[..n]);
+                f.write_all_at(&buf[..n], off).expect("write");
+            }
+            1 => {
+                let text =
+                    format!("line {seed} of a log file that compresses well\n").repeat(n / 40 + 1);
+                f.write_all_at(&text.as_bytes()[..n], off).expect("write");
+            }
+            2 => f.write_all_at(&vec![0u8; n], off).expect("write zeros"),
+            _ => {} // hole
+        }
+        off += n as u64;
+    }
+    f.sync_all().expect("sync");
+}
+
+/// Overwrite `count` random 4 KiB blocks with random data.
+pub fn scatter_writes(path: &Path, count: usize, seed: u64) {
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(path)
+        .expect("open image");
+    let size = f.metadata().expect("meta").len();
+    let mut rng = Rng(seed | 1);
+    let mut block = vec![0u8; 4096];
+    for _ in 0..count {
+        rng.fill(&mut block);
+        let at = rng.below(size / 4096) * 4096;
+        f.write_all_at(&block, at).expect("write");
+    }
+}
+
+pub fn same_content(a: &Path, b: &Path) -> bool {
+    std::fs::read(a).expect("read a") == std::fs::read(b).expect("read b")
+}
+
+pub fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// Every file under a directory (recursively).
+pub fn files_under(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).expect("read dir") {
+            let p = e.expect("entry").path();
+            if p.is_dir() {
+                stack.push(p);
+            } else {
+                out.push(p);
+            }
+        }
+    }
+    out.sort();
+    out
+}

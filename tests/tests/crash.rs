@@ -1,0 +1,75 @@
+//! kill -9 at random moments during backups: the repository stays valid, and the
+//! next backup completes and reuses what the killed ones uploaded.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+
+#[test]
+fn kill_9_during_backups_leaves_a_valid_repository() {
+    let env = Env::new();
+    env.init();
+    let disk = env.path("big.img");
+    // Random data only, so every chunk is new and packs keep landing.
+    let size = 96u64 << 20;
+    {
+        let f = std::fs::File::create(&disk).unwrap();
+        let mut buf = vec![0u8; 1 << 20];
+        let mut rng = Rng(5);
+        let mut w = std::io::BufWriter::new(f);
+        for _ in 0..size >> 20 {
+            rng.fill(&mut buf);
+            std::io::Write::write_all(&mut w, &buf).unwrap();
+        }
+    }
+    // Time one whole backup in a throwaway repository to spread kills across it.
+    let probe = Env::new();
+    probe.init();
+    let t = std::time::Instant::now();
+    probe.backup("probe", &[&disk]);
+    let full = t.elapsed();
+
+    let mut rng = Rng(0xfe77);
+    let trials = 20;
+    let mut recovered = 0u64;
+    for trial in 0..trials {
+        // Each trial writes a few new blocks, so there is always something new to store.
+        scatter_writes(&disk, 8, 1000 + trial);
+        let mut child = env
+            .cmd()
+            .args(["--json", "backup", "--source", "vm", disk.to_str().unwrap()])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        // Somewhere between start-up and well past the end of the upload.
+        let delay = Duration::from_micros(rng.below(full.as_micros() as u64 * 12 / 10 + 1));
+        std::thread::sleep(delay);
+        let _ = child.kill(); // SIGKILL
+        let out = child.wait_with_output().unwrap();
+        if out.status.success() {
+            let s: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+            recovered += s["packs_recovered"].as_u64().unwrap();
+        }
+        // The repository is valid after every kill.
+        let check = env.json(&["check"]);
+        assert_eq!(
+            check["ok"], true,
+            "trial {trial} (killed after {delay:?}): {check}"
+        );
+    }
+
+    // The next backup completes, reuses the packs the killed ones left, and restores.
+    let last = env.backup("vm", &[&disk]);
+    recovered += last["packs_recovered"].as_u64().unwrap();
+    assert!(
+        recovered > 0 || last["new_bytes"].as_u64().unwrap() < size / 2,
+        "nothing uploaded by killed backups was reused: {last}"
+    );
+    assert_eq!(env.json(&["check", "--read-data"])["ok"], true);
+    let out = env.path("out.img");
+    env.ok(&["restore", "vm@latest", "--to", out.to_str().unwrap()]);
+    assert!(same_content(&out, &disk));
+}
