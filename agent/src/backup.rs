@@ -96,10 +96,13 @@ struct Segment {
     data: Option<Vec<u8>>,
 }
 
+/// A chunk's length and id (`None` for zeros), in segment order.
+type SegExtent = (u32, Option<ChunkId>);
+
 struct SegResult {
     disk: usize,
     seq: u64,
-    extents: Vec<(u32, Option<ChunkId>)>,
+    extents: Vec<SegExtent>,
     blobs: Vec<(ChunkId, u32, Vec<u8>)>,
     buf: Option<Vec<u8>>,
 }
@@ -178,8 +181,7 @@ pub fn backup_sources(
         .points()?
         .0
         .into_iter()
-        .filter(|p| p.meta.source == opts.source)
-        .next_back()
+        .rfind(|p| p.meta.source == opts.source)
         .map(|p| p.id);
 
     struct DiskState {
@@ -349,13 +351,12 @@ pub fn backup_sources(
 
         // Collector (this thread): pack blobs, put extents in order, flush indexes.
         let mut writer = PackWriter::new();
-        let mut reorder: Vec<BTreeMap<u64, Vec<(u32, Option<ChunkId>)>>> =
-            vec![BTreeMap::new(); sources.len()];
+        let mut reorder: Vec<BTreeMap<u64, Vec<SegExtent>>> = vec![BTreeMap::new(); sources.len()];
         let mut next_seq = vec![0u64; sources.len()];
-        let flush_index = |all: bool| -> Result<()> {
+        let flush_index = || -> Result<()> {
             let records = {
                 let mut up = shared.uploaded.lock().expect("uploaded list");
-                if up.len() < INDEX_EVERY && !(all && !up.is_empty()) {
+                if up.len() < INDEX_EVERY {
                     return Ok(());
                 }
                 std::mem::take(&mut *up)
@@ -375,7 +376,7 @@ pub fn backup_sources(
                     if pack_tx.send(full).is_err() {
                         break;
                     }
-                    if let Err(e) = flush_index(false) {
+                    if let Err(e) = flush_index() {
                         shared.fail(e);
                     }
                 }
@@ -522,4 +523,124 @@ pub fn recover_unindexed_packs(repo: &Repository, index: &mut Index) -> Result<u
 /// How long ago a time was, for display.
 pub fn since(t: chrono::DateTime<chrono::Utc>) -> Duration {
     (chrono::Utc::now() - t).to_std().unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::crypto::KdfParams;
+    use crate::repo::InitOptions;
+    use crate::source::MemSource;
+    use crate::store::Store;
+    use std::sync::atomic::AtomicUsize;
+
+    fn repo() -> Repository {
+        let kdf = KdfParams {
+            memory_kib: 64,
+            iterations: 1,
+            ..KdfParams::default()
+        };
+        Repository::init(
+            Store::memory(),
+            b"pw",
+            InitOptions {
+                kdf,
+                ..InitOptions::default()
+            },
+        )
+        .unwrap()
+    }
+
+    fn opts() -> BackupOptions {
+        BackupOptions {
+            source: "vm".into(),
+            disks: vec![DiskSpec::from_path("/dev/vda")],
+            consistency: None,
+        }
+    }
+
+    /// A disk that grows after the backup has started.
+    struct Growing {
+        inner: MemSource,
+        calls: AtomicUsize,
+    }
+
+    impl BlockSource for Growing {
+        fn describe(&self) -> String {
+            "growing".into()
+        }
+        fn size(&self) -> Result<u64> {
+            let n = self.calls.fetch_add(1, Ordering::SeqCst);
+            Ok(self.inner.0.len() as u64 + if n > 0 { 4096 } else { 0 })
+        }
+        fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+            self.inner.read_exact_at(buf, offset)
+        }
+    }
+
+    #[test]
+    fn a_disk_that_changes_size_commits_nothing() {
+        let repo = repo();
+        let src = Growing {
+            inner: MemSource(vec![7u8; 1 << 20]),
+            calls: AtomicUsize::new(0),
+        };
+        let err = backup_sources(
+            &repo,
+            &opts(),
+            &[&src],
+            &Progress::default(),
+            Instant::now(),
+        )
+        .unwrap_err();
+        assert!(
+            matches!(err, Error::SourceChanged { before, after, .. } if after == before + 4096),
+            "{err}"
+        );
+        assert!(err.to_string().contains("nothing was committed"));
+        assert!(repo.point_ids().unwrap().is_empty());
+    }
+
+    #[test]
+    fn backup_then_restore_chunks_match_in_memory() {
+        let repo = repo();
+        let mut data = vec![0u8; 3 << 20];
+        for (i, b) in data.iter_mut().enumerate().take(1 << 20) {
+            *b = (i * 31 % 251) as u8;
+        }
+        let src = MemSource(data.clone());
+        let s = backup_sources(
+            &repo,
+            &opts(),
+            &[&src],
+            &Progress::default(),
+            Instant::now(),
+        )
+        .unwrap();
+        let p = repo.load_point(&s.point).unwrap();
+        assert_eq!(p.meta.disks[0].size, data.len() as u64);
+        // Only the first MiB holds data; the rest is one zero run.
+        assert_eq!(p.meta.disks[0].data_bytes, 1 << 20);
+        assert_eq!(p.extents[0].iter().filter(|e| e.id.is_none()).count(), 1);
+        let (index, _) = index::load(&repo.store, &repo.key).unwrap();
+        for (_, off, len, id) in p.chunks() {
+            let loc = index.get(&id).unwrap();
+            let (pack_id, _) = index.pack(loc.pack);
+            let bytes = repo
+                .store
+                .get_range(
+                    &pack::object_name(&pack_id),
+                    loc.offset as u64..(loc.offset + loc.length) as u64,
+                )
+                .unwrap();
+            let e = pack::BlobEntry {
+                id,
+                offset: loc.offset,
+                length: loc.length,
+                raw_len: loc.raw_len,
+            };
+            let plain = pack::open_chunk(&repo.key, &e, &bytes).unwrap();
+            assert_eq!(&plain[..], &data[off as usize..off as usize + len as usize]);
+        }
+    }
 }

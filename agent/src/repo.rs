@@ -198,12 +198,12 @@ impl Repository {
     pub fn resolve(&self, reference: &str) -> Result<Point> {
         if let Some((source, when)) = reference.split_once('@') {
             let (points, _) = self.points()?;
-            let of_source = points.into_iter().filter(|p| p.meta.source == source);
+            let mut of_source = points.into_iter().filter(|p| p.meta.source == source);
             let found = if when == "latest" {
-                of_source.last()
+                of_source.next_back()
             } else {
                 let t = parse_time(when)?;
-                of_source.filter(|p| p.meta.time <= t).last()
+                of_source.rfind(|p| p.meta.time <= t)
             };
             return found.ok_or_else(|| {
                 Error::PointNotFound(format!(

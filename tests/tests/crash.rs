@@ -1,6 +1,9 @@
 //! kill -9 at random moments during backups: the repository stays valid, and the
 //! next backup completes and reuses what the killed ones uploaded.
 
+// Helpers here unwrap like the tests do: a failure is the test failing.
+#![allow(clippy::unwrap_used)]
+
 mod common;
 
 use std::time::Duration;
@@ -34,6 +37,7 @@ fn kill_9_during_backups_leaves_a_valid_repository() {
     let mut rng = Rng(0xfe77);
     let trials = 20;
     let mut recovered = 0u64;
+    let mut killed = 0;
     for trial in 0..trials {
         // Each trial writes a few new blocks, so there is always something new to store.
         scatter_writes(&disk, 8, 1000 + trial);
@@ -49,7 +53,9 @@ fn kill_9_during_backups_leaves_a_valid_repository() {
         std::thread::sleep(delay);
         let _ = child.kill(); // SIGKILL
         let out = child.wait_with_output().unwrap();
-        if out.status.success() {
+        if !out.status.success() {
+            killed += 1;
+        } else {
             let s: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
             recovered += s["packs_recovered"].as_u64().unwrap();
         }
@@ -60,6 +66,11 @@ fn kill_9_during_backups_leaves_a_valid_repository() {
             "trial {trial} (killed after {delay:?}): {check}"
         );
     }
+
+    assert!(
+        killed >= trials / 4,
+        "only {killed} of {trials} backups were killed mid-way"
+    );
 
     // The next backup completes, reuses the packs the killed ones left, and restores.
     let last = env.backup("vm", &[&disk]);
