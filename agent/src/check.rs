@@ -58,6 +58,10 @@ pub struct Report {
 pub fn check(repo: &Repository, opts: CheckOptions, progress: &Progress) -> Result<Report> {
     let started = Instant::now();
     let mut problems = Vec::new();
+    // Points are listed before the index is loaded: a backup writes its index
+    // objects before its point, so every listed point's chunks are in the index
+    // even when a backup commits while the check runs.
+    let point_ids = repo.point_ids()?;
     let (index, damaged_index) = index::load(&repo.store, &repo.key)?;
     for e in damaged_index {
         problems.push(problem_of(e));
@@ -143,7 +147,7 @@ pub fn check(repo: &Repository, opts: CheckOptions, progress: &Progress) -> Resu
     // Points: readable, consistent, and every chunk available and sound.
     let mut damaged_points = Vec::new();
     let mut point_count = 0u64;
-    for id in repo.point_ids()? {
+    for id in point_ids {
         point_count += 1;
         let p = match repo.load_point(&id) {
             Ok(p) => p,
@@ -262,6 +266,9 @@ fn verify_pack(
             return (problems, bad);
         }
     };
+    if let Err(e) = crate::format::split(name, crate::format::Kind::Pack, &bytes) {
+        problems.push(problem_of(e));
+    }
     if blake3::hash(&bytes).as_bytes() != &pack::parse_name(name).unwrap_or_default() {
         problems.push(Problem {
             object: name.to_string(),

@@ -30,7 +30,8 @@ impl Hasher for IdHasher {
         self.0
     }
     fn write(&mut self, bytes: &[u8]) {
-        // `[u8; 32]` hashes as one write of 32 bytes (after no length prefix for arrays).
+        // A `[u8; 32]` hashes as a length prefix and one 32-byte write; XOR keeps
+        // the id's first 8 bytes (the constant prefix changes nothing).
         let mut b = [0u8; 8];
         let n = bytes.len().min(8);
         b[..n].copy_from_slice(&bytes[..n]);
@@ -163,7 +164,8 @@ fn decode_body(name: &str, body: &[u8]) -> Result<Vec<PackRecord>> {
         let mut entries = Vec::with_capacity(count);
         for _ in 0..count {
             let e = BlobEntry::decode(&mut r).ok_or_else(|| bad("short entry"))?;
-            if e.offset as u64 + e.length as u64 > size {
+            if (e.offset as usize) < format::HEADER_LEN || e.offset as u64 + e.length as u64 > size
+            {
                 return Err(bad("entry points outside its pack"));
             }
             entries.push(e);

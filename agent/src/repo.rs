@@ -112,35 +112,52 @@ impl Repository {
         // The version is checked before any password work.
         let sealed = format::split("config", Kind::Config, &config_obj)?;
         let keys = store.list("keys/")?;
-        let mut key = None;
+        // Try every key: a key left by an interrupted `init` may open with the same
+        // password yet hold another secret, and one unreadable key file must not
+        // lock the user out when another one opens.
+        let mut unreadable = Vec::new();
         for (name, _) in &keys {
-            let bytes = store.get(name)?;
-            let body = format::split(name, Kind::Key, &bytes)?;
-            let file: KeyFile = serde_json::from_slice(body)
-                .map_err(|e| Error::corrupt(name, format!("key file: {e}")))?;
-            if let Some(k) = MasterKey::unwrap(&file, password)? {
-                key = Some(k);
-                break;
+            let file = match store.get(name).and_then(|bytes| {
+                let body = format::split(name, Kind::Key, &bytes)?;
+                serde_json::from_slice::<KeyFile>(body)
+                    .map_err(|e| Error::corrupt(name, format!("key file: {e}")))
+            }) {
+                Ok(f) => f,
+                Err(e) => {
+                    unreadable.push(e);
+                    continue;
+                }
+            };
+            let Some(key) = MasterKey::unwrap(&file, password)? else {
+                continue;
+            };
+            let Some(json) = key.open(&format::header(Kind::Config), sealed) else {
+                continue; // a key that opens but is not this config's
+            };
+            let config: Config = serde_json::from_slice(&json)
+                .map_err(|e| Error::corrupt("config", e.to_string()))?;
+            config
+                .chunker
+                .validate()
+                .map_err(|e| Error::corrupt("config", e.to_string()))?;
+            if !(1..=19).contains(&config.compression_level) {
+                return Err(Error::corrupt(
+                    "config",
+                    format!(
+                        "compression level {} out of range",
+                        config.compression_level
+                    ),
+                ));
             }
+            return Ok(Repository { store, key, config });
         }
-        let Some(key) = key else {
-            return Err(Error::WrongPassword {
-                location: store.location().to_string(),
-                keys: keys.len(),
-            });
-        };
-        let json = key
-            .open(&format::header(Kind::Config), sealed)
-            .ok_or_else(|| {
-                Error::corrupt("config", "fails authentication with the repository key")
-            })?;
-        let config: Config =
-            serde_json::from_slice(&json).map_err(|e| Error::corrupt("config", e.to_string()))?;
-        config
-            .chunker
-            .validate()
-            .map_err(|e| Error::corrupt("config", e.to_string()))?;
-        Ok(Repository { store, key, config })
+        if let Some(e) = unreadable.into_iter().next() {
+            tracing::warn!(error = %e, "a key file is unreadable");
+        }
+        Err(Error::WrongPassword {
+            location: store.location().to_string(),
+            keys: keys.len(),
+        })
     }
 
     pub fn config(&self) -> &Config {

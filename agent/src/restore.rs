@@ -64,7 +64,7 @@ const MAX_GAP: u64 = 256 << 10;
 const MAX_READ: u64 = 8 << 20;
 /// Restored bytes between two background syncs.
 const SYNC_EVERY: u64 = 256 << 20;
-/// The largest single write of restored bytes.
+/// Restored bytes gathered before a write (one write may exceed it by one chunk).
 const WRITE_BATCH: usize = 4 << 20;
 
 struct Job {
@@ -111,6 +111,15 @@ pub fn restore(
             return Err(Error::corrupt(
                 point::object_name(&point.id),
                 format!("disk {} chunk list does not match its digest", meta.name),
+            ));
+        }
+    }
+    for &d in &disks {
+        let name = &point.meta.disks[d].name;
+        if name.is_empty() || name.contains('/') || name == "." || name == ".." {
+            return Err(Error::corrupt(
+                point::object_name(&point.id),
+                format!("disk name {name:?} is not a plain file name"),
             ));
         }
     }
