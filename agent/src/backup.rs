@@ -19,7 +19,7 @@ use std::collections::{BTreeMap, HashSet};
 use std::path::PathBuf;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use crossbeam_channel::bounded;
 use serde::Serialize;
@@ -518,11 +518,6 @@ pub fn recover_unindexed_packs(repo: &Repository, index: &mut Index) -> Result<u
         repo.put_object(&index::object_name(&obj), obj)?;
     }
     Ok(records.len() as u64)
-}
-
-/// How long ago a time was, for display.
-pub fn since(t: chrono::DateTime<chrono::Utc>) -> Duration {
-    (chrono::Utc::now() - t).to_std().unwrap_or_default()
 }
 
 #[cfg(test)]

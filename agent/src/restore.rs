@@ -25,6 +25,7 @@ use crate::pack::{self, BlobEntry};
 use crate::point::{self, Point};
 use crate::progress::Progress;
 use crate::repo::Repository;
+use crate::source::is_zero;
 
 /// Where and what to restore.
 #[derive(Debug, Clone)]
@@ -62,6 +63,8 @@ pub struct RestoredDisk {
 const MAX_GAP: u64 = 256 << 10;
 /// Upper bound of one ranged read.
 const MAX_READ: u64 = 8 << 20;
+/// The granularity at which zeros inside a chunk are left as holes.
+const SPARSE_BLOCK: usize = 4096;
 /// Restored bytes between two background syncs.
 const SYNC_EVERY: u64 = 256 << 20;
 /// Restored bytes gathered before a write (one write may exceed it by one chunk).
@@ -253,10 +256,15 @@ impl Output {
             })
     }
 
+    /// A new regular file: every byte reads zero until written.
+    fn fresh_file(&self) -> bool {
+        !self.is_device && !self.resumed
+    }
+
     /// Make a range read as zeros.
     fn zero(&self, offset: u64, len: u64) -> Result<()> {
-        if !self.is_device && !self.resumed {
-            return Ok(()); // a fresh sparse file already reads zeros
+        if self.fresh_file() {
+            return Ok(());
         }
         if !self.is_device {
             let punched = rustix::fs::fallocate(
@@ -503,14 +511,32 @@ fn run_job(
             .open(&repo.key, &entry, sealed)
             .map_err(|d| damaged(id, format!("in {name}: {d}")))?;
         for &o in &wanted[id].1 {
-            if !run.is_empty() && (run_start + run.len() as u64 != o || run.len() >= WRITE_BATCH) {
-                out.write_at(&run, run_start)?;
-                run.clear();
+            // A fresh file already reads zeros: its zero blocks stay holes, so the
+            // restored image is as sparse as the source was, block by block.
+            let pieces: Box<dyn Iterator<Item = (usize, &[u8])>> = if out.fresh_file() {
+                Box::new(
+                    plain
+                        .chunks(SPARSE_BLOCK)
+                        .enumerate()
+                        .map(|(i, b)| (i * SPARSE_BLOCK, b))
+                        .filter(|(_, b)| !is_zero(b)),
+                )
+            } else {
+                Box::new(std::iter::once((0, plain)))
+            };
+            for (at, piece) in pieces {
+                let o = o + at as u64;
+                if !run.is_empty()
+                    && (run_start + run.len() as u64 != o || run.len() >= WRITE_BATCH)
+                {
+                    out.write_at(&run, run_start)?;
+                    run.clear();
+                }
+                if run.is_empty() {
+                    run_start = o;
+                }
+                run.extend_from_slice(piece);
             }
-            if run.is_empty() {
-                run_start = o;
-            }
-            run.extend_from_slice(plain);
             written.fetch_add(plain.len() as u64, Ordering::Relaxed);
             progress.add_done(plain.len() as u64);
         }
