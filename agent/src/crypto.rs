@@ -193,7 +193,7 @@ impl KdfParams {
             ));
         }
         // Bounds keep a hostile key file from making us allocate or spin forever.
-        if !(8..=4 * 1024 * 1024).contains(&self.memory_kib)
+        if !(8..=1024 * 1024).contains(&self.memory_kib)
             || !(1..=64).contains(&self.iterations)
             || !(1..=64).contains(&self.parallelism)
         {

@@ -84,3 +84,45 @@ fn kill_9_during_backups_leaves_a_valid_repository() {
     env.ok(&["restore", "vm@latest", "--to", out.to_str().unwrap()]);
     assert!(same_content(&out, &disk));
 }
+
+#[test]
+fn kill_9_during_restore_then_resume() {
+    let env = Env::new();
+    env.init();
+    let disk = env.path("d.img");
+    make_image(&disk, 64 << 20, 77);
+    env.backup("vm", &[&disk]);
+    let target = env.path("restored.img");
+    let probe = env.path("probe.img");
+    let t = std::time::Instant::now();
+    env.ok(&["restore", "vm@latest", "--to", probe.to_str().unwrap()]);
+    let full = t.elapsed();
+
+    let mut resumed_once = false;
+    let mut rng = Rng(0xabc);
+    for _ in 0..5 {
+        let mut child = env
+            .cmd()
+            .args(["restore", "vm@latest", "--to", target.to_str().unwrap()])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(Duration::from_micros(
+            rng.below(full.as_micros() as u64 + 1),
+        ));
+        let _ = child.kill();
+        let status = child.wait().unwrap();
+        if status.success() {
+            std::fs::remove_file(&target).unwrap();
+            continue;
+        }
+        // A killed restore never leaves a file under the final name.
+        assert!(!target.exists());
+        let s = env.json(&["restore", "vm@latest", "--to", target.to_str().unwrap()]);
+        resumed_once |= s["disks"][0]["resumed"] == true;
+        assert!(same_content(&target, &disk));
+        std::fs::remove_file(&target).unwrap();
+    }
+    assert!(resumed_once, "no restore was killed mid-way");
+}
