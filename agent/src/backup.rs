@@ -30,7 +30,7 @@ use crate::crypto::ChunkId;
 use crate::error::{Error, Result};
 use crate::index::{self, Index, PackRecord};
 use crate::pack::{self, PackWriter, TARGET_PACK_SIZE};
-use crate::point::{self, Consistency, DiskMeta, Extent, Meta};
+use crate::point::{self, Consistency, DiskMeta, Extent, LIST_SPAN, ListId, Meta};
 use crate::progress::Progress;
 use crate::repo::Repository;
 use crate::source::{BlockSource, FileSource, is_zero};
@@ -82,6 +82,8 @@ pub struct Summary {
     /// What the new chunks take in the repository (compressed, encrypted).
     pub stored_bytes: u64,
     pub packs_written: u64,
+    /// Chunk lists written (spans that differ from every stored one).
+    pub lists_written: u64,
     /// Packs left by an interrupted backup that this one indexed and reused.
     pub packs_recovered: u64,
     pub duration_secs: f64,
@@ -217,7 +219,20 @@ pub fn backup_sources(
         free_tx.send(Vec::new()).expect("free list has room");
     }
 
-    let mut extents: Vec<Vec<Extent>> = vec![Vec::new(); sources.len()];
+    // Per disk: the extents of the span being completed, the lists of the spans
+    // done, and how many data bytes were seen. Only one span per disk is held.
+    let n = sources.len();
+    let mut span_ext: Vec<Vec<Extent>> = vec![Vec::new(); n];
+    let mut lists: Vec<Vec<ListId>> = vec![Vec::new(); n];
+    let mut data_bytes = vec![0u64; n];
+    let mut covered = vec![0u64; n];
+    let mut known_lists = repo.list_ids()?;
+    let mut lists_written = 0u64;
+    let segs_per_span = LIST_SPAN / SEGMENT_SIZE as u64;
+    let seg_count: Vec<u64> = disks
+        .iter()
+        .map(|d| d.size.div_ceil(SEGMENT_SIZE as u64))
+        .collect();
     let mut packs_written = 0u64;
 
     std::thread::scope(|scope| -> Result<()> {
@@ -386,12 +401,31 @@ pub fn backup_sources(
             }
             let seg_len: u64 = res.extents.iter().map(|e| e.0 as u64).sum();
             progress.add_done(seg_len);
-            reorder[res.disk].insert(res.seq, res.extents);
-            while let Some(ext) = reorder[res.disk].remove(&next_seq[res.disk]) {
+            let d = res.disk;
+            reorder[d].insert(res.seq, res.extents);
+            while let Some(ext) = reorder[d].remove(&next_seq[d]) {
                 for (len, id) in ext {
-                    point::push_extent(&mut extents[res.disk], len, id);
+                    covered[d] += len as u64;
+                    if id.is_some() {
+                        data_bytes[d] += len as u64;
+                    }
+                    point::push_extent(&mut span_ext[d], len, id);
                 }
-                next_seq[res.disk] += 1;
+                next_seq[d] += 1;
+                if next_seq[d].is_multiple_of(segs_per_span) || next_seq[d] == seg_count[d] {
+                    // A span is complete: describe it by a list, stored once.
+                    let (lid, obj) = point::encode_list(&repo.key, &span_ext[d]);
+                    if !known_lists.contains(&lid) {
+                        if let Err(e) = repo.put_object(&point::list_object_name(&lid), obj) {
+                            shared.fail(e);
+                            break;
+                        }
+                        known_lists.insert(lid);
+                        lists_written += 1;
+                    }
+                    lists[d].push(lid);
+                    span_ext[d].clear();
+                }
             }
         }
         // Dropping the receivers unblocks any stage still sending after a failure.
@@ -419,11 +453,11 @@ pub fn backup_sources(
 
     let mut consistency = opts.consistency.unwrap_or(Consistency::Crash);
     let mut disk_meta = Vec::new();
-    for ((spec, (src, st)), ext) in opts
+    for (d, (spec, (src, st))) in opts
         .disks
         .iter()
         .zip(sources.iter().zip(&disks))
-        .zip(&extents)
+        .enumerate()
     {
         let after = src.size()?;
         if after != st.size {
@@ -433,11 +467,10 @@ pub fn backup_sources(
                 after,
             });
         }
-        let covered: u64 = ext.iter().map(|e| e.len as u64).sum();
-        if covered != st.size {
+        if covered[d] != st.size || lists[d].len() as u64 != point::list_count(st.size) {
             return Err(Error::InvalidInput(format!(
-                "internal error: disk {} extents cover {covered} of {} bytes",
-                spec.name, st.size
+                "internal error: disk {} lists cover {} of {} bytes",
+                spec.name, covered[d], st.size
             )));
         }
         if st.marker.is_some() && src.change_marker() != st.marker && opts.consistency.is_none() {
@@ -448,12 +481,8 @@ pub fn backup_sources(
             name: spec.name.clone(),
             path: spec.path.display().to_string(),
             size: st.size,
-            digest: point::disk_digest(&repo.key, st.size, ext),
-            data_bytes: ext
-                .iter()
-                .filter(|e| e.id.is_some())
-                .map(|e| e.len as u64)
-                .sum(),
+            digest: point::disk_digest(&repo.key, st.size, &lists[d]),
+            data_bytes: data_bytes[d],
         });
     }
     let meta = Meta {
@@ -466,7 +495,7 @@ pub fn backup_sources(
         chunker: repo.config.chunker,
         disks: disk_meta,
     };
-    let (id, obj) = point::encode(&repo.key, &meta, &extents);
+    let (id, obj) = point::encode(&repo.key, &meta, &lists);
     repo.put_object(&point::object_name(&id), obj)?;
     let summary = Summary {
         point: id,
@@ -479,6 +508,7 @@ pub fn backup_sources(
         new_bytes: shared.new_bytes.load(Ordering::Relaxed),
         stored_bytes: shared.stored_bytes.load(Ordering::Relaxed),
         packs_written,
+        lists_written,
         packs_recovered: recovered,
         duration_secs: started.elapsed().as_secs_f64(),
         requests: repo.store.requests(),
@@ -616,26 +646,56 @@ mod tests {
         assert_eq!(p.meta.disks[0].size, data.len() as u64);
         // Only the first MiB holds data; the rest is one zero run.
         assert_eq!(p.meta.disks[0].data_bytes, 1 << 20);
-        assert_eq!(p.extents[0].iter().filter(|e| e.id.is_none()).count(), 1);
+        let extents = repo.load_list(&p.lists[0][0], data.len() as u64).unwrap();
+        assert_eq!(extents.iter().filter(|e| e.id.is_none()).count(), 1);
         let (index, _) = index::load(&repo.store, &repo.key).unwrap();
-        for (_, off, len, id) in p.chunks() {
-            let loc = index.get(&id).unwrap();
-            let (pack_id, _) = index.pack(loc.pack);
-            let bytes = repo
-                .store
-                .get_range(
-                    &pack::object_name(&pack_id),
-                    loc.offset as u64..(loc.offset + loc.length) as u64,
-                )
-                .unwrap();
-            let e = pack::BlobEntry {
-                id,
-                offset: loc.offset,
-                length: loc.length,
-                raw_len: loc.raw_len,
-            };
-            let plain = pack::open_chunk(&repo.key, &e, &bytes).unwrap();
-            assert_eq!(&plain[..], &data[off as usize..off as usize + len as usize]);
+        let mut off = 0usize;
+        for e in extents {
+            let len = e.len as usize;
+            if let Some(id) = e.id {
+                let loc = index.get(&id).unwrap();
+                let (pack_id, _) = index.pack(loc.pack);
+                let bytes = repo
+                    .store
+                    .get_range(
+                        &pack::object_name(&pack_id),
+                        loc.offset as u64..(loc.offset + loc.length) as u64,
+                    )
+                    .unwrap();
+                let e = pack::BlobEntry {
+                    id,
+                    offset: loc.offset,
+                    length: loc.length,
+                    raw_len: loc.raw_len,
+                };
+                let plain = pack::open_chunk(&repo.key, &e, &bytes).unwrap();
+                assert_eq!(&plain[..], &data[off..off + len]);
+            }
+            off += len;
         }
+        assert_eq!(off, data.len());
+
+        // The same disk again writes no new list; a changed span writes one.
+        let again = backup_sources(
+            &repo,
+            &opts(),
+            &[&src],
+            &Progress::default(),
+            Instant::now(),
+        )
+        .unwrap();
+        assert_eq!(again.lists_written, 0);
+        let mut changed = data.clone();
+        changed[5] ^= 1;
+        let third = backup_sources(
+            &repo,
+            &opts(),
+            &[&MemSource(changed)],
+            &Progress::default(),
+            Instant::now(),
+        )
+        .unwrap();
+        assert_eq!(third.lists_written, 1);
+        assert_eq!(third.new_chunks, 1);
     }
 }

@@ -144,9 +144,11 @@ pub fn check(repo: &Repository, opts: CheckOptions, progress: &Progress) -> Resu
         bad_chunks = bad;
     }
 
-    // Points: readable, consistent, and every chunk available and sound.
+    // Points: readable, consistent, and every chunk available and sound. A list
+    // shared by many points is read and judged once.
     let mut damaged_points = Vec::new();
     let mut point_count = 0u64;
+    let mut judged: HashMap<point::ListId, ListVerdict> = HashMap::new();
     for id in point_ids {
         point_count += 1;
         let p = match repo.load_point(&id) {
@@ -167,30 +169,31 @@ pub fn check(repo: &Repository, opts: CheckOptions, progress: &Progress) -> Resu
         let mut reasons = Vec::new();
         let mut count = 0u64;
         for (d, meta) in p.meta.disks.iter().enumerate() {
-            if point::disk_digest(&repo.key, meta.size, &p.extents[d]) != meta.digest {
+            if point::disk_digest(&repo.key, meta.size, &p.lists[d]) != meta.digest {
                 reasons.push(format!(
-                    "disk {}: chunk list does not match its digest",
+                    "disk {}: chunk lists do not match its digest",
                     meta.name
                 ));
                 count += 1;
             }
-        }
-        for (d, off, _, cid) in p.chunks() {
-            let why = match index.get(&cid) {
-                None => Some("no pack holds it".to_string()),
-                Some(loc) => bad_packs
-                    .get(&loc.pack)
-                    .cloned()
-                    .or_else(|| bad_chunks.get(&cid).cloned()),
-            };
-            if let Some(why) = why {
-                count += 1;
-                if reasons.len() < 10 {
-                    reasons.push(format!(
-                        "{}@{off}: chunk {}: {why}",
-                        p.meta.disks[d].name,
-                        &cid.to_hex()[..16]
-                    ));
+            for (i, lid) in p.lists[d].iter().enumerate() {
+                let (start, span) = point::list_span(meta.size, i);
+                let verdict = judged.entry(*lid).or_insert_with(|| {
+                    judge_list(
+                        repo,
+                        &index,
+                        &bad_packs,
+                        &bad_chunks,
+                        lid,
+                        span,
+                        &mut problems,
+                    )
+                });
+                count += verdict.damaged;
+                for (rel, why) in &verdict.first {
+                    if reasons.len() < 10 {
+                        reasons.push(format!("{}@{}: {why}", meta.name, start + rel));
+                    }
                 }
             }
         }
@@ -217,6 +220,59 @@ pub fn check(repo: &Repository, opts: CheckOptions, progress: &Progress) -> Resu
         unindexed_packs,
         duration_secs: started.elapsed().as_secs_f64(),
     })
+}
+
+/// What a chunk list contributes to a point's damage.
+#[derive(Default)]
+struct ListVerdict {
+    damaged: u64,
+    /// The first few damaged chunks: offset within the span, and why.
+    first: Vec<(u64, String)>,
+}
+
+fn judge_list(
+    repo: &Repository,
+    index: &index::Index,
+    bad_packs: &HashMap<u32, String>,
+    bad_chunks: &IdMap<String>,
+    lid: &point::ListId,
+    span: u64,
+    problems: &mut Vec<Problem>,
+) -> ListVerdict {
+    let extents = match repo.load_list(lid, span) {
+        Ok(e) => e,
+        Err(e) => {
+            let pr = problem_of(e);
+            let v = ListVerdict {
+                damaged: 1,
+                first: vec![(0, format!("chunk list {}: {}", pr.object, pr.detail))],
+            };
+            problems.push(pr);
+            return v;
+        }
+    };
+    let mut v = ListVerdict::default();
+    let mut off = 0u64;
+    for e in extents {
+        if let Some(cid) = e.id {
+            let why = match index.get(&cid) {
+                None => Some("no pack holds it".to_string()),
+                Some(loc) => bad_packs
+                    .get(&loc.pack)
+                    .cloned()
+                    .or_else(|| bad_chunks.get(&cid).cloned()),
+            };
+            if let Some(why) = why {
+                v.damaged += 1;
+                if v.first.len() < 10 {
+                    v.first
+                        .push((off, format!("chunk {}: {why}", &cid.to_hex()[..16])));
+                }
+            }
+        }
+        off += e.len as u64;
+    }
+    v
 }
 
 fn problem_of(e: Error) -> Problem {

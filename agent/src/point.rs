@@ -1,4 +1,4 @@
-//! Recovery points: the manifest of every disk of a source at one moment.
+//! Recovery points and the chunk lists they are made of.
 //!
 //! ```text
 //! struct PointObject {
@@ -7,15 +7,25 @@
 //! }
 //! struct PointBody {
 //!     meta_len: u32 LE, meta: [u8; meta_len],  // JSON, `Meta` below
-//!     disks: [Extents; meta.disks.len()],
+//!     disks: [Lists; meta.disks.len()],
 //! }
-//! struct Extents { count: u64 LE, [Extent; count] }
+//! struct Lists { count: u32 LE, ids: [[u8; 32]; count] }  // ceil(size / LIST_SPAN) ids
+//!
+//! struct ListObject {                          // lists/<hex id>
+//!     header: Envelope,                        // kind = List (6)
+//!     body:   Sealed<Zstd<ListBody>>,          // AAD = header
+//! }
+//! struct ListBody { count: u32 LE, [Extent; count] }
 //! // An extent is a u32 LE word: bit 31 set = a run of (word & 0x7fff_ffff) zero
 //! // bytes with nothing stored; clear = a chunk of `word` bytes (1..=4 MiB)
 //! // followed by its 32-byte id.
 //! ```
-//! The extents of a disk add up to its size. A point is named `points/<BLAKE3 of
-//! the object>` and never rewritten.
+//! A disk is described span by span: list `i` covers bytes `i * LIST_SPAN` up to
+//! the next span or the end of the disk. A list's id is the keyed BLAKE3 of its
+//! body, so a span that did not change between two points is the same list object,
+//! stored once; the disk digest is a keyed hash over the list ids, a Merkle root
+//! of the disk's content. Points are named `points/<BLAKE3 of the object>`; no
+//! point or list is ever rewritten.
 
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
@@ -27,8 +37,32 @@ use crate::format::{self, Kind, Reader};
 
 const ZERO_FLAG: u32 = 1 << 31;
 const MAX_ZERO_RUN: u64 = (ZERO_FLAG - 1) as u64;
-/// A decompressed point larger than this is damage (about 30 TiB of 64 KiB chunks).
-const MAX_POINT_BODY: usize = 1 << 34;
+/// The span of a disk one chunk list describes (16 read segments).
+pub const LIST_SPAN: u64 = 64 << 20;
+/// A decompressed point larger than this is damage (about 2 PiB of disks).
+const MAX_POINT_BODY: usize = 1 << 30;
+/// A decompressed list larger than this is damage (a span of 4 KiB chunks is 2.3 MiB).
+const MAX_LIST_BODY: usize = 8 << 20;
+
+/// The id of a chunk list: keyed BLAKE3 of its body.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ListId(pub [u8; 32]);
+
+impl ListId {
+    pub fn to_hex(&self) -> String {
+        hex::encode(self.0)
+    }
+}
+
+impl std::fmt::Debug for ListId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", &self.to_hex()[..16])
+    }
+}
+
+pub fn list_object_name(id: &ListId) -> String {
+    format!("lists/{}", id.to_hex())
+}
 
 /// How consistent the disks' content is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -86,30 +120,29 @@ pub struct Meta {
     pub disks: Vec<DiskMeta>,
 }
 
-/// A decoded recovery point.
+/// A decoded recovery point: its metadata and, per disk, its chunk lists.
 #[derive(Debug, Clone)]
 pub struct Point {
     pub id: String,
     pub meta: Meta,
-    pub extents: Vec<Vec<Extent>>,
+    pub lists: Vec<Vec<ListId>>,
 }
 
 impl Point {
     pub fn short_id(&self) -> &str {
         &self.id[..8.min(self.id.len())]
     }
+}
 
-    /// Every chunk the point needs, with its disk and offset.
-    pub fn chunks(&self) -> impl Iterator<Item = (usize, u64, u32, ChunkId)> + '_ {
-        self.extents.iter().enumerate().flat_map(|(d, ext)| {
-            let mut off = 0u64;
-            ext.iter().filter_map(move |e| {
-                let at = off;
-                off += e.len as u64;
-                e.id.map(|id| (d, at, e.len, id))
-            })
-        })
-    }
+/// The byte range of a disk that list `i` describes.
+pub fn list_span(size: u64, i: usize) -> (u64, u64) {
+    let start = i as u64 * LIST_SPAN;
+    (start, (size - start.min(size)).min(LIST_SPAN))
+}
+
+/// How many lists describe a disk of `size` bytes.
+pub fn list_count(size: u64) -> u64 {
+    size.div_ceil(LIST_SPAN)
 }
 
 /// Append an extent, merging zero runs.
@@ -125,44 +158,123 @@ pub fn push_extent(list: &mut Vec<Extent>, len: u32, id: Option<ChunkId>) {
     list.push(Extent { len, id });
 }
 
-/// The content digest of a disk: independent of how zeros were split into runs.
-pub fn disk_digest(key: &MasterKey, size: u64, extents: &[Extent]) -> String {
+/// The content digest of a disk: a keyed hash over its size and its lists' ids.
+/// Each list id is itself a keyed hash of the list, so this is a Merkle root.
+pub fn disk_digest(key: &MasterKey, size: u64, lists: &[ListId]) -> String {
     let mut h = key.keyed_hasher("ferry disk digest v1");
     h.update(&size.to_le_bytes());
-    let mut off = 0u64;
-    for e in extents {
-        if let Some(id) = e.id {
-            h.update(&off.to_le_bytes());
-            h.update(&(e.len as u64).to_le_bytes());
-            h.update(&id.0);
-        }
-        off += e.len as u64;
+    for l in lists {
+        h.update(&l.0);
     }
     h.finalize().to_hex().to_string()
 }
 
+/// Encode a chunk list; returns its id and the object bytes.
+pub fn encode_list(key: &MasterKey, extents: &[Extent]) -> (ListId, Vec<u8>) {
+    let mut body = Vec::with_capacity(4 + extents.len() * 36);
+    body.extend_from_slice(&(extents.len() as u32).to_le_bytes());
+    for e in extents {
+        match e.id {
+            Some(id) => {
+                body.extend_from_slice(&e.len.to_le_bytes());
+                body.extend_from_slice(&id.0);
+            }
+            None => body.extend_from_slice(&(e.len | ZERO_FLAG).to_le_bytes()),
+        }
+    }
+    let mut h = key.keyed_hasher("ferry chunk list v1");
+    h.update(&body);
+    let id = ListId(*h.finalize().as_bytes());
+    (id, seal_object(key, Kind::List, &body))
+}
+
+/// Decode a chunk list that must describe exactly `span` bytes.
+pub fn decode_list(key: &MasterKey, id: &ListId, bytes: &[u8], span: u64) -> Result<Vec<Extent>> {
+    let name = list_object_name(id);
+    let body = open_object(key, &name, Kind::List, bytes, MAX_LIST_BODY)?;
+    let mut h = key.keyed_hasher("ferry chunk list v1");
+    h.update(&body);
+    if h.finalize().as_bytes() != &id.0 {
+        return Err(Error::corrupt(&name, "content does not match its name"));
+    }
+    decode_list_body(&name, &body, span)
+}
+
+fn decode_list_body(name: &str, body: &[u8], span: u64) -> Result<Vec<Extent>> {
+    let bad = |what: String| Error::corrupt(name, what);
+    let mut r = Reader::new(body);
+    let count = r
+        .count(4)
+        .ok_or_else(|| bad("extent count out of bounds".into()))?;
+    let mut list = Vec::with_capacity(count);
+    let mut total = 0u64;
+    for _ in 0..count {
+        let word = r.u32().ok_or_else(|| bad("short extent".into()))?;
+        let e = if word & ZERO_FLAG != 0 {
+            Extent {
+                len: word & !ZERO_FLAG,
+                id: None,
+            }
+        } else {
+            let id = r.array32().ok_or_else(|| bad("short extent".into()))?;
+            if word == 0 || word as usize > MAX_CHUNK {
+                return Err(bad(format!("chunk length {word} out of bounds")));
+            }
+            Extent {
+                len: word,
+                id: Some(ChunkId(id)),
+            }
+        };
+        total += e.len as u64;
+        list.push(e);
+    }
+    if total != span {
+        return Err(bad(format!(
+            "extents add up to {total} bytes, not the span's {span}"
+        )));
+    }
+    if r.remaining() != 0 {
+        return Err(bad("trailing bytes".into()));
+    }
+    Ok(list)
+}
+
+fn seal_object(key: &MasterKey, kind: Kind, body: &[u8]) -> Vec<u8> {
+    let compressed = zstd::bulk::compress(body, 3).expect("zstd compresses to memory");
+    let header = format::header(kind);
+    let mut out = header.to_vec();
+    key.seal_into(&header, &compressed, &mut out);
+    out
+}
+
+fn open_object(
+    key: &MasterKey,
+    name: &str,
+    kind: Kind,
+    bytes: &[u8],
+    limit: usize,
+) -> Result<Vec<u8>> {
+    let sealed = format::split(name, kind, bytes)?;
+    let compressed = key
+        .open(&format::header(kind), sealed)
+        .ok_or_else(|| Error::corrupt(name, "fails authentication"))?;
+    format::decompress_bounded(&compressed, limit)
+        .ok_or_else(|| Error::corrupt(name, "cannot be decompressed"))
+}
+
 /// Encode a point; returns its id and the object bytes.
-pub fn encode(key: &MasterKey, meta: &Meta, extents: &[Vec<Extent>]) -> (String, Vec<u8>) {
+pub fn encode(key: &MasterKey, meta: &Meta, lists: &[Vec<ListId>]) -> (String, Vec<u8>) {
     let json = serde_json::to_vec(meta).expect("point metadata serialises");
     let mut body = Vec::with_capacity(json.len() + 64);
     body.extend_from_slice(&(json.len() as u32).to_le_bytes());
     body.extend_from_slice(&json);
-    for list in extents {
-        body.extend_from_slice(&(list.len() as u64).to_le_bytes());
-        for e in list {
-            match e.id {
-                Some(id) => {
-                    body.extend_from_slice(&e.len.to_le_bytes());
-                    body.extend_from_slice(&id.0);
-                }
-                None => body.extend_from_slice(&(e.len | ZERO_FLAG).to_le_bytes()),
-            }
+    for ids in lists {
+        body.extend_from_slice(&(ids.len() as u32).to_le_bytes());
+        for id in ids {
+            body.extend_from_slice(&id.0);
         }
     }
-    let compressed = zstd::bulk::compress(&body, 3).expect("zstd compresses to memory");
-    let header = format::header(Kind::Point);
-    let mut out = header.to_vec();
-    key.seal_into(&header, &compressed, &mut out);
+    let out = seal_object(key, Kind::Point, &body);
     let id = blake3::hash(&out).to_hex().to_string();
     (id, out)
 }
@@ -174,21 +286,16 @@ pub fn object_name(id: &str) -> String {
 /// Decode a point object.
 pub fn decode(key: &MasterKey, id: &str, bytes: &[u8]) -> Result<Point> {
     let name = object_name(id);
-    let sealed = format::split(&name, Kind::Point, bytes)?;
-    let compressed = key
-        .open(&format::header(Kind::Point), sealed)
-        .ok_or_else(|| Error::corrupt(&name, "fails authentication"))?;
-    let body = format::decompress_bounded(&compressed, MAX_POINT_BODY)
-        .ok_or_else(|| Error::corrupt(&name, "cannot be decompressed"))?;
-    let (meta, extents) = decode_body(&name, &body)?;
+    let body = open_object(key, &name, Kind::Point, bytes, MAX_POINT_BODY)?;
+    let (meta, lists) = decode_body(&name, &body)?;
     Ok(Point {
         id: id.to_string(),
         meta,
-        extents,
+        lists,
     })
 }
 
-fn decode_body(name: &str, body: &[u8]) -> Result<(Meta, Vec<Vec<Extent>>)> {
+fn decode_body(name: &str, body: &[u8]) -> Result<(Meta, Vec<Vec<ListId>>)> {
     let bad = |what: String| Error::corrupt(name, what);
     let mut r = Reader::new(body);
     let json_len = r.u32().ok_or_else(|| bad("short header".into()))? as usize;
@@ -196,46 +303,31 @@ fn decode_body(name: &str, body: &[u8]) -> Result<(Meta, Vec<Vec<Extent>>)> {
         .bytes(json_len)
         .ok_or_else(|| bad("metadata length out of bounds".into()))?;
     let meta: Meta = serde_json::from_slice(json).map_err(|e| bad(format!("metadata: {e}")))?;
-    let mut extents = Vec::with_capacity(meta.disks.len().min(1024));
+    let mut lists = Vec::with_capacity(meta.disks.len().min(1024));
     for disk in &meta.disks {
-        let count = r.u64().ok_or_else(|| bad("short extent list".into()))?;
-        if count > (r.remaining() / 4) as u64 {
-            return Err(bad("extent count out of bounds".into()));
-        }
-        let mut list = Vec::with_capacity(count as usize);
-        let mut total = 0u64;
-        for _ in 0..count {
-            let word = r.u32().ok_or_else(|| bad("short extent".into()))?;
-            let e = if word & ZERO_FLAG != 0 {
-                Extent {
-                    len: word & !ZERO_FLAG,
-                    id: None,
-                }
-            } else {
-                let id = r.array32().ok_or_else(|| bad("short extent".into()))?;
-                if word == 0 || word as usize > MAX_CHUNK {
-                    return Err(bad(format!("chunk length {word} out of bounds")));
-                }
-                Extent {
-                    len: word,
-                    id: Some(ChunkId(id)),
-                }
-            };
-            total += e.len as u64;
-            list.push(e);
-        }
-        if total != disk.size {
+        let count = r
+            .count(32)
+            .ok_or_else(|| bad("list count out of bounds".into()))?;
+        if count as u64 != list_count(disk.size) {
             return Err(bad(format!(
-                "disk {} extents add up to {total} bytes, not its size {}",
-                disk.name, disk.size
+                "disk {} of {} bytes has {count} chunk lists, not {}",
+                disk.name,
+                disk.size,
+                list_count(disk.size)
             )));
         }
-        extents.push(list);
+        let mut ids = Vec::with_capacity(count);
+        for _ in 0..count {
+            ids.push(ListId(
+                r.array32().ok_or_else(|| bad("short list id".into()))?,
+            ));
+        }
+        lists.push(ids);
     }
     if r.remaining() != 0 {
         return Err(bad("trailing bytes".into()));
     }
-    Ok((meta, extents))
+    Ok((meta, lists))
 }
 
 #[cfg(test)]
@@ -271,15 +363,21 @@ mod tests {
         push_extent(&mut ext, 4096, None);
         push_extent(&mut ext, 50, Some(ChunkId([2; 32])));
         assert_eq!(ext.len(), 3);
-        let (id, obj) = encode(&key, &meta(100 + 8192 + 50), std::slice::from_ref(&ext));
+        let size = 100 + 8192 + 50;
+        let (lid, lobj) = encode_list(&key, &ext);
+        assert_eq!(decode_list(&key, &lid, &lobj, size).unwrap(), ext);
+        assert!(decode_list(&key, &lid, &lobj, size + 1).is_err());
+        assert!(decode_list(&key, &ListId([0; 32]), &lobj, size).is_err());
+        let (id, obj) = encode(&key, &meta(size), &[vec![lid]]);
         let p = decode(&key, &id, &obj).unwrap();
-        assert_eq!(p.extents[0], ext);
-        let chunks: Vec<_> = p.chunks().map(|(_, off, len, _)| (off, len)).collect();
-        assert_eq!(chunks, vec![(0, 100), (8292, 50)]);
+        assert_eq!(p.lists, vec![vec![lid]]);
+        // The number of lists must fit the disk's size.
+        let (id, obj) = encode(&key, &meta(LIST_SPAN + 1), &[vec![lid]]);
+        assert!(decode(&key, &id, &obj).is_err());
     }
 
     #[test]
-    fn digest_ignores_how_zeros_are_split() {
+    fn identical_spans_share_a_list_and_the_digest_follows_content() {
         let key = MasterKey::generate();
         let a = vec![
             Extent {
@@ -293,21 +391,6 @@ mod tests {
         ];
         let b = vec![
             Extent {
-                len: 4096,
-                id: None,
-            },
-            Extent {
-                len: 4096,
-                id: None,
-            },
-            Extent {
-                len: 10,
-                id: Some(ChunkId([1; 32])),
-            },
-        ];
-        assert_eq!(disk_digest(&key, 8202, &a), disk_digest(&key, 8202, &b));
-        let c = vec![
-            Extent {
                 len: 10,
                 id: Some(ChunkId([1; 32])),
             },
@@ -316,16 +399,27 @@ mod tests {
                 id: None,
             },
         ];
-        assert_ne!(disk_digest(&key, 8202, &a), disk_digest(&key, 8202, &c));
+        assert_eq!(encode_list(&key, &a).0, encode_list(&key, &a.clone()).0);
+        let (la, lb) = (encode_list(&key, &a).0, encode_list(&key, &b).0);
+        assert_ne!(la, lb);
+        assert_ne!(
+            disk_digest(&key, 8202, &[la]),
+            disk_digest(&key, 8202, &[lb])
+        );
+        assert_ne!(
+            disk_digest(&key, 8202, &[la]),
+            disk_digest(&key, 8203, &[la])
+        );
     }
 
     proptest! {
         #[test]
-        fn hostile_bodies_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..600)) {
+        fn hostile_bodies_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..600), span in 0u64..1 << 24) {
             let _ = decode_body("p", &bytes);
             let mut framed = (bytes.len() as u32).to_le_bytes().to_vec();
             framed.extend_from_slice(&bytes);
             let _ = decode_body("p", &framed);
+            let _ = decode_list_body("l", &bytes, span);
         }
     }
 }

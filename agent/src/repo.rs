@@ -5,6 +5,7 @@
 //! keys/<hex>        Envelope(kind Key)    || JSON KeyFile          one per password
 //! packs/<xx>/<hex>  see pack.rs
 //! index/<hex>       see index.rs
+//! lists/<hex>       see point.rs
 //! points/<hex>      see point.rs
 //! ```
 
@@ -192,6 +193,26 @@ impl Repository {
             ));
         }
         point::decode(&self.key, id, &bytes)
+    }
+
+    /// Load a chunk list that describes `span` bytes.
+    pub fn load_list(&self, id: &point::ListId, span: u64) -> Result<Vec<point::Extent>> {
+        let bytes = self.store.get(&point::list_object_name(id))?;
+        point::decode_list(&self.key, id, &bytes, span)
+    }
+
+    /// The ids of every chunk list in the repository.
+    pub fn list_ids(&self) -> Result<std::collections::HashSet<point::ListId>> {
+        Ok(self
+            .store
+            .list("lists/")?
+            .into_iter()
+            .filter_map(|(n, _)| {
+                let h = n.strip_prefix("lists/")?;
+                let v: [u8; 32] = hex::decode(h).ok()?.try_into().ok()?;
+                Some(point::ListId(v))
+            })
+            .collect())
     }
 
     /// Every readable point, oldest first, and the errors of the unreadable ones.

@@ -59,6 +59,9 @@ pub struct RestoredDisk {
     pub resumed: bool,
 }
 
+/// Chunk lists restored together (1 GiB of disk): enough jobs to keep every
+/// thread busy, little enough memory for any disk size.
+const LISTS_PER_BATCH: usize = 16;
 /// Coalesce blobs closer than this into one ranged read.
 const MAX_GAP: u64 = 256 << 10;
 /// Upper bound of one ranged read.
@@ -110,7 +113,7 @@ pub fn restore(
     };
     for &d in &disks {
         let meta = &point.meta.disks[d];
-        if point::disk_digest(&repo.key, meta.size, &point.extents[d]) != meta.digest {
+        if point::disk_digest(&repo.key, meta.size, &point.lists[d]) != meta.digest {
             return Err(Error::corrupt(
                 point::object_name(&point.id),
                 format!("disk {} chunk list does not match its digest", meta.name),
@@ -309,12 +312,39 @@ fn restore_disk(
     out: &Output,
     progress: &Progress,
 ) -> Result<(u64, u64, u64)> {
-    let name = &point.meta.disks[disk].name;
+    let meta = &point.meta.disks[disk];
+    let mut totals = (0, 0, 0);
+    // A batch of lists at a time, so memory does not grow with the disk.
+    for (b, batch) in point.lists[disk].chunks(LISTS_PER_BATCH).enumerate() {
+        let first = b * LISTS_PER_BATCH;
+        let (base, _) = point::list_span(meta.size, first);
+        let mut extents = Vec::new();
+        for (k, lid) in batch.iter().enumerate() {
+            let (_, span) = point::list_span(meta.size, first + k);
+            extents.extend(repo.load_list(lid, span)?);
+        }
+        let t = restore_extents(repo, index, &meta.name, base, &extents, out, progress)?;
+        totals = (totals.0 + t.0, totals.1 + t.1, totals.2 + t.2);
+    }
+    Ok(totals)
+}
+
+/// Restore a run of extents starting at disk offset `base`; returns (bytes
+/// written, chunks kept, chunks fetched).
+fn restore_extents(
+    repo: &Repository,
+    index: &index::Index,
+    name: &str,
+    base: u64,
+    extents: &[point::Extent],
+    out: &Output,
+    progress: &Progress,
+) -> Result<(u64, u64, u64)> {
     // Where every chunk goes; zero runs are handled here.
     let mut wanted: IdMap<(u32, Vec<u64>)> = IdMap::default();
     let mut order: Vec<ChunkId> = Vec::new();
-    let mut off = 0u64;
-    for e in &point.extents[disk] {
+    let mut off = base;
+    for e in extents {
         match e.id {
             None => {
                 out.zero(off, e.len as u64)?;
@@ -382,7 +412,7 @@ fn restore_disk(
             let first = wanted[id].1[0];
             return Err(Error::DamagedChunk {
                 chunk: id.to_hex(),
-                disk: name.clone(),
+                disk: name.to_string(),
                 offset: first,
                 detail: "no pack holds it (its pack or index is missing)".into(),
             });
