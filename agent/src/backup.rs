@@ -82,7 +82,7 @@ pub struct Summary {
     /// What the new chunks take in the repository (compressed, encrypted).
     pub stored_bytes: u64,
     pub packs_written: u64,
-    /// Chunk lists written (spans that differ from every stored one).
+    /// Chunk lists stored (spans that differ from every stored one).
     pub lists_written: u64,
     /// Packs left by an interrupted backup that this one indexed and reused.
     pub packs_recovered: u64,
@@ -226,7 +226,6 @@ pub fn backup_sources(
     let mut lists: Vec<Vec<ListId>> = vec![Vec::new(); n];
     let mut data_bytes = vec![0u64; n];
     let mut covered = vec![0u64; n];
-    let mut known_lists = repo.list_ids()?;
     let mut lists_written = 0u64;
     let segs_per_span = LIST_SPAN / SEGMENT_SIZE as u64;
     let seg_count: Vec<u64> = disks
@@ -379,26 +378,17 @@ pub fn backup_sources(
             let obj = index::encode(&repo.key, &records);
             repo.put_object(&index::object_name(&obj), obj)
         };
+        let mut list_compressor =
+            zstd::bulk::Compressor::new(level).expect("zstd level was validated");
+        let mut list_scratch = Vec::new();
         for res in res_rx.iter() {
             if shared.failed() {
                 break;
             }
-            for (id, raw_len, sealed) in res.blobs {
-                writer.add(id, raw_len, &sealed);
-                if writer.len() >= TARGET_PACK_SIZE {
-                    let full = std::mem::take(&mut writer).finish(&repo.key);
-                    packs_written += 1;
-                    if pack_tx.send(full).is_err() {
-                        break;
-                    }
-                    if let Err(e) = flush_index() {
-                        shared.fail(e);
-                    }
-                }
-            }
             if let Some(buf) = res.buf {
                 let _ = free_tx.send(buf);
             }
+            let mut blobs = res.blobs;
             let seg_len: u64 = res.extents.iter().map(|e| e.0 as u64).sum();
             progress.add_done(seg_len);
             let d = res.disk;
@@ -413,18 +403,37 @@ pub fn backup_sources(
                 }
                 next_seq[d] += 1;
                 if next_seq[d].is_multiple_of(segs_per_span) || next_seq[d] == seg_count[d] {
-                    // A span is complete: describe it by a list, stored once.
-                    let (lid, obj) = point::encode_list(&repo.key, &span_ext[d]);
-                    if !known_lists.contains(&lid) {
-                        if let Err(e) = repo.put_object(&point::list_object_name(&lid), obj) {
-                            shared.fail(e);
-                            break;
-                        }
-                        known_lists.insert(lid);
+                    // A span is complete: its list is stored like a chunk, once.
+                    let body = point::encode_list(&span_ext[d]);
+                    let lid = repo.key.chunk_id(&body);
+                    if !index.contains(&lid) && pending.lock().expect("pending set").insert(lid) {
+                        let sealed = pack::seal_chunk(
+                            &repo.key,
+                            &mut list_compressor,
+                            &mut list_scratch,
+                            &body,
+                        );
+                        shared
+                            .stored_bytes
+                            .fetch_add(sealed.len() as u64, Ordering::Relaxed);
+                        blobs.push((lid, body.len() as u32, sealed));
                         lists_written += 1;
                     }
                     lists[d].push(lid);
                     span_ext[d].clear();
+                }
+            }
+            for (id, raw_len, sealed) in blobs {
+                writer.add(id, raw_len, &sealed);
+                if writer.len() >= TARGET_PACK_SIZE {
+                    let full = std::mem::take(&mut writer).finish(&repo.key);
+                    packs_written += 1;
+                    if pack_tx.send(full).is_err() {
+                        break;
+                    }
+                    if let Err(e) = flush_index() {
+                        shared.fail(e);
+                    }
                 }
             }
         }
@@ -646,9 +655,11 @@ mod tests {
         assert_eq!(p.meta.disks[0].size, data.len() as u64);
         // Only the first MiB holds data; the rest is one zero run.
         assert_eq!(p.meta.disks[0].data_bytes, 1 << 20);
-        let extents = repo.load_list(&p.lists[0][0], data.len() as u64).unwrap();
-        assert_eq!(extents.iter().filter(|e| e.id.is_none()).count(), 1);
         let (index, _) = index::load(&repo.store, &repo.key).unwrap();
+        let extents = repo
+            .load_list(&index, &p.lists[0][0], data.len() as u64)
+            .unwrap();
+        assert_eq!(extents.iter().filter(|e| e.id.is_none()).count(), 1);
         let mut off = 0usize;
         for e in extents {
             let len = e.len as usize;

@@ -239,7 +239,7 @@ fn judge_list(
     span: u64,
     problems: &mut Vec<Problem>,
 ) -> ListVerdict {
-    let extents = match repo.load_list(lid, span) {
+    let extents = match repo.load_list(index, lid, span) {
         Ok(e) => e,
         Err(e) => {
             let pr = problem_of(e);

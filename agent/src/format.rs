@@ -27,7 +27,6 @@ pub enum Kind {
     Pack = 3,
     Index = 4,
     Point = 5,
-    List = 6,
 }
 
 impl Kind {
@@ -38,7 +37,6 @@ impl Kind {
             Kind::Pack => "pack",
             Kind::Index => "index",
             Kind::Point => "recovery point",
-            Kind::List => "chunk list",
         }
     }
 }

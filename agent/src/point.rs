@@ -11,21 +11,18 @@
 //! }
 //! struct Lists { count: u32 LE, ids: [[u8; 32]; count] }  // ceil(size / LIST_SPAN) ids
 //!
-//! struct ListObject {                          // lists/<hex id>
-//!     header: Envelope,                        // kind = List (6)
-//!     body:   Sealed<Zstd<ListBody>>,          // AAD = header
-//! }
+//! // A chunk list is stored like a chunk: a blob in a pack, found through the
+//! // index, its id the keyed BLAKE3 of this body.
 //! struct ListBody { count: u32 LE, [Extent; count] }
 //! // An extent is a u32 LE word: bit 31 set = a run of (word & 0x7fff_ffff) zero
 //! // bytes with nothing stored; clear = a chunk of `word` bytes (1..=4 MiB)
 //! // followed by its 32-byte id.
 //! ```
 //! A disk is described span by span: list `i` covers bytes `i * LIST_SPAN` up to
-//! the next span or the end of the disk. A list's id is the keyed BLAKE3 of its
-//! body, so a span that did not change between two points is the same list object,
-//! stored once; the disk digest is a keyed hash over the list ids, a Merkle root
-//! of the disk's content. Points are named `points/<BLAKE3 of the object>`; no
-//! point or list is ever rewritten.
+//! the next span or the end of the disk. A span that did not change between two
+//! points is the same list, stored once, and lists cost no objects of their own.
+//! The disk digest is a keyed hash over the list ids, a Merkle root of the disk's
+//! content. Points are named `points/<BLAKE3 of the object>` and never rewritten.
 
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
@@ -41,28 +38,9 @@ const MAX_ZERO_RUN: u64 = (ZERO_FLAG - 1) as u64;
 pub const LIST_SPAN: u64 = 64 << 20;
 /// A decompressed point larger than this is damage (about 2 PiB of disks).
 const MAX_POINT_BODY: usize = 1 << 30;
-/// A decompressed list larger than this is damage (a span of 4 KiB chunks is 2.3 MiB).
-const MAX_LIST_BODY: usize = 8 << 20;
 
-/// The id of a chunk list: keyed BLAKE3 of its body.
-#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct ListId(pub [u8; 32]);
-
-impl ListId {
-    pub fn to_hex(&self) -> String {
-        hex::encode(self.0)
-    }
-}
-
-impl std::fmt::Debug for ListId {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}", &self.to_hex()[..16])
-    }
-}
-
-pub fn list_object_name(id: &ListId) -> String {
-    format!("lists/{}", id.to_hex())
-}
+/// A chunk list is stored as a chunk and named by the same keyed hash.
+pub type ListId = ChunkId;
 
 /// How consistent the disks' content is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -169,8 +147,8 @@ pub fn disk_digest(key: &MasterKey, size: u64, lists: &[ListId]) -> String {
     h.finalize().to_hex().to_string()
 }
 
-/// Encode a chunk list; returns its id and the object bytes.
-pub fn encode_list(key: &MasterKey, extents: &[Extent]) -> (ListId, Vec<u8>) {
+/// Encode a chunk list's body (stored as a chunk whose id is its keyed hash).
+pub fn encode_list(extents: &[Extent]) -> Vec<u8> {
     let mut body = Vec::with_capacity(4 + extents.len() * 36);
     body.extend_from_slice(&(extents.len() as u32).to_le_bytes());
     for e in extents {
@@ -182,25 +160,11 @@ pub fn encode_list(key: &MasterKey, extents: &[Extent]) -> (ListId, Vec<u8>) {
             None => body.extend_from_slice(&(e.len | ZERO_FLAG).to_le_bytes()),
         }
     }
-    let mut h = key.keyed_hasher("ferry chunk list v1");
-    h.update(&body);
-    let id = ListId(*h.finalize().as_bytes());
-    (id, seal_object(key, Kind::List, &body))
+    body
 }
 
-/// Decode a chunk list that must describe exactly `span` bytes.
-pub fn decode_list(key: &MasterKey, id: &ListId, bytes: &[u8], span: u64) -> Result<Vec<Extent>> {
-    let name = list_object_name(id);
-    let body = open_object(key, &name, Kind::List, bytes, MAX_LIST_BODY)?;
-    let mut h = key.keyed_hasher("ferry chunk list v1");
-    h.update(&body);
-    if h.finalize().as_bytes() != &id.0 {
-        return Err(Error::corrupt(&name, "content does not match its name"));
-    }
-    decode_list_body(&name, &body, span)
-}
-
-fn decode_list_body(name: &str, body: &[u8], span: u64) -> Result<Vec<Extent>> {
+/// Decode a chunk list's body, which must describe exactly `span` bytes.
+pub fn decode_list_body(name: &str, body: &[u8], span: u64) -> Result<Vec<Extent>> {
     let bad = |what: String| Error::corrupt(name, what);
     let mut r = Reader::new(body);
     let count = r
@@ -318,7 +282,7 @@ fn decode_body(name: &str, body: &[u8]) -> Result<(Meta, Vec<Vec<ListId>>)> {
         }
         let mut ids = Vec::with_capacity(count);
         for _ in 0..count {
-            ids.push(ListId(
+            ids.push(ChunkId(
                 r.array32().ok_or_else(|| bad("short list id".into()))?,
             ));
         }
@@ -364,10 +328,10 @@ mod tests {
         push_extent(&mut ext, 50, Some(ChunkId([2; 32])));
         assert_eq!(ext.len(), 3);
         let size = 100 + 8192 + 50;
-        let (lid, lobj) = encode_list(&key, &ext);
-        assert_eq!(decode_list(&key, &lid, &lobj, size).unwrap(), ext);
-        assert!(decode_list(&key, &lid, &lobj, size + 1).is_err());
-        assert!(decode_list(&key, &ListId([0; 32]), &lobj, size).is_err());
+        let body = encode_list(&ext);
+        assert_eq!(decode_list_body("l", &body, size).unwrap(), ext);
+        assert!(decode_list_body("l", &body, size + 1).is_err());
+        let lid = key.chunk_id(&body);
         let (id, obj) = encode(&key, &meta(size), &[vec![lid]]);
         let p = decode(&key, &id, &obj).unwrap();
         assert_eq!(p.lists, vec![vec![lid]]);
@@ -399,8 +363,9 @@ mod tests {
                 id: None,
             },
         ];
-        assert_eq!(encode_list(&key, &a).0, encode_list(&key, &a.clone()).0);
-        let (la, lb) = (encode_list(&key, &a).0, encode_list(&key, &b).0);
+        let id = |e: &[Extent]| key.chunk_id(&encode_list(e));
+        assert_eq!(id(&a), id(&a.clone()));
+        let (la, lb) = (id(&a), id(&b));
         assert_ne!(la, lb);
         assert_ne!(
             disk_digest(&key, 8202, &[la]),

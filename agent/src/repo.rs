@@ -5,7 +5,6 @@
 //! keys/<hex>        Envelope(kind Key)    || JSON KeyFile          one per password
 //! packs/<xx>/<hex>  see pack.rs
 //! index/<hex>       see index.rs
-//! lists/<hex>       see point.rs
 //! points/<hex>      see point.rs
 //! ```
 
@@ -195,24 +194,37 @@ impl Repository {
         point::decode(&self.key, id, &bytes)
     }
 
-    /// Load a chunk list that describes `span` bytes.
-    pub fn load_list(&self, id: &point::ListId, span: u64) -> Result<Vec<point::Extent>> {
-        let bytes = self.store.get(&point::list_object_name(id))?;
-        point::decode_list(&self.key, id, &bytes, span)
-    }
-
-    /// The ids of every chunk list in the repository.
-    pub fn list_ids(&self) -> Result<std::collections::HashSet<point::ListId>> {
-        Ok(self
+    /// Load a chunk list that describes `span` bytes, through the index.
+    pub fn load_list(
+        &self,
+        index: &crate::index::Index,
+        id: &point::ListId,
+        span: u64,
+    ) -> Result<Vec<point::Extent>> {
+        let object = format!("chunk list {}", &id.to_hex()[..16]);
+        let loc = index.get(id).ok_or_else(|| Error::Missing {
+            object: format!("{object} (no pack holds it)"),
+        })?;
+        let (pack_id, _) = index.pack(loc.pack);
+        let pack_name = crate::pack::object_name(&pack_id);
+        let sealed = self
             .store
-            .list("lists/")?
-            .into_iter()
-            .filter_map(|(n, _)| {
-                let h = n.strip_prefix("lists/")?;
-                let v: [u8; 32] = hex::decode(h).ok()?.try_into().ok()?;
-                Some(point::ListId(v))
-            })
-            .collect())
+            .get_range(
+                &pack_name,
+                loc.offset as u64..loc.offset as u64 + loc.length as u64,
+            )
+            .map_err(|e| Error::corrupt(&object, format!("{e}")))?;
+        let entry = crate::pack::BlobEntry {
+            id: *id,
+            offset: loc.offset,
+            length: loc.length,
+            raw_len: loc.raw_len,
+        };
+        let body = crate::pack::ChunkOpener::default()
+            .open(&self.key, &entry, &sealed)
+            .map_err(|d| Error::corrupt(&object, format!("in {pack_name}: {d}")))?
+            .to_vec();
+        point::decode_list_body(&object, &body, span)
     }
 
     /// Every readable point, oldest first, and the errors of the unreadable ones.

@@ -320,8 +320,24 @@ fn restore_disk(
         let (base, _) = point::list_span(meta.size, first);
         let mut extents = Vec::new();
         for (k, lid) in batch.iter().enumerate() {
-            let (_, span) = point::list_span(meta.size, first + k);
-            extents.extend(repo.load_list(lid, span)?);
+            let (start, span) = point::list_span(meta.size, first + k);
+            let list = repo.load_list(index, lid, span).map_err(|e| match e {
+                Error::Missing { ref object } | Error::Corrupt { ref object, .. }
+                    if object.starts_with("chunk list") =>
+                {
+                    Error::DamagedChunk {
+                        chunk: lid.to_hex(),
+                        disk: meta.name.clone(),
+                        offset: start,
+                        detail: format!(
+                            "it is the chunk list of the {} bytes from here, and {e}",
+                            span
+                        ),
+                    }
+                }
+                e => e,
+            })?;
+            extents.extend(list);
         }
         let t = restore_extents(repo, index, &meta.name, base, &extents, out, progress)?;
         totals = (totals.0 + t.0, totals.1 + t.1, totals.2 + t.2);

@@ -164,35 +164,3 @@ fn garbage_recovery_point_and_truncated_index() {
     env.backup("c", &[&c]);
     assert_b_still_restores(&env, &b);
 }
-
-#[test]
-fn damaged_chunk_list() {
-    let env = Env::new();
-    env.init();
-    let a = env.path("a.img");
-    let b = env.path("b.img");
-    make_image(&a, 8 << 20, 21);
-    make_image(&b, 8 << 20, 22);
-    env.backup("a", &[&a]);
-    let lists_a = files_under(&env.repo.join("lists"));
-    env.backup("b", &[&b]);
-    let list = &lists_a[0];
-    let mut bytes = std::fs::read(list).unwrap();
-    let last = bytes.len() - 1;
-    bytes[last] ^= 1;
-    std::fs::write(list, &bytes).unwrap();
-    let name = list.file_name().unwrap().to_str().unwrap();
-
-    let o = env.run(&["check"]);
-    assert_eq!(o.status.code(), Some(1));
-    let report = String::from_utf8_lossy(&o.stdout);
-    assert!(
-        report.contains(name) && report.contains(&point_id(&env, "a")[..8]),
-        "{report}"
-    );
-    assert!(!report.contains(&point_id(&env, "b")[..8]), "{report}");
-    let (o, _) = restore_to(&env, "a@latest", "a.out");
-    assert_eq!(o.status.code(), Some(1));
-    assert!(stderr(&o).contains(name), "{}", stderr(&o));
-    assert_b_still_restores(&env, &b);
-}
