@@ -11,9 +11,11 @@
 //! Without a change map, an incremental re-reads the disk and hashes it (memory or
 //! disk speed); chunks whose id the index already holds cost nothing more.
 //!
-//! Commit order: packs, then index objects, then the point. A crash leaves packs
-//! without an index; the next backup indexes them from their tables and reuses
-//! their chunks (see [`recover_unindexed_packs`]).
+//! As each 64 MiB span of a disk completes, the collector stores its chunk list
+//! as one more blob in the packs (once: a span that did not change is the same
+//! list). Commit order: packs, then index objects, then the point. A crash leaves
+//! packs without an index; the next backup indexes them from their tables and
+//! reuses their chunks and lists (see [`recover_unindexed_packs`]).
 
 use std::collections::{BTreeMap, HashSet};
 use std::path::PathBuf;
@@ -405,6 +407,8 @@ pub fn backup_sources(
                 if next_seq[d].is_multiple_of(segs_per_span) || next_seq[d] == seg_count[d] {
                     // A span is complete: its list is stored like a chunk, once.
                     let body = point::encode_list(&span_ext[d]);
+                    // Chunker::validate keeps chunks ≥ 4 KiB, so this cannot fail.
+                    debug_assert!(body.len() <= crate::chunker::MAX_CHUNK);
                     let lid = repo.key.chunk_id(&body);
                     if !index.contains(&lid) && pending.lock().expect("pending set").insert(lid) {
                         let sealed = pack::seal_chunk(

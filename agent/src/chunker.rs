@@ -45,7 +45,8 @@ impl Chunker {
                 }
             }
             Chunker::Cdc { min, avg, max } => {
-                let ok = (fastcdc::v2020::MINIMUM_MIN..=fastcdc::v2020::MINIMUM_MAX).contains(&min)
+                // min ≥ 4 KiB keeps a 64 MiB span's chunk list under 600 KiB (point.rs).
+                let ok = (4096..=fastcdc::v2020::MINIMUM_MAX).contains(&min)
                     && (fastcdc::v2020::AVERAGE_MIN..=fastcdc::v2020::AVERAGE_MAX).contains(&avg)
                     && (fastcdc::v2020::MAXIMUM_MIN..=fastcdc::v2020::MAXIMUM_MAX).contains(&max)
                     && min <= avg
@@ -53,7 +54,7 @@ impl Chunker {
                     && max as usize <= SEGMENT_SIZE;
                 if !ok {
                     return Err(Error::InvalidInput(format!(
-                        "content-defined chunk sizes min {min}, avg {avg}, max {max} are out of range (min ≤ avg ≤ max ≤ 4 MiB)"
+                        "content-defined chunk sizes min {min}, avg {avg}, max {max} are out of range (4 KiB ≤ min ≤ avg ≤ max ≤ 4 MiB)"
                     )));
                 }
             }

@@ -79,7 +79,7 @@ pub struct DiskMeta {
     /// Where it was read from.
     pub path: String,
     pub size: u64,
-    /// Keyed BLAKE3 over the disk's size and its non-zero chunks by offset.
+    /// Keyed BLAKE3 over the disk's size and its chunk lists' ids (a Merkle root).
     pub digest: String,
     /// Bytes that held data (not zero).
     pub data_bytes: u64,
