@@ -245,7 +245,7 @@ fn judge_list(
             let pr = problem_of(e);
             let v = ListVerdict {
                 damaged: 1,
-                first: vec![(0, format!("chunk list {}: {}", pr.object, pr.detail))],
+                first: vec![(0, format!("{}: {}", pr.object, pr.detail))],
             };
             problems.push(pr);
             return v;
