@@ -290,9 +290,7 @@ pub fn backup_sources(
             let res_tx = res_tx.clone();
             let (shared, pending, key) = (&shared, &pending, &repo.key);
             scope.spawn(move || {
-                let mut compressor =
-                    zstd::bulk::Compressor::new(level).expect("zstd level was validated");
-                let mut scratch = Vec::new();
+                let mut sealer = pack::Sealer::new(level);
                 let mut cuts = Vec::new();
                 for seg in seg_rx.iter() {
                     let mut out = SegResult {
@@ -321,8 +319,7 @@ pub fn backup_sources(
                                 {
                                     continue;
                                 }
-                                let sealed =
-                                    pack::seal_chunk(key, &mut compressor, &mut scratch, chunk);
+                                let sealed = sealer.seal(key, chunk);
                                 shared.new_chunks.fetch_add(1, Ordering::Relaxed);
                                 shared.new_bytes.fetch_add(n as u64, Ordering::Relaxed);
                                 shared
@@ -380,9 +377,7 @@ pub fn backup_sources(
             let obj = index::encode(&repo.key, &records);
             repo.put_object(&index::object_name(&obj), obj)
         };
-        let mut list_compressor =
-            zstd::bulk::Compressor::new(level).expect("zstd level was validated");
-        let mut list_scratch = Vec::new();
+        let mut list_sealer = pack::Sealer::new(level);
         for res in res_rx.iter() {
             if shared.failed() {
                 break;
@@ -411,12 +406,7 @@ pub fn backup_sources(
                     debug_assert!(body.len() <= crate::chunker::MAX_CHUNK);
                     let lid = repo.key.chunk_id(&body);
                     if !index.contains(&lid) && pending.lock().expect("pending set").insert(lid) {
-                        let sealed = pack::seal_chunk(
-                            &repo.key,
-                            &mut list_compressor,
-                            &mut list_scratch,
-                            &body,
-                        );
+                        let sealed = list_sealer.seal(&repo.key, &body);
                         shared
                             .stored_bytes
                             .fetch_add(sealed.len() as u64, Ordering::Relaxed);

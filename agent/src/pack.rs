@@ -125,25 +125,61 @@ impl PackWriter {
     }
 }
 
-/// Seal one chunk: compress when that saves space, then encrypt.
-/// Returns the sealed blob; the caller records `raw_len = plain.len()`.
-pub fn seal_chunk(
-    key: &MasterKey,
-    compressor: &mut zstd::bulk::Compressor<'_>,
-    scratch: &mut Vec<u8>,
-    plain: &[u8],
-) -> Vec<u8> {
-    scratch.clear();
-    scratch.reserve(zstd::zstd_safe::compress_bound(plain.len()));
-    let body: &[u8] = match compressor.compress_to_buffer(plain, scratch) {
+/// Compresses (when that saves space) and encrypts chunks, one thread's worth:
+/// it keeps its zstd context and buffers from one chunk to the next.
+pub struct Sealer {
+    compressor: zstd::bulk::Compressor<'static>,
+    scratch: Vec<u8>,
+    /// The previous chunk did not compress: probe before compressing this one.
+    after_raw: bool,
+}
+
+/// Bytes compressed to probe a chunk that follows an incompressible one.
+const PROBE: usize = 4096;
+
+impl Sealer {
+    /// `level` must be a valid zstd level (the repository config checks it).
+    pub fn new(level: i32) -> Self {
+        Sealer {
+            compressor: zstd::bulk::Compressor::new(level).expect("zstd level was validated"),
+            scratch: Vec::new(),
+            after_raw: false,
+        }
+    }
+
+    /// Seal one chunk; the caller records `raw_len = plain.len()`.
+    pub fn seal(&mut self, key: &MasterKey, plain: &[u8]) -> Vec<u8> {
+        // Incompressible data comes in runs (media, archives, encrypted files):
+        // after a chunk that did not compress, a 4 KiB probe decides whether the
+        // next one is worth a full attempt, which saves most of zstd's time there.
+        let worth_trying = !self.after_raw
+            || plain.len() < 4 * PROBE
+            || matches!(self.compress(&plain[..PROBE]), Some(n) if n < PROBE - PROBE / 32);
+        let compressed = if worth_trying {
+            self.compress(plain)
+        } else {
+            None
+        };
         // Store compressed only when it saves at least 1/32: decompressing a chunk
         // that barely shrank costs more at restore than the bytes it saves.
-        Ok(n) if n < plain.len() - plain.len() / 32 => &scratch[..n],
-        _ => plain,
-    };
-    let mut out = Vec::with_capacity(body.len() + OVERHEAD);
-    key.seal_into(BLOB_AAD, body, &mut out);
-    out
+        let body: &[u8] = match compressed {
+            Some(n) if n < plain.len() - plain.len() / 32 => &self.scratch[..n],
+            _ => plain,
+        };
+        self.after_raw = body.len() == plain.len();
+        let mut out = Vec::with_capacity(body.len() + OVERHEAD);
+        key.seal_into(BLOB_AAD, body, &mut out);
+        out
+    }
+
+    fn compress(&mut self, data: &[u8]) -> Option<usize> {
+        self.scratch.clear();
+        self.scratch
+            .reserve(zstd::zstd_safe::compress_bound(data.len()));
+        self.compressor
+            .compress_to_buffer(data, &mut self.scratch)
+            .ok()
+    }
 }
 
 const BLOB_AAD: &[u8] = b"ferry blob v1";
@@ -276,15 +312,14 @@ mod tests {
     #[test]
     fn pack_round_trip_through_store() {
         let key = MasterKey::generate();
-        let mut comp = zstd::bulk::Compressor::new(3).unwrap();
-        let mut scratch = Vec::new();
+        let mut sealer = Sealer::new(3);
         let mut w = PackWriter::new();
         let chunks: Vec<Vec<u8>> = vec![
             vec![7u8; 10000],
             (0..5000u32).map(|i| (i * 7919) as u8).collect(),
         ];
         for c in &chunks {
-            let sealed = seal_chunk(&key, &mut comp, &mut scratch, c);
+            let sealed = sealer.seal(&key, c);
             w.add(key.chunk_id(c), c.len() as u32, &sealed);
         }
         let (id, bytes, entries) = w.finish(&key);
