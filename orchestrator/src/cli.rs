@@ -262,7 +262,18 @@ fn backup(g: &Global, a: &BackupArgs) -> Result<ExitCode> {
     };
     let progress = Arc::new(Progress::default());
     let bar = Bar::start(progress.clone(), "backup", !g.quiet && !g.json);
-    let s = ferry_agent::backup::backup(&repo, &opts, &progress)?;
+    let s = ferry_agent::backup::backup(&repo, &opts, &progress).map_err(|e| {
+        let storage = matches!(e, ferry_agent::Error::Store { .. });
+        let full = output::is_disk_full(&e);
+        let e = anyhow::Error::from(e);
+        if full {
+            e.context("the repository's disk is full; nothing was committed: free space and run the backup again, the packs already written are reused")
+        } else if storage {
+            e.context("nothing was committed: fix the repository's storage and run the backup again, the packs already written are reused")
+        } else {
+            e
+        }
+    })?;
     drop(bar);
     if g.json {
         print_json(&s)?;
