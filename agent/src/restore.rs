@@ -485,15 +485,25 @@ fn restore_extents(
         let workers: Vec<_> = (0..threads)
             .map(|_| {
                 s.spawn(|| {
+                    let mut worker = Worker {
+                        repo,
+                        index,
+                        wanted: &wanted,
+                        disk: name,
+                        out,
+                        progress,
+                        written: &written,
+                        fetched: &fetched,
+                        opener: pack::ChunkOpener::default(),
+                        run: Vec::with_capacity(WRITE_BATCH + crate::chunker::MAX_CHUNK),
+                    };
                     loop {
                         if failure.lock().expect("failure slot").is_some() {
                             return;
                         }
                         let i = next.fetch_add(1, Ordering::Relaxed) as usize;
                         let Some(job) = jobs.get(i) else { return };
-                        if let Err(e) = run_job(
-                            repo, index, job, &wanted, name, out, progress, &written, &fetched,
-                        ) {
+                        if let Err(e) = worker.run_job(job) {
                             failure.lock().expect("failure slot").get_or_insert(e);
                             return;
                         }
@@ -512,84 +522,102 @@ fn restore_extents(
     Ok((written.into_inner(), kept, fetched.into_inner()))
 }
 
-#[allow(clippy::too_many_arguments)]
-fn run_job(
-    repo: &Repository,
-    index: &index::Index,
-    job: &Job,
-    wanted: &IdMap<(u32, Vec<u64>)>,
-    disk: &str,
-    out: &Output,
-    progress: &Progress,
-    written: &AtomicU64,
-    fetched: &AtomicU64,
-) -> Result<()> {
-    let (pack_id, _) = index.pack(job.pack);
-    let name = pack::object_name(&pack_id);
-    let damaged = |id: &ChunkId, detail: String| Error::DamagedChunk {
-        chunk: id.to_hex(),
-        disk: disk.to_string(),
-        offset: wanted[id].1[0],
-        detail,
-    };
-    let bytes = match repo.store.get_range(&name, job.start..job.end) {
-        Ok(b) => b,
-        Err(e @ (Error::Missing { .. } | Error::Corrupt { .. })) => {
-            return Err(damaged(&job.blobs[0].0, format!("{name}: {e}")));
-        }
-        Err(e) => return Err(e),
-    };
-    // Chunks that follow each other on the disk are written with one call: one
-    // large write costs the file system far less than many chunk-sized ones.
-    let mut opener = pack::ChunkOpener::default();
-    let mut run: Vec<u8> = Vec::with_capacity(WRITE_BATCH);
-    let mut run_start = 0u64;
-    for (id, loc) in &job.blobs {
-        let s = (loc.offset as u64 - job.start) as usize;
-        let sealed = &bytes[s..s + loc.length as usize];
-        let entry = BlobEntry {
-            id: *id,
-            offset: loc.offset,
-            length: loc.length,
-            raw_len: loc.raw_len,
+/// One restore thread: what it shares with the others, and the buffers it reuses
+/// from one job to the next.
+struct Worker<'a> {
+    repo: &'a Repository,
+    index: &'a index::Index,
+    wanted: &'a IdMap<(u32, Vec<u64>)>,
+    disk: &'a str,
+    out: &'a Output,
+    progress: &'a Progress,
+    written: &'a AtomicU64,
+    fetched: &'a AtomicU64,
+    opener: pack::ChunkOpener,
+    run: Vec<u8>,
+}
+
+impl Worker<'_> {
+    /// Fetch one pack region, verify its chunks, and write them where they go.
+    fn run_job(&mut self, job: &Job) -> Result<()> {
+        let Worker {
+            repo,
+            index,
+            wanted,
+            disk,
+            out,
+            progress,
+            written,
+            fetched,
+            ..
+        } = *self;
+        let (opener, run) = (&mut self.opener, &mut self.run);
+        let (pack_id, _) = index.pack(job.pack);
+        let name = pack::object_name(&pack_id);
+        let damaged = |id: &ChunkId, detail: String| Error::DamagedChunk {
+            chunk: id.to_hex(),
+            disk: disk.to_string(),
+            offset: wanted[id].1[0],
+            detail,
         };
-        let plain = opener
-            .open(&repo.key, &entry, sealed)
-            .map_err(|d| damaged(id, format!("in {name}: {d}")))?;
-        for &o in &wanted[id].1 {
-            // A fresh file already reads zeros: its zero blocks stay holes, so the
-            // restored image is as sparse as the source was, block by block.
-            let pieces: Box<dyn Iterator<Item = (usize, &[u8])>> = if out.fresh_file() {
-                Box::new(
-                    plain
-                        .chunks(SPARSE_BLOCK)
-                        .enumerate()
-                        .map(|(i, b)| (i * SPARSE_BLOCK, b))
-                        .filter(|(_, b)| !is_zero(b)),
-                )
-            } else {
-                Box::new(std::iter::once((0, plain)))
-            };
-            for (at, piece) in pieces {
-                let o = o + at as u64;
-                if !run.is_empty()
-                    && (run_start + run.len() as u64 != o || run.len() >= WRITE_BATCH)
-                {
-                    out.write_at(&run, run_start)?;
-                    run.clear();
-                }
-                if run.is_empty() {
-                    run_start = o;
-                }
-                run.extend_from_slice(piece);
+        let bytes = match repo.store.get_range(&name, job.start..job.end) {
+            Ok(b) => b,
+            Err(e @ (Error::Missing { .. } | Error::Corrupt { .. })) => {
+                return Err(damaged(&job.blobs[0].0, format!("{name}: {e}")));
             }
-            written.fetch_add(plain.len() as u64, Ordering::Relaxed);
-            progress.add_done(plain.len() as u64);
+            Err(e) => return Err(e),
+        };
+        // Chunks that follow each other on the disk are written with one call: one
+        // large write costs the file system far less than many chunk-sized ones.
+        run.clear();
+        let mut run_start = 0u64;
+        for (id, loc) in &job.blobs {
+            let s = (loc.offset as u64 - job.start) as usize;
+            let sealed = &bytes[s..s + loc.length as usize];
+            let entry = BlobEntry {
+                id: *id,
+                offset: loc.offset,
+                length: loc.length,
+                raw_len: loc.raw_len,
+            };
+            let plain = opener
+                .open(&repo.key, &entry, sealed)
+                .map_err(|d| damaged(id, format!("in {name}: {d}")))?;
+            for &o in &wanted[id].1 {
+                // A fresh file already reads zeros: its zero blocks stay holes, so the
+                // restored image is as sparse as the source was, block by block.
+                let pieces: Box<dyn Iterator<Item = (usize, &[u8])>> = if out.fresh_file() {
+                    Box::new(
+                        plain
+                            .chunks(SPARSE_BLOCK)
+                            .enumerate()
+                            .map(|(i, b)| (i * SPARSE_BLOCK, b))
+                            .filter(|(_, b)| !is_zero(b)),
+                    )
+                } else {
+                    Box::new(std::iter::once((0, plain)))
+                };
+                for (at, piece) in pieces {
+                    let o = o + at as u64;
+                    if !run.is_empty()
+                        && (run_start + run.len() as u64 != o || run.len() >= WRITE_BATCH)
+                    {
+                        out.write_at(run, run_start)?;
+                        run.clear();
+                    }
+                    if run.is_empty() {
+                        run_start = o;
+                    }
+                    run.extend_from_slice(piece);
+                }
+                written.fetch_add(plain.len() as u64, Ordering::Relaxed);
+                progress.add_done(plain.len() as u64);
+            }
+            fetched.fetch_add(1, Ordering::Relaxed);
         }
-        fetched.fetch_add(1, Ordering::Relaxed);
+        if !run.is_empty() {
+            out.write_at(run, run_start)?;
+        }
+        Ok(())
     }
-    if !run.is_empty() {
-        out.write_at(&run, run_start)?;
-    }
-    Ok(())
 }
