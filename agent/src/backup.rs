@@ -636,15 +636,11 @@ mod tests {
         for (i, b) in data.iter_mut().enumerate().take(1 << 20) {
             *b = (i * 31 % 251) as u8;
         }
+        let run = |src: &MemSource| {
+            backup_sources(&repo, &opts(), &[src], &Progress::default(), Instant::now()).unwrap()
+        };
         let src = MemSource(data.clone());
-        let s = backup_sources(
-            &repo,
-            &opts(),
-            &[&src],
-            &Progress::default(),
-            Instant::now(),
-        )
-        .unwrap();
+        let s = run(&src);
         let p = repo.load_point(&s.point).unwrap();
         assert_eq!(p.meta.disks[0].size, data.len() as u64);
         // Only the first MiB holds data; the rest is one zero run.
@@ -658,22 +654,7 @@ mod tests {
         for e in extents {
             let len = e.len as usize;
             if let Some(id) = e.id {
-                let loc = index.get(&id).unwrap();
-                let (pack_id, _) = index.pack(loc.pack);
-                let bytes = repo
-                    .store
-                    .get_range(
-                        &pack::object_name(&pack_id),
-                        loc.offset as u64..(loc.offset + loc.length) as u64,
-                    )
-                    .unwrap();
-                let e = pack::BlobEntry {
-                    id,
-                    offset: loc.offset,
-                    length: loc.length,
-                    raw_len: loc.raw_len,
-                };
-                let plain = pack::open_chunk(&repo.key, &e, &bytes).unwrap();
+                let plain = repo.read_blob(&index, &id, "chunk").unwrap();
                 assert_eq!(&plain[..], &data[off..off + len]);
             }
             off += len;
@@ -681,25 +662,10 @@ mod tests {
         assert_eq!(off, data.len());
 
         // The same disk again writes no new list; a changed span writes one.
-        let again = backup_sources(
-            &repo,
-            &opts(),
-            &[&src],
-            &Progress::default(),
-            Instant::now(),
-        )
-        .unwrap();
-        assert_eq!(again.lists_written, 0);
+        assert_eq!(run(&src).lists_written, 0);
         let mut changed = data.clone();
         changed[5] ^= 1;
-        let third = backup_sources(
-            &repo,
-            &opts(),
-            &[&MemSource(changed)],
-            &Progress::default(),
-            Instant::now(),
-        )
-        .unwrap();
+        let third = run(&MemSource(changed));
         assert_eq!(third.lists_written, 1);
         assert_eq!(third.new_chunks, 1);
     }

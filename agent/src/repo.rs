@@ -194,16 +194,16 @@ impl Repository {
         point::decode(&self.key, id, &bytes)
     }
 
-    /// Load a chunk list that describes `span` bytes, through the index.
-    pub fn load_list(
+    /// Read one stored blob (a chunk or a chunk list) through the index, verified
+    /// against its id. `what` names it in errors.
+    pub fn read_blob(
         &self,
         index: &crate::index::Index,
-        id: &point::ListId,
-        span: u64,
-    ) -> Result<Vec<point::Extent>> {
-        let object = format!("chunk list {}", &id.to_hex()[..16]);
+        id: &crate::crypto::ChunkId,
+        what: &str,
+    ) -> Result<Vec<u8>> {
         let loc = index.get(id).ok_or_else(|| Error::Missing {
-            object: format!("{object} (no pack holds it)"),
+            object: format!("{what} (no pack holds it)"),
         })?;
         let (pack_id, _) = index.pack(loc.pack);
         let pack_name = crate::pack::object_name(&pack_id);
@@ -213,18 +213,29 @@ impl Repository {
                 &pack_name,
                 loc.offset as u64..loc.offset as u64 + loc.length as u64,
             )
-            .map_err(|e| Error::corrupt(&object, format!("{e}")))?;
+            .map_err(|e| Error::corrupt(what, format!("{e}")))?;
         let entry = crate::pack::BlobEntry {
             id: *id,
             offset: loc.offset,
             length: loc.length,
             raw_len: loc.raw_len,
         };
-        let body = crate::pack::ChunkOpener::default()
+        crate::pack::ChunkOpener::default()
             .open(&self.key, &entry, &sealed)
-            .map_err(|d| Error::corrupt(&object, format!("in {pack_name}: {d}")))?
-            .to_vec();
-        point::decode_list_body(&object, &body, span)
+            .map(<[u8]>::to_vec)
+            .map_err(|d| Error::corrupt(what, format!("in {pack_name}: {d}")))
+    }
+
+    /// Load a chunk list that describes `span` bytes, through the index.
+    pub fn load_list(
+        &self,
+        index: &crate::index::Index,
+        id: &point::ListId,
+        span: u64,
+    ) -> Result<Vec<point::Extent>> {
+        let what = format!("chunk list {}", &id.to_hex()[..16]);
+        let body = self.read_blob(index, id, &what)?;
+        point::decode_list_body(&what, &body, span)
     }
 
     /// Every readable point, oldest first, and the errors of the unreadable ones.
