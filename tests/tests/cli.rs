@@ -270,3 +270,28 @@ fn bad_input_gets_clear_errors_and_exit_codes() {
         stderr(&o)
     );
 }
+
+#[test]
+fn odd_sized_disk_across_list_spans() {
+    let env = Env::new();
+    env.init();
+    // Past one 64 MiB chunk-list span, with a size no chunk or block divides.
+    let disk = env.path("odd.img");
+    let size = (64u64 << 20) + (3 << 20) + 4097;
+    let f = std::fs::File::create(&disk).unwrap();
+    f.set_len(size).unwrap();
+    let mut rng = Rng(61);
+    let mut block = vec![0u8; 70_000];
+    for at in [0, 10 << 20, (64 << 20) - 30_000, size - 70_000] {
+        rng.fill(&mut block);
+        std::os::unix::fs::FileExt::write_all_at(&f, &block, at).unwrap();
+    }
+    drop(f);
+    env.backup("odd", &[&disk]);
+    let pts = env.json(&["points"]);
+    assert_eq!(pts[0]["disks"][0]["size"], size);
+    let out = env.path("odd.out");
+    env.ok(&["restore", "odd@latest", "--to", out.to_str().unwrap()]);
+    assert!(same_content(&out, &disk));
+    assert_eq!(env.json(&["check", "--read-data"])["ok"], true);
+}
