@@ -33,7 +33,12 @@ impl std::error::Error for UsageError {}
 
 /// Ferry: recovery points of whole disks, and runbooks that rebuild stacks from them.
 #[derive(Debug, Parser)]
-#[command(name = "ferry", version, about, max_term_width = 100)]
+#[command(
+    name = "ferry",
+    version,
+    max_term_width = 100,
+    after_help = "Example:\n  export FERRY_REPO=/srv/ferry-repo\n  ferry init\n  ferry backup --source web-1 /dev/vg0/web-1\n  ferry points --source web-1\n  ferry restore web-1@latest --to /restore/\n  ferry check --read-data\n\nExit codes: 0 success, 1 the operation failed, 2 bad usage or input."
+)]
 pub struct Cli {
     #[command(flatten)]
     pub global: Global,
