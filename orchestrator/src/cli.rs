@@ -31,7 +31,7 @@ impl std::fmt::Display for UsageError {
 
 impl std::error::Error for UsageError {}
 
-/// Ferry: recovery points of whole disks, and runbooks that rebuild stacks from them.
+/// Ferry: encrypted, deduplicated recovery points of whole disks.
 #[derive(Debug, Parser)]
 #[command(
     name = "ferry",
