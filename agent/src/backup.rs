@@ -138,7 +138,6 @@ const INDEX_EVERY: usize = 64;
 
 /// Make one recovery point of all disks of a source.
 pub fn backup(repo: &Repository, opts: &BackupOptions, progress: &Progress) -> Result<Summary> {
-    let started = Instant::now();
     if opts.source.is_empty() || opts.source.contains('@') || opts.source.contains('/') {
         return Err(Error::InvalidInput(format!(
             "source name {:?} must be non-empty, without '@' or '/'",
@@ -165,7 +164,7 @@ pub fn backup(repo: &Repository, opts: &BackupOptions, progress: &Progress) -> R
         .map(|d| FileSource::open(&d.path))
         .collect::<Result<_>>()?;
     let sources: Vec<&dyn BlockSource> = sources.iter().map(|s| s as &dyn BlockSource).collect();
-    backup_sources(repo, opts, &sources, progress, started)
+    backup_sources(repo, opts, &sources, progress)
 }
 
 /// The backup pipeline over any block sources.
@@ -174,8 +173,8 @@ pub fn backup_sources(
     opts: &BackupOptions,
     sources: &[&dyn BlockSource],
     progress: &Progress,
-    started: Instant,
 ) -> Result<Summary> {
+    let started = Instant::now();
     let (mut index, damaged) = index::load(&repo.store, &repo.key)?;
     for e in &damaged {
         warn!(error = %e, "ignoring a damaged index object; its chunks will be stored again");
@@ -594,9 +593,6 @@ mod tests {
     }
 
     impl BlockSource for Growing {
-        fn describe(&self) -> String {
-            "growing".into()
-        }
         fn size(&self) -> Result<u64> {
             let n = self.calls.fetch_add(1, Ordering::SeqCst);
             Ok(self.inner.0.len() as u64 + if n > 0 { 4096 } else { 0 })
@@ -613,14 +609,7 @@ mod tests {
             inner: MemSource(vec![7u8; 1 << 20]),
             calls: AtomicUsize::new(0),
         };
-        let err = backup_sources(
-            &repo,
-            &opts(),
-            &[&src],
-            &Progress::default(),
-            Instant::now(),
-        )
-        .unwrap_err();
+        let err = backup_sources(&repo, &opts(), &[&src], &Progress::default()).unwrap_err();
         assert!(
             matches!(err, Error::SourceChanged { before, after, .. } if after == before + 4096),
             "{err}"
@@ -636,9 +625,8 @@ mod tests {
         for (i, b) in data.iter_mut().enumerate().take(1 << 20) {
             *b = (i * 31 % 251) as u8;
         }
-        let run = |src: &MemSource| {
-            backup_sources(&repo, &opts(), &[src], &Progress::default(), Instant::now()).unwrap()
-        };
+        let run =
+            |src: &MemSource| backup_sources(&repo, &opts(), &[src], &Progress::default()).unwrap();
         let src = MemSource(data.clone());
         let s = run(&src);
         let p = repo.load_point(&s.point).unwrap();

@@ -358,7 +358,6 @@ fn restore_extents(
 ) -> Result<(u64, u64, u64)> {
     // Where every chunk goes; zero runs are handled here.
     let mut wanted: IdMap<(u32, Vec<u64>)> = IdMap::default();
-    let mut order: Vec<ChunkId> = Vec::new();
     let mut off = base;
     for e in extents {
         match e.id {
@@ -367,11 +366,11 @@ fn restore_extents(
                 progress.add_done(e.len as u64);
             }
             Some(id) => {
-                let (_, offs) = wanted.entry(id).or_insert_with(|| (e.len, Vec::new()));
-                if offs.is_empty() {
-                    order.push(id);
-                }
-                offs.push(off);
+                wanted
+                    .entry(id)
+                    .or_insert_with(|| (e.len, Vec::new()))
+                    .1
+                    .push(off);
             }
         }
         off += e.len as u64;
@@ -417,23 +416,31 @@ fn restore_extents(
             }
         });
         wanted = still.into_inner().expect("resume map");
-        order.retain(|id| wanted.contains_key(id));
         kept = kept_n.into_inner();
     }
 
     // Group by pack, in pack order, and coalesce neighbours into ranged reads.
     let mut by_pack: BTreeMap<u32, Vec<(ChunkId, Location)>> = BTreeMap::new();
-    for id in &order {
-        let Some(loc) = index.get(id) else {
-            let first = wanted[id].1[0];
-            return Err(Error::DamagedChunk {
-                chunk: id.to_hex(),
-                disk: name.to_string(),
-                offset: first,
-                detail: "no pack holds it (its pack or index is missing)".into(),
-            });
-        };
-        by_pack.entry(loc.pack).or_default().push((*id, loc));
+    let mut unindexed: Option<(u64, ChunkId)> = None;
+    for (id, (_, offs)) in &wanted {
+        match index.get(id) {
+            Some(loc) => by_pack.entry(loc.pack).or_default().push((*id, loc)),
+            // Report the missing chunk that comes first on the disk.
+            None => {
+                let here = (offs[0], *id);
+                if unindexed.is_none_or(|first| here < first) {
+                    unindexed = Some(here);
+                }
+            }
+        }
+    }
+    if let Some((offset, id)) = unindexed {
+        return Err(Error::DamagedChunk {
+            chunk: id.to_hex(),
+            disk: name.to_string(),
+            offset,
+            detail: "no pack holds it (its pack or index is missing)".into(),
+        });
     }
     let mut jobs = Vec::new();
     for (pack, mut blobs) in by_pack {

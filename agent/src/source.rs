@@ -11,8 +11,6 @@ use crate::error::{Error, Result};
 
 /// Something with a size that can be read at any position.
 pub trait BlockSource: Send + Sync {
-    /// A name for messages.
-    fn describe(&self) -> String;
     /// Size in bytes.
     fn size(&self) -> Result<u64>;
     /// Fill `buf` from `offset`; a short read past the end is an error.
@@ -66,10 +64,6 @@ impl FileSource {
 }
 
 impl BlockSource for FileSource {
-    fn describe(&self) -> String {
-        self.path.display().to_string()
-    }
-
     fn size(&self) -> Result<u64> {
         if self.is_device {
             // The length of a block device is where a seek to its end lands.
@@ -135,9 +129,6 @@ impl BlockSource for FileSource {
 pub struct MemSource(pub Vec<u8>);
 
 impl BlockSource for MemSource {
-    fn describe(&self) -> String {
-        "memory".into()
-    }
     fn size(&self) -> Result<u64> {
         Ok(self.0.len() as u64)
     }

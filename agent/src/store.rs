@@ -21,7 +21,6 @@ pub struct Counters {
     pub puts: AtomicU64,
     pub gets: AtomicU64,
     pub lists: AtomicU64,
-    pub deletes: AtomicU64,
     pub bytes_up: AtomicU64,
     pub bytes_down: AtomicU64,
 }
@@ -32,7 +31,6 @@ pub struct Requests {
     pub puts: u64,
     pub gets: u64,
     pub lists: u64,
-    pub deletes: u64,
     pub bytes_up: u64,
     pub bytes_down: u64,
 }
@@ -84,7 +82,6 @@ impl Store {
             puts: c.puts.load(Ordering::Relaxed),
             gets: c.gets.load(Ordering::Relaxed),
             lists: c.lists.load(Ordering::Relaxed),
-            deletes: c.deletes.load(Ordering::Relaxed),
             bytes_up: c.bytes_up.load(Ordering::Relaxed),
             bytes_down: c.bytes_down.load(Ordering::Relaxed),
         }
@@ -177,13 +174,5 @@ impl Store {
             .collect();
         out.sort();
         Ok(out)
-    }
-
-    pub fn delete(&self, name: &str) -> Result<()> {
-        self.counters.deletes.fetch_add(1, Ordering::Relaxed);
-        let path = Path::from(name);
-        self.rt
-            .block_on(self.inner.delete(&path))
-            .map_err(|e| Error::store(name, e))
     }
 }

@@ -61,9 +61,6 @@ pub fn is_disk_full(e: &(dyn std::error::Error + 'static)) -> bool {
         {
             return true;
         }
-        if err.to_string().contains("No space left on device") {
-            return true;
-        }
         cur = err.source();
     }
     false

@@ -190,3 +190,14 @@ pub fn files_under(dir: &Path) -> Vec<PathBuf> {
     out.sort();
     out
 }
+
+/// Say why a test that needs root cannot run here, and return so the caller
+/// skips; under CI (which runs as root) this fails the test instead.
+pub fn skip_without_root(what: &str) {
+    eprintln!("skipped: cannot {what} (not root?)");
+    assert_ne!(
+        std::env::var("CI").as_deref(),
+        Ok("true"),
+        "CI must be able to {what}"
+    );
+}
