@@ -175,6 +175,8 @@ pub fn backup_sources(
     progress: &Progress,
 ) -> Result<Summary> {
     let started = Instant::now();
+    // The lock goes up before the index is read: prune waits for it.
+    let lock = crate::lock::Lock::acquire(repo, "backup", false)?;
     let (mut index, damaged) = index::load(&repo.store, &repo.key)?;
     for e in &damaged {
         warn!(error = %e, "ignoring a damaged index object; its chunks will be stored again");
@@ -498,7 +500,9 @@ pub fn backup_sources(
         disks: disk_meta,
     };
     let (id, obj) = point::encode(&repo.key, &meta, &lists);
+    lock.ensure_fresh()?;
     repo.put_object(&point::object_name(&id), obj)?;
+    drop(lock);
     let summary = Summary {
         point: id,
         source: opts.source.clone(),
@@ -523,11 +527,19 @@ pub fn backup_sources(
 /// chunks are reused instead of uploaded again. Returns how many were recovered.
 pub fn recover_unindexed_packs(repo: &Repository, index: &mut Index) -> Result<u64> {
     let mut records = Vec::new();
+    let mut trashed = None;
     for (name, size) in repo.store.list("packs/")? {
         let Some(id) = pack::parse_name(&name) else {
             continue;
         };
         if index.has_pack(&id) {
+            continue;
+        }
+        // Packs a prune condemned are not "left by an interrupted backup".
+        if trashed.is_none() {
+            trashed = Some(crate::prune::trashed_packs(repo)?);
+        }
+        if trashed.as_ref().is_some_and(|t| t.contains(&id)) {
             continue;
         }
         match pack::read_table(&repo.store, &repo.key, &name, size) {

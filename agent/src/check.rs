@@ -52,17 +52,19 @@ pub struct Report {
     pub damaged_points: Vec<DamagedPoint>,
     /// Packs no index lists: left by an interrupted backup, indexed by the next one.
     pub unindexed_packs: Vec<String>,
+    pub requests: crate::store::Requests,
     pub duration_secs: f64,
 }
 
 pub fn check(repo: &Repository, opts: CheckOptions, progress: &Progress) -> Result<Report> {
     let started = Instant::now();
+    let _lock = crate::lock::Lock::acquire(repo, "check", false)?;
     let mut problems = Vec::new();
     // Points are listed before the index is loaded: a backup writes its index
     // objects before its point, so every listed point's chunks are in the index
     // even when a backup commits while the check runs.
     let point_ids = repo.point_ids()?;
-    let (index, damaged_index) = index::load(&repo.store, &repo.key)?;
+    let (index, damaged_index) = crate::prune::readable_index(repo)?;
     for e in damaged_index {
         problems.push(problem_of(e));
     }
@@ -94,9 +96,13 @@ pub fn check(repo: &Repository, opts: CheckOptions, progress: &Progress) -> Resu
         }
         pack_names.push((pos, name, size));
     }
+    // Condemned by a prune and awaiting deletion: neither damage nor leftovers.
+    let trashed = crate::prune::trashed_packs(repo)?;
     let unindexed_packs: Vec<String> = listed
         .keys()
-        .filter(|n| pack::parse_name(n).is_some_and(|id| !index.has_pack(&id)))
+        .filter(|n| {
+            pack::parse_name(n).is_some_and(|id| !index.has_pack(&id) && !trashed.contains(&id))
+        })
         .cloned()
         .collect();
 
@@ -218,6 +224,7 @@ pub fn check(repo: &Repository, opts: CheckOptions, progress: &Progress) -> Resu
         problems,
         damaged_points,
         unindexed_packs,
+        requests: repo.store.requests(),
         duration_secs: started.elapsed().as_secs_f64(),
     })
 }

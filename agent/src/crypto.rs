@@ -46,6 +46,12 @@ pub struct MasterKey {
     raw: [u8; 64],
 }
 
+impl Clone for MasterKey {
+    fn clone(&self) -> Self {
+        Self::from_raw(self.raw)
+    }
+}
+
 impl std::fmt::Debug for MasterKey {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("MasterKey(..)")

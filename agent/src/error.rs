@@ -87,6 +87,14 @@ pub enum Error {
         source: object_store::Error,
     },
 
+    /// The store refused to delete an object version that is under Object Lock.
+    #[error("{object} is under Object Lock{}; it stays until then ({detail})", until.map(|u| format!(" until {}", u.format("%Y-%m-%d %H:%M UTC"))).unwrap_or_default())]
+    Locked {
+        object: String,
+        until: Option<chrono::DateTime<chrono::Utc>>,
+        detail: String,
+    },
+
     /// A recovery point reference matched nothing (or too much).
     #[error("{0}")]
     PointNotFound(String),

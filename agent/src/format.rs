@@ -27,6 +27,8 @@ pub enum Kind {
     Pack = 3,
     Index = 4,
     Point = 5,
+    Lock = 6,
+    Trash = 7,
 }
 
 impl Kind {
@@ -37,6 +39,8 @@ impl Kind {
             Kind::Pack => "pack",
             Kind::Index => "index",
             Kind::Point => "recovery point",
+            Kind::Lock => "lock",
+            Kind::Trash => "prune record",
         }
     }
 }

@@ -11,13 +11,18 @@ pub mod crypto;
 pub mod error;
 pub mod format;
 pub mod index;
+pub mod lock;
 pub mod pack;
 pub mod point;
 pub mod progress;
+pub mod prune;
 pub mod repo;
 pub mod restore;
+pub mod retention;
 pub mod source;
+pub mod stats;
 pub mod store;
+pub mod undelete;
 
 pub use error::{Error, Result};
 pub use repo::Repository;

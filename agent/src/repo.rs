@@ -17,7 +17,7 @@ use crate::crypto::{KdfParams, KeyFile, MasterKey, random_hex};
 use crate::error::{Error, Result};
 use crate::format::{self, Kind};
 use crate::point::{self, Point};
-use crate::store::Store;
+use crate::store::{LockPolicy, Store};
 
 /// Settings fixed when the repository is created.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -28,6 +28,9 @@ pub struct Config {
     pub chunker: Chunker,
     /// zstd level for chunks (1..=19).
     pub compression_level: i32,
+    /// Object Lock retention given to every object written (S3 only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lock: Option<LockPolicy>,
 }
 
 /// Options for `init`.
@@ -36,6 +39,7 @@ pub struct InitOptions {
     pub chunker: Chunker,
     pub compression_level: i32,
     pub kdf: KdfParams,
+    pub lock: Option<LockPolicy>,
 }
 
 impl Default for InitOptions {
@@ -44,6 +48,7 @@ impl Default for InitOptions {
             chunker: Chunker::default(),
             compression_level: DEFAULT_COMPRESSION_LEVEL,
             kdf: KdfParams::default(),
+            lock: None,
         }
     }
 }
@@ -76,6 +81,26 @@ impl Repository {
                 location: store.location().to_string(),
             });
         }
+        if let Some(lock) = opts.lock {
+            if lock.days == 0 {
+                return Err(Error::InvalidInput(
+                    "an Object Lock retention must be at least 1 day".into(),
+                ));
+            }
+            let enabled = match store.versioned() {
+                Some(v) => store
+                    .block_on(v.lock_enabled())
+                    .map_err(|e| Error::store("bucket lock configuration", e))?,
+                None => false,
+            };
+            if !enabled {
+                return Err(Error::InvalidInput(format!(
+                    "{} cannot keep immutable recovery points: its bucket does not have S3 Object Lock enabled; create the bucket with Object Lock (aws s3api create-bucket --object-lock-enabled-for-bucket) or init without --object-lock",
+                    store.location()
+                )));
+            }
+        }
+        let store = store.with_lock(opts.lock);
         let key = MasterKey::generate();
         let key_file = key.wrap(password, opts.kdf)?;
         let mut obj = format::header(Kind::Key).to_vec();
@@ -86,6 +111,7 @@ impl Repository {
             created: Utc::now(),
             chunker: opts.chunker,
             compression_level: opts.compression_level,
+            lock: opts.lock,
         };
         let header = format::header(Kind::Config);
         let mut obj = header.to_vec();
@@ -149,6 +175,13 @@ impl Repository {
                     ),
                 ));
             }
+            if config.lock.is_some() && store.versioned().is_none() {
+                tracing::warn!(
+                    "the repository was created with Object Lock, but {} has no Object Lock; new objects are not locked",
+                    store.location()
+                );
+            }
+            let store = store.with_lock(config.lock);
             return Ok(Repository { store, key, config });
         }
         if let Some(e) = unreadable.into_iter().next() {

@@ -88,6 +88,8 @@ pub fn restore(
     progress: &Progress,
 ) -> Result<Summary> {
     let started = Instant::now();
+    // Held until the end: prune deletes nothing this restore may still read.
+    let _lock = crate::lock::Lock::acquire(repo, "restore", false)?;
     let disks: Vec<usize> = match &opts.disk {
         Some(name) => vec![
             point
@@ -138,7 +140,7 @@ pub fn restore(
         )));
     }
 
-    let (index, _) = index::load(&repo.store, &repo.key)?;
+    let (index, _) = crate::prune::readable_index(repo)?;
     let mut summary = Summary {
         point: point.id.clone(),
         disks: Vec::new(),

@@ -1,19 +1,43 @@
-//! A synchronous face on an `object_store` store, with request accounting.
+//! A synchronous face on an `object_store` store: bounded retries with backoff,
+//! timeouts, short-read detection, request accounting, and (where the store has
+//! them) versioning and Object Lock retention.
 //!
 //! The data plane runs its CPU stages on plain threads; this wrapper owns a small
 //! tokio runtime and blocks on each request, so IO threads overlap CPU threads
 //! without the pipeline itself being async.
+//!
+//! Retries: every request is retried on transient failures (server errors,
+//! throttling, resets, timeouts, short bodies) up to [`RetryPolicy::attempts`]
+//! times with exponential backoff and full jitter. Retrying a put is safe because
+//! every object Ferry writes is either content-addressed or written once under a
+//! fresh random name: a put that landed but whose answer was lost is repeated with
+//! the same bytes. Permanent failures (not found, access denied, a full disk, an
+//! object shorter than asked for) are not retried.
 
+use std::future::Future;
 use std::ops::Range;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
 
 use bytes::Bytes;
+use chrono::{DateTime, Utc};
 use futures::TryStreamExt;
+use futures::future::BoxFuture;
 use object_store::path::Path;
-use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
+use object_store::{
+    Attribute, Attributes, GetOptions, GetRange, ObjectStore, ObjectStoreExt, PutOptions,
+    PutPayload, WriteMultipart,
+};
+use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
+
+/// Objects at least this large are uploaded in parts. Packs (about 16 MiB) stay
+/// below it: one PUT is one request and is atomic on every store.
+pub const MULTIPART_THRESHOLD: usize = 64 << 20;
+/// Part size of multipart uploads.
+pub const PART_SIZE: usize = 16 << 20;
 
 /// Requests and bytes, for summaries and cost accounting.
 #[derive(Debug, Default)]
@@ -21,18 +45,135 @@ pub struct Counters {
     pub puts: AtomicU64,
     pub gets: AtomicU64,
     pub lists: AtomicU64,
+    pub deletes: AtomicU64,
+    pub retries: AtomicU64,
     pub bytes_up: AtomicU64,
     pub bytes_down: AtomicU64,
 }
 
 /// A snapshot of [`Counters`].
-#[derive(Debug, Clone, Copy, Default, serde::Serialize)]
+#[derive(Debug, Clone, Copy, Default, Serialize)]
 pub struct Requests {
     pub puts: u64,
     pub gets: u64,
     pub lists: u64,
+    pub deletes: u64,
+    /// Requests that failed transiently and were sent again (not counted above).
+    pub retries: u64,
     pub bytes_up: u64,
     pub bytes_down: u64,
+}
+
+/// How requests are retried.
+#[derive(Debug, Clone, Copy)]
+pub struct RetryPolicy {
+    /// Tries per request, the first included.
+    pub attempts: u32,
+    /// Backoff before the second try; doubles each time, with full jitter.
+    pub base: Duration,
+    /// Largest backoff.
+    pub max: Duration,
+    /// One request taking longer than this fails (and is retried).
+    pub timeout: Duration,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        RetryPolicy {
+            attempts: 6,
+            base: Duration::from_millis(50),
+            max: Duration::from_secs(5),
+            timeout: Duration::from_secs(120),
+        }
+    }
+}
+
+/// Object Lock modes, as S3 names them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "UPPERCASE")]
+pub enum LockMode {
+    /// Users with a special permission may shorten or remove the retention.
+    Governance,
+    /// Nobody, the account root included, can delete a version before it expires.
+    Compliance,
+}
+
+impl LockMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LockMode::Governance => "GOVERNANCE",
+            LockMode::Compliance => "COMPLIANCE",
+        }
+    }
+}
+
+/// The retention of one object version.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Retention {
+    pub mode: LockMode,
+    pub until: DateTime<Utc>,
+}
+
+/// One version of an object in a versioned bucket.
+#[derive(Debug, Clone)]
+pub struct ObjectVersion {
+    pub name: String,
+    pub version: String,
+    pub delete_marker: bool,
+    pub latest: bool,
+    pub size: u64,
+    pub modified: DateTime<Utc>,
+}
+
+/// Features only some stores have (S3 and compatibles): versions and Object Lock.
+/// Implemented in `ferry-connectors` with the AWS SDK; names are relative to the
+/// repository, like every other name in this module.
+pub trait Versioned: Send + Sync + std::fmt::Debug {
+    /// Whether the bucket has Object Lock enabled.
+    fn lock_enabled(&self) -> BoxFuture<'_, Result<bool, object_store::Error>>;
+    /// Write an object with a retention date.
+    fn put_retained<'a>(
+        &'a self,
+        name: &'a str,
+        data: Bytes,
+        retention: Retention,
+        storage_class: Option<&'a str>,
+    ) -> BoxFuture<'a, Result<(), object_store::Error>>;
+    /// The retention of the current version, if it has one.
+    fn retention<'a>(
+        &'a self,
+        name: &'a str,
+    ) -> BoxFuture<'a, Result<Option<Retention>, object_store::Error>>;
+    /// Set a later retention date on the current version.
+    fn extend<'a>(
+        &'a self,
+        name: &'a str,
+        retention: Retention,
+    ) -> BoxFuture<'a, Result<(), object_store::Error>>;
+    /// Every version and delete marker under a prefix.
+    fn versions<'a>(
+        &'a self,
+        prefix: &'a str,
+    ) -> BoxFuture<'a, Result<Vec<ObjectVersion>, object_store::Error>>;
+    /// Remove one version for good (refused while it is locked).
+    fn delete_version<'a>(
+        &'a self,
+        name: &'a str,
+        version: &'a str,
+    ) -> BoxFuture<'a, Result<(), object_store::Error>>;
+    /// Read one version.
+    fn get_version<'a>(
+        &'a self,
+        name: &'a str,
+        version: &'a str,
+    ) -> BoxFuture<'a, Result<Bytes, object_store::Error>>;
+}
+
+/// Retention applied to every object a repository writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LockPolicy {
+    pub mode: LockMode,
+    pub days: u32,
 }
 
 /// An object store plus the runtime that drives it.
@@ -42,11 +183,45 @@ pub struct Store {
     rt: Arc<tokio::runtime::Runtime>,
     location: String,
     counters: Arc<Counters>,
+    retry: RetryPolicy,
+    versioned: Option<Arc<dyn Versioned>>,
+    lock: Option<LockPolicy>,
+    storage_class: Option<String>,
 }
 
 impl std::fmt::Debug for Store {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "Store({})", self.location)
+    }
+}
+
+/// Whether an error, or any error it wraps, is a full disk.
+pub fn is_storage_full(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cur = Some(e);
+    while let Some(err) = cur {
+        if let Some(io) = err.downcast_ref::<std::io::Error>()
+            && (io.kind() == std::io::ErrorKind::StorageFull || io.raw_os_error() == Some(28))
+        {
+            return true;
+        }
+        cur = err.source();
+    }
+    false
+}
+
+/// Whether trying the same request again may succeed.
+fn transient(e: &object_store::Error) -> bool {
+    use object_store::Error as E;
+    match e {
+        E::Generic { .. } | E::JoinError { .. } => !is_storage_full(e),
+        _ => false,
+    }
+}
+
+fn short_body(name: &str, want: u64, got: usize) -> object_store::Error {
+    object_store::Error::Generic {
+        store: "ferry",
+        source: format!("{name}: short response body: expected {want} bytes, got {got}").into(),
     }
 }
 
@@ -63,12 +238,52 @@ impl Store {
             rt: Arc::new(rt),
             location: location.into(),
             counters: Arc::default(),
+            retry: RetryPolicy::default(),
+            versioned: None,
+            lock: None,
+            storage_class: None,
         }
     }
 
     /// An in-memory store, for tests.
     pub fn memory() -> Self {
         Store::new(Arc::new(object_store::memory::InMemory::new()), "memory:")
+    }
+
+    pub fn with_retry(mut self, retry: RetryPolicy) -> Self {
+        self.retry = retry;
+        self
+    }
+
+    /// Give the store its versioning and Object Lock features.
+    pub fn with_versioned(mut self, v: Arc<dyn Versioned>) -> Self {
+        self.versioned = Some(v);
+        self
+    }
+
+    /// Write every repository object (but `locks/`) with this retention.
+    pub fn with_lock(mut self, lock: Option<LockPolicy>) -> Self {
+        self.lock = lock;
+        self
+    }
+
+    /// The storage class new packs are written in (provider names, e.g. `STANDARD_IA`).
+    pub fn with_storage_class(mut self, class: Option<String>) -> Self {
+        self.storage_class = class;
+        self
+    }
+
+    pub fn versioned(&self) -> Option<&Arc<dyn Versioned>> {
+        self.versioned.as_ref()
+    }
+
+    pub fn lock(&self) -> Option<LockPolicy> {
+        self.lock
+    }
+
+    /// Run a future on the store's runtime (for connectors that set up clients).
+    pub fn block_on<F: Future>(&self, f: F) -> F::Output {
+        self.rt.block_on(f)
     }
 
     /// Where the repository lives, as the user named it.
@@ -82,8 +297,49 @@ impl Store {
             puts: c.puts.load(Ordering::Relaxed),
             gets: c.gets.load(Ordering::Relaxed),
             lists: c.lists.load(Ordering::Relaxed),
+            deletes: c.deletes.load(Ordering::Relaxed),
+            retries: c.retries.load(Ordering::Relaxed),
             bytes_up: c.bytes_up.load(Ordering::Relaxed),
             bytes_down: c.bytes_down.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Run `op` with the retry policy. `op` is called once per try.
+    fn retrying<T, F, Fut>(&self, what: &str, mut op: F) -> Result<T, object_store::Error>
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = Result<T, object_store::Error>>,
+    {
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let result = self
+                .rt
+                .block_on(async { tokio::time::timeout(self.retry.timeout, op()).await })
+                .unwrap_or_else(|_| {
+                    Err(object_store::Error::Generic {
+                        store: "ferry",
+                        source: format!(
+                            "{what}: no answer within {:?} (timeout)",
+                            self.retry.timeout
+                        )
+                        .into(),
+                    })
+                });
+            match result {
+                Err(e) if attempt < self.retry.attempts && transient(&e) => {
+                    self.counters.retries.fetch_add(1, Ordering::Relaxed);
+                    let cap = self
+                        .retry
+                        .base
+                        .saturating_mul(1 << (attempt - 1).min(16))
+                        .min(self.retry.max);
+                    let wait = cap.mul_f64(jitter());
+                    tracing::debug!(object = what, attempt, ?wait, error = %e, "retrying");
+                    std::thread::sleep(wait);
+                }
+                other => return other,
+            }
         }
     }
 
@@ -91,8 +347,15 @@ impl Store {
         self.counters.gets.fetch_add(1, Ordering::Relaxed);
         let path = Path::from(name);
         let bytes = self
-            .rt
-            .block_on(async { self.inner.get(&path).await?.bytes().await })
+            .retrying(name, || async {
+                let r = self.inner.get(&path).await?;
+                let want = r.range.end - r.range.start;
+                let bytes = r.bytes().await?;
+                if bytes.len() as u64 != want {
+                    return Err(short_body(name, want, bytes.len()));
+                }
+                Ok(bytes)
+            })
             .map_err(|e| Error::store(name, e))?;
         self.counters
             .bytes_down
@@ -104,32 +367,53 @@ impl Store {
         self.counters.gets.fetch_add(1, Ordering::Relaxed);
         let path = Path::from(name);
         let want = range.end - range.start;
-        let bytes = self
-            .rt
-            .block_on(self.inner.get_range(&path, range.clone()))
-            .map_err(|e| match e {
-                object_store::Error::NotFound { .. } => Error::Missing {
-                    object: name.to_string(),
-                },
-                e => Error::corrupt(
+        let fetched = self.retrying(name, || async {
+            let opts = GetOptions {
+                range: Some(GetRange::Bounded(range.clone())),
+                ..GetOptions::default()
+            };
+            let r = self.inner.get_opts(&path, opts).await?;
+            if r.meta.size < range.end {
+                // The object itself is short: trying again will not help.
+                return Ok(Err(r.meta.size));
+            }
+            let bytes = r.bytes().await?;
+            if bytes.len() as u64 != want {
+                return Err(short_body(name, want, bytes.len()));
+            }
+            Ok(Ok(bytes))
+        });
+        let bytes = match fetched {
+            Ok(Ok(bytes)) => bytes,
+            Ok(Err(size)) => {
+                return Err(Error::corrupt(
                     name,
                     format!(
-                        "cannot read bytes {}..{}: {e} (truncated?)",
+                        "asked for bytes {}..{}, but the object has only {size} bytes (truncated?)",
                         range.start, range.end
                     ),
-                ),
-            })?;
-        if bytes.len() as u64 != want {
-            return Err(Error::corrupt(
-                name,
-                format!(
-                    "asked for bytes {}..{}, got {} bytes (truncated?)",
-                    range.start,
-                    range.end,
-                    bytes.len()
-                ),
-            ));
-        }
+                ));
+            }
+            Err(object_store::Error::NotFound { .. }) => {
+                return Err(Error::Missing {
+                    object: name.to_string(),
+                });
+            }
+            Err(e) if !transient(&e) => {
+                // Stores answer a range past the end with an error of their own.
+                return Err(match self.size(name) {
+                    Ok(Some(size)) if size < range.end => Error::corrupt(
+                        name,
+                        format!(
+                            "asked for bytes {}..{}, but the object has only {size} bytes (truncated?)",
+                            range.start, range.end
+                        ),
+                    ),
+                    _ => Error::store(name, e),
+                });
+            }
+            Err(e) => return Err(Error::store(name, e)),
+        };
         self.counters
             .bytes_down
             .fetch_add(bytes.len() as u64, Ordering::Relaxed);
@@ -137,25 +421,78 @@ impl Store {
     }
 
     /// Write a whole object. Stores make a put atomic: readers see all or nothing.
+    /// In a repository with Object Lock, everything but `locks/` is written with
+    /// the repository's retention.
     pub fn put(&self, name: &str, data: Bytes) -> Result<()> {
+        self.put_inner(name, data).map_err(|e| match e {
+            // A write cannot miss its object: the bucket or container is missing.
+            Error::Missing { .. } => Error::InvalidInput(format!(
+                "cannot write {name} to {}: the store answered \"not found\"; check that the bucket or container exists",
+                self.location
+            )),
+            e => e,
+        })
+    }
+
+    fn put_inner(&self, name: &str, data: Bytes) -> Result<()> {
         self.counters.puts.fetch_add(1, Ordering::Relaxed);
         self.counters
             .bytes_up
             .fetch_add(data.len() as u64, Ordering::Relaxed);
         let path = Path::from(name);
-        self.rt
-            .block_on(self.inner.put(&path, PutPayload::from_bytes(data)))
-            .map_err(|e| Error::store(name, e))?;
-        Ok(())
+        let class = self
+            .storage_class
+            .as_deref()
+            .filter(|_| name.starts_with("packs/"));
+        if let (Some(lock), Some(v)) = (self.lock, &self.versioned)
+            && !name.starts_with("locks/")
+        {
+            let retention = Retention {
+                mode: lock.mode,
+                until: Utc::now() + chrono::Duration::days(i64::from(lock.days)),
+            };
+            return self
+                .retrying(name, || {
+                    v.put_retained(name, data.clone(), retention, class)
+                })
+                .map_err(|e| Error::store(name, e));
+        }
+        let mut attributes = Attributes::new();
+        if let Some(class) = class {
+            attributes.insert(Attribute::StorageClass, class.to_string().into());
+        }
+        self.retrying(name, || async {
+            if data.len() >= MULTIPART_THRESHOLD {
+                let upload = self.inner.put_multipart(&path).await?;
+                let mut w = WriteMultipart::new_with_chunk_size(upload, PART_SIZE);
+                w.put(data.clone());
+                w.finish().await?;
+            } else {
+                let opts = PutOptions {
+                    attributes: attributes.clone(),
+                    ..PutOptions::default()
+                };
+                self.inner
+                    .put_opts(&path, PutPayload::from_bytes(data.clone()), opts)
+                    .await?;
+            }
+            Ok(())
+        })
+        .map_err(|e| Error::store(name, e))
     }
 
     /// Whether an object exists.
     pub fn exists(&self, name: &str) -> Result<bool> {
+        Ok(self.size(name)?.is_some())
+    }
+
+    /// The size of an object, or `None` when there is none.
+    pub fn size(&self, name: &str) -> Result<Option<u64>> {
         self.counters.gets.fetch_add(1, Ordering::Relaxed);
         let path = Path::from(name);
-        match self.rt.block_on(self.inner.head(&path)) {
-            Ok(_) => Ok(true),
-            Err(object_store::Error::NotFound { .. }) => Ok(false),
+        match self.retrying(name, || self.inner.head(&path)) {
+            Ok(meta) => Ok(Some(meta.size)),
+            Err(object_store::Error::NotFound { .. }) => Ok(None),
             Err(e) => Err(Error::store(name, e)),
         }
     }
@@ -165,8 +502,9 @@ impl Store {
         self.counters.lists.fetch_add(1, Ordering::Relaxed);
         let path = Path::from(prefix);
         let metas: Vec<_> = self
-            .rt
-            .block_on(self.inner.list(Some(&path)).try_collect())
+            .retrying(prefix, || {
+                self.inner.list(Some(&path)).try_collect::<Vec<_>>()
+            })
             .map_err(|e| Error::store(prefix, e))?;
         let mut out: Vec<_> = metas
             .into_iter()
@@ -174,5 +512,133 @@ impl Store {
             .collect();
         out.sort();
         Ok(out)
+    }
+
+    /// Remove an object for good. On a versioned store every version goes (a plain
+    /// delete there would only hide it behind a delete marker); a version still
+    /// under Object Lock is refused by the store and reported as [`Error::Locked`].
+    /// Deleting what is already gone succeeds.
+    pub fn delete(&self, name: &str) -> Result<()> {
+        if let Some(v) = &self.versioned {
+            let versions = self.versions(name)?;
+            for ver in versions.iter().filter(|ver| ver.name == name) {
+                self.counters.deletes.fetch_add(1, Ordering::Relaxed);
+                if let Err(e) = self.retrying(name, || v.delete_version(&ver.name, &ver.version)) {
+                    let until = self.retention(name).ok().flatten().map(|r| r.until);
+                    return Err(Error::Locked {
+                        object: name.to_string(),
+                        until,
+                        detail: e.to_string(),
+                    });
+                }
+            }
+            return Ok(());
+        }
+        self.counters.deletes.fetch_add(1, Ordering::Relaxed);
+        let path = Path::from(name);
+        match self.retrying(name, || self.inner.delete(&path)) {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+            Err(e) => Err(Error::store(name, e)),
+        }
+    }
+
+    fn need_versioned(&self, what: &str) -> Result<&Arc<dyn Versioned>> {
+        self.versioned.as_ref().ok_or_else(|| {
+            Error::InvalidInput(format!(
+                "{what} needs a store with versioning (an S3 bucket); {} has none",
+                self.location
+            ))
+        })
+    }
+
+    /// Every version and delete marker under `prefix` (versioned stores only).
+    pub fn versions(&self, prefix: &str) -> Result<Vec<ObjectVersion>> {
+        let v = self.need_versioned("listing object versions")?;
+        self.counters.lists.fetch_add(1, Ordering::Relaxed);
+        self.retrying(prefix, || v.versions(prefix))
+            .map_err(|e| Error::store(prefix, e))
+    }
+
+    /// Read one version of an object (versioned stores only).
+    pub fn get_version(&self, name: &str, version: &str) -> Result<Bytes> {
+        let v = self.need_versioned("reading an object version")?;
+        self.counters.gets.fetch_add(1, Ordering::Relaxed);
+        let bytes = self
+            .retrying(name, || v.get_version(name, version))
+            .map_err(|e| Error::store(name, e))?;
+        self.counters
+            .bytes_down
+            .fetch_add(bytes.len() as u64, Ordering::Relaxed);
+        Ok(bytes)
+    }
+
+    /// The Object Lock retention of an object's current version, if any.
+    pub fn retention(&self, name: &str) -> Result<Option<Retention>> {
+        let Some(v) = &self.versioned else {
+            return Ok(None);
+        };
+        self.counters.gets.fetch_add(1, Ordering::Relaxed);
+        self.retrying(name, || v.retention(name))
+            .map_err(|e| Error::store(name, e))
+    }
+
+    /// Move an object's retention date later.
+    pub fn extend_retention(&self, name: &str, retention: Retention) -> Result<()> {
+        let v = self.need_versioned("extending retention")?;
+        self.counters.puts.fetch_add(1, Ordering::Relaxed);
+        self.retrying(name, || v.extend(name, retention))
+            .map_err(|e| Error::store(name, e))
+    }
+}
+
+/// A number in [0, 1) for backoff jitter; quality does not matter.
+fn jitter() -> f64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u64(std::process::id().into());
+    (h.finish() >> 11) as f64 / (1u64 << 53) as f64
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn large_objects_go_up_in_parts_and_read_back_whole() {
+        let store = Store::memory();
+        let data: Bytes = (0..MULTIPART_THRESHOLD + 12345)
+            .map(|i| (i % 251) as u8)
+            .collect::<Vec<_>>()
+            .into();
+        store.put("big", data.clone()).unwrap();
+        assert_eq!(store.get("big").unwrap(), data);
+        assert_eq!(store.size("big").unwrap(), Some(data.len() as u64));
+        let r = store.get_range("big", 100..200).unwrap();
+        assert_eq!(&r[..], &data[100..200]);
+    }
+
+    #[test]
+    fn range_past_the_end_is_a_truncated_object_not_a_retry_loop() {
+        let store = Store::memory();
+        store
+            .put("small", Bytes::from_static(b"0123456789"))
+            .unwrap();
+        let err = store.get_range("small", 5..50).unwrap_err();
+        assert!(err.to_string().contains("only 10 bytes"), "{err}");
+        assert_eq!(store.requests().retries, 0);
+        assert!(matches!(
+            store.get_range("none", 0..1),
+            Err(Error::Missing { .. })
+        ));
+    }
+
+    #[test]
+    fn delete_is_idempotent_and_counted() {
+        let store = Store::memory();
+        store.put("a", Bytes::from_static(b"x")).unwrap();
+        store.delete("a").unwrap();
+        store.delete("a").unwrap();
+        assert!(!store.exists("a").unwrap());
+        assert_eq!(store.requests().deletes, 2);
     }
 }

@@ -1,3 +1,6 @@
-//! Connectors: how Ferry reaches the outside world. For now, object stores by URL.
+//! Connectors: how Ferry reaches the outside world. For now, object stores by URL
+//! (local directories, S3 and compatibles, GCS, Azure Blob) and a fault injector.
 
+pub mod faults;
+pub mod s3;
 pub mod store;

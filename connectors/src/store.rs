@@ -1,23 +1,119 @@
-//! Opening a repository's object store from what the user typed: a directory path,
-//! a `file://` URL, or `memory:` for tests. Cloud URLs (`s3://`, `gs://`, `az://`)
-//! are recognised and refused with a clear message until their connectors land.
+//! Opening a repository's object store from what the user typed: a directory
+//! path, `file://`, `s3://BUCKET/PREFIX`, `gs://BUCKET/PREFIX`,
+//! `az://CONTAINER/PREFIX`, or `memory:` for tests.
+//!
+//! Credentials never appear in the location: S3 takes them from the AWS SDK's
+//! default chain, GCS from `GOOGLE_*` variables (service account file or
+//! application default credentials), Azure from `AZURE_STORAGE_*` variables.
+//!
+//! `FERRY_FAULTS` wraps the store in a fault injector (see [`crate::faults`]);
+//! `FERRY_STORE_TIMEOUT` (seconds) and `FERRY_STORE_ATTEMPTS` tune retries.
 
 use std::sync::Arc;
 
+use ferry_agent::store::RetryPolicy;
 use ferry_agent::{Error, Result, Store};
+use object_store::ObjectStore;
 use object_store::local::LocalFileSystem;
+use object_store::prefix::PrefixStore;
+
+use crate::faults::{FaultSpec, Faulty};
 
 /// Open the store a repository location names. `create` makes a missing directory.
 pub fn open(location: &str, create: bool) -> Result<Store> {
-    if location == "memory:" {
-        return Ok(Store::memory());
+    let (inner, versioned) = open_inner(location, create)?;
+    let inner = match std::env::var("FERRY_FAULTS") {
+        Ok(spec) if !spec.is_empty() => {
+            let spec = FaultSpec::parse(&spec).map_err(Error::InvalidInput)?;
+            tracing::warn!(?spec, "injecting store faults (FERRY_FAULTS)");
+            Arc::new(Faulty::new(inner, spec)) as Arc<dyn ObjectStore>
+        }
+        _ => inner,
+    };
+    let mut store = Store::new(inner, location).with_retry(retry_policy()?);
+    if let Some(v) = versioned {
+        store = store.with_versioned(v);
     }
-    if let Some(scheme) = ["s3://", "gs://", "az://", "azure://", "http://", "https://"]
-        .iter()
-        .find(|s| location.starts_with(**s))
-    {
+    Ok(store)
+}
+
+fn retry_policy() -> Result<RetryPolicy> {
+    let mut p = RetryPolicy::default();
+    if let Ok(v) = std::env::var("FERRY_STORE_TIMEOUT") {
+        let secs: f64 = v.parse().ok().filter(|s| *s > 0.0).ok_or_else(|| {
+            Error::InvalidInput(format!(
+                "FERRY_STORE_TIMEOUT={v:?} is not a number of seconds"
+            ))
+        })?;
+        p.timeout = std::time::Duration::from_secs_f64(secs);
+    }
+    if let Ok(v) = std::env::var("FERRY_STORE_ATTEMPTS") {
+        p.attempts = v.parse().ok().filter(|n| *n >= 1).ok_or_else(|| {
+            Error::InvalidInput(format!(
+                "FERRY_STORE_ATTEMPTS={v:?} is not a count of at least 1"
+            ))
+        })?;
+    }
+    Ok(p)
+}
+
+type Opened = (
+    Arc<dyn ObjectStore>,
+    Option<Arc<dyn ferry_agent::store::Versioned>>,
+);
+
+fn bucket_and_prefix<'a>(location: &'a str, scheme: &str) -> Result<(&'a str, &'a str)> {
+    let rest = &location[scheme.len()..];
+    let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+    if bucket.is_empty() {
         return Err(Error::InvalidInput(format!(
-            "{scheme} repositories are not supported by this build yet; use a directory path"
+            "{location}: no bucket or container named; write {scheme}NAME/PREFIX"
+        )));
+    }
+    Ok((bucket, prefix.trim_matches('/')))
+}
+
+fn prefixed<S: ObjectStore>(store: S, prefix: &str) -> Arc<dyn ObjectStore> {
+    if prefix.is_empty() {
+        Arc::new(store)
+    } else {
+        Arc::new(PrefixStore::new(store, prefix))
+    }
+}
+
+fn open_inner(location: &str, create: bool) -> Result<Opened> {
+    if location == "memory:" {
+        return Ok((Arc::new(object_store::memory::InMemory::new()), None));
+    }
+    let cannot = |e: object_store::Error| {
+        Error::InvalidInput(format!("cannot use {location} as a repository: {e}"))
+    };
+    if location.starts_with("s3://") {
+        let (inner, v) = crate::s3::open(location)?;
+        return Ok((inner, Some(v)));
+    }
+    if location.starts_with("gs://") {
+        let (bucket, prefix) = bucket_and_prefix(location, "gs://")?;
+        let gcs = object_store::gcp::GoogleCloudStorageBuilder::from_env()
+            .with_bucket_name(bucket)
+            .build()
+            .map_err(cannot)?;
+        return Ok((prefixed(gcs, prefix), None));
+    }
+    if let Some(scheme) = ["az://", "azure://"]
+        .into_iter()
+        .find(|s| location.starts_with(s))
+    {
+        let (container, prefix) = bucket_and_prefix(location, scheme)?;
+        let az = object_store::azure::MicrosoftAzureBuilder::from_env()
+            .with_container_name(container)
+            .build()
+            .map_err(cannot)?;
+        return Ok((prefixed(az, prefix), None));
+    }
+    if location.starts_with("http://") || location.starts_with("https://") {
+        return Err(Error::InvalidInput(format!(
+            "{location}: give the bucket as s3://BUCKET/PREFIX?endpoint=URL (or set AWS_ENDPOINT_URL) for S3-compatible servers"
         )));
     }
     let path = location.strip_prefix("file://").unwrap_or(location);
@@ -37,9 +133,8 @@ pub fn open(location: &str, create: bool) -> Result<Store> {
             Error::InvalidInput(format!("cannot create repository directory {path}: {e}"))
         })?;
     }
-    let fs = LocalFileSystem::new_with_prefix(dir)
-        .map_err(|e| Error::InvalidInput(format!("cannot use {path} as a repository: {e}")))?;
-    Ok(Store::new(Arc::new(fs), location))
+    let fs = LocalFileSystem::new_with_prefix(dir).map_err(cannot)?;
+    Ok((Arc::new(fs), None))
 }
 
 #[cfg(test)]
@@ -54,8 +149,9 @@ mod tests {
         assert!(matches!(open(loc, false), Err(Error::NoRepository { .. })));
         assert!(open(loc, true).is_ok());
         assert!(p.is_dir());
+        assert!(matches!(open("gs://", false), Err(Error::InvalidInput(_))));
         assert!(matches!(
-            open("s3://b/p", false),
+            open("https://example.com/x", false),
             Err(Error::InvalidInput(_))
         ));
     }

@@ -49,7 +49,7 @@ pub struct Cli {
 /// Options every command takes.
 #[derive(Debug, Args)]
 pub struct Global {
-    /// Repository: a directory path or file:// URL.
+    /// Repository: a directory path, file://, s3://BUCKET/PREFIX, gs://BUCKET/PREFIX or az://CONTAINER/PREFIX.
     #[arg(
         short = 'r',
         long = "repo",
@@ -84,6 +84,76 @@ pub enum Command {
     Restore(RestoreArgs),
     /// Verify the repository's structure, and with --read-data every byte.
     Check(CheckArgs),
+    /// Remove recovery points a retention policy does not keep (per source).
+    Forget(ForgetArgs),
+    /// Reclaim the space of data no recovery point uses; safe while backups run.
+    Prune(PruneArgs),
+    /// What the repository holds, and what storing and restoring it costs.
+    Stats(StatsArgs),
+    /// On a versioned bucket, put back every object someone deleted or overwrote.
+    Undelete(UndeleteArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ForgetArgs {
+    /// Remove exactly these recovery points (ids, prefixes, SOURCE@latest, SOURCE@TIME).
+    pub points: Vec<String>,
+    /// Only this source's points (default: every source, each on its own).
+    #[arg(long)]
+    pub source: Option<String>,
+    /// Keep the newest N points.
+    #[arg(long, value_name = "N")]
+    pub keep_last: Option<u32>,
+    /// Keep the newest point of each of the last N hours that have points.
+    #[arg(long, value_name = "N")]
+    pub keep_hourly: Option<u32>,
+    #[arg(long, value_name = "N")]
+    pub keep_daily: Option<u32>,
+    #[arg(long, value_name = "N")]
+    pub keep_weekly: Option<u32>,
+    #[arg(long, value_name = "N")]
+    pub keep_monthly: Option<u32>,
+    #[arg(long, value_name = "N")]
+    pub keep_yearly: Option<u32>,
+    /// Keep every point within this long of the newest one: y, m (months), w, d, h, min, s; e.g. 30min, 36h, 7d, 1y6m.
+    #[arg(long, value_name = "DURATION")]
+    pub keep_within: Option<String>,
+    /// Show what would be removed; remove nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Run prune afterwards.
+    #[arg(long)]
+    pub prune: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct PruneArgs {
+    /// Repack a pack when more than this percentage of it is unused.
+    #[arg(long, default_value_t = 10.0)]
+    pub max_unused: f64,
+    /// Show what would be reclaimed; change nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct StatsArgs {
+    /// A price table (JSON) to estimate costs with; see --print-prices.
+    #[arg(long)]
+    pub prices: Option<PathBuf>,
+    /// Print the built-in price table as JSON (to edit and pass to --prices).
+    #[arg(long)]
+    pub print_prices: bool,
+    /// Storage class to price the data in (e.g. STANDARD_IA); default: the table's default.
+    #[arg(long)]
+    pub storage_class: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct UndeleteArgs {
+    /// Show what would be put back; change nothing.
+    #[arg(long)]
+    pub dry_run: bool,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -105,6 +175,21 @@ pub struct InitArgs {
     /// zstd level for chunks, 1 to 19.
     #[arg(long, default_value_t = ferry_agent::repo::DEFAULT_COMPRESSION_LEVEL)]
     pub compression: i32,
+    /// Make recovery points immutable with S3 Object Lock: every object is written
+    /// with a retention in this mode (the bucket must have Object Lock enabled).
+    #[arg(long, value_enum)]
+    pub object_lock: Option<LockModeArg>,
+    /// Days each object stays locked after it is written (or last extended by prune).
+    #[arg(long, default_value_t = 30, requires = "object_lock")]
+    pub lock_days: u32,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum LockModeArg {
+    /// Nobody can delete a locked version before it expires, not even the account root.
+    Compliance,
+    /// Users granted s3:BypassGovernanceRetention can still delete early.
+    Governance,
 }
 
 #[derive(Debug, Args)]
@@ -164,6 +249,10 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         Command::Points(a) => points(g, a),
         Command::Restore(a) => restore(g, a),
         Command::Check(a) => check(g, a),
+        Command::Forget(a) => forget(g, a),
+        Command::Prune(a) => prune(g, a),
+        Command::Stats(a) => stats(g, a),
+        Command::Undelete(a) => undelete(g, a),
     }
 }
 
@@ -237,6 +326,13 @@ fn init(g: &Global, a: &InitArgs) -> Result<ExitCode> {
         InitOptions {
             chunker,
             compression_level: a.compression,
+            lock: a.object_lock.map(|m| ferry_agent::store::LockPolicy {
+                mode: match m {
+                    LockModeArg::Compliance => ferry_agent::store::LockMode::Compliance,
+                    LockModeArg::Governance => ferry_agent::store::LockMode::Governance,
+                },
+                days: a.lock_days,
+            }),
             ..InitOptions::default()
         },
     )?;
@@ -249,6 +345,13 @@ fn init(g: &Global, a: &InitArgs) -> Result<ExitCode> {
             chunker.describe(),
             a.compression
         );
+        if let Some(l) = repo.config().lock {
+            println!(
+                "every object is written under S3 Object Lock ({}, {} days)",
+                l.mode.as_str(),
+                l.days
+            );
+        }
         println!("keep the password safe: without it the data cannot be read");
     }
     Ok(ExitCode::SUCCESS)
@@ -269,7 +372,7 @@ fn backup(g: &Global, a: &BackupArgs) -> Result<ExitCode> {
     let bar = Bar::start(progress.clone(), "backup", !g.quiet && !g.json);
     let s = ferry_agent::backup::backup(&repo, &opts, &progress).map_err(|e| {
         let storage = matches!(e, ferry_agent::Error::Store { .. });
-        let full = output::is_disk_full(&e);
+        let full = ferry_agent::store::is_storage_full(&e);
         let e = anyhow::Error::from(e);
         if full {
             e.context("the repository's disk is full; nothing was committed: free space and run the backup again, the packs already written are reused")
@@ -305,6 +408,7 @@ fn backup(g: &Global, a: &BackupArgs) -> Result<ExitCode> {
                 s.packs_recovered
             );
         }
+        print_requests(&s.requests);
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -391,6 +495,7 @@ fn restore(g: &Global, a: &RestoreArgs) -> Result<ExitCode> {
             s.chunks_kept,
             s.duration_secs
         );
+        print_requests(&s.requests);
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -445,8 +550,249 @@ fn check(g: &Global, a: &CheckArgs) -> Result<ExitCode> {
         if r.ok {
             println!("no damage found");
         }
+        print_requests(&repo.store().requests());
     }
     Ok(if r.ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
+}
+
+/// One line of request counts, for every command that talks to the store.
+fn print_requests(r: &ferry_agent::store::Requests) {
+    println!(
+        "  requests: {} PUT, {} GET, {} LIST, {} DELETE ({} retried); {} up, {} down",
+        r.puts,
+        r.gets,
+        r.lists,
+        r.deletes,
+        r.retries,
+        bytes(r.bytes_up),
+        bytes(r.bytes_down)
+    );
+}
+
+fn forget(g: &Global, a: &ForgetArgs) -> Result<ExitCode> {
+    let within = a
+        .keep_within
+        .as_deref()
+        .map(ferry_agent::retention::Policy::parse_within)
+        .transpose()
+        .map_err(UsageError)?;
+    let policy = ferry_agent::retention::Policy {
+        last: a.keep_last,
+        hourly: a.keep_hourly,
+        daily: a.keep_daily,
+        weekly: a.keep_weekly,
+        monthly: a.keep_monthly,
+        yearly: a.keep_yearly,
+        within,
+    };
+    let repo = open(g)?;
+    let r = ferry_agent::prune::forget(&repo, &policy, a.source.as_deref(), &a.points, a.dry_run)?;
+    if g.json && !a.prune {
+        print_json(&r)?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    if !g.json {
+        let mut source = "";
+        for p in &r.points {
+            if p.source != source {
+                source = &p.source;
+                println!("{source}:");
+            }
+            println!(
+                "  {} {}  {:<6} {}{}",
+                &p.id[..8.min(p.id.len())],
+                p.time.format("%Y-%m-%d %H:%M:%S"),
+                if p.keep { "keep" } else { "remove" },
+                p.reasons.join(", "),
+                p.locked_until
+                    .map(|u| format!(
+                        " (under Object Lock until {}: kept)",
+                        u.format("%Y-%m-%d %H:%M")
+                    ))
+                    .unwrap_or_default()
+            );
+        }
+        let verb = if a.dry_run { "would remove" } else { "removed" };
+        println!(
+            "{verb} {} recovery point(s), kept {}{}",
+            if a.dry_run {
+                r.points.iter().filter(|p| !p.keep).count()
+            } else {
+                r.removed
+            },
+            r.points.iter().filter(|p| p.keep).count(),
+            if r.locked > 0 {
+                format!(
+                    "; {} still under Object Lock stay until it expires",
+                    r.locked
+                )
+            } else {
+                String::new()
+            }
+        );
+    }
+    if a.prune && !a.dry_run {
+        return prune(
+            g,
+            &PruneArgs {
+                max_unused: 10.0,
+                dry_run: false,
+            },
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn prune(g: &Global, a: &PruneArgs) -> Result<ExitCode> {
+    if !(0.0..=100.0).contains(&a.max_unused) {
+        return Err(
+            UsageError(format!("--max-unused {} is not a percentage", a.max_unused)).into(),
+        );
+    }
+    let repo = open(g)?;
+    let r = ferry_agent::prune::prune(
+        &repo,
+        ferry_agent::prune::PruneOptions {
+            max_unused: a.max_unused / 100.0,
+            dry_run: a.dry_run,
+        },
+    )?;
+    if g.json {
+        print_json(&r)?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!(
+        "{} recovery point(s) use {} of {} in {} pack(s)",
+        r.points,
+        bytes(r.live_bytes),
+        bytes(r.stored_bytes),
+        r.packs
+    );
+    if r.dry_run {
+        println!(
+            "would condemn {} pack(s) ({} of them repacked); nothing was changed",
+            r.condemned_packs, r.repacked_packs
+        );
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!(
+        "condemned {} pack(s) ({} repacked, {} copied); deleted {} pack(s), {} freed",
+        r.condemned_packs,
+        r.repacked_packs,
+        bytes(r.repacked_bytes),
+        r.deleted_packs,
+        bytes(r.deleted_bytes)
+    );
+    if r.pending_packs > 0 {
+        println!(
+            "{} condemned pack(s) wait for running operations to finish ({}); the next prune deletes them",
+            r.pending_packs,
+            r.waiting_for.join(", ")
+        );
+    }
+    if r.restored_packs > 0 {
+        println!(
+            "{} condemned pack(s) were put back: a backup made meanwhile uses them",
+            r.restored_packs
+        );
+    }
+    if r.locked_packs > 0 {
+        println!(
+            "{} pack(s) are under Object Lock{}; a later prune deletes them",
+            r.locked_packs,
+            r.locked_until
+                .map(|u| format!(" until {}", u.format("%Y-%m-%d %H:%M UTC")))
+                .unwrap_or_default()
+        );
+    }
+    print_requests(&r.requests);
+    Ok(ExitCode::SUCCESS)
+}
+
+fn stats(g: &Global, a: &StatsArgs) -> Result<ExitCode> {
+    let prices = match &a.prices {
+        Some(f) => {
+            let text = std::fs::read_to_string(f)
+                .map_err(|e| UsageError(format!("cannot read price table {}: {e}", f.display())))?;
+            serde_json::from_str(&text).map_err(|e| {
+                UsageError(format!(
+                    "price table {} is not valid: {e}; start from `ferry stats --print-prices`",
+                    f.display()
+                ))
+            })?
+        }
+        None => ferry_agent::stats::Prices::default(),
+    };
+    if a.print_prices {
+        print_json(&prices)?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    let repo = open(g)?;
+    let s = ferry_agent::stats::stats(&repo, &prices, a.storage_class.as_deref())?;
+    if g.json {
+        print_json(&s)?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!("{} recovery point(s) of {} source(s)", s.points, s.sources);
+    println!("  logical (all points)   {:>12}", bytes(s.logical_bytes));
+    println!(
+        "  logical (latest each)  {:>12}",
+        bytes(s.latest_logical_bytes)
+    );
+    println!(
+        "  after dedup            {:>12}  ({} unique chunks)",
+        bytes(s.unique_bytes),
+        s.unique_chunks
+    );
+    println!("  stored (packs)         {:>12}", bytes(s.pack_bytes));
+    println!("  stored (all objects)   {:>12}", bytes(s.total_bytes));
+    for (kind, (count, size)) in &s.objects {
+        println!("    {kind:<10} {count:>8} object(s) {:>12}", bytes(*size));
+    }
+    println!("cost estimate ({}):", s.prices);
+    println!(
+        "  storage in {}: ${:.2} per month",
+        s.storage_class, s.monthly_storage_cost
+    );
+    println!(
+        "  restoring the latest point of every source: about {} GET(s), ${:.2} with egress",
+        s.restore_latest_gets, s.restore_latest_cost
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+fn undelete(g: &Global, a: &UndeleteArgs) -> Result<ExitCode> {
+    let store = ferry_connectors::store::open(repo_location(g)?, false)?;
+    let r = ferry_agent::undelete::undelete(&store, a.dry_run)?;
+    if g.json {
+        print_json(&r)?;
+    } else {
+        for o in &r.restored {
+            println!(
+                "{} {o}",
+                if a.dry_run {
+                    "would put back"
+                } else {
+                    "put back"
+                }
+            );
+        }
+        for o in &r.lost {
+            println!("lost: {o} (no version of it is left)");
+        }
+        println!(
+            "{} object(s) examined, {} put back, {} lost",
+            r.objects,
+            r.restored.len(),
+            r.lost.len()
+        );
+        print_requests(&store.requests());
+    }
+    Ok(if r.lost.is_empty() {
         ExitCode::SUCCESS
     } else {
         ExitCode::from(1)

@@ -52,20 +52,6 @@ pub fn error_chain(e: &anyhow::Error) -> String {
     s
 }
 
-/// Whether an error comes from a full disk (ENOSPC) anywhere in its chain.
-pub fn is_disk_full(e: &(dyn std::error::Error + 'static)) -> bool {
-    let mut cur = Some(e);
-    while let Some(err) = cur {
-        if let Some(io) = err.downcast_ref::<std::io::Error>()
-            && (io.kind() == std::io::ErrorKind::StorageFull || io.raw_os_error() == Some(28))
-        {
-            return true;
-        }
-        cur = err.source();
-    }
-    false
-}
-
 /// A progress bar on a terminal, nothing otherwise. Dropping it clears the bar.
 pub struct Bar {
     stop: Arc<AtomicBool>,

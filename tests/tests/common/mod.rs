@@ -1,5 +1,6 @@
 //! Helpers for end-to-end tests: run the real `ferry` binary on real files.
 #![allow(dead_code)]
+pub mod servers;
 
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
@@ -25,6 +26,11 @@ pub fn ferry_bin() -> PathBuf {
 pub struct Env {
     pub dir: tempfile::TempDir,
     pub repo: PathBuf,
+    /// What FERRY_REPO is set to: the `repo` directory unless a test points it
+    /// at an object store.
+    pub location: String,
+    /// Extra environment for every ferry process (credentials, endpoints, faults).
+    pub vars: Vec<(String, String)>,
 }
 
 impl Env {
@@ -34,7 +40,21 @@ impl Env {
         )
         .expect("temp dir");
         let repo = dir.path().join("repo");
-        Env { dir, repo }
+        let location = repo.display().to_string();
+        Env {
+            dir,
+            repo,
+            location,
+            vars: Vec::new(),
+        }
+    }
+
+    /// An environment whose repository is at `location` (a URL), reached with `vars`.
+    pub fn at(location: &str, vars: Vec<(String, String)>) -> Env {
+        let mut e = Env::new();
+        e.location = location.to_string();
+        e.vars = vars;
+        e
     }
 
     pub fn path(&self, name: &str) -> PathBuf {
@@ -43,10 +63,12 @@ impl Env {
 
     pub fn cmd(&self) -> Command {
         let mut c = Command::new(ferry_bin());
-        c.env("FERRY_REPO", &self.repo)
+        c.env("FERRY_REPO", &self.location)
             .env("FERRY_PASSWORD", "correct horse")
             .env_remove("FERRY_PASSWORD_FILE")
             .env_remove("FERRY_LOG")
+            .env_remove("FERRY_FAULTS")
+            .envs(self.vars.iter().map(|(k, v)| (k, v)))
             .arg("--quiet");
         c
     }
@@ -178,7 +200,11 @@ pub fn files_under(dir: &Path) -> Vec<PathBuf> {
     let mut out = Vec::new();
     let mut stack = vec![dir.to_path_buf()];
     while let Some(d) = stack.pop() {
-        for e in std::fs::read_dir(&d).expect("read dir") {
+        // A directory that does not exist (yet, or any more) holds nothing.
+        let Ok(entries) = std::fs::read_dir(&d) else {
+            continue;
+        };
+        for e in entries {
             let p = e.expect("entry").path();
             if p.is_dir() {
                 stack.push(p);

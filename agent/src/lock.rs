@@ -1,0 +1,268 @@
+//! Repository locks: who is using the repository right now.
+//!
+//! Every operation that reads the index or the packs (backup, restore, check,
+//! prune) writes a lock object `locks/<random>` before it loads anything, keeps it
+//! fresh while it runs, and removes it when done. Locks do not exclude each other
+//! except for prune against prune: what they give prune is the set of operations
+//! that may still hold an old view of the index, so that prune deletes nothing
+//! such an operation could still use (see `prune.rs` and the concurrency table in
+//! ARCHITECTURE.md).
+//!
+//! A lock is stale, and ignored, when it has not been refreshed for
+//! [`STALE_AFTER`], or when it names a process on this host that no longer runs
+//! (a `kill -9`). An operation whose lock could not be refreshed for longer than
+//! [`STALE_AFTER`] − [`REFRESH_EVERY`] refuses to commit anything.
+//!
+//! ```text
+//! locks/<hex>   Envelope(kind Lock) || Sealed<JSON LockInfo>
+//! ```
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+
+use crate::crypto::{MasterKey, random_hex};
+use crate::error::{Error, Result};
+use crate::format::{self, Kind};
+use crate::repo::Repository;
+use crate::store::Store;
+
+/// A lock not refreshed for this long belongs to a dead or cut-off process.
+pub const STALE_AFTER: Duration = Duration::from_secs(30 * 60);
+/// How often a running operation refreshes its lock.
+pub const REFRESH_EVERY: Duration = Duration::from_secs(5 * 60);
+
+/// What a lock says about its holder.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct LockInfo {
+    /// `backup`, `restore`, `check`, `prune`, ...
+    pub operation: String,
+    /// Only one `exclusive` lock (prune) may be live at a time.
+    pub exclusive: bool,
+    pub host: String,
+    pub pid: u32,
+    pub created: DateTime<Utc>,
+    pub refreshed: DateTime<Utc>,
+}
+
+impl LockInfo {
+    /// Whether the holder is certainly gone: not refreshed for too long, or a
+    /// process of this host that has exited.
+    pub fn is_stale(&self, now: DateTime<Utc>) -> bool {
+        let age = now.signed_duration_since(self.refreshed);
+        if age.to_std().is_ok_and(|a| a > STALE_AFTER) {
+            return true;
+        }
+        self.host == hostname() && !process_alive(self.pid)
+    }
+}
+
+pub(crate) fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_else(|_| "unknown".into())
+}
+
+fn process_alive(pid: u32) -> bool {
+    if pid == std::process::id() {
+        return true;
+    }
+    std::path::Path::new(&format!("/proc/{pid}")).exists()
+}
+
+fn encode(key: &MasterKey, info: &LockInfo) -> Vec<u8> {
+    let header = format::header(Kind::Lock);
+    let mut out = header.to_vec();
+    key.seal_into(
+        &header,
+        &serde_json::to_vec(info).expect("lock serialises"),
+        &mut out,
+    );
+    out
+}
+
+fn decode(repo: &Repository, name: &str, bytes: &[u8]) -> Result<LockInfo> {
+    let body = format::split(name, Kind::Lock, bytes)?;
+    let json = repo
+        .key
+        .open(&format::header(Kind::Lock), body)
+        .ok_or_else(|| Error::corrupt(name, "lock does not authenticate"))?;
+    serde_json::from_slice(&json).map_err(|e| Error::corrupt(name, e.to_string()))
+}
+
+/// Every lock in the repository, stale or not, by object name. Locks that
+/// vanish while being read (their holder finished) are skipped; unreadable ones
+/// are returned as errors so callers can be conservative.
+pub fn list(repo: &Repository) -> Result<Vec<(String, Result<LockInfo>)>> {
+    let mut out = Vec::new();
+    for (name, _) in repo.store.list("locks/")? {
+        match repo.store.get(&name) {
+            Ok(bytes) => out.push((name.clone(), decode(repo, &name, &bytes))),
+            Err(Error::Missing { .. }) => {}
+            Err(e) => out.push((name, Err(e))),
+        }
+    }
+    Ok(out)
+}
+
+/// A held lock. Dropping it stops the refresher and removes the lock object.
+#[derive(Debug)]
+pub struct Lock {
+    name: String,
+    store: Store,
+    shared: Arc<Shared>,
+    refresher: Option<std::thread::JoinHandle<()>>,
+}
+
+#[derive(Debug)]
+struct Shared {
+    stop: AtomicBool,
+    /// Unix seconds of the last refresh the store confirmed.
+    confirmed: AtomicI64,
+    wake: (std::sync::Mutex<()>, std::sync::Condvar),
+}
+
+impl Lock {
+    /// Write a lock for `operation`. With `exclusive`, fail if another live
+    /// exclusive lock exists (two prunes never run at once).
+    pub fn acquire(repo: &Repository, operation: &str, exclusive: bool) -> Result<Lock> {
+        let now = Utc::now();
+        let info = LockInfo {
+            operation: operation.to_string(),
+            exclusive,
+            host: hostname(),
+            pid: std::process::id(),
+            created: now,
+            refreshed: now,
+        };
+        let name = format!("locks/{}", random_hex(16));
+        repo.store.put(&name, encode(&repo.key, &info).into())?;
+        let shared = Arc::new(Shared {
+            stop: AtomicBool::new(false),
+            confirmed: AtomicI64::new(now.timestamp()),
+            wake: Default::default(),
+        });
+        let mut lock = Lock {
+            name: name.clone(),
+            store: repo.store.clone(),
+            shared: shared.clone(),
+            refresher: None,
+        };
+        if exclusive {
+            // Each prune writes its lock, then looks: one that sees another
+            // live exclusive lock steps back. Two racing may both step back;
+            // they never both go on.
+            for (other, info) in list(repo)? {
+                let Ok(other_info) = info else { continue };
+                if other != name && other_info.exclusive && !other_info.is_stale(Utc::now()) {
+                    return Err(Error::InvalidInput(format!(
+                        "another {} (host {}, pid {}, since {}) holds the repository; wait for it to finish (its lock {other} is ignored once it has not been refreshed for 30 minutes)",
+                        other_info.operation,
+                        other_info.host,
+                        other_info.pid,
+                        other_info.created.format("%Y-%m-%d %H:%M:%S UTC")
+                    )));
+                }
+            }
+        }
+        let store = repo.store.clone();
+        let key = repo.key.clone();
+        let thread_name = name.clone();
+        lock.refresher = Some(
+            std::thread::Builder::new()
+                .name("ferry-lock".into())
+                .spawn(move || {
+                    let mut info = info;
+                    loop {
+                        let (m, cv) = &shared.wake;
+                        let guard = m.lock().unwrap_or_else(|p| p.into_inner());
+                        let (_guard, _) = cv
+                            .wait_timeout_while(guard, REFRESH_EVERY, |_| {
+                                !shared.stop.load(Ordering::Relaxed)
+                            })
+                            .unwrap_or_else(|p| p.into_inner());
+                        if shared.stop.load(Ordering::Relaxed) {
+                            return;
+                        }
+                        info.refreshed = Utc::now();
+                        match store.put(&thread_name, encode(&key, &info).into()) {
+                            Ok(()) => shared
+                                .confirmed
+                                .store(info.refreshed.timestamp(), Ordering::Relaxed),
+                            Err(e) => {
+                                tracing::warn!(error = %e, "cannot refresh the repository lock")
+                            }
+                        }
+                    }
+                })
+                .map_err(|e| Error::InvalidInput(format!("cannot start a thread: {e}")))?,
+        );
+        Ok(lock)
+    }
+
+    /// The lock's object name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Fail unless the lock is certainly still seen as live by others: called
+    /// before committing anything that relies on what was read under it.
+    pub fn ensure_fresh(&self) -> Result<()> {
+        let confirmed = self.shared.confirmed.load(Ordering::Relaxed);
+        let age = Utc::now().timestamp() - confirmed;
+        if age as u64 + REFRESH_EVERY.as_secs() >= STALE_AFTER.as_secs() {
+            return Err(Error::InvalidInput(format!(
+                "the repository lock {} could not be refreshed for {age} s, so a concurrent prune may have removed data this operation relies on; nothing was committed: run it again",
+                self.name
+            )));
+        }
+        Ok(())
+    }
+
+    fn stop(&mut self) {
+        self.shared.stop.store(true, Ordering::Relaxed);
+        self.shared.wake.1.notify_all();
+        if let Some(t) = self.refresher.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for Lock {
+    fn drop(&mut self) {
+        self.stop();
+        // A lock that cannot be removed now goes stale and is ignored later.
+        if let Err(e) = self.store.delete(&self.name) {
+            tracing::warn!(lock = %self.name, error = %e, "cannot remove the repository lock");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn info(host: &str, pid: u32, refreshed: DateTime<Utc>) -> LockInfo {
+        LockInfo {
+            operation: "backup".into(),
+            exclusive: false,
+            host: host.into(),
+            pid,
+            created: refreshed,
+            refreshed,
+        }
+    }
+
+    #[test]
+    fn staleness_by_age_and_by_dead_local_process() {
+        let now = Utc::now();
+        assert!(!info("elsewhere", 1, now).is_stale(now));
+        assert!(info("elsewhere", 1, now - chrono::Duration::minutes(31)).is_stale(now));
+        assert!(!info(&hostname(), std::process::id(), now).is_stale(now));
+        // pid_max is at most 2^22 on Linux: this pid cannot be running.
+        assert!(info(&hostname(), (1 << 22) + 7, now).is_stale(now));
+    }
+}

@@ -1,0 +1,758 @@
+//! Forget and prune: retention, and garbage collection that is safe while
+//! backups, restores and checks run.
+//!
+//! `forget` removes recovery-point objects a retention policy does not keep.
+//! `prune` reclaims the space of chunks no point references, in two phases:
+//!
+//! 1. **Condemn.** Under the prune lock, prune lists the locks (a snapshot),
+//!    then every point, and computes the live chunks (chunk lists and the chunks
+//!    they name). Packs with nothing live are condemned; packs mostly unused are
+//!    repacked (their live blobs copied, still sealed, into new packs) and then
+//!    condemned. Prune writes a new index that leaves the condemned packs out,
+//!    then a *prune record* `trash/<id>` naming the condemned packs and the index
+//!    objects it replaces, then deletes those index objects, then lists the locks
+//!    again and writes `trash/<id>.waits` naming every live lock it saw.
+//! 2. **Delete.** A condemned pack is deleted only once every lock named in its
+//!    `.waits` is gone (so no backup or restore that read the old index still
+//!    runs), and only after a fresh look at the points shows no live chunk whose
+//!    only copy is in that pack; such a pack is put back in the index instead.
+//!    With no concurrent operation, phase 2 follows phase 1 in the same run;
+//!    otherwise a later prune finishes it.
+//!
+//! A backup never re-adopts a condemned pack as "left by an interrupted backup"
+//! ([`trashed_packs`]). Every step leaves the repository valid if the process is
+//! killed: the prune record is written before anything is deleted, and a record
+//! without its `.waits` is redone by the next prune. Objects under Object Lock
+//! cannot be deleted before they expire; they stay condemned and a later prune
+//! deletes them.
+//!
+//! ```text
+//! trash/<hex>         Envelope(kind Trash) || Sealed<JSON Record>
+//! trash/<hex>.waits   Envelope(kind Trash) || Sealed<JSON Waits>
+//! ```
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use tracing::{info, warn};
+
+use crate::crypto::{ChunkId, random_hex};
+use crate::error::{Error, Result};
+use crate::format::{self, Kind};
+use crate::index::{self, Index, PackRecord};
+use crate::lock::{self, Lock};
+use crate::pack::{self, ChunkOpener, PackWriter, TARGET_PACK_SIZE};
+use crate::point::{self, Point};
+use crate::repo::Repository;
+use crate::retention::{self, Policy};
+use crate::store::Requests;
+
+/// Packs per index object written by prune.
+const PACKS_PER_INDEX: usize = 2048;
+
+/// What a prune record names.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Record {
+    created: DateTime<Utc>,
+    /// Condemned packs (hex ids).
+    packs: Vec<String>,
+    /// Index objects replaced by the new index.
+    indexes: Vec<String>,
+}
+
+/// The locks that must be gone before a record's packs may be deleted.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Waits {
+    locks: Vec<String>,
+}
+
+fn seal<T: Serialize>(repo: &Repository, v: &T) -> Vec<u8> {
+    let header = format::header(Kind::Trash);
+    let mut out = header.to_vec();
+    repo.key.seal_into(
+        &header,
+        &serde_json::to_vec(v).expect("record serialises"),
+        &mut out,
+    );
+    out
+}
+
+fn unseal<T: for<'de> Deserialize<'de>>(repo: &Repository, name: &str) -> Result<T> {
+    let bytes = repo.store.get(name)?;
+    let body = format::split(name, Kind::Trash, &bytes)?;
+    let json = repo
+        .key
+        .open(&format::header(Kind::Trash), body)
+        .ok_or_else(|| Error::corrupt(name, "does not authenticate"))?;
+    serde_json::from_slice(&json).map_err(|e| Error::corrupt(name, e.to_string()))
+}
+
+/// Prune records by name, each with its waits when written.
+fn records(repo: &Repository) -> Result<BTreeMap<String, (Record, Option<Waits>)>> {
+    let names: HashSet<String> = repo
+        .store
+        .list("trash/")?
+        .into_iter()
+        .map(|(n, _)| n)
+        .collect();
+    let mut out = BTreeMap::new();
+    for name in names.iter().filter(|n| !n.ends_with(".waits")) {
+        let record: Record = match unseal(repo, name) {
+            Ok(r) => r,
+            Err(Error::Missing { .. }) => continue, // finished by another prune
+            Err(e) => return Err(e),
+        };
+        let waits_name = format!("{name}.waits");
+        let waits = if names.contains(&waits_name) {
+            match unseal(repo, &waits_name) {
+                Ok(w) => Some(w),
+                Err(Error::Missing { .. }) => None,
+                Err(e) => return Err(e),
+            }
+        } else {
+            None
+        };
+        out.insert(name.clone(), (record, waits));
+    }
+    Ok(out)
+}
+
+/// Packs condemned by a prune and not yet deleted: backups must not re-index them.
+pub fn trashed_packs(repo: &Repository) -> Result<HashSet<[u8; 32]>> {
+    let mut out = HashSet::new();
+    for (record, _) in records(repo)?.into_values() {
+        for p in &record.packs {
+            if let Some(id) = hex::decode(p).ok().and_then(|v| v.try_into().ok()) {
+                out.insert(id);
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// The index for reading (restore, check): the index objects plus the tables of
+/// condemned packs not yet deleted. A point committed by a backup that read the
+/// index before a prune may use chunks only those packs hold until the next
+/// prune puts them back. Backups never use this: they must not dedup against
+/// condemned packs.
+pub fn readable_index(repo: &Repository) -> Result<(Index, Vec<Error>)> {
+    let (mut index, mut damaged) = index::load(&repo.store, &repo.key)?;
+    let mut trashed: Vec<_> = trashed_packs(repo)?.into_iter().collect();
+    trashed.sort();
+    for id in trashed {
+        if index.has_pack(&id) {
+            continue;
+        }
+        let name = pack::object_name(&id);
+        let Some(size) = repo.store.size(&name)? else {
+            continue;
+        };
+        match pack::read_table(&repo.store, &repo.key, &name, size) {
+            Ok(entries) => index.add_pack(id, size, &entries),
+            Err(Error::Missing { .. }) => {}
+            Err(e) => damaged.push(e),
+        }
+    }
+    Ok((index, damaged))
+}
+
+// ---------------------------------------------------------------- forget
+
+/// What `forget` decided for one point.
+#[derive(Debug, Clone, Serialize)]
+pub struct Forgotten {
+    pub id: String,
+    pub source: String,
+    pub time: DateTime<Utc>,
+    pub keep: bool,
+    pub reasons: Vec<&'static str>,
+    /// Set when the point could not be removed because it is under Object Lock.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub locked_until: Option<DateTime<Utc>>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ForgetReport {
+    pub points: Vec<Forgotten>,
+    pub removed: usize,
+    pub locked: usize,
+    pub dry_run: bool,
+    pub requests: Requests,
+}
+
+/// Delete a point's object; one under Object Lock is counted and kept.
+fn remove_point(
+    repo: &Repository,
+    f: &mut Forgotten,
+    removed: &mut usize,
+    locked: &mut usize,
+) -> Result<()> {
+    match repo.store.delete(&point::object_name(&f.id)) {
+        Ok(()) => *removed += 1,
+        Err(Error::Locked { until, .. }) => {
+            *locked += 1;
+            f.locked_until = until;
+        }
+        Err(e) => return Err(e),
+    }
+    Ok(())
+}
+
+/// Apply a retention policy to the points of every source (or one source), and
+/// remove the points it does not keep (unless `dry_run`). With `explicit`
+/// references, remove exactly those points instead.
+pub fn forget(
+    repo: &Repository,
+    policy: &Policy,
+    source: Option<&str>,
+    explicit: &[String],
+    dry_run: bool,
+) -> Result<ForgetReport> {
+    if !explicit.is_empty() {
+        if !policy.is_empty() {
+            return Err(Error::InvalidInput(
+                "give either recovery points or --keep-* options, not both (nothing was removed)"
+                    .into(),
+            ));
+        }
+        let chosen: Vec<Point> = explicit
+            .iter()
+            .map(|r| repo.resolve(r))
+            .collect::<Result<_>>()?;
+        let mut out = Vec::new();
+        let (mut removed, mut locked) = (0, 0);
+        for p in chosen {
+            let mut f = Forgotten {
+                id: p.id.clone(),
+                source: p.meta.source.clone(),
+                time: p.meta.time,
+                keep: false,
+                reasons: vec!["named"],
+                locked_until: None,
+            };
+            if !dry_run {
+                remove_point(repo, &mut f, &mut removed, &mut locked)?;
+            }
+            out.push(f);
+        }
+        return Ok(ForgetReport {
+            points: out,
+            removed,
+            locked,
+            dry_run,
+            requests: repo.store.requests(),
+        });
+    }
+    if policy.is_empty() {
+        return Err(Error::InvalidInput(
+            "no retention policy given: pass at least one --keep-* option or name the points to remove (nothing was removed)"
+                .into(),
+        ));
+    }
+    let (points, bad) = repo.points()?;
+    for e in &bad {
+        warn!(error = %e, "an unreadable recovery point is left alone");
+    }
+    let mut by_source: BTreeMap<&str, Vec<&Point>> = BTreeMap::new();
+    for p in &points {
+        if source.is_none_or(|s| s == p.meta.source) {
+            by_source.entry(p.meta.source.as_str()).or_default().push(p);
+        }
+    }
+    let mut out = Vec::new();
+    let (mut removed, mut locked) = (0, 0);
+    for pts in by_source.values() {
+        for d in retention::apply(pts, |p| p.meta.time, policy) {
+            let p = *d.item;
+            let mut f = Forgotten {
+                id: p.id.clone(),
+                source: p.meta.source.clone(),
+                time: p.meta.time,
+                keep: d.keep,
+                reasons: d.reasons.clone(),
+                locked_until: None,
+            };
+            if !d.keep && !dry_run {
+                remove_point(repo, &mut f, &mut removed, &mut locked)?;
+            }
+            out.push(f);
+        }
+    }
+    Ok(ForgetReport {
+        points: out,
+        removed,
+        locked,
+        dry_run,
+        requests: repo.store.requests(),
+    })
+}
+
+// ---------------------------------------------------------------- prune
+
+#[derive(Debug, Clone, Copy)]
+pub struct PruneOptions {
+    /// A pack whose unused fraction exceeds this is repacked (0 to 1).
+    pub max_unused: f64,
+    /// Decide and report, change nothing.
+    pub dry_run: bool,
+}
+
+impl Default for PruneOptions {
+    fn default() -> Self {
+        PruneOptions {
+            max_unused: 0.10,
+            dry_run: false,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct PruneReport {
+    pub points: usize,
+    pub packs: usize,
+    pub stored_bytes: u64,
+    pub live_bytes: u64,
+    /// Packs condemned by this run (deleted now or by a later prune).
+    pub condemned_packs: usize,
+    pub repacked_packs: usize,
+    pub repacked_bytes: u64,
+    pub deleted_packs: usize,
+    pub deleted_bytes: u64,
+    /// Condemned packs waiting for running operations to finish.
+    pub pending_packs: usize,
+    /// Locks (operation@host:pid) that condemned packs wait for.
+    pub waiting_for: Vec<String>,
+    /// Condemned packs put back because a new point uses them.
+    pub restored_packs: usize,
+    /// Condemned packs under Object Lock, left for a later prune.
+    pub locked_packs: usize,
+    pub locked_until: Option<DateTime<Utc>>,
+    pub dry_run: bool,
+    pub requests: Requests,
+}
+
+/// Live locks other than `own`, by name, with a printable description.
+fn live_locks(repo: &Repository, own: &str) -> Result<BTreeMap<String, String>> {
+    let now = Utc::now();
+    let mut out = BTreeMap::new();
+    for (name, info) in lock::list(repo)? {
+        if name == own {
+            continue;
+        }
+        match info {
+            Ok(i) if i.is_stale(now) => {}
+            Ok(i) => {
+                out.insert(name, format!("{}@{}:{}", i.operation, i.host, i.pid));
+            }
+            // An unreadable lock is treated as live: never delete on a guess.
+            Err(e) => {
+                out.insert(name, format!("unreadable lock ({e})"));
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Finds chunk lists through the index, else in condemned packs: a backup that
+/// read the index before a prune may have committed a point whose lists (or
+/// chunks) sit in packs that prune since condemned.
+struct Lists<'a> {
+    repo: &'a Repository,
+    index: &'a Index,
+    trashed: Vec<[u8; 32]>,
+    extra: Option<Index>,
+}
+
+impl Lists<'_> {
+    fn load(&mut self, id: &ChunkId, span: u64) -> Result<Vec<point::Extent>> {
+        if self.index.contains(id) {
+            return self.repo.load_list(self.index, id, span);
+        }
+        if self.extra.is_none() {
+            let mut extra = Index::default();
+            for id in &self.trashed {
+                let name = pack::object_name(id);
+                if let Some(size) = self.repo.store.size(&name)? {
+                    extra.add_pack(
+                        *id,
+                        size,
+                        &pack::read_table(&self.repo.store, &self.repo.key, &name, size)?,
+                    );
+                }
+            }
+            self.extra = Some(extra);
+        }
+        let extra = self.extra.as_ref().expect("built above");
+        self.repo.load_list(extra, id, span)
+    }
+}
+
+/// The chunk lists and chunks the given points reference, each list read once.
+fn live_chunks<'a>(
+    lists: &mut Lists<'_>,
+    points: impl IntoIterator<Item = &'a Point>,
+    live: &mut HashSet<ChunkId>,
+) -> Result<()> {
+    for p in points {
+        for (disk, ids) in p.meta.disks.iter().zip(&p.lists) {
+            for (i, id) in ids.iter().enumerate() {
+                if !live.insert(*id) {
+                    continue;
+                }
+                let (_, span) = point::list_span(disk.size, i);
+                let extents = lists.load(id, span).map_err(|e| {
+                    Error::InvalidInput(format!(
+                        "recovery point {} is damaged ({e}); prune deletes nothing while a point is unreadable: run `ferry check`",
+                        p.short_id()
+                    ))
+                })?;
+                live.extend(extents.iter().filter_map(|x| x.id));
+            }
+        }
+    }
+    Ok(())
+}
+
+fn all_points(repo: &Repository) -> Result<Vec<Point>> {
+    let (points, bad) = repo.points()?;
+    if let Some(e) = bad.into_iter().next() {
+        return Err(Error::InvalidInput(format!(
+            "{e}; prune deletes nothing while a recovery point is unreadable: run `ferry check`"
+        )));
+    }
+    Ok(points)
+}
+
+fn pack_id(hex_id: &str) -> Option<[u8; 32]> {
+    hex::decode(hex_id).ok()?.try_into().ok()
+}
+
+/// Run both phases.
+pub fn prune(repo: &Repository, opts: PruneOptions) -> Result<PruneReport> {
+    let own = Lock::acquire(repo, "prune", true)?;
+    let mut report = PruneReport {
+        dry_run: opts.dry_run,
+        ..PruneReport::default()
+    };
+
+    // Locks first, then points: a lock gone from this snapshot belonged to an
+    // operation whose point (if any) the listing below sees.
+    let locks_before = live_locks(repo, own.name())?;
+    let pending = records(repo)?;
+    let trashed: HashSet<[u8; 32]> = pending
+        .values()
+        .flat_map(|(r, _)| r.packs.iter().filter_map(|p| pack_id(p)))
+        .collect();
+
+    // The index, without condemned packs; and which objects it came from.
+    let index_names: Vec<String> = repo
+        .store
+        .list("index/")?
+        .into_iter()
+        .map(|(n, _)| n)
+        .collect();
+    let mut records_by_pack: HashMap<[u8; 32], PackRecord> = HashMap::new();
+    let mut loaded_names = Vec::new();
+    for name in &index_names {
+        let bytes = match repo.store.get(name) {
+            Ok(b) => b,
+            Err(Error::Missing { .. }) => continue,
+            Err(e) => return Err(e),
+        };
+        let recs = index::decode(&repo.key, name, &bytes).map_err(|e| {
+            Error::InvalidInput(format!(
+                "{e}; prune changes nothing while an index object is damaged: run `ferry check`"
+            ))
+        })?;
+        for r in recs {
+            if !trashed.contains(&r.id) {
+                records_by_pack.entry(r.id).or_insert(r);
+            }
+        }
+        loaded_names.push(name.clone());
+    }
+    let mut index = Index::default();
+    let mut order: Vec<[u8; 32]> = records_by_pack.keys().copied().collect();
+    order.sort();
+    for id in &order {
+        let r = &records_by_pack[id];
+        index.add_pack(r.id, r.size, &r.entries);
+    }
+
+    let points = all_points(repo)?;
+    let mut live = HashSet::new();
+    live_chunks(
+        &mut Lists {
+            repo,
+            index: &index,
+            trashed: trashed.iter().copied().collect(),
+            extra: None,
+        },
+        &points,
+        &mut live,
+    )?;
+    let seen_points: HashSet<String> = points.iter().map(|p| p.id.clone()).collect();
+    report.points = points.len();
+
+    // Phase 2 for earlier records whose waits have cleared.
+    if !opts.dry_run {
+        for (name, (record, waits)) in &pending {
+            match waits {
+                None => {
+                    // A prune stopped before writing the waits: finish its phase 1.
+                    for i in &record.indexes {
+                        repo.store.delete(i)?;
+                    }
+                    let locks = live_locks(repo, own.name())?;
+                    repo.put_object(
+                        &format!("{name}.waits"),
+                        seal(
+                            repo,
+                            &Waits {
+                                locks: locks.keys().cloned().collect(),
+                            },
+                        ),
+                    )?;
+                    report.pending_packs += record.packs.len();
+                    report.waiting_for.extend(locks.into_values());
+                }
+                Some(w) => {
+                    let blocking: Vec<String> = w
+                        .locks
+                        .iter()
+                        .filter_map(|l| locks_before.get(l).cloned())
+                        .collect();
+                    if blocking.is_empty() {
+                        settle(repo, name, record, &mut index, &live, &mut report)?;
+                    } else {
+                        report.pending_packs += record.packs.len();
+                        report.waiting_for.extend(blocking);
+                    }
+                }
+            }
+        }
+    }
+
+    // Phase 1: condemn and repack.
+    let locked_repo = repo.store.lock().is_some();
+    let mut live_bytes: HashMap<u32, u64> = HashMap::new();
+    for (id, loc) in index.chunks() {
+        if live.contains(id) {
+            *live_bytes.entry(loc.pack).or_default() += u64::from(loc.length);
+        }
+    }
+    let mut condemned = Vec::new();
+    let mut repack = Vec::new();
+    for (pos, (id, size)) in index.packs().enumerate() {
+        report.packs += 1;
+        report.stored_bytes += size;
+        let used = live_bytes.get(&(pos as u32)).copied().unwrap_or(0);
+        report.live_bytes += used;
+        if used == 0 {
+            condemned.push(id);
+        } else if !locked_repo && (size - used) as f64 > opts.max_unused * size as f64 {
+            // Under Object Lock the original could not be deleted before it
+            // expires, so repacking would only add data.
+            repack.push((pos as u32, id));
+        }
+    }
+    report.condemned_packs = condemned.len() + repack.len();
+    report.repacked_packs = repack.len();
+    if opts.dry_run || report.condemned_packs == 0 {
+        report.requests = repo.store.requests();
+        return Ok(report);
+    }
+
+    // Copy the live blobs of mostly-unused packs into new packs, verifying each.
+    let mut new_records = Vec::new();
+    let mut writer = PackWriter::new();
+    let mut opener = ChunkOpener::default();
+    let mut kept_after_all = HashSet::new();
+    let flush = |w: PackWriter, out: &mut Vec<PackRecord>| -> Result<()> {
+        let (id, bytes, entries) = w.finish(&repo.key);
+        let size = bytes.len() as u64;
+        repo.put_object(&pack::object_name(&id), bytes)?;
+        out.push(PackRecord { id, size, entries });
+        Ok(())
+    };
+    for (pos, id) in &repack {
+        let name = pack::object_name(id);
+        let data = repo.store.get(&name)?;
+        let rec = &records_by_pack[id];
+        let mut ok = true;
+        let mut blobs = Vec::new();
+        for e in &rec.entries {
+            if !live.contains(&e.id) || index.get(&e.id).is_none_or(|l| l.pack != *pos) {
+                continue;
+            }
+            let sealed = data
+                .get(e.offset as usize..(e.offset + e.length) as usize)
+                .ok_or_else(|| Error::corrupt(&name, "entry outside the pack"))?;
+            if let Err(why) = opener.open(&repo.key, e, sealed) {
+                warn!(pack = %name, error = %why, "a damaged blob: the pack is kept as it is");
+                ok = false;
+                break;
+            }
+            blobs.push((e, sealed));
+        }
+        if !ok {
+            kept_after_all.insert(*id);
+            continue;
+        }
+        for (e, sealed) in blobs {
+            if writer.len() + sealed.len() > TARGET_PACK_SIZE && !writer.is_empty() {
+                flush(std::mem::take(&mut writer), &mut new_records)?;
+            }
+            writer.add(e.id, e.raw_len, sealed);
+            report.repacked_bytes += u64::from(e.length);
+        }
+    }
+    if !writer.is_empty() {
+        flush(writer, &mut new_records)?;
+    }
+    let condemned: Vec<[u8; 32]> = condemned
+        .into_iter()
+        .chain(repack.iter().map(|(_, id)| *id))
+        .filter(|id| !kept_after_all.contains(id))
+        .collect();
+    report.condemned_packs = condemned.len();
+    let condemned_set: HashSet<_> = condemned.iter().copied().collect();
+
+    // The new index: every pack but the condemned, plus the new packs.
+    let mut keep: Vec<PackRecord> = order
+        .iter()
+        .filter(|id| !condemned_set.contains(*id))
+        .map(|id| records_by_pack[id].clone())
+        .collect();
+    keep.extend(new_records.iter().cloned());
+    let mut new_index_names = HashSet::new();
+    for group in keep.chunks(PACKS_PER_INDEX) {
+        let obj = index::encode(&repo.key, group);
+        let name = index::object_name(&obj);
+        repo.put_object(&name, obj)?;
+        new_index_names.insert(name);
+    }
+    let replaced: Vec<String> = loaded_names
+        .into_iter()
+        .filter(|n| !new_index_names.contains(n))
+        .collect();
+
+    let record = Record {
+        created: Utc::now(),
+        packs: condemned.iter().map(hex::encode).collect(),
+        indexes: replaced.clone(),
+    };
+    let name = format!("trash/{}", random_hex(16));
+    repo.put_object(&name, seal(repo, &record))?;
+    for i in &replaced {
+        repo.store.delete(i)?;
+    }
+    // Every operation that could still use the replaced index holds a lock now.
+    let locks = live_locks(repo, own.name())?;
+    repo.put_object(
+        &format!("{name}.waits"),
+        seal(
+            repo,
+            &Waits {
+                locks: locks.keys().cloned().collect(),
+            },
+        ),
+    )?;
+    info!(record = %name, packs = condemned.len(), "condemned packs");
+
+    if locks.is_empty() {
+        // Nobody else is here: points committed since the first listing are the
+        // only ones that could still use a condemned pack. Their lists are read
+        // through the index as it was (condemned packs included).
+        let fresh: Vec<Point> = all_points(repo)?
+            .into_iter()
+            .filter(|p| !seen_points.contains(&p.id))
+            .collect();
+        live_chunks(
+            &mut Lists {
+                repo,
+                index: &index,
+                trashed: trashed.iter().copied().collect(),
+                extra: None,
+            },
+            &fresh,
+            &mut live,
+        )?;
+        let mut index = Index::default();
+        for r in &keep {
+            index.add_pack(r.id, r.size, &r.entries);
+        }
+        settle(repo, &name, &record, &mut index, &live, &mut report)?;
+    } else {
+        report.pending_packs += condemned.len();
+        report.waiting_for.extend(locks.into_values());
+    }
+    report.waiting_for.sort();
+    report.waiting_for.dedup();
+    drop(own);
+    report.requests = repo.store.requests();
+    Ok(report)
+}
+
+/// Phase 2 for one record: put back condemned packs a live chunk needs, delete
+/// the rest, then the record.
+fn settle(
+    repo: &Repository,
+    name: &str,
+    record: &Record,
+    index: &mut Index,
+    live: &HashSet<ChunkId>,
+    report: &mut PruneReport,
+) -> Result<()> {
+    let needed: HashSet<&ChunkId> = live.iter().filter(|c| !index.contains(c)).collect();
+    for i in &record.indexes {
+        repo.store.delete(i)?;
+    }
+    let mut restored = Vec::new();
+    let mut left = 0;
+    for hex_id in &record.packs {
+        let Some(id) = pack_id(hex_id) else { continue };
+        if index.has_pack(&id) {
+            continue;
+        }
+        let pack_name = pack::object_name(&id);
+        let Some(size) = repo.store.size(&pack_name)? else {
+            continue;
+        };
+        if !needed.is_empty() {
+            let entries = pack::read_table(&repo.store, &repo.key, &pack_name, size)?;
+            if entries.iter().any(|e| needed.contains(&e.id)) {
+                index.add_pack(id, size, &entries);
+                restored.push(PackRecord { id, size, entries });
+                continue;
+            }
+        }
+        match repo.store.delete(&pack_name) {
+            Ok(()) => {
+                report.deleted_packs += 1;
+                report.deleted_bytes += size;
+            }
+            Err(Error::Locked { until, .. }) => {
+                left += 1;
+                report.locked_packs += 1;
+                report.locked_until = report.locked_until.max(until);
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    if !restored.is_empty() {
+        let obj = index::encode(&repo.key, &restored);
+        repo.put_object(&index::object_name(&obj), obj)?;
+        report.restored_packs += restored.len();
+        info!(
+            packs = restored.len(),
+            "condemned packs put back: a new point uses them"
+        );
+    }
+    if left == 0 {
+        repo.store.delete(&format!("{name}.waits"))?;
+        repo.store.delete(name)?;
+    }
+    Ok(())
+}

@@ -1,0 +1,377 @@
+//! A fault-injecting object store, for tests and for rehearsing bad days.
+//!
+//! Wraps any store and, on a fraction of requests chosen by a seeded generator,
+//! fails them the ways cloud storage fails: a 500, a 503 SlowDown, a connection
+//! reset, a response body cut short, a put that landed but whose answer was lost,
+//! a request that hangs past the client's timeout, or a whole outage after N
+//! requests. Enabled by `FERRY_FAULTS` (see [`FaultSpec::parse`]); never on by
+//! default.
+
+use std::fmt;
+use std::ops::Range;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use futures::StreamExt;
+use futures::stream::BoxStream;
+use object_store::path::Path;
+use object_store::{
+    CopyOptions, GetOptions, GetResult, GetResultPayload, ListResult, MultipartUpload, ObjectMeta,
+    ObjectStore, PutMultipartOptions, PutOptions, PutPayload, PutResult,
+};
+
+/// The kinds of fault, each picked with equal odds when a request is chosen.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fault {
+    /// 500 InternalError before the request is served.
+    Error,
+    /// 503 SlowDown before the request is served.
+    SlowDown,
+    /// The connection is reset before the request is served.
+    Reset,
+    /// A read returns fewer bytes than the range it claims.
+    Partial,
+    /// A write lands, but its answer is lost: the client sees a reset.
+    Lost,
+    /// The request hangs for [`FaultSpec::hang`] before being served.
+    Hang,
+}
+
+impl Fault {
+    fn parse(s: &str) -> Option<Fault> {
+        Some(match s {
+            "error" => Fault::Error,
+            "slowdown" => Fault::SlowDown,
+            "reset" => Fault::Reset,
+            "partial" => Fault::Partial,
+            "lost" => Fault::Lost,
+            "hang" => Fault::Hang,
+            _ => return None,
+        })
+    }
+}
+
+/// What to inject.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FaultSpec {
+    /// Fraction of requests that fail (0 to 1).
+    pub rate: f64,
+    pub seed: u64,
+    pub kinds: Vec<Fault>,
+    /// Added to every request.
+    pub latency: Duration,
+    /// How long a `hang` fault stalls.
+    pub hang: Duration,
+    /// After this many requests every request fails with a reset (an outage).
+    pub outage_after: Option<u64>,
+}
+
+impl FaultSpec {
+    /// Parse `rate=0.05 seed=7 kinds=error+slowdown+reset+partial+lost+hang
+    /// latency=2ms hang=3s outage-after=100` (every field optional; spaces or
+    /// commas between fields).
+    pub fn parse(s: &str) -> Result<FaultSpec, String> {
+        let mut spec = FaultSpec {
+            rate: 0.0,
+            seed: 1,
+            kinds: vec![
+                Fault::Error,
+                Fault::SlowDown,
+                Fault::Reset,
+                Fault::Partial,
+                Fault::Lost,
+            ],
+            latency: Duration::ZERO,
+            hang: Duration::from_secs(3),
+            outage_after: None,
+        };
+        let dur = |v: &str| -> Result<Duration, String> {
+            let (num, unit) = v.split_at(v.find(|c: char| c.is_alphabetic()).unwrap_or(v.len()));
+            let n: f64 = num.parse().map_err(|_| format!("bad duration {v:?}"))?;
+            Ok(Duration::from_secs_f64(match unit {
+                "ms" => n / 1000.0,
+                "s" | "" => n,
+                _ => return Err(format!("bad duration unit in {v:?} (ms or s)")),
+            }))
+        };
+        for field in s.split([' ', ',']).filter(|f| !f.is_empty()) {
+            let (k, v) = field
+                .split_once('=')
+                .ok_or_else(|| format!("FERRY_FAULTS: {field:?} is not key=value"))?;
+            match k {
+                "rate" => {
+                    spec.rate = v
+                        .parse()
+                        .ok()
+                        .filter(|r| (0.0..=1.0).contains(r))
+                        .ok_or_else(|| format!("FERRY_FAULTS: rate {v:?} is not in 0..1"))?
+                }
+                "seed" => spec.seed = v.parse().map_err(|_| format!("bad seed {v:?}"))?,
+                "kinds" => {
+                    spec.kinds = v
+                        .split('+')
+                        .map(|k| Fault::parse(k).ok_or_else(|| format!("FERRY_FAULTS: unknown fault {k:?} (error, slowdown, reset, partial, lost, hang)")))
+                        .collect::<Result<_, _>>()?
+                }
+                "latency" => spec.latency = dur(v)?,
+                "hang" => spec.hang = dur(v)?,
+                "outage-after" => {
+                    spec.outage_after = Some(v.parse().map_err(|_| format!("bad count {v:?}"))?)
+                }
+                _ => return Err(format!("FERRY_FAULTS: unknown field {k:?}")),
+            }
+        }
+        Ok(spec)
+    }
+}
+
+/// Counts of what was injected, for tests and logs.
+#[derive(Debug, Default)]
+pub struct Injected {
+    pub requests: AtomicU64,
+    pub faults: AtomicU64,
+}
+
+/// A store that fails on purpose.
+#[derive(Debug)]
+pub struct Faulty {
+    inner: Arc<dyn ObjectStore>,
+    spec: FaultSpec,
+    pub injected: Arc<Injected>,
+}
+
+impl fmt::Display for Faulty {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Faulty({})", self.inner)
+    }
+}
+
+fn splitmix(mut x: u64) -> u64 {
+    x = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    x ^ (x >> 31)
+}
+
+/// A number in [0, 1) from a generator output.
+fn unit(r: u64) -> f64 {
+    (r >> 11) as f64 / (1u64 << 53) as f64
+}
+
+fn injected(what: &str) -> object_store::Error {
+    let source: Box<dyn std::error::Error + Send + Sync> = match what {
+        "reset" => Box::new(std::io::Error::new(
+            std::io::ErrorKind::ConnectionReset,
+            "connection reset by peer (injected)",
+        )),
+        other => other.to_string().into(),
+    };
+    object_store::Error::Generic {
+        store: "faults",
+        source,
+    }
+}
+
+impl Faulty {
+    pub fn new(inner: Arc<dyn ObjectStore>, spec: FaultSpec) -> Faulty {
+        Faulty {
+            inner,
+            spec,
+            injected: Arc::default(),
+        }
+    }
+
+    /// Decide the fate of the next request.
+    async fn roll(&self) -> Result<Option<Fault>, object_store::Error> {
+        let n = self.injected.requests.fetch_add(1, Ordering::Relaxed);
+        if !self.spec.latency.is_zero() {
+            tokio::time::sleep(self.spec.latency).await;
+        }
+        if self.spec.outage_after.is_some_and(|after| n >= after) {
+            self.injected.faults.fetch_add(1, Ordering::Relaxed);
+            return Err(injected("reset"));
+        }
+        let r = splitmix(self.spec.seed ^ splitmix(n));
+        if self.spec.kinds.is_empty() || unit(r) >= self.spec.rate {
+            return Ok(None);
+        }
+        self.injected.faults.fetch_add(1, Ordering::Relaxed);
+        let kind = self.spec.kinds[(r % self.spec.kinds.len() as u64) as usize];
+        match kind {
+            Fault::Error => Err(injected(
+                "500 InternalError: we encountered an internal error (injected)",
+            )),
+            Fault::SlowDown => Err(injected(
+                "503 SlowDown: please reduce your request rate (injected)",
+            )),
+            Fault::Reset => Err(injected("reset")),
+            Fault::Hang => {
+                tokio::time::sleep(self.spec.hang).await;
+                Ok(None)
+            }
+            Fault::Partial | Fault::Lost => Ok(Some(kind)),
+        }
+    }
+}
+
+#[async_trait]
+impl ObjectStore for Faulty {
+    async fn put_opts(
+        &self,
+        location: &Path,
+        payload: PutPayload,
+        opts: PutOptions,
+    ) -> object_store::Result<PutResult> {
+        let fault = self.roll().await?;
+        let r = self.inner.put_opts(location, payload, opts).await?;
+        if fault == Some(Fault::Lost) {
+            return Err(injected("reset"));
+        }
+        Ok(r)
+    }
+
+    async fn put_multipart_opts(
+        &self,
+        location: &Path,
+        opts: PutMultipartOptions,
+    ) -> object_store::Result<Box<dyn MultipartUpload>> {
+        self.roll().await?;
+        self.inner.put_multipart_opts(location, opts).await
+    }
+
+    async fn get_opts(
+        &self,
+        location: &Path,
+        options: GetOptions,
+    ) -> object_store::Result<GetResult> {
+        let fault = self.roll().await?;
+        let head = options.head;
+        let r = self.inner.get_opts(location, options).await?;
+        if fault != Some(Fault::Partial) || head {
+            return Ok(r);
+        }
+        let GetResult {
+            payload,
+            meta,
+            range,
+            attributes,
+            extensions,
+        } = r;
+        let whole = GetResult {
+            payload,
+            meta: meta.clone(),
+            range: range.clone(),
+            attributes: attributes.clone(),
+            extensions: extensions.clone(),
+        }
+        .bytes()
+        .await?;
+        let cut: Bytes = whole.slice(..whole.len() / 2);
+        Ok(GetResult {
+            payload: GetResultPayload::Stream(futures::stream::once(async { Ok(cut) }).boxed()),
+            meta,
+            range,
+            attributes,
+            extensions,
+        })
+    }
+
+    async fn get_ranges(
+        &self,
+        location: &Path,
+        ranges: &[Range<u64>],
+    ) -> object_store::Result<Vec<Bytes>> {
+        self.roll().await?;
+        self.inner.get_ranges(location, ranges).await
+    }
+
+    fn delete_stream(
+        &self,
+        locations: BoxStream<'static, object_store::Result<Path>>,
+    ) -> BoxStream<'static, object_store::Result<Path>> {
+        self.inner.delete_stream(locations)
+    }
+
+    fn list(&self, prefix: Option<&Path>) -> BoxStream<'static, object_store::Result<ObjectMeta>> {
+        let n = self.injected.requests.fetch_add(1, Ordering::Relaxed);
+        let outage = self.spec.outage_after.is_some_and(|after| n >= after);
+        let r = splitmix(self.spec.seed ^ splitmix(n));
+        if outage || unit(r) < self.spec.rate {
+            self.injected.faults.fetch_add(1, Ordering::Relaxed);
+            return futures::stream::once(async { Err(injected("503 SlowDown (injected)")) })
+                .boxed();
+        }
+        self.inner.list(prefix)
+    }
+
+    async fn list_with_delimiter(&self, prefix: Option<&Path>) -> object_store::Result<ListResult> {
+        self.roll().await?;
+        self.inner.list_with_delimiter(prefix).await
+    }
+
+    async fn copy_opts(
+        &self,
+        from: &Path,
+        to: &Path,
+        options: CopyOptions,
+    ) -> object_store::Result<()> {
+        self.roll().await?;
+        self.inner.copy_opts(from, to, options).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn specs_parse_and_bad_ones_say_why() {
+        let s = FaultSpec::parse(
+            "rate=0.05 seed=9 kinds=error+hang latency=2ms hang=1.5s outage-after=10",
+        )
+        .unwrap();
+        assert_eq!(s.rate, 0.05);
+        assert_eq!(s.seed, 9);
+        assert_eq!(s.kinds, vec![Fault::Error, Fault::Hang]);
+        assert_eq!(s.latency, Duration::from_millis(2));
+        assert_eq!(s.hang, Duration::from_millis(1500));
+        assert_eq!(s.outage_after, Some(10));
+        for (bad, says) in [
+            ("rate=2", "rate"),
+            ("kinds=error+fire", "fire"),
+            ("colour=red", "colour"),
+            ("rate", "key=value"),
+            ("latency=3h", "unit"),
+        ] {
+            let e = FaultSpec::parse(bad).unwrap_err();
+            assert!(e.contains(says), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn about_the_asked_fraction_of_requests_fail() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let mem: Arc<dyn ObjectStore> = Arc::new(object_store::memory::InMemory::new());
+        let f = Faulty::new(mem, FaultSpec::parse("rate=0.1 kinds=error").unwrap());
+        let p = Path::from("x");
+        let failed = rt.block_on(async {
+            let mut failed = 0;
+            for _ in 0..2000 {
+                if f.put_opts(&p, PutPayload::from_static(b"x"), PutOptions::default())
+                    .await
+                    .is_err()
+                {
+                    failed += 1;
+                }
+            }
+            failed
+        });
+        assert!((140..260).contains(&failed), "{failed} of 2000 failed");
+    }
+}

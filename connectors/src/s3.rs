@@ -1,0 +1,490 @@
+//! S3 and S3-compatible stores.
+//!
+//! The data path (get, ranged get, put, list, delete) goes through `object_store`,
+//! which is fast and streams. What `object_store` does not speak goes through the
+//! AWS SDK: Object Lock (puts with a retention date, extending it, reading it),
+//! object versions, and the bucket's lock configuration.
+//!
+//! Credentials, region and endpoint come from the AWS SDK's default chain
+//! (environment, `~/.aws/config` and `credentials` profiles, SSO, web identity,
+//! container and instance roles), so a repository URL holds no secret. The same
+//! chain signs `object_store`'s requests through [`SdkCredentials`].
+
+use std::sync::Arc;
+
+use aws_credential_types::provider::ProvideCredentials;
+use aws_sdk_s3::config::http::HttpResponse;
+use aws_sdk_s3::error::{ProvideErrorMetadata, SdkError};
+use aws_sdk_s3::primitives::{ByteStream, DateTime as AwsTime};
+use aws_sdk_s3::types::{
+    ChecksumAlgorithm, ObjectLockEnabled, ObjectLockMode, ObjectLockRetention,
+    ObjectLockRetentionMode, StorageClass,
+};
+use bytes::Bytes;
+use chrono::{DateTime, Utc};
+use ferry_agent::store::{LockMode, ObjectVersion, Retention, Versioned};
+use ferry_agent::{Error, Result};
+use futures::FutureExt;
+use futures::future::BoxFuture;
+use object_store::aws::{AmazonS3Builder, AwsCredential, S3ConditionalPut};
+use object_store::prefix::PrefixStore;
+use object_store::{CredentialProvider, ObjectStore};
+
+/// Where an `s3://` URL points, and how to reach it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct S3Url {
+    pub bucket: String,
+    pub prefix: String,
+    pub endpoint: Option<String>,
+    pub region: Option<String>,
+}
+
+impl S3Url {
+    /// `s3://BUCKET[/PREFIX][?endpoint=URL&region=NAME]`.
+    pub fn parse(url: &str) -> Result<S3Url> {
+        let rest = url
+            .strip_prefix("s3://")
+            .ok_or_else(|| Error::InvalidInput(format!("{url} is not an s3:// URL")))?;
+        let (path, query) = rest.split_once('?').unwrap_or((rest, ""));
+        let (bucket, prefix) = path.split_once('/').unwrap_or((path, ""));
+        if bucket.len() < 3
+            || bucket.len() > 63
+            || !bucket
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.')
+        {
+            return Err(Error::InvalidInput(format!(
+                "{url}: {bucket:?} is not a valid bucket name (3 to 63 lowercase letters, digits, '-' or '.')"
+            )));
+        }
+        let mut out = S3Url {
+            bucket: bucket.to_string(),
+            prefix: prefix.trim_matches('/').to_string(),
+            endpoint: None,
+            region: None,
+        };
+        for pair in query.split('&').filter(|p| !p.is_empty()) {
+            match pair.split_once('=') {
+                Some(("endpoint", v)) => out.endpoint = Some(v.to_string()),
+                Some(("region", v)) => out.region = Some(v.to_string()),
+                _ => {
+                    return Err(Error::InvalidInput(format!(
+                        "{url}: unknown option {pair:?}; s3:// URLs take endpoint= and region="
+                    )));
+                }
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// Signs `object_store` requests with whatever the AWS SDK's chain provides.
+#[derive(Debug)]
+struct SdkCredentials(aws_credential_types::provider::SharedCredentialsProvider);
+
+#[async_trait::async_trait]
+impl CredentialProvider for SdkCredentials {
+    type Credential = AwsCredential;
+
+    async fn get_credential(&self) -> object_store::Result<Arc<AwsCredential>> {
+        let c = self
+            .0
+            .provide_credentials()
+            .await
+            .map_err(|e| object_store::Error::Unauthenticated {
+                path: String::new(),
+                source: format!("no AWS credentials: {e}; set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, AWS_PROFILE, or run where an instance role is available").into(),
+            })?;
+        Ok(Arc::new(AwsCredential {
+            key_id: c.access_key_id().to_string(),
+            secret_key: c.secret_access_key().to_string(),
+            token: c.session_token().map(str::to_string),
+        }))
+    }
+}
+
+/// Open an `s3://` repository location: the data-path store and the SDK side.
+pub fn open(location: &str) -> Result<(Arc<dyn ObjectStore>, Arc<dyn Versioned>)> {
+    let url = S3Url::parse(location)?;
+    // The runtime that will drive every request is the store's; build the SDK
+    // configuration on a throwaway one (it only reads files and the environment).
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| Error::InvalidInput(format!("cannot start a runtime: {e}")))?;
+    let mut loader = aws_config::defaults(aws_config::BehaviorVersion::latest())
+        // Ferry retries every request itself, with its own bounds.
+        .retry_config(aws_config::retry::RetryConfig::standard().with_max_attempts(1));
+    if let Some(region) = &url.region {
+        loader = loader.region(aws_config::Region::new(region.clone()));
+    }
+    if let Some(endpoint) = &url.endpoint {
+        loader = loader.endpoint_url(endpoint);
+    }
+    let sdk = rt.block_on(loader.load());
+    let region = sdk
+        .region()
+        .map(|r| r.to_string())
+        .unwrap_or_else(|| "us-east-1".to_string());
+    let endpoint = sdk.endpoint_url().map(str::to_string);
+    let credentials = sdk.credentials_provider().ok_or_else(|| {
+        Error::InvalidInput(
+            "no AWS credentials provider: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY or AWS_PROFILE".into(),
+        )
+    })?;
+
+    let mut builder = AmazonS3Builder::new()
+        .with_bucket_name(&url.bucket)
+        .with_region(&region)
+        .with_credentials(Arc::new(SdkCredentials(credentials)))
+        .with_checksum_algorithm(object_store::aws::Checksum::SHA256)
+        .with_conditional_put(S3ConditionalPut::ETagMatch);
+    if let Some(endpoint) = &endpoint {
+        builder = builder
+            .with_endpoint(endpoint)
+            .with_allow_http(endpoint.starts_with("http://"))
+            // S3-compatible servers (MinIO, Ceph, moto) want path-style requests.
+            .with_virtual_hosted_style_request(false);
+    }
+    let s3 = builder
+        .build()
+        .map_err(|e| Error::InvalidInput(format!("cannot use {location}: {e}")))?;
+    let inner: Arc<dyn ObjectStore> = if url.prefix.is_empty() {
+        Arc::new(s3)
+    } else {
+        Arc::new(PrefixStore::new(s3, url.prefix.as_str()))
+    };
+
+    let conf = aws_sdk_s3::config::Builder::from(&sdk)
+        .force_path_style(endpoint.is_some())
+        .build();
+    let versioned = SdkVersioned {
+        client: aws_sdk_s3::Client::from_conf(conf),
+        bucket: url.bucket.clone(),
+        prefix: if url.prefix.is_empty() {
+            String::new()
+        } else {
+            format!("{}/", url.prefix)
+        },
+    };
+    Ok((inner, Arc::new(versioned)))
+}
+
+/// Versions and Object Lock through the AWS SDK.
+#[derive(Debug)]
+struct SdkVersioned {
+    client: aws_sdk_s3::Client,
+    bucket: String,
+    /// The repository's prefix in the bucket, with a trailing `/` (or empty).
+    prefix: String,
+}
+
+/// Turn an SDK error into the `object_store` error of the same meaning, so the
+/// store's retry rules (retry `Generic`, never `NotFound` or `PermissionDenied`)
+/// apply to both clients alike.
+fn sdk_error<E>(key: &str, e: SdkError<E, HttpResponse>) -> object_store::Error
+where
+    E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
+{
+    let status = e.raw_response().map(|r| r.status().as_u16());
+    let code = e.code().unwrap_or("").to_string();
+    let message = format!(
+        "{}{}",
+        if code.is_empty() {
+            String::new()
+        } else {
+            format!("{code}: ")
+        },
+        e.message().map(str::to_string).unwrap_or_else(|| {
+            let mut s = e.to_string();
+            let mut cur = std::error::Error::source(&e);
+            while let Some(c) = cur {
+                s.push_str(&format!(": {c}"));
+                cur = c.source();
+            }
+            s
+        })
+    );
+    let source: Box<dyn std::error::Error + Send + Sync> = message.into();
+    match status {
+        Some(404) => object_store::Error::NotFound {
+            path: key.to_string(),
+            source,
+        },
+        Some(401 | 403) => object_store::Error::PermissionDenied {
+            path: key.to_string(),
+            source,
+        },
+        // Throttling (429, 503 SlowDown) and server errors are worth another try.
+        Some(s) if s == 429 || s >= 500 => object_store::Error::Generic {
+            store: "S3",
+            source,
+        },
+        // Other refusals (400 InvalidRequest, 409, ...) will not change on retry.
+        Some(_) => object_store::Error::NotSupported { source },
+        // No answer at all: timeouts, resets, DNS.
+        None => object_store::Error::Generic {
+            store: "S3",
+            source,
+        },
+    }
+}
+
+fn to_aws(t: DateTime<Utc>) -> AwsTime {
+    AwsTime::from_secs(t.timestamp())
+}
+
+fn from_aws(t: &AwsTime) -> DateTime<Utc> {
+    DateTime::from_timestamp(t.secs(), 0).unwrap_or_default()
+}
+
+fn mode(m: LockMode) -> ObjectLockMode {
+    match m {
+        LockMode::Governance => ObjectLockMode::Governance,
+        LockMode::Compliance => ObjectLockMode::Compliance,
+    }
+}
+
+impl SdkVersioned {
+    fn key(&self, name: &str) -> String {
+        format!("{}{name}", self.prefix)
+    }
+}
+
+impl Versioned for SdkVersioned {
+    fn lock_enabled(&self) -> BoxFuture<'_, Result<bool, object_store::Error>> {
+        async move {
+            match self
+                .client
+                .get_object_lock_configuration()
+                .bucket(&self.bucket)
+                .send()
+                .await
+            {
+                Ok(out) => Ok(out
+                    .object_lock_configuration()
+                    .and_then(|c| c.object_lock_enabled())
+                    == Some(&ObjectLockEnabled::Enabled)),
+                Err(e) if e.code() == Some("ObjectLockConfigurationNotFoundError") => Ok(false),
+                Err(e) => Err(sdk_error(&self.bucket, e)),
+            }
+        }
+        .boxed()
+    }
+
+    fn put_retained<'a>(
+        &'a self,
+        name: &'a str,
+        data: Bytes,
+        retention: Retention,
+        storage_class: Option<&'a str>,
+    ) -> BoxFuture<'a, Result<(), object_store::Error>> {
+        async move {
+            let key = self.key(name);
+            self.client
+                .put_object()
+                .bucket(&self.bucket)
+                .key(&key)
+                .body(ByteStream::from(data))
+                .checksum_algorithm(ChecksumAlgorithm::Sha256)
+                .object_lock_mode(mode(retention.mode))
+                .object_lock_retain_until_date(to_aws(retention.until))
+                .set_storage_class(storage_class.map(StorageClass::from))
+                .send()
+                .await
+                .map_err(|e| sdk_error(&key, e))?;
+            Ok(())
+        }
+        .boxed()
+    }
+
+    fn retention<'a>(
+        &'a self,
+        name: &'a str,
+    ) -> BoxFuture<'a, Result<Option<Retention>, object_store::Error>> {
+        async move {
+            let key = self.key(name);
+            let head = self
+                .client
+                .head_object()
+                .bucket(&self.bucket)
+                .key(&key)
+                .send()
+                .await
+                .map_err(|e| sdk_error(&key, e))?;
+            let mode = match head.object_lock_mode() {
+                Some(ObjectLockMode::Compliance) => LockMode::Compliance,
+                Some(ObjectLockMode::Governance) => LockMode::Governance,
+                _ => return Ok(None),
+            };
+            Ok(head.object_lock_retain_until_date().map(|t| Retention {
+                mode,
+                until: from_aws(t),
+            }))
+        }
+        .boxed()
+    }
+
+    fn extend<'a>(
+        &'a self,
+        name: &'a str,
+        retention: Retention,
+    ) -> BoxFuture<'a, Result<(), object_store::Error>> {
+        async move {
+            let key = self.key(name);
+            let mode = match retention.mode {
+                LockMode::Compliance => ObjectLockRetentionMode::Compliance,
+                LockMode::Governance => ObjectLockRetentionMode::Governance,
+            };
+            self.client
+                .put_object_retention()
+                .bucket(&self.bucket)
+                .key(&key)
+                .retention(
+                    ObjectLockRetention::builder()
+                        .mode(mode)
+                        .retain_until_date(to_aws(retention.until))
+                        .build(),
+                )
+                .send()
+                .await
+                .map_err(|e| sdk_error(&key, e))?;
+            Ok(())
+        }
+        .boxed()
+    }
+
+    fn versions<'a>(
+        &'a self,
+        prefix: &'a str,
+    ) -> BoxFuture<'a, Result<Vec<ObjectVersion>, object_store::Error>> {
+        async move {
+            let full = self.key(prefix);
+            let mut out = Vec::new();
+            let mut key_marker = None;
+            let mut version_marker = None;
+            loop {
+                let page = self
+                    .client
+                    .list_object_versions()
+                    .bucket(&self.bucket)
+                    .prefix(&full)
+                    .set_key_marker(key_marker.take())
+                    .set_version_id_marker(version_marker.take())
+                    .send()
+                    .await
+                    .map_err(|e| sdk_error(&full, e))?;
+                let strip = |k: Option<&str>| {
+                    k.and_then(|k| k.strip_prefix(self.prefix.as_str()))
+                        .unwrap_or_default()
+                        .to_string()
+                };
+                for v in page.versions() {
+                    out.push(ObjectVersion {
+                        name: strip(v.key()),
+                        version: v.version_id().unwrap_or("null").to_string(),
+                        delete_marker: false,
+                        latest: v.is_latest().unwrap_or(false),
+                        size: v.size().unwrap_or(0).max(0) as u64,
+                        modified: v.last_modified().map(from_aws).unwrap_or_default(),
+                    });
+                }
+                for m in page.delete_markers() {
+                    out.push(ObjectVersion {
+                        name: strip(m.key()),
+                        version: m.version_id().unwrap_or("null").to_string(),
+                        delete_marker: true,
+                        latest: m.is_latest().unwrap_or(false),
+                        size: 0,
+                        modified: m.last_modified().map(from_aws).unwrap_or_default(),
+                    });
+                }
+                if page.is_truncated() != Some(true) {
+                    break;
+                }
+                key_marker = page.next_key_marker().map(str::to_string);
+                version_marker = page.next_version_id_marker().map(str::to_string);
+                if key_marker.is_none() {
+                    break;
+                }
+            }
+            Ok(out)
+        }
+        .boxed()
+    }
+
+    fn delete_version<'a>(
+        &'a self,
+        name: &'a str,
+        version: &'a str,
+    ) -> BoxFuture<'a, Result<(), object_store::Error>> {
+        async move {
+            let key = self.key(name);
+            self.client
+                .delete_object()
+                .bucket(&self.bucket)
+                .key(&key)
+                .version_id(version)
+                .send()
+                .await
+                .map_err(|e| sdk_error(&key, e))?;
+            Ok(())
+        }
+        .boxed()
+    }
+
+    fn get_version<'a>(
+        &'a self,
+        name: &'a str,
+        version: &'a str,
+    ) -> BoxFuture<'a, Result<Bytes, object_store::Error>> {
+        async move {
+            let key = self.key(name);
+            let out = self
+                .client
+                .get_object()
+                .bucket(&self.bucket)
+                .key(&key)
+                .version_id(version)
+                .send()
+                .await
+                .map_err(|e| sdk_error(&key, e))?;
+            let body = out
+                .body
+                .collect()
+                .await
+                .map_err(|e| object_store::Error::Generic {
+                    store: "S3",
+                    source: Box::new(e),
+                })?;
+            Ok(body.into_bytes())
+        }
+        .boxed()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls_parse_with_prefix_and_options() {
+        let u =
+            S3Url::parse("s3://my-bucket/dr/web?endpoint=http://127.0.0.1:9000&region=eu-west-1")
+                .unwrap();
+        assert_eq!(u.bucket, "my-bucket");
+        assert_eq!(u.prefix, "dr/web");
+        assert_eq!(u.endpoint.as_deref(), Some("http://127.0.0.1:9000"));
+        assert_eq!(u.region.as_deref(), Some("eu-west-1"));
+        assert_eq!(S3Url::parse("s3://abc").unwrap().prefix, "");
+        for bad in [
+            "s3://ab",
+            "s3://Upper/x",
+            "s3://ok-bucket?colour=red",
+            "s3://a_b/x",
+        ] {
+            let e = S3Url::parse(bad).unwrap_err().to_string();
+            assert!(e.contains(bad.split('?').next().unwrap_or(bad)), "{e}");
+        }
+    }
+}

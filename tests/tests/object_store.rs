@@ -1,0 +1,228 @@
+//! Repositories in object storage, against real servers on loopback: moto (S3
+//! with versioning and Object Lock) and Azurite (Azure Blob). Includes the
+//! ransomware test: an attacker holding the repository's credentials (and its
+//! password) tries to destroy the recovery points; every one still restores.
+
+mod common;
+
+use common::servers::{Azurite, Moto};
+use common::{Env, make_image, same_content, scatter_writes, stderr};
+
+const MIB: u64 = 1 << 20;
+
+fn points(env: &Env) -> Vec<serde_json::Value> {
+    env.json(&["points"]).as_array().expect("array").clone()
+}
+
+#[test]
+fn s3_repository_round_trip_with_requests_and_stats() {
+    let Some(moto) = Moto::start() else { return };
+    moto.create_bucket("ferry-plain", false);
+    let env = Env::at("s3://ferry-plain/dr/site-a", moto.env());
+    let disk = env.path("disk.img");
+    make_image(&disk, 24 * MIB, 11);
+
+    env.ok(&["init"]);
+    // Everything lands under the prefix, nothing beside it.
+    let keys = moto.python("print(json.dumps([o['Key'] for o in s3.list_objects_v2(Bucket='ferry-plain').get('Contents', [])]))");
+    let keys: Vec<String> = serde_json::from_str(&keys).unwrap();
+    assert!(keys.iter().all(|k| k.starts_with("dr/site-a/")), "{keys:?}");
+    assert!(keys.iter().any(|k| k == "dr/site-a/config"), "{keys:?}");
+
+    let full = env.backup("vm", &[&disk]);
+    let req = &full["requests"];
+    assert!(req["puts"].as_u64().unwrap() >= 3, "{req}");
+    assert!(req["bytes_up"].as_u64().unwrap() > 4 * MIB, "{req}");
+    scatter_writes(&disk, 20, 5);
+    let incr = env.backup("vm", &[&disk]);
+    assert!(
+        incr["requests"]["bytes_up"].as_u64().unwrap()
+            < full["requests"]["bytes_up"].as_u64().unwrap() / 4,
+        "an incremental uploads far less than the full: {incr}"
+    );
+
+    let out = env.path("restored.img");
+    let r = env.json(&["restore", "vm@latest", "--to", out.to_str().unwrap()]);
+    assert!(same_content(&disk, &out));
+    assert!(r["requests"]["gets"].as_u64().unwrap() > 0);
+    let check = env.json(&["check", "--read-data"]);
+    assert_eq!(check["ok"], true, "{check}");
+
+    let stats = env.json(&["stats"]);
+    assert_eq!(stats["points"], 2);
+    assert_eq!(stats["logical_bytes"], 2 * 24 * MIB);
+    let stored = stats["pack_bytes"].as_u64().unwrap();
+    assert!(stored > 0 && stored < 24 * MIB, "{stats}");
+    assert!(stats["monthly_storage_cost"].as_f64().unwrap() > 0.0);
+    let packs = stats["objects"]["packs"][0].as_u64().unwrap();
+    // About 16 MiB packs: a handful of objects, not one per chunk.
+    assert!(packs <= 4, "{stats}");
+
+    // A price table the user edits changes the estimate.
+    let prices = env.path("prices.json");
+    let mut table: serde_json::Value =
+        serde_json::from_str(&env.ok(&["stats", "--print-prices"])).unwrap();
+    table["storage_gb_month"]["default"] = serde_json::json!(0.046);
+    std::fs::write(&prices, table.to_string()).unwrap();
+    let doubled = env.json(&["stats", "--prices", prices.to_str().unwrap()]);
+    let ratio = doubled["monthly_storage_cost"].as_f64().unwrap()
+        / stats["monthly_storage_cost"].as_f64().unwrap();
+    assert!((ratio - 2.0).abs() < 0.05, "{ratio}");
+    std::fs::write(&prices, "{\"name\": 3}").unwrap();
+    let bad = env.run(&["stats", "--prices", prices.to_str().unwrap()]);
+    assert_eq!(bad.status.code(), Some(2));
+    assert!(stderr(&bad).contains("price table"), "{}", stderr(&bad));
+}
+
+#[test]
+fn unreachable_endpoint_and_missing_bucket_are_clear_errors() {
+    let Some(moto) = Moto::start() else { return };
+    let mut vars = moto.env();
+    // Nothing listens on port 9 of loopback.
+    for (k, v) in vars.iter_mut() {
+        if k == "AWS_ENDPOINT_URL" {
+            *v = "http://127.0.0.1:9".into();
+        }
+    }
+    vars.push(("FERRY_STORE_ATTEMPTS".into(), "2".into()));
+    let env = Env::at("s3://nowhere-bucket/x", vars);
+    let out = env.run(&["points"]);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    let err = stderr(&out);
+    assert!(err.contains("config"), "{err}");
+    assert!(!err.contains("testing"), "credentials leak: {err}");
+
+    let env = Env::at("s3://no-such-bucket/x", moto.env());
+    let out = env.run(&["init"]);
+    assert_ne!(out.status.code(), Some(0));
+    assert!(
+        stderr(&out).contains("no-such-bucket") || stderr(&out).contains("NoSuchBucket"),
+        "{}",
+        stderr(&out)
+    );
+}
+
+#[test]
+fn object_lock_needs_a_lock_enabled_bucket() {
+    let Some(moto) = Moto::start() else { return };
+    moto.create_bucket("no-lock", false);
+    let env = Env::at("s3://no-lock/r", moto.env());
+    let out = env.run(&["init", "--object-lock", "compliance"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(stderr(&out).contains("Object Lock"), "{}", stderr(&out));
+    // Nothing was written.
+    let keys = moto.python("print(s3.list_objects_v2(Bucket='no-lock').get('KeyCount', 0))");
+    assert_eq!(keys.trim(), "0");
+}
+
+/// The attack: someone holding the agent's S3 credentials and the repository
+/// password runs forget and prune, deletes every object, deletes specific
+/// versions, and overwrites packs, points and the config with garbage.
+#[test]
+fn immutable_points_survive_an_attacker_with_the_credentials() {
+    let Some(moto) = Moto::start() else { return };
+    moto.create_bucket("ferry-locked", true);
+    let env = Env::at("s3://ferry-locked/prod", moto.env());
+    let disk = env.path("disk.img");
+    make_image(&disk, 20 * MIB, 21);
+    let out = env.ok(&["init", "--object-lock", "compliance", "--lock-days", "2"]);
+    assert!(out.contains("COMPLIANCE"), "{out}");
+    env.backup("db", &[&disk]);
+    let first = env.path("first.img");
+    std::fs::copy(&disk, &first).unwrap();
+    scatter_writes(&disk, 30, 9);
+    env.backup("db", &[&disk]);
+    let before = points(&env);
+    assert_eq!(before.len(), 2);
+
+    // Every object Ferry wrote carries the retention (locks are not kept).
+    let heads = moto.python(
+        r#"
+        out = {}
+        for o in s3.list_objects_v2(Bucket='ferry-locked', Prefix='prod/')['Contents']:
+            h = s3.head_object(Bucket='ferry-locked', Key=o['Key'])
+            out[o['Key']] = [h.get('ObjectLockMode'), str(h.get('ObjectLockRetainUntilDate'))]
+        print(json.dumps(out))
+        "#,
+    );
+    let heads: serde_json::Map<String, serde_json::Value> = serde_json::from_str(&heads).unwrap();
+    assert!(heads.keys().any(|k| k.starts_with("prod/packs/")));
+    for (k, v) in &heads {
+        assert!(!k.starts_with("prod/locks/"), "a lock was left behind: {k}");
+        assert_eq!(v[0], "COMPLIANCE", "{k} is not locked: {v}");
+    }
+
+    // 1. With Ferry itself: forget everything but the newest, and prune.
+    let f = env.json(&["forget", "--keep-last", "1"]);
+    assert_eq!(f["removed"], 0, "{f}");
+    assert_eq!(f["locked"], 1, "{f}");
+    let p = env.json(&["prune"]);
+    assert_eq!(p["deleted_packs"], 0, "{p}");
+    assert_eq!(points(&env).len(), 2, "a locked point was forgotten");
+
+    // 2. Raw API: delete specific versions (refused), then hide everything
+    //    behind delete markers and overwrite packs, points and config.
+    let refused = moto.python(
+        r#"
+        refused = 0
+        for v in s3.list_object_versions(Bucket='ferry-locked', Prefix='prod/').get('Versions', []):
+            if v['Key'].startswith('prod/locks/'):
+                continue
+            try:
+                s3.delete_object(Bucket='ferry-locked', Key=v['Key'], VersionId=v['VersionId'])
+            except Exception as e:
+                refused += 1
+        keys = [o['Key'] for o in s3.list_objects_v2(Bucket='ferry-locked', Prefix='prod/')['Contents']]
+        for k in keys:
+            if '/packs/' in k or '/points/' in k or k.endswith('/config'):
+                s3.put_object(Bucket='ferry-locked', Key=k, Body=b'encrypted by ransomware')
+            else:
+                s3.delete_object(Bucket='ferry-locked', Key=k)
+        print(refused)
+        "#,
+    );
+    assert!(refused.trim().parse::<u32>().unwrap() >= 5, "{refused}");
+    let gone = env.run(&["points"]);
+    assert_ne!(
+        gone.status.code(),
+        Some(0),
+        "the attack did not even hide the data"
+    );
+
+    // 3. Recovery: put back the original versions, then every point restores.
+    let u = env.json(&["undelete"]);
+    assert!(u["restored"].as_array().unwrap().len() >= 5, "{u}");
+    assert_eq!(u["lost"].as_array().unwrap().len(), 0, "{u}");
+    let after = points(&env);
+    assert_eq!(after.len(), 2);
+    let check = env.json(&["check", "--read-data"]);
+    assert_eq!(check["ok"], true, "{check}");
+    let ids: Vec<&str> = before.iter().map(|p| p["id"].as_str().unwrap()).collect();
+    for (id, want) in ids.iter().zip([&first, &disk]) {
+        let out = env.path(&format!("r-{id}.img"));
+        env.ok(&["restore", id, "--to", out.to_str().unwrap()]);
+        assert!(same_content(want, &out), "point {id} does not restore");
+    }
+}
+
+#[test]
+fn azure_blob_repository_round_trip() {
+    let Some(az) = Azurite::start() else { return };
+    az.create_container("ferry");
+    let env = Env::at("az://ferry/backups", az.env());
+    let disk = env.path("disk.img");
+    make_image(&disk, 12 * MIB, 31);
+    env.ok(&["init"]);
+    env.backup("vm", &[&disk]);
+    scatter_writes(&disk, 10, 3);
+    env.backup("vm", &[&disk]);
+    let out = env.path("restored.img");
+    env.ok(&["restore", "vm@latest", "--to", out.to_str().unwrap()]);
+    assert!(same_content(&disk, &out));
+    let check = env.json(&["check", "--read-data"]);
+    assert_eq!(check["ok"], true, "{check}");
+    let names = az.python(
+        "print(json.dumps([b.name for b in service.get_container_client('ferry').list_blobs()]))",
+    );
+    assert!(names.contains("backups/config"), "{names}");
+}
