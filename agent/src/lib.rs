@@ -22,6 +22,7 @@ pub mod retention;
 pub mod source;
 pub mod stats;
 pub mod store;
+pub mod tier;
 pub mod undelete;
 
 pub use error::{Error, Result};

@@ -328,6 +328,8 @@ pub struct PruneReport {
     /// Condemned packs under Object Lock, left for a later prune.
     pub locked_packs: usize,
     pub locked_until: Option<DateTime<Utc>>,
+    /// Objects whose Object Lock retention was extended (locked repositories).
+    pub extended: usize,
     pub dry_run: bool,
     pub requests: Requests,
 }
@@ -560,6 +562,10 @@ pub fn prune(repo: &Repository, opts: PruneOptions) -> Result<PruneReport> {
     report.condemned_packs = condemned.len() + repack.len();
     report.repacked_packs = repack.len();
     if opts.dry_run || report.condemned_packs == 0 {
+        if !opts.dry_run {
+            let packs: Vec<[u8; 32]> = index.packs().map(|(id, _)| id).collect();
+            report.extended = extend_retention(repo, &packs)?;
+        }
         report.requests = repo.store.requests();
         return Ok(report);
     }
@@ -690,9 +696,52 @@ pub fn prune(repo: &Repository, opts: PruneOptions) -> Result<PruneReport> {
     }
     report.waiting_for.sort();
     report.waiting_for.dedup();
+    let packs: Vec<[u8; 32]> = keep.iter().map(|r| r.id).collect();
+    report.extended = extend_retention(repo, &packs)?;
     drop(own);
     report.requests = repo.store.requests();
     Ok(report)
+}
+
+/// Under Object Lock, a pack written long ago may still be needed by today's
+/// points after its own retention ran out. Prune therefore moves the retention
+/// of every object still in use (the given packs, every index object and point,
+/// the key files and the config) to a full period from now whenever less than
+/// half a period is left. Run prune at least every half period.
+fn extend_retention(repo: &Repository, packs: &[[u8; 32]]) -> Result<usize> {
+    let Some(lock) = repo.store.lock() else {
+        return Ok(0);
+    };
+    if repo.store.versioned().is_none() {
+        return Ok(0);
+    }
+    let now = Utc::now();
+    let horizon = now + chrono::Duration::days(i64::from(lock.days)) / 2;
+    let target = crate::store::Retention {
+        mode: lock.mode,
+        until: now + chrono::Duration::days(i64::from(lock.days)),
+    };
+    let mut names: Vec<String> = packs.iter().map(pack::object_name).collect();
+    for prefix in ["index/", "points/", "keys/"] {
+        names.extend(repo.store.list(prefix)?.into_iter().map(|(n, _)| n));
+    }
+    names.push("config".into());
+    let mut extended = 0;
+    for name in names {
+        let current = match repo.store.retention(&name) {
+            Ok(r) => r,
+            Err(Error::Missing { .. }) => continue,
+            Err(e) => return Err(e),
+        };
+        if current.is_none_or(|r| r.until < horizon) {
+            repo.store.extend_retention(&name, target)?;
+            extended += 1;
+        }
+    }
+    if extended > 0 {
+        info!(objects = extended, "extended Object Lock retention");
+    }
+    Ok(extended)
 }
 
 /// Phase 2 for one record: put back condemned packs a live chunk needs, delete

@@ -161,6 +161,14 @@ pub trait Versioned: Send + Sync + std::fmt::Debug {
         name: &'a str,
         version: &'a str,
     ) -> BoxFuture<'a, Result<(), object_store::Error>>;
+    /// Rewrite an object in place in another storage class (keeping its bytes),
+    /// with `retention` when the repository locks its objects.
+    fn set_storage_class<'a>(
+        &'a self,
+        name: &'a str,
+        class: &'a str,
+        retention: Option<Retention>,
+    ) -> BoxFuture<'a, Result<(), object_store::Error>>;
     /// Read one version.
     fn get_version<'a>(
         &'a self,
@@ -216,6 +224,18 @@ fn transient(e: &object_store::Error) -> bool {
         E::Generic { .. } | E::JoinError { .. } => !is_storage_full(e),
         _ => false,
     }
+}
+
+/// Whether a read failed because the object sits in an archive class.
+fn is_cold(e: &object_store::Error) -> bool {
+    let text = e.to_string();
+    text.contains("InvalidObjectState") || text.contains("BlobArchived")
+}
+
+fn cold(name: &str, e: &object_store::Error) -> Error {
+    Error::InvalidInput(format!(
+        "{name} is in an archive storage class and cannot be read until it is restored to a readable tier: on S3 run `aws s3api restore-object --key <prefix>/{name} --restore-request Days=7 ...` (Glacier takes minutes to hours), or move the packs back with `ferry tier --older-than ... --class STANDARD`; then run this again ({e})"
+    ))
 }
 
 fn short_body(name: &str, want: u64, got: usize) -> object_store::Error {
@@ -399,6 +419,7 @@ impl Store {
                     object: name.to_string(),
                 });
             }
+            Err(e) if is_cold(&e) => return Err(cold(name, &e)),
             Err(e) if !transient(&e) => {
                 // Stores answer a range past the end with an error of their own.
                 return Err(match self.size(name) {
@@ -579,6 +600,18 @@ impl Store {
         };
         self.counters.gets.fetch_add(1, Ordering::Relaxed);
         self.retrying(name, || v.retention(name))
+            .map_err(|e| Error::store(name, e))
+    }
+
+    /// Move an object to another storage class (versioned stores only).
+    pub fn set_storage_class(&self, name: &str, class: &str) -> Result<()> {
+        let v = self.need_versioned("changing storage classes")?;
+        let retention = self.lock.map(|l| Retention {
+            mode: l.mode,
+            until: Utc::now() + chrono::Duration::days(i64::from(l.days)),
+        });
+        self.counters.puts.fetch_add(1, Ordering::Relaxed);
+        self.retrying(name, || v.set_storage_class(name, class, retention))
             .map_err(|e| Error::store(name, e))
     }
 

@@ -230,6 +230,19 @@ where
     }
 }
 
+/// Ferry's object names are `[a-z0-9/]` plus the user's prefix; escape the rest
+/// for the `x-amz-copy-source` header.
+fn urlencoding_path(key: &str) -> String {
+    key.bytes()
+        .map(|b| match b {
+            b'a'..=b'z' | b'A'..=b'Z' | b'0'..=b'9' | b'/' | b'-' | b'_' | b'.' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
 fn to_aws(t: DateTime<Utc>) -> AwsTime {
     AwsTime::from_secs(t.timestamp())
 }
@@ -428,6 +441,34 @@ impl Versioned for SdkVersioned {
                 .send()
                 .await
                 .map_err(|e| sdk_error(&key, e))?;
+            Ok(())
+        }
+        .boxed()
+    }
+
+    fn set_storage_class<'a>(
+        &'a self,
+        name: &'a str,
+        class: &'a str,
+        retention: Option<Retention>,
+    ) -> BoxFuture<'a, Result<(), object_store::Error>> {
+        async move {
+            let key = self.key(name);
+            let source = format!("{}/{}", self.bucket, urlencoding_path(&key));
+            let mut req = self
+                .client
+                .copy_object()
+                .bucket(&self.bucket)
+                .key(&key)
+                .copy_source(source)
+                .storage_class(StorageClass::from(class))
+                .metadata_directive(aws_sdk_s3::types::MetadataDirective::Copy);
+            if let Some(r) = retention {
+                req = req
+                    .object_lock_mode(mode(r.mode))
+                    .object_lock_retain_until_date(to_aws(r.until));
+            }
+            req.send().await.map_err(|e| sdk_error(&key, e))?;
             Ok(())
         }
         .boxed()

@@ -92,6 +92,22 @@ pub enum Command {
     Stats(StatsArgs),
     /// On a versioned bucket, put back every object someone deleted or overwrote.
     Undelete(UndeleteArgs),
+    /// Move the packs only older recovery points use to a colder storage class (S3).
+    Tier(TierArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct TierArgs {
+    /// Points older than this (e.g. 30d, 6m) are "older"; their packs that no
+    /// newer point uses move.
+    #[arg(long, value_name = "DURATION")]
+    pub older_than: String,
+    /// The storage class to move them to, e.g. STANDARD_IA, GLACIER_IR, GLACIER (STANDARD moves them back).
+    #[arg(long)]
+    pub class: String,
+    /// Show what would move; move nothing.
+    #[arg(long)]
+    pub dry_run: bool,
 }
 
 #[derive(Debug, Args)]
@@ -253,6 +269,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         Command::Prune(a) => prune(g, a),
         Command::Stats(a) => stats(g, a),
         Command::Undelete(a) => undelete(g, a),
+        Command::Tier(a) => tier(g, a),
     }
 }
 
@@ -709,6 +726,12 @@ fn prune(g: &Global, a: &PruneArgs) -> Result<ExitCode> {
                 .unwrap_or_default()
         );
     }
+    if r.extended > 0 {
+        println!(
+            "extended the Object Lock retention of {} object(s) still in use",
+            r.extended
+        );
+    }
     print_requests(&r.requests);
     Ok(ExitCode::SUCCESS)
 }
@@ -797,4 +820,25 @@ fn undelete(g: &Global, a: &UndeleteArgs) -> Result<ExitCode> {
     } else {
         ExitCode::from(1)
     })
+}
+
+fn tier(g: &Global, a: &TierArgs) -> Result<ExitCode> {
+    let older = ferry_agent::retention::Policy::parse_within(&a.older_than).map_err(UsageError)?;
+    let repo = open(g)?;
+    let r = ferry_agent::tier::tier(&repo, older, &a.class, a.dry_run)?;
+    if g.json {
+        print_json(&r)?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!(
+        "{} {} pack(s) ({}) used only by points before {} to {}; {} pack(s) stay (newer points use them)",
+        if r.dry_run { "would move" } else { "moved" },
+        r.packs,
+        bytes(r.bytes),
+        r.cutoff.format("%Y-%m-%d %H:%M UTC"),
+        r.class,
+        r.kept
+    );
+    print_requests(&r.requests);
+    Ok(ExitCode::SUCCESS)
 }

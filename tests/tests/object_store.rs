@@ -152,6 +152,38 @@ fn immutable_points_survive_an_attacker_with_the_credentials() {
         assert_eq!(v[0], "COMPLIANCE", "{k} is not locked: {v}");
     }
 
+    // A pack written long ago that today's points still use must not fall out
+    // of its lock: prune extends retentions that have less than half a period left.
+    let pack = heads
+        .keys()
+        .find(|k| k.starts_with("prod/packs/"))
+        .unwrap()
+        .clone();
+    moto.python_args(
+        r#"
+        import datetime
+        until = datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(hours=1)
+        s3.put_object_retention(Bucket='ferry-locked', Key=sys.argv[1],
+            Retention={'Mode': 'COMPLIANCE', 'RetainUntilDate': until})
+        "#,
+        &[&pack],
+    );
+    let p = env.json(&["prune"]);
+    assert!(p["extended"].as_u64().unwrap() >= 1, "{p}");
+    let hours_left = moto.python_args(
+        r#"
+        import datetime
+        h = s3.head_object(Bucket='ferry-locked', Key=sys.argv[1])
+        left = h['ObjectLockRetainUntilDate'] - datetime.datetime.now(datetime.timezone.utc)
+        print(int(left.total_seconds() // 3600))
+        "#,
+        &[&pack],
+    );
+    assert!(
+        hours_left.trim().parse::<i64>().unwrap() >= 47,
+        "retention not extended: {hours_left}"
+    );
+
     // 1. With Ferry itself: forget everything but the newest, and prune.
     let f = env.json(&["forget", "--keep-last", "1"]);
     assert_eq!(f["removed"], 0, "{f}");
@@ -225,4 +257,72 @@ fn azure_blob_repository_round_trip() {
         "print(json.dumps([b.name for b in service.get_container_client('ferry').list_blobs()]))",
     );
     assert!(names.contains("backups/config"), "{names}");
+}
+
+/// Packs only older points use move to a colder class; recent points stay hot,
+/// and reading an archived pack says what it needs.
+#[test]
+fn older_packs_move_to_colder_storage_classes() {
+    let Some(moto) = Moto::start() else { return };
+    moto.create_bucket("ferry-tiers", false);
+    let env = Env::at("s3://ferry-tiers/r", moto.env());
+    let disk = env.path("disk.img");
+    make_image(&disk, 16 * MIB, 51);
+    env.ok(&["init"]);
+    let old = env.backup("vm", &[&disk])["point"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let old_image = env.path("old.img");
+    std::fs::copy(&disk, &old_image).unwrap();
+    std::thread::sleep(std::time::Duration::from_secs(4));
+    make_image(&disk, 16 * MIB, 52); // all new data: the new point shares no pack
+    env.backup("vm", &[&disk]);
+
+    let dry = env.json(&[
+        "tier",
+        "--older-than",
+        "3s",
+        "--class",
+        "GLACIER",
+        "--dry-run",
+    ]);
+    assert!(dry["packs"].as_u64().unwrap() >= 1, "{dry}");
+    let moved = env.json(&["tier", "--older-than", "3s", "--class", "GLACIER"]);
+    assert_eq!(moved["packs"], dry["packs"], "{moved}");
+    let classes = moto.python(
+        r#"
+        out = {}
+        for o in s3.list_objects_v2(Bucket='ferry-tiers', Prefix='r/packs/')['Contents']:
+            out[o['Key']] = o.get('StorageClass', 'STANDARD')
+        print(json.dumps(out))
+        "#,
+    );
+    let classes: serde_json::Map<String, serde_json::Value> =
+        serde_json::from_str(&classes).unwrap();
+    let cold = classes.values().filter(|c| *c == "GLACIER").count();
+    assert_eq!(cold as u64, moved["packs"].as_u64().unwrap(), "{classes:?}");
+    assert!(
+        classes.values().any(|c| *c == "STANDARD"),
+        "recent packs must stay hot: {classes:?}"
+    );
+
+    // The recent point restores; the old one explains what its packs need.
+    let out = env.path("new.img");
+    env.ok(&["restore", "vm@latest", "--to", out.to_str().unwrap()]);
+    assert!(same_content(&disk, &out));
+    let out = env.path("old-restored.img");
+    let r = env.run(&["restore", &old, "--to", out.to_str().unwrap()]);
+    assert_ne!(r.status.code(), Some(0));
+    let err = stderr(&r);
+    assert!(
+        err.contains("archive storage class") && err.contains("restore-object"),
+        "{err}"
+    );
+    assert!(
+        !out.exists(),
+        "an unverified image was left under the final name"
+    );
+    let bad = env.run(&["tier", "--older-than", "3s", "--class", "glacier"]);
+    assert_eq!(bad.status.code(), Some(2));
 }
