@@ -177,7 +177,10 @@ pub fn backup_sources(
     let started = Instant::now();
     // The lock goes up before the index is read: prune waits for it.
     let lock = crate::lock::Lock::acquire(repo, "backup", false)?;
-    let (mut index, damaged) = index::load(&repo.store, &repo.key)?;
+    // Without condemned packs: under Object Lock the index objects naming them
+    // may outlive them, and a backup must never dedup against them.
+    let trashed = crate::prune::trashed_packs(repo)?;
+    let (mut index, damaged) = index::load_without(&repo.store, &repo.key, &trashed)?;
     for e in &damaged {
         warn!(error = %e, "ignoring a damaged index object; its chunks will be stored again");
     }

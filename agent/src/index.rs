@@ -185,6 +185,15 @@ pub fn object_name(encoded: &[u8]) -> String {
 
 /// Load every index object into memory; damaged ones are returned, not fatal.
 pub fn load(store: &crate::store::Store, key: &MasterKey) -> Result<(Index, Vec<Error>)> {
+    load_without(store, key, &std::collections::HashSet::new())
+}
+
+/// Like [`load`], leaving out the given packs (condemned by a prune).
+pub fn load_without(
+    store: &crate::store::Store,
+    key: &MasterKey,
+    exclude: &std::collections::HashSet<[u8; 32]>,
+) -> Result<(Index, Vec<Error>)> {
     let mut index = Index::default();
     let mut damaged = Vec::new();
     for (name, _) in store.list("index/")? {
@@ -195,7 +204,7 @@ pub fn load(store: &crate::store::Store, key: &MasterKey) -> Result<(Index, Vec<
         };
         match decode(key, &name, &bytes) {
             Ok(packs) => {
-                for p in packs {
+                for p in packs.iter().filter(|p| !exclude.contains(&p.id)) {
                     index.add_pack(p.id, p.size, &p.entries);
                 }
             }

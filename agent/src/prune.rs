@@ -503,9 +503,7 @@ pub fn prune(repo: &Repository, opts: PruneOptions) -> Result<PruneReport> {
             match waits {
                 None => {
                     // A prune stopped before writing the waits: finish its phase 1.
-                    for i in &record.indexes {
-                        repo.store.delete(i)?;
-                    }
+                    delete_indexes(repo, &record.indexes)?;
                     let locks = live_locks(repo, own.name())?;
                     repo.put_object(
                         &format!("{name}.waits"),
@@ -651,9 +649,7 @@ pub fn prune(repo: &Repository, opts: PruneOptions) -> Result<PruneReport> {
     };
     let name = format!("trash/{}", random_hex(16));
     repo.put_object(&name, seal(repo, &record))?;
-    for i in &replaced {
-        repo.store.delete(i)?;
-    }
+    delete_indexes(repo, &replaced)?;
     // Every operation that could still use the replaced index holds a lock now.
     let locks = live_locks(repo, own.name())?;
     repo.put_object(
@@ -721,9 +717,19 @@ fn extend_retention(repo: &Repository, packs: &[[u8; 32]]) -> Result<usize> {
         mode: lock.mode,
         until: now + chrono::Duration::days(i64::from(lock.days)),
     };
+    let replaced: HashSet<String> = records(repo)?
+        .into_values()
+        .flat_map(|(r, _)| r.indexes)
+        .collect();
     let mut names: Vec<String> = packs.iter().map(pack::object_name).collect();
     for prefix in ["index/", "points/", "keys/"] {
-        names.extend(repo.store.list(prefix)?.into_iter().map(|(n, _)| n));
+        names.extend(
+            repo.store
+                .list(prefix)?
+                .into_iter()
+                .map(|(n, _)| n)
+                .filter(|n| !replaced.contains(n)),
+        );
     }
     names.push("config".into());
     let mut extended = 0;
@@ -755,9 +761,7 @@ fn settle(
     report: &mut PruneReport,
 ) -> Result<()> {
     let needed: HashSet<&ChunkId> = live.iter().filter(|c| !index.contains(c)).collect();
-    for i in &record.indexes {
-        repo.store.delete(i)?;
-    }
+    let indexes_left = delete_indexes(repo, &record.indexes)?;
     let mut restored = Vec::new();
     let mut left = 0;
     for hex_id in &record.packs {
@@ -799,9 +803,25 @@ fn settle(
             "condemned packs put back: a new point uses them"
         );
     }
-    if left == 0 {
+    // The record goes only when nothing it names is left: while a replaced index
+    // object survives (under Object Lock), the record keeps its packs out of
+    // every backup's index.
+    if left == 0 && indexes_left == 0 {
         repo.store.delete(&format!("{name}.waits"))?;
         repo.store.delete(name)?;
     }
     Ok(())
+}
+
+/// Delete replaced index objects; those under Object Lock stay (counted).
+fn delete_indexes(repo: &Repository, names: &[String]) -> Result<usize> {
+    let mut left = 0;
+    for i in names {
+        match repo.store.delete(i) {
+            Ok(()) => {}
+            Err(Error::Locked { .. }) => left += 1,
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(left)
 }

@@ -281,7 +281,7 @@ impl Store {
         self
     }
 
-    /// Write every repository object (but `locks/`) with this retention.
+    /// Write every repository object (but `locks/` and `trash/`) with this retention.
     pub fn with_lock(mut self, lock: Option<LockPolicy>) -> Self {
         self.lock = lock;
         self
@@ -442,7 +442,8 @@ impl Store {
     }
 
     /// Write a whole object. Stores make a put atomic: readers see all or nothing.
-    /// In a repository with Object Lock, everything but `locks/` is written with
+    /// In a repository with Object Lock, everything but `locks/` and `trash/` (Ferry's
+    /// own bookkeeping, which it must be able to delete) is written with
     /// the repository's retention.
     pub fn put(&self, name: &str, data: Bytes) -> Result<()> {
         self.put_inner(name, data).map_err(|e| match e {
@@ -467,6 +468,7 @@ impl Store {
             .filter(|_| name.starts_with("packs/"));
         if let (Some(lock), Some(v)) = (self.lock, &self.versioned)
             && !name.starts_with("locks/")
+            && !name.starts_with("trash/")
         {
             let retention = Retention {
                 mode: lock.mode,

@@ -326,3 +326,67 @@ fn older_packs_move_to_colder_storage_classes() {
     let bad = env.run(&["tier", "--older-than", "3s", "--class", "glacier"]);
     assert_eq!(bad.status.code(), Some(2));
 }
+
+/// Prune under Object Lock: what is still locked stays, and a prune after the
+/// retention ran out removes it. (moto lets a test shorten a COMPLIANCE
+/// retention, which AWS would refuse; that stands in for waiting days.)
+#[test]
+fn prune_leaves_locked_objects_and_a_later_prune_removes_them() {
+    let Some(moto) = Moto::start() else { return };
+    moto.create_bucket("ferry-gc-locked", true);
+    let env = Env::at("s3://ferry-gc-locked/r", moto.env());
+    let a = env.path("a.img");
+    let b = env.path("b.img");
+    make_image(&a, 12 * MIB, 61);
+    make_image(&b, 12 * MIB, 62);
+    env.ok(&["init", "--object-lock", "compliance", "--lock-days", "1"]);
+    let pa = env.backup("a", &[&a])["point"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    env.backup("b", &[&b]);
+    let expire = |prefix: &str| {
+        moto.python_args(
+            r#"
+            import datetime
+            until = datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(seconds=2)
+            for o in s3.list_objects_v2(Bucket='ferry-gc-locked', Prefix=sys.argv[1]).get('Contents', []):
+                s3.put_object_retention(Bucket='ferry-gc-locked', Key=o['Key'],
+                    Retention={'Mode': 'COMPLIANCE', 'RetainUntilDate': until})
+            "#,
+            &[prefix],
+        );
+        std::thread::sleep(std::time::Duration::from_secs(3));
+    };
+    // The point is locked: forget keeps it and says so.
+    let f = env.json(&["forget", &pa]);
+    assert_eq!(f["locked"], 1, "{f}");
+    expire(&format!("r/points/{pa}"));
+    let f = env.json(&["forget", &pa]);
+    assert_eq!(f["removed"], 1, "{f}");
+
+    // Its packs are condemned but locked: left, and the record kept.
+    let p = env.json(&["prune"]);
+    assert!(p["condemned_packs"].as_u64().unwrap() >= 1, "{p}");
+    assert_eq!(p["deleted_packs"], 0, "{p}");
+    assert!(p["locked_packs"].as_u64().unwrap() >= 1, "{p}");
+    let c = env.json(&["check", "--read-data"]);
+    assert_eq!(c["ok"], true, "{c}");
+
+    // Once their retention has run out, the next prune deletes them, and the
+    // index objects the first prune replaced.
+    expire("r/index/");
+    expire("r/packs/");
+    let p = env.json(&["prune"]);
+    assert!(p["deleted_packs"].as_u64().unwrap() >= 1, "{p}");
+    assert_eq!(p["locked_packs"], 0, "{p}");
+    let trash = moto.python(
+        "print(s3.list_objects_v2(Bucket='ferry-gc-locked', Prefix='r/trash/').get('KeyCount', 0))",
+    );
+    assert_eq!(trash.trim(), "0");
+    let c = env.json(&["check", "--read-data"]);
+    assert_eq!(c["ok"], true, "{c}");
+    let out = env.path("b-restored.img");
+    env.ok(&["restore", "b@latest", "--to", out.to_str().unwrap()]);
+    assert!(same_content(&b, &out));
+}
