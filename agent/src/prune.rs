@@ -514,8 +514,15 @@ pub fn prune(repo: &Repository, opts: PruneOptions) -> Result<PruneReport> {
                             },
                         ),
                     )?;
-                    report.pending_packs += record.packs.len();
-                    report.waiting_for.extend(locks.into_values());
+                    if locks.is_empty() {
+                        // Nobody else is here: only points committed since the
+                        // listing above could still use the condemned packs.
+                        add_fresh_points(repo, &index, &trashed, &seen_points, &mut live)?;
+                        settle(repo, name, record, &mut index, &live, &mut report)?;
+                    } else {
+                        report.pending_packs += record.packs.len();
+                        report.waiting_for.extend(locks.into_values());
+                    }
                 }
                 Some(w) => {
                     let blocking: Vec<String> = w
@@ -667,20 +674,7 @@ pub fn prune(repo: &Repository, opts: PruneOptions) -> Result<PruneReport> {
         // Nobody else is here: points committed since the first listing are the
         // only ones that could still use a condemned pack. Their lists are read
         // through the index as it was (condemned packs included).
-        let fresh: Vec<Point> = all_points(repo)?
-            .into_iter()
-            .filter(|p| !seen_points.contains(&p.id))
-            .collect();
-        live_chunks(
-            &mut Lists {
-                repo,
-                index: &index,
-                trashed: trashed.iter().copied().collect(),
-                extra: None,
-            },
-            &fresh,
-            &mut live,
-        )?;
+        add_fresh_points(repo, &index, &trashed, &seen_points, &mut live)?;
         let mut index = Index::default();
         for r in &keep {
             index.add_pack(r.id, r.size, &r.entries);
@@ -811,6 +805,31 @@ fn settle(
         repo.store.delete(name)?;
     }
     Ok(())
+}
+
+/// Add the live chunks of points committed since `seen` was listed, reading
+/// their lists through `index` or, failing that, condemned packs.
+fn add_fresh_points(
+    repo: &Repository,
+    index: &Index,
+    trashed: &HashSet<[u8; 32]>,
+    seen: &HashSet<String>,
+    live: &mut HashSet<ChunkId>,
+) -> Result<()> {
+    let fresh: Vec<Point> = all_points(repo)?
+        .into_iter()
+        .filter(|p| !seen.contains(&p.id))
+        .collect();
+    live_chunks(
+        &mut Lists {
+            repo,
+            index,
+            trashed: trashed.iter().copied().collect(),
+            extra: None,
+        },
+        &fresh,
+        live,
+    )
 }
 
 /// Delete replaced index objects; those under Object Lock stay (counted).

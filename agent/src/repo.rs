@@ -333,7 +333,8 @@ impl Repository {
     }
 }
 
-fn parse_time(s: &str) -> Result<DateTime<Utc>> {
+/// Parse RFC 3339 or `YYYY-MM-DD[ HH:MM[:SS]]` (UTC).
+pub fn parse_time(s: &str) -> Result<DateTime<Utc>> {
     if let Ok(t) = DateTime::parse_from_rfc3339(s) {
         return Ok(t.with_timezone(&Utc));
     }

@@ -61,9 +61,10 @@ fn packs_used(
     Ok(used)
 }
 
+/// Move the packs that only points made before `cutoff` use.
 pub fn tier(
     repo: &Repository,
-    older_than: chrono::Duration,
+    cutoff: DateTime<Utc>,
     class: &str,
     dry_run: bool,
 ) -> Result<TierReport> {
@@ -73,7 +74,6 @@ pub fn tier(
         )));
     }
     let _lock = crate::lock::Lock::acquire(repo, "tier", false)?;
-    let cutoff = Utc::now() - older_than;
     let (points, _) = repo.points()?;
     let (index, _) = crate::index::load(&repo.store, &repo.key)?;
     let newer: Vec<&Point> = points.iter().filter(|p| p.meta.time >= cutoff).collect();

@@ -63,6 +63,8 @@ pub struct FaultSpec {
     pub kinds: Vec<Fault>,
     /// Added to every request.
     pub latency: Duration,
+    /// Added to every put (on top of `latency`): slow uploads, quick reads.
+    pub put_latency: Duration,
     /// How long a `hang` fault stalls.
     pub hang: Duration,
     /// After this many requests every request fails with a reset (an outage).
@@ -71,7 +73,7 @@ pub struct FaultSpec {
 
 impl FaultSpec {
     /// Parse `rate=0.05 seed=7 kinds=error+slowdown+reset+partial+lost+hang
-    /// latency=2ms hang=3s outage-after=100` (every field optional; spaces or
+    /// latency=2ms put-latency=1s hang=3s outage-after=100` (every field optional; spaces or
     /// commas between fields).
     pub fn parse(s: &str) -> Result<FaultSpec, String> {
         let mut spec = FaultSpec {
@@ -85,6 +87,7 @@ impl FaultSpec {
                 Fault::Lost,
             ],
             latency: Duration::ZERO,
+            put_latency: Duration::ZERO,
             hang: Duration::from_secs(3),
             outage_after: None,
         };
@@ -117,6 +120,7 @@ impl FaultSpec {
                         .collect::<Result<_, _>>()?
                 }
                 "latency" => spec.latency = dur(v)?,
+                "put-latency" => spec.put_latency = dur(v)?,
                 "hang" => spec.hang = dur(v)?,
                 "outage-after" => {
                     spec.outage_after = Some(v.parse().map_err(|_| format!("bad count {v:?}"))?)
@@ -225,6 +229,9 @@ impl ObjectStore for Faulty {
         payload: PutPayload,
         opts: PutOptions,
     ) -> object_store::Result<PutResult> {
+        if !self.spec.put_latency.is_zero() {
+            tokio::time::sleep(self.spec.put_latency).await;
+        }
         let fault = self.roll().await?;
         let r = self.inner.put_opts(location, payload, opts).await?;
         if fault == Some(Fault::Lost) {

@@ -100,8 +100,16 @@ pub enum Command {
 pub struct TierArgs {
     /// Points older than this (e.g. 30d, 6m) are "older"; their packs that no
     /// newer point uses move.
-    #[arg(long, value_name = "DURATION")]
-    pub older_than: String,
+    #[arg(
+        long,
+        value_name = "DURATION",
+        required_unless_present = "before",
+        conflicts_with = "before"
+    )]
+    pub older_than: Option<String>,
+    /// Or: points made before this time (RFC 3339 or YYYY-MM-DD[ HH:MM[:SS]], UTC).
+    #[arg(long, value_name = "TIME")]
+    pub before: Option<String>,
     /// The storage class to move them to, e.g. STANDARD_IA, GLACIER_IR, GLACIER (STANDARD moves them back).
     #[arg(long)]
     pub class: String,
@@ -823,9 +831,16 @@ fn undelete(g: &Global, a: &UndeleteArgs) -> Result<ExitCode> {
 }
 
 fn tier(g: &Global, a: &TierArgs) -> Result<ExitCode> {
-    let older = ferry_agent::retention::Policy::parse_within(&a.older_than).map_err(UsageError)?;
+    let cutoff = match (&a.older_than, &a.before) {
+        (Some(d), _) => {
+            chrono::Utc::now()
+                - ferry_agent::retention::Policy::parse_within(d).map_err(UsageError)?
+        }
+        (None, Some(t)) => ferry_agent::repo::parse_time(t)?,
+        (None, None) => unreachable!("clap requires one of them"),
+    };
     let repo = open(g)?;
-    let r = ferry_agent::tier::tier(&repo, older, &a.class, a.dry_run)?;
+    let r = ferry_agent::tier::tier(&repo, cutoff, &a.class, a.dry_run)?;
     if g.json {
         print_json(&r)?;
         return Ok(ExitCode::SUCCESS);

@@ -275,20 +275,22 @@ fn older_packs_move_to_colder_storage_classes() {
         .to_string();
     let old_image = env.path("old.img");
     std::fs::copy(&disk, &old_image).unwrap();
-    std::thread::sleep(std::time::Duration::from_secs(4));
+    std::thread::sleep(std::time::Duration::from_secs(2));
+    let cutoff = chrono_now();
+    std::thread::sleep(std::time::Duration::from_secs(2));
     make_image(&disk, 16 * MIB, 52); // all new data: the new point shares no pack
     env.backup("vm", &[&disk]);
 
     let dry = env.json(&[
         "tier",
-        "--older-than",
-        "3s",
+        "--before",
+        &cutoff,
         "--class",
         "GLACIER",
         "--dry-run",
     ]);
     assert!(dry["packs"].as_u64().unwrap() >= 1, "{dry}");
-    let moved = env.json(&["tier", "--older-than", "3s", "--class", "GLACIER"]);
+    let moved = env.json(&["tier", "--before", &cutoff, "--class", "GLACIER"]);
     assert_eq!(moved["packs"], dry["packs"], "{moved}");
     let classes = moto.python(
         r#"
@@ -389,4 +391,16 @@ fn prune_leaves_locked_objects_and_a_later_prune_removes_them() {
     let out = env.path("b-restored.img");
     env.ok(&["restore", "b@latest", "--to", out.to_str().unwrap()]);
     assert!(same_content(&b, &out));
+}
+
+/// Now, as RFC 3339 UTC, from the system clock (the test crate has no chrono).
+fn chrono_now() -> String {
+    let out = std::process::Command::new("date")
+        .args(["-u", "+%Y-%m-%dT%H:%M:%SZ"])
+        .output()
+        .expect("date runs");
+    String::from_utf8(out.stdout)
+        .expect("utf-8")
+        .trim()
+        .to_string()
 }
