@@ -504,16 +504,7 @@ pub fn prune(repo: &Repository, opts: PruneOptions) -> Result<PruneReport> {
                 None => {
                     // A prune stopped before writing the waits: finish its phase 1.
                     delete_indexes(repo, &record.indexes)?;
-                    let locks = live_locks(repo, own.name())?;
-                    repo.put_object(
-                        &format!("{name}.waits"),
-                        seal(
-                            repo,
-                            &Waits {
-                                locks: locks.keys().cloned().collect(),
-                            },
-                        ),
-                    )?;
+                    let locks = write_waits(repo, name, own.name())?;
                     if locks.is_empty() {
                         // Nobody else is here: only points committed since the
                         // listing above could still use the condemned packs.
@@ -657,17 +648,7 @@ pub fn prune(repo: &Repository, opts: PruneOptions) -> Result<PruneReport> {
     let name = format!("trash/{}", random_hex(16));
     repo.put_object(&name, seal(repo, &record))?;
     delete_indexes(repo, &replaced)?;
-    // Every operation that could still use the replaced index holds a lock now.
-    let locks = live_locks(repo, own.name())?;
-    repo.put_object(
-        &format!("{name}.waits"),
-        seal(
-            repo,
-            &Waits {
-                locks: locks.keys().cloned().collect(),
-            },
-        ),
-    )?;
+    let locks = write_waits(repo, &name, own.name())?;
     info!(record = %name, packs = condemned.len(), "condemned packs");
 
     if locks.is_empty() {
@@ -830,6 +811,22 @@ fn add_fresh_points(
         &fresh,
         live,
     )
+}
+
+/// Write a record's `.waits`: the locks live now, once the replaced index
+/// objects are deleted, are every operation that could still use them.
+fn write_waits(repo: &Repository, record: &str, own: &str) -> Result<BTreeMap<String, String>> {
+    let locks = live_locks(repo, own)?;
+    repo.put_object(
+        &format!("{record}.waits"),
+        seal(
+            repo,
+            &Waits {
+                locks: locks.keys().cloned().collect(),
+            },
+        ),
+    )?;
+    Ok(locks)
 }
 
 /// Delete replaced index objects; those under Object Lock stay (counted).
