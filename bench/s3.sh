@@ -2,25 +2,27 @@
 # Ferry over plain S3 (s3s-fs on 127.0.0.1) against Ferry on a local
 # directory, and against restic on the same S3 server, on one disk image.
 #
-# In one run, on the image bench/run.sh builds and caches:
+# In one run, on the image bench/run.sh builds and caches, in ROUNDS rounds
+# (default 3; the figures are medians, these machines are noisy):
 #   local      ferry to a directory repository: full backup, restore (+ cmp)
 #   s3         ferry to s3s-fs: full backup, restore (+ cmp); throughput
 #              ratios S3/local (target >= 0.70 for backup and restore)
-#   objects    objects written per GiB of new data: ferry (PUT requests and
-#              objects in the bucket) against restic's objects in the bucket
-#              for the same image (target: ferry <= 1/4 of restic)
+#   objects    objects written per GiB of new data (round 1): ferry's PUT
+#              requests and objects in the bucket against restic's objects in
+#              the bucket for the same image (target: ferry <= 1/4 of restic)
 #   faults     ferry backup to a fresh prefix with FERRY_FAULTS (5% of
 #              requests fail), wall time against the fault-free S3 backup
-#              (target <= 1.5x) and retries; the point is then restored
-#              without faults and compared with the image
+#              (target <= 1.5x) and retries; in round 1 the point is then
+#              restored without faults and compared with the image
 # Wall/user/sys/peak RSS come from GNU time, s3s-fs's CPU from /proc/PID/stat.
+# s3s-fs is started on a free port on 127.0.0.1 and killed (by PID) at exit.
 # A Markdown report goes to stdout and --out.
 #
-# Usage: bench/s3.sh [--quick] [--out FILE]
-# Env:   SIZE_MIB (2048), FERRY_BENCH_DIR (/var/tmp/ferry-bench), FERRY_BIN,
-#        CARGO_TARGET_DIR (/var/tmp/ferry-target), FERRY_TOOLS_DIR
-#        (/var/tmp/ferry-tools, s3s-fs is installed there), FAULTS (the
-#        FERRY_FAULTS spec), KEEP_REPOS=1
+# Usage: bench/s3.sh [--quick] [--rounds N] [--out FILE]
+# Env:   SIZE_MIB (2048), ROUNDS (3), FERRY_BENCH_DIR (/var/tmp/ferry-bench),
+#        FERRY_BIN, CARGO_TARGET_DIR (/var/tmp/ferry-target), FERRY_TOOLS_DIR
+#        (/var/tmp/ferry-tools; s3s-fs is installed there if missing),
+#        FAULTS (the FERRY_FAULTS spec), KEEP_REPOS=1
 set -euo pipefail
 
 BENCH_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -30,11 +32,13 @@ HELPERS="$BENCH_ROOT/helpers.py"
 # ---------------------------------------------------------------- arguments
 OUT="$BENCH_ROOT/results/s3-latest.md"
 SIZE_MIB=${SIZE_MIB:-2048}
+ROUNDS=${ROUNDS:-3}
 while [[ $# -gt 0 ]]; do
   case $1 in
     --quick) SIZE_MIB=256; shift ;;
     --out) OUT=$2; shift 2 ;;
-    -h|--help) sed -n '2,23p' "$0"; exit 0 ;;
+    --rounds) ROUNDS=$2; shift 2 ;;
+    -h|--help) sed -n '2,27p' "$0"; exit 0 ;;
     *) echo "unknown argument: $1" >&2; exit 2 ;;
   esac
 done
@@ -88,6 +92,7 @@ install_tools() {
     [[ -x $S3S_BIN ]] || die "no binary at $S3S_BIN after cargo install"
   fi
   if [[ -n ${FERRY_BIN:-} ]]; then
+    FERRY_BIN_GIVEN=1
     [[ -x $FERRY_BIN ]] || die "FERRY_BIN=$FERRY_BIN is not executable"
   else
     FERRY_BIN="$CARGO_TARGET_DIR/release/ferry"
@@ -95,6 +100,12 @@ install_tools() {
     (cd "$REPO_ROOT" && cargo build --release -p ferry-orchestrator) >"$LOGS/ferry-build.log" 2>&1 \
       || die "cargo build failed (see $LOGS/ferry-build.log)"
     [[ -x $FERRY_BIN ]] || die "no binary at $FERRY_BIN after the build"
+  fi
+  # A private copy: a concurrent cargo build cannot swap the binary mid-run.
+  cp "$FERRY_BIN" "$RUN/ferry"; FERRY_SRC=$FERRY_BIN; FERRY_BIN="$RUN/ferry"
+  TREE=$(cd "$REPO_ROOT" && git rev-parse --short HEAD 2>/dev/null || echo '?')
+  if [[ -z ${FERRY_BIN_GIVEN:-} ]] && (cd "$REPO_ROOT" && [[ -n $(git status --porcelain --untracked-files=no 2>/dev/null) ]]); then
+    TREE+=", with uncommitted changes"
   fi
 }
 
@@ -161,10 +172,11 @@ objects_in() {
 bytes_in() { du -sb "$1" | cut -f1; }
 
 # ---------------------------------------------------------------- measuring
-declare -A R   # R[step,metric]: wall usr sys cpu rss s3cpu status
+declare -A R   # R[STEP.ROUND,metric]: wall cpu rss s3cpu dur status ident; R[STEP,metric] = median
 
 # measure STEP CMD...: run CMD under GNU time, stdout to $LOGS/STEP.out,
-# stderr to $LOGS/STEP.err; records wall/cpu/rss and s3s-fs CPU; returns CMD's status.
+# stderr to $LOGS/STEP.err; records wall, client CPU, peak RSS, s3s-fs CPU and
+# ferry's own duration_secs; returns CMD's status.
 measure() {
   local step=$1; shift
   local tf="$LOGS/$step.time" rc=0 c0=0 c1=0
@@ -174,12 +186,14 @@ measure() {
   echo "+ $*" >"$LOGS/$step.err"
   /usr/bin/time -f '%e %U %S %M' -o "$tf" "$@" >"$LOGS/$step.out" 2>>"$LOGS/$step.err" </dev/null || rc=$?
   [[ -n $S3S_PID ]] && c1=$(s3s_cpu)
-  local wall=0 usr=0 sys=0 rss=0
+  local wall=0 usr=0 sys=0 rss=0 dur
   [[ -s $tf ]] && read -r wall usr sys rss < <(tail -n1 "$tf")
   R[$step,wall]=$wall
   R[$step,cpu]=$(awk -v u="$usr" -v s="$sys" 'BEGIN{printf "%.2f", u+s}')
   R[$step,rss]=$(awk -v k="$rss" 'BEGIN{printf "%.0f", k/1024}')
   R[$step,s3cpu]=$(awk -v a="$c0" -v b="$c1" 'BEGIN{printf "%.2f", b-a}')
+  dur=$(jget "$LOGS/$step.out" duration_secs 2>/dev/null || true)
+  [[ -n $dur ]] && R[$step,dur]=$(awk -v d="$dur" 'BEGIN{printf "%.2f", d}')
   if [[ $rc -eq 0 ]]; then R[$step,status]=ok
   else R[$step,status]=failed; log "$step FAILED (exit $rc, see $LOGS/$step.err)"; fi
   return "$rc"
@@ -187,10 +201,9 @@ measure() {
 
 # jget FILE KEY.KEY...: a value from a JSON document ("" if absent).
 jget() {
-  python3 - "$@" <<'EOF'
+  python3 - "$@" <<'PY'
 import json, sys
-doc = sys.stdin if sys.argv[1] == "-" else open(sys.argv[1])
-text = doc.read().strip()
+text = open(sys.argv[1]).read().strip()
 try:
     v = json.loads(text)
 except ValueError:
@@ -198,74 +211,114 @@ except ValueError:
 for k in sys.argv[2].split("."):
     v = v.get(k) if isinstance(v, dict) else None
 print("" if v is None else v)
-EOF
+PY
 }
 
 warm() { cat "$DISK" >/dev/null; }
 
-# ferry_backup_restore NAME REPO [BUCKET_DIR]: init, full backup, restore, cmp;
-# with BUCKET_DIR, the objects and bytes the backup added there.
-ferry_backup_restore() {
-  local name=$1 repo=$2 bdir=${3:-} dir="$RUN/restore/$1" o0=0 b0=0
-  "$FERRY_BIN" -r "$repo" init >"$LOGS/$name-init.log" 2>&1 </dev/null \
-    || { log "$name: init FAILED (see $LOGS/$name-init.log)"; R[$name-backup,status]=failed; return 0; }
-  [[ -n $bdir ]] && { o0=$(objects_in "$bdir"); b0=$(bytes_in "$bdir"); }
-  warm
-  measure "$name-backup" "$FERRY_BIN" --json -r "$repo" backup --source bench "$DISK" || return 0
-  if [[ -n $bdir ]]; then
-    R[$name,objs]=$(( $(objects_in "$bdir") - o0 ))
-    R[$name,bytes]=$(( $(bytes_in "$bdir") - b0 ))
-  fi
+# restore_cmp STEP REPO: restore the latest point into a new file, cmp with the image.
+restore_cmp() {
+  local step=$1 repo=$2 dir="$RUN/restore/$1"
   rm -rf "$dir"; mkdir -p "$dir"
-  if measure "$name-restore" "$FERRY_BIN" --json -r "$repo" restore bench@latest --to "$dir/disk.img"; then
-    if cmp -s "$DISK" "$dir/disk.img"; then R[$name-restore,ident]=yes; else R[$name-restore,ident]=NO; fi
+  if measure "$step" "$FERRY_BIN" --json -r "$repo" restore bench@latest --to "$dir/disk.img"; then
+    if cmp -s "$DISK" "$dir/disk.img"; then R[$step,ident]=yes; else R[$step,ident]=NO; fi
   fi
   rm -rf "$dir"
+}
+
+# ferry_round KIND ROUND REPO [BUCKET_DIR]: init, full backup, restore + cmp.
+# With BUCKET_DIR, the objects and bytes the backup added there.
+ferry_round() {
+  local kind=$1 r=$2 repo=$3 bdir=${4:-} o0=0 b0=0
+  "$FERRY_BIN" -r "$repo" init >"$LOGS/$kind-init.$r.log" 2>&1 </dev/null \
+    || { log "$kind.$r: init FAILED (see $LOGS/$kind-init.$r.log)"; R[$kind-backup.$r,status]=failed; return 0; }
+  [[ -n $bdir ]] && { o0=$(objects_in "$bdir"); b0=$(bytes_in "$bdir"); }
+  warm
+  measure "$kind-backup.$r" "$FERRY_BIN" --json -r "$repo" backup --source bench "$DISK" || return 0
+  if [[ -n $bdir ]]; then
+    R[$kind,objs]=$(( $(objects_in "$bdir") - o0 ))
+    R[$kind,bytes]=$(( $(bytes_in "$bdir") - b0 ))
+  fi
+  restore_cmp "$kind-restore.$r" "$repo"
 }
 
 # ---------------------------------------------------------------- steps
 run_all() {
   cp --sparse=always "$BASE" "$DISK"
   mkdir -p "$RUN/repos" "$RUN/restore"
-
-  # 1. local directory repository
-  ferry_backup_restore local "$RUN/repos/ferry-local"
-
-  # 2. the same on s3s-fs
   start_s3s
-  local plain="s3://$BUCKET/plain" faulty="s3://$BUCKET/faults"
-  ferry_backup_restore s3 "$plain" "$S3_DATA/$BUCKET/plain"
-  if [[ ${R[s3-backup,status]:-} == ok ]]; then
-    "$FERRY_BIN" --json -r "$plain" stats >"$LOGS/s3-stats.json" 2>"$LOGS/s3-stats.err" </dev/null || true
-  fi
+  local r
+  for ((r = 1; r <= ROUNDS; r++)); do
+    log "round $r of $ROUNDS"
+    # 1. local directory repository
+    ferry_round local "$r" "$RUN/repos/local-$r"
+    # 2. the same on s3s-fs (objects counted in round 1)
+    local bdir=""; [[ $r == 1 ]] && bdir="$S3_DATA/$BUCKET/plain-1"
+    ferry_round s3 "$r" "s3://$BUCKET/plain-$r" $bdir
+    if [[ $r == 1 && ${R[s3-backup.1,status]:-} == ok ]]; then
+      "$FERRY_BIN" --json -r "s3://$BUCKET/plain-1" stats >"$LOGS/s3-stats.json" 2>"$LOGS/s3-stats.err" </dev/null || true
+    fi
+    # 3. restic on the same server, same image (round 1 only: it is the slow one)
+    [[ $r == 1 ]] && run_restic
+    # 4. injected faults, fresh prefix (init without faults); the faulted
+    #    backup's point is restored without faults and compared in round 1
+    local faulty="s3://$BUCKET/faults-$r"
+    if "$FERRY_BIN" -r "$faulty" init >"$LOGS/faults-init.$r.log" 2>&1 </dev/null; then
+      warm
+      if measure "faults-backup.$r" env FERRY_FAULTS="$FAULTS" "$FERRY_BIN" --json -r "$faulty" backup --source bench "$DISK" \
+         && [[ $r == 1 ]]; then
+        restore_cmp "faults-restore.1" "$faulty"
+      fi
+    else
+      log "faults.$r: init FAILED (see $LOGS/faults-init.$r.log)"; R[faults-backup.$r,status]=failed
+    fi
+    # Keep the disk's contents (and its writeback) the same from round to round.
+    if [[ ${KEEP_REPOS:-0} != 1 ]]; then
+      rm -rf "$RUN/repos/local-$r" "$S3_DATA/$BUCKET/plain-$r" "$S3_DATA/$BUCKET/faults-$r"
+    fi
+  done
+  for s in local-backup local-restore s3-backup s3-restore faults-backup faults-restore restic-backup; do
+    summarize "$s"
+  done
+}
 
-  # 3. restic on the same server, same image
+run_restic() {
   local rrepo="s3:http://127.0.0.1:$PORT/$RESTIC_BUCKET"
   if restic -r "$rrepo" init >"$LOGS/restic-init.log" 2>&1 </dev/null; then
-    R[restic,objs0]=$(objects_in "$S3_DATA/$RESTIC_BUCKET")
-    R[restic,bytes0]=$(bytes_in "$S3_DATA/$RESTIC_BUCKET")
+    local o0 b0
+    o0=$(objects_in "$S3_DATA/$RESTIC_BUCKET"); b0=$(bytes_in "$S3_DATA/$RESTIC_BUCKET")
     warm
-    if measure restic-backup restic -r "$rrepo" backup --json --host bench "$DISK"; then
-      R[restic,objs]=$(( $(objects_in "$S3_DATA/$RESTIC_BUCKET") - ${R[restic,objs0]} ))
-      R[restic,bytes]=$(( $(bytes_in "$S3_DATA/$RESTIC_BUCKET") - ${R[restic,bytes0]} ))
+    if measure restic-backup.1 restic -r "$rrepo" backup --json --host bench "$DISK"; then
+      R[restic,objs]=$(( $(objects_in "$S3_DATA/$RESTIC_BUCKET") - o0 ))
+      R[restic,bytes]=$(( $(bytes_in "$S3_DATA/$RESTIC_BUCKET") - b0 ))
     fi
   else
-    log "restic init FAILED (see $LOGS/restic-init.log)"; R[restic-backup,status]=failed
+    log "restic init FAILED (see $LOGS/restic-init.log)"; R[restic-backup.1,status]=failed
   fi
+}
 
-  # 4. ferry with injected faults, fresh prefix (init without faults)
-  if "$FERRY_BIN" -r "$faulty" init >"$LOGS/faults-init.log" 2>&1 </dev/null; then
-    warm
-    if measure faults-backup env FERRY_FAULTS="$FAULTS" "$FERRY_BIN" --json -r "$faulty" backup --source bench "$DISK"; then
-      local dir="$RUN/restore/faults"; rm -rf "$dir"; mkdir -p "$dir"
-      if measure faults-restore "$FERRY_BIN" --json -r "$faulty" restore bench@latest --to "$dir/disk.img"; then
-        if cmp -s "$DISK" "$dir/disk.img"; then R[faults-restore,ident]=yes; else R[faults-restore,ident]=NO; fi
-      fi
-      rm -rf "$dir"
-    fi
-  else
-    log "faults: init FAILED (see $LOGS/faults-init.log)"; R[faults-backup,status]=failed
-  fi
+# summarize STEP: R[STEP,metric] = median over the rounds that succeeded;
+# status ok if every round that ran succeeded.
+summarize() {
+  local step=$1 m r vals n=0 bad=0
+  for ((r = 1; r <= ROUNDS; r++)); do
+    case ${R[$step.$r,status]:-} in ok) n=$((n + 1)) ;; failed) bad=1 ;; esac
+  done
+  if [[ $n -eq 0 || $bad -eq 1 ]]; then R[$step,status]=failed; [[ $n -eq 0 && $bad -eq 0 ]] && R[$step,status]=missing; return 0; fi
+  R[$step,status]=ok R[$step,n]=$n
+  for m in wall dur cpu s3cpu rss; do
+    vals=""
+    for ((r = 1; r <= ROUNDS; r++)); do
+      [[ ${R[$step.$r,status]:-} == ok && -n ${R[$step.$r,$m]:-} ]] && vals+="${R[$step.$r,$m]} "
+    done
+    [[ -n $vals ]] && R[$step,$m]=$(printf '%s\n' $vals | sort -g | awk '{v[NR]=$1} END{
+      if (NR % 2) printf "%.2f", v[(NR+1)/2]; else printf "%.2f", (v[NR/2]+v[NR/2+1])/2 }')
+  done
+  [[ -n ${R[$step,rss]:-} ]] && R[$step,rss]=$(awk -v k="${R[$step,rss]}" 'BEGIN{printf "%.0f", k}')
+  R[$step,ident]=yes
+  for ((r = 1; r <= ROUNDS; r++)); do
+    [[ -z ${R[$step.$r,ident]:-} || ${R[$step.$r,ident]} == yes ]] || R[$step,ident]=NO
+  done
 }
 
 # ---------------------------------------------------------------- report
@@ -275,126 +328,144 @@ cell() { # cell STEP METRIC
 }
 ok() { local s; for s in "$@"; do [[ ${R[$s,status]:-} == ok ]] || return 1; done; }
 calc() { awk "BEGIN{ $1 }"; }   # calc 'printf ..., expr'
+div() { calc "printf \"%.2f\", $1/$2"; }
 req() { jget "$LOGS/$1.out" "requests.$2"; }
-verdict() { # verdict OK_EXPR: yes/no from an awk condition
+verdict() { # verdict AWK_CONDITION: yes / no
   if calc "exit !($1)"; then echo yes; else echo "**no**"; fi
+}
+walls() { # walls STEP: each round's wall time
+  local r out=""
+  for ((r = 1; r <= ROUNDS; r++)); do
+    case ${R[$1.$r,status]:-} in ok) out+="${R[$1.$r,wall]}, " ;; failed) out+="failed, " ;; esac
+  done
+  echo "${out%, }"
+}
+per_round() { # per_round STEP STEP: each round's wall ratio A/B
+  local r out=""
+  for ((r = 1; r <= ROUNDS; r++)); do
+    ok "$1.$r" "$2.$r" && out+="$(div "${R[$1.$r,wall]}" "${R[$2.$r,wall]}"), "
+  done
+  echo "${out%, }"
 }
 
 report() {
-  local gib=1073741824
-  local apparent alloc
+  local gib=1073741824 apparent alloc
   apparent=$(stat -c %s "$BASE"); alloc=$(du -B1 "$BASE" | cut -f1)
   echo "# Ferry over S3 (s3s-fs) benchmark"
   echo
   echo "- Date: $(date -Is)"
   echo "- Machine: $(nproc) cores, $(awk -F': ' '/^model name/{print $2; exit}' /proc/cpuinfo)," \
-       "$(awk '/MemTotal/{printf "%.0f GiB RAM", $2/1048576}' /proc/meminfo), kernel $(uname -r)," \
-       "load average before the run $LOAD0"
+       "$(awk '/MemTotal/{printf "%.0f GiB RAM", $2/1048576}' /proc/meminfo), kernel $(uname -r);" \
+       "load average at the start $LOAD0, at the end $(cut -d' ' -f1-3 /proc/loadavg)"
   echo "- Work dir: $RUN ($(df -T "$RUN" | awk 'NR==2{print $2}')); the local repository and s3s-fs's data dir are on it"
-  echo "- Image: the cached bench/run.sh image, ext4, apparent $(calc "printf \"%.1f\", $apparent/1048576") MiB," \
+  echo "- Image: the cached bench/run.sh image ($BASE), ext4, apparent $(calc "printf \"%.1f\", $apparent/1048576") MiB," \
        "allocated $(calc "printf \"%.1f\", $alloc/1048576") MiB"
-  echo "- ferry: $("$FERRY_BIN" --version 2>/dev/null || echo '?') ($FERRY_BIN, tree $(cd "$REPO_ROOT" && git rev-parse --short HEAD 2>/dev/null || echo '?')$(cd "$REPO_ROOT" && [[ -n $(git status --porcelain --untracked-files=no 2>/dev/null) ]] && echo ', with uncommitted changes'))"
-  echo "- S3 server: s3s-fs $S3S_VERSION on 127.0.0.1 (plain HTTP, SigV4), ferry repository s3://$BUCKET/plain"
+  echo "- ferry: $("$FERRY_BIN" --version 2>/dev/null || echo '?'), $FERRY_SRC$([[ -n ${FERRY_BIN_GIVEN:-} ]] && echo ' (FERRY_BIN); checkout' || echo ', built from') $TREE"
+  echo "- S3 server: s3s-fs $S3S_VERSION on 127.0.0.1 (plain HTTP, SigV4); ferry repositories s3://$BUCKET/plain-N"
   echo "- restic: $(restic version | head -n1), repository v2 (zstd auto), s3:http://127.0.0.1:PORT/$RESTIC_BUCKET"
-  echo "- Faults: \`FERRY_FAULTS=\"$FAULTS\"\` on the backup only (fresh prefix s3://$BUCKET/faults)"
+  echo "- Faults: \`FERRY_FAULTS=\"$FAULTS\"\` on the backup only, into a fresh prefix s3://$BUCKET/faults-N"
+  echo "- $ROUNDS rounds, each: local backup, local restore, S3 backup, S3 restore, S3 backup with faults;" \
+       "restic and the restore of a faulted backup in round 1 only. Figures are medians over the rounds."
   echo
-  echo "Times in seconds (wall); CPU = user+sys of the client (GNU time); s3s-fs CPU = the server's"
-  echo "user+sys during the step (/proc). Restores go to a new file and are compared with \`cmp\`."
+  echo "Times in seconds. Wall and client CPU (user+sys) from GNU time. \"ferry's own\" is the"
+  echo "\`duration_secs\` of ferry's JSON summary: the backup or restore itself, without opening the"
+  echo "repository and taking and removing its lock. s3s-fs CPU is the server's user+sys during the step"
+  echo "(/proc/PID/stat). Restores go to a new file (ferry syncs it before it exits) and are compared with \`cmp\`."
   echo
   echo "## Raw figures"
   echo
-  echo "| Step | Wall s | Client CPU s | s3s-fs CPU s | Peak RSS MiB | Identical |"
-  echo "|---|---:|---:|---:|---:|:---:|"
+  echo "| Step | Wall s, each round | Wall s, median | ferry's own s | Client CPU s | s3s-fs CPU s | Peak RSS MiB | Identical |"
+  echo "|---|---|---:|---:|---:|---:|---:|:---:|"
   local s label
-  for s in local-backup local-restore s3-backup s3-restore restic-backup faults-backup faults-restore; do
+  for s in local-backup local-restore s3-backup s3-restore faults-backup faults-restore restic-backup; do
     case $s in
       local-*) label="ferry, local dir: ${s#local-}" ;;
       s3-*) label="ferry, S3: ${s#s3-}" ;;
+      faults-backup) label="ferry, S3 with 5% faults: backup" ;;
+      faults-restore) label="ferry, S3: restore of a faulted backup (no faults)" ;;
       restic-*) label="restic, S3: backup" ;;
-      faults-backup) label="ferry, S3 + 5% faults: backup" ;;
-      faults-restore) label="ferry, S3: restore of the faulted backup (no faults)" ;;
     esac
-    local s3c="–"; [[ $s == local-* ]] || s3c=$(cell "$s" s3cpu)
-    local id="–"; [[ $s == *restore ]] && id=${R[$s,ident]:-–}
-    echo "| $label | $(cell "$s" wall) | $(cell "$s" cpu) | $s3c | $(cell "$s" rss) | $id |"
+    local s3c="–" dur="–" id="–"
+    [[ $s == local-* ]] || s3c=$(cell "$s" s3cpu)
+    [[ $s == restic-* ]] || dur=$(cell "$s" dur)
+    [[ $s == *restore ]] && ok "$s" && id=${R[$s,ident]}
+    echo "| $label | $(walls "$s") | $(cell "$s" wall) | $dur | $(cell "$s" cpu) | $s3c | $(cell "$s" rss) | $id |"
   done
 
-  # ---- throughput
-  local bk="n/a" rs="n/a"
-  ok local-backup s3-backup && bk=$(calc "printf \"%.2f\", ${R[local-backup,wall]}/${R[s3-backup,wall]}")
-  ok local-restore s3-restore && rs=$(calc "printf \"%.2f\", ${R[local-restore,wall]}/${R[s3-restore,wall]}")
+  # ---- throughput: local time / S3 time, medians
+  local bk="n/a" rs="n/a" bkd="n/a" rsd="n/a" fr="n/a" frd="n/a"
+  ok local-backup s3-backup && { bk=$(div "${R[local-backup,wall]}" "${R[s3-backup,wall]}"); bkd=$(div "${R[local-backup,dur]}" "${R[s3-backup,dur]}"); }
+  ok local-restore s3-restore && { rs=$(div "${R[local-restore,wall]}" "${R[s3-restore,wall]}"); rsd=$(div "${R[local-restore,dur]}" "${R[s3-restore,dur]}"); }
+  ok s3-backup faults-backup && { fr=$(div "${R[faults-backup,wall]}" "${R[s3-backup,wall]}"); frd=$(div "${R[faults-backup,dur]}" "${R[s3-backup,dur]}"); }
 
-  # ---- objects per GiB
-  local new puts objs f_puts_g f_objs_g r_new r_objs r_g="n/a" rb="" objratio="n/a" objratio2="n/a"
-  local kinds=""
-  if ok s3-backup; then
-    new=$(jget "$LOGS/s3-backup.out" new_bytes)
-    puts=$(req s3-backup puts)
-    objs=${R[s3,objs]}
+  # ---- objects per GiB of new data (round 1)
+  local new puts f_puts_g f_objs_g r_new r_g="n/a" objratio="n/a" objratio2="n/a" kinds=""
+  if ok s3-backup.1; then
+    new=$(jget "$LOGS/s3-backup.1.out" new_bytes)
+    puts=$(req s3-backup.1 puts)
     f_puts_g=$(calc "printf \"%.1f\", $puts/($new/$gib)")
-    f_objs_g=$(calc "printf \"%.1f\", $objs/($new/$gib)")
+    f_objs_g=$(calc "printf \"%.1f\", ${R[s3,objs]}/($new/$gib)")
     [[ -s $LOGS/s3-stats.json ]] && kinds=$(python3 -c '
 import json, sys
 s = json.load(open(sys.argv[1]))
 print(", ".join(f"{k} {c}" for k, (c, _) in s["objects"].items()))' "$LOGS/s3-stats.json")
   fi
-  if ok restic-backup; then
-    r_new=$(jget "$LOGS/restic-backup.out" data_added)
-    r_objs=${R[restic,objs]}
-    r_g=$(calc "printf \"%.1f\", $r_objs/($r_new/$gib)")
+  if ok restic-backup.1; then
+    r_new=$(jget "$LOGS/restic-backup.1.out" data_added)
+    r_g=$(calc "printf \"%.1f\", ${R[restic,objs]}/($r_new/$gib)")
   fi
-  if ok s3-backup restic-backup; then
-    objratio=$(calc "printf \"%.2f\", $f_puts_g/$r_g")
-    objratio2=$(calc "printf \"%.2f\", $f_objs_g/$r_g")
+  if ok s3-backup.1 restic-backup.1; then
+    objratio=$(div "$f_puts_g" "$r_g"); objratio2=$(div "$f_objs_g" "$r_g")
   fi
 
-  # ---- faults
-  local fr="n/a" retries="n/a"
-  if ok faults-backup; then
-    retries=$(req faults-backup retries)
-    ok s3-backup && fr=$(calc "printf \"%.2f\", ${R[faults-backup,wall]}/${R[s3-backup,wall]}")
-  fi
+  # ---- retries
+  local retries="" retries0="" r
+  for ((r = 1; r <= ROUNDS; r++)); do
+    ok "faults-backup.$r" && retries+="$(req "faults-backup.$r" retries), "
+    ok "s3-backup.$r" && retries0+="$(req "s3-backup.$r" retries), "
+  done
+  retries=${retries%, } retries0=${retries0%, }
 
   echo
-  echo "## Objects written by the full backup"
+  echo "## Objects written by the full backup (round 1)"
   echo
-  echo "| Tool | New data GiB (uncompressed) | Stored MiB | PUT requests | Objects in the bucket | Per GiB of new data |"
+  echo "| Tool | New data GiB | Stored MiB | PUT requests | Objects added to the bucket | Per GiB of new data |"
   echo "|---|---:|---:|---:|---:|---:|"
-  if ok s3-backup; then
+  if ok s3-backup.1; then
     echo "| ferry | $(calc "printf \"%.3f\", $new/$gib") | $(calc "printf \"%.1f\", ${R[s3,bytes]}/1048576") |" \
-         "$puts | $objs | $f_puts_g PUTs, $f_objs_g objects |"
+         "$puts | ${R[s3,objs]} | $f_puts_g PUTs, $f_objs_g objects |"
   else echo "| ferry | failed | | | | |"; fi
-  if ok restic-backup; then
+  if ok restic-backup.1; then
     echo "| restic | $(calc "printf \"%.3f\", $r_new/$gib") | $(calc "printf \"%.1f\", ${R[restic,bytes]}/1048576") |" \
-         "not counted | $r_objs | $r_g objects |"
+         "not counted | ${R[restic,objs]} | $r_g objects |"
   else echo "| restic | failed | | | | |"; fi
   echo
-  echo "New data: ferry's \`new_bytes\`, restic's \`data_added\` (both before compression)."
-  echo "Objects: files the backup added to the repository's directory in s3s-fs's data dir (what \`init\` wrote is not counted)."
+  echo "New data: ferry's \`new_bytes\`, restic's \`data_added\`, both unique data before compression."
+  echo "Objects: files the backup added under the repository's directory in s3s-fs's data dir (not what \`init\` wrote)."
   [[ -n $kinds ]] && echo "ferry \`stats\` after the backup, objects by kind: $kinds."
-  if ok s3-backup; then
-    echo "ferry requests: $(req s3-backup puts) PUT, $(req s3-backup gets) GET, $(req s3-backup lists) LIST," \
-         "$(req s3-backup deletes) DELETE, $(req s3-backup retries) retried;" \
-         "$(calc "printf \"%.1f\", $(req s3-backup bytes_up)/1048576") MiB up."
+  if ok s3-backup.1; then
+    echo "ferry requests: $(req s3-backup.1 puts) PUT, $(req s3-backup.1 gets) GET, $(req s3-backup.1 lists) LIST," \
+         "$(req s3-backup.1 deletes) DELETE, $(req s3-backup.1 retries) retried;" \
+         "$(calc "printf \"%.1f\", $(req s3-backup.1 bytes_up)/1048576") MiB up."
   fi
 
   echo
   echo "## Targets"
   echo
-  echo "| Target | Measured | Met |"
+  echo "| Target | Measured (medians) | Met |"
   echo "|---|---|:---:|"
   local v
   v="n/a"; [[ $bk != n/a ]] && v=$(verdict "$bk >= 0.70")
-  echo "| backup throughput S3 / local ≥ 0.70 | $bk (${R[local-backup,wall]:-?} s local, ${R[s3-backup,wall]:-?} s S3) | $v |"
+  echo "| backup throughput S3 / local ≥ 0.70 | $bk (${R[local-backup,wall]:-?} s local, ${R[s3-backup,wall]:-?} s S3; rounds: $(per_round local-backup s3-backup)); by ferry's own duration $bkd | $v |"
   v="n/a"; [[ $rs != n/a ]] && v=$(verdict "$rs >= 0.70")
-  echo "| restore throughput S3 / local ≥ 0.70 | $rs (${R[local-restore,wall]:-?} s local, ${R[s3-restore,wall]:-?} s S3) | $v |"
+  echo "| restore throughput S3 / local ≥ 0.70 | $rs (${R[local-restore,wall]:-?} s local, ${R[s3-restore,wall]:-?} s S3; rounds: $(per_round local-restore s3-restore)); by ferry's own duration $rsd | $v |"
   v="n/a"; [[ $objratio != n/a ]] && v=$(verdict "$objratio <= 0.25")
-  echo "| objects per GiB of new data ≤ ¼ of restic's | ferry/restic $objratio by PUTs ($objratio2 by objects): ${f_puts_g:-?} PUTs/GiB against ${r_g} objects/GiB | $v |"
+  echo "| objects per GiB of new data ≤ ¼ of restic's | ferry/restic $objratio by PUTs ($objratio2 by objects): ${f_puts_g:-?} PUTs/GiB against $r_g objects/GiB | $v |"
   v="n/a"; [[ $fr != n/a ]] && v=$(verdict "$fr <= 1.5")
-  echo "| backup with 5% faults ≤ 1.5× the fault-free time | ${fr}× (${R[faults-backup,wall]:-?} s), $retries retries | $v |"
+  echo "| backup with 5% faults ≤ 1.5× the fault-free time | ${fr}× (${R[faults-backup,wall]:-?} s against ${R[s3-backup,wall]:-?} s; rounds: $(per_round faults-backup s3-backup)); by ferry's own duration ${frd}×; retries per round $retries (fault-free: $retries0) | $v |"
   local idv=yes s2
-  for s2 in local-restore s3-restore faults-restore; do [[ ${R[$s2,ident]:-} == yes ]] || idv="**no**"; done
-  echo "| every restore byte-identical (local, S3, faulted backup) | local ${R[local-restore,ident]:-–}, S3 ${R[s3-restore,ident]:-–}, faulted ${R[faults-restore,ident]:-–} | $idv |"
+  for s2 in local-restore s3-restore faults-restore; do ok "$s2" && [[ ${R[$s2,ident]} == yes ]] || idv="**no**"; done
+  echo "| every restore byte-identical | local ${R[local-restore,ident]:-–}, S3 ${R[s3-restore,ident]:-–}, faulted backup ${R[faults-restore,ident]:-–} | $idv |"
   echo
   echo "Logs: \`$LOGS\` (kept until the next run)."
 }
