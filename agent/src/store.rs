@@ -543,7 +543,16 @@ impl Store {
     /// Deleting what is already gone succeeds.
     pub fn delete(&self, name: &str) -> Result<()> {
         if let Some(v) = &self.versioned {
-            let versions = self.versions(name)?;
+            // Servers without versioning (some S3-compatibles) do not list
+            // versions: a plain delete removes the object there.
+            let versions = match self.versions(name) {
+                Ok(versions) => versions,
+                Err(Error::Store {
+                    source: object_store::Error::NotImplemented { .. },
+                    ..
+                }) => return self.delete_plain(name),
+                Err(e) => return Err(e),
+            };
             for ver in versions.iter().filter(|ver| ver.name == name) {
                 self.counters.deletes.fetch_add(1, Ordering::Relaxed);
                 if let Err(e) = self.retrying(name, || v.delete_version(&ver.name, &ver.version)) {
@@ -557,6 +566,10 @@ impl Store {
             }
             return Ok(());
         }
+        self.delete_plain(name)
+    }
+
+    fn delete_plain(&self, name: &str) -> Result<()> {
         self.counters.deletes.fetch_add(1, Ordering::Relaxed);
         let path = Path::from(name);
         match self.retrying(name, || self.inner.delete(&path)) {

@@ -215,6 +215,11 @@ where
             path: key.to_string(),
             source,
         },
+        // A server that does not implement the call (501) never will.
+        Some(501) => object_store::Error::NotImplemented {
+            operation: format!("{key}: {source}"),
+            implementer: "this S3 server".into(),
+        },
         // Throttling (429, 503 SlowDown) and server errors are worth another try.
         Some(s) if s == 429 || s >= 500 => object_store::Error::Generic {
             store: "S3",
