@@ -184,7 +184,7 @@ pub fn backup_sources(
     for e in &damaged {
         warn!(error = %e, "ignoring a damaged index object; its chunks will be stored again");
     }
-    let recovered = recover_unindexed_packs(repo, &mut index)?;
+    let recovered = recover_unindexed_packs(repo, &mut index, &trashed)?;
     let parent = repo
         .points()?
         .0
@@ -528,9 +528,12 @@ pub fn backup_sources(
 
 /// Index packs that an interrupted backup uploaded but never indexed, so their
 /// chunks are reused instead of uploaded again. Returns how many were recovered.
-pub fn recover_unindexed_packs(repo: &Repository, index: &mut Index) -> Result<u64> {
+pub fn recover_unindexed_packs(
+    repo: &Repository,
+    index: &mut Index,
+    trashed: &HashSet<[u8; 32]>,
+) -> Result<u64> {
     let mut records = Vec::new();
-    let mut trashed = None;
     for (name, size) in repo.store.list("packs/")? {
         let Some(id) = pack::parse_name(&name) else {
             continue;
@@ -539,10 +542,7 @@ pub fn recover_unindexed_packs(repo: &Repository, index: &mut Index) -> Result<u
             continue;
         }
         // Packs a prune condemned are not "left by an interrupted backup".
-        if trashed.is_none() {
-            trashed = Some(crate::prune::trashed_packs(repo)?);
-        }
-        if trashed.as_ref().is_some_and(|t| t.contains(&id)) {
+        if trashed.contains(&id) {
             continue;
         }
         match pack::read_table(&repo.store, &repo.key, &name, size) {

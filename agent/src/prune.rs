@@ -362,7 +362,7 @@ fn live_locks(repo: &Repository, own: &str) -> Result<BTreeMap<String, String>> 
 struct Lists<'a> {
     repo: &'a Repository,
     index: &'a Index,
-    trashed: Vec<[u8; 32]>,
+    trashed: &'a HashSet<[u8; 32]>,
     extra: Option<Index>,
 }
 
@@ -373,7 +373,7 @@ impl Lists<'_> {
         }
         if self.extra.is_none() {
             let mut extra = Index::default();
-            for id in &self.trashed {
+            for id in self.trashed {
                 let name = pack::object_name(id);
                 if let Some(size) = self.repo.store.size(&name)? {
                     extra.add_pack(
@@ -488,7 +488,7 @@ pub fn prune(repo: &Repository, opts: PruneOptions) -> Result<PruneReport> {
         &mut Lists {
             repo,
             index: &index,
-            trashed: trashed.iter().copied().collect(),
+            trashed: &trashed,
             extra: None,
         },
         &points,
@@ -500,6 +500,7 @@ pub fn prune(repo: &Repository, opts: PruneOptions) -> Result<PruneReport> {
     // Phase 2 for earlier records whose waits have cleared.
     if !opts.dry_run {
         for (name, (record, waits)) in &pending {
+            let mut restored = Vec::new();
             match waits {
                 None => {
                     // A prune stopped before writing the waits: finish its phase 1.
@@ -509,7 +510,7 @@ pub fn prune(repo: &Repository, opts: PruneOptions) -> Result<PruneReport> {
                         // Nobody else is here: only points committed since the
                         // listing above could still use the condemned packs.
                         add_fresh_points(repo, &index, &trashed, &seen_points, &mut live)?;
-                        settle(repo, name, record, &mut index, &live, &mut report)?;
+                        restored = settle(repo, name, record, &mut index, &live, &mut report)?;
                     } else {
                         report.pending_packs += record.packs.len();
                         report.waiting_for.extend(locks.into_values());
@@ -522,12 +523,17 @@ pub fn prune(repo: &Repository, opts: PruneOptions) -> Result<PruneReport> {
                         .filter_map(|l| locks_before.get(l).cloned())
                         .collect();
                     if blocking.is_empty() {
-                        settle(repo, name, record, &mut index, &live, &mut report)?;
+                        restored = settle(repo, name, record, &mut index, &live, &mut report)?;
                     } else {
                         report.pending_packs += record.packs.len();
                         report.waiting_for.extend(blocking);
                     }
                 }
+            }
+            // Put-back packs are indexed packs like any other from here on.
+            for r in restored {
+                order.push(r.id);
+                records_by_pack.insert(r.id, r);
             }
         }
     }
@@ -725,8 +731,8 @@ fn extend_retention(repo: &Repository, packs: &[[u8; 32]]) -> Result<usize> {
     Ok(extended)
 }
 
-/// Phase 2 for one record: put back condemned packs a live chunk needs, delete
-/// the rest, then the record.
+/// Phase 2 for one record: put back condemned packs a live chunk needs (added to
+/// `index` and returned), delete the rest, then the record.
 fn settle(
     repo: &Repository,
     name: &str,
@@ -734,7 +740,7 @@ fn settle(
     index: &mut Index,
     live: &HashSet<ChunkId>,
     report: &mut PruneReport,
-) -> Result<()> {
+) -> Result<Vec<PackRecord>> {
     let needed: HashSet<&ChunkId> = live.iter().filter(|c| !index.contains(c)).collect();
     let indexes_left = delete_indexes(repo, &record.indexes)?;
     let mut restored = Vec::new();
@@ -785,7 +791,7 @@ fn settle(
         repo.store.delete(&format!("{name}.waits"))?;
         repo.store.delete(name)?;
     }
-    Ok(())
+    Ok(restored)
 }
 
 /// Add the live chunks of points committed since `seen` was listed, reading
@@ -805,7 +811,7 @@ fn add_fresh_points(
         &mut Lists {
             repo,
             index,
-            trashed: trashed.iter().copied().collect(),
+            trashed,
             extra: None,
         },
         &fresh,
