@@ -264,6 +264,10 @@ fn judge_list(
         if let Some(cid) = e.id {
             let why = match index.get(&cid) {
                 None => Some("no pack holds it".to_string()),
+                Some(loc) if e.skip as u64 + e.len as u64 > loc.raw_len as u64 => Some(format!(
+                    "the list takes {} bytes from {} of it, but it has {}",
+                    e.len, e.skip, loc.raw_len
+                )),
                 Some(loc) => bad_packs
                     .get(&loc.pack)
                     .cloned()

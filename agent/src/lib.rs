@@ -11,6 +11,7 @@ pub mod crypto;
 pub mod error;
 pub mod format;
 pub mod index;
+pub mod instant;
 pub mod lock;
 pub mod pack;
 pub mod point;

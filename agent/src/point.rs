@@ -33,6 +33,8 @@ use crate::error::{Error, Result};
 use crate::format::{self, Kind, Reader};
 
 const ZERO_FLAG: u32 = 1 << 31;
+/// A slice of a chunk: `len` bytes from `skip` into it (see docs/formats.md#extents).
+const SLICE_FLAG: u32 = 1 << 30;
 const MAX_ZERO_RUN: u64 = (ZERO_FLAG - 1) as u64;
 /// The span of a disk one chunk list describes (16 read segments).
 pub const LIST_SPAN: u64 = 64 << 20;
@@ -64,11 +66,45 @@ impl std::fmt::Display for Consistency {
     }
 }
 
-/// One run of a disk: a stored chunk, or zeros.
+/// One run of a disk: a stored chunk (or `len` bytes of it from `skip`), or zeros.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Extent {
     pub len: u32,
     pub id: Option<ChunkId>,
+    /// Where the run starts inside the chunk; 0 for whole chunks and zero runs.
+    /// Incrementals through a change map splice small changed pieces into the
+    /// parent's list, which cuts the chunks around them into slices.
+    pub skip: u32,
+}
+
+impl Extent {
+    pub fn chunk(len: u32, id: ChunkId) -> Self {
+        Extent {
+            len,
+            id: Some(id),
+            skip: 0,
+        }
+    }
+    pub fn zeros(len: u32) -> Self {
+        Extent {
+            len,
+            id: None,
+            skip: 0,
+        }
+    }
+    /// The bytes `[from, from + len)` of this extent, as an extent.
+    pub fn slice(&self, from: u32, len: u32) -> Self {
+        debug_assert!(from + len <= self.len);
+        Extent {
+            len,
+            id: self.id,
+            skip: if self.id.is_some() {
+                self.skip + from
+            } else {
+                0
+            },
+        }
+    }
 }
 
 /// What a point records about one disk.
@@ -83,6 +119,10 @@ pub struct DiskMeta {
     pub digest: String,
     /// Bytes that held data (not zero).
     pub data_bytes: u64,
+    /// The change tracker this point's incremental read through (e.g.
+    /// `qemu:dirty-bitmap:gen3`); absent when the whole disk was read.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub changes: Option<String>,
 }
 
 /// The JSON part of a point.
@@ -124,16 +164,16 @@ pub fn list_count(size: u64) -> u64 {
 }
 
 /// Append an extent, merging zero runs.
-pub fn push_extent(list: &mut Vec<Extent>, len: u32, id: Option<ChunkId>) {
-    if id.is_none()
+pub fn push_extent(list: &mut Vec<Extent>, e: Extent) {
+    if e.id.is_none()
         && let Some(last) = list.last_mut()
         && last.id.is_none()
-        && last.len as u64 + len as u64 <= MAX_ZERO_RUN
+        && last.len as u64 + e.len as u64 <= MAX_ZERO_RUN
     {
-        last.len += len;
+        last.len += e.len;
         return;
     }
-    list.push(Extent { len, id });
+    list.push(e);
 }
 
 /// The content digest of a disk: a keyed hash over its size and its lists' ids.
@@ -153,9 +193,14 @@ pub fn encode_list(extents: &[Extent]) -> Vec<u8> {
     body.extend_from_slice(&(extents.len() as u32).to_le_bytes());
     for e in extents {
         match e.id {
-            Some(id) => {
+            Some(id) if e.skip == 0 => {
                 body.extend_from_slice(&e.len.to_le_bytes());
                 body.extend_from_slice(&id.0);
+            }
+            Some(id) => {
+                body.extend_from_slice(&(e.len | SLICE_FLAG).to_le_bytes());
+                body.extend_from_slice(&id.0);
+                body.extend_from_slice(&e.skip.to_le_bytes());
             }
             None => body.extend_from_slice(&(e.len | ZERO_FLAG).to_le_bytes()),
         }
@@ -175,18 +220,28 @@ pub fn decode_list_body(name: &str, body: &[u8], span: u64) -> Result<Vec<Extent
     for _ in 0..count {
         let word = r.u32().ok_or_else(|| bad("short extent".into()))?;
         let e = if word & ZERO_FLAG != 0 {
-            Extent {
-                len: word & !ZERO_FLAG,
-                id: None,
-            }
+            Extent::zeros(word & !ZERO_FLAG)
         } else {
+            let len = word & !SLICE_FLAG;
             let id = r.array32().ok_or_else(|| bad("short extent".into()))?;
-            if word == 0 || word as usize > MAX_CHUNK {
-                return Err(bad(format!("chunk length {word} out of bounds")));
+            if len == 0 || len as usize > MAX_CHUNK {
+                return Err(bad(format!("chunk length {len} out of bounds")));
             }
+            let skip = if word & SLICE_FLAG != 0 {
+                let skip = r.u32().ok_or_else(|| bad("short extent".into()))?;
+                if skip as u64 + len as u64 > MAX_CHUNK as u64 {
+                    return Err(bad(format!(
+                        "a slice of {len} bytes from {skip} lies past the largest chunk"
+                    )));
+                }
+                skip
+            } else {
+                0
+            };
             Extent {
-                len: word,
+                len,
                 id: Some(ChunkId(id)),
+                skip,
             }
         };
         total += e.len as u64;
@@ -314,6 +369,7 @@ mod tests {
                 size,
                 digest: String::new(),
                 data_bytes: 0,
+                changes: None,
             }],
         }
     }
@@ -322,12 +378,14 @@ mod tests {
     fn round_trip_and_zero_runs_merge() {
         let key = MasterKey::generate();
         let mut ext = Vec::new();
-        push_extent(&mut ext, 100, Some(ChunkId([1; 32])));
-        push_extent(&mut ext, 4096, None);
-        push_extent(&mut ext, 4096, None);
-        push_extent(&mut ext, 50, Some(ChunkId([2; 32])));
-        assert_eq!(ext.len(), 3);
+        push_extent(&mut ext, Extent::chunk(100, ChunkId([1; 32])));
+        push_extent(&mut ext, Extent::zeros(4096));
+        push_extent(&mut ext, Extent::zeros(4096));
+        push_extent(&mut ext, Extent::chunk(50, ChunkId([2; 32])).slice(0, 20));
+        push_extent(&mut ext, Extent::chunk(50, ChunkId([2; 32])).slice(20, 30));
         let size = 100 + 8192 + 50;
+        assert_eq!(ext.len(), 4, "zero runs merge, slices do not");
+        assert_eq!(ext[3].skip, 20);
         let body = encode_list(&ext);
         assert_eq!(decode_list_body("l", &body, size).unwrap(), ext);
         assert!(decode_list_body("l", &body, size + 1).is_err());
@@ -343,26 +401,8 @@ mod tests {
     #[test]
     fn identical_spans_share_a_list_and_the_digest_follows_content() {
         let key = MasterKey::generate();
-        let a = vec![
-            Extent {
-                len: 8192,
-                id: None,
-            },
-            Extent {
-                len: 10,
-                id: Some(ChunkId([1; 32])),
-            },
-        ];
-        let b = vec![
-            Extent {
-                len: 10,
-                id: Some(ChunkId([1; 32])),
-            },
-            Extent {
-                len: 8192,
-                id: None,
-            },
-        ];
+        let a = vec![Extent::zeros(8192), Extent::chunk(10, ChunkId([1; 32]))];
+        let b = vec![Extent::chunk(10, ChunkId([1; 32])), Extent::zeros(8192)];
         let id = |e: &[Extent]| key.chunk_id(&encode_list(e));
         assert_eq!(id(&a), id(&a.clone()));
         let (la, lb) = (id(&a), id(&b));

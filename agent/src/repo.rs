@@ -58,7 +58,7 @@ impl Default for InitOptions {
 pub const DEFAULT_COMPRESSION_LEVEL: i32 = 2;
 
 /// An open, unlocked repository.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct Repository {
     pub(crate) store: Store,
     pub(crate) key: MasterKey,

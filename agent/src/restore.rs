@@ -73,6 +73,14 @@ const SYNC_EVERY: u64 = 256 << 20;
 /// Restored bytes gathered before a write (one write may exceed it by one chunk).
 const WRITE_BATCH: usize = 4 << 20;
 
+/// Where (part of) a chunk goes: `len` bytes from `skip` into it, at disk offset `off`.
+#[derive(Debug, Clone, Copy)]
+struct Place {
+    off: u64,
+    skip: u32,
+    len: u32,
+}
+
 struct Job {
     pack: u32,
     start: u64,
@@ -358,8 +366,8 @@ fn restore_extents(
     out: &Output,
     progress: &Progress,
 ) -> Result<(u64, u64, u64)> {
-    // Where every chunk goes; zero runs are handled here.
-    let mut wanted: IdMap<(u32, Vec<u64>)> = IdMap::default();
+    // Where every chunk goes (whole, or a slice of it); zero runs are handled here.
+    let mut wanted: IdMap<Vec<Place>> = IdMap::default();
     let mut off = base;
     for e in extents {
         match e.id {
@@ -367,21 +375,20 @@ fn restore_extents(
                 out.zero(off, e.len as u64)?;
                 progress.add_done(e.len as u64);
             }
-            Some(id) => {
-                wanted
-                    .entry(id)
-                    .or_insert_with(|| (e.len, Vec::new()))
-                    .1
-                    .push(off);
-            }
+            Some(id) => wanted.entry(id).or_default().push(Place {
+                off,
+                skip: e.skip,
+                len: e.len,
+            }),
         }
         off += e.len as u64;
     }
 
-    // A resumed restore keeps every chunk already in place.
+    // A resumed restore keeps every whole chunk already in place (slices are
+    // fetched again: a slice alone cannot be checked against the chunk's id).
     let mut kept = 0u64;
     if out.resumed {
-        let still: Mutex<IdMap<(u32, Vec<u64>)>> = Mutex::default();
+        let still: Mutex<IdMap<Vec<Place>>> = Mutex::default();
         let kept_n = AtomicU64::new(0);
         let items: Vec<_> = wanted.into_iter().collect();
         let next = AtomicU64::new(0);
@@ -391,27 +398,28 @@ fn restore_extents(
                     let mut buf = Vec::new();
                     loop {
                         let i = next.fetch_add(1, Ordering::Relaxed) as usize;
-                        let Some((id, (len, offs))) = items.get(i) else {
+                        let Some((id, places)) = items.get(i) else {
                             return;
                         };
-                        let len = *len as usize;
+                        let whole = index.get(id).map(|l| l.raw_len);
                         let mut missing = Vec::new();
-                        for &o in offs {
-                            buf.resize(len, 0);
-                            let good = out.file.read_exact_at(&mut buf, o).is_ok()
+                        for p in places {
+                            let good = p.skip == 0
+                                && whole == Some(p.len)
+                                && {
+                                    buf.resize(p.len as usize, 0);
+                                    out.file.read_exact_at(&mut buf, p.off).is_ok()
+                                }
                                 && repo.key.chunk_id(&buf) == *id;
                             if good {
                                 kept_n.fetch_add(1, Ordering::Relaxed);
-                                progress.add_done(len as u64);
+                                progress.add_done(p.len as u64);
                             } else {
-                                missing.push(o);
+                                missing.push(*p);
                             }
                         }
                         if !missing.is_empty() {
-                            still
-                                .lock()
-                                .expect("resume map")
-                                .insert(*id, (len as u32, missing));
+                            still.lock().expect("resume map").insert(*id, missing);
                         }
                     }
                 });
@@ -424,12 +432,12 @@ fn restore_extents(
     // Group by pack, in pack order, and coalesce neighbours into ranged reads.
     let mut by_pack: BTreeMap<u32, Vec<(ChunkId, Location)>> = BTreeMap::new();
     let mut unindexed: Option<(u64, ChunkId)> = None;
-    for (id, (_, offs)) in &wanted {
+    for (id, places) in &wanted {
         match index.get(id) {
             Some(loc) => by_pack.entry(loc.pack).or_default().push((*id, loc)),
             // Report the missing chunk that comes first on the disk.
             None => {
-                let here = (offs[0], *id);
+                let here = (places[0].off, *id);
                 if unindexed.is_none_or(|first| here < first) {
                     unindexed = Some(here);
                 }
@@ -536,7 +544,7 @@ fn restore_extents(
 struct Worker<'a> {
     repo: &'a Repository,
     index: &'a index::Index,
-    wanted: &'a IdMap<(u32, Vec<u64>)>,
+    wanted: &'a IdMap<Vec<Place>>,
     disk: &'a str,
     out: &'a Output,
     progress: &'a Progress,
@@ -566,7 +574,7 @@ impl Worker<'_> {
         let damaged = |id: &ChunkId, detail: String| Error::DamagedChunk {
             chunk: id.to_hex(),
             disk: disk.to_string(),
-            offset: wanted[id].1[0],
+            offset: wanted[id][0].off,
             detail,
         };
         let bytes = match repo.store.get_range(&name, job.start..job.end) {
@@ -592,7 +600,21 @@ impl Worker<'_> {
             let plain = opener
                 .open(&repo.key, &entry, sealed)
                 .map_err(|d| damaged(id, format!("in {name}: {d}")))?;
-            for &o in &wanted[id].1 {
+            for place in &wanted[id] {
+                let o = place.off;
+                let (a, b) = (
+                    place.skip as usize,
+                    place.skip as usize + place.len as usize,
+                );
+                let Some(plain) = plain.get(a..b) else {
+                    return Err(damaged(
+                        id,
+                        format!(
+                            "a chunk list takes bytes {a}..{b} of it, but it has {} bytes",
+                            plain.len()
+                        ),
+                    ));
+                };
                 // A fresh file already reads zeros: its zero blocks stay holes, so the
                 // restored image is as sparse as the source was, block by block.
                 let pieces: Box<dyn Iterator<Item = (usize, &[u8])>> = if out.fresh_file() {

@@ -15,6 +15,14 @@ pub trait BlockSource: Send + Sync {
     fn size(&self) -> Result<u64>;
     /// Fill `buf` from `offset`; a short read past the end is an error.
     fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> Result<()>;
+    /// Fill several buffers, each from its offset; sources that can keep many
+    /// requests in flight (NBD) override this.
+    fn read_many(&self, reqs: &mut [(u64, &mut [u8])]) -> Result<()> {
+        for (offset, buf) in reqs.iter_mut() {
+            self.read_exact_at(buf, *offset)?;
+        }
+        Ok(())
+    }
     /// The ranges that may hold data, in order; the rest reads as zeros.
     /// The default says the whole source may hold data.
     fn data_ranges(&self) -> Result<Vec<(u64, u64)>> {
@@ -24,6 +32,21 @@ pub trait BlockSource: Send + Sync {
     fn change_marker(&self) -> Option<(i64, i64)> {
         None
     }
+    /// Change tracking: the ranges written since the source's latest recovery
+    /// point, when something tracked them (a dirty bitmap); `None` when unknown,
+    /// and the backup then reads the whole disk.
+    fn change_map(&self) -> Result<Option<ChangeMap>> {
+        Ok(None)
+    }
+}
+
+/// The ranges of a disk written since its latest recovery point.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChangeMap {
+    /// What tracked them, recorded in the point (e.g. `qemu:dirty-bitmap:gen3`).
+    pub tracker: String,
+    /// Sorted, non-overlapping `[start, end)` ranges.
+    pub ranges: Vec<(u64, u64)>,
 }
 
 /// An image file or a block device.

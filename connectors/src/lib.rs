@@ -2,5 +2,6 @@
 //! (local directories, S3 and compatibles, GCS, Azure Blob) and a fault injector.
 
 pub mod faults;
+pub mod nbd;
 pub mod s3;
 pub mod store;
