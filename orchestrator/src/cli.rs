@@ -16,6 +16,8 @@ use ferry_agent::point::Consistency;
 use ferry_agent::progress::Progress;
 use ferry_agent::repo::{InitOptions, Repository};
 use ferry_agent::restore::RestoreOptions;
+use ferry_agent::source::{BlockSource, FileSource};
+use ferry_connectors::nbd::{NbdSource, NbdUrl};
 
 use crate::output::{self, Bar, bytes};
 
@@ -94,6 +96,32 @@ pub enum Command {
     Undelete(UndeleteArgs),
     /// Move the packs only older recovery points use to a colder storage class (S3).
     Tier(TierArgs),
+    /// Instant restore: serve a recovery point's disk over NBD, fetching chunks on demand.
+    ServeNbd(ServeNbdArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ServeNbdArgs {
+    /// Recovery point: an id (or a unique prefix), SOURCE@latest, or SOURCE@TIME.
+    pub point: String,
+    /// The disk to serve (by name); needed when the point has several.
+    #[arg(long)]
+    pub disk: Option<String>,
+    /// TCP address to listen on; port 0 picks a free one (printed).
+    #[arg(long, default_value = "127.0.0.1:10809", conflicts_with = "socket")]
+    pub listen: String,
+    /// Listen on a unix socket instead.
+    #[arg(long)]
+    pub socket: Option<PathBuf>,
+    /// The export's name (default: the disk's name).
+    #[arg(long)]
+    pub name: Option<String>,
+    /// Accept writes, kept in this new overlay file; the repository is never written.
+    #[arg(long, value_name = "FILE")]
+    pub overlay: Option<PathBuf>,
+    /// Memory for decoded chunks, in MiB.
+    #[arg(long, default_value_t = 512)]
+    pub cache_mib: usize,
 }
 
 #[derive(Debug, Args)]
@@ -224,9 +252,12 @@ pub struct BackupArgs {
     /// Record this consistency instead of detecting it (crash, or fuzzy when a disk changed while read).
     #[arg(long, value_enum)]
     pub consistency: Option<ConsistencyArg>,
-    /// Image files or block devices.
+    /// Image files, block devices, or NBD exports:
+    /// nbd://HOST[:PORT]/EXPORT[?bitmap=NAME], nbd+unix:///EXPORT?socket=PATH[&bitmap=NAME].
+    /// With a bitmap, only the extents it marks dirty are read: it must hold every
+    /// write since the source's latest point.
     #[arg(required = true)]
-    pub disks: Vec<PathBuf>,
+    pub disks: Vec<String>,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -269,6 +300,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
     let g = &cli.global;
     match &cli.command {
         Command::Init(a) => init(g, a),
+        Command::ServeNbd(a) => serve_nbd(g, a),
         Command::Backup(a) => backup(g, a),
         Command::Points(a) => points(g, a),
         Command::Restore(a) => restore(g, a),
@@ -384,9 +416,29 @@ fn init(g: &Global, a: &InitArgs) -> Result<ExitCode> {
 
 fn backup(g: &Global, a: &BackupArgs) -> Result<ExitCode> {
     let repo = open(g)?;
+    let mut specs = Vec::new();
+    let mut sources: Vec<Box<dyn BlockSource>> = Vec::new();
+    for (i, d) in a.disks.iter().enumerate() {
+        if NbdUrl::is_nbd(d) {
+            let url = NbdUrl::parse(d).map_err(ferry_agent::Error::InvalidInput)?;
+            let name = match url.export.rsplit('/').next() {
+                Some(n) if !n.is_empty() => n.to_string(),
+                _ => format!("disk{i}"),
+            };
+            sources.push(Box::new(NbdSource::open(&url)?));
+            specs.push(DiskSpec {
+                name,
+                path: PathBuf::from(url.to_string()),
+            });
+        } else {
+            let spec = DiskSpec::from_path(d);
+            sources.push(Box::new(FileSource::open(&spec.path)?));
+            specs.push(spec);
+        }
+    }
     let opts = BackupOptions {
         source: a.source.clone(),
-        disks: a.disks.iter().map(DiskSpec::from_path).collect(),
+        disks: specs,
         consistency: a.consistency.map(|c| match c {
             ConsistencyArg::Crash => Consistency::Crash,
             ConsistencyArg::App => Consistency::App,
@@ -395,7 +447,8 @@ fn backup(g: &Global, a: &BackupArgs) -> Result<ExitCode> {
     };
     let progress = Arc::new(Progress::default());
     let bar = Bar::start(progress.clone(), "backup", !g.quiet && !g.json);
-    let s = ferry_agent::backup::backup(&repo, &opts, &progress).map_err(|e| {
+    let refs: Vec<&dyn BlockSource> = sources.iter().map(|s| s.as_ref()).collect();
+    let s = ferry_agent::backup::backup_sources(&repo, &opts, &refs, &progress).map_err(|e| {
         let storage = matches!(e, ferry_agent::Error::Store { .. });
         let full = ferry_agent::store::is_storage_full(&e);
         let e = anyhow::Error::from(e);
@@ -427,6 +480,13 @@ fn backup(g: &Global, a: &BackupArgs) -> Result<ExitCode> {
             s.duration_secs,
             bytes((s.bytes_read as f64 / s.duration_secs.max(1e-6)) as u64),
         );
+        if let Some(c) = s.changed_bytes {
+            println!(
+                "  change map: {} changed since the parent point, {} new stored",
+                bytes(c),
+                bytes(s.stored_bytes)
+            );
+        }
         if s.packs_recovered > 0 {
             println!(
                 "  reused {} pack(s) left by an interrupted backup",
@@ -481,6 +541,110 @@ fn points(g: &Global, a: &PointsArgs) -> Result<ExitCode> {
         );
     }
     println!("{} recovery point(s)", points.len());
+    Ok(ExitCode::SUCCESS)
+}
+
+fn serve_nbd(g: &Global, a: &ServeNbdArgs) -> Result<ExitCode> {
+    use ferry_connectors::nbd::point_export::PointExport;
+    use ferry_connectors::nbd::server::{self, Export, Listener};
+    let started = std::time::Instant::now();
+    let repo = open(g)?;
+    let point = repo.resolve(&a.point)?;
+    let disk = match &a.disk {
+        Some(d) => point
+            .meta
+            .disks
+            .iter()
+            .position(|m| &m.name == d)
+            .ok_or_else(|| {
+                ferry_agent::Error::InvalidInput(format!(
+                    "point {} has no disk {d:?}; it has {}",
+                    point.short_id(),
+                    point
+                        .meta
+                        .disks
+                        .iter()
+                        .map(|m| m.name.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ))
+            })?,
+        None if point.meta.disks.len() == 1 => 0,
+        None => {
+            return Err(ferry_agent::Error::InvalidInput(format!(
+                "point {} has {} disks; choose one with --disk ({})",
+                point.short_id(),
+                point.meta.disks.len(),
+                point
+                    .meta
+                    .disks
+                    .iter()
+                    .map(|m| m.name.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ))
+            .into());
+        }
+    };
+    let meta = point.meta.disks[disk].clone();
+    let reader = ferry_agent::instant::DiskReader::open(repo, &point, disk, a.cache_mib << 20)?;
+    let export: Arc<dyn Export> = match &a.overlay {
+        Some(p) => Arc::new(PointExport::with_overlay(reader, p).with_context(|| {
+            format!(
+                "cannot create the overlay {} (it must not exist yet)",
+                p.display()
+            )
+        })?),
+        None => Arc::new(PointExport::read_only(reader)),
+    };
+    let name = a.name.clone().unwrap_or_else(|| meta.name.clone());
+    let (listener, url) = match &a.socket {
+        Some(path) => {
+            // A socket file left by an earlier server that is gone.
+            if std::os::unix::net::UnixStream::connect(path).is_err() {
+                let _ = std::fs::remove_file(path);
+            }
+            let l = std::os::unix::net::UnixListener::bind(path)
+                .with_context(|| format!("cannot listen on {}", path.display()))?;
+            (
+                Listener::Unix(l),
+                format!("nbd+unix:///{name}?socket={}", path.display()),
+            )
+        }
+        None => {
+            let l = std::net::TcpListener::bind(&a.listen)
+                .with_context(|| format!("cannot listen on {}", a.listen))?;
+            let addr = l.local_addr()?;
+            (Listener::Tcp(l), format!("nbd://{addr}/{name}"))
+        }
+    };
+    let mode = if a.overlay.is_some() {
+        "writable, writes kept in the overlay"
+    } else {
+        "read-only"
+    };
+    if g.json {
+        print_json(&serde_json::json!({
+            "url": url,
+            "point": point.id,
+            "disk": meta.name,
+            "size": meta.size,
+            "writable": a.overlay.is_some(),
+            "ready_secs": started.elapsed().as_secs_f64(),
+        }))?;
+    } else {
+        println!(
+            "serving point {} disk {} ({}, {mode}) at {url}; ready in {:.2} s; stop with Ctrl-C",
+            point.short_id(),
+            meta.name,
+            bytes(meta.size),
+            started.elapsed().as_secs_f64()
+        );
+    }
+    use std::io::Write as _;
+    std::io::stdout().flush()?;
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    server::serve(listener, export, name, stop)?;
     Ok(ExitCode::SUCCESS)
 }
 

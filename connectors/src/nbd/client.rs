@@ -54,7 +54,7 @@ impl Write for Stream {
 }
 
 impl Stream {
-    fn try_clone(&self) -> io::Result<Stream> {
+    pub(crate) fn try_clone(&self) -> io::Result<Stream> {
         Ok(match self {
             Stream::Tcp(s) => Stream::Tcp(s.try_clone()?),
             Stream::Unix(s) => Stream::Unix(s.try_clone()?),
@@ -589,7 +589,9 @@ impl Client {
                         });
                     }
                     k => {
-                        return Err(self.proto(format!("unexpected chunk type {k} to block status")));
+                        return Err(
+                            self.proto(format!("unexpected chunk type {k} to block status"))
+                        );
                     }
                 }
                 if flags & REPLY_FLAG_DONE != 0 {

@@ -7,8 +7,9 @@
 //! `nbd+unix:///EXPORT?socket=PATH[&bitmap=NAME]`.
 
 pub mod client;
+pub mod point_export;
 pub mod proto;
-// pub mod server;
+pub mod server;
 
 use std::fmt;
 use std::io;
