@@ -65,6 +65,9 @@ pub struct BackupOptions {
     /// The consistency to record; `None` records `crash`, or `fuzzy` when a disk
     /// changed while it was read.
     pub consistency: Option<Consistency>,
+    /// When the disks' content was captured (a snapshot's instant); `None`
+    /// records the time the point is committed.
+    pub time: Option<chrono::DateTime<chrono::Utc>>,
 }
 
 /// What a backup did.
@@ -572,11 +575,12 @@ pub fn backup_sources(
             digest: point::disk_digest(&repo.key, st.size, &lists[d]),
             data_bytes: data,
             changes: st.plan.as_ref().map(|p| p.tracker.clone()),
+            tracking: src.tracking(),
         });
     }
     let meta = Meta {
         source: opts.source.clone(),
-        time: chrono::Utc::now(),
+        time: opts.time.unwrap_or_else(chrono::Utc::now),
         parent: parent.clone(),
         consistency,
         tool_version: env!("CARGO_PKG_VERSION").to_string(),
@@ -942,6 +946,7 @@ mod tests {
             source: "vm".into(),
             disks: vec![DiskSpec::from_path("/dev/vda")],
             consistency: None,
+            time: None,
         }
     }
 

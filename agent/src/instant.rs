@@ -363,6 +363,7 @@ mod tests {
             source: "vm".into(),
             disks: vec![DiskSpec::from_path("/dev/vda")],
             consistency: None,
+            time: None,
         };
         let s = backup_sources(
             &repo,

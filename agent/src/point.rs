@@ -123,6 +123,11 @@ pub struct DiskMeta {
     /// `qemu:dirty-bitmap:gen3`); absent when the whole disk was read.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub changes: Option<String>,
+    /// What records the writes made after this point's instant (e.g. the dirty
+    /// bitmap a live-VM cycle started with it), so the next cycle can check its
+    /// change map continues this point's chain.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tracking: Option<String>,
 }
 
 /// The JSON part of a point.
@@ -370,6 +375,7 @@ mod tests {
                 digest: String::new(),
                 data_bytes: 0,
                 changes: None,
+                tracking: None,
             }],
         }
     }

@@ -38,6 +38,11 @@ pub trait BlockSource: Send + Sync {
     fn change_map(&self) -> Result<Option<ChangeMap>> {
         Ok(None)
     }
+    /// What tracks the writes made after this read's instant, recorded in the
+    /// point for the next incremental (a live VM's new dirty bitmap).
+    fn tracking(&self) -> Option<String> {
+        None
+    }
 }
 
 /// The ranges of a disk written since its latest recovery point.

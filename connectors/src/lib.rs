@@ -3,5 +3,6 @@
 
 pub mod faults;
 pub mod nbd;
+pub mod qemu;
 pub mod s3;
 pub mod store;

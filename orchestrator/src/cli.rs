@@ -98,6 +98,8 @@ pub enum Command {
     Tier(TierArgs),
     /// Instant restore: serve a recovery point's disk over NBD, fetching chunks on demand.
     ServeNbd(ServeNbdArgs),
+    /// Continuous protection of running QEMU VMs through QMP (dirty bitmaps, no agent inside).
+    Protect(crate::protect::ProtectArgs),
 }
 
 #[derive(Debug, Args)]
@@ -301,6 +303,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
     match &cli.command {
         Command::Init(a) => init(g, a),
         Command::ServeNbd(a) => serve_nbd(g, a),
+        Command::Protect(a) => crate::protect::protect(g, a),
         Command::Backup(a) => backup(g, a),
         Command::Points(a) => points(g, a),
         Command::Restore(a) => restore(g, a),
@@ -343,7 +346,7 @@ fn password(g: &Global, confirm: bool) -> Result<Vec<u8>> {
     Err(UsageError("no password: set FERRY_PASSWORD or pass --password-file FILE".into()).into())
 }
 
-fn open(g: &Global) -> Result<Repository> {
+pub(crate) fn open(g: &Global) -> Result<Repository> {
     let store = ferry_connectors::store::open(repo_location(g)?, false)?;
     let pw = password(g, false)?;
     Ok(Repository::open(store, &pw)?)
@@ -444,6 +447,7 @@ fn backup(g: &Global, a: &BackupArgs) -> Result<ExitCode> {
             ConsistencyArg::App => Consistency::App,
             ConsistencyArg::Fuzzy => Consistency::Fuzzy,
         }),
+        time: None,
     };
     let progress = Arc::new(Progress::default());
     let bar = Bar::start(progress.clone(), "backup", !g.quiet && !g.json);
@@ -624,14 +628,18 @@ fn serve_nbd(g: &Global, a: &ServeNbdArgs) -> Result<ExitCode> {
         "read-only"
     };
     if g.json {
-        print_json(&serde_json::json!({
-            "url": url,
-            "point": point.id,
-            "disk": meta.name,
-            "size": meta.size,
-            "writable": a.overlay.is_some(),
-            "ready_secs": started.elapsed().as_secs_f64(),
-        }))?;
+        // One line, so a supervisor can read the URL and go on.
+        println!(
+            "{}",
+            serde_json::json!({
+                "url": url,
+                "point": point.id,
+                "disk": meta.name,
+                "size": meta.size,
+                "writable": a.overlay.is_some(),
+                "ready_secs": started.elapsed().as_secs_f64(),
+            })
+        );
     } else {
         println!(
             "serving point {} disk {} ({}, {mode}) at {url}; ready in {:.2} s; stop with Ctrl-C",

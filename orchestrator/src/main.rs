@@ -4,6 +4,7 @@
 
 mod cli;
 mod output;
+mod protect;
 
 use std::process::ExitCode;
 

@@ -679,3 +679,134 @@ fn push_merged(out: &mut Vec<(u64, u64, u32)>, a: u64, b: u64, f: u32) {
     }
     out.push((a, b, f));
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+    use std::net::TcpListener;
+
+    /// A server that answers the client's negotiation as a good server would
+    /// (when `good_handshake`), then sends `tail` and hangs up. It never reads
+    /// what the client says: the answers are the same whatever it asks.
+    fn fake(good_handshake: bool, tail: Vec<u8>) -> NbdUrl {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = l.local_addr().unwrap().port();
+        std::thread::spawn(move || {
+            let (mut s, _) = l.accept().unwrap();
+            let mut out = Vec::new();
+            out.extend_from_slice(&NBDMAGIC.to_be_bytes());
+            if good_handshake {
+                out.extend_from_slice(&IHAVEOPT.to_be_bytes());
+                out.extend_from_slice(&(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES).to_be_bytes());
+                write_opt_reply(&mut out, OPT_STRUCTURED_REPLY, REP_ACK, &[]).unwrap();
+                let mut ctx = 7u32.to_be_bytes().to_vec();
+                ctx.extend_from_slice(CTX_BASE_ALLOCATION.as_bytes());
+                write_opt_reply(&mut out, OPT_SET_META_CONTEXT, REP_META_CONTEXT, &ctx).unwrap();
+                write_opt_reply(&mut out, OPT_SET_META_CONTEXT, REP_ACK, &[]).unwrap();
+                let mut info = INFO_EXPORT.to_be_bytes().to_vec();
+                info.extend_from_slice(&(1u64 << 20).to_be_bytes());
+                info.extend_from_slice(&(TFLAG_HAS_FLAGS | TFLAG_READ_ONLY).to_be_bytes());
+                write_opt_reply(&mut out, OPT_GO, REP_INFO, &info).unwrap();
+                write_opt_reply(&mut out, OPT_GO, REP_ACK, &[]).unwrap();
+            }
+            out.extend_from_slice(&tail);
+            let _ = s.write_all(&out);
+            // Let the client read everything before the connection closes.
+            std::thread::sleep(Duration::from_millis(20));
+        });
+        NbdUrl {
+            addr: Addr::Tcp {
+                host: "127.0.0.1".into(),
+                port,
+            },
+            export: "x".into(),
+            bitmap: None,
+        }
+    }
+
+    fn exercise(url: &NbdUrl) {
+        let Ok(mut c) = Client::connect(url, &[CTX_BASE_ALLOCATION.to_string()]) else {
+            return;
+        };
+        let mut buf = vec![0u8; 3 << 20];
+        let _ = c.read_at(&mut buf, 0);
+        let _ = c.block_status(CTX_BASE_ALLOCATION, 0, 1 << 20);
+    }
+
+    /// Structured reply chunks with the right magic and hostile fields, for the
+    /// cookies the client uses first (1, 2, …).
+    fn chunk() -> impl Strategy<Value = Vec<u8>> {
+        (
+            any::<u16>(),
+            prop_oneof![
+                Just(0u16),
+                Just(1),
+                Just(2),
+                Just(5),
+                Just(32769),
+                Just(32770),
+                any::<u16>()
+            ],
+            0u64..4,
+            prop_oneof![Just(0u32), Just(8), Just(12), Just(4104), any::<u32>()],
+            proptest::collection::vec(any::<u8>(), 0..64),
+        )
+            .prop_map(|(flags, kind, cookie, len, body)| {
+                let mut v = structured_header(flags, kind, cookie, len).to_vec();
+                v.extend_from_slice(&body);
+                v
+            })
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(64))]
+        #[test]
+        fn hostile_handshakes_never_panic(tail in proptest::collection::vec(any::<u8>(), 0..200)) {
+            exercise(&fake(false, tail));
+        }
+
+        #[test]
+        fn hostile_replies_never_panic(
+            chunks in proptest::collection::vec(chunk(), 0..6),
+            junk in proptest::collection::vec(any::<u8>(), 0..32),
+        ) {
+            let mut tail: Vec<u8> = chunks.concat();
+            tail.extend_from_slice(&junk);
+            exercise(&fake(true, tail));
+        }
+    }
+
+    #[test]
+    fn a_reply_outside_its_request_is_refused() {
+        // OFFSET_DATA for cookie 1 that claims bytes past the request.
+        let mut tail =
+            structured_header(REPLY_FLAG_DONE, REPLY_TYPE_OFFSET_DATA, 1, 8 + 16).to_vec();
+        tail.extend_from_slice(&((3u64 << 20) - 8).to_be_bytes());
+        tail.extend_from_slice(&[0u8; 16]);
+        let mut c = Client::connect(&fake(true, tail), &[CTX_BASE_ALLOCATION.to_string()]).unwrap();
+        let mut buf = vec![0u8; 4096];
+        let e = c.read_at(&mut buf, 0).unwrap_err();
+        assert!(e.to_string().contains("outside the read"), "{e}");
+    }
+
+    #[test]
+    fn a_block_status_reply_is_parsed_and_merged() {
+        let mut body = 7u32.to_be_bytes().to_vec();
+        for (l, f) in [(4096u32, 0u32), (4096, 0), (8192, 3)] {
+            body.extend_from_slice(&l.to_be_bytes());
+            body.extend_from_slice(&f.to_be_bytes());
+        }
+        let mut tail = structured_header(
+            REPLY_FLAG_DONE,
+            REPLY_TYPE_BLOCK_STATUS,
+            1,
+            body.len() as u32,
+        )
+        .to_vec();
+        tail.extend_from_slice(&body);
+        let mut c = Client::connect(&fake(true, tail), &[CTX_BASE_ALLOCATION.to_string()]).unwrap();
+        let got = c.block_status(CTX_BASE_ALLOCATION, 0, 16384).unwrap();
+        assert_eq!(got, vec![(0, 8192, 0), (8192, 16384, 3)]);
+    }
+}

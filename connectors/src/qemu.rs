@@ -1,0 +1,501 @@
+//! Agentless protection of running QEMU/KVM VMs through QMP: per cycle, one
+//! atomic cut (a new dirty bitmap, the current one frozen, and a point-in-time
+//! view of the disk started, in one `transaction`), the view exported read-only
+//! over NBD with the frozen bitmap, an incremental of the dirty extents, the
+//! point committed, and only then the old bitmap dropped.
+//!
+//! The point-in-time view is a fleecing image: `blockdev-backup sync=none` into
+//! a temporary qcow2 whose backing is the disk, so the guest keeps running and
+//! the old content of every block it overwrites is copied aside first.
+//!
+//! The chain is checked, never assumed: each point records the bitmap that
+//! started at its instant (`tracking`), and the next cycle uses a change map
+//! only if that bitmap and every later one are still on the disk and
+//! consistent. Otherwise (QEMU restarted or crashed, a bitmap removed) it reads
+//! the whole disk and says why. A cycle that fails after the cut keeps its
+//! bitmaps, and the next one merges them, so no write is ever lost.
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, Utc};
+use serde_json::{Value, json};
+use tracing::{info, warn};
+
+use ferry_agent::backup::{BackupOptions, DiskSpec, Summary};
+use ferry_agent::progress::Progress;
+use ferry_agent::repo::Repository;
+use ferry_agent::source::{BlockSource, ChangeMap};
+use ferry_agent::{Error, Result};
+
+use crate::nbd::{Addr, NbdSource, NbdUrl};
+
+/// Bitmaps Ferry manages are named `ferry-<generation>`.
+pub const BITMAP_PREFIX: &str = "ferry-";
+const QMP_TIMEOUT: Duration = Duration::from_secs(60);
+
+fn qmp_err(sock: &Path, what: impl std::fmt::Display) -> Error {
+    Error::Source {
+        path: sock.to_path_buf(),
+        source: std::io::Error::other(format!("QMP: {what}")),
+    }
+}
+
+/// A QMP connection (JSON lines over a unix socket).
+pub struct Qmp {
+    sock: PathBuf,
+    rd: BufReader<UnixStream>,
+    wr: UnixStream,
+    /// Events received while waiting for command replies.
+    events: Vec<Value>,
+}
+
+impl Qmp {
+    pub fn connect(sock: &Path) -> Result<Qmp> {
+        let s = UnixStream::connect(sock).map_err(|e| {
+            qmp_err(
+                sock,
+                format!(
+                    "cannot connect ({e}); is the VM running with -qmp unix:{},server=on,wait=off?",
+                    sock.display()
+                ),
+            )
+        })?;
+        s.set_read_timeout(Some(QMP_TIMEOUT))
+            .map_err(|e| qmp_err(sock, e))?;
+        let wr = s.try_clone().map_err(|e| qmp_err(sock, e))?;
+        let mut q = Qmp {
+            sock: sock.to_path_buf(),
+            rd: BufReader::new(s),
+            wr,
+            events: Vec::new(),
+        };
+        let greeting = q.read()?;
+        if greeting.get("QMP").is_none() {
+            return Err(qmp_err(sock, "no QMP greeting"));
+        }
+        q.execute("qmp_capabilities", json!({}))?;
+        Ok(q)
+    }
+
+    fn read(&mut self) -> Result<Value> {
+        let mut line = String::new();
+        let n = self
+            .rd
+            .read_line(&mut line)
+            .map_err(|e| qmp_err(&self.sock, format!("reading: {e}")))?;
+        if n == 0 {
+            return Err(qmp_err(
+                &self.sock,
+                "the VM closed the connection (did QEMU exit?)",
+            ));
+        }
+        serde_json::from_str(&line).map_err(|e| qmp_err(&self.sock, format!("bad JSON: {e}")))
+    }
+
+    /// Run a command; its `return` value, or its error as an error.
+    pub fn execute(&mut self, cmd: &str, args: Value) -> Result<Value> {
+        let msg = json!({"execute": cmd, "arguments": args});
+        let mut line = msg.to_string();
+        line.push('\n');
+        self.wr
+            .write_all(line.as_bytes())
+            .map_err(|e| qmp_err(&self.sock, format!("{cmd}: {e}")))?;
+        loop {
+            let v = self.read()?;
+            if v.get("event").is_some() {
+                self.events.push(v);
+                continue;
+            }
+            if let Some(r) = v.get("return") {
+                return Ok(r.clone());
+            }
+            if let Some(e) = v.get("error") {
+                let desc = e
+                    .get("desc")
+                    .and_then(Value::as_str)
+                    .unwrap_or("unknown error");
+                return Err(qmp_err(&self.sock, format!("{cmd} failed: {desc}")));
+            }
+        }
+    }
+
+    /// Wait for an event whose `data` matches `key = value`.
+    pub fn wait_event(
+        &mut self,
+        name: &str,
+        key: &str,
+        value: &str,
+        timeout: Duration,
+    ) -> Result<()> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(i) = self
+                .events
+                .iter()
+                .position(|e| e["event"] == name && e["data"][key].as_str() == Some(value))
+            {
+                self.events.remove(i);
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                return Err(qmp_err(&self.sock, format!("no {name} event for {value}")));
+            }
+            let v = self.read()?;
+            if v.get("event").is_some() {
+                self.events.push(v);
+            }
+        }
+    }
+
+    /// The dirty bitmaps of a block node.
+    pub fn bitmaps(&mut self, node: &str) -> Result<Vec<Bitmap>> {
+        let nodes = self.execute("query-named-block-nodes", json!({"flat": true}))?;
+        let n = nodes
+            .as_array()
+            .and_then(|a| a.iter().find(|n| n["node-name"] == node))
+            .ok_or_else(|| {
+                qmp_err(
+                    &self.sock,
+                    format!("the VM has no block node named {node:?}; see query-named-block-nodes"),
+                )
+            })?;
+        Ok(n["dirty-bitmaps"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .map(|b| Bitmap {
+                        name: b["name"].as_str().unwrap_or_default().to_string(),
+                        recording: b["recording"].as_bool().unwrap_or(false),
+                        inconsistent: b["inconsistent"].as_bool().unwrap_or(false),
+                        count: b["count"].as_u64().unwrap_or(0),
+                    })
+                    .collect()
+            })
+            .unwrap_or_default())
+    }
+
+    /// The size of a block node.
+    pub fn node_size(&mut self, node: &str) -> Result<u64> {
+        let nodes = self.execute("query-named-block-nodes", json!({"flat": true}))?;
+        nodes
+            .as_array()
+            .and_then(|a| a.iter().find(|n| n["node-name"] == node))
+            .and_then(|n| n["image"]["virtual-size"].as_u64())
+            .ok_or_else(|| qmp_err(&self.sock, format!("no size for node {node:?}")))
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Bitmap {
+    pub name: String,
+    pub recording: bool,
+    pub inconsistent: bool,
+    /// Dirty bytes.
+    pub count: u64,
+}
+
+fn generation(name: &str) -> Option<u64> {
+    name.strip_prefix(BITMAP_PREFIX)?.parse().ok()
+}
+
+/// One VM disk to protect.
+#[derive(Debug, Clone)]
+pub struct LiveDisk {
+    /// The QMP socket of the running VM.
+    pub qmp: PathBuf,
+    /// The block node of the disk (`-blockdev ...,node-name=NODE`).
+    pub node: String,
+    /// Where fleecing images and the NBD socket go (a local directory).
+    pub work_dir: PathBuf,
+}
+
+/// What one cycle did.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct CycleReport {
+    pub summary: Summary,
+    /// When the point-in-time view was cut.
+    pub cut: DateTime<Utc>,
+    /// Incremental through the bitmap chain, or a full read and why.
+    pub mode: String,
+    /// Bytes written since the cut (the new bitmap's count) when the point committed.
+    pub backlog_bytes: u64,
+}
+
+/// An NBD export of the point-in-time view, with the tracking bitmap recorded.
+struct ViewSource {
+    inner: NbdSource,
+    tracking: String,
+    use_changes: bool,
+}
+
+impl BlockSource for ViewSource {
+    fn size(&self) -> Result<u64> {
+        self.inner.size()
+    }
+    fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        self.inner.read_exact_at(buf, offset)
+    }
+    fn read_many(&self, reqs: &mut [(u64, &mut [u8])]) -> Result<()> {
+        self.inner.read_many(reqs)
+    }
+    fn data_ranges(&self) -> Result<Vec<(u64, u64)>> {
+        self.inner.data_ranges()
+    }
+    fn change_map(&self) -> Result<Option<ChangeMap>> {
+        if self.use_changes {
+            self.inner.change_map()
+        } else {
+            Ok(None)
+        }
+    }
+    fn tracking(&self) -> Option<String> {
+        Some(self.tracking.clone())
+    }
+}
+
+/// Runs while a view is exported, with its NBD URL.
+pub type Hook = dyn Fn(&str) -> Result<()>;
+
+/// Run one protection cycle of `disk` into `repo` as source `source`; `hook`
+/// runs while the view is exported (with its NBD URL), before the backup reads it.
+pub fn cycle(
+    repo: &Repository,
+    source: &str,
+    disk_name: &str,
+    disk: &LiveDisk,
+    hook: Option<&Hook>,
+) -> Result<CycleReport> {
+    let mut q = Qmp::connect(&disk.qmp)?;
+    let node = disk.node.as_str();
+    let bitmaps = q.bitmaps(node)?;
+    let ours: Vec<&Bitmap> = bitmaps
+        .iter()
+        .filter(|b| generation(&b.name).is_some())
+        .collect();
+    let next_gen = ours
+        .iter()
+        .filter_map(|b| generation(&b.name))
+        .max()
+        .map_or(1, |g| g + 1);
+    let next = format!("{BITMAP_PREFIX}{next_gen}");
+
+    // Does the bitmap chain continue the latest point of this source?
+    let parent = repo
+        .points()?
+        .0
+        .into_iter()
+        .rfind(|p| p.meta.source == source);
+    let tracked = parent.as_ref().and_then(|p| {
+        p.meta
+            .disks
+            .iter()
+            .find(|d| d.name == disk_name)
+            .and_then(|d| d.tracking.clone())
+    });
+    let chain: std::result::Result<Vec<&Bitmap>, String> = match &tracked {
+        None if parent.is_none() => Err("first point of this source".into()),
+        None => Err("the latest point recorded no bitmap".into()),
+        Some(t) => match generation(t) {
+            None => Err(format!(
+                "the latest point's tracker {t:?} is not a ferry bitmap"
+            )),
+            Some(g) => {
+                let mut chain: Vec<&Bitmap> = ours
+                    .iter()
+                    .copied()
+                    .filter(|b| generation(&b.name).is_some_and(|x| x >= g))
+                    .collect();
+                chain.sort_by_key(|b| generation(&b.name));
+                if chain.first().is_none_or(|b| b.name != *t) {
+                    Err(format!(
+                        "bitmap {t} is gone (QEMU restarted or crashed since the latest point?)"
+                    ))
+                } else if let Some(b) = chain.iter().find(|b| b.inconsistent) {
+                    Err(format!(
+                        "bitmap {} is inconsistent (QEMU stopped without saving it)",
+                        b.name
+                    ))
+                } else if chain.last().is_some_and(|b| !b.recording) {
+                    Err("no bitmap is recording writes".into())
+                } else {
+                    Ok(chain)
+                }
+            }
+        },
+    };
+    let size = q.node_size(node)?;
+
+    // The fleecing image and the export's socket.
+    std::fs::create_dir_all(&disk.work_dir).map_err(|e| Error::Target {
+        path: disk.work_dir.clone(),
+        source: e,
+    })?;
+    let tag = format!("{}-{next_gen}", std::process::id());
+    let fleece_file = disk.work_dir.join(format!("fleece-{tag}.qcow2"));
+    let sock = disk.work_dir.join(format!("nbd-{tag}.sock"));
+    let status = std::process::Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2"])
+        .arg(&fleece_file)
+        .arg(size.to_string())
+        .status()
+        .map_err(|e| qmp_err(&disk.qmp, format!("qemu-img create: {e}")))?;
+    if !status.success() {
+        return Err(qmp_err(
+            &disk.qmp,
+            "qemu-img create of the fleecing image failed",
+        ));
+    }
+    let fleece_node = format!("ferry-fleece-{tag}");
+    let job = format!("ferry-job-{tag}");
+    let export_id = format!("ferry-exp-{tag}");
+    let mut stage = 0u8;
+    let result = (|| -> Result<(CycleReport, Vec<String>)> {
+        q.execute(
+            "blockdev-add",
+            json!({"driver": "qcow2", "node-name": fleece_node, "discard": "unmap",
+                   "file": {"driver": "file", "filename": fleece_file}, "backing": node}),
+        )?;
+        stage = 1;
+        // The cut: the next bitmap starts, the current one freezes (with any
+        // leftovers of failed cycles merged into it), the view starts.
+        let mut actions = vec![json!({"type": "block-dirty-bitmap-add",
+            "data": {"node": node, "name": next, "granularity": 4096, "persistent": true}})];
+        let (frozen, mode) = match &chain {
+            Ok(c) => {
+                let cur = c.last().expect("a recording bitmap");
+                actions.push(json!({"type": "block-dirty-bitmap-disable", "data": {"node": node, "name": cur.name}}));
+                let older: Vec<&str> = c[..c.len() - 1].iter().map(|b| b.name.as_str()).collect();
+                if !older.is_empty() {
+                    actions.push(json!({"type": "block-dirty-bitmap-merge",
+                        "data": {"node": node, "target": cur.name, "bitmaps": older}}));
+                }
+                let mode = if older.is_empty() {
+                    format!("incremental through bitmap {}", cur.name)
+                } else {
+                    format!(
+                        "incremental through bitmap {} (with {} merged from interrupted cycles)",
+                        cur.name,
+                        older.join(", ")
+                    )
+                };
+                (Some(cur.name.clone()), mode)
+            }
+            Err(why) => (None, format!("full read: {why}")),
+        };
+        actions.push(json!({"type": "blockdev-backup",
+            "data": {"job-id": job, "device": node, "target": fleece_node, "sync": "none"}}));
+        q.execute("transaction", json!({"actions": actions}))?;
+        let cut = Utc::now();
+        stage = 2;
+        if frozen.is_none() {
+            warn!(source, disk = disk_name, %mode, "reading the whole disk");
+        }
+        q.execute(
+            "nbd-server-start",
+            json!({"addr": {"type": "unix", "data": {"path": sock}}}),
+        )?;
+        stage = 3;
+        let mut export = json!({"type": "nbd", "id": export_id, "node-name": fleece_node,
+                                "name": disk_name, "writable": false});
+        if let Some(f) = &frozen {
+            export["bitmaps"] = json!([f]);
+        }
+        q.execute("block-export-add", export)?;
+        stage = 4;
+        let url = NbdUrl {
+            addr: Addr::Unix(sock.clone()),
+            export: disk_name.to_string(),
+            bitmap: frozen.clone(),
+        };
+        if let Some(h) = hook {
+            h(&url.to_string())?;
+        }
+        let src = ViewSource {
+            inner: NbdSource::open(&url)?,
+            tracking: next.clone(),
+            use_changes: frozen.is_some(),
+        };
+        let opts = BackupOptions {
+            source: source.to_string(),
+            disks: vec![DiskSpec {
+                name: disk_name.to_string(),
+                path: PathBuf::from(format!("qmp:{}#{node}", disk.qmp.display())),
+            }],
+            consistency: None,
+            time: Some(cut),
+        };
+        let summary =
+            ferry_agent::backup::backup_sources(repo, &opts, &[&src], &Progress::default())?;
+        drop(src);
+        let backlog = q
+            .bitmaps(node)?
+            .iter()
+            .find(|b| b.name == next)
+            .map_or(0, |b| b.count);
+        // Committed: every bitmap before the new one may go.
+        let done: Vec<String> = ours.iter().map(|b| b.name.clone()).collect();
+        Ok((
+            CycleReport {
+                summary,
+                cut,
+                mode,
+                backlog_bytes: backlog,
+            },
+            done,
+        ))
+    })();
+
+    // Tear the view down whatever happened; the bitmaps stay unless committed.
+    if stage >= 4
+        && q.execute("block-export-del", json!({"id": export_id}))
+            .is_ok()
+    {
+        let _ = q.wait_event(
+            "BLOCK_EXPORT_DELETED",
+            "id",
+            &export_id,
+            Duration::from_secs(30),
+        );
+    }
+    if stage >= 3 {
+        let _ = q.execute("nbd-server-stop", json!({}));
+    }
+    if stage >= 2
+        && q.execute("block-job-cancel", json!({"device": job, "force": true}))
+            .is_ok()
+    {
+        let _ = q.wait_event(
+            "BLOCK_JOB_CANCELLED",
+            "device",
+            &job,
+            Duration::from_secs(30),
+        );
+    }
+    if stage >= 1 {
+        let _ = q.execute("blockdev-del", json!({"node-name": fleece_node}));
+    }
+    let _ = std::fs::remove_file(&fleece_file);
+    let _ = std::fs::remove_file(&sock);
+
+    let (report, done) = result?;
+    for name in done {
+        if let Err(e) = q.execute(
+            "block-dirty-bitmap-remove",
+            json!({"node": node, "name": name}),
+        ) {
+            warn!(bitmap = %name, error = %e, "could not drop an old bitmap; the next cycle drops it");
+        }
+    }
+    info!(
+        source,
+        point = %report.summary.point,
+        mode = %report.mode,
+        read = report.summary.bytes_read,
+        stored = report.summary.stored_bytes,
+        "cycle committed"
+    );
+    Ok(report)
+}
