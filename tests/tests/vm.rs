@@ -1,0 +1,408 @@
+//! Live VMs under software emulation (real QEMU processes, scripts/make-guest
+//! guests): `ferry protect` through QMP while the guest keeps writing, with each
+//! point compared to the frozen view `qemu-img` read at the same instant, the
+//! failure cases (a failed cycle, QEMU killed and restarted, the VM gone), and a
+//! VM running from a `serve-nbd` export.
+
+// Helpers here unwrap like the tests do: a failure is the test failing.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::servers::free_port;
+use common::*;
+
+/// The guest kernel and initrd, built once per machine by scripts/make-guest.
+fn guest() -> Option<PathBuf> {
+    let have = Command::new("sh")
+        .args(["-c", "command -v qemu-system-x86_64 && ls /boot/vmlinuz-*"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !have {
+        eprintln!(
+            "skipped: qemu-system-x86_64 or a kernel is missing (scripts/setup-vm installs them)"
+        );
+        assert_ne!(
+            std::env::var("CI").as_deref(),
+            Ok("true"),
+            "CI must have QEMU and a kernel"
+        );
+        return None;
+    }
+    let dir = PathBuf::from("/var/tmp/ferry-tools/guest");
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/make-guest");
+    let st = Command::new("bash")
+        .arg(&script)
+        .arg(&dir)
+        .stdout(Stdio::null())
+        .status()
+        .unwrap();
+    assert!(st.success(), "scripts/make-guest failed");
+    Some(dir)
+}
+
+/// A QEMU process, killed by PID on drop.
+struct Qemu {
+    pid: u32,
+    qmp: PathBuf,
+    serial: PathBuf,
+}
+
+impl Qemu {
+    /// Boot the guest in `mode` with `drive` as its virtio disk (`-blockdev` options
+    /// whose top node is `disk0`), plus extra arguments.
+    fn boot(
+        env: &Env,
+        guest: &Path,
+        tag: &str,
+        append: &str,
+        drive: &[String],
+        extra: &[String],
+    ) -> Qemu {
+        let qmp = env.path(&format!("{tag}.qmp"));
+        let serial = env.path(&format!("{tag}.serial"));
+        let pid_file = env.path(&format!("{tag}.pid"));
+        let mut c = Command::new("qemu-system-x86_64");
+        c.args([
+            "-accel",
+            "tcg",
+            "-cpu",
+            "max",
+            "-m",
+            "256",
+            "-nodefaults",
+            "-no-user-config",
+        ])
+        .args(["-display", "none", "-no-reboot", "-daemonize"])
+        .arg("-pidfile")
+        .arg(&pid_file)
+        .arg("-serial")
+        .arg(format!("file:{}", serial.display()))
+        .arg("-kernel")
+        .arg(guest.join("vmlinuz"))
+        .arg("-initrd")
+        .arg(guest.join("initrd.gz"))
+        .arg("-append")
+        .arg(format!("console=ttyS0 quiet panic=-1 {append}"))
+        .arg("-qmp")
+        .arg(format!("unix:{},server=on,wait=off", qmp.display()));
+        for d in drive {
+            c.arg("-blockdev").arg(d);
+        }
+        c.args(["-device", "virtio-blk-pci,drive=disk0"])
+            .args(extra);
+        let out = c.output().unwrap();
+        assert!(
+            out.status.success(),
+            "qemu failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let pid = std::fs::read_to_string(&pid_file)
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        Qemu { pid, qmp, serial }
+    }
+
+    fn boot_writer(env: &Env, guest: &Path, disk: &Path, rate: u32) -> Qemu {
+        let q = Qemu::boot(
+            env,
+            guest,
+            "writer",
+            &format!("ferry.mode=writer ferry.rate={rate}"),
+            &[
+                format!("driver=file,filename={},node-name=file0", disk.display()),
+                "driver=qcow2,file=file0,node-name=disk0".into(),
+            ],
+            &[],
+        );
+        q.wait_serial("ferry-writer: t=2", Duration::from_secs(90));
+        q
+    }
+
+    fn wait_serial(&self, what: &str, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let log = std::fs::read_to_string(&self.serial).unwrap_or_default();
+            if log.contains(what) {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the guest never printed {what:?}:\n{log}"
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    fn kill(&self, signal: &str) {
+        let _ = Command::new("kill")
+            .args([signal, &self.pid.to_string()])
+            .status();
+        for _ in 0..100 {
+            let alive = Command::new("kill")
+                .args(["-0", &self.pid.to_string()])
+                .stderr(Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success());
+            if !alive {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Qemu {
+    fn drop(&mut self) {
+        self.kill("-KILL");
+    }
+}
+
+/// Run `ferry protect` for `cycles` cycles; the JSON line of every cycle. The
+/// hook copies each frozen view with qemu-img to `truth-<run>-<cycle>.raw`.
+fn protect(
+    env: &Env,
+    qemu: &Qemu,
+    run: &str,
+    cycles: u32,
+    fail_cycle: Option<u32>,
+) -> (Vec<serde_json::Value>, bool) {
+    let fail = fail_cycle.map_or(String::new(), |c| {
+        format!("[ \"$FERRY_CYCLE\" = {c} ] && exit 1; ")
+    });
+    let hook = format!(
+        "{fail}qemu-img convert -f raw -O raw \"$FERRY_NBD_URL\" {}/truth-{run}-$FERRY_CYCLE.raw",
+        env.dir.path().display()
+    );
+    let out = env.run(&[
+        "--json",
+        "protect",
+        "--vm",
+        &format!("vm={}", qemu.qmp.display()),
+        "--interval",
+        "1s",
+        "--cycles",
+        &cycles.to_string(),
+        "--work-dir",
+        env.path("work").to_str().unwrap(),
+        "--status",
+        env.path("status.json").to_str().unwrap(),
+        "--hook",
+        &hook,
+    ]);
+    let lines = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    (lines, out.status.success())
+}
+
+/// Each committed cycle's point restores to exactly the view qemu-img copied.
+fn verify(env: &Env, run: &str, lines: &[serde_json::Value]) {
+    for l in lines.iter().filter(|l| l.get("point").is_some()) {
+        let truth = env.path(&format!("truth-{run}-{}.raw", l["cycle"]));
+        let out = env.path("restored.raw");
+        let _ = std::fs::remove_file(&out);
+        env.ok(&[
+            "restore",
+            l["point"].as_str().unwrap(),
+            "--to",
+            out.to_str().unwrap(),
+        ]);
+        assert!(
+            same_content(&out, &truth),
+            "run {run} cycle {} ({}) differs from the guest's disk at its instant",
+            l["cycle"],
+            l["mode"]
+        );
+    }
+}
+
+#[test]
+fn live_vm_protection_loses_no_write_and_catches_up_after_failures() {
+    let Some(guest) = guest() else { return };
+    let env = Env::new();
+    env.init();
+    let disk = env.path("vm.qcow2");
+    let st = Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2"])
+        .arg(&disk)
+        .arg("128M")
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let qemu = Qemu::boot_writer(&env, &guest, &disk, 400);
+
+    // Four cycles while the guest writes 1.6 MB/s: a full read, then bitmaps.
+    let (lines, ok) = protect(&env, &qemu, "a", 4, None);
+    assert!(ok, "{lines:?}");
+    assert_eq!(lines.len(), 4);
+    assert!(
+        lines[0]["mode"]
+            .as_str()
+            .unwrap()
+            .starts_with("full read: first point"),
+        "{lines:?}"
+    );
+    for l in &lines[1..] {
+        assert!(
+            l["mode"]
+                .as_str()
+                .unwrap()
+                .starts_with("incremental through bitmap"),
+            "{l}"
+        );
+        let changed = l["changed_bytes"].as_u64().unwrap();
+        assert!(
+            changed > 0 && l["bytes_read"].as_u64().unwrap() == changed,
+            "{l}"
+        );
+    }
+    verify(&env, "a", &lines);
+    let status: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(env.path("status.json")).unwrap()).unwrap();
+    let s = &status["sources"][0];
+    assert_eq!(s["cycles_ok"], 4);
+    assert_eq!(s["last_point"], lines[3]["point"]);
+    assert!(s["lag_secs"].as_f64().unwrap() >= 0.0);
+
+    // A cycle that fails after its cut keeps its bitmaps; the next one merges them.
+    let (lines, ok) = protect(&env, &qemu, "b", 3, Some(2));
+    assert!(ok);
+    assert!(lines[1].get("error").is_some(), "{lines:?}");
+    let merged = lines[2]["mode"].as_str().unwrap();
+    assert!(
+        merged.contains("merged from interrupted cycles"),
+        "{merged}"
+    );
+    verify(&env, "b", &lines);
+
+    // QEMU killed: its bitmaps are lost. Restarted, the chain is broken: full read, and say so.
+    qemu.kill("-KILL");
+    drop(qemu);
+    let qemu = Qemu::boot_writer(&env, &guest, &disk, 400);
+    let (lines, ok) = protect(&env, &qemu, "c", 2, None);
+    assert!(ok, "{lines:?}");
+    let mode = lines[0]["mode"].as_str().unwrap();
+    assert!(
+        mode.starts_with("full read:") && mode.contains("is gone"),
+        "{mode}"
+    );
+    assert!(
+        lines[1]["mode"]
+            .as_str()
+            .unwrap()
+            .starts_with("incremental"),
+        "{lines:?}"
+    );
+    verify(&env, "c", &lines);
+
+    // The VM gone: the cycle fails, saying what to check, and nothing is committed.
+    qemu.kill("-KILL");
+    let before = env.json(&["points"]).as_array().unwrap().len();
+    let (lines, ok) = protect(&env, &qemu, "d", 1, None);
+    assert!(!ok);
+    let err = lines[0]["error"].as_str().unwrap();
+    assert!(err.contains("is the VM running"), "{err}");
+    assert_eq!(env.json(&["points"]).as_array().unwrap().len(), before);
+    env.ok(&["check", "--read-data"]);
+}
+
+#[test]
+fn a_vm_runs_from_a_served_recovery_point() {
+    let Some(guest) = guest() else { return };
+    let env = Env::new();
+    env.init();
+    // An ext4 disk with a web page, protected as an image file.
+    let www = env.path("www");
+    std::fs::create_dir_all(&www).unwrap();
+    std::fs::write(www.join("index.html"), "ferry instant restore works\n").unwrap();
+    let img = env.path("web.img");
+    let st = Command::new("mkfs.ext4")
+        .args(["-q", "-F", "-d"])
+        .arg(&www)
+        .arg(&img)
+        .arg("64M")
+        .stderr(Stdio::null())
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let s = env.backup("web", &[&img]);
+    std::fs::remove_file(&img).unwrap();
+
+    // Serve the point writable (the guest mounts it read-write) and boot from it.
+    let overlay = env.path("overlay.img");
+    let mut serve = env
+        .cmd()
+        .args([
+            "--json",
+            "serve-nbd",
+            s["point"].as_str().unwrap(),
+            "--listen",
+            "127.0.0.1:0",
+            "--overlay",
+        ])
+        .arg(&overlay)
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(serve.stdout.take().unwrap()),
+        &mut line,
+    )
+    .unwrap();
+    let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+    let url = v["url"].as_str().unwrap();
+    let (hostport, export) = url.trim_start_matches("nbd://").split_once('/').unwrap();
+    let (host, port) = hostport.split_once(':').unwrap();
+    let web_port = free_port();
+    let qemu = Qemu::boot(
+        &env,
+        &guest,
+        "web",
+        "ferry.mode=web",
+        &[format!(
+            "driver=raw,node-name=disk0,file.driver=nbd,file.server.type=inet,file.server.host={host},file.server.port={port},file.export={export}"
+        )],
+        &[
+            "-netdev".into(),
+            format!("user,id=n0,restrict=on,hostfwd=tcp:127.0.0.1:{web_port}-:80"),
+            "-device".into(),
+            "virtio-net-pci,netdev=n0,romfile=".into(),
+        ],
+    );
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let page = loop {
+        let out = Command::new("curl")
+            .args([
+                "-s",
+                "--max-time",
+                "2",
+                &format!("http://127.0.0.1:{web_port}/index.html"),
+            ])
+            .output()
+            .unwrap();
+        if out.status.success() && !out.stdout.is_empty() {
+            break String::from_utf8_lossy(&out.stdout).into_owned();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the VM never served the page:\n{}",
+            std::fs::read_to_string(&qemu.serial).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    assert_eq!(page, "ferry instant restore works\n");
+    drop(qemu);
+    let _ = serve.kill();
+    let _ = serve.wait();
+}
