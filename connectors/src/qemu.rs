@@ -256,6 +256,77 @@ impl BlockSource for ViewSource {
     }
 }
 
+/// Remove what a cycle killed half-way (`kill -9` of ferry) left in the VM: its
+/// export, NBD server, backup job and fleecing node, and their files. Its
+/// bitmaps stay: the next cut merges them, so no write is lost.
+fn clean_up_stale(q: &mut Qmp, work_dir: &Path) -> Result<()> {
+    let mine = |v: &Value, key: &str, prefix: &str| {
+        v[key]
+            .as_str()
+            .filter(|s| s.starts_with(prefix))
+            .map(str::to_string)
+    };
+    let exports = q.execute("query-block-exports", json!({}))?;
+    let stale: Vec<String> = exports
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|e| mine(e, "id", "ferry-exp-"))
+        .collect();
+    for id in &stale {
+        warn!(export = %id, "removing an export a killed cycle left");
+        if q.execute("block-export-del", json!({"id": id, "mode": "hard"}))
+            .is_ok()
+        {
+            let _ = q.wait_event("BLOCK_EXPORT_DELETED", "id", id, Duration::from_secs(30));
+        }
+    }
+    if !stale.is_empty() {
+        let _ = q.execute("nbd-server-stop", json!({}));
+    }
+    let jobs = q.execute("query-block-jobs", json!({}))?;
+    for job in jobs
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|j| mine(j, "device", "ferry-job-"))
+    {
+        warn!(job = %job, "cancelling a backup job a killed cycle left");
+        if q.execute("block-job-cancel", json!({"device": job, "force": true}))
+            .is_ok()
+        {
+            let _ = q.wait_event(
+                "BLOCK_JOB_CANCELLED",
+                "device",
+                &job,
+                Duration::from_secs(30),
+            );
+        }
+    }
+    let nodes = q.execute("query-named-block-nodes", json!({"flat": true}))?;
+    let mut fleeces: Vec<String> = nodes
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|n| mine(n, "node-name", "ferry-fleece-"))
+        .collect();
+    fleeces.dedup();
+    for n in fleeces {
+        warn!(node = %n, "removing a fleecing node a killed cycle left");
+        let _ = q.execute("blockdev-del", json!({"node-name": n}));
+    }
+    // Fleecing images and sockets no node uses any more.
+    if let Ok(entries) = std::fs::read_dir(work_dir) {
+        for e in entries.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if name.starts_with("fleece-") || name.starts_with("nbd-") {
+                let _ = std::fs::remove_file(e.path());
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Runs while a view is exported, with its NBD URL.
 pub type Hook = dyn Fn(&str) -> Result<()>;
 
@@ -270,6 +341,7 @@ pub fn cycle(
 ) -> Result<CycleReport> {
     let mut q = Qmp::connect(&disk.qmp)?;
     let node = disk.node.as_str();
+    clean_up_stale(&mut q, &disk.work_dir)?;
     let bitmaps = q.bitmaps(node)?;
     let ours: Vec<&Bitmap> = bitmaps
         .iter()

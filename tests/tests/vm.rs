@@ -285,6 +285,51 @@ fn live_vm_protection_loses_no_write_and_catches_up_after_failures() {
     );
     verify(&env, "b", &lines);
 
+    // ferry protect killed (SIGKILL) while a view is exported: the next run
+    // removes what it left in the VM and merges its bitmaps.
+    let mut killed = env
+        .cmd()
+        .args([
+            "protect",
+            "--vm",
+            &format!("vm={}", qemu.qmp.display()),
+            "--interval",
+            "1s",
+            "--cycles",
+            "1",
+        ])
+        .args([
+            "--work-dir",
+            env.path("work").to_str().unwrap(),
+            "--hook",
+            "sleep 60",
+        ])
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !files_under(&env.path("work"))
+        .iter()
+        .any(|f| f.to_string_lossy().contains("nbd-"))
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the killed run never exported its view"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    killed.kill().unwrap();
+    killed.wait().unwrap();
+    let (lines, ok) = protect(&env, &qemu, "k", 2, None);
+    assert!(ok, "{lines:?}");
+    assert!(
+        lines[0]["mode"]
+            .as_str()
+            .unwrap()
+            .contains("merged from interrupted cycles"),
+        "{lines:?}"
+    );
+    verify(&env, "k", &lines);
+
     // QEMU killed: its bitmaps are lost. Restarted, the chain is broken: full read, and say so.
     qemu.kill("-KILL");
     drop(qemu);
