@@ -814,6 +814,15 @@ fn read_changes(
             .sum();
         st.parent_changed_data.fetch_add(had, Ordering::Relaxed);
         let mut cur = Cursor::new(&base);
+        // First decide every segment of the span, then read all its changed runs
+        // with one pipelined call: scattered small changes cost one round of
+        // requests per span, not one per segment.
+        enum Plan {
+            Same(Vec<Extent>),
+            Whole,
+            Patch(Vec<Extent>, Vec<(u32, Vec<u8>)>),
+        }
+        let mut plans = Vec::with_capacity(segs as usize);
         for k in 0..segs {
             let off = start + k * seg_size;
             let len = (end - off).min(seg_size);
@@ -833,30 +842,45 @@ fn read_changes(
                 j += 1;
             }
             let changed: u64 = runs.iter().map(|r| r.1 - r.0).sum();
-            let work = if changed == 0 {
-                Work::Same(seg_base)
+            plans.push(if changed == 0 {
+                Plan::Same(seg_base)
             } else if changed >= REREAD_CHANGED as u64 || seg_base.len() > REREAD_EXTENTS {
-                let Ok(mut buf) = free_rx.recv() else {
-                    return Ok(false);
-                };
-                buf.resize(len as usize, 0);
-                src.read_exact_at(&mut buf, off)?;
-                shared.bytes_read.fetch_add(len, Ordering::Relaxed);
-                Work::Full(Some(buf))
+                Plan::Whole
             } else {
-                let mut bufs: Vec<(u32, Vec<u8>)> = runs
+                let bufs = runs
                     .iter()
                     .map(|&(a, b)| (a as u32, vec![0u8; (b - a) as usize]))
                     .collect();
-                let mut reqs: Vec<(u64, &mut [u8])> = bufs
-                    .iter_mut()
-                    .map(|(a, b)| (off + *a as u64, b.as_mut_slice()))
-                    .collect();
-                src.read_many(&mut reqs)?;
-                shared.bytes_read.fetch_add(changed, Ordering::Relaxed);
-                Work::Patch {
-                    base: seg_base,
-                    runs: bufs,
+                Plan::Patch(seg_base, bufs)
+            });
+        }
+        let mut reqs: Vec<(u64, &mut [u8])> = Vec::new();
+        for (k, p) in plans.iter_mut().enumerate() {
+            if let Plan::Patch(_, bufs) = p {
+                let off = start + k as u64 * seg_size;
+                for (a, b) in bufs.iter_mut() {
+                    reqs.push((off + *a as u64, b.as_mut_slice()));
+                }
+            }
+        }
+        let changed: u64 = reqs.iter().map(|r| r.1.len() as u64).sum();
+        src.read_many(&mut reqs)?;
+        drop(reqs);
+        shared.bytes_read.fetch_add(changed, Ordering::Relaxed);
+        for (k, p) in plans.into_iter().enumerate() {
+            let off = start + k as u64 * seg_size;
+            let len = (end - off).min(seg_size);
+            let work = match p {
+                Plan::Same(base) => Work::Same(base),
+                Plan::Patch(base, runs) => Work::Patch { base, runs },
+                Plan::Whole => {
+                    let Ok(mut buf) = free_rx.recv() else {
+                        return Ok(false);
+                    };
+                    buf.resize(len as usize, 0);
+                    src.read_exact_at(&mut buf, off)?;
+                    shared.bytes_read.fetch_add(len, Ordering::Relaxed);
+                    Work::Full(Some(buf))
                 }
             };
             let seg = Segment {

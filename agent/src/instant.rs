@@ -21,7 +21,7 @@ use crate::point::{self, Extent, ListId, Point};
 use crate::repo::Repository;
 
 /// Chunk bytes fetched ahead of a miss, in disk order.
-pub const READ_AHEAD: u64 = 8 << 20;
+pub const READ_AHEAD: u64 = 4 << 20;
 /// Neighbouring blobs of one pack closer than this are fetched in one request.
 const MAX_GAP: u64 = 256 << 10;
 const MAX_READ: u64 = 16 << 20;
@@ -79,6 +79,10 @@ pub struct DiskReader {
     disk: String,
     spans: Mutex<HashMap<usize, Arc<SpanMap>>>,
     cache: Mutex<Cache>,
+    /// Chunks some thread is fetching; others needing one wait for it instead of
+    /// fetching it again (clients send many neighbouring reads at once).
+    inflight: Mutex<std::collections::HashSet<ChunkId>>,
+    fetched: std::sync::Condvar,
     served: AtomicU64,
     fetched_chunks: AtomicU64,
     fetched_bytes: AtomicU64,
@@ -109,6 +113,8 @@ impl DiskReader {
                 bytes: 0,
                 budget: cache_bytes.max(2 * READ_AHEAD as usize),
             }),
+            inflight: Mutex::default(),
+            fetched: std::sync::Condvar::new(),
             served: AtomicU64::new(0),
             fetched_chunks: AtomicU64::new(0),
             fetched_bytes: AtomicU64::new(0),
@@ -200,20 +206,21 @@ impl DiskReader {
     }
 
     /// Fetch the chunk of extent `i` and the chunks after it up to
-    /// [`READ_AHEAD`] bytes; returns extent `i`'s chunk.
+    /// [`READ_AHEAD`] bytes that no other thread is fetching; returns extent
+    /// `i`'s chunk (waiting for the thread that fetches it, if another does).
     fn fetch(&self, span: &SpanMap, i: usize) -> Result<Arc<Vec<u8>>> {
         let first = span.extents[i].id.expect("a chunk extent");
-        let mut want: Vec<(ChunkId, Location)> = Vec::new();
-        let mut seen = std::collections::HashSet::new();
-        let mut ahead = 0u64;
+        let mut claimed: Vec<(ChunkId, Location)> = Vec::new();
         {
             let cache = self.cache.lock().expect("cache");
+            let mut inflight = self.inflight.lock().expect("in-flight set");
+            let mut ahead = 0u64;
             for e in &span.extents[i..] {
                 let Some(id) = e.id else { continue };
                 if ahead >= READ_AHEAD {
                     break;
                 }
-                if cache.get(&id).is_some() || !seen.insert(id) {
+                if cache.get(&id).is_some() || inflight.contains(&id) {
                     continue;
                 }
                 let loc = self.index.get(&id).ok_or_else(|| Error::DamagedChunk {
@@ -222,13 +229,44 @@ impl DiskReader {
                     offset: span.starts[i],
                     detail: "no pack holds it (its pack or index is missing)".into(),
                 })?;
+                inflight.insert(id);
                 ahead += loc.raw_len as u64;
-                want.push((id, loc));
+                claimed.push((id, loc));
             }
         }
-        // Group by pack and coalesce neighbours into ranged reads.
+        let result = self.fetch_claimed(span, i, &claimed);
+        {
+            let mut inflight = self.inflight.lock().expect("in-flight set");
+            for (id, _) in &claimed {
+                inflight.remove(id);
+            }
+        }
+        self.fetched.notify_all();
+        result?;
+        loop {
+            let cached = self.cache.lock().expect("cache").get(&first);
+            if let Some(d) = cached {
+                return Ok(d);
+            }
+            let inflight = self.inflight.lock().expect("in-flight set");
+            if !inflight.contains(&first) {
+                break;
+            }
+            // Woken when any fetch finishes; the timeout only guards against a
+            // missed wake-up.
+            let _ = self
+                .fetched
+                .wait_timeout(inflight, std::time::Duration::from_millis(100));
+        }
+        // Evicted already (a tiny cache) or the other fetch failed: fetch it alone.
+        let plain = self.repo.read_blob(&self.index, &first, "chunk")?;
+        Ok(Arc::new(plain))
+    }
+
+    /// Fetch the claimed chunks, grouped by pack into ranged reads, into the cache.
+    fn fetch_claimed(&self, span: &SpanMap, i: usize, want: &[(ChunkId, Location)]) -> Result<()> {
         let mut by_pack: BTreeMap<u32, Vec<(ChunkId, Location)>> = BTreeMap::new();
-        for (id, loc) in want {
+        for &(id, loc) in want {
             by_pack.entry(loc.pack).or_default().push((id, loc));
         }
         let mut opener = pack::ChunkOpener::default();
@@ -286,13 +324,7 @@ impl DiskReader {
                 }
             }
         }
-        // The cache may already have evicted it if the budget is tiny; fetch alone.
-        let cached = self.cache.lock().expect("cache").get(&first);
-        if let Some(d) = cached {
-            return Ok(d);
-        }
-        let plain = self.repo.read_blob(&self.index, &first, "chunk")?;
-        Ok(Arc::new(plain))
+        Ok(())
     }
 
     /// Allocation over `[offset, offset + len)`: `(length, holds data)` runs in

@@ -17,7 +17,7 @@ use super::proto::*;
 use super::{Addr, NbdError, NbdUrl};
 
 /// Requests in flight during a read.
-pub const WINDOW: usize = 16;
+pub const WINDOW: usize = 64;
 /// The size of one read request unless the server prefers less.
 pub const REQUEST_SIZE: u32 = 2 << 20;
 /// How long a reply may take before the server is considered gone.
