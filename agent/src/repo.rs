@@ -63,6 +63,9 @@ pub struct Repository {
     pub(crate) store: Store,
     pub(crate) key: MasterKey,
     pub(crate) config: Config,
+    /// Points already read and verified: a point is never rewritten, so a
+    /// long-lived process (`ferry protect`) reads each one once.
+    points_read: std::sync::Arc<std::sync::Mutex<std::collections::HashMap<String, Point>>>,
 }
 
 impl Repository {
@@ -121,7 +124,12 @@ impl Repository {
             &mut obj,
         );
         store.put("config", obj.into())?;
-        Ok(Repository { store, key, config })
+        Ok(Repository {
+            store,
+            key,
+            config,
+            points_read: Default::default(),
+        })
     }
 
     /// Open a repository with a password.
@@ -182,7 +190,12 @@ impl Repository {
                 );
             }
             let store = store.with_lock(config.lock);
-            return Ok(Repository { store, key, config });
+            return Ok(Repository {
+                store,
+                key,
+                config,
+                points_read: Default::default(),
+            });
         }
         if let Some(e) = unreadable.into_iter().next() {
             tracing::warn!(error = %e, "a key file is unreadable");
@@ -217,6 +230,9 @@ impl Repository {
 
     /// Load one point by its full id.
     pub fn load_point(&self, id: &str) -> Result<Point> {
+        if let Some(p) = self.points_read.lock().expect("point cache").get(id) {
+            return Ok(p.clone());
+        }
         let bytes = self.store.get(&point::object_name(id))?;
         if blake3::hash(&bytes).to_hex().as_str() != id {
             return Err(Error::corrupt(
@@ -224,7 +240,12 @@ impl Repository {
                 "content does not match its name",
             ));
         }
-        point::decode(&self.key, id, &bytes)
+        let p = point::decode(&self.key, id, &bytes)?;
+        self.points_read
+            .lock()
+            .expect("point cache")
+            .insert(id.to_string(), p.clone());
+        Ok(p)
     }
 
     /// Read one stored blob (a chunk or a chunk list) through the index, verified
