@@ -195,6 +195,10 @@ pub struct Store {
     versioned: Option<Arc<dyn Versioned>>,
     lock: Option<LockPolicy>,
     storage_class: Option<String>,
+    /// Index objects and points already fetched, by name, when a long-lived
+    /// process asked for it: both are named by the hash of their bytes and
+    /// never rewritten, so a copy stays true (a deleted one drops out of listings).
+    immutable: Option<Arc<std::sync::Mutex<std::collections::HashMap<String, Bytes>>>>,
 }
 
 impl std::fmt::Debug for Store {
@@ -262,12 +266,19 @@ impl Store {
             versioned: None,
             lock: None,
             storage_class: None,
+            immutable: None,
         }
     }
 
     /// An in-memory store, for tests.
     pub fn memory() -> Self {
         Store::new(Arc::new(object_store::memory::InMemory::new()), "memory:")
+    }
+
+    /// Keep the index objects and points this store fetches (see `immutable`).
+    pub fn with_immutable_cache(mut self) -> Self {
+        self.immutable = Some(Arc::default());
+        self
     }
 
     pub fn with_retry(mut self, retry: RetryPolicy) -> Self {
@@ -364,6 +375,25 @@ impl Store {
     }
 
     pub fn get(&self, name: &str) -> Result<Bytes> {
+        let cacheable = self
+            .immutable
+            .as_ref()
+            .filter(|_| name.starts_with("index/") || name.starts_with("points/"));
+        if let Some(c) = cacheable
+            && let Some(b) = c.lock().expect("object cache").get(name)
+        {
+            return Ok(b.clone());
+        }
+        let bytes = self.get_uncached(name)?;
+        if let Some(c) = cacheable {
+            c.lock()
+                .expect("object cache")
+                .insert(name.to_string(), bytes.clone());
+        }
+        Ok(bytes)
+    }
+
+    fn get_uncached(&self, name: &str) -> Result<Bytes> {
         self.counters.gets.fetch_add(1, Ordering::Relaxed);
         let path = Path::from(name);
         let bytes = self
@@ -688,5 +718,26 @@ mod tests {
         store.delete("a").unwrap();
         assert!(!store.exists("a").unwrap());
         assert_eq!(store.requests().deletes, 2);
+    }
+
+    #[test]
+    fn the_immutable_cache_keeps_only_index_objects_and_points() {
+        let store = Store::memory().with_immutable_cache();
+        store.put("index/ab", Bytes::from_static(b"i")).unwrap();
+        store.put("locks/cd", Bytes::from_static(b"one")).unwrap();
+        for _ in 0..3 {
+            assert_eq!(&store.get("index/ab").unwrap()[..], b"i");
+        }
+        assert_eq!(store.requests().gets, 1);
+        assert_eq!(&store.get("locks/cd").unwrap()[..], b"one");
+        store.put("locks/cd", Bytes::from_static(b"two")).unwrap();
+        assert_eq!(&store.get("locks/cd").unwrap()[..], b"two");
+        assert_eq!(store.requests().gets, 3);
+        // Without the cache every get is a request.
+        let plain = Store::memory();
+        plain.put("index/ab", Bytes::from_static(b"i")).unwrap();
+        plain.get("index/ab").unwrap();
+        plain.get("index/ab").unwrap();
+        assert_eq!(plain.requests().gets, 2);
     }
 }

@@ -347,7 +347,16 @@ fn password(g: &Global, confirm: bool) -> Result<Vec<u8>> {
 }
 
 pub(crate) fn open(g: &Global) -> Result<Repository> {
-    let store = ferry_connectors::store::open(repo_location(g)?, false)?;
+    open_with(g, false)
+}
+
+/// Open the repository; `long_lived` keeps the immutable objects it reads
+/// (index objects, points) for a process that backs up again and again.
+pub(crate) fn open_with(g: &Global, long_lived: bool) -> Result<Repository> {
+    let mut store = ferry_connectors::store::open(repo_location(g)?, false)?;
+    if long_lived {
+        store = store.with_immutable_cache();
+    }
     let pw = password(g, false)?;
     Ok(Repository::open(store, &pw)?)
 }

@@ -160,7 +160,7 @@ pub fn protect(g: &Global, a: &ProtectArgs) -> Result<ExitCode> {
         within,
         ..Default::default()
     };
-    let repo = crate::cli::open(g)?;
+    let repo = crate::cli::open_with(g, true)?;
     let status: Arc<Mutex<Vec<SourceStatus>>> = Arc::new(Mutex::new(
         vms.iter()
             .map(|v| SourceStatus {
