@@ -427,7 +427,10 @@ pub fn cycle(
     let result = (|| -> Result<(CycleReport, Vec<String>)> {
         q.execute(
             "blockdev-add",
+            // The fleecing image lives for one cycle: never flush it to disk
+            // (flushes stall the guest's writes; bench/protect.sh).
             json!({"driver": "qcow2", "node-name": fleece_node, "discard": "unmap",
+                   "cache": {"no-flush": true},
                    "file": {"driver": "file", "filename": fleece_file}, "backing": node}),
         )?;
         stage = 1;
