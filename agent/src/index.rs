@@ -214,6 +214,54 @@ pub fn load_without(
     Ok((index, damaged))
 }
 
+/// Blobs of one pack fetched with one ranged read.
+#[derive(Debug)]
+pub struct RangedRead {
+    pub pack: u32,
+    pub start: u64,
+    pub end: u64,
+    pub blobs: Vec<(ChunkId, Location)>,
+}
+
+/// Group blobs by pack, in pack order, and coalesce neighbours that lie at most
+/// `max_gap` apart into reads of at most `max_read` bytes (restore, instant restore).
+pub fn plan_reads(
+    blobs: impl IntoIterator<Item = (ChunkId, Location)>,
+    max_gap: u64,
+    max_read: u64,
+) -> Vec<RangedRead> {
+    let mut by_pack: std::collections::BTreeMap<u32, Vec<(ChunkId, Location)>> =
+        std::collections::BTreeMap::new();
+    for (id, loc) in blobs {
+        by_pack.entry(loc.pack).or_default().push((id, loc));
+    }
+    let mut reads = Vec::new();
+    for (pack, mut blobs) in by_pack {
+        blobs.sort_by_key(|b| b.1.offset);
+        let mut cur: Option<RangedRead> = None;
+        for (id, loc) in blobs {
+            let (s, e) = (loc.offset as u64, loc.offset as u64 + loc.length as u64);
+            if let Some(r) = &mut cur
+                && s <= r.end + max_gap
+                && e - r.start <= max_read
+            {
+                r.end = r.end.max(e);
+                r.blobs.push((id, loc));
+                continue;
+            }
+            reads.extend(cur.take());
+            cur = Some(RangedRead {
+                pack,
+                start: s,
+                end: e,
+                blobs: vec![(id, loc)],
+            });
+        }
+        reads.extend(cur);
+    }
+    reads
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -9,7 +9,7 @@
 //! mostly hits the cache. Every chunk is authenticated and checked against its
 //! id before it is served.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -263,65 +263,37 @@ impl DiskReader {
         Ok(Arc::new(plain))
     }
 
-    /// Fetch the claimed chunks, grouped by pack into ranged reads, into the cache.
+    /// Fetch the claimed chunks into the cache, grouped into ranged reads.
     fn fetch_claimed(&self, span: &SpanMap, i: usize, want: &[(ChunkId, Location)]) -> Result<()> {
-        let mut by_pack: BTreeMap<u32, Vec<(ChunkId, Location)>> = BTreeMap::new();
-        for &(id, loc) in want {
-            by_pack.entry(loc.pack).or_default().push((id, loc));
-        }
         let mut opener = pack::ChunkOpener::default();
-        for (pack_pos, mut blobs) in by_pack {
-            blobs.sort_by_key(|b| b.1.offset);
-            let mut groups: Vec<Vec<(ChunkId, Location)>> = Vec::new();
-            for b in blobs {
-                let s = b.1.offset as u64;
-                if let Some(g) = groups.last_mut() {
-                    let (gs, ge) = (
-                        g[0].1.offset as u64,
-                        g.last()
-                            .map_or(0, |l| l.1.offset as u64 + l.1.length as u64),
-                    );
-                    if s <= ge + MAX_GAP && s + b.1.length as u64 - gs <= MAX_READ {
-                        g.push(b);
-                        continue;
-                    }
-                }
-                groups.push(vec![b]);
-            }
-            let (pack_id, _) = self.index.pack(pack_pos);
+        for read in crate::index::plan_reads(want.iter().copied(), MAX_GAP, MAX_READ) {
+            let (pack_id, _) = self.index.pack(read.pack);
             let name = pack::object_name(&pack_id);
-            for g in groups {
-                let start = g[0].1.offset as u64;
-                let end = g
-                    .iter()
-                    .map(|b| b.1.offset as u64 + b.1.length as u64)
-                    .max()
-                    .unwrap_or(start);
-                let bytes = self.repo.store.get_range(&name, start..end)?;
-                self.requests.fetch_add(1, Ordering::Relaxed);
-                self.fetched_bytes.fetch_add(end - start, Ordering::Relaxed);
-                for (id, loc) in g {
-                    let s = (loc.offset as u64 - start) as usize;
-                    let entry = BlobEntry {
-                        id,
-                        offset: loc.offset,
-                        length: loc.length,
-                        raw_len: loc.raw_len,
-                    };
-                    let plain = opener
-                        .open(&self.repo.key, &entry, &bytes[s..s + loc.length as usize])
-                        .map_err(|d| Error::DamagedChunk {
-                            chunk: id.to_hex(),
-                            disk: self.disk.clone(),
-                            offset: span.starts[i],
-                            detail: format!("in {name}: {d}"),
-                        })?;
-                    self.fetched_chunks.fetch_add(1, Ordering::Relaxed);
-                    self.cache
-                        .lock()
-                        .expect("cache")
-                        .insert(id, Arc::new(plain.to_vec()));
-                }
+            let bytes = self.repo.store.get_range(&name, read.start..read.end)?;
+            self.requests.fetch_add(1, Ordering::Relaxed);
+            self.fetched_bytes
+                .fetch_add(read.end - read.start, Ordering::Relaxed);
+            for (id, loc) in read.blobs {
+                let s = (loc.offset as u64 - read.start) as usize;
+                let entry = BlobEntry {
+                    id,
+                    offset: loc.offset,
+                    length: loc.length,
+                    raw_len: loc.raw_len,
+                };
+                let plain = opener
+                    .open(&self.repo.key, &entry, &bytes[s..s + loc.length as usize])
+                    .map_err(|d| Error::DamagedChunk {
+                        chunk: id.to_hex(),
+                        disk: self.disk.clone(),
+                        offset: span.starts[i],
+                        detail: format!("in {name}: {d}"),
+                    })?;
+                self.fetched_chunks.fetch_add(1, Ordering::Relaxed);
+                self.cache
+                    .lock()
+                    .expect("cache")
+                    .insert(id, Arc::new(plain.to_vec()));
             }
         }
         Ok(())

@@ -7,7 +7,6 @@
 //! complete; running the same restore again resumes: chunks already in place are
 //! checked and kept, the rest fetched.
 
-use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::{FileExt, FileTypeExt};
 use std::path::{Path, PathBuf};
@@ -20,7 +19,7 @@ use tracing::info;
 
 use crate::crypto::ChunkId;
 use crate::error::{Error, Result};
-use crate::index::{self, IdMap, Location};
+use crate::index::{self, IdMap};
 use crate::pack::{self, BlobEntry};
 use crate::point::{self, Point};
 use crate::progress::Progress;
@@ -81,12 +80,7 @@ struct Place {
     len: u32,
 }
 
-struct Job {
-    pack: u32,
-    start: u64,
-    end: u64,
-    blobs: Vec<(ChunkId, Location)>,
-}
+type Job = index::RangedRead;
 
 /// Restore a point.
 pub fn restore(
@@ -429,13 +423,12 @@ fn restore_extents(
         kept = kept_n.into_inner();
     }
 
-    // Group by pack, in pack order, and coalesce neighbours into ranged reads.
-    let mut by_pack: BTreeMap<u32, Vec<(ChunkId, Location)>> = BTreeMap::new();
+    // Every chunk must be in the index; report the missing one that comes first on the disk.
     let mut unindexed: Option<(u64, ChunkId)> = None;
+    let mut located = Vec::with_capacity(wanted.len());
     for (id, places) in &wanted {
         match index.get(id) {
-            Some(loc) => by_pack.entry(loc.pack).or_default().push((*id, loc)),
-            // Report the missing chunk that comes first on the disk.
+            Some(loc) => located.push((*id, loc)),
             None => {
                 let here = (places[0].off, *id);
                 if unindexed.is_none_or(|first| here < first) {
@@ -452,32 +445,7 @@ fn restore_extents(
             detail: "no pack holds it (its pack or index is missing)".into(),
         });
     }
-    let mut jobs = Vec::new();
-    for (pack, mut blobs) in by_pack {
-        blobs.sort_by_key(|b| b.1.offset);
-        let mut cur: Option<Job> = None;
-        for (id, loc) in blobs {
-            let (s, e) = (loc.offset as u64, loc.offset as u64 + loc.length as u64);
-            if let Some(j) = &mut cur
-                && s <= j.end + MAX_GAP
-                && e - j.start <= MAX_READ
-            {
-                j.end = j.end.max(e);
-                j.blobs.push((id, loc));
-                continue;
-            }
-            if let Some(j) = cur.take() {
-                jobs.push(j);
-            }
-            cur = Some(Job {
-                pack,
-                start: s,
-                end: e,
-                blobs: vec![(id, loc)],
-            });
-        }
-        jobs.extend(cur);
-    }
+    let jobs = index::plan_reads(located, MAX_GAP, MAX_READ);
 
     let written = AtomicU64::new(0);
     let fetched = AtomicU64::new(0);

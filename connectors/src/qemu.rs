@@ -150,6 +150,31 @@ impl Qmp {
         }
     }
 
+    /// Remove an NBD export and wait until QEMU has let go of it.
+    fn remove_export(&mut self, id: &str) {
+        if self
+            .execute("block-export-del", json!({"id": id, "mode": "hard"}))
+            .is_ok()
+        {
+            let _ = self.wait_event("BLOCK_EXPORT_DELETED", "id", id, Duration::from_secs(30));
+        }
+    }
+
+    /// Cancel a block job and wait until it is gone.
+    fn cancel_job(&mut self, job: &str) {
+        if self
+            .execute("block-job-cancel", json!({"device": job, "force": true}))
+            .is_ok()
+        {
+            let _ = self.wait_event(
+                "BLOCK_JOB_CANCELLED",
+                "device",
+                job,
+                Duration::from_secs(30),
+            );
+        }
+    }
+
     /// The dirty bitmaps of a block node.
     pub fn bitmaps(&mut self, node: &str) -> Result<Vec<Bitmap>> {
         let nodes = self.execute("query-named-block-nodes", json!({"flat": true}))?;
@@ -275,11 +300,7 @@ fn clean_up_stale(q: &mut Qmp, work_dir: &Path) -> Result<()> {
         .collect();
     for id in &stale {
         warn!(export = %id, "removing an export a killed cycle left");
-        if q.execute("block-export-del", json!({"id": id, "mode": "hard"}))
-            .is_ok()
-        {
-            let _ = q.wait_event("BLOCK_EXPORT_DELETED", "id", id, Duration::from_secs(30));
-        }
+        q.remove_export(id);
     }
     if !stale.is_empty() {
         let _ = q.execute("nbd-server-stop", json!({}));
@@ -292,16 +313,7 @@ fn clean_up_stale(q: &mut Qmp, work_dir: &Path) -> Result<()> {
         .filter_map(|j| mine(j, "device", "ferry-job-"))
     {
         warn!(job = %job, "cancelling a backup job a killed cycle left");
-        if q.execute("block-job-cancel", json!({"device": job, "force": true}))
-            .is_ok()
-        {
-            let _ = q.wait_event(
-                "BLOCK_JOB_CANCELLED",
-                "device",
-                &job,
-                Duration::from_secs(30),
-            );
-        }
+        q.cancel_job(&job);
     }
     let nodes = q.execute("query-named-block-nodes", json!({"flat": true}))?;
     let mut fleeces: Vec<String> = nodes
@@ -524,30 +536,14 @@ pub fn cycle(
     })();
 
     // Tear the view down whatever happened; the bitmaps stay unless committed.
-    if stage >= 4
-        && q.execute("block-export-del", json!({"id": export_id}))
-            .is_ok()
-    {
-        let _ = q.wait_event(
-            "BLOCK_EXPORT_DELETED",
-            "id",
-            &export_id,
-            Duration::from_secs(30),
-        );
+    if stage >= 4 {
+        q.remove_export(&export_id);
     }
     if stage >= 3 {
         let _ = q.execute("nbd-server-stop", json!({}));
     }
-    if stage >= 2
-        && q.execute("block-job-cancel", json!({"device": job, "force": true}))
-            .is_ok()
-    {
-        let _ = q.wait_event(
-            "BLOCK_JOB_CANCELLED",
-            "device",
-            &job,
-            Duration::from_secs(30),
-        );
+    if stage >= 2 {
+        q.cancel_job(&job);
     }
     if stage >= 1 {
         let _ = q.execute("blockdev-del", json!({"node-name": fleece_node}));

@@ -148,13 +148,9 @@ pub struct TierArgs {
     pub dry_run: bool,
 }
 
+/// A retention policy on the command line (`forget`, `protect`).
 #[derive(Debug, Args)]
-pub struct ForgetArgs {
-    /// Remove exactly these recovery points (ids, prefixes, SOURCE@latest, SOURCE@TIME).
-    pub points: Vec<String>,
-    /// Only this source's points (default: every source, each on its own).
-    #[arg(long)]
-    pub source: Option<String>,
+pub struct KeepArgs {
     /// Keep the newest N points.
     #[arg(long, value_name = "N")]
     pub keep_last: Option<u32>,
@@ -172,6 +168,37 @@ pub struct ForgetArgs {
     /// Keep every point within this long of the newest one: y, m (months), w, d, h, min, s; e.g. 30min, 36h, 7d, 1y6m.
     #[arg(long, value_name = "DURATION")]
     pub keep_within: Option<String>,
+}
+
+impl KeepArgs {
+    pub fn policy(&self) -> Result<ferry_agent::retention::Policy> {
+        let within = self
+            .keep_within
+            .as_deref()
+            .map(ferry_agent::retention::Policy::parse_within)
+            .transpose()
+            .map_err(UsageError)?;
+        Ok(ferry_agent::retention::Policy {
+            last: self.keep_last,
+            hourly: self.keep_hourly,
+            daily: self.keep_daily,
+            weekly: self.keep_weekly,
+            monthly: self.keep_monthly,
+            yearly: self.keep_yearly,
+            within,
+        })
+    }
+}
+
+#[derive(Debug, Args)]
+pub struct ForgetArgs {
+    /// Remove exactly these recovery points (ids, prefixes, SOURCE@latest, SOURCE@TIME).
+    pub points: Vec<String>,
+    /// Only this source's points (default: every source, each on its own).
+    #[arg(long)]
+    pub source: Option<String>,
+    #[command(flatten)]
+    pub keep: KeepArgs,
     /// Show what would be removed; remove nothing.
     #[arg(long)]
     pub dry_run: bool,
@@ -780,21 +807,7 @@ fn print_requests(r: &ferry_agent::store::Requests) {
 }
 
 fn forget(g: &Global, a: &ForgetArgs) -> Result<ExitCode> {
-    let within = a
-        .keep_within
-        .as_deref()
-        .map(ferry_agent::retention::Policy::parse_within)
-        .transpose()
-        .map_err(UsageError)?;
-    let policy = ferry_agent::retention::Policy {
-        last: a.keep_last,
-        hourly: a.keep_hourly,
-        daily: a.keep_daily,
-        weekly: a.keep_weekly,
-        monthly: a.keep_monthly,
-        yearly: a.keep_yearly,
-        within,
-    };
+    let policy = a.keep.policy()?;
     let repo = open(g)?;
     let r = ferry_agent::prune::forget(&repo, &policy, a.source.as_deref(), &a.points, a.dry_run)?;
     if g.json && !a.prune {

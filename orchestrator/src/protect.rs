@@ -45,15 +45,9 @@ pub struct ProtectArgs {
     /// FERRY_NBD_URL, FERRY_SOURCE and FERRY_CYCLE set (e.g. to verify or copy it).
     #[arg(long)]
     pub hook: Option<String>,
-    /// Retention, applied after every cycle: keep every point this recent (e.g. 1h) ...
-    #[arg(long, value_name = "DURATION")]
-    pub keep_within: Option<String>,
-    /// ... and the newest point of each of the last N hours ...
-    #[arg(long, value_name = "N")]
-    pub keep_hourly: Option<u32>,
-    /// ... and of each of the last N days.
-    #[arg(long, value_name = "N")]
-    pub keep_daily: Option<u32>,
+    /// Retention, applied to the source after every cycle (e.g. --keep-within 1h --keep-hourly 24).
+    #[command(flatten)]
+    pub keep: crate::cli::KeepArgs,
 }
 
 #[derive(Debug, Clone, Serialize, Default)]
@@ -148,18 +142,7 @@ pub fn protect(g: &Global, a: &ProtectArgs) -> Result<ExitCode> {
         .iter()
         .map(|s| parse_vm(s, &a.work_dir))
         .collect::<Result<_>>()?;
-    let within = a
-        .keep_within
-        .as_deref()
-        .map(ferry_agent::retention::Policy::parse_within)
-        .transpose()
-        .map_err(UsageError)?;
-    let policy = ferry_agent::retention::Policy {
-        hourly: a.keep_hourly,
-        daily: a.keep_daily,
-        within,
-        ..Default::default()
-    };
+    let policy = a.keep.policy()?;
     let repo = crate::cli::open_with(g, true)?;
     let status: Arc<Mutex<Vec<SourceStatus>>> = Arc::new(Mutex::new(
         vms.iter()

@@ -116,6 +116,16 @@ fn qemu_write(env: &Env, image: &Path, offsets: &[u64], seed: u64) {
     run(&mut c);
 }
 
+/// A new empty qcow2 image in the test's directory.
+fn qcow2(env: &Env, name: &str, size: &str) -> PathBuf {
+    let img = env.path(name);
+    run(Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2"])
+        .arg(&img)
+        .arg(size));
+    img
+}
+
 fn raw_of(image: &Path, out: &Path) {
     run(Command::new("qemu-img")
         .args(["convert", "-f", "qcow2", "-O", "raw"])
@@ -150,11 +160,7 @@ fn bitmap_incrementals_read_only_what_changed_and_restore_exactly() {
     }
     let env = Env::new();
     env.init();
-    let img = env.path("vm.qcow2");
-    run(Command::new("qemu-img")
-        .args(["create", "-q", "-f", "qcow2"])
-        .arg(&img)
-        .arg("192M"));
+    let img = qcow2(&env, "vm.qcow2", "192M");
     // Data in the first 40 MiB and at 150 MiB; the rest never written (holes).
     let data: Vec<u64> = (0..40 * 256)
         .map(|i| i * 4096)
@@ -278,11 +284,7 @@ fn nbd_sources_that_cannot_be_read_give_clear_errors() {
     }
     let env = Env::new();
     env.init();
-    let img = env.path("vm.qcow2");
-    run(Command::new("qemu-img")
-        .args(["create", "-q", "-f", "qcow2"])
-        .arg(&img)
-        .arg("16M"));
+    let img = qcow2(&env, "vm.qcow2", "16M");
     let port = free_port();
     let cases: Vec<(String, &str)> = vec![
         (format!("nbd://127.0.0.1:{port}/vda"), "connecting"),
