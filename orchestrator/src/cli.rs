@@ -69,6 +69,9 @@ pub struct Global {
     /// No progress bar.
     #[arg(short, long, global = true)]
     pub quiet: bool,
+    /// Orchestrator state: sqlite://PATH or postgres://USER@HOST/DB (default: sqlite in FERRY_HOME, ~/.config/ferry).
+    #[arg(long, env = "FERRY_STATE", global = true, hide_env_values = true)]
+    pub state: Option<String>,
     /// More logging (-v info, -vv debug); FERRY_LOG overrides.
     #[arg(short, long, action = clap::ArgAction::Count, global = true)]
     pub verbose: u8,
@@ -100,6 +103,32 @@ pub enum Command {
     ServeNbd(ServeNbdArgs),
     /// Continuous protection of running QEMU VMs through QMP (dirty bitmaps, no agent inside).
     Protect(crate::protect::ProtectArgs),
+    /// Print the JSON Schema of runbooks (for editors).
+    Schema,
+    /// Check runbooks and report every problem with its line and column.
+    Validate(crate::runs::ValidateArgs),
+    /// Show what a runbook would do: waves, recovery points, predicted RTO. Changes nothing.
+    Plan(crate::runs::PlanArgs),
+    /// Run a runbook (failover, migration cutover, failback): what it builds stays.
+    Run(crate::runs::RunArgs),
+    /// Run a runbook into an isolated target, verify it, tear it down, and report RTO and RPO.
+    Drill(crate::runs::RunArgs),
+    /// Continue unfinished runs (after a crash or a kill).
+    Resume(crate::runs::ResumeArgs),
+    /// List runs.
+    Runs(crate::runs::RunsArgs),
+    /// A run's report: timeline, RTO, RPO (text, JSON, HTML or JUnit XML).
+    Report(crate::runs::ReportArgs),
+    /// Let a run past an approval step.
+    Approve(crate::runs::ApproveArgs),
+    /// Stop a run: no new steps; running ones are stopped (a drill still tears down).
+    Cancel(crate::runs::RunRef),
+    /// Undo what a run created, in reverse dependency order.
+    Rollback(crate::runs::RollbackArgs),
+    /// The HTTP API (with a live event stream), on 127.0.0.1 by default.
+    Serve(crate::server::ServeArgs),
+    /// Print the OpenAPI description of the HTTP API.
+    Openapi,
 }
 
 #[derive(Debug, Args)]
@@ -340,6 +369,19 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         Command::Stats(a) => stats(g, a),
         Command::Undelete(a) => undelete(g, a),
         Command::Tier(a) => tier(g, a),
+        Command::Schema => crate::runs::schema(),
+        Command::Validate(a) => crate::runs::validate(g, a),
+        Command::Plan(a) => crate::runs::plan(g, a),
+        Command::Run(a) => crate::runs::run(g, a, "run"),
+        Command::Drill(a) => crate::runs::run(g, a, "drill"),
+        Command::Resume(a) => crate::runs::resume(g, a),
+        Command::Runs(a) => crate::runs::runs(g, a),
+        Command::Report(a) => crate::runs::report(g, a),
+        Command::Approve(a) => crate::runs::approve(g, a),
+        Command::Cancel(a) => crate::runs::cancel(g, a),
+        Command::Rollback(a) => crate::runs::rollback(g, a),
+        Command::Serve(a) => crate::server::serve(g, a),
+        Command::Openapi => crate::server::print_openapi(),
     }
 }
 
@@ -371,6 +413,18 @@ fn password(g: &Global, confirm: bool) -> Result<Vec<u8>> {
         return Ok(p.into_bytes());
     }
     Err(UsageError("no password: set FERRY_PASSWORD or pass --password-file FILE".into()).into())
+}
+
+/// The password from --password-file or FERRY_PASSWORD, or a prompt on a
+/// terminal when a repository is given; `None` when there is no way to get one.
+pub(crate) fn password_quiet(g: &Global) -> Result<Option<Vec<u8>>> {
+    if g.password_file.is_some()
+        || std::env::var_os("FERRY_PASSWORD").is_some()
+        || (g.repo.is_some() && std::io::stdin().is_terminal())
+    {
+        return password(g, false).map(Some);
+    }
+    Ok(None)
 }
 
 pub(crate) fn open(g: &Global) -> Result<Repository> {

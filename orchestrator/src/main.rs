@@ -1,10 +1,16 @@
-//! The `ferry` command: repository operations now, runbooks and the server later.
+//! The `ferry` command: repository operations, runbooks, and the API server.
 //!
 //! Exit codes: 0 success, 1 the operation failed, 2 bad usage or input.
 
+mod actions;
 mod cli;
+mod exec;
 mod output;
 mod protect;
+mod report;
+mod runs;
+mod server;
+mod state;
 
 use std::process::ExitCode;
 

@@ -1,0 +1,1349 @@
+//! Runbooks: YAML parsed into a raw tree with positions, then validated into
+//! a typed [`Runbook`]. Validation reports every problem at once.
+
+use crate::catalog::{self, Ty};
+use crate::diag::{Diagnostics, Pos, Sink, suggest};
+use crate::expr::{self, Expr, Seg};
+use marked_yaml::Node;
+use marked_yaml::types::{MarkedMappingNode, MarkedScalarNode};
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+use std::collections::{BTreeMap, BTreeSet};
+
+/// Error classes a retry can be limited to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorClass {
+    /// Worth trying again: a connection refused, a 503, a busy resource.
+    Transient,
+    /// The step ran past its `timeout`.
+    Timeout,
+    /// The step failed for a reason that another try will not fix.
+    Permanent,
+    /// The run was cancelled while the step ran.
+    Cancelled,
+}
+
+impl ErrorClass {
+    pub fn name(self) -> &'static str {
+        match self {
+            ErrorClass::Transient => "transient",
+            ErrorClass::Timeout => "timeout",
+            ErrorClass::Permanent => "permanent",
+            ErrorClass::Cancelled => "cancelled",
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ParamTy {
+    String,
+    Integer,
+    Boolean,
+    Duration,
+    List,
+}
+
+impl ParamTy {
+    fn parse(s: &str) -> Option<ParamTy> {
+        Some(match s {
+            "string" | "point" => ParamTy::String,
+            "integer" => ParamTy::Integer,
+            "boolean" => ParamTy::Boolean,
+            "duration" => ParamTy::Duration,
+            "list" => ParamTy::List,
+            _ => return None,
+        })
+    }
+
+    /// Converts a value given as text (`--param k=v`) or from YAML.
+    pub fn coerce(self, v: &Value) -> Result<Value, String> {
+        let bad = || format!("`{}` is not a {}", expr::to_text(v), self.name());
+        match (self, v) {
+            (ParamTy::String, Value::String(_)) => Ok(v.clone()),
+            (ParamTy::String, Value::Number(_) | Value::Bool(_)) => {
+                Ok(Value::String(expr::to_text(v)))
+            }
+            (ParamTy::Integer, Value::Number(n)) if n.is_i64() => Ok(v.clone()),
+            (ParamTy::Integer, Value::String(s)) => {
+                s.trim().parse::<i64>().map(Value::from).map_err(|_| bad())
+            }
+            (ParamTy::Boolean, Value::Bool(_)) => Ok(v.clone()),
+            (ParamTy::Boolean, Value::String(s)) => match s.as_str() {
+                "true" | "yes" | "1" => Ok(Value::Bool(true)),
+                "false" | "no" | "0" => Ok(Value::Bool(false)),
+                _ => Err(bad()),
+            },
+            (ParamTy::Duration, Value::String(s)) if catalog::parse_duration_ms(s).is_some() => {
+                Ok(v.clone())
+            }
+            (ParamTy::Duration, Value::Number(_)) => Ok(v.clone()),
+            (ParamTy::List, Value::Array(_)) => Ok(v.clone()),
+            (ParamTy::List, Value::String(s)) => Ok(Value::Array(
+                s.split(',')
+                    .map(str::trim)
+                    .filter(|x| !x.is_empty())
+                    .map(|x| Value::String(x.into()))
+                    .collect(),
+            )),
+            _ => Err(bad()),
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            ParamTy::String => "string",
+            ParamTy::Integer => "integer",
+            ParamTy::Boolean => "boolean",
+            ParamTy::Duration => "duration",
+            ParamTy::List => "list",
+        }
+    }
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Param {
+    pub name: String,
+    #[serde(rename = "type")]
+    pub ty: ParamTy,
+    pub default: Option<Value>,
+    pub description: Option<String>,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct Objectives {
+    /// Recovery time objective: from the start of the run to a verified stack.
+    pub rto_secs: Option<f64>,
+    /// Recovery point objective: the oldest acceptable recovery point, at the start of the run.
+    pub rpo_secs: Option<f64>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Target {
+    pub name: String,
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// Steps on this target that may run at once.
+    pub parallelism: usize,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OnFailure {
+    /// Undo what the run created, in reverse dependency order.
+    Rollback,
+    /// Leave everything as it is for an operator (`ferry rollback` later).
+    Stop,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Retry {
+    /// Tries in all (1: no retry).
+    pub attempts: u32,
+    pub backoff_ms: u64,
+    pub max_backoff_ms: u64,
+    pub on: Vec<ErrorClass>,
+}
+
+impl Default for Retry {
+    fn default() -> Retry {
+        Retry {
+            attempts: 1,
+            backoff_ms: 1000,
+            max_backoff_ms: 60_000,
+            on: vec![ErrorClass::Transient, ErrorClass::Timeout],
+        }
+    }
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Undo {
+    pub uses: String,
+    pub with: Map<String, Value>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Step {
+    pub id: String,
+    pub name: Option<String>,
+    pub uses: String,
+    /// Index into [`Runbook::targets`].
+    pub target: usize,
+    pub with: Map<String, Value>,
+    /// Indexes into [`Runbook::steps`].
+    pub needs: Vec<usize>,
+    #[serde(rename = "if")]
+    pub cond: Option<String>,
+    /// A literal list, or a template that yields one from params.
+    pub for_each: Option<Value>,
+    pub retry: Retry,
+    pub timeout_ms: Option<u64>,
+    /// What removes what the step created: the action's own undo for
+    /// `volume.*` and `instance.launch`, or the runbook's `undo:`.
+    pub undo: Option<Undo>,
+    pub line: usize,
+    pub column: usize,
+}
+
+impl Step {
+    pub fn action(&self) -> &'static catalog::Action {
+        catalog::action(&self.uses).unwrap_or(&catalog::ACTIONS[0])
+    }
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Runbook {
+    pub file: String,
+    pub name: String,
+    pub description: Option<String>,
+    pub params: Vec<Param>,
+    pub objectives: Objectives,
+    pub targets: Vec<Target>,
+    pub on_failure: OnFailure,
+    pub steps: Vec<Step>,
+}
+
+impl Runbook {
+    pub fn step(&self, id: &str) -> Option<usize> {
+        self.steps.iter().position(|s| s.id == id)
+    }
+}
+
+const TOP_KEYS: &[&str] = &[
+    "version",
+    "name",
+    "description",
+    "params",
+    "objectives",
+    "targets",
+    "on_failure",
+    "steps",
+];
+const STEP_KEYS: &[&str] = &[
+    "id", "name", "uses", "target", "with", "needs", "if", "for_each", "retry", "timeout", "undo",
+];
+const RETRY_KEYS: &[&str] = &["attempts", "backoff", "max_backoff", "on"];
+const TARGET_TYPES: &[&str] = &["local"];
+
+/// Parses and validates a runbook. `file` names it in diagnostics.
+pub fn parse(file: &str, text: &str) -> Result<Runbook, Diagnostics> {
+    let mut sink = Sink::new(file);
+    let root = match marked_yaml::parse_yaml(0, text) {
+        Ok(n) => n,
+        Err(e) => {
+            let (pos, msg) = load_error(&e);
+            sink.error(
+                pos,
+                msg,
+                Some("fix the YAML syntax first; nothing else was checked".into()),
+            );
+            return Err(sink.finish().err().unwrap_or_default());
+        }
+    };
+    let Some(top) = root.as_mapping() else {
+        sink.error(
+            Pos::of(root.span()),
+            "a runbook is a mapping with `name` and `steps`",
+            None,
+        );
+        return Err(sink.finish().err().unwrap_or_default());
+    };
+    let rb = Validator { sink: &mut sink }.runbook(file, top);
+    sink.finish()?;
+    Ok(rb)
+}
+
+fn load_error(e: &marked_yaml::LoadError) -> (Pos, String) {
+    use marked_yaml::LoadError as L;
+    let at = |m: &marked_yaml::Marker| Pos {
+        line: m.line(),
+        column: m.column(),
+    };
+    match e {
+        L::ScanError(m, se) => (at(m), format!("YAML syntax: {}", se.info())),
+        L::DuplicateKey(d) => {
+            let first = Pos::of(d.prev_key.span());
+            (
+                Pos::of(d.key.span()),
+                format!(
+                    "`{}` appears twice in one mapping (first at line {})",
+                    d.key.as_str(),
+                    first.line
+                ),
+            )
+        }
+        L::TopLevelMustBeMapping(m) => (
+            at(m),
+            "a runbook is a mapping with `name` and `steps`".into(),
+        ),
+        L::TopLevelMustBeSequence(m) => (at(m), "expected a sequence".into()),
+        L::UnexpectedAnchor(m) => (at(m), "YAML anchors are not supported in runbooks".into()),
+        L::MappingKeyMustBeScalar(m) => (at(m), "mapping keys must be plain strings".into()),
+        L::UnexpectedTag(m) => (at(m), "YAML tags are not supported in runbooks".into()),
+        #[allow(unreachable_patterns)]
+        _ => (Pos::default(), e.to_string()),
+    }
+}
+
+struct Validator<'a> {
+    sink: &'a mut Sink,
+}
+
+/// A step as read, before references are resolved.
+struct RawStep<'n> {
+    node: &'n MarkedMappingNode,
+    id: String,
+    pos: Pos,
+    needs: Vec<(String, Pos)>,
+}
+
+fn key_pos(map: &MarkedMappingNode, key: &str) -> Pos {
+    map.keys()
+        .find(|k| k.as_str() == key)
+        .map(|k| Pos::of(k.span()))
+        .unwrap_or_else(|| Pos::of(map.span()))
+}
+
+/// A YAML scalar as JSON: unquoted `true`, `12`, `null` keep their types.
+fn scalar_value(s: &MarkedScalarNode) -> Value {
+    if s.may_coerce() {
+        if let Some(b) = s.as_bool() {
+            return Value::Bool(b);
+        }
+        if let Ok(i) = s.as_str().parse::<i64>() {
+            return Value::from(i);
+        }
+        if let Ok(f) = s.as_str().parse::<f64>()
+            && f.is_finite()
+            && s.as_str().contains('.')
+        {
+            return Value::from(f);
+        }
+        if matches!(s.as_str(), "null" | "~") {
+            return Value::Null;
+        }
+    }
+    Value::String(s.as_str().to_owned())
+}
+
+pub(crate) fn to_json(n: &Node) -> Value {
+    match n {
+        Node::Scalar(s) => scalar_value(s),
+        Node::Sequence(s) => Value::Array(s.iter().map(to_json).collect()),
+        Node::Mapping(m) => Value::Object(
+            m.iter()
+                .map(|(k, v)| (k.as_str().to_owned(), to_json(v)))
+                .collect(),
+        ),
+    }
+}
+
+/// Where the value of `key` starts (else the mapping).
+fn val_pos(map: &MarkedMappingNode, key: &str) -> Pos {
+    map.get_node(key)
+        .map(|n| Pos::of(n.span()))
+        .unwrap_or_else(|| Pos::of(map.span()))
+}
+
+fn valid_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= 64
+        && id
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '_')
+        && id.starts_with(|c: char| c.is_ascii_lowercase())
+}
+
+impl Validator<'_> {
+    fn err(&mut self, at: Pos, msg: impl Into<String>, hint: Option<String>) {
+        self.sink.error(at, msg, hint);
+    }
+
+    fn unknown_keys(&mut self, map: &MarkedMappingNode, allowed: &[&str], what: &str) {
+        for k in map.keys() {
+            if !allowed.contains(&k.as_str()) {
+                let hint = match suggest(k.as_str(), allowed.iter().copied()) {
+                    Some(s) => format!("did you mean `{s}`?"),
+                    None => format!("{what} takes {}", allowed.join(", ")),
+                };
+                self.err(
+                    Pos::of(k.span()),
+                    format!("unknown key `{}` in {what}", k.as_str()),
+                    Some(hint),
+                );
+            }
+        }
+    }
+
+    fn string(&mut self, map: &MarkedMappingNode, key: &str, what: &str) -> Option<String> {
+        let node = map.get_node(key)?;
+        match node.as_scalar() {
+            Some(s) => Some(s.as_str().to_owned()),
+            None => {
+                self.err(
+                    Pos::of(node.span()),
+                    format!("`{key}` of {what} must be a string"),
+                    None,
+                );
+                None
+            }
+        }
+    }
+
+    fn duration(&mut self, map: &MarkedMappingNode, key: &str, what: &str) -> Option<u64> {
+        let node = map.get_node(key)?;
+        let text = node
+            .as_scalar()
+            .map(|s| s.as_str().to_owned())
+            .unwrap_or_default();
+        match catalog::parse_duration_ms(&text) {
+            Some(ms) => Some(ms),
+            None => {
+                self.err(
+                    Pos::of(node.span()),
+                    format!("`{key}` of {what} is not a duration: `{text}`"),
+                    Some("write it like 500ms, 30s, 5m or 2h".into()),
+                );
+                None
+            }
+        }
+    }
+
+    fn runbook(&mut self, file: &str, top: &MarkedMappingNode) -> Runbook {
+        self.unknown_keys(top, TOP_KEYS, "a runbook");
+        if let Some(v) = top.get_node("version")
+            && v.as_scalar().map(|s| s.as_str()) != Some("1")
+        {
+            self.err(
+                Pos::of(v.span()),
+                "unsupported runbook version",
+                Some("this Ferry reads `version: 1`".into()),
+            );
+        }
+        let name = self.string(top, "name", "the runbook").unwrap_or_default();
+        if !top.contains_key("name") {
+            self.err(
+                Pos::of(top.span()),
+                "the runbook has no `name`",
+                Some("add `name: my-stack` at the top".into()),
+            );
+        }
+        let description = self.string(top, "description", "the runbook");
+        let params = self.params(top);
+        let objectives = self.objectives(top);
+        let targets = self.targets(top);
+        let on_failure = match self.string(top, "on_failure", "the runbook").as_deref() {
+            None | Some("rollback") => OnFailure::Rollback,
+            Some("stop") => OnFailure::Stop,
+            Some(other) => {
+                self.err(
+                    val_pos(top, "on_failure"),
+                    format!("unknown on_failure `{other}`"),
+                    Some("use rollback or stop".into()),
+                );
+                OnFailure::Rollback
+            }
+        };
+        let steps = self.steps(top, &params, &targets);
+        Runbook {
+            file: file.to_owned(),
+            name,
+            description,
+            params,
+            objectives,
+            targets,
+            on_failure,
+            steps,
+        }
+    }
+
+    fn params(&mut self, top: &MarkedMappingNode) -> Vec<Param> {
+        let Some(node) = top.get_node("params") else {
+            return Vec::new();
+        };
+        let Some(map) = node.as_mapping() else {
+            self.err(
+                Pos::of(node.span()),
+                "`params` must be a mapping of names to definitions",
+                None,
+            );
+            return Vec::new();
+        };
+        let mut out = Vec::new();
+        for (k, v) in map.iter() {
+            let name = k.as_str().to_owned();
+            let (ty, default, description) = match v {
+                Node::Mapping(m) => {
+                    self.unknown_keys(m, &["type", "default", "description"], "a param");
+                    let ty = match self.string(m, "type", "a param") {
+                        None => ParamTy::String,
+                        Some(t) => ParamTy::parse(&t).unwrap_or_else(|| {
+                            self.err(
+                                key_pos(m, "type"),
+                                format!("unknown param type `{t}`"),
+                                Some(
+                                    "use string, integer, boolean, duration, list or point".into(),
+                                ),
+                            );
+                            ParamTy::String
+                        }),
+                    };
+                    (
+                        ty,
+                        m.get_node("default").map(to_json),
+                        self.string(m, "description", "a param"),
+                    )
+                }
+                other => (ParamTy::String, Some(to_json(other)), None),
+            };
+            let default = match default {
+                Some(Value::Null) | None => None,
+                Some(d) => match ty.coerce(&d) {
+                    Ok(d) => Some(d),
+                    Err(e) => {
+                        self.err(
+                            Pos::of(v.span()),
+                            format!("default of param `{name}`: {e}"),
+                            None,
+                        );
+                        None
+                    }
+                },
+            };
+            out.push(Param {
+                name,
+                ty,
+                default,
+                description,
+            });
+        }
+        out
+    }
+
+    fn objectives(&mut self, top: &MarkedMappingNode) -> Objectives {
+        let Some(node) = top.get_node("objectives") else {
+            return Objectives::default();
+        };
+        let Some(map) = node.as_mapping() else {
+            self.err(
+                Pos::of(node.span()),
+                "`objectives` must be a mapping with `rto` and `rpo`",
+                None,
+            );
+            return Objectives::default();
+        };
+        self.unknown_keys(map, &["rto", "rpo"], "objectives");
+        Objectives {
+            rto_secs: self
+                .duration(map, "rto", "objectives")
+                .map(|ms| ms as f64 / 1000.0),
+            rpo_secs: self
+                .duration(map, "rpo", "objectives")
+                .map(|ms| ms as f64 / 1000.0),
+        }
+    }
+
+    fn targets(&mut self, top: &MarkedMappingNode) -> Vec<Target> {
+        let default = || {
+            vec![Target {
+                name: "local".into(),
+                kind: "local".into(),
+                parallelism: 4,
+            }]
+        };
+        let Some(node) = top.get_node("targets") else {
+            return default();
+        };
+        let Some(map) = node.as_mapping() else {
+            self.err(
+                Pos::of(node.span()),
+                "`targets` must be a mapping of names to targets",
+                None,
+            );
+            return default();
+        };
+        let mut out = Vec::new();
+        for (k, v) in map.iter() {
+            let Some(m) = v.as_mapping() else {
+                self.err(
+                    Pos::of(v.span()),
+                    format!("target `{}` must be a mapping with `type`", k.as_str()),
+                    None,
+                );
+                continue;
+            };
+            self.unknown_keys(m, &["type", "parallelism"], "a target");
+            let kind = self
+                .string(m, "type", "a target")
+                .unwrap_or_else(|| "local".into());
+            if !TARGET_TYPES.contains(&kind.as_str()) {
+                self.err(
+                    val_pos(m, "type"),
+                    format!("unknown target type `{kind}`"),
+                    Some(format!("this build has: {}", TARGET_TYPES.join(", "))),
+                );
+            }
+            let parallelism = match m.get_scalar("parallelism") {
+                None => 4,
+                Some(s) => match s.as_str().parse::<usize>() {
+                    Ok(n) if n > 0 => n,
+                    _ => {
+                        self.err(
+                            Pos::of(s.span()),
+                            "`parallelism` must be a whole number of at least 1",
+                            None,
+                        );
+                        4
+                    }
+                },
+            };
+            out.push(Target {
+                name: k.as_str().to_owned(),
+                kind,
+                parallelism,
+            });
+        }
+        if out.is_empty() {
+            self.err(
+                Pos::of(node.span()),
+                "`targets` is empty",
+                Some("remove it to use the local target".into()),
+            );
+            return default();
+        }
+        out
+    }
+
+    fn steps(
+        &mut self,
+        top: &MarkedMappingNode,
+        params: &[Param],
+        targets: &[Target],
+    ) -> Vec<Step> {
+        let Some(node) = top.get_node("steps") else {
+            self.err(
+                Pos::of(top.span()),
+                "the runbook has no `steps`",
+                Some("add `steps:` with at least one step".into()),
+            );
+            return Vec::new();
+        };
+        let Some(seq) = node.as_sequence() else {
+            self.err(
+                Pos::of(node.span()),
+                "`steps` must be a list of steps",
+                Some("start each step with `- id: NAME`".into()),
+            );
+            return Vec::new();
+        };
+        if seq.is_empty() {
+            self.err(Pos::of(node.span()), "`steps` is empty", None);
+        }
+        // Pass 1: ids and edges.
+        let mut raws: Vec<RawStep<'_>> = Vec::new();
+        let mut ids = BTreeMap::new();
+        for item in seq.iter() {
+            let Some(m) = item.as_mapping() else {
+                self.err(
+                    Pos::of(item.span()),
+                    "a step must be a mapping with `id` and `uses`",
+                    None,
+                );
+                continue;
+            };
+            let pos = m
+                .get_node("id")
+                .map(|n| Pos::of(n.span()))
+                .unwrap_or_else(|| Pos::of(m.span()));
+            let id = match self.string(m, "id", "a step") {
+                Some(id) => id,
+                None => {
+                    self.err(
+                        pos,
+                        "a step has no `id`",
+                        Some("give every step a unique `id: NAME`".into()),
+                    );
+                    continue;
+                }
+            };
+            if !valid_id(&id) {
+                self.err(
+                    pos,
+                    format!("step id `{id}` is not valid"),
+                    Some("use lowercase letters, digits, - and _, starting with a letter".into()),
+                );
+            }
+            if let Some(first) = ids.insert(id.clone(), raws.len()) {
+                let line = raws[first].pos.line;
+                self.err(
+                    pos,
+                    format!("step id `{id}` is used twice (first at line {line})"),
+                    None,
+                );
+                continue;
+            }
+            let needs = match m.get_node("needs") {
+                None => Vec::new(),
+                Some(Node::Scalar(s)) => vec![(s.as_str().to_owned(), Pos::of(s.span()))],
+                Some(Node::Sequence(items)) => items
+                    .iter()
+                    .filter_map(|n| match n.as_scalar() {
+                        Some(s) => Some((s.as_str().to_owned(), Pos::of(s.span()))),
+                        None => {
+                            self.err(Pos::of(n.span()), "`needs` lists step ids", None);
+                            None
+                        }
+                    })
+                    .collect(),
+                Some(other) => {
+                    self.err(
+                        Pos::of(other.span()),
+                        "`needs` must be a step id or a list of them",
+                        None,
+                    );
+                    Vec::new()
+                }
+            };
+            raws.push(RawStep {
+                node: m,
+                id,
+                pos,
+                needs,
+            });
+        }
+        let mut edges: Vec<Vec<usize>> = vec![Vec::new(); raws.len()];
+        for (i, r) in raws.iter().enumerate() {
+            for (need, at) in &r.needs {
+                match ids.get(need) {
+                    Some(&j) if j == i => {
+                        self.err(*at, format!("step `{}` needs itself", r.id), None)
+                    }
+                    Some(&j) => {
+                        if !edges[i].contains(&j) {
+                            edges[i].push(j);
+                        }
+                    }
+                    None => {
+                        let hint = suggest(need, ids.keys().map(String::as_str))
+                            .map(|s| format!("did you mean `{s}`?"));
+                        self.err(
+                            *at,
+                            format!(
+                                "step `{}` needs `{need}`, which is not a step of this runbook",
+                                r.id
+                            ),
+                            hint,
+                        );
+                    }
+                }
+            }
+        }
+        let cyclic = self.cycles(&raws, &edges);
+        let upstream = upstream_sets(&edges, &cyclic);
+        // Pass 2: everything else.
+        let mut steps = Vec::new();
+        for (i, r) in raws.iter().enumerate() {
+            let step = self.step(r, &edges[i], &upstream[i], &raws, &ids, params, targets);
+            steps.push(step);
+        }
+        steps
+    }
+
+    /// Reports every cycle, step by step. Returns the steps on cycles.
+    fn cycles(&mut self, raws: &[RawStep<'_>], edges: &[Vec<usize>]) -> BTreeSet<usize> {
+        let mut g = petgraph::graph::DiGraph::<usize, ()>::new();
+        let nodes: Vec<_> = (0..raws.len()).map(|i| g.add_node(i)).collect();
+        for (i, deps) in edges.iter().enumerate() {
+            for &d in deps {
+                g.add_edge(nodes[d], nodes[i], ());
+            }
+        }
+        let mut on_cycle = BTreeSet::new();
+        for scc in petgraph::algo::tarjan_scc(&g) {
+            if scc.len() < 2 {
+                continue;
+            }
+            let members: BTreeSet<usize> = scc.iter().map(|n| g[*n]).collect();
+            let start = *members.iter().next().unwrap_or(&0);
+            // Walk `needs` edges inside the component until a step repeats.
+            let mut path = vec![start];
+            let mut seen = BTreeSet::from([start]);
+            let mut cur = start;
+            while let Some(&next) = edges[cur].iter().find(|d| members.contains(d)) {
+                if let Some(at) = path.iter().position(|&p| p == next) {
+                    path.drain(..at);
+                    path.push(next);
+                    break;
+                }
+                if !seen.insert(next) {
+                    break;
+                }
+                path.push(next);
+                cur = next;
+            }
+            let names: Vec<&str> = path.iter().map(|&i| raws[i].id.as_str()).collect();
+            let first = path[0];
+            self.err(
+                raws[first].pos,
+                format!(
+                    "steps form a cycle: {} (each needs the next)",
+                    names.join(" → ")
+                ),
+                Some("a runbook is a DAG: remove one of these `needs`".into()),
+            );
+            on_cycle.extend(members);
+        }
+        on_cycle
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn step(
+        &mut self,
+        r: &RawStep<'_>,
+        needs: &[usize],
+        upstream: &BTreeSet<usize>,
+        raws: &[RawStep<'_>],
+        ids: &BTreeMap<String, usize>,
+        params: &[Param],
+        targets: &[Target],
+    ) -> Step {
+        let m = r.node;
+        let what = format!("step `{}`", r.id);
+        self.unknown_keys(m, STEP_KEYS, &what);
+        let uses = self.string(m, "uses", &what).unwrap_or_default();
+        let action = catalog::action(&uses);
+        match (m.contains_key("uses"), action) {
+            (false, _) => self.err(
+                r.pos,
+                format!("{what} has no `uses`"),
+                Some("name the action it runs, e.g. `uses: volume.restore`".into()),
+            ),
+            (true, None) => {
+                let hint = match suggest(&uses, catalog::ACTIONS.iter().map(|a| a.name)) {
+                    Some(s) => format!("did you mean `{s}`?"),
+                    None => format!(
+                        "available actions: {}",
+                        catalog::ACTIONS
+                            .iter()
+                            .map(|a| a.name)
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    ),
+                };
+                self.err(
+                    val_pos(m, "uses"),
+                    format!("unknown action `{uses}` in {what}"),
+                    Some(hint),
+                );
+            }
+            _ => {}
+        }
+        let target = match self.string(m, "target", &what) {
+            None => 0,
+            Some(t) => targets.iter().position(|x| x.name == t).unwrap_or_else(|| {
+                let hint = suggest(&t, targets.iter().map(|x| x.name.as_str()))
+                    .map(|s| format!("did you mean `{s}`?"));
+                self.err(
+                    val_pos(m, "target"),
+                    format!("{what} names target `{t}`, which `targets` does not define"),
+                    hint,
+                );
+                0
+            }),
+        };
+        let has_each = m.contains_key("for_each");
+        let refs = RefCtx {
+            step: &r.id,
+            upstream,
+            raws,
+            ids,
+            params,
+            has_each,
+        };
+        // with
+        let mut with = Map::new();
+        if let Some(node) = m.get_node("with") {
+            match node.as_mapping() {
+                None => self.err(
+                    Pos::of(node.span()),
+                    format!("`with` of {what} must be a mapping of inputs"),
+                    None,
+                ),
+                Some(wm) => {
+                    for (k, v) in wm.iter() {
+                        let value = to_json(v);
+                        if let Some(a) = action {
+                            match a.input(k.as_str()) {
+                                None => {
+                                    let hint = match suggest(
+                                        k.as_str(),
+                                        a.inputs.iter().map(|i| i.name),
+                                    ) {
+                                        Some(s) => format!("did you mean `{s}`?"),
+                                        None if a.inputs.is_empty() => {
+                                            format!("`{}` takes no inputs", a.name)
+                                        }
+                                        None => format!(
+                                            "`{}` takes {}",
+                                            a.name,
+                                            a.inputs
+                                                .iter()
+                                                .map(|i| i.name)
+                                                .collect::<Vec<_>>()
+                                                .join(", ")
+                                        ),
+                                    };
+                                    self.err(
+                                        Pos::of(k.span()),
+                                        format!("`{}` has no input `{}`", a.name, k.as_str()),
+                                        Some(hint),
+                                    );
+                                }
+                                Some(input) => self.check_literal(
+                                    v,
+                                    &value,
+                                    input.ty,
+                                    &format!("input `{}`", input.name),
+                                ),
+                            }
+                        }
+                        self.check_templates(v, &refs);
+                        with.insert(k.as_str().to_owned(), value);
+                    }
+                }
+            }
+        }
+        if let Some(a) = action {
+            for input in a.inputs.iter().filter(|i| i.required) {
+                if !with.contains_key(input.name) {
+                    self.err(
+                        key_pos(
+                            m,
+                            if m.contains_key("with") {
+                                "with"
+                            } else {
+                                "uses"
+                            },
+                        ),
+                        format!(
+                            "{what}: `{}` needs input `{}` ({})",
+                            a.name, input.name, input.doc
+                        ),
+                        Some(format!("add `{}:` under `with:`", input.name)),
+                    );
+                }
+            }
+        }
+        // if
+        let cond = self.string(m, "if", &what);
+        if let (Some(c), Some(node)) = (&cond, m.get_node("if")) {
+            let text = c.trim();
+            let inner = text
+                .strip_prefix("${{")
+                .and_then(|t| t.strip_suffix("}}"))
+                .unwrap_or(text);
+            match expr::parse_expr(inner) {
+                Ok(e) => self.check_expr(&e, Pos::of(node.span()), &refs),
+                Err((_, msg)) => {
+                    self.err(Pos::of(node.span()), format!("`if` of {what}: {msg}"), None)
+                }
+            }
+        }
+        // for_each
+        let for_each = m.get_node("for_each").map(|n| {
+            let v = to_json(n);
+            match &v {
+                Value::Array(_) => {}
+                Value::String(s) if s.contains("${{") => {
+                    self.check_templates(
+                        n,
+                        &RefCtx {
+                            has_each: false,
+                            ..refs
+                        },
+                    );
+                    let mut paths = Vec::new();
+                    let exprs = expr::exprs_in(&v);
+                    exprs.iter().for_each(|e| e.paths(&mut paths));
+                    if paths
+                        .iter()
+                        .any(|p| !matches!(p.first(), Some(Seg::Key(k)) if k == "params"))
+                    {
+                        self.err(
+                            Pos::of(n.span()),
+                            format!("`for_each` of {what} may only use params"),
+                            Some("the plan expands for_each before anything runs".into()),
+                        );
+                    }
+                }
+                _ => self.err(
+                    Pos::of(n.span()),
+                    format!("`for_each` of {what} must be a list or `${{{{ params.NAME }}}}`"),
+                    None,
+                ),
+            }
+            v
+        });
+        let retry = self.retry(m, &what);
+        let timeout_ms = self.duration(m, "timeout", &what);
+        let undo = self.undo(m, &what, action, &refs);
+        Step {
+            id: r.id.clone(),
+            name: self.string(m, "name", &what),
+            uses,
+            target,
+            with,
+            needs: needs.to_vec(),
+            cond,
+            for_each,
+            retry,
+            timeout_ms,
+            undo,
+            line: r.pos.line,
+            column: r.pos.column,
+        }
+    }
+
+    fn undo(
+        &mut self,
+        m: &MarkedMappingNode,
+        what: &str,
+        action: Option<&'static catalog::Action>,
+        refs: &RefCtx<'_>,
+    ) -> Option<Undo> {
+        let Some(node) = m.get_node("undo") else {
+            return action.filter(|a| a.creates).map(|a| Undo {
+                uses: a.name.to_owned(),
+                with: Map::new(),
+            });
+        };
+        let Some(um) = node.as_mapping() else {
+            self.err(
+                Pos::of(node.span()),
+                format!("`undo` of {what} must be a mapping with `uses` and `with`"),
+                None,
+            );
+            return None;
+        };
+        self.unknown_keys(um, &["uses", "with"], "an undo");
+        let uses = self.string(um, "uses", "an undo").unwrap_or_default();
+        let ok = matches!(uses.as_str(), "command.run" | "instance.stop" | "noop");
+        if !ok {
+            self.err(
+                val_pos(um, "uses"),
+                format!("`undo` of {what} uses `{uses}`"),
+                Some("an undo runs command.run, instance.stop or noop".into()),
+            );
+        }
+        let mut with = Map::new();
+        if let Some(wm) = um.get_mapping("with") {
+            for (k, v) in wm.iter() {
+                // The undo may read the step's own outputs.
+                let own = BTreeSet::from_iter(
+                    refs.upstream
+                        .iter()
+                        .copied()
+                        .chain(refs.ids.get(refs.step).copied()),
+                );
+                self.check_templates(
+                    v,
+                    &RefCtx {
+                        upstream: &own,
+                        ..*refs
+                    },
+                );
+                with.insert(k.as_str().to_owned(), to_json(v));
+            }
+        }
+        Some(Undo { uses, with })
+    }
+
+    fn retry(&mut self, m: &MarkedMappingNode, what: &str) -> Retry {
+        let mut retry = Retry::default();
+        let Some(node) = m.get_node("retry") else {
+            return retry;
+        };
+        let attempts_of = |s: &MarkedScalarNode| {
+            s.as_str()
+                .parse::<u32>()
+                .ok()
+                .filter(|n| (1..=100).contains(n))
+        };
+        match node {
+            Node::Scalar(s) => match attempts_of(s) {
+                Some(n) => retry.attempts = n,
+                None => self.err(
+                    Pos::of(s.span()),
+                    format!("`retry` of {what} must be a number of tries from 1 to 100"),
+                    None,
+                ),
+            },
+            Node::Mapping(rm) => {
+                self.unknown_keys(rm, RETRY_KEYS, "retry");
+                if let Some(s) = rm.get_scalar("attempts") {
+                    match attempts_of(s) {
+                        Some(n) => retry.attempts = n,
+                        None => self.err(
+                            Pos::of(s.span()),
+                            "`attempts` must be a number of tries from 1 to 100",
+                            None,
+                        ),
+                    }
+                }
+                if let Some(ms) = self.duration(rm, "backoff", "retry") {
+                    retry.backoff_ms = ms;
+                }
+                if let Some(ms) = self.duration(rm, "max_backoff", "retry") {
+                    retry.max_backoff_ms = ms;
+                }
+                if let Some(on) = rm.get_node("on") {
+                    let items: Vec<&Node> = match on {
+                        Node::Sequence(s) => s.iter().collect(),
+                        other => vec![other],
+                    };
+                    retry.on.clear();
+                    for it in items {
+                        let text = it.as_scalar().map(|s| s.as_str()).unwrap_or("");
+                        match text {
+                            "transient" => retry.on.push(ErrorClass::Transient),
+                            "timeout" => retry.on.push(ErrorClass::Timeout),
+                            "permanent" | "any" => {
+                                retry.on.push(ErrorClass::Permanent);
+                                if text == "any" {
+                                    retry
+                                        .on
+                                        .extend([ErrorClass::Transient, ErrorClass::Timeout]);
+                                }
+                            }
+                            _ => self.err(
+                                Pos::of(it.span()),
+                                format!("unknown error class `{text}` in `retry.on`"),
+                                Some("use transient, timeout, permanent or any".into()),
+                            ),
+                        }
+                    }
+                }
+            }
+            Node::Sequence(s) => self.err(
+                Pos::of(s.span()),
+                format!("`retry` of {what} must be a number or a mapping"),
+                None,
+            ),
+        }
+        retry
+    }
+
+    /// Type-checks a literal input (templates are checked when rendered).
+    fn check_literal(&mut self, node: &Node, v: &Value, ty: Ty, what: &str) {
+        if let Value::String(s) = v
+            && s.contains("${{")
+        {
+            return;
+        }
+        let ok = match ty {
+            Ty::Any => true,
+            Ty::String => matches!(v, Value::String(_) | Value::Number(_) | Value::Bool(_)),
+            Ty::Integer => v.is_i64() || v.as_str().is_some_and(|s| s.parse::<i64>().is_ok()),
+            Ty::Bool => v.is_boolean(),
+            Ty::Duration => {
+                v.is_number() || v.as_str().and_then(catalog::parse_duration_ms).is_some()
+            }
+            Ty::List => v.is_array(),
+            Ty::Map => v.is_object(),
+        };
+        if !ok {
+            let hint =
+                (ty == Ty::Duration).then(|| "write it like 500ms, 30s, 5m or 2h".to_owned());
+            self.err(
+                Pos::of(node.span()),
+                format!("{what} must be a {}, not `{}`", ty.name(), expr::to_text(v)),
+                hint,
+            );
+        }
+    }
+
+    /// Parses every `${{ }}` inside a node and checks what it references.
+    fn check_templates(&mut self, node: &Node, refs: &RefCtx<'_>) {
+        match node {
+            Node::Scalar(s) if s.as_str().contains("${{") => match expr::parse_template(s.as_str())
+            {
+                Err((_, msg)) => self.err(
+                    Pos::of(s.span()),
+                    format!("in `{}`: {msg}", s.as_str()),
+                    None,
+                ),
+                Ok(parts) => {
+                    for p in parts {
+                        if let expr::Part::Expr(e) = p {
+                            self.check_expr(&e, Pos::of(s.span()), refs);
+                        }
+                    }
+                }
+            },
+            Node::Scalar(_) => {}
+            Node::Sequence(items) => items.iter().for_each(|n| self.check_templates(n, refs)),
+            Node::Mapping(m) => m.values().for_each(|n| self.check_templates(n, refs)),
+        }
+    }
+
+    fn check_expr(&mut self, e: &Expr, at: Pos, refs: &RefCtx<'_>) {
+        let mut paths = Vec::new();
+        e.paths(&mut paths);
+        for p in paths {
+            let text = expr::path_text(p);
+            let key = |i: usize| match p.get(i) {
+                Some(Seg::Key(k)) => Some(k.as_str()),
+                _ => None,
+            };
+            match key(0) {
+                Some("params") => match key(1) {
+                    Some(name) if refs.params.iter().any(|x| x.name == name) => {}
+                    Some(name) => {
+                        let hint = match suggest(name, refs.params.iter().map(|x| x.name.as_str()))
+                        {
+                            Some(s) => format!("did you mean `params.{s}`?"),
+                            None => {
+                                format!("declare it under `params:` (`{name}: {{ type: string }}`)")
+                            }
+                        };
+                        self.err(
+                            at,
+                            format!("`{text}`: the runbook has no param `{name}`"),
+                            Some(hint),
+                        );
+                    }
+                    None => self.err(
+                        at,
+                        format!("`{text}`: name a param, e.g. `params.NAME`"),
+                        None,
+                    ),
+                },
+                Some("steps") => {
+                    let Some(id) = key(1) else {
+                        self.err(at, format!("`{text}`: write `steps.ID.outputs.NAME`"), None);
+                        continue;
+                    };
+                    let Some(&j) = refs.ids.get(id) else {
+                        let hint = suggest(id, refs.ids.keys().map(String::as_str))
+                            .map(|s| format!("did you mean `{s}`?"));
+                        self.err(
+                            at,
+                            format!("`{text}` refers to step `{id}`, which does not exist"),
+                            hint,
+                        );
+                        continue;
+                    };
+                    if !refs.upstream.contains(&j) {
+                        self.err(
+                            at,
+                            format!(
+                                "step `{}` reads `{text}`, but `{id}` is not upstream of it",
+                                refs.step
+                            ),
+                            Some(format!("add `{id}` to the `needs` of `{}`", refs.step)),
+                        );
+                        continue;
+                    }
+                    if key(2) != Some("outputs") || p.len() < 4 {
+                        self.err(
+                            at,
+                            format!("`{text}`: write `steps.{id}.outputs.NAME`"),
+                            None,
+                        );
+                        continue;
+                    }
+                    let uses = refs.raws[j]
+                        .node
+                        .get_scalar("uses")
+                        .map(|s| s.as_str().to_owned())
+                        .unwrap_or_default();
+                    if let (Some(a), Some(out)) = (catalog::action(&uses), key(3))
+                        && !a.has_output(out)
+                    {
+                        let list: Vec<&str> = a.outputs.iter().map(|(o, _)| *o).collect();
+                        let hint = match suggest(out, list.iter().copied()) {
+                            Some(s) => format!("did you mean `{s}`?"),
+                            None if list.is_empty() => format!("`{uses}` has no outputs"),
+                            None => format!("`{uses}` outputs {}", list.join(", ")),
+                        };
+                        self.err(
+                            at,
+                            format!("`{text}`: `{uses}` has no output `{out}`"),
+                            Some(hint),
+                        );
+                    }
+                }
+                Some("each") => {
+                    if !refs.has_each {
+                        self.err(
+                            at,
+                            format!("`{text}` is only defined in a step with `for_each`"),
+                            None,
+                        );
+                    } else if !matches!(key(1), Some("value" | "index")) {
+                        self.err(
+                            at,
+                            format!("`{text}`: use `each.value` or `each.index`"),
+                            None,
+                        );
+                    }
+                }
+                Some("run") if !matches!(key(1), Some("id" | "mode" | "work_dir")) => {
+                    self.err(
+                        at,
+                        format!("`{text}`: use `run.id`, `run.mode` or `run.work_dir`"),
+                        None,
+                    );
+                }
+                Some(other) => self.err(
+                    at,
+                    format!("`{text}`: unknown name `{other}`"),
+                    Some("expressions read params.*, steps.ID.outputs.*, each.* and run.*".into()),
+                ),
+                None => {}
+            }
+        }
+    }
+}
+
+#[derive(Clone, Copy)]
+struct RefCtx<'a> {
+    step: &'a str,
+    upstream: &'a BTreeSet<usize>,
+    raws: &'a [RawStep<'a>],
+    ids: &'a BTreeMap<String, usize>,
+    params: &'a [Param],
+    has_each: bool,
+}
+
+/// For each step, every step it transitively needs (steps on cycles get what
+/// can be found without looping).
+fn upstream_sets(edges: &[Vec<usize>], cyclic: &BTreeSet<usize>) -> Vec<BTreeSet<usize>> {
+    let mut memo: Vec<Option<BTreeSet<usize>>> = vec![None; edges.len()];
+    fn visit(
+        i: usize,
+        edges: &[Vec<usize>],
+        memo: &mut Vec<Option<BTreeSet<usize>>>,
+        stack: &mut BTreeSet<usize>,
+    ) -> BTreeSet<usize> {
+        if let Some(s) = &memo[i] {
+            return s.clone();
+        }
+        stack.insert(i);
+        let mut set = BTreeSet::new();
+        for &d in &edges[i] {
+            set.insert(d);
+            if !stack.contains(&d) {
+                set.extend(visit(d, edges, memo, stack));
+            }
+        }
+        stack.remove(&i);
+        memo[i] = Some(set.clone());
+        set
+    }
+    let _ = cyclic;
+    (0..edges.len())
+        .map(|i| visit(i, edges, &mut memo, &mut BTreeSet::new()))
+        .collect()
+}

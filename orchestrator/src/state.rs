@@ -1,0 +1,510 @@
+//! Durable state through sqlx: SQLite by default (a file created on first
+//! use), PostgreSQL by URL. The only module that knows SQL.
+//!
+//! A run is a row in `runs` plus its append-only log in `events`; the engine's
+//! state is the log folded by `Engine::apply`. Other processes (`ferry
+//! approve`, `cancel`, `rollback`, the API) never write a run's log: they queue
+//! a row in `commands`, which the process running the run turns into events,
+//! so each log has one writer, the holder of the run's lease.
+
+use anyhow::{Context, Result, bail};
+use ferry_engine::Event;
+use serde::{Deserialize, Serialize};
+use sqlx::AnyPool;
+use sqlx::Row;
+use sqlx::any::AnyPoolOptions;
+use std::collections::BTreeMap;
+
+/// Schema migrations, applied in order, each once. They ship with the binary.
+const MIGRATIONS: &[&str] = &["CREATE TABLE runs (
+        id TEXT PRIMARY KEY,
+        runbook TEXT NOT NULL,
+        file TEXT NOT NULL,
+        source TEXT NOT NULL,
+        params TEXT NOT NULL,
+        mode TEXT NOT NULL,
+        status TEXT NOT NULL,
+        git_commit TEXT,
+        repo TEXT,
+        work_dir TEXT NOT NULL,
+        created_ms BIGINT NOT NULL,
+        finished_ms BIGINT,
+        owner TEXT,
+        lease_ms BIGINT
+    );
+    CREATE TABLE events (
+        run_id TEXT NOT NULL,
+        seq BIGINT NOT NULL,
+        at_ms BIGINT NOT NULL,
+        body TEXT NOT NULL,
+        PRIMARY KEY (run_id, seq)
+    );
+    CREATE TABLE commands (
+        id TEXT PRIMARY KEY,
+        run_id TEXT NOT NULL,
+        at_ms BIGINT NOT NULL,
+        body TEXT NOT NULL,
+        done_ms BIGINT
+    );
+    CREATE INDEX commands_open ON commands (run_id, done_ms);
+    CREATE TABLE verified_points (
+        repo TEXT NOT NULL,
+        point TEXT NOT NULL,
+        source TEXT NOT NULL,
+        point_time TEXT NOT NULL,
+        run_id TEXT NOT NULL,
+        at_ms BIGINT NOT NULL,
+        PRIMARY KEY (repo, point, run_id)
+    )"];
+
+/// A run as stored.
+#[derive(Clone, Debug, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct RunRow {
+    pub id: String,
+    pub runbook: String,
+    pub file: String,
+    /// The runbook's text as it was when the run started.
+    #[serde(skip_serializing)]
+    pub source: String,
+    /// Params as given (`--param k=v`), before defaults.
+    pub params: BTreeMap<String, String>,
+    pub mode: String,
+    /// `running` until it finishes: then succeeded, failed, cancelled or rolled_back.
+    pub status: String,
+    /// `COMMIT` or `COMMIT-dirty` when the runbook sat in a git checkout.
+    pub git_commit: Option<String>,
+    pub repo: Option<String>,
+    pub work_dir: String,
+    pub created_ms: i64,
+    pub finished_ms: Option<i64>,
+    /// `HOST:PID` of the process running it.
+    pub owner: Option<String>,
+    pub lease_ms: Option<i64>,
+}
+
+/// One entry of a run's log.
+#[derive(Clone, Debug, Serialize, utoipa::ToSchema)]
+pub struct Stored {
+    pub seq: i64,
+    pub at_ms: i64,
+    #[schema(value_type = Object)]
+    pub event: Event,
+}
+
+/// A request from another process for a run.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Command {
+    Approve { step: String, by: String },
+    Cancel { by: String },
+    Rollback { by: String },
+}
+
+#[derive(Clone, Debug, Serialize, utoipa::ToSchema)]
+pub struct Verified {
+    pub repo: String,
+    pub point: String,
+    pub source: String,
+    pub point_time: String,
+    pub run_id: String,
+    pub at_ms: i64,
+}
+
+#[derive(Clone, Debug)]
+pub struct State {
+    pool: AnyPool,
+    /// Where it is, without credentials.
+    pub location: String,
+}
+
+/// A URL with any password replaced (`postgres://user:***@host/db`).
+pub fn redact(url: &str) -> String {
+    if let Some((scheme, rest)) = url.split_once("://")
+        && let Some((cred, host)) = rest.split_once('@')
+    {
+        let user = cred.split(':').next().unwrap_or("");
+        return format!("{scheme}://{user}:***@{host}");
+    }
+    url.to_owned()
+}
+
+impl State {
+    /// Opens (creating on first use) the state at `url`: `sqlite://PATH`
+    /// or `postgres://...`. Applies pending migrations.
+    pub async fn open(url: &str) -> Result<State> {
+        sqlx::any::install_default_drivers();
+        let location = redact(url);
+        let sqlite = url.starts_with("sqlite:");
+        let url = if sqlite && !url.contains('?') {
+            format!("{url}?mode=rwc")
+        } else {
+            url.to_owned()
+        };
+        if sqlite
+            && let Some(path) = url
+                .strip_prefix("sqlite://")
+                .and_then(|p| p.split('?').next())
+            && let Some(dir) = std::path::Path::new(path).parent()
+        {
+            std::fs::create_dir_all(dir)
+                .with_context(|| format!("cannot create {}", dir.display()))?;
+        }
+        let pool = AnyPoolOptions::new()
+            .max_connections(if sqlite { 4 } else { 8 })
+            .acquire_timeout(std::time::Duration::from_secs(15))
+            .after_connect(move |conn, _| {
+                Box::pin(async move {
+                    if sqlite {
+                        // WAL: readers never block the writer; NORMAL is durable
+                        // across process crashes (not power loss of the last commits).
+                        sqlx::query("PRAGMA journal_mode = WAL")
+                            .execute(&mut *conn)
+                            .await?;
+                        sqlx::query("PRAGMA synchronous = NORMAL")
+                            .execute(&mut *conn)
+                            .await?;
+                        sqlx::query("PRAGMA busy_timeout = 10000")
+                            .execute(&mut *conn)
+                            .await?;
+                    }
+                    Ok(())
+                })
+            })
+            .connect(&url)
+            .await
+            .with_context(|| format!("cannot open the state database {location}"))?;
+        let state = State { pool, location };
+        state.migrate().await?;
+        Ok(state)
+    }
+
+    async fn migrate(&self) -> Result<()> {
+        sqlx::query("CREATE TABLE IF NOT EXISTS ferry_schema (version BIGINT NOT NULL)")
+            .execute(&self.pool)
+            .await
+            .with_context(|| format!("cannot create tables in {}", self.location))?;
+        let mut tx = self.pool.begin().await?;
+        let version: Option<i64> = sqlx::query("SELECT MAX(version) FROM ferry_schema")
+            .fetch_one(&mut *tx)
+            .await?
+            .try_get(0)
+            .ok();
+        let version = version.unwrap_or(0) as usize;
+        if version > MIGRATIONS.len() {
+            bail!(
+                "the state database {} is at schema {version}, newer than this ferry ({}); upgrade ferry",
+                self.location,
+                MIGRATIONS.len()
+            );
+        }
+        for (i, m) in MIGRATIONS.iter().enumerate().skip(version) {
+            for stmt in m.split(';').map(str::trim).filter(|s| !s.is_empty()) {
+                sqlx::query(stmt)
+                    .execute(&mut *tx)
+                    .await
+                    .with_context(|| format!("migration {}", i + 1))?;
+            }
+            sqlx::query("INSERT INTO ferry_schema (version) VALUES ($1)")
+                .bind((i + 1) as i64)
+                .execute(&mut *tx)
+                .await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    pub async fn create_run(&self, r: &RunRow) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO runs (id, runbook, file, source, params, mode, status, git_commit, repo, work_dir, created_ms, owner, lease_ms)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)",
+        )
+        .bind(&r.id)
+        .bind(&r.runbook)
+        .bind(&r.file)
+        .bind(&r.source)
+        .bind(serde_json::to_string(&r.params)?)
+        .bind(&r.mode)
+        .bind(&r.status)
+        .bind(r.git_commit.clone())
+        .bind(r.repo.clone())
+        .bind(&r.work_dir)
+        .bind(r.created_ms)
+        .bind(r.owner.clone())
+        .bind(r.lease_ms)
+        .execute(&self.pool)
+        .await
+        .with_context(|| format!("cannot record run {}", r.id))?;
+        Ok(())
+    }
+
+    fn row(row: &sqlx::any::AnyRow) -> Result<RunRow> {
+        let params: String = row.try_get("params")?;
+        Ok(RunRow {
+            id: row.try_get("id")?,
+            runbook: row.try_get("runbook")?,
+            file: row.try_get("file")?,
+            source: row.try_get("source")?,
+            params: serde_json::from_str(&params).unwrap_or_default(),
+            mode: row.try_get("mode")?,
+            status: row.try_get("status")?,
+            git_commit: row.try_get("git_commit")?,
+            repo: row.try_get("repo")?,
+            work_dir: row.try_get("work_dir")?,
+            created_ms: row.try_get("created_ms")?,
+            finished_ms: row.try_get("finished_ms")?,
+            owner: row.try_get("owner")?,
+            lease_ms: row.try_get("lease_ms")?,
+        })
+    }
+
+    pub async fn run(&self, id: &str) -> Result<Option<RunRow>> {
+        let row = sqlx::query("SELECT * FROM runs WHERE id = $1")
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?;
+        row.as_ref().map(State::row).transpose()
+    }
+
+    /// A run by id, or by a unique prefix of it.
+    pub async fn find_run(&self, id: &str) -> Result<RunRow> {
+        if let Some(r) = self.run(id).await? {
+            return Ok(r);
+        }
+        let rows =
+            sqlx::query("SELECT * FROM runs WHERE id LIKE $1 ORDER BY created_ms DESC LIMIT 3")
+                .bind(format!("{}%", id.replace(['%', '_'], "")))
+                .fetch_all(&self.pool)
+                .await?;
+        match rows.len() {
+            1 => State::row(&rows[0]),
+            0 => Err(crate::cli::UsageError(format!(
+                "no run `{id}` in {}; list them with `ferry runs`",
+                self.location
+            ))
+            .into()),
+            _ => Err(crate::cli::UsageError(format!(
+                "`{id}` matches several runs; give more of the id"
+            ))
+            .into()),
+        }
+    }
+
+    /// Runs, newest first.
+    pub async fn runs(&self, limit: i64) -> Result<Vec<RunRow>> {
+        let rows = sqlx::query("SELECT * FROM runs ORDER BY created_ms DESC LIMIT $1")
+            .bind(limit)
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter().map(State::row).collect()
+    }
+
+    /// Runs not finished, oldest first.
+    pub async fn unfinished(&self) -> Result<Vec<RunRow>> {
+        let rows = sqlx::query("SELECT * FROM runs WHERE status = 'running' ORDER BY created_ms")
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter().map(State::row).collect()
+    }
+
+    /// Appends events `first_seq..` in one transaction. Fails if another
+    /// process wrote the same sequence numbers.
+    pub async fn append(&self, run: &str, first_seq: i64, events: &[(i64, &Event)]) -> Result<()> {
+        let mut tx = self.pool.begin().await?;
+        for (i, (at, ev)) in events.iter().enumerate() {
+            sqlx::query("INSERT INTO events (run_id, seq, at_ms, body) VALUES ($1, $2, $3, $4)")
+                .bind(run)
+                .bind(first_seq + i as i64)
+                .bind(*at)
+                .bind(serde_json::to_string(ev)?)
+                .execute(&mut *tx)
+                .await
+                .with_context(|| {
+                    format!("cannot append to the log of run {run} (is another ferry running it?)")
+                })?;
+        }
+        tx.commit()
+            .await
+            .with_context(|| format!("cannot commit to the log of run {run}"))?;
+        Ok(())
+    }
+
+    pub async fn events(&self, run: &str) -> Result<Vec<Stored>> {
+        self.events_after(run, -1).await
+    }
+
+    pub async fn events_after(&self, run: &str, seq: i64) -> Result<Vec<Stored>> {
+        let rows = sqlx::query(
+            "SELECT seq, at_ms, body FROM events WHERE run_id = $1 AND seq > $2 ORDER BY seq",
+        )
+        .bind(run)
+        .bind(seq)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                let body: String = r.try_get("body")?;
+                let seq: i64 = r.try_get("seq")?;
+                let event = serde_json::from_str(&body).with_context(|| {
+                    format!("event {seq} of run {run} is not readable by this ferry")
+                })?;
+                Ok(Stored {
+                    seq,
+                    at_ms: r.try_get("at_ms")?,
+                    event,
+                })
+            })
+            .collect()
+    }
+
+    pub async fn finish(&self, run: &str, status: &str, at_ms: i64) -> Result<()> {
+        sqlx::query("UPDATE runs SET status = $1, finished_ms = $2, owner = NULL, lease_ms = NULL WHERE id = $3")
+            .bind(status)
+            .bind(at_ms)
+            .bind(run)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    /// Marks a finished run running again (a rollback requested after it ended).
+    pub async fn reopen(&self, run: &str) -> Result<()> {
+        sqlx::query("UPDATE runs SET status = 'running', finished_ms = NULL WHERE id = $1")
+            .bind(run)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    /// Takes or renews the lease on a run: succeeds when nobody holds it,
+    /// the holder is `owner`, the lease ran out, or `dead_owner` held it.
+    pub async fn claim(
+        &self,
+        run: &str,
+        owner: &str,
+        now_ms: i64,
+        lease_ms: i64,
+        dead_owner: Option<&str>,
+    ) -> Result<bool> {
+        let r = sqlx::query(
+            "UPDATE runs SET owner = $1, lease_ms = $2
+             WHERE id = $3 AND (owner IS NULL OR owner = $1 OR lease_ms < $4 OR owner = $5)",
+        )
+        .bind(owner)
+        .bind(now_ms + lease_ms)
+        .bind(run)
+        .bind(now_ms)
+        .bind(dead_owner.unwrap_or("\u{0}"))
+        .execute(&self.pool)
+        .await?;
+        Ok(r.rows_affected() == 1)
+    }
+
+    pub async fn push_command(&self, run: &str, id: &str, at_ms: i64, cmd: &Command) -> Result<()> {
+        sqlx::query("INSERT INTO commands (id, run_id, at_ms, body) VALUES ($1, $2, $3, $4)")
+            .bind(id)
+            .bind(run)
+            .bind(at_ms)
+            .bind(serde_json::to_string(cmd)?)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    /// Commands not yet turned into events, oldest first.
+    pub async fn open_commands(&self, run: &str) -> Result<Vec<(String, Command)>> {
+        let rows = sqlx::query("SELECT id, body FROM commands WHERE run_id = $1 AND done_ms IS NULL ORDER BY at_ms, id")
+            .bind(run)
+            .fetch_all(&self.pool)
+            .await?;
+        let mut out = Vec::new();
+        for r in rows {
+            let body: String = r.try_get("body")?;
+            if let Ok(c) = serde_json::from_str(&body) {
+                out.push((r.try_get("id")?, c));
+            }
+        }
+        Ok(out)
+    }
+
+    pub async fn command_done(&self, id: &str, at_ms: i64) -> Result<()> {
+        sqlx::query("UPDATE commands SET done_ms = $1 WHERE id = $2")
+            .bind(at_ms)
+            .bind(id)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    pub async fn mark_verified(&self, v: &Verified) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO verified_points (repo, point, source, point_time, run_id, at_ms) VALUES ($1, $2, $3, $4, $5, $6)",
+        )
+        .bind(&v.repo)
+        .bind(&v.point)
+        .bind(&v.source)
+        .bind(&v.point_time)
+        .bind(&v.run_id)
+        .bind(v.at_ms)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// Verified points, newest verification first.
+    pub async fn verified(&self) -> Result<Vec<Verified>> {
+        let rows = sqlx::query("SELECT * FROM verified_points ORDER BY at_ms DESC")
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(Verified {
+                    repo: r.try_get("repo")?,
+                    point: r.try_get("point")?,
+                    source: r.try_get("source")?,
+                    point_time: r.try_get("point_time")?,
+                    run_id: r.try_get("run_id")?,
+                    at_ms: r.try_get("at_ms")?,
+                })
+            })
+            .collect()
+    }
+
+    /// Durations (seconds) of each step's successful tries in the last
+    /// finished runs of a runbook, for `ferry plan`'s prediction.
+    pub async fn step_history(
+        &self,
+        runbook: &str,
+        runs: i64,
+    ) -> Result<BTreeMap<String, Vec<f64>>> {
+        let ids: Vec<String> = sqlx::query(
+            "SELECT id FROM runs WHERE runbook = $1 AND status IN ('succeeded', 'rolled_back') ORDER BY created_ms DESC LIMIT $2",
+        )
+        .bind(runbook)
+        .bind(runs)
+        .fetch_all(&self.pool)
+        .await?
+        .iter()
+        .filter_map(|r| r.try_get::<String, _>("id").ok())
+        .collect();
+        let mut out: BTreeMap<String, Vec<f64>> = BTreeMap::new();
+        for id in ids {
+            let mut started = BTreeMap::new();
+            for s in self.events(&id).await? {
+                match s.event {
+                    Event::StepStarted { step, delay_ms, .. } => {
+                        started.insert(step, s.at_ms + delay_ms as i64);
+                    }
+                    Event::StepSucceeded { step, .. } => {
+                        if let Some(t) = started.get(&step) {
+                            out.entry(step)
+                                .or_default()
+                                .push((s.at_ms - t) as f64 / 1000.0);
+                        }
+                    }
+                    _ => {}
+                }
+            }
+        }
+        Ok(out)
+    }
+}
