@@ -119,6 +119,8 @@ pub enum Command {
     Runs(crate::runs::RunsArgs),
     /// A run's report: timeline, RTO, RPO (text, JSON, HTML or JUnit XML).
     Report(crate::runs::ReportArgs),
+    /// Recovery points proved by drills (the last known good ones).
+    Verified,
     /// Let a run past an approval step.
     Approve(crate::runs::ApproveArgs),
     /// Stop a run: no new steps; running ones are stopped (a drill still tears down).
@@ -378,6 +380,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         Command::Runs(a) => crate::runs::runs(g, a),
         Command::Report(a) => crate::runs::report(g, a),
         Command::Approve(a) => crate::runs::approve(g, a),
+        Command::Verified => crate::runs::verified(g),
         Command::Cancel(a) => crate::runs::cancel(g, a),
         Command::Rollback(a) => crate::runs::rollback(g, a),
         Command::Serve(a) => crate::server::serve(g, a),

@@ -249,6 +249,8 @@ struct PlanOut {
     predicted_rto_secs: Option<f64>,
     rto_objective_secs: Option<f64>,
     history_runs: usize,
+    /// Steps that never finished in past runs (skipped or new): counted as 0 s.
+    no_history: Vec<String>,
 }
 
 #[derive(serde::Serialize)]
@@ -285,10 +287,13 @@ pub fn plan(g: &Global, a: &PlanArgs) -> Result<ExitCode> {
         None
     };
     let mut finish = vec![0.0f64; plan.nodes.len()];
-    let mut known = true;
+    let known = history_runs > 0;
+    let mut unknown_steps = Vec::new();
     for &n in &plan.order {
         let p = predict(&plan.nodes[n].id);
-        known &= p.is_some();
+        if p.is_none() {
+            unknown_steps.push(plan.nodes[n].id.clone());
+        }
         let start = plan.nodes[n]
             .deps
             .iter()
@@ -338,6 +343,7 @@ pub fn plan(g: &Global, a: &PlanArgs) -> Result<ExitCode> {
         predicted_rto_secs: known.then(|| finish.iter().copied().fold(0.0, f64::max)),
         rto_objective_secs: plan.runbook.objectives.rto_secs,
         history_runs,
+        no_history: if known { unknown_steps } else { Vec::new() },
     };
     if g.json {
         println!("{}", serde_json::to_string_pretty(&out)?);
@@ -722,6 +728,34 @@ pub fn report(g: &Global, a: &ReportArgs) -> Result<ExitCode> {
         match &a.out {
             Some(p) => write_report(&r, p, Some(format))?,
             None => print!("{}", render(&r, format)?),
+        }
+        Ok(ExitCode::SUCCESS)
+    })
+}
+
+pub fn verified(g: &Global) -> Result<ExitCode> {
+    let rt = runtime()?;
+    rt.block_on(async {
+        let state = open_state(g).await?;
+        let v = state.verified().await?;
+        if g.json {
+            println!("{}", serde_json::to_string_pretty(&v)?);
+            return Ok(ExitCode::SUCCESS);
+        }
+        if v.is_empty() {
+            println!("no point has been proved by a drill yet");
+        }
+        for x in v {
+            let at = chrono::DateTime::from_timestamp_millis(x.at_ms)
+                .map(|t| t.format("%Y-%m-%d %H:%M:%S").to_string())
+                .unwrap_or_default();
+            println!(
+                "{:<16} {}  taken {}  proved by drill {} at {at}",
+                x.source,
+                &x.point[..x.point.len().min(12)],
+                x.point_time,
+                x.run_id
+            );
         }
         Ok(ExitCode::SUCCESS)
     })

@@ -387,13 +387,13 @@ impl State {
     ) -> Result<bool> {
         let r = sqlx::query(
             "UPDATE runs SET owner = $1, lease_ms = $2
-             WHERE id = $3 AND (owner IS NULL OR owner = $1 OR lease_ms < $4 OR owner = $5)",
+             WHERE id = $3 AND (owner IS NULL OR owner = $1 OR lease_ms < $4 OR (owner = $5 AND $5 <> ''))",
         )
         .bind(owner)
         .bind(now_ms + lease_ms)
         .bind(run)
         .bind(now_ms)
-        .bind(dead_owner.unwrap_or("\u{0}"))
+        .bind(dead_owner.unwrap_or(""))
         .execute(&self.pool)
         .await?;
         Ok(r.rows_affected() == 1)

@@ -466,12 +466,13 @@ impl Engine {
     }
 
     fn final_status(&self) -> RunStatus {
-        if self.failed {
+        // An operator's rollback is the last word on a run, whatever it was.
+        if self.rollback_requested {
+            RunStatus::RolledBack
+        } else if self.failed {
             RunStatus::Failed
         } else if self.cancelled {
             RunStatus::Cancelled
-        } else if self.rollback_requested {
-            RunStatus::RolledBack
         } else {
             RunStatus::Succeeded
         }

@@ -271,7 +271,7 @@ fn skipped_steps_skip_their_dependents_and_stop_leaves_resources() {
         .unwrap_or_default();
     let log = drive(&mut e, ok);
     assert_eq!(undos(&log).len(), 4, "{log:?}");
-    assert_eq!(e.phase(), Phase::Finished(RunStatus::Failed));
+    assert_eq!(e.phase(), Phase::Finished(RunStatus::RolledBack));
 }
 
 #[test]
