@@ -361,8 +361,14 @@ impl Runner {
             self.spawn_undo(node);
         }
         let mut last_renew = now_ms();
+        let mut last_ingest = 0;
         loop {
-            self.ingest().await?;
+            // Commands from other processes: checked every 100 ms at most, not
+            // on every turn (a query per turn doubled the cost of a step).
+            if now_ms() - last_ingest >= 100 {
+                self.ingest().await?;
+                last_ingest = now_ms();
+            }
             if let Phase::Finished(status) = self.engine.phase() {
                 return self.finish(status).await;
             }
@@ -439,42 +445,57 @@ impl Runner {
                     () = tokio::time::sleep(Duration::from_millis(200)) => None,
                 }
             };
-            let Some(done) = done else { continue };
-            let Ok(done) = done else { continue }; // aborted: recorded as cancelled already
-            let ev = match done {
-                Done::Step {
-                    node,
-                    attempt,
-                    result,
-                } => {
-                    self.running.remove(&node);
-                    if !matches!(
-                        self.engine.state(node),
-                        ferry_engine::StepState::Running { .. }
-                    ) {
-                        continue;
-                    }
-                    let step = self.engine.plan().nodes[node].id.clone();
-                    match result {
-                        Ok(outputs) => Event::StepSucceeded { step, outputs },
-                        Err(e) => Event::StepFailed {
-                            step,
-                            attempt,
-                            error: e.message,
-                            class: e.class,
-                        },
-                    }
+            let Some(first) = done else { continue };
+            // Every result already in: one commit for all of them.
+            let mut finished = vec![first];
+            while let Some(more) = self.tasks.try_join_next() {
+                finished.push(more);
+            }
+            let mut events = Vec::new();
+            for done in finished {
+                // An aborted task was recorded as cancelled already.
+                if let Some(ev) = done.ok().and_then(|d| self.result_event(d)) {
+                    events.push(ev);
                 }
-                Done::Undo { node, result } => {
-                    let step = self.engine.plan().nodes[node].id.clone();
-                    match result {
-                        Ok(()) => Event::UndoSucceeded { step },
-                        Err(error) => Event::UndoFailed { step, error },
-                    }
-                }
-            };
-            self.record(vec![ev]).await?;
+            }
+            self.record(events).await?;
         }
+    }
+
+    /// The event that records a finished task, if it still matters.
+    fn result_event(&mut self, done: Done) -> Option<Event> {
+        Some(match done {
+            Done::Step {
+                node,
+                attempt,
+                result,
+            } => {
+                self.running.remove(&node);
+                if !matches!(
+                    self.engine.state(node),
+                    ferry_engine::StepState::Running { .. }
+                ) {
+                    return None;
+                }
+                let step = self.engine.plan().nodes[node].id.clone();
+                match result {
+                    Ok(outputs) => Event::StepSucceeded { step, outputs },
+                    Err(e) => Event::StepFailed {
+                        step,
+                        attempt,
+                        error: e.message,
+                        class: e.class,
+                    },
+                }
+            }
+            Done::Undo { node, result } => {
+                let step = self.engine.plan().nodes[node].id.clone();
+                match result {
+                    Ok(()) => Event::UndoSucceeded { step },
+                    Err(error) => Event::UndoFailed { step, error },
+                }
+            }
+        })
     }
 
     async fn finish(self, status: RunStatus) -> Result<(RunRow, RunStatus)> {
