@@ -287,7 +287,10 @@ impl Runner {
         );
         let ctx = self.ctx.clone();
         let h = self.tasks.spawn(async move {
-            tokio::time::sleep(Duration::from_millis(delay_ms)).await;
+            if delay_ms > 0 {
+                // (Never sleep(0): tokio's timer would still wait for its next 1 ms tick.)
+                tokio::time::sleep(Duration::from_millis(delay_ms)).await;
+            }
             let inputs = match inputs {
                 Ok(i) => i,
                 Err(e) => {
