@@ -10,6 +10,7 @@ use anyhow::{Context, Result};
 use ferry_engine::machine::Phase;
 use ferry_engine::runbook::ErrorClass;
 use ferry_engine::{Action, Engine, Event, Mode, RunStatus};
+use futures::FutureExt;
 use serde_json::{Map, Value};
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -21,17 +22,26 @@ pub fn now_ms() -> i64 {
 }
 
 /// `HOST:PID`, this process as a run's owner.
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .unwrap_or_default()
+        .trim()
+        .to_owned()
+}
+
+/// `HOST:PID:NONCE`, one runner as a run's owner: two runners in one process
+/// (the API server) are two owners, so only one of them can hold a run.
 pub fn owner_id() -> String {
-    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
-    format!("{}:{}", host.trim(), std::process::id())
+    let mut b = [0u8; 4];
+    let _ = ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut b);
+    format!("{}:{}:{}", hostname(), std::process::id(), hex::encode(b))
 }
 
 /// Whether `owner` names a process on this host that no longer runs.
 pub fn owner_is_dead(owner: &str) -> bool {
-    let me = owner_id();
-    let (host, pid) = owner.rsplit_once(':').unwrap_or(("", ""));
-    let my_host = me.rsplit_once(':').map(|x| x.0).unwrap_or("");
-    host == my_host && !std::path::Path::new(&format!("/proc/{pid}")).exists()
+    let mut parts = owner.split(':');
+    let (host, pid) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+    host == hostname() && !pid.is_empty() && !std::path::Path::new(&format!("/proc/{pid}")).exists()
 }
 
 /// Builds the engine for a stored run: re-validates its runbook text and
@@ -307,7 +317,18 @@ impl Runner {
                 uses: call_base.2,
                 inputs,
             };
-            let fut = actions::perform(ctx, call);
+            // A panicking action fails its step instead of leaving it running forever.
+            let fut = async move {
+                std::panic::AssertUnwindSafe(actions::perform(ctx, call))
+                    .catch_unwind()
+                    .await
+                    .unwrap_or_else(|p| {
+                        Err(actions::ActionError::permanent(format!(
+                            "the action panicked: {}",
+                            panic_text(&p)
+                        )))
+                    })
+            };
             let result = match timeout {
                 Some(t) => match tokio::time::timeout(t, fut).await {
                     Ok(r) => r,
@@ -341,7 +362,10 @@ impl Runner {
         let ctx = self.ctx.clone();
         self.tasks.spawn(async move {
             let result = match inputs {
-                Ok(i) => actions::undo(ctx, &id, &key, &uses, i).await,
+                Ok(i) => std::panic::AssertUnwindSafe(actions::undo(ctx, &id, &key, &uses, i))
+                    .catch_unwind()
+                    .await
+                    .unwrap_or_else(|p| Err(format!("the undo panicked: {}", panic_text(&p)))),
                 Err(e) => Err(format!("undo inputs: {e}")),
             };
             Done::Undo { node, result }
@@ -372,8 +396,13 @@ impl Runner {
                 self.ingest().await?;
                 last_ingest = now_ms();
             }
-            if let Phase::Finished(status) = self.engine.phase() {
-                return self.finish(status).await;
+            if let Phase::Finished(_) = self.engine.phase() {
+                // A rollback queued at the last moment still counts.
+                self.ingest().await?;
+                if let Phase::Finished(status) = self.engine.phase() {
+                    return self.finish(status).await;
+                }
+                continue;
             }
             let actions = self.engine.decide();
             let mut events = Vec::new();
@@ -535,6 +564,13 @@ impl Runner {
         let run = self.state.run(&self.run.id).await?.unwrap_or(self.run);
         Ok((run, status))
     }
+}
+
+fn panic_text(p: &Box<dyn std::any::Any + Send>) -> String {
+    p.downcast_ref::<&str>()
+        .map(|s| (*s).to_owned())
+        .or_else(|| p.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "(no message)".into())
 }
 
 /// How long a run's lease lasts without renewal.

@@ -120,6 +120,7 @@ pub fn build(run: &RunRow, log: &[Stored], engine: &Engine) -> Report {
     }
     let mut steps = Vec::new();
     let mut left_behind = Vec::new();
+    let finished = matches!(engine.phase(), ferry_engine::machine::Phase::Finished(_));
     let (mut passed, mut failed) = (0, 0);
     for i in 0..n {
         let step = plan.step_of(i);
@@ -164,8 +165,20 @@ pub fn build(run: &RunRow, log: &[Stored], engine: &Engine) -> Report {
                 left_behind.push(plan.nodes[i].id.clone());
                 Some("undo_failed".to_owned())
             }
-            ferry_engine::machine::UndoState::Running => Some("undoing".to_owned()),
-            ferry_engine::machine::UndoState::NotStarted => None,
+            ferry_engine::machine::UndoState::Running => {
+                if finished {
+                    left_behind.push(plan.nodes[i].id.clone());
+                }
+                Some("undoing".to_owned())
+            }
+            ferry_engine::machine::UndoState::NotStarted => {
+                // Finished with something to undo that a drill or a rollback should have removed.
+                let should = run.mode == "drill" || run.status == "rolled_back";
+                if finished && should && engine.needs_undo(i) {
+                    left_behind.push(plan.nodes[i].id.clone());
+                }
+                None
+            }
         };
         steps.push(StepReport {
             id: plan.nodes[i].id.clone(),
@@ -442,11 +455,11 @@ fn xml(s: &str) -> String {
 
 /// JUnit XML: one test case per step; failed steps are failures, skipped ones skipped.
 pub fn junit(r: &Report) -> String {
-    let failures = r
-        .steps
-        .iter()
-        .filter(|s| s.status == "failed" || s.status == "cancelled")
-        .count();
+    // A step that did not finish (pending, running, waiting) fails its case.
+    let bad = |s: &StepReport| !matches!(s.status.as_str(), "succeeded" | "skipped");
+    let rto_case = r.rto_objective_secs.is_some();
+    let rto_failed = rto_case && r.rto_met != Some(true);
+    let failures = r.steps.iter().filter(|s| bad(s)).count() + usize::from(rto_failed);
     let skipped = r.steps.iter().filter(|s| s.status == "skipped").count();
     let mut x = String::from("<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n");
     let _ = writeln!(
@@ -454,7 +467,7 @@ pub fn junit(r: &Report) -> String {
         "<testsuites name=\"ferry\"><testsuite name=\"{} {}\" tests=\"{}\" failures=\"{failures}\" skipped=\"{skipped}\" time=\"{:.3}\" timestamp=\"{}\">",
         xml(&r.mode),
         xml(&r.runbook),
-        r.steps.len(),
+        r.steps.len() + usize::from(rto_case),
         r.rto_secs
             .or_else(|| r.steps.iter().filter_map(|s| s.end_secs).reduce(f64::max))
             .unwrap_or(0.0),
@@ -470,13 +483,7 @@ pub fn junit(r: &Report) -> String {
             s.duration_secs.unwrap_or(0.0)
         );
         match s.status.as_str() {
-            "failed" | "cancelled" => {
-                let _ = writeln!(
-                    x,
-                    "><failure message=\"{}\"/></testcase>",
-                    xml(s.error.as_deref().unwrap_or(&s.status))
-                );
-            }
+            "succeeded" => x.push_str("/>\n"),
             "skipped" => {
                 let _ = writeln!(
                     x,
@@ -484,22 +491,36 @@ pub fn junit(r: &Report) -> String {
                     xml(s.error.as_deref().unwrap_or("skipped"))
                 );
             }
-            _ => x.push_str("/>\n"),
+            other => {
+                let msg = s
+                    .error
+                    .clone()
+                    .unwrap_or_else(|| format!("the step did not finish ({other})"));
+                let _ = writeln!(x, "><failure message=\"{}\"/></testcase>", xml(&msg));
+            }
         }
     }
-    if let (Some(rto), Some(obj)) = (r.rto_secs, r.rto_objective_secs) {
+    if let Some(obj) = r.rto_objective_secs {
+        let rto = r.rto_secs.unwrap_or(0.0);
         let _ = write!(
             x,
             "  <testcase classname=\"{}\" name=\"RTO objective\" time=\"{rto:.3}\"",
             xml(&r.runbook)
         );
-        if rto > obj {
-            let _ = writeln!(
-                x,
-                "><failure message=\"RTO {rto:.1} s exceeds {obj:.1} s\"/></testcase>"
-            );
-        } else {
-            x.push_str("/>\n");
+        match r.rto_secs {
+            Some(rto) if rto <= obj => x.push_str("/>\n"),
+            Some(rto) => {
+                let _ = writeln!(
+                    x,
+                    "><failure message=\"RTO {rto:.1} s exceeds {obj:.1} s\"/></testcase>"
+                );
+            }
+            None => {
+                let _ = writeln!(
+                    x,
+                    "><failure message=\"the stack was never verified: no RTO\"/></testcase>"
+                );
+            }
         }
     }
     x.push_str("</testsuite></testsuites>\n");

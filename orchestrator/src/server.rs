@@ -104,21 +104,33 @@ fn token() -> Result<String> {
     }
     let path = crate::runs::home().join("api-token");
     if let Ok(t) = std::fs::read_to_string(&path) {
-        return Ok(t.trim().to_owned());
+        let t = t.trim().to_owned();
+        if t.len() >= 16 {
+            return Ok(t);
+        }
+        anyhow::bail!(
+            "{} holds no usable token (under 16 characters); delete it and a new one is made",
+            path.display()
+        );
     }
     let mut b = [0u8; 24];
     ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut b)
         .map_err(|_| anyhow::anyhow!("no randomness"))?;
     let t = hex::encode(b);
     std::fs::create_dir_all(crate::runs::home())?;
+    // Written whole to a temporary file, then renamed: never an empty token file.
+    let tmp = path.with_extension("tmp");
+    let _ = std::fs::remove_file(&tmp);
     use std::os::unix::fs::OpenOptionsExt;
     let mut f = std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
         .mode(0o600)
-        .open(&path)
-        .with_context(|| format!("cannot create {}", path.display()))?;
+        .open(&tmp)
+        .with_context(|| format!("cannot create {}", tmp.display()))?;
     std::io::Write::write_all(&mut f, t.as_bytes())?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, &path).with_context(|| format!("cannot create {}", path.display()))?;
     Ok(t)
 }
 
@@ -350,7 +362,7 @@ async fn command(app: &App, id: &str, cmd: Command) -> Response {
         if idle {
             app.state.reopen(&run.id).await?;
         }
-        let cid = format!("api-{}-{}", exec::now_ms(), std::process::id());
+        let cid = exec::owner_id();
         app.state
             .push_command(&run.id, &cid, exec::now_ms(), &cmd)
             .await?;

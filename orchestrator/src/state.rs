@@ -117,15 +117,36 @@ pub struct State {
     pub location: String,
 }
 
-/// A URL with any password replaced (`postgres://user:***@host/db`).
+/// A URL with any password replaced (`postgres://user:***@host/db`), in the
+/// authority (up to its last `@`) and in `password=` query parameters.
 pub fn redact(url: &str) -> String {
-    if let Some((scheme, rest)) = url.split_once("://")
-        && let Some((cred, host)) = rest.split_once('@')
-    {
-        let user = cred.split(':').next().unwrap_or("");
-        return format!("{scheme}://{user}:***@{host}");
-    }
-    url.to_owned()
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    let (authority, tail) = match rest.find(['/', '?', '#']) {
+        Some(i) => rest.split_at(i),
+        None => (rest, ""),
+    };
+    let authority = match authority.rsplit_once('@') {
+        Some((cred, host)) => format!("{}:***@{host}", cred.split(':').next().unwrap_or("")),
+        None => authority.to_owned(),
+    };
+    let tail = match tail.split_once('?') {
+        Some((path, query)) => {
+            let q: Vec<String> = query
+                .split('&')
+                .map(|kv| match kv.split_once('=') {
+                    Some((k, _)) if k.to_ascii_lowercase().contains("password") => {
+                        format!("{k}=***")
+                    }
+                    _ => kv.to_owned(),
+                })
+                .collect();
+            format!("{path}?{}", q.join("&"))
+        }
+        None => tail.to_owned(),
+    };
+    format!("{scheme}://{authority}{tail}")
 }
 
 impl State {
@@ -437,7 +458,7 @@ impl State {
 
     pub async fn mark_verified(&self, v: &Verified) -> Result<()> {
         sqlx::query(
-            "INSERT INTO verified_points (repo, point, source, point_time, run_id, at_ms) VALUES ($1, $2, $3, $4, $5, $6)",
+            "INSERT INTO verified_points (repo, point, source, point_time, run_id, at_ms) VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT DO NOTHING",
         )
         .bind(&v.repo)
         .bind(&v.point)
@@ -506,5 +527,22 @@ impl State {
             }
         }
         Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn redact_hides_passwords_wherever_they_are() {
+        assert_eq!(
+            super::redact("postgres://u:p@ss@h:5/db"),
+            "postgres://u:***@h:5/db"
+        );
+        assert_eq!(
+            super::redact("mysql://h/db?user=u&password=x"),
+            "mysql://h/db?user=u&password=***"
+        );
+        assert_eq!(super::redact("http://h/x?y=@z"), "http://h/x?y=@z");
+        assert_eq!(super::redact("sqlite:///a/b.db"), "sqlite:///a/b.db");
     }
 }

@@ -144,7 +144,7 @@ fn drill_rebuilds_the_example_shop_verifies_it_and_tears_it_down() {
     let page = std::fs::read_to_string(&html).unwrap();
     assert!(page.contains("<svg") && page.contains("RTO") && page.contains("shop-page"));
     let xml = std::fs::read_to_string(&junit).unwrap();
-    assert!(xml.contains("tests=\"9\" failures=\"0\""), "{xml}");
+    assert!(xml.contains("tests=\"10\" failures=\"0\""), "{xml}");
     // The drill proved both points: they are the last known good ones.
     let verified = String::from_utf8(
         env.cmd()

@@ -327,7 +327,9 @@ impl Engine {
                     ref s => return Err(Rejected(format!("`{step}` failed while {s:?}"))),
                 }
                 let retry = &self.plan.step_of(i).retry;
+                // Attempt 0 never ran (its `if` did not evaluate): not retried.
                 if self.phase == Phase::Running
+                    && *attempt > 0
                     && *attempt < retry.attempts
                     && retry.on.contains(class)
                 {
@@ -350,6 +352,16 @@ impl Engine {
                     }
                     if self.phase == Phase::Running {
                         self.phase = Phase::Stopping;
+                    }
+                    // Nothing starts any more: a step waiting to retry ends here
+                    // (and the undo of its earlier tries runs).
+                    for s in &mut self.states {
+                        if matches!(s, StepState::RetryWait { .. }) {
+                            *s = StepState::Failed {
+                                error: "not retried: the run is stopping".into(),
+                                class: ErrorClass::Cancelled,
+                            };
+                        }
                     }
                 }
             }
@@ -404,6 +416,12 @@ impl Engine {
             }
             Event::RollbackRequested { .. } => {
                 self.rollback_requested = true;
+                // Undos that failed get another go.
+                for u in &mut self.undo {
+                    if *u == UndoState::Failed {
+                        *u = UndoState::NotStarted;
+                    }
+                }
                 match self.phase {
                     Phase::Running => self.phase = Phase::Stopping,
                     Phase::Finished(_) => self.phase = Phase::Stopping,
@@ -450,7 +468,7 @@ impl Engine {
     }
 
     /// Whether a node's undo still has to run.
-    fn needs_undo(&self, node: usize) -> bool {
+    pub fn needs_undo(&self, node: usize) -> bool {
         self.undo[node] == UndoState::NotStarted
             && self.plan.step_of(node).undo.is_some()
             && (self.states[node] == StepState::Succeeded
@@ -458,7 +476,10 @@ impl Engine {
     }
 
     fn wants_rollback(&self) -> bool {
-        self.rollback_requested
+        // Once undos started, a cancel does not abandon them halfway.
+        self.phase == Phase::RollingBack
+            || self.undo.contains(&UndoState::Running)
+            || self.rollback_requested
             || self.mode == Mode::Drill
             || (self.failed
                 && !self.cancelled
@@ -467,7 +488,10 @@ impl Engine {
 
     fn final_status(&self) -> RunStatus {
         // An operator's rollback is the last word on a run, whatever it was.
-        if self.rollback_requested {
+        if self.undo.contains(&UndoState::Failed) {
+            // Something the run made could not be removed: never a success.
+            RunStatus::Failed
+        } else if self.rollback_requested {
             RunStatus::RolledBack
         } else if self.failed {
             RunStatus::Failed

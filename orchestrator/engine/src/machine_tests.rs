@@ -406,3 +406,88 @@ proptest! {
         prop_assert_eq!(back, log);
     }
 }
+
+#[test]
+fn a_cancel_during_rollback_still_finishes_the_rollback_and_failed_undos_fail_the_run() {
+    let mut e = engine(STACK, Mode::Drill);
+    // Everything up, then the teardown starts one undo...
+    drive(&mut e, ok);
+    let mut e = engine(STACK, Mode::Drill);
+    let log = drive(&mut e, ok);
+    let cut = log
+        .iter()
+        .position(|ev| matches!(ev, Event::UndoStarted { .. }))
+        .unwrap_or(0);
+    let mut e2 = engine(STACK, Mode::Drill);
+    for ev in &log[..=cut] {
+        e2.apply(ev).unwrap_or_else(|r| panic!("{r}"));
+    }
+    // ...and a cancel arrives while it runs: no finish until every undo ran.
+    e2.apply(&Event::CancelRequested { by: "op".into() })
+        .unwrap_or_default();
+    assert!(
+        !e2.decide()
+            .iter()
+            .any(|a| matches!(a, Action::Finish { .. }))
+    );
+    let Event::UndoStarted { step } = &log[cut] else {
+        panic!()
+    };
+    e2.apply(&Event::UndoFailed {
+        step: step.clone(),
+        error: "busy".into(),
+    })
+    .unwrap_or_default();
+    let rest = drive(&mut e2, ok);
+    assert_eq!(undos(&rest).len(), 4, "{rest:?}");
+    assert_eq!(
+        e2.phase(),
+        Phase::Finished(RunStatus::Failed),
+        "a failed undo is never a success"
+    );
+    // A rollback request retries the failed undo.
+    e2.apply(&Event::RollbackRequested { by: "op".into() })
+        .unwrap_or_default();
+    let again = drive(&mut e2, ok);
+    assert_eq!(undos(&again), [step.as_str()]);
+    assert_eq!(e2.phase(), Phase::Finished(RunStatus::RolledBack));
+}
+
+#[test]
+fn a_final_failure_ends_waiting_retries_and_unevaluable_conditions_are_not_retried() {
+    let yaml = r#"
+name: r
+steps:
+  - id: a
+    uses: volume.create
+    retry: { attempts: 5, backoff: 1s }
+    with: { size: 1M }
+  - id: b
+    uses: noop
+  - id: c
+    uses: noop
+    if: ${{ steps.b.outputs.nope == 1 }}
+    needs: b
+    retry: { attempts: 3, on: any }
+"#;
+    let mut e = engine(yaml, Mode::Run);
+    let log = drive(&mut e, |s, a| match s {
+        "a" if a == 1 => Err(ErrorClass::Transient),
+        "b" => Err(ErrorClass::Permanent),
+        s => ok(s, a),
+    });
+    assert!(
+        matches!(e.state(0), StepState::Failed { .. }),
+        "{:?}",
+        e.state(0)
+    );
+    assert_eq!(undos(&log), ["a"], "the earlier try of a is undone too");
+
+    let mut e = engine(yaml, Mode::Run);
+    drive(&mut e, ok);
+    assert!(
+        matches!(e.state(2), StepState::Failed { error, .. } if error.contains("`if:")),
+        "{:?}",
+        e.state(2)
+    );
+}

@@ -99,6 +99,7 @@ fn text_matches(call: &Call, text: &str, what: &str) -> Result<(), Fail> {
 async fn http(call: &Call) -> Result<Outputs, Fail> {
     let url = call.need("url")?;
     let want = call.int("status", 200)?;
+    let shown = crate::state::redact(&url);
     let client = reqwest::Client::builder()
         .timeout(Duration::from_secs(10))
         .redirect(reqwest::redirect::Policy::limited(5))
@@ -108,15 +109,15 @@ async fn http(call: &Call) -> Result<Outputs, Fail> {
         .get(&url)
         .send()
         .await
-        .map_err(|e| Fail::Retry(format!("GET {url}: {}", error_text(&e))))?;
+        .map_err(|e| Fail::Retry(format!("GET {shown}: {}", error_text(&e))))?;
     let status = i64::from(resp.status().as_u16());
     let body = resp
         .bytes()
         .await
-        .map_err(|e| Fail::Retry(format!("GET {url}: reading the body: {e}")))?;
+        .map_err(|e| Fail::Retry(format!("GET {shown}: reading the body: {e}")))?;
     if status != want {
         return Err(Fail::Retry(format!(
-            "GET {url}: status {status}, wanted {want}"
+            "GET {shown}: status {status}, wanted {want}"
         )));
     }
     let text = String::from_utf8_lossy(&body[..body.len().min(1 << 20)]);
@@ -273,6 +274,12 @@ fn mysql_text(r: &sqlx::mysql::MySqlRow) -> String {
 /// then, if the image holds ext2/3/4, `e2fsck -fn` must find it clean.
 fn disk(ctx: &Ctx, call: &Call) -> Result<Outputs, ActionError> {
     let path = std::path::PathBuf::from(call.need("path")?);
+    if path.extension().is_some_and(|e| e == "qcow2") {
+        return Err(ActionError::permanent(format!(
+            "{}: check.disk reads raw images only; restore with `format: raw` (the default) for the check",
+            path.display()
+        )));
+    }
     let repo = open_repo(ctx, call)?;
     let point = repo
         .resolve(&call.need("point")?)

@@ -359,6 +359,8 @@ async fn boot(
     }
     let qemu = std::env::var("FERRY_QEMU").unwrap_or_else(|_| "qemu-system-x86_64".into());
     let mut cmd = tokio::process::Command::new(&qemu);
+    cmd.env_remove("FERRY_PASSWORD")
+        .env_remove("FERRY_API_TOKEN");
     cmd.args([
         "-name",
         name,

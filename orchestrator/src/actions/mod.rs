@@ -135,7 +135,9 @@ impl Call {
         match self.inputs.get(name) {
             None | Some(Value::Null) => Ok(default),
             Some(Value::Number(n)) => {
-                Ok(Duration::from_secs_f64(n.as_f64().unwrap_or(0.0).max(0.0)))
+                Duration::try_from_secs_f64(n.as_f64().unwrap_or(0.0).max(0.0)).map_err(|_| {
+                    ActionError::permanent(format!("`{name}` is not a usable duration: {n}"))
+                })
             }
             Some(Value::String(s)) => ferry_engine::catalog::parse_duration_ms(s)
                 .map(Duration::from_millis)
@@ -239,6 +241,9 @@ pub(crate) fn command(ctx: &Ctx, call: &Call) -> Result<tokio::process::Command,
     let mut cmd = tokio::process::Command::new(prog);
     cmd.args(args)
         .envs(call.map("env"))
+        // Secrets of the orchestrator are not the command's business.
+        .env_remove("FERRY_PASSWORD")
+        .env_remove("FERRY_API_TOKEN")
         .env("FERRY_RUN_ID", &ctx.run_id)
         .env("FERRY_IDEMPOTENCY_KEY", &call.key)
         .env("FERRY_WORK_DIR", &ctx.work_dir)
@@ -291,17 +296,8 @@ async fn command_run(ctx: &Ctx, call: &Call) -> Result<Outputs, ActionError> {
     Ok(o)
 }
 
-/// A node id as a file name (`disk[1]` -> `disk-1`).
+/// A node id as a file name (`disk[1]` -> `disk+1`: `+` is never in a step
+/// id, so no two nodes share a name).
 pub(crate) fn file_stem(node: &str) -> String {
-    node.chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
-                c
-            } else {
-                '-'
-            }
-        })
-        .collect::<String>()
-        .trim_end_matches('-')
-        .to_owned()
+    node.replace('[', "+").replace(']', "")
 }
