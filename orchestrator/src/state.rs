@@ -77,7 +77,7 @@ pub struct RunRow {
     pub work_dir: String,
     pub created_ms: i64,
     pub finished_ms: Option<i64>,
-    /// `HOST:PID` of the process running it.
+    /// `HOST:PID:NONCE` of the runner driving it.
     pub owner: Option<String>,
     pub lease_ms: Option<i64>,
 }
