@@ -128,7 +128,10 @@ pub fn redact(url: &str) -> String {
         None => (rest, ""),
     };
     let authority = match authority.rsplit_once('@') {
-        Some((cred, host)) => format!("{}:***@{host}", cred.split(':').next().unwrap_or("")),
+        Some((cred, host)) => match cred.split_once(':') {
+            Some((user, _)) => format!("{user}:***@{host}"),
+            None => format!("{cred}@{host}"),
+        },
         None => authority.to_owned(),
     };
     let tail = match tail.split_once('?') {
@@ -199,39 +202,57 @@ impl State {
         Ok(state)
     }
 
+    /// Applies pending migrations under a write lock taken first (SQLite
+    /// `BEGIN IMMEDIATE`, a PostgreSQL advisory lock), so processes opening a
+    /// new state at the same moment wait for each other instead of failing.
     async fn migrate(&self) -> Result<()> {
-        sqlx::query("CREATE TABLE IF NOT EXISTS ferry_schema (version BIGINT NOT NULL)")
-            .execute(&self.pool)
+        let sqlite = self.location.starts_with("sqlite:");
+        let mut conn = self
+            .pool
+            .acquire()
             .await
-            .with_context(|| format!("cannot create tables in {}", self.location))?;
-        let mut tx = self.pool.begin().await?;
-        let version: Option<i64> = sqlx::query("SELECT MAX(version) FROM ferry_schema")
-            .fetch_one(&mut *tx)
-            .await?
-            .try_get(0)
-            .ok();
-        let version = version.unwrap_or(0) as usize;
-        if version > MIGRATIONS.len() {
-            bail!(
-                "the state database {} is at schema {version}, newer than this ferry ({}); upgrade ferry",
-                self.location,
-                MIGRATIONS.len()
-            );
-        }
-        for (i, m) in MIGRATIONS.iter().enumerate().skip(version) {
-            for stmt in m.split(';').map(str::trim).filter(|s| !s.is_empty()) {
-                sqlx::query(stmt)
-                    .execute(&mut *tx)
-                    .await
-                    .with_context(|| format!("migration {}", i + 1))?;
+            .with_context(|| format!("cannot open {}", self.location))?;
+        sqlx::query(if sqlite { "BEGIN IMMEDIATE" } else { "BEGIN" })
+            .execute(&mut *conn)
+            .await
+            .with_context(|| format!("cannot lock {} to set up its tables", self.location))?;
+        let result = async {
+            if !sqlite {
+                sqlx::query("SELECT pg_advisory_xact_lock(7480001)").execute(&mut *conn).await?;
             }
-            sqlx::query("INSERT INTO ferry_schema (version) VALUES ($1)")
-                .bind((i + 1) as i64)
-                .execute(&mut *tx)
-                .await?;
+            sqlx::query("CREATE TABLE IF NOT EXISTS ferry_schema (version BIGINT NOT NULL)")
+                .execute(&mut *conn)
+                .await
+                .with_context(|| format!("cannot create tables in {}", self.location))?;
+            let version: Option<i64> =
+                sqlx::query("SELECT MAX(version) FROM ferry_schema").fetch_one(&mut *conn).await?.try_get(0).ok();
+            let version = version.unwrap_or(0) as usize;
+            if version > MIGRATIONS.len() {
+                bail!(
+                    "the state database {} is at schema {version}, newer than this ferry ({}); upgrade ferry",
+                    self.location,
+                    MIGRATIONS.len()
+                );
+            }
+            for (i, m) in MIGRATIONS.iter().enumerate().skip(version) {
+                for stmt in m.split(';').map(str::trim).filter(|s| !s.is_empty()) {
+                    sqlx::query(stmt).execute(&mut *conn).await.with_context(|| format!("migration {}", i + 1))?;
+                }
+                sqlx::query("INSERT INTO ferry_schema (version) VALUES ($1)").bind((i + 1) as i64).execute(&mut *conn).await?;
+            }
+            anyhow::Ok(())
         }
-        tx.commit().await?;
-        Ok(())
+        .await;
+        match result {
+            Ok(()) => {
+                sqlx::query("COMMIT").execute(&mut *conn).await?;
+                Ok(())
+            }
+            Err(e) => {
+                let _ = sqlx::query("ROLLBACK").execute(&mut *conn).await;
+                Err(e)
+            }
+        }
     }
 
     pub async fn create_run(&self, r: &RunRow) -> Result<()> {
@@ -544,5 +565,6 @@ mod tests {
         );
         assert_eq!(super::redact("http://h/x?y=@z"), "http://h/x?y=@z");
         assert_eq!(super::redact("sqlite:///a/b.db"), "sqlite:///a/b.db");
+        assert_eq!(super::redact("postgres://u@h/db"), "postgres://u@h/db");
     }
 }

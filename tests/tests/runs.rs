@@ -859,3 +859,24 @@ fn the_api_runs_drills_streams_their_events_and_documents_itself() {
         assert!(v["paths"].get(path).is_some(), "{path} undocumented");
     }
 }
+
+/// Several processes opening a new state at the same moment (a runner and
+/// the commands watching it) wait for each other's set-up instead of failing.
+#[test]
+fn processes_opening_a_new_state_at_once_all_succeed() {
+    let o = Orch::new();
+    let children: Vec<_> = (0..6)
+        .map(|_| {
+            o.cmd()
+                .args(["runs"])
+                .stdout(Stdio::null())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    for c in children {
+        let out = c.wait_with_output().unwrap();
+        assert!(out.status.success(), "{}", stderr(&out));
+    }
+}
