@@ -95,6 +95,10 @@ pub enum Error {
         detail: String,
     },
 
+    /// The caller cancelled the operation (a timeout, a cancelled run).
+    #[error("{operation} was cancelled; {kept}")]
+    Cancelled { operation: String, kept: String },
+
     /// A recovery point reference matched nothing (or too much).
     #[error("{0}")]
     PointNotFound(String),

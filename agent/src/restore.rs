@@ -307,6 +307,17 @@ impl Output {
     }
 }
 
+/// `Err(Cancelled)` once the caller has asked the restore to stop.
+fn cancelled(progress: &Progress) -> Result<()> {
+    if progress.cancelled() {
+        return Err(Error::Cancelled {
+            operation: "the restore".into(),
+            kept: "what it wrote is kept in the partial file, and the next restore to the same path resumes it".into(),
+        });
+    }
+    Ok(())
+}
+
 /// Restore one disk; returns (bytes written, chunks kept, chunks fetched).
 fn restore_disk(
     repo: &Repository,
@@ -324,6 +335,7 @@ fn restore_disk(
         let (base, _) = point::list_span(meta.size, first);
         let mut extents = Vec::new();
         for (k, lid) in batch.iter().enumerate() {
+            cancelled(progress)?;
             let (start, span) = point::list_span(meta.size, first + k);
             let list = repo.load_list(index, lid, span).map_err(|e| match e {
                 Error::Missing { ref object } | Error::Corrupt { ref object, .. }
@@ -395,6 +407,9 @@ fn restore_extents(
                         let Some((id, places)) = items.get(i) else {
                             return;
                         };
+                        if progress.cancelled() {
+                            return;
+                        }
                         let whole = index.get(id).map(|l| l.raw_len);
                         let mut missing = Vec::new();
                         for p in places {
@@ -421,6 +436,7 @@ fn restore_extents(
         });
         wanted = still.into_inner().expect("resume map");
         kept = kept_n.into_inner();
+        cancelled(progress)?;
     }
 
     // Every chunk must be in the index; report the missing one that comes first on the disk.
@@ -484,6 +500,10 @@ fn restore_extents(
                     };
                     loop {
                         if failure.lock().expect("failure slot").is_some() {
+                            return;
+                        }
+                        if let Err(e) = cancelled(progress) {
+                            failure.lock().expect("failure slot").get_or_insert(e);
                             return;
                         }
                         let i = next.fetch_add(1, Ordering::Relaxed) as usize;
@@ -618,5 +638,77 @@ impl Worker<'_> {
             out.write_at(run, run_start)?;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backup::{BackupOptions, DiskSpec, backup_sources};
+    use crate::crypto::KdfParams;
+    use crate::repo::InitOptions;
+    use crate::source::MemSource;
+    use crate::store::Store;
+
+    #[test]
+    fn a_cancelled_restore_stops_keeps_its_partial_and_resumes() {
+        let kdf = KdfParams {
+            memory_kib: 64,
+            iterations: 1,
+            ..KdfParams::default()
+        };
+        let repo = Repository::init(
+            Store::memory(),
+            b"pw",
+            InitOptions {
+                kdf,
+                ..InitOptions::default()
+            },
+        )
+        .unwrap();
+        let mut data = vec![0u8; 8 << 20];
+        let mut x = 0x9e37_79b9_7f4a_7c15u64;
+        for b in data.iter_mut() {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            *b = x as u8;
+        }
+        let opts = BackupOptions {
+            source: "vm".into(),
+            disks: vec![DiskSpec::from_path("/dev/vda")],
+            consistency: None,
+            time: None,
+        };
+        let s = backup_sources(
+            &repo,
+            &opts,
+            &[&MemSource(data.clone())],
+            &Progress::default(),
+        )
+        .unwrap();
+        let point = repo.load_point(&s.point).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let target = dir.path().join("vda.raw");
+        let ropts = RestoreOptions {
+            target: target.clone(),
+            disk: None,
+            overwrite: false,
+        };
+
+        let cancelled = Progress::default();
+        cancelled.cancel();
+        let err = restore(&repo, &point, &ropts, &cancelled).unwrap_err();
+        assert!(matches!(err, Error::Cancelled { .. }), "{err}");
+        assert!(err.to_string().contains("resumes"), "{err}");
+        assert!(
+            !target.exists(),
+            "a cancelled restore left a finished-looking file"
+        );
+        assert!(dir.path().join("vda.raw.ferry-partial").exists());
+
+        let again = restore(&repo, &point, &ropts, &Progress::default()).unwrap();
+        assert!(again.disks[0].resumed);
+        assert_eq!(std::fs::read(&target).unwrap(), data);
     }
 }

@@ -65,6 +65,9 @@ pub struct FaultSpec {
     pub latency: Duration,
     /// Added to every put (on top of `latency`): slow uploads, quick reads.
     pub put_latency: Duration,
+    /// Added to every read of a byte range (pack data), on top of
+    /// `latency`: a slow data path behind quick metadata reads.
+    pub range_latency: Duration,
     /// How long a `hang` fault stalls.
     pub hang: Duration,
     /// After this many requests every request fails with a reset (an outage).
@@ -73,7 +76,7 @@ pub struct FaultSpec {
 
 impl FaultSpec {
     /// Parse `rate=0.05 seed=7 kinds=error+slowdown+reset+partial+lost+hang
-    /// latency=2ms put-latency=1s hang=3s outage-after=100` (every field optional; spaces or
+    /// latency=2ms put-latency=1s range-latency=1s hang=3s outage-after=100` (every field optional; spaces or
     /// commas between fields).
     pub fn parse(s: &str) -> Result<FaultSpec, String> {
         let mut spec = FaultSpec {
@@ -88,6 +91,7 @@ impl FaultSpec {
             ],
             latency: Duration::ZERO,
             put_latency: Duration::ZERO,
+            range_latency: Duration::ZERO,
             hang: Duration::from_secs(3),
             outage_after: None,
         };
@@ -121,6 +125,7 @@ impl FaultSpec {
                 }
                 "latency" => spec.latency = dur(v)?,
                 "put-latency" => spec.put_latency = dur(v)?,
+                "range-latency" => spec.range_latency = dur(v)?,
                 "hang" => spec.hang = dur(v)?,
                 "outage-after" => {
                     spec.outage_after = Some(v.parse().map_err(|_| format!("bad count {v:?}"))?)
@@ -254,6 +259,9 @@ impl ObjectStore for Faulty {
         location: &Path,
         options: GetOptions,
     ) -> object_store::Result<GetResult> {
+        if options.range.is_some() && !self.spec.range_latency.is_zero() {
+            tokio::time::sleep(self.spec.range_latency).await;
+        }
         let fault = self.roll().await?;
         let head = options.head;
         let r = self.inner.get_opts(location, options).await?;
@@ -291,6 +299,9 @@ impl ObjectStore for Faulty {
         location: &Path,
         ranges: &[Range<u64>],
     ) -> object_store::Result<Vec<Bytes>> {
+        if !self.spec.range_latency.is_zero() {
+            tokio::time::sleep(self.spec.range_latency).await;
+        }
         self.roll().await?;
         self.inner.get_ranges(location, ranges).await
     }
@@ -337,13 +348,14 @@ mod tests {
     #[test]
     fn specs_parse_and_bad_ones_say_why() {
         let s = FaultSpec::parse(
-            "rate=0.05 seed=9 kinds=error+hang latency=2ms hang=1.5s outage-after=10",
+            "rate=0.05 seed=9 kinds=error+hang latency=2ms range-latency=1s hang=1.5s outage-after=10",
         )
         .unwrap();
         assert_eq!(s.rate, 0.05);
         assert_eq!(s.seed, 9);
         assert_eq!(s.kinds, vec![Fault::Error, Fault::Hang]);
         assert_eq!(s.latency, Duration::from_millis(2));
+        assert_eq!(s.range_latency, Duration::from_secs(1));
         assert_eq!(s.hang, Duration::from_millis(1500));
         assert_eq!(s.outage_after, Some(10));
         for (bad, says) in [

@@ -102,6 +102,11 @@ pub struct Runner {
     out: Output,
     tasks: JoinSet<Done>,
     running: HashMap<usize, tokio::task::AbortHandle>,
+    /// Events applied to the engine but not yet in the log: results wait
+    /// here for the decisions they lead to, so both go in one commit.
+    staged: Vec<Event>,
+    /// When each approval gate with a `timeout` gives up (ms since the epoch).
+    gates: HashMap<usize, i64>,
     crash_at: Option<i64>,
 }
 
@@ -147,7 +152,7 @@ impl Runner {
         let crash_at = std::env::var("FERRY_CRASH_AT_EVENT")
             .ok()
             .and_then(|s| s.parse().ok());
-        Ok(Runner {
+        let mut runner = Runner {
             state,
             next_seq: log.last().map_or(0, |s| s.seq + 1),
             run,
@@ -157,26 +162,46 @@ impl Runner {
             out,
             tasks: JoinSet::new(),
             running: HashMap::new(),
+            staged: Vec::new(),
+            gates: HashMap::new(),
             crash_at,
-        })
+        };
+        for s in &log {
+            runner.note_gate(s.at_ms, &s.event);
+        }
+        Ok(runner)
     }
 
-    /// Persists events, then applies them. Nothing acts on an event before
-    /// it is in the log.
+    /// Applies events to the engine without persisting them yet. Nothing
+    /// may act on them before [`Runner::record`] has written them: a crash
+    /// before then loses them together with whatever they led to, and the
+    /// tries they ended run again under the same keys.
+    fn stage(&mut self, events: Vec<Event>) -> Result<()> {
+        for e in events {
+            self.engine
+                .apply(&e)
+                .map_err(|r| anyhow::anyhow!("run {}: {r}", self.run.id))?;
+            self.staged.push(e);
+        }
+        Ok(())
+    }
+
+    /// Persists the staged events and `events` in one commit, and applies
+    /// the new ones. Nothing acts on an event before it is in the log.
     async fn record(&mut self, events: Vec<Event>) -> Result<()> {
-        if events.is_empty() {
+        self.stage(events)?;
+        if self.staged.is_empty() {
             return Ok(());
         }
+        let events = std::mem::take(&mut self.staged);
         let at = now_ms();
         let batch: Vec<(i64, &Event)> = events.iter().map(|e| (at, e)).collect();
         self.state
             .append(&self.run.id, self.next_seq, &batch)
             .await?;
         for e in &events {
-            self.engine
-                .apply(e)
-                .map_err(|r| anyhow::anyhow!("run {}: {r}", self.run.id))?;
             self.say(at, e);
+            self.note_gate(at, e);
         }
         self.next_seq += events.len() as i64;
         if let Some(n) = self.crash_at
@@ -190,6 +215,49 @@ impl Runner {
             std::thread::sleep(Duration::from_secs(5));
         }
         Ok(())
+    }
+
+    /// Remembers when an approval gate asked at `at` times out, if its step
+    /// has a `timeout`.
+    fn note_gate(&mut self, at: i64, e: &Event) {
+        if let Event::ApprovalRequested { step } = e
+            && let Some(node) = self.engine.node(step)
+            && let Some(t) = self.engine.plan().step_of(node).timeout_ms
+        {
+            self.gates.insert(
+                node,
+                at.saturating_add(i64::try_from(t).unwrap_or(i64::MAX)),
+            );
+        }
+    }
+
+    /// Fails the approval gates nobody answered in time.
+    fn expire_gates(&mut self) -> Result<()> {
+        let now = now_ms();
+        let expired: Vec<usize> = self
+            .gates
+            .iter()
+            .filter(|(_, deadline)| now >= **deadline)
+            .map(|(node, _)| *node)
+            .collect();
+        let mut events = Vec::new();
+        for node in expired {
+            self.gates.remove(&node);
+            if *self.engine.state(node) != ferry_engine::StepState::Waiting {
+                continue;
+            }
+            let t = self.engine.plan().step_of(node).timeout_ms.unwrap_or(0);
+            events.push(Event::StepFailed {
+                step: self.engine.plan().nodes[node].id.clone(),
+                attempt: 0,
+                error: format!(
+                    "nobody approved it within its timeout ({} s)",
+                    t as f64 / 1000.0
+                ),
+                class: ErrorClass::Timeout,
+            });
+        }
+        self.stage(events)
     }
 
     fn say(&self, at: i64, e: &Event) {
@@ -398,12 +466,14 @@ impl Runner {
             }
             if let Phase::Finished(_) = self.engine.phase() {
                 // A rollback queued at the last moment still counts.
+                self.record(Vec::new()).await?;
                 self.ingest().await?;
                 if let Phase::Finished(status) = self.engine.phase() {
                     return self.finish(status).await;
                 }
                 continue;
             }
+            self.expire_gates()?;
             let actions = self.engine.decide();
             let mut events = Vec::new();
             let mut starts = Vec::new();
@@ -445,6 +515,8 @@ impl Runner {
                 }
             }
             let acted = !events.is_empty();
+            // The results staged last turn and the decisions they led to:
+            // one commit (a step of a chain costs one, not two).
             self.record(events).await?;
             for (node, attempt, delay) in starts {
                 self.spawn_step(node, attempt, delay);
@@ -490,7 +562,7 @@ impl Runner {
                     events.push(ev);
                 }
             }
-            self.record(events).await?;
+            self.stage(events)?;
         }
     }
 

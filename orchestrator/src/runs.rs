@@ -269,10 +269,21 @@ pub fn plan(g: &Global, a: &PlanArgs) -> Result<ExitCode> {
     let rb = validate_text(&file, &text)?;
     let plan = ferry_engine::plan(rb, &parse_params(&a.params)?).map_err(UsageError)?;
     let rt = runtime()?;
-    let history = rt.block_on(async {
-        let state = open_state(g).await?;
-        state.step_history(&plan.runbook.name, 10).await
-    })?;
+    // `plan` touches nothing: a SQLite state that does not exist yet has no
+    // history, and is not created just to find that out.
+    let url = state_url(g);
+    let no_state = url
+        .strip_prefix("sqlite://")
+        .map(|p| p.split('?').next().unwrap_or(p))
+        .is_some_and(|p| !Path::new(p).exists());
+    let history = if no_state {
+        Default::default()
+    } else {
+        rt.block_on(async {
+            let state = State::open(&url).await?;
+            state.step_history(&plan.runbook.name, 10).await
+        })?
+    };
     let history_runs = history.values().map(Vec::len).max().unwrap_or(0);
     let predict = |id: &str| -> Option<f64> {
         let v = history.get(id)?;

@@ -551,6 +551,65 @@ fn approval_cancel_and_rollback_from_other_processes() {
 }
 
 #[test]
+fn an_unanswered_approval_times_out_and_rolls_back() {
+    let o = Orch::new();
+    let rb = o.write(
+        "gate.yaml",
+        &format!(
+            "name: gate\nparams:\n  ledger: {{ type: string }}\n  res: {{ type: string }}\nsteps:\n  - id: disk\n{}  - id: go\n    uses: approval\n    needs: disk\n    timeout: 1500ms\n  - id: after\n    uses: noop\n    needs: go\n",
+            LEDGER_STEP.trim_start_matches('\n')
+        ),
+    );
+    let led = o.env.path("ledger");
+    let res = o.env.path("res");
+    std::fs::create_dir_all(&res).unwrap();
+    let l = format!("ledger={}", led.display());
+    let r = format!("res={}", res.display());
+    // Killed while it waits at the gate: the deadline counts from when the
+    // approval was asked, not from when a process resumes the run.
+    let mut runner = o
+        .cmd()
+        .args([
+            "run",
+            rb.to_str().unwrap(),
+            "--id",
+            "a1",
+            "--param",
+            &l,
+            "--param",
+            &r,
+        ])
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_for_gate(&o, "a1");
+    runner.kill().unwrap();
+    runner.wait().unwrap();
+    std::thread::sleep(Duration::from_millis(1600));
+    let resumed = Instant::now();
+    let out = o.cmd().args(["--json", "resume", "a1"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(
+        resumed.elapsed() < Duration::from_millis(1500),
+        "the gate's deadline had passed already; resume waited {:?}",
+        resumed.elapsed()
+    );
+    let rep: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(rep["status"], "failed", "{rep}");
+    let go = &rep["steps"][1];
+    assert!(
+        go["error"]
+            .as_str()
+            .unwrap()
+            .contains("nobody approved it within its timeout (1.5 s)"),
+        "{go}"
+    );
+    assert_eq!(rep["steps"][2]["status"], "pending");
+    assert_eq!(rep["steps"][0]["undo"], "undone", "{rep}");
+    assert_eq!(std::fs::read_dir(&res).unwrap().count(), 0);
+}
+
+#[test]
 fn failed_steps_retry_then_roll_back_and_plan_predicts_from_history() {
     let o = Orch::new();
     let counter = o.env.path("tries");
@@ -562,6 +621,13 @@ fn failed_steps_retry_then_roll_back_and_plan_predicts_from_history() {
         ),
     );
     let rb = rb.to_str().unwrap();
+    // Planning before any run predicts nothing and creates no state.
+    let first = o.json(&["plan", rb]);
+    assert!(first["predicted_rto_secs"].is_null(), "{first}");
+    assert!(
+        !o.home().join("state.db").exists(),
+        "plan created the state"
+    );
     let out = o.json(&["run", rb, "--id", "f1"]);
     assert_eq!(out["status"], "succeeded");
     let flaky = &out["steps"][1];
@@ -606,6 +672,116 @@ fn failed_steps_retry_then_roll_back_and_plan_predicts_from_history() {
         "{}",
         stderr(&bad)
     );
+}
+
+/// Files a volume step left in a run's work directory.
+fn volume_files(o: &Orch, run: &str) -> Vec<String> {
+    std::fs::read_dir(o.home().join("work").join(run))
+        .map(|d| {
+            d.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|n| n.starts_with("vol."))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+#[test]
+fn restores_stop_promptly_when_their_step_times_out_or_the_run_is_cancelled() {
+    // 192 MiB that does not compress: 24 pack reads of 8 MiB. Every read of
+    // pack data takes 2 s (FERRY_FAULTS range-latency), so a whole restore
+    // needs at least 6 rounds of 4 parallel reads: 12 s.
+    let o = Orch::new();
+    o.env.init();
+    let img = o.env.path("disk.img");
+    {
+        let mut data = vec![0u8; 192 << 20];
+        Rng(0x5eed).fill(&mut data);
+        std::fs::write(&img, &data).unwrap();
+    }
+    o.env.backup("web", &[&img]);
+    std::fs::remove_file(&img).unwrap();
+    const LATENCY_S: f64 = 2.0;
+    let slow = |c: &mut Command| {
+        c.env("FERRY_FAULTS", format!("range-latency={LATENCY_S}s"));
+    };
+
+    // A step timeout stops the restore thread, and the rollback that follows
+    // waits for it before removing the partial image.
+    let rb = o.write(
+        "slow.yaml",
+        "name: slow\nsteps:\n  - id: vol\n    uses: volume.restore\n    timeout: 3s\n    with: { point: web@latest }\n",
+    );
+    let started = Instant::now();
+    let mut c = o.cmd();
+    slow(&mut c);
+    let out = c
+        .args(["--json", "run", rb.to_str().unwrap(), "--id", "t1"])
+        .output()
+        .unwrap();
+    let took = started.elapsed().as_secs_f64();
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    let rep: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(rep["status"], "failed", "{rep}");
+    let vol = &rep["steps"][0];
+    assert!(
+        vol["error"]
+            .as_str()
+            .unwrap()
+            .contains("timed out after 3 s"),
+        "{vol}"
+    );
+    assert_eq!(vol["undo"], "undone", "{vol}");
+    // The 3 s timeout, at most one pack read in flight per thread, the
+    // repository's opening: well under the 12 s a restore left running needs.
+    assert!(
+        took < 3.0 + 2.0 * LATENCY_S + 3.0,
+        "the run took {took:.1} s to end after its restore timed out"
+    );
+    assert_eq!(volume_files(&o, "t1"), Vec::<String>::new());
+
+    // `ferry cancel` from another process while the restore writes: the run
+    // ends at once and keeps the partial image for a rollback (or a resume).
+    let rb = o.write(
+        "cancel.yaml",
+        "name: cancel\nsteps:\n  - id: vol\n    uses: volume.restore\n    with: { point: web@latest }\n",
+    );
+    let mut c = o.cmd();
+    slow(&mut c);
+    let mut runner = c
+        .args(["run", rb.to_str().unwrap(), "--id", "c1"])
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !volume_files(&o, "c1")
+        .iter()
+        .any(|n| n.ends_with(".ferry-partial"))
+    {
+        assert!(Instant::now() < deadline, "the restore never began writing");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let cancelled = Instant::now();
+    o.ok(&["cancel", "c1"]);
+    let st = runner.wait().unwrap();
+    let took = cancelled.elapsed().as_secs_f64();
+    assert!(!st.success());
+    assert!(
+        took < 2.0 * LATENCY_S + 2.0,
+        "the run took {took:.1} s to end after `ferry cancel`"
+    );
+    let rep = o.report("c1");
+    assert_eq!(rep["status"], "cancelled");
+    assert!(
+        rep["steps"][0]["error"]
+            .as_str()
+            .unwrap()
+            .contains("cancelled"),
+        "{rep}"
+    );
+    assert_eq!(volume_files(&o, "c1"), ["vol.raw.ferry-partial"]);
+    o.ok(&["rollback", "c1"]);
+    assert_eq!(volume_files(&o, "c1"), Vec::<String>::new());
 }
 
 #[test]

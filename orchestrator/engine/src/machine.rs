@@ -334,10 +334,11 @@ impl Engine {
                     && retry.on.contains(class)
                 {
                     let shift = (*attempt).saturating_sub(1).min(20);
-                    let delay_ms = retry
+                    let ceiling = retry
                         .backoff_ms
                         .saturating_mul(1u64 << shift)
                         .min(retry.max_backoff_ms);
+                    let delay_ms = jittered(ceiling, &self.key(i), *attempt);
                     self.states[i] = StepState::RetryWait {
                         attempt: attempt + 1,
                         delay_ms,
@@ -759,3 +760,16 @@ impl Scope for EngineScope<'_> {
 #[cfg(test)]
 #[path = "machine_tests.rs"]
 mod tests;
+
+/// A retry delay between half of `ceiling` and all of it ("equal jitter"),
+/// so steps that failed together (one flaky endpoint, many for_each items)
+/// do not all retry at the same instant. Drawn from the step's key and try
+/// (FNV-1a), not a random source: replaying the log gives the same delay.
+fn jittered(ceiling: u64, key: &str, attempt: u32) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in key.bytes().chain(attempt.to_le_bytes()) {
+        h = (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
+    }
+    let half = ceiling / 2;
+    half + h % (ceiling - half + 1)
+}

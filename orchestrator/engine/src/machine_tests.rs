@@ -231,7 +231,17 @@ steps:
             _ => None,
         })
         .collect();
-    assert_eq!(delays, [0, 1000, 2000, 3000]);
+    // Exponential (1 s, 2 s, then capped at 3 s), each with equal jitter:
+    // between half the ceiling and all of it.
+    assert_eq!(delays.len(), 4);
+    assert_eq!(delays[0], 0);
+    for (d, ceiling) in delays[1..].iter().zip([1000, 2000, 3000]) {
+        assert!(
+            (ceiling / 2..=ceiling).contains(d),
+            "delay {d} ms outside {}..={ceiling}",
+            ceiling / 2
+        );
+    }
     assert_eq!(
         starts(&log).iter().filter(|s| **s == "broken").count(),
         1,
@@ -490,4 +500,29 @@ steps:
         "{:?}",
         e.state(2)
     );
+}
+
+#[test]
+fn steps_failing_together_retry_at_spread_out_instants() {
+    // 50 items of one for_each fail at once against one flaky endpoint:
+    // their retries must not all hit it again in the same instant.
+    let keys: Vec<String> = (0..50).map(|i| format!("r1/call[{i}]")).collect();
+    let delays: Vec<u64> = keys.iter().map(|k| jittered(4000, k, 2)).collect();
+    assert!(
+        delays.iter().all(|d| (2000..=4000).contains(d)),
+        "{delays:?}"
+    );
+    let mut distinct = delays.clone();
+    distinct.sort_unstable();
+    distinct.dedup();
+    assert!(
+        distinct.len() >= 40,
+        "only {} distinct delays",
+        distinct.len()
+    );
+    let spread = distinct.last().unwrap() - distinct.first().unwrap();
+    assert!(spread >= 1000, "delays within {spread} ms of each other");
+    // Replaying a log gives the same delay for the same step and try.
+    assert_eq!(jittered(4000, &keys[7], 2), delays[7]);
+    assert_eq!(jittered(0, &keys[7], 2), 0);
 }

@@ -3,6 +3,7 @@
 
 use super::local::{disk_index, file_digest, open_repo};
 use super::{ActionError, Call, Ctx, Outputs, clip, command};
+use ferry_engine::runbook::ErrorClass;
 use serde_json::{Value, json};
 use sqlx::Connection;
 use std::sync::Arc;
@@ -24,7 +25,9 @@ pub(super) async fn run(ctx: Arc<Ctx>, call: Call) -> Result<Outputs, ActionErro
             "check.disk" => {
                 // Deterministic: trying again cannot change the answer.
                 let (c, k) = (ctx.clone(), call.clone());
-                return tokio::task::spawn_blocking(move || disk(&c, &k))
+                let progress = Arc::new(ferry_agent::progress::Progress::default());
+                let _stop = super::local::CancelOnDrop(progress.clone());
+                return tokio::task::spawn_blocking(move || disk(&c, &k, &progress))
                     .await
                     .map_err(|e| ActionError::transient(format!("check task: {e}")))?;
             }
@@ -272,7 +275,11 @@ fn mysql_text(r: &sqlx::mysql::MySqlRow) -> String {
 /// `check.disk`: reads the point's disk back from the repository (every chunk
 /// verified against its id) and compares its BLAKE3 with the image file's;
 /// then, if the image holds ext2/3/4, `e2fsck -fn` must find it clean.
-fn disk(ctx: &Ctx, call: &Call) -> Result<Outputs, ActionError> {
+fn disk(
+    ctx: &Ctx,
+    call: &Call,
+    progress: &ferry_agent::progress::Progress,
+) -> Result<Outputs, ActionError> {
     let path = std::path::PathBuf::from(call.need("path")?);
     if path.extension().is_some_and(|e| e == "qcow2") {
         return Err(ActionError::permanent(format!(
@@ -300,6 +307,12 @@ fn disk(ctx: &Ctx, call: &Call) -> Result<Outputs, ActionError> {
     let mut buf = vec![0u8; 4 << 20];
     let mut off = 0u64;
     while off < reader.size() {
+        if progress.cancelled() {
+            return Err(ActionError {
+                class: ErrorClass::Cancelled,
+                message: "stopped: the step timed out or the run was cancelled".into(),
+            });
+        }
         let n = (reader.size() - off).min(buf.len() as u64) as usize;
         reader
             .read_at(&mut buf[..n], off)

@@ -72,10 +72,18 @@ pub(super) async fn volume_restore(ctx: Arc<Ctx>, call: Call) -> Result<Outputs,
         )));
     }
     let raw = path_in(&ctx, &call.node, "raw");
+    // One restore into a path at a time: a try that replaces a timed-out or
+    // cancelled one waits for its thread to notice and stop.
+    let busy = Busy::claim(raw.clone()).await;
+    let progress = Arc::new(ferry_agent::progress::Progress::default());
+    // Dropping this try (its timeout, a cancelled run) stops the restore at
+    // its next chunk instead of letting it run on unseen.
+    let _stop = CancelOnDrop(progress.clone());
     let ctx2 = ctx.clone();
     let call2 = call.clone();
     let raw2 = raw.clone();
     let mut out = tokio::task::spawn_blocking(move || -> Result<Outputs, ActionError> {
+        let _busy = busy;
         let repo = open_repo(&ctx2, &call2)?;
         let point = repo
             .resolve(&call2.need("point")?)
@@ -83,7 +91,6 @@ pub(super) async fn volume_restore(ctx: Arc<Ctx>, call: Call) -> Result<Outputs,
         let disk = disk_index(&point, call2.str("disk").as_deref())?;
         let meta = &point.meta.disks[disk];
         if !raw2.exists() {
-            let progress = ferry_agent::progress::Progress::default();
             ferry_agent::restore::restore(
                 &repo,
                 &point,
@@ -196,8 +203,54 @@ pub(super) async fn volume_create(ctx: &Ctx, call: &Call) -> Result<Outputs, Act
     Ok(o)
 }
 
-/// Removes every file a volume step made (finished or partial).
-pub(super) fn volume_delete(ctx: &Ctx, node: &str) -> Result<(), ActionError> {
+/// Paths a restore thread is writing. A blocking thread cannot be aborted,
+/// only asked to stop, so whoever comes next (another try, the undo) waits
+/// for it here.
+static BUSY: std::sync::Mutex<Vec<PathBuf>> = std::sync::Mutex::new(Vec::new());
+
+/// The right to write one path; released when dropped (on the thread that
+/// did the writing).
+pub(super) struct Busy(PathBuf);
+
+impl Busy {
+    pub(super) async fn claim(path: PathBuf) -> Busy {
+        loop {
+            {
+                let mut busy = BUSY
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
+                if !busy.contains(&path) {
+                    busy.push(path.clone());
+                    return Busy(path);
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        BUSY.lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .retain(|p| *p != self.0);
+    }
+}
+
+/// Asks a blocking operation to stop when the try that started it is
+/// dropped (its timeout, a cancelled run).
+pub(super) struct CancelOnDrop(pub(super) Arc<ferry_agent::progress::Progress>);
+
+impl Drop for CancelOnDrop {
+    fn drop(&mut self) {
+        self.0.cancel();
+    }
+}
+
+/// Removes every file a volume step made (finished or partial), once no
+/// restore thread is still writing them.
+pub(super) async fn volume_delete(ctx: &Ctx, node: &str) -> Result<(), ActionError> {
+    let _busy = Busy::claim(path_in(ctx, node, "raw")).await;
     let prefix = format!("{}.", file_stem(node));
     let Ok(dir) = std::fs::read_dir(&ctx.work_dir) else {
         return Ok(());

@@ -206,9 +206,9 @@ pub async fn undo(
     inputs: Outputs,
 ) -> Result<(), String> {
     match uses {
-        "volume.restore" | "volume.create" => {
-            local::volume_delete(&ctx, node).map_err(|e| e.message)
-        }
+        "volume.restore" | "volume.create" => local::volume_delete(&ctx, node)
+            .await
+            .map_err(|e| e.message),
         "instance.launch" => local::instance_stop(&ctx, node)
             .await
             .map_err(|e| e.message),
