@@ -942,37 +942,9 @@ pub fn recover_unindexed_packs(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::crypto::KdfParams;
-    use crate::repo::InitOptions;
     use crate::source::MemSource;
-    use crate::store::Store;
+    use crate::testing::{memory_repo as repo, vm_backup as opts};
     use std::sync::atomic::AtomicUsize;
-
-    fn repo() -> Repository {
-        let kdf = KdfParams {
-            memory_kib: 64,
-            iterations: 1,
-            ..KdfParams::default()
-        };
-        Repository::init(
-            Store::memory(),
-            b"pw",
-            InitOptions {
-                kdf,
-                ..InitOptions::default()
-            },
-        )
-        .unwrap()
-    }
-
-    fn opts() -> BackupOptions {
-        BackupOptions {
-            source: "vm".into(),
-            disks: vec![DiskSpec::from_path("/dev/vda")],
-            consistency: None,
-            time: None,
-        }
-    }
 
     /// A disk that grows after the backup has started.
     struct Growing {

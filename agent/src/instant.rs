@@ -329,29 +329,13 @@ impl DiskReader {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::backup::{BackupOptions, DiskSpec, backup_sources};
-    use crate::crypto::KdfParams;
+    use crate::backup::backup_sources;
     use crate::progress::Progress;
-    use crate::repo::InitOptions;
     use crate::source::MemSource;
-    use crate::store::Store;
 
     #[test]
     fn random_reads_match_the_disk() {
-        let kdf = KdfParams {
-            memory_kib: 64,
-            iterations: 1,
-            ..KdfParams::default()
-        };
-        let repo = Repository::init(
-            Store::memory(),
-            b"pw",
-            InitOptions {
-                kdf,
-                ..InitOptions::default()
-            },
-        )
-        .unwrap();
+        let repo = crate::testing::memory_repo();
         let mut data = vec![0u8; (70 << 20) + 12345];
         let mut x = 1u64;
         for (i, b) in data.iter_mut().enumerate() {
@@ -363,12 +347,7 @@ mod tests {
                 .wrapping_add(1442695040888963407);
             *b = (x >> 56) as u8;
         }
-        let opts = BackupOptions {
-            source: "vm".into(),
-            disks: vec![DiskSpec::from_path("/dev/vda")],
-            consistency: None,
-            time: None,
-        };
+        let opts = crate::testing::vm_backup();
         let s = backup_sources(
             &repo,
             &opts,

@@ -23,6 +23,8 @@ pub mod retention;
 pub mod source;
 pub mod stats;
 pub mod store;
+#[cfg(test)]
+mod testing;
 pub mod tier;
 pub mod undelete;
 

@@ -644,28 +644,12 @@ impl Worker<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::backup::{BackupOptions, DiskSpec, backup_sources};
-    use crate::crypto::KdfParams;
-    use crate::repo::InitOptions;
+    use crate::backup::backup_sources;
     use crate::source::MemSource;
-    use crate::store::Store;
 
     #[test]
     fn a_cancelled_restore_stops_keeps_its_partial_and_resumes() {
-        let kdf = KdfParams {
-            memory_kib: 64,
-            iterations: 1,
-            ..KdfParams::default()
-        };
-        let repo = Repository::init(
-            Store::memory(),
-            b"pw",
-            InitOptions {
-                kdf,
-                ..InitOptions::default()
-            },
-        )
-        .unwrap();
+        let repo = crate::testing::memory_repo();
         let mut data = vec![0u8; 8 << 20];
         let mut x = 0x9e37_79b9_7f4a_7c15u64;
         for b in data.iter_mut() {
@@ -674,12 +658,7 @@ mod tests {
             x ^= x << 17;
             *b = x as u8;
         }
-        let opts = BackupOptions {
-            source: "vm".into(),
-            disks: vec![DiskSpec::from_path("/dev/vda")],
-            consistency: None,
-            time: None,
-        };
+        let opts = crate::testing::vm_backup();
         let s = backup_sources(
             &repo,
             &opts,

@@ -457,38 +457,56 @@ fn wait_for_gate(o: &Orch, run: &str) {
     }
 }
 
+/// A run that makes a disk, waits at the approval gate `go` (whose extra
+/// keys are `gate`), then runs `after`.
+struct Gate {
+    rb: std::path::PathBuf,
+    led: std::path::PathBuf,
+    res: std::path::PathBuf,
+}
+
+impl Gate {
+    fn new(o: &Orch, gate: &str) -> Gate {
+        let rb = o.write(
+            "gate.yaml",
+            &format!(
+                "name: gate\nparams:\n  ledger: {{ type: string }}\n  res: {{ type: string }}\nsteps:\n  - id: disk\n{}  - id: go\n    uses: approval\n    needs: disk\n{gate}  - id: after\n    uses: noop\n    needs: go\n",
+                LEDGER_STEP.trim_start_matches('\n')
+            ),
+        );
+        let res = o.env.path("res");
+        std::fs::create_dir_all(&res).unwrap();
+        Gate {
+            rb,
+            led: o.env.path("ledger"),
+            res,
+        }
+    }
+
+    /// Starts run `id` in the background and returns once it waits at the gate.
+    fn start(&self, o: &Orch, id: &str, stderr: Stdio) -> std::process::Child {
+        let child = o
+            .cmd()
+            .args(["run", self.rb.to_str().unwrap(), "--id", id])
+            .arg("--param")
+            .arg(format!("ledger={}", self.led.display()))
+            .arg("--param")
+            .arg(format!("res={}", self.res.display()))
+            .stderr(stderr)
+            .spawn()
+            .unwrap();
+        wait_for_gate(o, id);
+        child
+    }
+}
+
 #[test]
 fn approval_cancel_and_rollback_from_other_processes() {
     let o = Orch::new();
-    let rb = o.write(
-        "gate.yaml",
-        &format!(
-            "name: gate\nparams:\n  ledger: {{ type: string }}\n  res: {{ type: string }}\nsteps:\n  - id: disk\n{}  - id: go\n    uses: approval\n    needs: disk\n    with: {{ message: cut over? }}\n  - id: after\n    uses: noop\n    needs: go\n",
-            LEDGER_STEP.trim_start_matches('\n')
-        ),
-    );
-    let led = o.env.path("ledger");
-    let res = o.env.path("res");
-    std::fs::create_dir_all(&res).unwrap();
-    let l = format!("ledger={}", led.display());
-    let r = format!("res={}", res.display());
+    let gate = Gate::new(&o, "    with: { message: cut over? }\n");
+    let (led, res) = (gate.led.clone(), gate.res.clone());
     // Runs in the background, waits at the gate.
-    let mut runner = o
-        .cmd()
-        .args([
-            "run",
-            rb.to_str().unwrap(),
-            "--id",
-            "g1",
-            "--param",
-            &l,
-            "--param",
-            &r,
-        ])
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    wait_for_gate(&o, "g1");
+    let mut runner = gate.start(&o, "g1", Stdio::piped());
     let out = o.run(&["approve", "g1", "nope"]);
     assert_eq!(out.status.code(), Some(2));
     assert!(stderr(&out).contains("no step `nope`"), "{}", stderr(&out));
@@ -514,22 +532,7 @@ fn approval_cancel_and_rollback_from_other_processes() {
     assert_eq!(count(&ledger(&led), "undone ").get("disk"), Some(&1));
 
     // Cancel a run waiting at the gate: it stops, and `ferry rollback` cleans up.
-    let mut runner = o
-        .cmd()
-        .args([
-            "run",
-            rb.to_str().unwrap(),
-            "--id",
-            "g2",
-            "--param",
-            &l,
-            "--param",
-            &r,
-        ])
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    wait_for_gate(&o, "g2");
+    let mut runner = gate.start(&o, "g2", Stdio::null());
     o.ok(&["cancel", "g2"]);
     let st = runner.wait().unwrap();
     assert!(!st.success(), "a cancelled run exits 1");
@@ -553,36 +556,11 @@ fn approval_cancel_and_rollback_from_other_processes() {
 #[test]
 fn an_unanswered_approval_times_out_and_rolls_back() {
     let o = Orch::new();
-    let rb = o.write(
-        "gate.yaml",
-        &format!(
-            "name: gate\nparams:\n  ledger: {{ type: string }}\n  res: {{ type: string }}\nsteps:\n  - id: disk\n{}  - id: go\n    uses: approval\n    needs: disk\n    timeout: 1500ms\n  - id: after\n    uses: noop\n    needs: go\n",
-            LEDGER_STEP.trim_start_matches('\n')
-        ),
-    );
-    let led = o.env.path("ledger");
-    let res = o.env.path("res");
-    std::fs::create_dir_all(&res).unwrap();
-    let l = format!("ledger={}", led.display());
-    let r = format!("res={}", res.display());
+    let gate = Gate::new(&o, "    timeout: 1500ms\n");
+    let res = gate.res.clone();
     // Killed while it waits at the gate: the deadline counts from when the
     // approval was asked, not from when a process resumes the run.
-    let mut runner = o
-        .cmd()
-        .args([
-            "run",
-            rb.to_str().unwrap(),
-            "--id",
-            "a1",
-            "--param",
-            &l,
-            "--param",
-            &r,
-        ])
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    wait_for_gate(&o, "a1");
+    let mut runner = gate.start(&o, "a1", Stdio::null());
     runner.kill().unwrap();
     runner.wait().unwrap();
     std::thread::sleep(Duration::from_millis(1600));
