@@ -329,9 +329,6 @@ impl DiskReader {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::backup::backup_sources;
-    use crate::progress::Progress;
-    use crate::source::MemSource;
 
     #[test]
     fn random_reads_match_the_disk() {
@@ -347,15 +344,7 @@ mod tests {
                 .wrapping_add(1442695040888963407);
             *b = (x >> 56) as u8;
         }
-        let opts = crate::testing::vm_backup();
-        let s = backup_sources(
-            &repo,
-            &opts,
-            &[&MemSource(data.clone())],
-            &Progress::default(),
-        )
-        .unwrap();
-        let p = repo.load_point(&s.point).unwrap();
+        let p = crate::testing::backup_bytes(&repo, &data);
         let r = DiskReader::open(repo, &p, 0, 1 << 20).unwrap();
         assert_eq!(r.size(), data.len() as u64);
         for (off, len) in [

@@ -644,8 +644,6 @@ impl Worker<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::backup::backup_sources;
-    use crate::source::MemSource;
 
     #[test]
     fn a_cancelled_restore_stops_keeps_its_partial_and_resumes() {
@@ -658,15 +656,7 @@ mod tests {
             x ^= x << 17;
             *b = x as u8;
         }
-        let opts = crate::testing::vm_backup();
-        let s = backup_sources(
-            &repo,
-            &opts,
-            &[&MemSource(data.clone())],
-            &Progress::default(),
-        )
-        .unwrap();
-        let point = repo.load_point(&s.point).unwrap();
+        let point = crate::testing::backup_bytes(&repo, &data);
         let dir = tempfile::tempdir().unwrap();
         let target = dir.path().join("vda.raw");
         let ropts = RestoreOptions {

@@ -1,8 +1,11 @@
 //! Helpers the unit tests share.
 
-use crate::backup::{BackupOptions, DiskSpec};
+use crate::backup::{BackupOptions, DiskSpec, backup_sources};
 use crate::crypto::KdfParams;
+use crate::point::Point;
+use crate::progress::Progress;
 use crate::repo::{InitOptions, Repository};
+use crate::source::MemSource;
 use crate::store::Store;
 
 /// A repository in memory, with a key derivation cheap enough for tests.
@@ -31,4 +34,16 @@ pub(crate) fn vm_backup() -> BackupOptions {
         consistency: None,
         time: None,
     }
+}
+
+/// Backs `data` up as the one disk of source `vm`; returns the new point.
+pub(crate) fn backup_bytes(repo: &Repository, data: &[u8]) -> Point {
+    let s = backup_sources(
+        repo,
+        &vm_backup(),
+        &[&MemSource(data.to_vec())],
+        &Progress::default(),
+    )
+    .expect("a backup in memory");
+    repo.load_point(&s.point).expect("the point just written")
 }
