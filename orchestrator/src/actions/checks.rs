@@ -3,7 +3,6 @@
 
 use super::local::{disk_index, file_digest, open_repo};
 use super::{ActionError, Call, Ctx, Outputs, clip, command};
-use ferry_engine::runbook::ErrorClass;
 use serde_json::{Value, json};
 use sqlx::Connection;
 use std::sync::Arc;
@@ -308,10 +307,11 @@ fn disk(
     let mut off = 0u64;
     while off < reader.size() {
         if progress.cancelled() {
-            return Err(ActionError {
-                class: ErrorClass::Cancelled,
-                message: "stopped: the step timed out or the run was cancelled".into(),
-            });
+            return Err(ferry_agent::Error::Cancelled {
+                operation: "the disk check".into(),
+                kept: "it changed nothing".into(),
+            }
+            .into());
         }
         let n = (reader.size() - off).min(buf.len() as u64) as usize;
         reader

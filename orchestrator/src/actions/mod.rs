@@ -46,6 +46,7 @@ impl From<anyhow::Error> for ActionError {
             Some(ferry_agent::Error::Corrupt { .. } | ferry_agent::Error::DamagedChunk { .. }) => {
                 ErrorClass::Permanent
             }
+            Some(ferry_agent::Error::Cancelled { .. }) => ErrorClass::Cancelled,
             _ => ErrorClass::Transient,
         };
         ActionError {
