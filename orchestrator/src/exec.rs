@@ -4,8 +4,11 @@
 //! starting again replays the log and re-runs the tries that had no result,
 //! under the same idempotency keys.
 
-use crate::actions::{self, Call, Ctx};
-use crate::state::{Command, RunRow, State, Verified};
+use crate::actions;
+use crate::context::Password;
+use crate::state::{Command, RunRow, State, Stored, Verified};
+use crate::step::{ActionError, Call, Ctx, Outputs};
+use crate::targets::{Registry, Target};
 use anyhow::{Context, Result};
 use ferry_engine::machine::Phase;
 use ferry_engine::runbook::ErrorClass;
@@ -21,32 +24,27 @@ pub fn now_ms() -> i64 {
     chrono::Utc::now().timestamp_millis()
 }
 
-/// `HOST:PID`, this process as a run's owner.
-fn hostname() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .unwrap_or_default()
-        .trim()
-        .to_owned()
-}
-
 /// `HOST:PID:NONCE`, one runner as a run's owner: two runners in one process
 /// (the API server) are two owners, so only one of them can hold a run.
 pub fn owner_id() -> String {
-    let mut b = [0u8; 4];
-    let _ = ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut b);
-    format!("{}:{}:{}", hostname(), std::process::id(), hex::encode(b))
+    format!(
+        "{}:{}:{}",
+        crate::sys::hostname(),
+        std::process::id(),
+        crate::sys::random_hex(4)
+    )
 }
 
 /// Whether `owner` names a process on this host that no longer runs.
 pub fn owner_is_dead(owner: &str) -> bool {
     let mut parts = owner.split(':');
     let (host, pid) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
-    host == hostname() && !pid.is_empty() && !std::path::Path::new(&format!("/proc/{pid}")).exists()
+    host == crate::sys::hostname() && pid.parse::<i32>().is_ok_and(|p| !crate::sys::pid_alive(p))
 }
 
 /// Builds the engine for a stored run: re-validates its runbook text and
 /// replays its log.
-pub fn rebuild(run: &RunRow, log: &[crate::state::Stored]) -> Result<Engine> {
+pub fn rebuild(run: &RunRow, log: &[Stored]) -> Result<Engine> {
     let rb = ferry_engine::parse(&run.file, &run.source).map_err(|d| {
         anyhow::anyhow!(
             "the stored runbook of run {} no longer validates:\n{d}",
@@ -84,7 +82,7 @@ enum Done {
     Step {
         node: usize,
         attempt: u32,
-        result: Result<actions::Outputs, actions::ActionError>,
+        result: Result<Outputs, ActionError>,
     },
     Undo {
         node: usize,
@@ -97,6 +95,8 @@ pub struct Runner {
     run: RunRow,
     engine: Engine,
     ctx: Arc<Ctx>,
+    /// The target of each of the runbook's `targets`, by index.
+    targets: Vec<Arc<dyn Target>>,
     next_seq: i64,
     owner: String,
     out: Output,
@@ -117,7 +117,8 @@ impl Runner {
         state: State,
         run: RunRow,
         repo: Option<String>,
-        password: Option<Arc<Vec<u8>>>,
+        password: Option<Password>,
+        registry: &Registry,
         out: Output,
     ) -> Result<Runner> {
         let owner = owner_id();
@@ -139,7 +140,24 @@ impl Runner {
         }
         let log = state.events(&run.id).await?;
         let engine = rebuild(&run, &log)?;
-        std::fs::create_dir_all(&run.work_dir)
+        let targets = engine
+            .plan()
+            .runbook
+            .targets
+            .iter()
+            .map(|t| {
+                registry.get(&t.kind).ok_or_else(|| {
+                    anyhow::anyhow!(
+                        "run {}: target `{}` has type `{}`, which this ferry does not have",
+                        run.id,
+                        t.name,
+                        t.kind
+                    )
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        // Work volumes hold decrypted disks: private to this user.
+        crate::fsutil::create_private_dir(std::path::Path::new(&run.work_dir))
             .with_context(|| format!("cannot create the work directory {}", run.work_dir))?;
         let ctx = Arc::new(Ctx {
             run_id: run.id.clone(),
@@ -158,6 +176,7 @@ impl Runner {
             run,
             engine,
             ctx,
+            targets,
             owner,
             out,
             tasks: JoinSet::new(),
@@ -209,10 +228,7 @@ impl Runner {
         {
             // Test hook (FERRY_CRASH_AT_EVENT): die like kill -9 right
             // after the log reaches N events.
-            let _ = std::process::Command::new("kill")
-                .args(["-KILL", &std::process::id().to_string()])
-                .status();
-            std::thread::sleep(Duration::from_secs(5));
+            crate::sys::kill_self();
         }
         Ok(())
     }
@@ -364,6 +380,7 @@ impl Runner {
             step.uses.clone(),
         );
         let ctx = self.ctx.clone();
+        let target = self.targets[step.target].clone();
         let h = self.tasks.spawn(async move {
             if delay_ms > 0 {
                 // (Never sleep(0): tokio's timer would still wait for its next 1 ms tick.)
@@ -375,7 +392,7 @@ impl Runner {
                     return Done::Step {
                         node,
                         attempt,
-                        result: Err(actions::ActionError::permanent(format!("inputs: {e}"))),
+                        result: Err(ActionError::permanent(format!("inputs: {e}"))),
                     };
                 }
             };
@@ -387,11 +404,11 @@ impl Runner {
             };
             // A panicking action fails its step instead of leaving it running forever.
             let fut = async move {
-                std::panic::AssertUnwindSafe(actions::perform(ctx, call))
+                std::panic::AssertUnwindSafe(actions::perform(ctx, target, call))
                     .catch_unwind()
                     .await
                     .unwrap_or_else(|p| {
-                        Err(actions::ActionError::permanent(format!(
+                        Err(ActionError::permanent(format!(
                             "the action panicked: {}",
                             panic_text(&p)
                         )))
@@ -400,7 +417,7 @@ impl Runner {
             let result = match timeout {
                 Some(t) => match tokio::time::timeout(t, fut).await {
                     Ok(r) => r,
-                    Err(_) => Err(actions::ActionError {
+                    Err(_) => Err(ActionError {
                         class: ErrorClass::Timeout,
                         message: format!("timed out after {:.0} s", t.as_secs_f64()),
                     }),
@@ -428,12 +445,22 @@ impl Runner {
         let id = plan.nodes[node].id.clone();
         let key = self.engine.key(node);
         let ctx = self.ctx.clone();
+        let target = self.targets[plan.step_of(node).target].clone();
         self.tasks.spawn(async move {
             let result = match inputs {
-                Ok(i) => std::panic::AssertUnwindSafe(actions::undo(ctx, &id, &key, &uses, i))
-                    .catch_unwind()
-                    .await
-                    .unwrap_or_else(|p| Err(format!("the undo panicked: {}", panic_text(&p)))),
+                Ok(inputs) => std::panic::AssertUnwindSafe(actions::undo(
+                    ctx,
+                    target,
+                    Call {
+                        node: id,
+                        key,
+                        uses,
+                        inputs,
+                    },
+                ))
+                .catch_unwind()
+                .await
+                .unwrap_or_else(|p| Err(format!("the undo panicked: {}", panic_text(&p)))),
                 Err(e) => Err(format!("undo inputs: {e}")),
             };
             Done::Undo { node, result }
@@ -623,7 +650,7 @@ impl Runner {
                 let repo = self.ctx.repo.clone().unwrap_or_default();
                 self.state
                     .mark_verified(&Verified {
-                        repo: crate::state::redact(&repo),
+                        repo: crate::redact::redact(&repo),
                         point: get("point"),
                         source: get("source"),
                         point_time: get("point_time"),

@@ -1,37 +1,22 @@
-//! The `ferry` command: repository operations, runbooks, and the API server.
+//! The `ferry` command: a thin layer over the `ferry_orchestrator` library.
 //!
 //! Exit codes: 0 success, 1 the operation failed, 2 bad usage or input.
-
-mod actions;
-mod cli;
-mod exec;
-mod output;
-mod protect;
-mod report;
-mod runs;
-mod server;
-mod state;
 
 use std::process::ExitCode;
 
 fn main() -> ExitCode {
-    let args = <cli::Cli as clap::Parser>::parse();
+    let args = <ferry_orchestrator::cli::Cli as clap::Parser>::parse();
     init_logging(args.global.verbose);
-    match cli::run(args) {
+    // Other processes of this user may not read this one's memory or its
+    // environment (`/proc/PID/environ` holds FERRY_PASSWORD): runbook
+    // commands run as the same user.
+    ferry_orchestrator::sys::harden_process();
+    match ferry_orchestrator::commands::run(args) {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("ferry: {}", output::error_chain(&e));
-            ExitCode::from(exit_code(&e))
+            eprintln!("ferry: {}", ferry_orchestrator::error::anyhow_chain(&e));
+            ExitCode::from(ferry_orchestrator::error::exit_code(&e))
         }
-    }
-}
-
-fn exit_code(e: &anyhow::Error) -> u8 {
-    match e.downcast_ref::<ferry_agent::Error>() {
-        Some(fe) if fe.is_usage() => 2,
-        Some(_) => 1,
-        None if e.downcast_ref::<cli::UsageError>().is_some() => 2,
-        None => 1,
     }
 }
 

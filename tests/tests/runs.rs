@@ -982,7 +982,7 @@ fn the_api_runs_drills_streams_their_events_and_documents_itself() {
         &bad,
         &format!("{}/api/runs", srv.url),
     ]);
-    assert_eq!(code, 400);
+    assert_eq!(code, 422, "a runbook with problems is unprocessable");
     assert!(
         resp.contains("api.yaml:4:11: error: unknown action `nope`"),
         "{resp}"

@@ -1,36 +1,61 @@
 //! Checks: each tries until it passes or its deadline passes
-//! (wait-until-ready), then reports how many tries it took.
+//! (wait-until-ready), then reports how many tries it took. Checks verify
+//! the rebuilt stack from outside, whatever target built it: they depend on
+//! no target.
 
-use super::local::{disk_index, file_digest, open_repo};
-use super::{ActionError, Call, Ctx, Outputs, clip, command};
+use crate::step::{ActionError, Call, CancelOnDrop, Ctx, Outputs, clip, command, disk_index};
+use anyhow::Context as _;
 use serde_json::{Value, json};
 use sqlx::Connection;
+use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-/// Tries `attempt` every `interval` until it passes or `deadline` passes.
-pub(super) async fn run(ctx: Arc<Ctx>, call: Call) -> Result<Outputs, ActionError> {
+/// The checks of the catalog.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Check {
+    Tcp,
+    Http,
+    Command,
+    Sql,
+    Disk,
+}
+
+impl Check {
+    pub fn from_name(name: &str) -> Option<Check> {
+        Some(match name {
+            "check.tcp" => Check::Tcp,
+            "check.http" => Check::Http,
+            "check.command" => Check::Command,
+            "check.sql" => Check::Sql,
+            "check.disk" => Check::Disk,
+            _ => return None,
+        })
+    }
+}
+
+/// Tries the check every `interval` until it passes or `deadline` passes.
+pub async fn run(check: Check, ctx: Arc<Ctx>, call: Call) -> Result<Outputs, ActionError> {
     let deadline = call.duration("deadline", Duration::from_secs(120))?;
     let interval = call.duration("interval", Duration::from_secs(1))?;
     let start = Instant::now();
     let mut tries = 0u64;
     loop {
         tries += 1;
-        let result = match call.uses.as_str() {
-            "check.tcp" => tcp(&call).await,
-            "check.http" => http(&call).await,
-            "check.command" => cmd(&ctx, &call).await,
-            "check.sql" => sql(&call).await,
-            "check.disk" => {
+        let result = match check {
+            Check::Tcp => tcp(&call).await,
+            Check::Http => http(&call).await,
+            Check::Command => cmd(&ctx, &call).await,
+            Check::Sql => sql(&call).await,
+            Check::Disk => {
                 // Deterministic: trying again cannot change the answer.
                 let (c, k) = (ctx.clone(), call.clone());
                 let progress = Arc::new(ferry_agent::progress::Progress::default());
-                let _stop = super::local::CancelOnDrop(progress.clone());
+                let _stop = CancelOnDrop(progress.clone());
                 return tokio::task::spawn_blocking(move || disk(&c, &k, &progress))
                     .await
                     .map_err(|e| ActionError::transient(format!("check task: {e}")))?;
             }
-            other => return Err(ActionError::permanent(format!("unknown check {other}"))),
         };
         match result {
             Ok(mut out) => {
@@ -101,7 +126,7 @@ fn text_matches(call: &Call, text: &str, what: &str) -> Result<(), Fail> {
 async fn http(call: &Call) -> Result<Outputs, Fail> {
     let url = call.need("url")?;
     let want = call.int("status", 200)?;
-    let shown = crate::state::redact(&url);
+    let shown = crate::redact::redact(&url);
     let client = reqwest::Client::builder()
         .timeout(Duration::from_secs(10))
         .redirect(reqwest::redirect::Policy::limited(5))
@@ -173,7 +198,7 @@ async fn sql(call: &Call) -> Result<Outputs, Fail> {
         })?),
         None => None,
     };
-    let shown = crate::state::redact(&url);
+    let shown = crate::redact::redact(&url);
     let value: Option<String> =
         if url.starts_with("postgres://") || url.starts_with("postgresql://") {
             let mut opts: sqlx::postgres::PgConnectOptions = url
@@ -286,13 +311,13 @@ fn disk(
             path.display()
         )));
     }
-    let repo = open_repo(ctx, call)?;
+    let repo = ctx.open_repo(call)?;
     let point = repo
         .resolve(&call.need("point")?)
         .map_err(|e| ActionError::from(anyhow::Error::from(e)))?;
     let disk = disk_index(&point, call.str("disk").as_deref())?;
     let (file_digest, file_size) =
-        file_digest(&path).map_err(|e| ActionError::permanent(crate::output::error_chain(&e)))?;
+        file_digest(&path).map_err(|e| ActionError::permanent(crate::error::anyhow_chain(&e)))?;
     let reader = ferry_agent::instant::DiskReader::open(repo, &point, disk, 64 << 20)
         .map_err(|e| ActionError::from(anyhow::Error::from(e)))?;
     if reader.size() != file_size {
@@ -369,4 +394,14 @@ fn ext_magic(path: &std::path::Path) -> Option<&'static str> {
     let mut sb = [0u8; 1024];
     f.read_exact_at(&mut sb, 1024).ok()?;
     (sb[56] == 0x53 && sb[57] == 0xEF).then_some("ext4")
+}
+
+/// BLAKE3 of a file, and its size.
+fn file_digest(path: &Path) -> anyhow::Result<(String, u64)> {
+    let mut f =
+        std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
+    let mut h = blake3::Hasher::new();
+    let n =
+        std::io::copy(&mut f, &mut h).with_context(|| format!("cannot read {}", path.display()))?;
+    Ok((h.finalize().to_hex().to_string(), n))
 }

@@ -39,19 +39,6 @@ pub fn parse_size(s: &str) -> Option<u64> {
     n.checked_mul(mult)
 }
 
-/// The error and its causes on one line.
-pub fn error_chain(e: &anyhow::Error) -> String {
-    let mut s = e.to_string();
-    for cause in e.chain().skip(1) {
-        let c = cause.to_string();
-        if !s.contains(&c) {
-            s.push_str(": ");
-            s.push_str(&c);
-        }
-    }
-    s
-}
-
 /// A progress bar on a terminal, nothing otherwise. Dropping it clears the bar.
 pub struct Bar {
     stop: Arc<AtomicBool>,

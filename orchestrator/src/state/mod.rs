@@ -7,7 +7,8 @@
 //! a row in `commands`, which the process running the run turns into events,
 //! so each log has one writer, the holder of the run's lease.
 
-use anyhow::{Context, Result, bail};
+use crate::error::Error;
+use anyhow::{Context, Result};
 use ferry_engine::Event;
 use serde::{Deserialize, Serialize};
 use sqlx::AnyPool;
@@ -15,50 +16,12 @@ use sqlx::Row;
 use sqlx::any::AnyPoolOptions;
 use std::collections::BTreeMap;
 
-/// Schema migrations, applied in order, each once. They ship with the binary.
-const MIGRATIONS: &[&str] = &["CREATE TABLE runs (
-        id TEXT PRIMARY KEY,
-        runbook TEXT NOT NULL,
-        file TEXT NOT NULL,
-        source TEXT NOT NULL,
-        params TEXT NOT NULL,
-        mode TEXT NOT NULL,
-        status TEXT NOT NULL,
-        git_commit TEXT,
-        repo TEXT,
-        work_dir TEXT NOT NULL,
-        created_ms BIGINT NOT NULL,
-        finished_ms BIGINT,
-        owner TEXT,
-        lease_ms BIGINT
-    );
-    CREATE TABLE events (
-        run_id TEXT NOT NULL,
-        seq BIGINT NOT NULL,
-        at_ms BIGINT NOT NULL,
-        body TEXT NOT NULL,
-        PRIMARY KEY (run_id, seq)
-    );
-    CREATE TABLE commands (
-        id TEXT PRIMARY KEY,
-        run_id TEXT NOT NULL,
-        at_ms BIGINT NOT NULL,
-        body TEXT NOT NULL,
-        done_ms BIGINT
-    );
-    CREATE INDEX commands_open ON commands (run_id, done_ms);
-    CREATE TABLE verified_points (
-        repo TEXT NOT NULL,
-        point TEXT NOT NULL,
-        source TEXT NOT NULL,
-        point_time TEXT NOT NULL,
-        run_id TEXT NOT NULL,
-        at_ms BIGINT NOT NULL,
-        PRIMARY KEY (repo, point, run_id)
-    )"];
+/// Schema migrations (`orchestrator/migrations/*.sql`), shipped in the binary
+/// and applied in order, each once.
+static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 
 /// A run as stored.
-#[derive(Clone, Debug, Serialize, Deserialize, utoipa::ToSchema)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct RunRow {
     pub id: String,
     pub runbook: String,
@@ -83,11 +46,10 @@ pub struct RunRow {
 }
 
 /// One entry of a run's log.
-#[derive(Clone, Debug, Serialize, utoipa::ToSchema)]
+#[derive(Clone, Debug, Serialize)]
 pub struct Stored {
     pub seq: i64,
     pub at_ms: i64,
-    #[schema(value_type = Object)]
     pub event: Event,
 }
 
@@ -100,7 +62,7 @@ pub enum Command {
     Rollback { by: String },
 }
 
-#[derive(Clone, Debug, Serialize, utoipa::ToSchema)]
+#[derive(Clone, Debug, Serialize)]
 pub struct Verified {
     pub repo: String,
     pub point: String,
@@ -117,40 +79,7 @@ pub struct State {
     pub location: String,
 }
 
-/// A URL with any password replaced (`postgres://user:***@host/db`), in the
-/// authority (up to its last `@`) and in `password=` query parameters.
-pub fn redact(url: &str) -> String {
-    let Some((scheme, rest)) = url.split_once("://") else {
-        return url.to_owned();
-    };
-    let (authority, tail) = match rest.find(['/', '?', '#']) {
-        Some(i) => rest.split_at(i),
-        None => (rest, ""),
-    };
-    let authority = match authority.rsplit_once('@') {
-        Some((cred, host)) => match cred.split_once(':') {
-            Some((user, _)) => format!("{user}:***@{host}"),
-            None => format!("{cred}@{host}"),
-        },
-        None => authority.to_owned(),
-    };
-    let tail = match tail.split_once('?') {
-        Some((path, query)) => {
-            let q: Vec<String> = query
-                .split('&')
-                .map(|kv| match kv.split_once('=') {
-                    Some((k, _)) if k.to_ascii_lowercase().contains("password") => {
-                        format!("{k}=***")
-                    }
-                    _ => kv.to_owned(),
-                })
-                .collect();
-            format!("{path}?{}", q.join("&"))
-        }
-        None => tail.to_owned(),
-    };
-    format!("{scheme}://{authority}{tail}")
-}
+pub use crate::redact::redact;
 
 impl State {
     /// Opens (creating on first use) the state at `url`: `sqlite://PATH`
@@ -164,13 +93,16 @@ impl State {
         } else {
             url.to_owned()
         };
-        if sqlite
-            && let Some(path) = url
-                .strip_prefix("sqlite://")
-                .and_then(|p| p.split('?').next())
-            && let Some(dir) = std::path::Path::new(path).parent()
-        {
-            std::fs::create_dir_all(dir)
+        let sqlite_path = sqlite
+            .then(|| {
+                url.strip_prefix("sqlite://")
+                    .and_then(|p| p.split('?').next())
+            })
+            .flatten()
+            .filter(|p| !p.is_empty() && *p != ":memory:")
+            .map(std::path::PathBuf::from);
+        if let Some(dir) = sqlite_path.as_deref().and_then(std::path::Path::parent) {
+            crate::fsutil::create_private_dir(dir)
                 .with_context(|| format!("cannot create {}", dir.display()))?;
         }
         let pool = AnyPoolOptions::new()
@@ -198,61 +130,28 @@ impl State {
             .await
             .with_context(|| format!("cannot open the state database {location}"))?;
         let state = State { pool, location };
-        state.migrate().await?;
+        state.migrate(sqlite_path.as_deref()).await?;
         Ok(state)
     }
 
-    /// Applies pending migrations under a write lock taken first (SQLite
-    /// `BEGIN IMMEDIATE`, a PostgreSQL advisory lock), so processes opening a
-    /// new state at the same moment wait for each other instead of failing.
-    async fn migrate(&self) -> Result<()> {
-        let sqlite = self.location.starts_with("sqlite:");
-        let mut conn = self
-            .pool
-            .acquire()
-            .await
-            .with_context(|| format!("cannot open {}", self.location))?;
-        sqlx::query(if sqlite { "BEGIN IMMEDIATE" } else { "BEGIN" })
-            .execute(&mut *conn)
-            .await
-            .with_context(|| format!("cannot lock {} to set up its tables", self.location))?;
-        let result = async {
-            if !sqlite {
-                sqlx::query("SELECT pg_advisory_xact_lock(7480001)").execute(&mut *conn).await?;
-            }
-            sqlx::query("CREATE TABLE IF NOT EXISTS ferry_schema (version BIGINT NOT NULL)")
-                .execute(&mut *conn)
-                .await
-                .with_context(|| format!("cannot create tables in {}", self.location))?;
-            let version: Option<i64> =
-                sqlx::query("SELECT MAX(version) FROM ferry_schema").fetch_one(&mut *conn).await?.try_get(0).ok();
-            let version = version.unwrap_or(0) as usize;
-            if version > MIGRATIONS.len() {
-                bail!(
-                    "the state database {} is at schema {version}, newer than this ferry ({}); upgrade ferry",
-                    self.location,
-                    MIGRATIONS.len()
-                );
-            }
-            for (i, m) in MIGRATIONS.iter().enumerate().skip(version) {
-                for stmt in m.split(';').map(str::trim).filter(|s| !s.is_empty()) {
-                    sqlx::query(stmt).execute(&mut *conn).await.with_context(|| format!("migration {}", i + 1))?;
-                }
-                sqlx::query("INSERT INTO ferry_schema (version) VALUES ($1)").bind((i + 1) as i64).execute(&mut *conn).await?;
-            }
-            anyhow::Ok(())
-        }
-        .await;
-        match result {
-            Ok(()) => {
-                sqlx::query("COMMIT").execute(&mut *conn).await?;
-                Ok(())
-            }
-            Err(e) => {
-                let _ = sqlx::query("ROLLBACK").execute(&mut *conn).await;
-                Err(e)
-            }
-        }
+    /// Applies pending migrations. Processes opening a new state at the same
+    /// moment wait for each other instead of failing: PostgreSQL through the
+    /// migrator's advisory lock, SQLite through an exclusive `flock` on a file
+    /// beside the database (SQLite's own locks cannot span the migrator's
+    /// transactions).
+    async fn migrate(&self, sqlite_path: Option<&std::path::Path>) -> Result<()> {
+        let _guard = match sqlite_path {
+            Some(db) => Some(migration_lock(db).await?),
+            None => None,
+        };
+        MIGRATOR.run(&self.pool).await.map_err(|e| match e {
+            sqlx::migrate::MigrateError::VersionMissing(v) => anyhow::anyhow!(
+                "the state database {} has schema migration {v}, which this ferry does not know: it was written by a newer ferry; upgrade ferry",
+                self.location
+            ),
+            other => anyhow::Error::from(other)
+                .context(format!("cannot set up the tables of {}", self.location)),
+        })
     }
 
     pub async fn create_run(&self, r: &RunRow) -> Result<()> {
@@ -319,15 +218,14 @@ impl State {
                 .await?;
         match rows.len() {
             1 => State::row(&rows[0]),
-            0 => Err(crate::cli::UsageError(format!(
+            0 => Err(Error::not_found(format!(
                 "no run `{id}` in {}; list them with `ferry runs`",
                 self.location
             ))
             .into()),
-            _ => Err(crate::cli::UsageError(format!(
-                "`{id}` matches several runs; give more of the id"
-            ))
-            .into()),
+            _ => Err(
+                Error::usage(format!("`{id}` matches several runs; give more of the id")).into(),
+            ),
         }
     }
 
@@ -551,20 +449,16 @@ impl State {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn redact_hides_passwords_wherever_they_are() {
-        assert_eq!(
-            super::redact("postgres://u:p@ss@h:5/db"),
-            "postgres://u:***@h:5/db"
-        );
-        assert_eq!(
-            super::redact("mysql://h/db?user=u&password=x"),
-            "mysql://h/db?user=u&password=***"
-        );
-        assert_eq!(super::redact("http://h/x?y=@z"), "http://h/x?y=@z");
-        assert_eq!(super::redact("sqlite:///a/b.db"), "sqlite:///a/b.db");
-        assert_eq!(super::redact("postgres://u@h/db"), "postgres://u@h/db");
-    }
+/// Holds an exclusive lock on `DB.lock` while migrations run.
+async fn migration_lock(db: &std::path::Path) -> Result<std::fs::File> {
+    let path = db.with_extension("lock");
+    let file = crate::fsutil::private_file(&path)
+        .with_context(|| format!("cannot open {}", path.display()))?;
+    let file = tokio::task::spawn_blocking(move || {
+        rustix::fs::flock(&file, rustix::fs::FlockOperation::LockExclusive).map(|()| file)
+    })
+    .await
+    .context("migration lock")?
+    .with_context(|| format!("cannot lock {}", path.display()))?;
+    Ok(file)
 }

@@ -10,7 +10,7 @@ use std::process::ExitCode;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result};
+use anyhow::{Context as _, Result};
 use chrono::{DateTime, Utc};
 use clap::Args;
 use serde::Serialize;
@@ -18,7 +18,9 @@ use tracing::{info, warn};
 
 use ferry_connectors::qemu::{self, LiveDisk};
 
-use crate::cli::{Global, UsageError};
+use super::output::bytes;
+use crate::context::Context;
+use crate::error::Error;
 
 #[derive(Debug, Args)]
 pub struct ProtectArgs {
@@ -47,7 +49,7 @@ pub struct ProtectArgs {
     pub hook: Option<String>,
     /// Retention, applied to the source after every cycle (e.g. --keep-within 1h --keep-hourly 24).
     #[command(flatten)]
-    pub keep: crate::cli::KeepArgs,
+    pub keep: super::repo::KeepArgs,
 }
 
 #[derive(Debug, Clone, Serialize, Default)]
@@ -69,27 +71,17 @@ struct SourceStatus {
     last_error: Option<String>,
 }
 
-/// Parse `1s`, `500ms`, `5m`, `2h`.
+/// A positive duration in humantime's grammar: `500ms`, `1s`, `5m` (minutes), `2h`, `1h 30m`.
 fn parse_duration(s: &str) -> Result<Duration> {
-    let s = s.trim();
-    let (num, unit) = s.split_at(
-        s.find(|c: char| !c.is_ascii_digit() && c != '.')
-            .unwrap_or(s.len()),
-    );
-    let n: f64 = num
-        .parse()
-        .map_err(|_| UsageError(format!("{s:?} is not a duration (e.g. 1s, 500ms, 5m)")))?;
-    let secs = match unit {
-        "ms" => n / 1000.0,
-        "" | "s" => n,
-        "m" => n * 60.0,
-        "h" => n * 3600.0,
-        _ => return Err(UsageError(format!("{s:?}: unknown unit {unit:?} (ms, s, m, h)")).into()),
-    };
-    if secs <= 0.0 {
-        return Err(UsageError(format!("{s:?} must be positive")).into());
+    let d = humantime::parse_duration(s.trim()).map_err(|e| {
+        Error::usage(format!(
+            "{s:?} is not a duration ({e}); write e.g. 500ms, 1s, 5m (minutes), 2h"
+        ))
+    })?;
+    if d.is_zero() {
+        return Err(Error::usage(format!("{s:?} must be positive")).into());
     }
-    Ok(Duration::from_secs_f64(secs))
+    Ok(d)
 }
 
 struct Vm {
@@ -100,7 +92,7 @@ struct Vm {
 
 fn parse_vm(spec: &str, work_dir: &std::path::Path) -> Result<Vm> {
     let bad = || {
-        UsageError(format!(
+        Error::Usage(format!(
             "--vm {spec:?}: expected NAME=QMP_SOCKET[,node=NODE][,disk=DISK]"
         ))
     };
@@ -129,7 +121,7 @@ fn parse_vm(spec: &str, work_dir: &std::path::Path) -> Result<Vm> {
     })
 }
 
-pub fn protect(g: &Global, a: &ProtectArgs) -> Result<ExitCode> {
+pub fn protect(ctx: &Context, a: &ProtectArgs) -> Result<ExitCode> {
     let interval = parse_duration(&a.interval)?;
     let deadline = a
         .duration
@@ -143,7 +135,7 @@ pub fn protect(g: &Global, a: &ProtectArgs) -> Result<ExitCode> {
         .map(|s| parse_vm(s, &a.work_dir))
         .collect::<Result<_>>()?;
     let policy = a.keep.policy()?;
-    let repo = crate::cli::open_with(g, true)?;
+    let repo = ctx.open_repo(true)?;
     let status: Arc<Mutex<Vec<SourceStatus>>> = Arc::new(Mutex::new(
         vms.iter()
             .map(|v| SourceStatus {
@@ -219,7 +211,7 @@ pub fn protect(g: &Global, a: &ProtectArgs) -> Result<ExitCode> {
                         Ok(rep) => {
                             let lag = (Utc::now() - rep.cut).num_milliseconds() as f64 / 1000.0;
                             info!(source = %vm.name, cycle = n, point = %rep.summary.point, mode = %rep.mode, lag_secs = lag, backlog_bytes = rep.backlog_bytes, "protected");
-                            if g.json {
+                            if ctx.json {
                                 println!(
                                     "{}",
                                     serde_json::json!({
@@ -231,14 +223,14 @@ pub fn protect(g: &Global, a: &ProtectArgs) -> Result<ExitCode> {
                                         "stored_bytes": rep.summary.stored_bytes,
                                     })
                                 );
-                            } else if !g.quiet {
+                            } else if !ctx.quiet {
                                 println!(
                                     "{} cycle {n}: point {} ({}), read {}, stored {}, {:.2} s, lag {:.1} s",
                                     vm.name,
                                     &rep.summary.point[..8],
                                     rep.mode,
-                                    crate::output::bytes(rep.summary.bytes_read),
-                                    crate::output::bytes(rep.summary.stored_bytes),
+                                    bytes(rep.summary.bytes_read),
+                                    bytes(rep.summary.stored_bytes),
                                     secs,
                                     lag
                                 );
@@ -251,7 +243,7 @@ pub fn protect(g: &Global, a: &ProtectArgs) -> Result<ExitCode> {
                         }
                         Err(e) => {
                             warn!(source = %vm.name, cycle = n, error = %e, "cycle failed; the next one catches up");
-                            if g.json {
+                            if ctx.json {
                                 println!("{}", serde_json::json!({"source": vm.name, "cycle": n, "error": e.to_string()}));
                             } else {
                                 eprintln!("{} cycle {n} failed: {e}", vm.name);
@@ -309,7 +301,7 @@ mod tests {
         assert!(
             parse_duration("0s").is_err()
                 && parse_duration("x").is_err()
-                && parse_duration("3d").is_err()
+                && parse_duration("3 fortnights later").is_err()
         );
         let vm = parse_vm("web=/run/q.sock,node=drive0", std::path::Path::new("/w")).unwrap();
         assert_eq!(

@@ -1,13 +1,10 @@
-//! What each runbook action does on a target. The local target (image files
-//! and QEMU VMs on this host) is the embedded default.
-//!
-//! Every action is idempotent under its step's key: running it again after a
-//! crash finds what the interrupted try made (a finished image, a VM still
-//! running under its name) instead of making it twice.
+//! What every action gets and gives back: the run's context, one try's
+//! identity and inputs (with typed accessors), the error that says whether
+//! another try could help, and the process builder for runbook commands.
+//! Targets, checks and the action dispatcher all build on this module.
 
-mod checks;
-mod local;
-
+use crate::context::Password;
+use crate::error::anyhow_chain;
 use ferry_engine::runbook::ErrorClass;
 use serde_json::{Map, Value};
 use std::path::PathBuf;
@@ -42,16 +39,12 @@ impl ActionError {
 impl From<anyhow::Error> for ActionError {
     fn from(e: anyhow::Error) -> ActionError {
         let class = match e.downcast_ref::<ferry_agent::Error>() {
-            Some(fe) if fe.is_usage() => ErrorClass::Permanent,
-            Some(ferry_agent::Error::Corrupt { .. } | ferry_agent::Error::DamagedChunk { .. }) => {
-                ErrorClass::Permanent
-            }
-            Some(ferry_agent::Error::Cancelled { .. }) => ErrorClass::Cancelled,
-            _ => ErrorClass::Transient,
+            Some(fe) => crate::error::class_of(fe),
+            None => ErrorClass::Transient,
         };
         ActionError {
             class,
-            message: crate::output::error_chain(&e),
+            message: anyhow_chain(&e),
         }
     }
 }
@@ -63,6 +56,7 @@ impl From<ferry_agent::Error> for ActionError {
 }
 
 /// What every action of one run shares.
+#[derive(Debug)]
 pub struct Ctx {
     pub run_id: String,
     pub work_dir: PathBuf,
@@ -72,15 +66,70 @@ pub struct Ctx {
     /// The run's repository (`-r`), for actions whose `repo` input is empty.
     pub repo: Option<String>,
     /// The repository password, read once when the run started or resumed.
-    pub password: Option<Arc<Vec<u8>>>,
+    pub password: Option<Password>,
 }
 
-impl std::fmt::Debug for Ctx {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Ctx")
-            .field("run_id", &self.run_id)
-            .field("work_dir", &self.work_dir)
-            .finish_non_exhaustive()
+impl Ctx {
+    /// Opens the repository named by the call's `repo` input, else the run's.
+    pub fn open_repo(&self, call: &Call) -> Result<ferry_agent::Repository, ActionError> {
+        self.open_repo_at(call.str("repo").as_deref())
+    }
+
+    /// Opens the repository at `location` if given (and not empty), else the run's.
+    pub fn open_repo_at(
+        &self,
+        location: Option<&str>,
+    ) -> Result<ferry_agent::Repository, ActionError> {
+        let location = location
+            .filter(|s| !s.is_empty())
+            .map(str::to_owned)
+            .or_else(|| self.repo.clone())
+            .ok_or_else(|| {
+                ActionError::permanent(
+                    "no repository: pass -r/--repo (or FERRY_REPO), or give the step a `repo` input",
+                )
+            })?;
+        let password = self.password.clone().ok_or_else(|| {
+            ActionError::permanent(
+                "no repository password: set FERRY_PASSWORD or pass --password-file",
+            )
+        })?;
+        let store = ferry_connectors::store::open(&location, false).map_err(ActionError::from)?;
+        ferry_agent::Repository::open(store, password.bytes()).map_err(ActionError::from)
+    }
+}
+
+/// The index of the disk `name` in a point (its only disk when `None`).
+pub fn disk_index(
+    point: &ferry_agent::point::Point,
+    name: Option<&str>,
+) -> Result<usize, ActionError> {
+    let names: Vec<&str> = point.meta.disks.iter().map(|d| d.name.as_str()).collect();
+    match name {
+        Some(n) => names.iter().position(|d| *d == n).ok_or_else(|| {
+            ActionError::permanent(format!(
+                "point {} has no disk `{n}`; it has {}",
+                point.short_id(),
+                names.join(", ")
+            ))
+        }),
+        None if names.len() == 1 => Ok(0),
+        None => Err(ActionError::permanent(format!(
+            "point {} has {} disks ({}); say which with `disk:`",
+            point.short_id(),
+            names.len(),
+            names.join(", ")
+        ))),
+    }
+}
+
+/// Asks a blocking operation to stop when the try that started it is
+/// dropped (its timeout, a cancelled run).
+pub struct CancelOnDrop(pub Arc<ferry_agent::progress::Progress>);
+
+impl Drop for CancelOnDrop {
+    fn drop(&mut self) {
+        self.0.cancel();
     }
 }
 
@@ -170,63 +219,8 @@ impl Call {
     }
 }
 
-/// Runs one try of an action.
-pub async fn perform(ctx: Arc<Ctx>, call: Call) -> Result<Outputs, ActionError> {
-    match call.uses.as_str() {
-        "volume.restore" => local::volume_restore(ctx, call).await,
-        "volume.create" => local::volume_create(&ctx, &call).await,
-        "instance.launch" => local::instance_launch(&ctx, &call).await,
-        "instance.stop" => local::instance_stop(&ctx, &call.need("name")?)
-            .await
-            .map(|()| Outputs::new()),
-        "command.run" => command_run(&ctx, &call).await,
-        "wait" => {
-            tokio::time::sleep(call.duration("duration", Duration::ZERO)?).await;
-            Ok(Outputs::new())
-        }
-        "noop" => Ok(match call.inputs.get("outputs") {
-            Some(Value::Object(m)) => m.clone(),
-            _ => Outputs::new(),
-        }),
-        "check.tcp" | "check.http" | "check.command" | "check.sql" | "check.disk" => {
-            checks::run(ctx, call).await
-        }
-        other => Err(ActionError::permanent(format!(
-            "no target here implements `{other}`"
-        ))),
-    }
-}
-
-/// Undoes what a node created. `uses` is the undo's action (the step's own
-/// for built-in undos); `outputs` are the step's, if it finished.
-pub async fn undo(
-    ctx: Arc<Ctx>,
-    node: &str,
-    key: &str,
-    uses: &str,
-    inputs: Outputs,
-) -> Result<(), String> {
-    match uses {
-        "volume.restore" | "volume.create" => local::volume_delete(&ctx, node)
-            .await
-            .map_err(|e| e.message),
-        "instance.launch" => local::instance_stop(&ctx, node)
-            .await
-            .map_err(|e| e.message),
-        _ => {
-            let call = Call {
-                node: node.to_owned(),
-                key: key.to_owned(),
-                uses: uses.to_owned(),
-                inputs,
-            };
-            perform(ctx, call).await.map(|_| ()).map_err(|e| e.message)
-        }
-    }
-}
-
 /// Builds the process for `run`: a list is argv, a string runs under `sh -c`.
-pub(crate) fn command(ctx: &Ctx, call: &Call) -> Result<tokio::process::Command, ActionError> {
+pub fn command(ctx: &Ctx, call: &Call) -> Result<tokio::process::Command, ActionError> {
     let argv: Vec<String> = match call.inputs.get("run") {
         Some(Value::Array(a)) => a.iter().map(ferry_engine::expr::to_text).collect(),
         Some(Value::String(s)) => vec!["sh".into(), "-c".into(), s.clone()],
@@ -240,11 +234,9 @@ pub(crate) fn command(ctx: &Ctx, call: &Call) -> Result<tokio::process::Command,
         return Err(ActionError::permanent("`run` is empty"));
     };
     let mut cmd = tokio::process::Command::new(prog);
+    scrub_env(&mut cmd);
     cmd.args(args)
         .envs(call.map("env"))
-        // Secrets of the orchestrator are not the command's business.
-        .env_remove("FERRY_PASSWORD")
-        .env_remove("FERRY_API_TOKEN")
         .env("FERRY_RUN_ID", &ctx.run_id)
         .env("FERRY_IDEMPOTENCY_KEY", &call.key)
         .env("FERRY_WORK_DIR", &ctx.work_dir)
@@ -255,50 +247,36 @@ pub(crate) fn command(ctx: &Ctx, call: &Call) -> Result<tokio::process::Command,
     Ok(cmd)
 }
 
+/// The variables of Ferry's own environment a child process may see. Every
+/// other one is dropped: Ferry's secrets (`FERRY_PASSWORD`,
+/// `FERRY_PASSWORD_FILE`, `FERRY_API_TOKEN`, cloud credentials, the state
+/// URL) are not a runbook command's or a VM's business. A runbook passes
+/// what a command needs through the step's `env`.
+pub const ENV_ALLOWED: &[&str] = &[
+    "PATH", "HOME", "USER", "LOGNAME", "SHELL", "LANG", "LC_ALL", "LC_CTYPE", "TZ", "TMPDIR",
+    "TERM",
+];
+
+/// Clears a child's environment down to [`ENV_ALLOWED`].
+pub fn scrub_env(cmd: &mut tokio::process::Command) {
+    cmd.env_clear();
+    for k in ENV_ALLOWED {
+        if let Some(v) = std::env::var_os(k) {
+            cmd.env(k, v);
+        }
+    }
+}
+
 /// Output kept from a command (the rest is dropped).
 const OUTPUT_LIMIT: usize = 64 * 1024;
 
-pub(crate) fn clip(bytes: &[u8]) -> String {
+pub fn clip(bytes: &[u8]) -> String {
     let s = String::from_utf8_lossy(&bytes[..bytes.len().min(OUTPUT_LIMIT)]);
     s.trim().to_owned()
 }
 
-/// `command.run`: exit 75 (EX_TEMPFAIL) is a transient failure, any other
-/// unexpected code a permanent one.
-async fn command_run(ctx: &Ctx, call: &Call) -> Result<Outputs, ActionError> {
-    let want = call.int("exit", 0)?;
-    let out = command(ctx, call)?.output().await.map_err(|e| {
-        ActionError::permanent(format!(
-            "cannot start `{}`: {e}",
-            call.list("run").join(" ")
-        ))
-    })?;
-    let code = out.status.code().map_or(-1, i64::from);
-    let stdout = clip(&out.stdout);
-    if code != want {
-        let err = clip(&out.stderr);
-        let msg = format!(
-            "exited with {code} (wanted {want}){}",
-            if err.is_empty() {
-                String::new()
-            } else {
-                format!(": {err}")
-            }
-        );
-        return Err(if code == 75 {
-            ActionError::transient(msg)
-        } else {
-            ActionError::permanent(msg)
-        });
-    }
-    let mut o = Outputs::new();
-    o.insert("stdout".into(), Value::String(stdout));
-    o.insert("exit".into(), Value::from(code));
-    Ok(o)
-}
-
 /// A node id as a file name (`disk[1]` -> `disk+1`: `+` is never in a step
 /// id, so no two nodes share a name).
-pub(crate) fn file_stem(node: &str) -> String {
+pub fn file_stem(node: &str) -> String {
     node.replace('[', "+").replace(']', "")
 }

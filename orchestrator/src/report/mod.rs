@@ -9,6 +9,9 @@ use serde_json::Value;
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 
+mod text;
+pub use text::text;
+
 #[derive(Clone, Debug, Serialize, utoipa::ToSchema)]
 pub struct StepReport {
     pub id: String,
@@ -288,10 +291,7 @@ pub fn build(run: &RunRow, log: &[Stored], engine: &Engine) -> Report {
 }
 
 fn esc(s: &str) -> String {
-    s.replace('&', "&amp;")
-        .replace('<', "&lt;")
-        .replace('>', "&gt;")
-        .replace('"', "&quot;")
+    quick_xml::escape::escape(s).into_owned()
 }
 
 fn fmt_secs(s: Option<f64>) -> String {
@@ -449,80 +449,104 @@ body{{font:14px system-ui,sans-serif;margin:2em;color:#222}}table{{border-collap
     h
 }
 
-fn xml(s: &str) -> String {
-    esc(s).replace('\'', "&apos;")
+/// `s` with the characters XML 1.0 cannot hold at all (control characters
+/// other than tab, newline and return) replaced by U+FFFD; quick-xml escapes
+/// the rest.
+fn xml_text(s: &str) -> String {
+    s.chars()
+        .map(|c| match c {
+            '\t' | '\n' | '\r' => c,
+            c if (c as u32) < 0x20 || c == '\u{FFFE}' || c == '\u{FFFF}' => '\u{FFFD}',
+            c => c,
+        })
+        .collect()
 }
 
 /// JUnit XML: one test case per step; failed steps are failures, skipped ones skipped.
 pub fn junit(r: &Report) -> String {
+    use quick_xml::events::{BytesDecl, BytesEnd, BytesStart, Event as X};
     // A step that did not finish (pending, running, waiting) fails its case.
     let bad = |s: &StepReport| !matches!(s.status.as_str(), "succeeded" | "skipped");
     let rto_case = r.rto_objective_secs.is_some();
     let rto_failed = rto_case && r.rto_met != Some(true);
     let failures = r.steps.iter().filter(|s| bad(s)).count() + usize::from(rto_failed);
     let skipped = r.steps.iter().filter(|s| s.status == "skipped").count();
-    let mut x = String::from("<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n");
-    let _ = writeln!(
-        x,
-        "<testsuites name=\"ferry\"><testsuite name=\"{} {}\" tests=\"{}\" failures=\"{failures}\" skipped=\"{skipped}\" time=\"{:.3}\" timestamp=\"{}\">",
-        xml(&r.mode),
-        xml(&r.runbook),
-        r.steps.len() + usize::from(rto_case),
-        r.rto_secs
-            .or_else(|| r.steps.iter().filter_map(|s| s.end_secs).reduce(f64::max))
-            .unwrap_or(0.0),
-        xml(&r.started)
-    );
-    for s in &r.steps {
-        let _ = write!(
-            x,
-            "  <testcase classname=\"{}\" name=\"{} ({})\" time=\"{:.3}\"",
-            xml(&r.runbook),
-            xml(&s.id),
-            xml(&s.uses),
-            s.duration_secs.unwrap_or(0.0)
-        );
-        match s.status.as_str() {
-            "succeeded" => x.push_str("/>\n"),
-            "skipped" => {
-                let _ = writeln!(
-                    x,
-                    "><skipped message=\"{}\"/></testcase>",
-                    xml(s.error.as_deref().unwrap_or("skipped"))
-                );
+    let time = r
+        .rto_secs
+        .or_else(|| r.steps.iter().filter_map(|s| s.end_secs).reduce(f64::max))
+        .unwrap_or(0.0);
+    let mut w = quick_xml::Writer::new_with_indent(Vec::new(), b' ', 2);
+    // Writing into a Vec cannot fail; the results are ignored for that reason.
+    let _ = w.write_event(X::Decl(BytesDecl::new("1.0", Some("UTF-8"), None)));
+    let _ = w.write_event(X::Start(
+        BytesStart::new("testsuites").with_attributes([("name", "ferry")]),
+    ));
+    let suite_name = xml_text(&format!("{} {}", r.mode, r.runbook));
+    let started = xml_text(&r.started);
+    let _ = w.write_event(X::Start(BytesStart::new("testsuite").with_attributes([
+        ("name", suite_name.as_str()),
+        (
+            "tests",
+            (r.steps.len() + usize::from(rto_case)).to_string().as_str(),
+        ),
+        ("failures", failures.to_string().as_str()),
+        ("skipped", skipped.to_string().as_str()),
+        ("time", format!("{time:.3}").as_str()),
+        ("timestamp", started.as_str()),
+    ])));
+    let classname = xml_text(&r.runbook);
+    let mut case = |name: String, secs: f64, outcome: Option<(&str, String)>| {
+        let name = xml_text(&name);
+        let start = BytesStart::new("testcase").with_attributes([
+            ("classname", classname.as_str()),
+            ("name", name.as_str()),
+            ("time", format!("{secs:.3}").as_str()),
+        ]);
+        match outcome {
+            None => {
+                let _ = w.write_event(X::Empty(start));
             }
-            other => {
-                let msg = s
-                    .error
-                    .clone()
-                    .unwrap_or_else(|| format!("the step did not finish ({other})"));
-                let _ = writeln!(x, "><failure message=\"{}\"/></testcase>", xml(&msg));
+            Some((tag, message)) => {
+                let message = xml_text(&message);
+                let _ = w.write_event(X::Start(start));
+                let _ = w.write_event(X::Empty(
+                    BytesStart::new(tag).with_attributes([("message", message.as_str())]),
+                ));
+                let _ = w.write_event(X::End(BytesEnd::new("testcase")));
             }
         }
+    };
+    for s in &r.steps {
+        let outcome = match s.status.as_str() {
+            "succeeded" => None,
+            "skipped" => Some((
+                "skipped",
+                s.error.clone().unwrap_or_else(|| "skipped".into()),
+            )),
+            other => Some((
+                "failure",
+                s.error
+                    .clone()
+                    .unwrap_or_else(|| format!("the step did not finish ({other})")),
+            )),
+        };
+        case(
+            format!("{} ({})", s.id, s.uses),
+            s.duration_secs.unwrap_or(0.0),
+            outcome,
+        );
     }
     if let Some(obj) = r.rto_objective_secs {
-        let rto = r.rto_secs.unwrap_or(0.0);
-        let _ = write!(
-            x,
-            "  <testcase classname=\"{}\" name=\"RTO objective\" time=\"{rto:.3}\"",
-            xml(&r.runbook)
-        );
-        match r.rto_secs {
-            Some(rto) if rto <= obj => x.push_str("/>\n"),
-            Some(rto) => {
-                let _ = writeln!(
-                    x,
-                    "><failure message=\"RTO {rto:.1} s exceeds {obj:.1} s\"/></testcase>"
-                );
-            }
-            None => {
-                let _ = writeln!(
-                    x,
-                    "><failure message=\"the stack was never verified: no RTO\"/></testcase>"
-                );
-            }
-        }
+        let outcome = match r.rto_secs {
+            Some(rto) if rto <= obj => None,
+            Some(rto) => Some(("failure", format!("RTO {rto:.1} s exceeds {obj:.1} s"))),
+            None => Some(("failure", "the stack was never verified: no RTO".to_owned())),
+        };
+        case("RTO objective".into(), r.rto_secs.unwrap_or(0.0), outcome);
     }
-    x.push_str("</testsuite></testsuites>\n");
-    x
+    let _ = w.write_event(X::End(BytesEnd::new("testsuite")));
+    let _ = w.write_event(X::End(BytesEnd::new("testsuites")));
+    let mut out = String::from_utf8_lossy(&w.into_inner()).into_owned();
+    out.push('\n');
+    out
 }

@@ -1,43 +1,30 @@
 //! The runbook commands: schema, validate, plan, run, drill, resume, runs,
-//! report, approve, cancel, rollback.
+//! report, verified, approve, cancel, rollback. Thin: run control is
+//! `crate::control`, shared with the API.
 
-use crate::cli::{Global, UsageError};
-use crate::exec::{self, Output, Runner};
-use crate::state::{Command, RunRow, State};
-use anyhow::{Context, Result};
+use crate::context::Context;
+use crate::control::{self, NewRun, Request};
+use crate::error::Error;
+use crate::exec::Output;
+use crate::report::Report;
+use crate::state::{RunRow, State};
+use crate::targets::Registry;
+use anyhow::{Context as _, Result};
 use clap::Args;
-use std::collections::BTreeMap;
+use ferry_engine::Mode;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
-
-/// Where Ferry keeps its state and work files: $FERRY_HOME, else
-/// $XDG_CONFIG_HOME/ferry, else ~/.config/ferry.
-pub fn home() -> PathBuf {
-    if let Some(h) = std::env::var_os("FERRY_HOME") {
-        return h.into();
-    }
-    if let Some(x) = std::env::var_os("XDG_CONFIG_HOME") {
-        return PathBuf::from(x).join("ferry");
-    }
-    PathBuf::from(std::env::var_os("HOME").unwrap_or_else(|| "/root".into())).join(".config/ferry")
-}
-
-pub fn state_url(g: &Global) -> String {
-    g.state
-        .clone()
-        .unwrap_or_else(|| format!("sqlite://{}", home().join("state.db").display()))
-}
-
-pub async fn open_state(g: &Global) -> Result<State> {
-    State::open(&state_url(g)).await
-}
 
 fn runtime() -> Result<tokio::runtime::Runtime> {
     Ok(tokio::runtime::Builder::new_multi_thread()
         .worker_threads(4)
         .enable_all()
         .build()?)
+}
+
+async fn open_state(ctx: &Context) -> Result<State> {
+    State::open(&ctx.state_url).await
 }
 
 #[derive(Debug, Args)]
@@ -126,24 +113,21 @@ pub struct RollbackArgs {
     pub detach: bool,
 }
 
-fn parse_params(raw: &[String]) -> Result<BTreeMap<String, String>> {
-    raw.iter()
-        .map(|p| {
-            p.split_once('=')
-                .map(|(k, v)| (k.trim().to_owned(), v.to_owned()))
-                .ok_or_else(|| UsageError(format!("--param {p}: write NAME=VALUE")).into())
-        })
-        .collect()
-}
-
 fn load(path: &Path) -> Result<(String, String)> {
+    let meta = std::fs::metadata(path)
+        .map_err(|e| Error::usage(format!("cannot read runbook {}: {e}", path.display())))?;
+    if meta.len() > control::MAX_RUNBOOK_BYTES as u64 {
+        return Err(Error::TooLarge(format!(
+            "runbook {} is {} bytes; the most accepted is {}",
+            path.display(),
+            meta.len(),
+            control::MAX_RUNBOOK_BYTES
+        ))
+        .into());
+    }
     let text = std::fs::read_to_string(path)
-        .map_err(|e| UsageError(format!("cannot read runbook {}: {e}", path.display())))?;
+        .map_err(|e| Error::usage(format!("cannot read runbook {}: {e}", path.display())))?;
     Ok((path.display().to_string(), text))
-}
-
-fn validate_text(file: &str, text: &str) -> Result<ferry_engine::Runbook> {
-    ferry_engine::parse(file, text).map_err(|d| UsageError(d.to_string()).into())
 }
 
 pub fn schema() -> Result<ExitCode> {
@@ -154,92 +138,41 @@ pub fn schema() -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-pub fn validate(g: &Global, a: &ValidateArgs) -> Result<ExitCode> {
+pub fn validate(ctx: &Context, a: &ValidateArgs) -> Result<ExitCode> {
+    let registry = Registry::builtin();
     let mut bad = Vec::new();
     let mut all = Vec::new();
     for f in &a.runbooks {
         let (file, text) = load(f)?;
-        match ferry_engine::parse(&file, &text) {
+        match control::validate(&registry, &file, &text) {
             Ok(rb) => {
-                if !g.json {
+                if !ctx.json {
                     println!("{file}: ok ({} steps)", rb.steps.len());
                 }
             }
-            Err(d) => {
-                if !g.json {
+            Err(Error::Invalid(d)) => {
+                if !ctx.json {
                     eprintln!("{d}");
                 }
-                all.extend(d.0.clone());
+                all.extend(d.0);
                 bad.push(file);
             }
+            Err(e) => return Err(e.into()),
         }
     }
-    if g.json {
+    if ctx.json {
         println!("{}", serde_json::to_string_pretty(&all)?);
     }
     if bad.is_empty() {
         Ok(ExitCode::SUCCESS)
     } else {
-        Err(UsageError(format!(
+        Err(Error::usage(format!(
             "{} runbook(s) have problems: {}",
             bad.len(),
             bad.join(", ")
         ))
         .into())
     }
-}
-
-/// `git rev-parse HEAD` of the checkout holding `path`, with `-dirty` if the
-/// file has uncommitted changes.
-fn git_commit(path: &Path) -> Option<String> {
-    let dir = path
-        .parent()
-        .filter(|d| !d.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    let out = std::process::Command::new("git")
-        .arg("-C")
-        .arg(dir)
-        .args(["rev-parse", "HEAD"])
-        .output()
-        .ok()?;
-    if !out.status.success() {
-        return None;
-    }
-    let commit = String::from_utf8_lossy(&out.stdout).trim().to_owned();
-    let name = path.file_name()?;
-    let dirty = std::process::Command::new("git")
-        .arg("-C")
-        .arg(dir)
-        .args(["status", "--porcelain", "--"])
-        .arg(name)
-        .output()
-        .ok()
-        .is_some_and(|o| !o.stdout.is_empty());
-    Some(if dirty {
-        format!("{commit}-dirty")
-    } else {
-        commit
-    })
-}
-
-fn new_run_id() -> String {
-    let mut b = [0u8; 3];
-    let _ = ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut b);
-    format!(
-        "{}-{}",
-        chrono::Utc::now().format("%Y%m%d-%H%M%S"),
-        hex::encode(b)
-    )
-}
-
-/// The password for actions that read the repository, if one is set; runs
-/// without a repository need none.
-fn password_if_any(g: &Global) -> Result<Option<Arc<Vec<u8>>>> {
-    if g.repo.is_none() && g.password_file.is_none() && std::env::var_os("FERRY_PASSWORD").is_none()
-    {
-        return Ok(None);
-    }
-    Ok(crate::cli::password_quiet(g)?.map(Arc::new))
 }
 
 #[derive(serde::Serialize)]
@@ -264,14 +197,18 @@ struct PlanStep {
     condition: Option<String>,
 }
 
-pub fn plan(g: &Global, a: &PlanArgs) -> Result<ExitCode> {
+pub fn plan(ctx: &Context, a: &PlanArgs) -> Result<ExitCode> {
     let (file, text) = load(&a.runbook)?;
-    let rb = validate_text(&file, &text)?;
-    let plan = ferry_engine::plan(rb, &parse_params(&a.params)?).map_err(UsageError)?;
+    let plan = control::plan(
+        &Registry::builtin(),
+        &file,
+        &text,
+        &control::parse_params(&a.params)?,
+    )?;
     let rt = runtime()?;
     // `plan` touches nothing: a SQLite state that does not exist yet has no
     // history, and is not created just to find that out.
-    let url = state_url(g);
+    let url = ctx.state_url.clone();
     let no_state = url
         .strip_prefix("sqlite://")
         .map(|p| p.split('?').next().unwrap_or(p))
@@ -292,8 +229,8 @@ pub fn plan(g: &Global, a: &PlanArgs) -> Result<ExitCode> {
         v.get(v.len() / 2).copied()
     };
     // Recovery points: resolved read-only, only when a repository is given.
-    let repo = if g.repo.is_some() {
-        crate::cli::open(g).ok()
+    let repo = if ctx.repo.is_some() {
+        ctx.open_repo(false).ok()
     } else {
         None
     };
@@ -356,7 +293,7 @@ pub fn plan(g: &Global, a: &PlanArgs) -> Result<ExitCode> {
         history_runs,
         no_history: if known { unknown_steps } else { Vec::new() },
     };
-    if g.json {
+    if ctx.json {
         println!("{}", serde_json::to_string_pretty(&out)?);
         return Ok(ExitCode::SUCCESS);
     }
@@ -416,126 +353,73 @@ pub fn plan(g: &Global, a: &PlanArgs) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// A run to create.
-#[derive(Debug, Default)]
-pub struct NewRun<'a> {
-    pub file: &'a str,
-    pub text: &'a str,
-    /// The runbook file, for its git commit.
-    pub path: Option<&'a Path>,
-    pub params: BTreeMap<String, String>,
-    pub mode: &'a str,
-    pub id: Option<String>,
-    pub work_dir: Option<PathBuf>,
-}
-
-/// Creates a run of a runbook in the state and returns it.
-pub async fn create_run(state: &State, g: &Global, new: NewRun<'_>) -> Result<RunRow> {
-    let NewRun {
-        file,
-        text,
-        path,
-        params,
-        mode,
-        id,
-        work_dir,
-    } = new;
-    let rb = validate_text(file, text)?;
-    // Params are checked now, not when the run is resumed.
-    ferry_engine::plan(rb.clone(), &params).map_err(UsageError)?;
-    let id = id.unwrap_or_else(new_run_id);
-    let work_dir = work_dir.unwrap_or_else(|| home().join("work").join(&id));
-    let work_dir = std::path::absolute(&work_dir).unwrap_or(work_dir);
-    let run = RunRow {
-        id,
-        runbook: rb.name.clone(),
-        file: file.to_owned(),
-        source: text.to_owned(),
-        params,
-        mode: mode.to_owned(),
-        status: "running".into(),
-        git_commit: path.and_then(git_commit),
-        repo: g.repo.clone(),
-        work_dir: work_dir.display().to_string(),
-        created_ms: exec::now_ms(),
-        finished_ms: None,
-        owner: None,
-        lease_ms: None,
-    };
-    state.create_run(&run).await?;
-    Ok(run)
-}
-
-pub fn run(g: &Global, a: &RunArgs, mode: &str) -> Result<ExitCode> {
+pub fn run(ctx: &Context, a: &RunArgs, mode: Mode) -> Result<ExitCode> {
     let (file, text) = load(&a.runbook)?;
-    let params = parse_params(&a.params)?;
-    let password = password_if_any(g)?;
-    let rt = runtime()?;
-    rt.block_on(async {
-        let state = open_state(g).await?;
+    let params = control::parse_params(&a.params)?;
+    // Read the password now (it is kept): a wrong source fails before
+    // anything is recorded.
+    ctx.password_if_any()?;
+    let registry = Registry::builtin();
+    runtime()?.block_on(async {
+        let state = open_state(ctx).await?;
         let new = NewRun {
-            file: &file,
-            text: &text,
-            path: Some(&a.runbook),
+            file,
+            text,
+            git_commit: control::git_commit(&a.runbook),
             params,
             mode,
             id: a.id.clone(),
             work_dir: a.work_dir.clone(),
         };
-        let run = create_run(&state, g, new).await?;
-        if !g.quiet {
+        let run = control::create_run(&state, ctx, &registry, new).await?;
+        if !ctx.quiet {
             eprintln!(
-                "{mode} {} of {} started (state {}, work {})",
-                run.id, run.runbook, state.location, run.work_dir
+                "{} {} of {} started (state {}, work {})",
+                run.mode, run.id, run.runbook, state.location, run.work_dir
             );
         }
         if a.detach {
             println!("{}", run.id);
             return Ok(ExitCode::SUCCESS);
         }
-        drive_and_report(g, state, run, password, &a.reports).await
+        drive_and_report(ctx, &state, run, &registry, &a.reports).await
     })
 }
 
 async fn drive_and_report(
-    g: &Global,
-    state: State,
+    ctx: &Context,
+    state: &State,
     run: RunRow,
-    password: Option<Arc<Vec<u8>>>,
+    registry: &Registry,
     reports: &[PathBuf],
 ) -> Result<ExitCode> {
-    let runner = Runner::claim(
-        state.clone(),
+    let password = ctx.password_if_any()?;
+    let (run, status) = control::drive(
+        state,
         run,
-        g.repo.clone(),
+        ctx.repo.clone(),
         password,
-        Output { lines: !g.quiet },
+        registry,
+        Output { lines: !ctx.quiet },
     )
     .await?;
-    let (run, status) = runner.drive().await?;
-    let log = state.events(&run.id).await?;
-    let engine = exec::rebuild(&run, &log)?;
-    let report = crate::report::build(&run, &log, &engine);
+    let report = control::report_of(state, &run).await?;
     for path in reports {
         write_report(&report, path, None)?;
     }
-    if g.json {
+    if ctx.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
-    } else if !g.quiet {
-        print_text(&report);
+    } else if !ctx.quiet {
+        print!("{}", crate::report::text(&report));
     }
-    Ok(
-        if status == ferry_engine::RunStatus::Succeeded
-            || status == ferry_engine::RunStatus::RolledBack
-        {
-            ExitCode::SUCCESS
-        } else {
-            ExitCode::FAILURE
-        },
-    )
+    Ok(if control::succeeded(status) {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
 }
 
-fn write_report(r: &crate::report::Report, path: &Path, format: Option<Format>) -> Result<()> {
+fn write_report(r: &Report, path: &Path, format: Option<Format>) -> Result<()> {
     let format = format.unwrap_or(match path.extension().and_then(|e| e.to_str()) {
         Some("html" | "htm") => Format::Html,
         Some("xml") => Format::Junit,
@@ -548,129 +432,19 @@ fn write_report(r: &crate::report::Report, path: &Path, format: Option<Format>) 
     Ok(())
 }
 
-fn render(r: &crate::report::Report, format: Format) -> Result<String> {
+fn render(r: &Report, format: Format) -> Result<String> {
     Ok(match format {
         Format::Json => serde_json::to_string_pretty(r)? + "\n",
         Format::Html => crate::report::html(r),
         Format::Junit => crate::report::junit(r),
-        Format::Text => text(r),
+        Format::Text => crate::report::text(r),
     })
 }
 
-fn text(r: &crate::report::Report) -> String {
-    use std::fmt::Write;
-    let mut s = String::new();
-    let _ = writeln!(s, "{} {} of {}: {}", r.mode, r.run, r.runbook, r.status);
-    if let Some(c) = &r.git_commit {
-        let _ = writeln!(s, "  runbook {} at git commit {c}", r.file);
-    }
-    let verdict = |m: Option<bool>| match m {
-        Some(true) => " (met)",
-        Some(false) => " (MISSED)",
-        None => "",
-    };
-    match r.rto_secs {
-        Some(rto) => {
-            let _ = writeln!(
-                s,
-                "  RTO {rto:.2} s{}{}",
-                r.rto_objective_secs
-                    .map(|o| format!(", objective {o:.0} s"))
-                    .unwrap_or_default(),
-                verdict(r.rto_met)
-            );
-        }
-        None => {
-            let _ = writeln!(s, "  RTO not reached (the stack was not verified)");
-        }
-    }
-    for p in &r.points {
-        let _ = writeln!(
-            s,
-            "  RPO {:.1} s{}{}: point {} of {} taken {}",
-            p.rpo_secs,
-            p.objective_secs
-                .map(|o| format!(", objective {o:.0} s"))
-                .unwrap_or_default(),
-            verdict(p.met),
-            &p.point[..p.point.len().min(12)],
-            p.source,
-            p.point_time
-        );
-    }
-    let _ = writeln!(
-        s,
-        "  checks: {} passed, {} failed",
-        r.checks_passed, r.checks_failed
-    );
-    let _ = writeln!(
-        s,
-        "  {:<22} {:<16} {:<10} {:>8} {:>9}",
-        "step", "action", "status", "start", "duration"
-    );
-    for st in &r.steps {
-        let _ = writeln!(
-            s,
-            "  {:<22} {:<16} {:<10} {:>8} {:>9}{}{}",
-            format!("{}{}", st.id, if st.critical { " *" } else { "" }),
-            st.uses,
-            st.status,
-            st.start_secs
-                .map(|v| format!("{v:.2}s"))
-                .unwrap_or_default(),
-            st.duration_secs
-                .map(|v| format!("{v:.2}s"))
-                .unwrap_or_default(),
-            st.undo
-                .as_deref()
-                .map(|u| format!("  [{u}]"))
-                .unwrap_or_default(),
-            st.error
-                .as_deref()
-                .map(|e| format!("\n      {e}"))
-                .unwrap_or_default()
-        );
-    }
-    if !r.critical_path.is_empty() {
-        let sum: f64 = r
-            .critical_path
-            .iter()
-            .map(|c| c.wait_secs + c.duration_secs)
-            .sum();
-        let waits: f64 = r.critical_path.iter().map(|c| c.wait_secs).sum();
-        let _ = writeln!(
-            s,
-            "  critical path (*): {} = {sum:.2} s ({waits:.3} s of it scheduling)",
-            r.critical_path
-                .iter()
-                .map(|c| format!("{} {:.2}s", c.id, c.duration_secs))
-                .collect::<Vec<_>>()
-                .join(" + ")
-        );
-    }
-    if let Some(t) = r.teardown_secs {
-        let _ = writeln!(
-            s,
-            "  teardown {t:.2} s{}",
-            if r.left_behind.is_empty() {
-                String::new()
-            } else {
-                format!("; LEFT BEHIND: {}", r.left_behind.join(", "))
-            }
-        );
-    }
-    s
-}
-
-fn print_text(r: &crate::report::Report) {
-    print!("{}", text(r));
-}
-
-pub fn resume(g: &Global, a: &ResumeArgs) -> Result<ExitCode> {
-    let password = password_if_any(g)?;
-    let rt = runtime()?;
-    rt.block_on(async {
-        let state = open_state(g).await?;
+pub fn resume(ctx: &Context, a: &ResumeArgs) -> Result<ExitCode> {
+    let registry = Registry::builtin();
+    runtime()?.block_on(async {
+        let state = open_state(ctx).await?;
         let runs = match &a.run {
             Some(id) => vec![state.find_run(id).await?],
             None => state.unfinished().await?,
@@ -685,12 +459,10 @@ pub fn resume(g: &Global, a: &ResumeArgs) -> Result<ExitCode> {
                 eprintln!("run {} already {}", run.id, run.status);
                 continue;
             }
-            if !g.quiet {
+            if !ctx.quiet {
                 eprintln!("resuming {} {} of {}", run.mode, run.id, run.runbook);
             }
-            if drive_and_report(g, state.clone(), run, password.clone(), &[]).await?
-                != ExitCode::SUCCESS
-            {
+            if drive_and_report(ctx, &state, run, &registry, &[]).await? != ExitCode::SUCCESS {
                 code = ExitCode::FAILURE;
             }
         }
@@ -698,12 +470,11 @@ pub fn resume(g: &Global, a: &ResumeArgs) -> Result<ExitCode> {
     })
 }
 
-pub fn runs(g: &Global, a: &RunsArgs) -> Result<ExitCode> {
-    let rt = runtime()?;
-    rt.block_on(async {
-        let state = open_state(g).await?;
+pub fn runs(ctx: &Context, a: &RunsArgs) -> Result<ExitCode> {
+    runtime()?.block_on(async {
+        let state = open_state(ctx).await?;
         let runs = state.runs(a.limit).await?;
-        if g.json {
+        if ctx.json {
             println!("{}", serde_json::to_string_pretty(&runs)?);
             return Ok(ExitCode::SUCCESS);
         }
@@ -727,15 +498,11 @@ pub fn runs(g: &Global, a: &RunsArgs) -> Result<ExitCode> {
     })
 }
 
-pub fn report(g: &Global, a: &ReportArgs) -> Result<ExitCode> {
-    let rt = runtime()?;
-    rt.block_on(async {
-        let state = open_state(g).await?;
-        let run = state.find_run(&a.run).await?;
-        let log = state.events(&run.id).await?;
-        let engine = exec::rebuild(&run, &log)?;
-        let r = crate::report::build(&run, &log, &engine);
-        let format = if g.json { Format::Json } else { a.format };
+pub fn report(ctx: &Context, a: &ReportArgs) -> Result<ExitCode> {
+    runtime()?.block_on(async {
+        let state = open_state(ctx).await?;
+        let r = control::report(&state, &a.run).await?;
+        let format = if ctx.json { Format::Json } else { a.format };
         match &a.out {
             Some(p) => write_report(&r, p, Some(format))?,
             None => print!("{}", render(&r, format)?),
@@ -744,12 +511,11 @@ pub fn report(g: &Global, a: &ReportArgs) -> Result<ExitCode> {
     })
 }
 
-pub fn verified(g: &Global) -> Result<ExitCode> {
-    let rt = runtime()?;
-    rt.block_on(async {
-        let state = open_state(g).await?;
+pub fn verified(ctx: &Context) -> Result<ExitCode> {
+    runtime()?.block_on(async {
+        let state = open_state(ctx).await?;
         let v = state.verified().await?;
-        if g.json {
+        if ctx.json {
             println!("{}", serde_json::to_string_pretty(&v)?);
             return Ok(ExitCode::SUCCESS);
         }
@@ -772,6 +538,7 @@ pub fn verified(g: &Global) -> Result<ExitCode> {
     })
 }
 
+/// Who asks, as the run's log records it: the local user.
 fn who() -> String {
     let user = std::env::var("USER")
         .or_else(|_| std::env::var("LOGNAME"))
@@ -779,57 +546,23 @@ fn who() -> String {
     format!("{user} (cli)")
 }
 
-async fn queue(state: &State, run: &RunRow, cmd: Command) -> Result<()> {
-    let id = new_run_id();
-    state.push_command(&run.id, &id, exec::now_ms(), &cmd).await
-}
-
-/// Whether a live process is driving the run.
-fn driven(run: &RunRow) -> bool {
-    run.owner
-        .as_deref()
-        .is_some_and(|o| !exec::owner_is_dead(o))
-        && run.lease_ms.is_some_and(|l| l > exec::now_ms())
-}
-
-pub fn approve(g: &Global, a: &ApproveArgs) -> Result<ExitCode> {
-    let rt = runtime()?;
-    rt.block_on(async {
-        let state = open_state(g).await?;
-        let run = state.find_run(&a.run).await?;
-        if run.status != "running" {
-            return Err(UsageError(format!(
-                "run {} is {}; there is nothing to approve",
-                run.id, run.status
-            ))
-            .into());
-        }
-        let log = state.events(&run.id).await?;
-        let engine = exec::rebuild(&run, &log)?;
-        let Some(node) = engine.node(&a.step) else {
-            return Err(UsageError(format!("run {} has no step `{}`", run.id, a.step)).into());
-        };
-        if *engine.state(node) != ferry_engine::StepState::Waiting {
-            return Err(UsageError(format!(
-                "step `{}` of run {} is not waiting for approval",
-                a.step, run.id
-            ))
-            .into());
-        }
-        queue(
+pub fn approve(ctx: &Context, a: &ApproveArgs) -> Result<ExitCode> {
+    runtime()?.block_on(async {
+        let state = open_state(ctx).await?;
+        let run = control::request(
             &state,
-            &run,
-            Command::Approve {
+            &a.run,
+            Request::Approve {
                 step: a.step.clone(),
-                by: who(),
             },
+            &who(),
         )
         .await?;
         println!(
             "approved {} of run {}{}",
             a.step,
             run.id,
-            if driven(&run) {
+            if control::is_driven(&run) {
                 ""
             } else {
                 "; nobody is running it: `ferry resume` continues it"
@@ -839,37 +572,24 @@ pub fn approve(g: &Global, a: &ApproveArgs) -> Result<ExitCode> {
     })
 }
 
-pub fn cancel(g: &Global, a: &RunRef) -> Result<ExitCode> {
-    stop(g, &a.run, Command::Cancel { by: who() }, false)
+pub fn cancel(ctx: &Context, a: &RunRef) -> Result<ExitCode> {
+    stop(ctx, &a.run, Request::Cancel, false)
 }
 
-pub fn rollback(g: &Global, a: &RollbackArgs) -> Result<ExitCode> {
-    stop(g, &a.run, Command::Rollback { by: who() }, a.detach)
+pub fn rollback(ctx: &Context, a: &RollbackArgs) -> Result<ExitCode> {
+    stop(ctx, &a.run, Request::Rollback, a.detach)
 }
 
 /// Queues a cancel or rollback; if no live process drives the run, drives it here.
-fn stop(g: &Global, id: &str, cmd: Command, detach: bool) -> Result<ExitCode> {
-    let password = password_if_any(g)?;
-    let rt = runtime()?;
-    rt.block_on(async {
-        let state = open_state(g).await?;
-        let run = state.find_run(id).await?;
-        let is_rollback = matches!(cmd, Command::Rollback { .. });
-        if run.status != "running" && !is_rollback {
-            return Err(UsageError(format!("run {} already {}", run.id, run.status)).into());
-        }
-        if run.status == "rolled_back" {
-            return Err(UsageError(format!("run {} is already rolled back", run.id)).into());
-        }
-        if run.status != "running" {
-            state.reopen(&run.id).await?;
-        }
-        queue(&state, &run, cmd).await?;
-        if detach || driven(&run) {
+fn stop(ctx: &Context, id: &str, req: Request, detach: bool) -> Result<ExitCode> {
+    let registry = Registry::builtin();
+    runtime()?.block_on(async {
+        let state = open_state(ctx).await?;
+        let run = control::request(&state, id, req, &who()).await?;
+        if detach || control::is_driven(&run) {
             println!("requested; the process running {} acts on it", run.id);
             return Ok(ExitCode::SUCCESS);
         }
-        let run = state.find_run(&run.id).await?;
-        drive_and_report(g, state, run, password, &[]).await
+        drive_and_report(ctx, &state, run, &registry, &[]).await
     })
 }

@@ -1,0 +1,576 @@
+//! The HTTP API (axum): runs, drills, reports, approvals and their live
+//! events (server-sent events), described by an OpenAPI document generated
+//! from these handlers (utoipa). [`router`] is the whole API, for
+//! `ferry serve` and for tests (`router(state).oneshot(request)`); the web
+//! console merges its own routes into it.
+//!
+//! Contract: unknown ids are 404, requests that do not fit a run's state
+//! 409, malformed bodies 400 (unreadable JSON) or 422 (well-formed but
+//! invalid, including runbooks with problems), oversized ones 413; every
+//! status and body is in the OpenAPI document; 5xx bodies say only that
+//! something failed and where to look (the server's log), never internals.
+
+pub mod dto;
+
+use crate::context::Password;
+use crate::control::{self, NewRun, Request};
+use crate::error::Error;
+use crate::exec::Output;
+use crate::state::State;
+use crate::targets::Registry;
+use axum::extract::rejection::JsonRejection;
+use axum::extract::{FromRequest, Path, Query, Request as HttpRequest, State as Ax};
+use axum::http::{StatusCode, header};
+use axum::middleware::Next;
+use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use dto::{ApiError, Approve, LogEntry, PlanRequest, PlanResponse, Run, StartRun, VerifiedPoint};
+use serde::Deserialize;
+use std::sync::Arc;
+use std::time::Duration;
+use utoipa::OpenApi;
+
+/// What the API's handlers share.
+#[derive(Clone)]
+pub struct AppState {
+    pub state: State,
+    /// The repository runs read recovery points from (the server's `-r`).
+    pub repo: Option<String>,
+    pub password: Option<Password>,
+    /// The bearer token every route but `/api/health` needs.
+    pub token: Arc<String>,
+    pub registry: Arc<Registry>,
+    /// Ferry's home (work directories of runs started here).
+    pub home: std::path::PathBuf,
+}
+
+impl std::fmt::Debug for AppState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AppState")
+            .field("state", &self.state.location)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The most a request body may be: a 1 MiB runbook, JSON-escaped.
+pub const MAX_BODY_BYTES: usize = 4 << 20;
+
+#[derive(OpenApi)]
+#[openapi(
+    info(title = "Ferry API", description = "Runs, drills, reports and their live events. Authenticate with `Authorization: Bearer TOKEN` (the token is in FERRY_HOME/api-token, or FERRY_API_TOKEN)."),
+    paths(health, list_runs, start_run, get_run, run_events, run_report, approve, cancel, rollback, stream, verified, plan),
+    components(schemas(Run, dto::RunMode, dto::RunStatus, LogEntry, VerifiedPoint, crate::report::Report, crate::report::StepReport, crate::report::PointReport, crate::report::CriticalStep, StartRun, Approve, PlanRequest, PlanResponse, ApiError, dto::Diagnostic, dto::Health, ReportFormat)),
+    modifiers(&BearerAuth)
+)]
+struct ApiDoc;
+
+struct BearerAuth;
+
+impl utoipa::Modify for BearerAuth {
+    fn modify(&self, api: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+        let components = api.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "bearer",
+            SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
+        );
+        api.security = Some(vec![utoipa::openapi::security::SecurityRequirement::new(
+            "bearer",
+            Vec::<String>::new(),
+        )]);
+    }
+}
+
+/// The OpenAPI document of the API, as served and as kept in `docs/openapi.json`.
+pub fn openapi_json() -> String {
+    ApiDoc::openapi()
+        .to_pretty_json()
+        .unwrap_or_else(|e| format!("{{\"error\": \"the OpenAPI document cannot be built: {e}\"}}"))
+}
+
+/// The whole API.
+pub fn router(app: AppState) -> Router {
+    Router::new()
+        .route("/api/runs", get(list_runs).post(start_run))
+        .route("/api/runs/{id}", get(get_run))
+        .route("/api/runs/{id}/events", get(run_events))
+        .route("/api/runs/{id}/report", get(run_report))
+        .route("/api/runs/{id}/approve", post(approve))
+        .route("/api/runs/{id}/cancel", post(cancel))
+        .route("/api/runs/{id}/rollback", post(rollback))
+        .route("/api/runs/{id}/stream", get(stream))
+        .route("/api/verified", get(verified))
+        .route("/api/plan", post(plan))
+        .route(
+            "/api/openapi.json",
+            get(|| async { ([(header::CONTENT_TYPE, "application/json")], openapi_json()) }),
+        )
+        .route_layer(axum::middleware::from_fn_with_state(app.clone(), auth))
+        .route("/api/health", get(health))
+        .fallback(|| async {
+            error_response(
+                StatusCode::NOT_FOUND,
+                "no such endpoint; see /api/openapi.json",
+            )
+        })
+        .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .with_state(app)
+}
+
+fn error_response(status: StatusCode, msg: impl Into<String>) -> Response {
+    (
+        status,
+        Json(ApiError {
+            error: msg.into(),
+            diagnostics: None,
+        }),
+    )
+        .into_response()
+}
+
+impl IntoResponse for Error {
+    fn into_response(self) -> Response {
+        let status =
+            StatusCode::from_u16(self.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        if status.is_server_error() {
+            // The details go to the server's log, not to the client.
+            let reference = crate::sys::random_hex(4);
+            tracing::error!(
+                reference,
+                "API request failed: {}",
+                crate::error::chain(&self)
+            );
+            return error_response(
+                status,
+                format!("the server could not do this (reference {reference}); its log says why"),
+            );
+        }
+        let diagnostics = match &self {
+            Error::Invalid(d) => Some(
+                d.0.iter()
+                    .map(|d| dto::Diagnostic {
+                        file: d.file.clone(),
+                        line: d.line,
+                        column: d.column,
+                        message: d.message.clone(),
+                        hint: d.hint.clone(),
+                    })
+                    .collect(),
+            ),
+            _ => None,
+        };
+        let error = match &self {
+            Error::Invalid(d) => format!("the runbook has problems:\n{d}"),
+            other => other.to_string(),
+        };
+        (status, Json(ApiError { error, diagnostics })).into_response()
+    }
+}
+
+type ApiResult<T> = Result<T, Error>;
+
+/// A JSON body whose rejection (unreadable, wrong type, too large) is an
+/// [`ApiError`] like every other error.
+struct Body<T>(T);
+
+impl<S, T> FromRequest<S> for Body<T>
+where
+    Json<T>: FromRequest<S, Rejection = JsonRejection>,
+    S: Send + Sync,
+{
+    type Rejection = Response;
+
+    async fn from_request(req: HttpRequest, state: &S) -> Result<Self, Self::Rejection> {
+        match Json::<T>::from_request(req, state).await {
+            Ok(Json(v)) => Ok(Body(v)),
+            Err(rejection) => Err(error_response(rejection.status(), rejection.body_text())),
+        }
+    }
+}
+
+/// The API token: FERRY_API_TOKEN, else HOME/api-token (made on first use,
+/// mode 0600). A token under 16 characters, or of one repeated character, is
+/// refused; a token file others can read is warned about.
+pub fn load_or_create_token(home: &std::path::Path) -> anyhow::Result<String> {
+    fn weak(t: &str) -> bool {
+        t.len() < 16 || t.chars().all(|c| t.starts_with(c))
+    }
+    if let Ok(t) = std::env::var("FERRY_API_TOKEN") {
+        if weak(&t) {
+            anyhow::bail!(
+                "FERRY_API_TOKEN is too weak: use at least 16 random characters (e.g. `openssl rand -hex 24`)"
+            );
+        }
+        return Ok(t);
+    }
+    let path = home.join("api-token");
+    if let Ok(t) = std::fs::read_to_string(&path) {
+        use std::os::unix::fs::PermissionsExt;
+        if let Ok(m) = std::fs::metadata(&path)
+            && m.permissions().mode() & 0o077 != 0
+        {
+            tracing::warn!(
+                "{} can be read by other users (mode {:o}); run `chmod 600 {}`",
+                path.display(),
+                m.permissions().mode() & 0o777,
+                path.display()
+            );
+            eprintln!(
+                "warning: {} can be read by other users; run `chmod 600 {}`",
+                path.display(),
+                path.display()
+            );
+        }
+        let t = t.trim().to_owned();
+        if weak(&t) {
+            anyhow::bail!(
+                "{} holds a weak token (under 16 characters, or one repeated); delete it and a new one is made",
+                path.display()
+            );
+        }
+        return Ok(t);
+    }
+    let t = hex::encode(crate::sys::random_bytes(24)?);
+    crate::fsutil::create_private_dir(home)?;
+    crate::fsutil::write_private(&path, t.as_bytes())
+        .map_err(|e| anyhow::anyhow!("cannot create {}: {e}", path.display()))?;
+    Ok(t)
+}
+
+/// The identity a request is made with: the one API token, for now.
+const TOKEN_IDENTITY: &str = "api-token";
+
+async fn auth(Ax(app): Ax<AppState>, req: HttpRequest, next: Next) -> Response {
+    let given = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or("");
+    let want = app.token.as_bytes();
+    let ok = given.len() == want.len()
+        && given
+            .bytes()
+            .zip(want)
+            .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+            == 0;
+    if !ok {
+        return error_response(
+            StatusCode::UNAUTHORIZED,
+            "missing or wrong bearer token (see FERRY_HOME/api-token)",
+        );
+    }
+    next.run(req).await
+}
+
+/// Drives a run in the background until it ends (or this server stops).
+pub fn spawn_run(app: &AppState, run: crate::state::RunRow) {
+    let app = app.clone();
+    tokio::spawn(async move {
+        let id = run.id.clone();
+        let result = control::drive(
+            &app.state,
+            run,
+            app.repo.clone(),
+            app.password.clone(),
+            &app.registry,
+            Output { lines: false },
+        )
+        .await;
+        if let Err(e) = result {
+            tracing::error!(run = %id, "run stopped: {}", crate::error::chain(&e));
+        }
+    });
+}
+
+#[utoipa::path(get, path = "/api/health", security(()), responses((status = 200, body = dto::Health, description = "The server is up")))]
+async fn health() -> Json<dto::Health> {
+    Json(dto::Health { ok: true })
+}
+
+#[utoipa::path(get, path = "/api/runs", responses(
+    (status = 200, body = Vec<Run>, description = "The newest 200 runs, newest first"),
+    (status = 401, body = ApiError, description = "No or a wrong token"),
+    (status = 500, body = ApiError, description = "The server failed; its log says why")))]
+async fn list_runs(Ax(app): Ax<AppState>) -> ApiResult<Json<Vec<Run>>> {
+    let runs = app.state.runs(200).await?;
+    Ok(Json(runs.into_iter().map(Run::from).collect()))
+}
+
+#[utoipa::path(post, path = "/api/runs", request_body = StartRun, responses(
+    (status = 202, body = Run, description = "Started"),
+    (status = 400, body = ApiError, description = "The body is not JSON, or a param is wrong"),
+    (status = 401, body = ApiError, description = "No or a wrong token"),
+    (status = 409, body = ApiError, description = "A run with that id exists"),
+    (status = 413, body = ApiError, description = "The runbook is too large"),
+    (status = 415, body = ApiError, description = "The body is not application/json"),
+    (status = 422, body = ApiError, description = "The runbook has problems (each with its line and column) or the body lacks a field"),
+    (status = 500, body = ApiError, description = "The server failed; its log says why")))]
+async fn start_run(
+    Ax(app): Ax<AppState>,
+    Body(body): Body<StartRun>,
+) -> ApiResult<(StatusCode, Json<Run>)> {
+    let mut ctx = crate::context::Context::new(
+        app.repo.clone(),
+        crate::context::PasswordSource::Prompt,
+        Some(&app.state.location),
+        app.home.clone(),
+    );
+    ctx.quiet = true;
+    let new = NewRun {
+        file: body.file.unwrap_or_else(|| "api.yaml".into()),
+        text: body.runbook,
+        git_commit: None,
+        params: body.params,
+        mode: body.mode.into(),
+        id: None,
+        work_dir: None,
+    };
+    // Validation and planning are CPU work bounded by the engine's limits:
+    // off the async workers.
+    let registry = app.registry.clone();
+    let state = app.state.clone();
+    let run = tokio::task::spawn_blocking(move || {
+        tokio::runtime::Handle::current()
+            .block_on(control::create_run(&state, &ctx, &registry, new))
+    })
+    .await
+    .map_err(|e| Error::Internal(anyhow::anyhow!("run creation stopped: {e}")))??;
+    spawn_run(&app, run.clone());
+    Ok((StatusCode::ACCEPTED, Json(Run::from(run))))
+}
+
+#[utoipa::path(get, path = "/api/runs/{id}", params(("id" = String, Path, description = "A run id or a unique prefix")), responses(
+    (status = 200, body = crate::report::Report, description = "The run's report so far"),
+    (status = 400, body = ApiError, description = "The id matches several runs"),
+    (status = 401, body = ApiError, description = "No or a wrong token"),
+    (status = 404, body = ApiError, description = "No such run"),
+    (status = 500, body = ApiError, description = "The server failed; its log says why")))]
+async fn get_run(
+    Ax(app): Ax<AppState>,
+    Path(id): Path<String>,
+) -> ApiResult<Json<crate::report::Report>> {
+    Ok(Json(control::report(&app.state, &id).await?))
+}
+
+#[utoipa::path(get, path = "/api/runs/{id}/events", params(("id" = String, Path, description = "A run id or a unique prefix")), responses(
+    (status = 200, body = Vec<LogEntry>, description = "The run's log"),
+    (status = 400, body = ApiError, description = "The id matches several runs"),
+    (status = 401, body = ApiError, description = "No or a wrong token"),
+    (status = 404, body = ApiError, description = "No such run"),
+    (status = 500, body = ApiError, description = "The server failed; its log says why")))]
+async fn run_events(
+    Ax(app): Ax<AppState>,
+    Path(id): Path<String>,
+) -> ApiResult<Json<Vec<LogEntry>>> {
+    let run = app.state.find_run(&id).await?;
+    let log = app.state.events(&run.id).await?;
+    Ok(Json(log.into_iter().map(LogEntry::from).collect()))
+}
+
+/// The format of a report.
+#[derive(Clone, Copy, Debug, Default, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "lowercase")]
+enum ReportFormat {
+    #[default]
+    Json,
+    Html,
+    Junit,
+}
+
+#[derive(Deserialize, utoipa::IntoParams)]
+struct ReportQuery {
+    /// json (default), html or junit.
+    #[serde(default)]
+    format: Option<ReportFormat>,
+}
+
+#[utoipa::path(get, path = "/api/runs/{id}/report", params(("id" = String, Path, description = "A run id or a unique prefix"), ReportQuery), responses(
+    (status = 200, description = "The report as JSON, HTML or JUnit XML", content(
+        (crate::report::Report = "application/json"),
+        (String = "text/html"),
+        (String = "application/xml"))),
+    (status = 400, body = ApiError, description = "An unknown format, or an id that matches several runs"),
+    (status = 401, body = ApiError, description = "No or a wrong token"),
+    (status = 404, body = ApiError, description = "No such run"),
+    (status = 500, body = ApiError, description = "The server failed; its log says why")))]
+async fn run_report(
+    Ax(app): Ax<AppState>,
+    Path(id): Path<String>,
+    query: Result<Query<ReportQuery>, axum::extract::rejection::QueryRejection>,
+) -> ApiResult<Response> {
+    let Query(q) = query
+        .map_err(|e| Error::usage(format!("{}; format is json, html or junit", e.body_text())))?;
+    let r = control::report(&app.state, &id).await?;
+    Ok(match q.format.unwrap_or_default() {
+        ReportFormat::Html => (
+            [(header::CONTENT_TYPE, "text/html; charset=utf-8")],
+            crate::report::html(&r),
+        )
+            .into_response(),
+        ReportFormat::Junit => (
+            [(header::CONTENT_TYPE, "application/xml")],
+            crate::report::junit(&r),
+        )
+            .into_response(),
+        ReportFormat::Json => Json(r).into_response(),
+    })
+}
+
+/// Queues a request for the run and drives it here if nobody does.
+async fn command(app: &AppState, id: &str, req: Request) -> ApiResult<(StatusCode, Json<Run>)> {
+    let run = control::request(&app.state, id, req, TOKEN_IDENTITY).await?;
+    if !control::is_driven(&run) {
+        spawn_run(app, run.clone());
+    }
+    Ok((StatusCode::ACCEPTED, Json(Run::from(run))))
+}
+
+#[utoipa::path(post, path = "/api/runs/{id}/approve", params(("id" = String, Path, description = "A run id or a unique prefix")), request_body = Approve, responses(
+    (status = 202, body = Run, description = "Queued for the process driving the run"),
+    (status = 400, body = ApiError, description = "The body is not JSON, or the id matches several runs"),
+    (status = 401, body = ApiError, description = "No or a wrong token"),
+    (status = 404, body = ApiError, description = "No such run, or no such step in it"),
+    (status = 409, body = ApiError, description = "The run is finished, or the step is not waiting for approval"),
+    (status = 415, body = ApiError, description = "The body is not application/json"),
+    (status = 422, body = ApiError, description = "The body lacks `step`"),
+    (status = 500, body = ApiError, description = "The server failed; its log says why")))]
+async fn approve(
+    Ax(app): Ax<AppState>,
+    Path(id): Path<String>,
+    Body(b): Body<Approve>,
+) -> ApiResult<(StatusCode, Json<Run>)> {
+    command(&app, &id, Request::Approve { step: b.step }).await
+}
+
+#[utoipa::path(post, path = "/api/runs/{id}/cancel", params(("id" = String, Path, description = "A run id or a unique prefix")), responses(
+    (status = 202, body = Run, description = "Queued for the process driving the run"),
+    (status = 400, body = ApiError, description = "The id matches several runs"),
+    (status = 401, body = ApiError, description = "No or a wrong token"),
+    (status = 404, body = ApiError, description = "No such run"),
+    (status = 409, body = ApiError, description = "The run is finished"),
+    (status = 500, body = ApiError, description = "The server failed; its log says why")))]
+async fn cancel(
+    Ax(app): Ax<AppState>,
+    Path(id): Path<String>,
+) -> ApiResult<(StatusCode, Json<Run>)> {
+    command(&app, &id, Request::Cancel).await
+}
+
+#[utoipa::path(post, path = "/api/runs/{id}/rollback", params(("id" = String, Path, description = "A run id or a unique prefix")), responses(
+    (status = 202, body = Run, description = "Queued for the process driving the run"),
+    (status = 400, body = ApiError, description = "The id matches several runs"),
+    (status = 401, body = ApiError, description = "No or a wrong token"),
+    (status = 404, body = ApiError, description = "No such run"),
+    (status = 409, body = ApiError, description = "The run is already rolled back"),
+    (status = 500, body = ApiError, description = "The server failed; its log says why")))]
+async fn rollback(
+    Ax(app): Ax<AppState>,
+    Path(id): Path<String>,
+) -> ApiResult<(StatusCode, Json<Run>)> {
+    command(&app, &id, Request::Rollback).await
+}
+
+/// Every event of the run so far, then each new one as it is written; the
+/// stream ends after the run finishes, and stops polling as soon as the
+/// client goes away. Event names are the event types.
+#[utoipa::path(get, path = "/api/runs/{id}/stream", params(("id" = String, Path, description = "A run id or a unique prefix")), responses(
+    (status = 200, content_type = "text/event-stream", body = String, description = "Server-sent events, one per log entry"),
+    (status = 400, body = ApiError, description = "The id matches several runs"),
+    (status = 401, body = ApiError, description = "No or a wrong token"),
+    (status = 404, body = ApiError, description = "No such run"),
+    (status = 500, body = ApiError, description = "The server failed; its log says why")))]
+async fn stream(Ax(app): Ax<AppState>, Path(id): Path<String>) -> ApiResult<Response> {
+    let run = app.state.find_run(&id).await?;
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<SseEvent, std::convert::Infallible>>(64);
+    tokio::spawn(async move {
+        let mut seq = -1;
+        loop {
+            let Ok(batch) = app.state.events_after(&run.id, seq).await else {
+                break;
+            };
+            let mut finished = false;
+            for s in batch {
+                seq = s.seq;
+                let entry = LogEntry::from(s);
+                let kind = entry
+                    .event
+                    .get("type")
+                    .and_then(|t| t.as_str())
+                    .unwrap_or_default()
+                    .to_owned();
+                finished |= kind == "run_finished";
+                let data = serde_json::to_string(&entry).unwrap_or_default();
+                let ev = SseEvent::default()
+                    .event(kind)
+                    .id(entry.seq.to_string())
+                    .data(data);
+                if tx.send(Ok(ev)).await.is_err() {
+                    return;
+                }
+            }
+            if finished {
+                let still = app
+                    .state
+                    .run(&run.id)
+                    .await
+                    .ok()
+                    .flatten()
+                    .is_some_and(|r| r.status == "running");
+                if !still {
+                    return;
+                }
+            }
+            // Wait for the next poll, or for the client to go: a closed
+            // stream must not keep polling the state until the run's next
+            // event. (`closed` is cancel-safe.)
+            tokio::select! {
+                () = tx.closed() => return,
+                () = tokio::time::sleep(Duration::from_millis(200)) => {}
+            }
+        }
+    });
+    Ok(Sse::new(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .keep_alive(KeepAlive::default())
+        .into_response())
+}
+
+#[utoipa::path(get, path = "/api/verified", responses(
+    (status = 200, body = Vec<VerifiedPoint>, description = "Recovery points proved by drills"),
+    (status = 401, body = ApiError, description = "No or a wrong token"),
+    (status = 500, body = ApiError, description = "The server failed; its log says why")))]
+async fn verified(Ax(app): Ax<AppState>) -> ApiResult<Json<Vec<VerifiedPoint>>> {
+    let v = app.state.verified().await?;
+    Ok(Json(v.into_iter().map(VerifiedPoint::from).collect()))
+}
+
+#[utoipa::path(post, path = "/api/plan", request_body = PlanRequest, responses(
+    (status = 200, body = PlanResponse, description = "The waves (step ids)"),
+    (status = 400, body = ApiError, description = "The body is not JSON, or a param is wrong"),
+    (status = 401, body = ApiError, description = "No or a wrong token"),
+    (status = 413, body = ApiError, description = "The runbook is too large"),
+    (status = 415, body = ApiError, description = "The body is not application/json"),
+    (status = 422, body = ApiError, description = "The runbook has problems, each with its file, line and column"),
+    (status = 500, body = ApiError, description = "The server failed; its log says why")))]
+async fn plan(Ax(app): Ax<AppState>, Body(b): Body<PlanRequest>) -> ApiResult<Json<PlanResponse>> {
+    let file = b.file.unwrap_or_else(|| "api.yaml".into());
+    let registry = app.registry.clone();
+    let p =
+        tokio::task::spawn_blocking(move || control::plan(&registry, &file, &b.runbook, &b.params))
+            .await
+            .map_err(|e| Error::Internal(anyhow::anyhow!("planning stopped: {e}")))??;
+    let waves = p
+        .waves
+        .iter()
+        .map(|w| w.iter().map(|&n| p.nodes[n].id.clone()).collect())
+        .collect();
+    Ok(Json(PlanResponse {
+        runbook: p.runbook.name.clone(),
+        waves,
+    }))
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,910 @@
+//! The repository commands: init, backup, points, restore, check, forget,
+//! prune, stats, undelete, tier and serve-nbd.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::{Context as _, Result};
+use clap::{Args, ValueEnum};
+use ferry_agent::backup::{BackupOptions, DiskSpec};
+use ferry_agent::check::CheckOptions;
+use ferry_agent::chunker::Chunker;
+use ferry_agent::point::Consistency;
+use ferry_agent::progress::Progress;
+use ferry_agent::repo::{InitOptions, Repository};
+use ferry_agent::restore::RestoreOptions;
+use ferry_agent::source::{BlockSource, FileSource};
+use ferry_connectors::nbd::{NbdSource, NbdUrl};
+
+use super::output::{self, Bar, bytes};
+use crate::context::Context;
+use crate::error::Error;
+
+#[derive(Debug, Args)]
+pub struct ServeNbdArgs {
+    /// Recovery point: an id (or a unique prefix), SOURCE@latest, or SOURCE@TIME.
+    pub point: String,
+    /// The disk to serve (by name); needed when the point has several.
+    #[arg(long)]
+    pub disk: Option<String>,
+    /// TCP address to listen on; port 0 picks a free one (printed).
+    #[arg(long, default_value = "127.0.0.1:10809", conflicts_with = "socket")]
+    pub listen: String,
+    /// Listen on a unix socket instead.
+    #[arg(long)]
+    pub socket: Option<PathBuf>,
+    /// The export's name (default: the disk's name).
+    #[arg(long)]
+    pub name: Option<String>,
+    /// Accept writes, kept in this new overlay file; the repository is never written.
+    #[arg(long, value_name = "FILE")]
+    pub overlay: Option<PathBuf>,
+    /// Memory for decoded chunks, in MiB.
+    #[arg(long, default_value_t = 512)]
+    pub cache_mib: usize,
+}
+
+#[derive(Debug, Args)]
+pub struct TierArgs {
+    /// Points older than this (e.g. 30d, 6m) are "older"; their packs that no
+    /// newer point uses move.
+    #[arg(
+        long,
+        value_name = "DURATION",
+        required_unless_present = "before",
+        conflicts_with = "before"
+    )]
+    pub older_than: Option<String>,
+    /// Or: points made before this time (RFC 3339 or YYYY-MM-DD[ HH:MM[:SS]], UTC).
+    #[arg(long, value_name = "TIME")]
+    pub before: Option<String>,
+    /// The storage class to move them to, e.g. STANDARD_IA, GLACIER_IR, GLACIER (STANDARD moves them back).
+    #[arg(long)]
+    pub class: String,
+    /// Show what would move; move nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+}
+
+/// A retention policy on the command line (`forget`, `protect`).
+#[derive(Debug, Args)]
+pub struct KeepArgs {
+    /// Keep the newest N points.
+    #[arg(long, value_name = "N")]
+    pub keep_last: Option<u32>,
+    /// Keep the newest point of each of the last N hours that have points.
+    #[arg(long, value_name = "N")]
+    pub keep_hourly: Option<u32>,
+    #[arg(long, value_name = "N")]
+    pub keep_daily: Option<u32>,
+    #[arg(long, value_name = "N")]
+    pub keep_weekly: Option<u32>,
+    #[arg(long, value_name = "N")]
+    pub keep_monthly: Option<u32>,
+    #[arg(long, value_name = "N")]
+    pub keep_yearly: Option<u32>,
+    /// Keep every point within this long of the newest one: y, m (months), w, d, h, min, s; e.g. 30min, 36h, 7d, 1y6m.
+    #[arg(long, value_name = "DURATION")]
+    pub keep_within: Option<String>,
+}
+
+impl KeepArgs {
+    pub fn policy(&self) -> Result<ferry_agent::retention::Policy> {
+        let within = self
+            .keep_within
+            .as_deref()
+            .map(ferry_agent::retention::Policy::parse_within)
+            .transpose()
+            .map_err(Error::Usage)?;
+        Ok(ferry_agent::retention::Policy {
+            last: self.keep_last,
+            hourly: self.keep_hourly,
+            daily: self.keep_daily,
+            weekly: self.keep_weekly,
+            monthly: self.keep_monthly,
+            yearly: self.keep_yearly,
+            within,
+        })
+    }
+}
+
+#[derive(Debug, Args)]
+pub struct ForgetArgs {
+    /// Remove exactly these recovery points (ids, prefixes, SOURCE@latest, SOURCE@TIME).
+    pub points: Vec<String>,
+    /// Only this source's points (default: every source, each on its own).
+    #[arg(long)]
+    pub source: Option<String>,
+    #[command(flatten)]
+    pub keep: KeepArgs,
+    /// Show what would be removed; remove nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Run prune afterwards.
+    #[arg(long)]
+    pub prune: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct PruneArgs {
+    /// Repack a pack when more than this percentage of it is unused.
+    #[arg(long, default_value_t = 10.0)]
+    pub max_unused: f64,
+    /// Show what would be reclaimed; change nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct StatsArgs {
+    /// A price table (JSON) to estimate costs with; see --print-prices.
+    #[arg(long)]
+    pub prices: Option<PathBuf>,
+    /// Print the built-in price table as JSON (to edit and pass to --prices).
+    #[arg(long)]
+    pub print_prices: bool,
+    /// Storage class to price the data in (e.g. STANDARD_IA); default: the table's default.
+    #[arg(long)]
+    pub storage_class: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct UndeleteArgs {
+    /// Show what would be put back; change nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum ChunkerKind {
+    /// Fixed-size chunks (best for disks: writes stay aligned).
+    Fixed,
+    /// Content-defined chunks (FastCDC), resynchronised every 4 MiB.
+    Cdc,
+}
+
+#[derive(Debug, Args)]
+pub struct InitArgs {
+    /// How to cut chunks; fixed for the repository's life.
+    #[arg(long, value_enum, default_value = "fixed")]
+    pub chunker: ChunkerKind,
+    /// Chunk size (fixed) or average chunk size (cdc), e.g. 64KiB.
+    #[arg(long, default_value = "64KiB")]
+    pub chunk_size: String,
+    /// zstd level for chunks, 1 to 19.
+    #[arg(long, default_value_t = ferry_agent::repo::DEFAULT_COMPRESSION_LEVEL)]
+    pub compression: i32,
+    /// Make recovery points immutable with S3 Object Lock: every object is written
+    /// with a retention in this mode (the bucket must have Object Lock enabled).
+    #[arg(long, value_enum)]
+    pub object_lock: Option<LockModeArg>,
+    /// Days each object stays locked after it is written (or last extended by prune).
+    #[arg(long, default_value_t = 30, requires = "object_lock")]
+    pub lock_days: u32,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum LockModeArg {
+    /// Nobody can delete a locked version before it expires, not even the account root.
+    Compliance,
+    /// Users granted s3:BypassGovernanceRetention can still delete early.
+    Governance,
+}
+
+#[derive(Debug, Args)]
+pub struct BackupArgs {
+    /// Name of the machine or VM the disks belong to.
+    #[arg(long)]
+    pub source: String,
+    /// Record this consistency instead of detecting it (crash, or fuzzy when a disk changed while read).
+    #[arg(long, value_enum)]
+    pub consistency: Option<ConsistencyArg>,
+    /// Image files, block devices, or NBD exports:
+    /// nbd://HOST[:PORT]/EXPORT[?bitmap=NAME], nbd+unix:///EXPORT?socket=PATH[&bitmap=NAME].
+    /// With a bitmap, only the extents it marks dirty are read: it must hold every
+    /// write since the source's latest point.
+    #[arg(required = true)]
+    pub disks: Vec<String>,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum ConsistencyArg {
+    Crash,
+    App,
+    Fuzzy,
+}
+
+#[derive(Debug, Args)]
+pub struct PointsArgs {
+    /// Only this source's points.
+    #[arg(long)]
+    pub source: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct RestoreArgs {
+    /// Recovery point: an id (or a unique prefix), SOURCE@latest, or SOURCE@TIME.
+    pub point: String,
+    /// A directory (one file per disk), an image file, or a block device.
+    #[arg(long = "to")]
+    pub to: PathBuf,
+    /// Restore only this disk.
+    #[arg(long)]
+    pub disk: Option<String>,
+    /// Replace existing image files.
+    #[arg(long)]
+    pub overwrite: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct CheckArgs {
+    /// Read and verify every byte of every pack.
+    #[arg(long)]
+    pub read_data: bool,
+}
+
+fn print_json(v: &impl serde::Serialize) -> Result<()> {
+    println!("{}", serde_json::to_string_pretty(v)?);
+    Ok(())
+}
+
+pub fn init(ctx: &Context, a: &InitArgs) -> Result<ExitCode> {
+    let size = output::parse_size(&a.chunk_size)
+        .filter(|&s| s <= u32::MAX as u64)
+        .ok_or_else(|| {
+            Error::Usage(format!(
+                "cannot read chunk size {:?} (e.g. 64KiB)",
+                a.chunk_size
+            ))
+        })? as u32;
+    let chunker = match a.chunker {
+        ChunkerKind::Fixed => Chunker::Fixed { size },
+        ChunkerKind::Cdc => Chunker::Cdc {
+            min: size / 4,
+            avg: size,
+            max: size * 4,
+        },
+    };
+    let location = ctx.repo_location()?;
+    let store = ferry_connectors::store::open(location, true)?;
+    let pw = ctx.password(true)?;
+    if pw.bytes().is_empty() {
+        return Err(Error::Usage("the password is empty; choose one".into()).into());
+    }
+    let repo = Repository::init(
+        store,
+        pw.bytes(),
+        InitOptions {
+            chunker,
+            compression_level: a.compression,
+            lock: a.object_lock.map(|m| ferry_agent::store::LockPolicy {
+                mode: match m {
+                    LockModeArg::Compliance => ferry_agent::store::LockMode::Compliance,
+                    LockModeArg::Governance => ferry_agent::store::LockMode::Governance,
+                },
+                days: a.lock_days,
+            }),
+            ..InitOptions::default()
+        },
+    )?;
+    if ctx.json {
+        print_json(repo.config())?;
+    } else {
+        println!(
+            "created repository {} at {location} ({} chunks, zstd level {})",
+            &repo.config().id[..8],
+            chunker.describe(),
+            a.compression
+        );
+        if let Some(l) = repo.config().lock {
+            println!(
+                "every object is written under S3 Object Lock ({}, {} days)",
+                l.mode.as_str(),
+                l.days
+            );
+        }
+        println!("keep the password safe: without it the data cannot be read");
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn backup(ctx: &Context, a: &BackupArgs) -> Result<ExitCode> {
+    let repo = ctx.open_repo(false)?;
+    let mut specs = Vec::new();
+    let mut sources: Vec<Box<dyn BlockSource>> = Vec::new();
+    for (i, d) in a.disks.iter().enumerate() {
+        if NbdUrl::is_nbd(d) {
+            let url = NbdUrl::parse(d).map_err(ferry_agent::Error::InvalidInput)?;
+            let name = match url.export.rsplit('/').next() {
+                Some(n) if !n.is_empty() => n.to_string(),
+                _ => format!("disk{i}"),
+            };
+            sources.push(Box::new(NbdSource::open(&url)?));
+            specs.push(DiskSpec {
+                name,
+                path: PathBuf::from(url.to_string()),
+            });
+        } else {
+            let spec = DiskSpec::from_path(d);
+            sources.push(Box::new(FileSource::open(&spec.path)?));
+            specs.push(spec);
+        }
+    }
+    let opts = BackupOptions {
+        source: a.source.clone(),
+        disks: specs,
+        consistency: a.consistency.map(|c| match c {
+            ConsistencyArg::Crash => Consistency::Crash,
+            ConsistencyArg::App => Consistency::App,
+            ConsistencyArg::Fuzzy => Consistency::Fuzzy,
+        }),
+        time: None,
+    };
+    let progress = Arc::new(Progress::default());
+    let bar = Bar::start(progress.clone(), "backup", !ctx.quiet && !ctx.json);
+    let refs: Vec<&dyn BlockSource> = sources.iter().map(|s| s.as_ref()).collect();
+    let s = ferry_agent::backup::backup_sources(&repo, &opts, &refs, &progress).map_err(|e| {
+        let storage = matches!(e, ferry_agent::Error::Store { .. });
+        let full = ferry_agent::store::is_storage_full(&e);
+        let e = anyhow::Error::from(e);
+        if full {
+            e.context("the repository's disk is full; nothing was committed: free space and run the backup again, the packs already written are reused")
+        } else if storage {
+            e.context("nothing was committed: fix the repository's storage and run the backup again, the packs already written are reused")
+        } else {
+            e
+        }
+    })?;
+    drop(bar);
+    if ctx.json {
+        print_json(&s)?;
+    } else {
+        println!(
+            "recovery point {} of {} committed ({})",
+            &s.point[..8],
+            s.source,
+            s.consistency
+        );
+        println!(
+            "  read {} of {}, new {} stored as {} in {} pack(s), {:.2} s ({}/s)",
+            bytes(s.bytes_read),
+            bytes(s.disk_bytes),
+            bytes(s.new_bytes),
+            bytes(s.stored_bytes),
+            s.packs_written,
+            s.duration_secs,
+            bytes((s.bytes_read as f64 / s.duration_secs.max(1e-6)) as u64),
+        );
+        if let Some(c) = s.changed_bytes {
+            println!(
+                "  change map: {} changed since the parent point, {} new stored",
+                bytes(c),
+                bytes(s.stored_bytes)
+            );
+        }
+        if s.packs_recovered > 0 {
+            println!(
+                "  reused {} pack(s) left by an interrupted backup",
+                s.packs_recovered
+            );
+        }
+        print_requests(&s.requests);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn points(ctx: &Context, a: &PointsArgs) -> Result<ExitCode> {
+    let repo = ctx.open_repo(false)?;
+    let (points, bad) = repo.points()?;
+    let points: Vec<_> = points
+        .into_iter()
+        .filter(|p| a.source.as_ref().is_none_or(|s| &p.meta.source == s))
+        .collect();
+    for e in &bad {
+        eprintln!("ferry: warning: {e}; run `ferry check`");
+    }
+    if ctx.json {
+        let v: Vec<_> = points
+            .iter()
+            .map(|p| {
+                serde_json::json!({
+                    "id": p.id, "source": p.meta.source, "time": p.meta.time,
+                    "parent": p.meta.parent, "consistency": p.meta.consistency,
+                    "host": p.meta.host, "tool_version": p.meta.tool_version,
+                    "disks": p.meta.disks,
+                })
+            })
+            .collect();
+        print_json(&v)?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!(
+        "{:<10} {:<20} {:<16} {:<11} {:>10}  disks",
+        "id", "time (UTC)", "source", "consistency", "size"
+    );
+    for p in &points {
+        let size: u64 = p.meta.disks.iter().map(|d| d.size).sum();
+        let names: Vec<_> = p.meta.disks.iter().map(|d| d.name.as_str()).collect();
+        println!(
+            "{:<10} {:<20} {:<16} {:<11} {:>10}  {}",
+            p.short_id(),
+            p.meta.time.format("%Y-%m-%d %H:%M:%S"),
+            p.meta.source,
+            p.meta.consistency.to_string(),
+            bytes(size),
+            names.join(", ")
+        );
+    }
+    println!("{} recovery point(s)", points.len());
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn serve_nbd(ctx: &Context, a: &ServeNbdArgs) -> Result<ExitCode> {
+    use ferry_connectors::nbd::point_export::PointExport;
+    use ferry_connectors::nbd::server::{self, Export, Listener};
+    let started = std::time::Instant::now();
+    let repo = ctx.open_repo(false)?;
+    let point = repo.resolve(&a.point)?;
+    let disk = match &a.disk {
+        Some(d) => point
+            .meta
+            .disks
+            .iter()
+            .position(|m| &m.name == d)
+            .ok_or_else(|| {
+                ferry_agent::Error::InvalidInput(format!(
+                    "point {} has no disk {d:?}; it has {}",
+                    point.short_id(),
+                    point
+                        .meta
+                        .disks
+                        .iter()
+                        .map(|m| m.name.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ))
+            })?,
+        None if point.meta.disks.len() == 1 => 0,
+        None => {
+            return Err(ferry_agent::Error::InvalidInput(format!(
+                "point {} has {} disks; choose one with --disk ({})",
+                point.short_id(),
+                point.meta.disks.len(),
+                point
+                    .meta
+                    .disks
+                    .iter()
+                    .map(|m| m.name.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ))
+            .into());
+        }
+    };
+    let meta = point.meta.disks[disk].clone();
+    let reader = ferry_agent::instant::DiskReader::open(repo, &point, disk, a.cache_mib << 20)?;
+    let export: Arc<dyn Export> = match &a.overlay {
+        Some(p) => Arc::new(PointExport::with_overlay(reader, p).with_context(|| {
+            format!(
+                "cannot create the overlay {} (it must not exist yet)",
+                p.display()
+            )
+        })?),
+        None => Arc::new(PointExport::read_only(reader)),
+    };
+    let name = a.name.clone().unwrap_or_else(|| meta.name.clone());
+    let (listener, url) = match &a.socket {
+        Some(path) => {
+            // A socket file left by an earlier server that is gone.
+            if std::os::unix::net::UnixStream::connect(path).is_err() {
+                let _ = std::fs::remove_file(path);
+            }
+            let l = std::os::unix::net::UnixListener::bind(path)
+                .with_context(|| format!("cannot listen on {}", path.display()))?;
+            (
+                Listener::Unix(l),
+                format!("nbd+unix:///{name}?socket={}", path.display()),
+            )
+        }
+        None => {
+            let l = std::net::TcpListener::bind(&a.listen)
+                .with_context(|| format!("cannot listen on {}", a.listen))?;
+            let addr = l.local_addr()?;
+            (Listener::Tcp(l), format!("nbd://{addr}/{name}"))
+        }
+    };
+    let mode = if a.overlay.is_some() {
+        "writable, writes kept in the overlay"
+    } else {
+        "read-only"
+    };
+    if ctx.json {
+        // One line, so a supervisor can read the URL and go on.
+        println!(
+            "{}",
+            serde_json::json!({
+                "url": url,
+                "point": point.id,
+                "disk": meta.name,
+                "size": meta.size,
+                "writable": a.overlay.is_some(),
+                "ready_secs": started.elapsed().as_secs_f64(),
+            })
+        );
+    } else {
+        println!(
+            "serving point {} disk {} ({}, {mode}) at {url}; ready in {:.2} s; stop with Ctrl-C",
+            point.short_id(),
+            meta.name,
+            bytes(meta.size),
+            started.elapsed().as_secs_f64()
+        );
+    }
+    use std::io::Write as _;
+    std::io::stdout().flush()?;
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    server::serve(listener, export, name, stop)?;
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn restore(ctx: &Context, a: &RestoreArgs) -> Result<ExitCode> {
+    let repo = ctx.open_repo(false)?;
+    let point = repo.resolve(&a.point)?;
+    let progress = Arc::new(Progress::default());
+    let bar = Bar::start(progress.clone(), "restore", !ctx.quiet && !ctx.json);
+    let s = ferry_agent::restore::restore(
+        &repo,
+        &point,
+        &RestoreOptions {
+            target: a.to.clone(),
+            disk: a.disk.clone(),
+            overwrite: a.overwrite,
+        },
+        &progress,
+    )?;
+    drop(bar);
+    if ctx.json {
+        print_json(&s)?;
+    } else {
+        for d in &s.disks {
+            println!(
+                "restored {} ({}) to {}{}",
+                d.name,
+                bytes(d.size),
+                d.path.display(),
+                if d.resumed { " (resumed)" } else { "" }
+            );
+        }
+        println!(
+            "  point {}, wrote {}, {} chunk(s) fetched and verified, {} kept, {:.2} s",
+            point.short_id(),
+            bytes(s.bytes_written),
+            s.chunks_fetched,
+            s.chunks_kept,
+            s.duration_secs
+        );
+        print_requests(&s.requests);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn check(ctx: &Context, a: &CheckArgs) -> Result<ExitCode> {
+    let repo = ctx.open_repo(false)?;
+    let progress = Arc::new(Progress::default());
+    let bar = Bar::start(progress.clone(), "check", !ctx.quiet && !ctx.json);
+    let r = ferry_agent::check::check(
+        &repo,
+        CheckOptions {
+            read_data: a.read_data,
+        },
+        &progress,
+    )?;
+    drop(bar);
+    if ctx.json {
+        print_json(&r)?;
+    } else {
+        println!(
+            "checked {} recovery point(s), {} pack(s), {} chunk(s){}",
+            r.points,
+            r.packs,
+            r.chunks,
+            if r.read_data {
+                format!(", read {}", bytes(r.bytes_read))
+            } else {
+                String::new()
+            }
+        );
+        for p in &r.problems {
+            println!("damaged: {} {}", p.object, p.detail);
+        }
+        for p in &r.damaged_points {
+            println!(
+                "recovery point {} ({} at {}) cannot be fully restored: {} damaged chunk(s)",
+                &p.id[..8.min(p.id.len())],
+                p.source,
+                p.time,
+                p.damaged_chunks
+            );
+            for c in &p.chunks {
+                println!("  {c}");
+            }
+        }
+        if !r.unindexed_packs.is_empty() {
+            println!(
+                "note: {} pack(s) left by an interrupted backup are not indexed yet; the next backup indexes and reuses them",
+                r.unindexed_packs.len()
+            );
+        }
+        if r.ok {
+            println!("no damage found");
+        }
+        print_requests(&repo.store().requests());
+    }
+    Ok(if r.ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
+}
+
+/// One line of request counts, for every command that talks to the store.
+fn print_requests(r: &ferry_agent::store::Requests) {
+    println!(
+        "  requests: {} PUT, {} GET, {} LIST, {} DELETE ({} retried); {} up, {} down",
+        r.puts,
+        r.gets,
+        r.lists,
+        r.deletes,
+        r.retries,
+        bytes(r.bytes_up),
+        bytes(r.bytes_down)
+    );
+}
+
+pub fn forget(ctx: &Context, a: &ForgetArgs) -> Result<ExitCode> {
+    let policy = a.keep.policy()?;
+    let repo = ctx.open_repo(false)?;
+    let r = ferry_agent::prune::forget(&repo, &policy, a.source.as_deref(), &a.points, a.dry_run)?;
+    if ctx.json && !a.prune {
+        print_json(&r)?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    if !ctx.json {
+        let mut source = "";
+        for p in &r.points {
+            if p.source != source {
+                source = &p.source;
+                println!("{source}:");
+            }
+            println!(
+                "  {} {}  {:<6} {}{}",
+                &p.id[..8.min(p.id.len())],
+                p.time.format("%Y-%m-%d %H:%M:%S"),
+                if p.keep { "keep" } else { "remove" },
+                p.reasons.join(", "),
+                p.locked_until
+                    .map(|u| format!(
+                        " (under Object Lock until {}: kept)",
+                        u.format("%Y-%m-%d %H:%M")
+                    ))
+                    .unwrap_or_default()
+            );
+        }
+        let verb = if a.dry_run { "would remove" } else { "removed" };
+        println!(
+            "{verb} {} recovery point(s), kept {}{}",
+            if a.dry_run {
+                r.points.iter().filter(|p| !p.keep).count()
+            } else {
+                r.removed
+            },
+            r.points.iter().filter(|p| p.keep).count(),
+            if r.locked > 0 {
+                format!(
+                    "; {} still under Object Lock stay until it expires",
+                    r.locked
+                )
+            } else {
+                String::new()
+            }
+        );
+    }
+    if a.prune && !a.dry_run {
+        return prune(
+            ctx,
+            &PruneArgs {
+                max_unused: 10.0,
+                dry_run: false,
+            },
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn prune(ctx: &Context, a: &PruneArgs) -> Result<ExitCode> {
+    if !(0.0..=100.0).contains(&a.max_unused) {
+        return Err(
+            Error::Usage(format!("--max-unused {} is not a percentage", a.max_unused)).into(),
+        );
+    }
+    let repo = ctx.open_repo(false)?;
+    let r = ferry_agent::prune::prune(
+        &repo,
+        ferry_agent::prune::PruneOptions {
+            max_unused: a.max_unused / 100.0,
+            dry_run: a.dry_run,
+        },
+    )?;
+    if ctx.json {
+        print_json(&r)?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!(
+        "{} recovery point(s) use {} of {} in {} pack(s)",
+        r.points,
+        bytes(r.live_bytes),
+        bytes(r.stored_bytes),
+        r.packs
+    );
+    if r.dry_run {
+        println!(
+            "would condemn {} pack(s) ({} of them repacked); nothing was changed",
+            r.condemned_packs, r.repacked_packs
+        );
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!(
+        "condemned {} pack(s) ({} repacked, {} copied); deleted {} pack(s), {} freed",
+        r.condemned_packs,
+        r.repacked_packs,
+        bytes(r.repacked_bytes),
+        r.deleted_packs,
+        bytes(r.deleted_bytes)
+    );
+    if r.pending_packs > 0 {
+        println!(
+            "{} condemned pack(s) wait for running operations to finish ({}); the next prune deletes them",
+            r.pending_packs,
+            r.waiting_for.join(", ")
+        );
+    }
+    if r.restored_packs > 0 {
+        println!(
+            "{} condemned pack(s) were put back: a backup made meanwhile uses them",
+            r.restored_packs
+        );
+    }
+    if r.locked_packs > 0 {
+        println!(
+            "{} pack(s) are under Object Lock{}; a later prune deletes them",
+            r.locked_packs,
+            r.locked_until
+                .map(|u| format!(" until {}", u.format("%Y-%m-%d %H:%M UTC")))
+                .unwrap_or_default()
+        );
+    }
+    if r.extended > 0 {
+        println!(
+            "extended the Object Lock retention of {} object(s) still in use",
+            r.extended
+        );
+    }
+    print_requests(&r.requests);
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn stats(ctx: &Context, a: &StatsArgs) -> Result<ExitCode> {
+    let prices = match &a.prices {
+        Some(f) => {
+            let text = std::fs::read_to_string(f).map_err(|e| {
+                Error::Usage(format!("cannot read price table {}: {e}", f.display()))
+            })?;
+            serde_json::from_str(&text).map_err(|e| {
+                Error::Usage(format!(
+                    "price table {} is not valid: {e}; start from `ferry stats --print-prices`",
+                    f.display()
+                ))
+            })?
+        }
+        None => ferry_agent::stats::Prices::default(),
+    };
+    if a.print_prices {
+        print_json(&prices)?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    let repo = ctx.open_repo(false)?;
+    let s = ferry_agent::stats::stats(&repo, &prices, a.storage_class.as_deref())?;
+    if ctx.json {
+        print_json(&s)?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!("{} recovery point(s) of {} source(s)", s.points, s.sources);
+    println!("  logical (all points)   {:>12}", bytes(s.logical_bytes));
+    println!(
+        "  logical (latest each)  {:>12}",
+        bytes(s.latest_logical_bytes)
+    );
+    println!(
+        "  after dedup            {:>12}  ({} unique chunks)",
+        bytes(s.unique_bytes),
+        s.unique_chunks
+    );
+    println!("  stored (packs)         {:>12}", bytes(s.pack_bytes));
+    println!("  stored (all objects)   {:>12}", bytes(s.total_bytes));
+    for (kind, (count, size)) in &s.objects {
+        println!("    {kind:<10} {count:>8} object(s) {:>12}", bytes(*size));
+    }
+    println!("cost estimate ({}):", s.prices);
+    println!(
+        "  storage in {}: ${:.2} per month",
+        s.storage_class, s.monthly_storage_cost
+    );
+    println!(
+        "  restoring the latest point of every source: about {} GET(s), ${:.2} with egress",
+        s.restore_latest_gets, s.restore_latest_cost
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn undelete(ctx: &Context, a: &UndeleteArgs) -> Result<ExitCode> {
+    let store = ferry_connectors::store::open(ctx.repo_location()?, false)?;
+    let r = ferry_agent::undelete::undelete(&store, a.dry_run)?;
+    if ctx.json {
+        print_json(&r)?;
+    } else {
+        for o in &r.restored {
+            println!(
+                "{} {o}",
+                if a.dry_run {
+                    "would put back"
+                } else {
+                    "put back"
+                }
+            );
+        }
+        for o in &r.lost {
+            println!("lost: {o} (no version of it is left)");
+        }
+        println!(
+            "{} object(s) examined, {} put back, {} lost",
+            r.objects,
+            r.restored.len(),
+            r.lost.len()
+        );
+        print_requests(&store.requests());
+    }
+    Ok(if r.lost.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
+}
+
+pub fn tier(ctx: &Context, a: &TierArgs) -> Result<ExitCode> {
+    let cutoff = match (&a.older_than, &a.before) {
+        (Some(d), _) => {
+            chrono::Utc::now()
+                - ferry_agent::retention::Policy::parse_within(d).map_err(Error::Usage)?
+        }
+        (None, Some(t)) => ferry_agent::repo::parse_time(t)?,
+        (None, None) => unreachable!("clap requires one of them"),
+    };
+    let repo = ctx.open_repo(false)?;
+    let r = ferry_agent::tier::tier(&repo, cutoff, &a.class, a.dry_run)?;
+    if ctx.json {
+        print_json(&r)?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!(
+        "{} {} pack(s) ({}) used only by points before {} to {}; {} pack(s) stay (newer points use them)",
+        if r.dry_run { "would move" } else { "moved" },
+        r.packs,
+        bytes(r.bytes),
+        r.cutoff.format("%Y-%m-%d %H:%M UTC"),
+        r.class,
+        r.kept
+    );
+    print_requests(&r.requests);
+    Ok(ExitCode::SUCCESS)
+}

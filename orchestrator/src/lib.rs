@@ -1,0 +1,39 @@
+//! Ferry's control plane as a library: runs of runbooks (state, executor,
+//! targets, checks, reports), the HTTP API, and the commands of the `ferry`
+//! binary, which is a thin layer over it.
+//!
+//! The modules form layers; each imports only those below it:
+//!
+//! ```text
+//! commands (the CLI bodies)  api (router, DTOs)
+//!             \               /
+//!                  control            (run control: create, queue, drive)
+//!                     |
+//!                    exec             (the executor of one run)
+//!              /      |       \
+//!        actions    report    state   (only `state` knows SQL)
+//!        /     \
+//!   targets   checks
+//!        \     /
+//!   context, error, fsutil, redact, sys
+//! ```
+
+pub mod actions;
+pub mod api;
+pub mod checks;
+pub mod cli;
+pub mod commands;
+pub mod context;
+pub mod control;
+pub mod error;
+pub mod exec;
+pub mod fsutil;
+pub mod redact;
+pub mod report;
+pub mod state;
+pub mod step;
+pub mod sys;
+pub mod targets;
+
+pub use context::Context;
+pub use error::{Error, Result};

@@ -1,0 +1,213 @@
+//! The conformance suite every [`Target`] implementation's tests call: what
+//! the executor relies on, checked the same way for each target.
+//!
+//! - operations are idempotent under the step's key (a second try returns
+//!   what the first made, and makes nothing more);
+//! - undos tolerate what is already gone (deleting twice, terminating what
+//!   never launched);
+//! - a launch adopts what an interrupted try left (same instance, not a second);
+//! - `health()` has no side effects.
+
+use super::*;
+use std::path::Path;
+
+/// What the suite needs to exercise a target.
+pub struct Setup {
+    pub target: Arc<dyn Target>,
+    /// The run every step of the suite belongs to.
+    pub run: Arc<Ctx>,
+    /// An instance the target can launch, if this machine can run one.
+    pub launch: Option<InstanceLaunch>,
+}
+
+fn step(run: &Arc<Ctx>, node: &str) -> StepCx {
+    StepCx {
+        run: run.clone(),
+        node: node.into(),
+        key: format!("{}/{node}", run.run_id),
+    }
+}
+
+/// Every file under `dir`, with its size and modification time.
+fn snapshot(dir: &Path) -> Vec<(std::path::PathBuf, u64, Option<std::time::SystemTime>)> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let Ok(entries) = std::fs::read_dir(&d) else {
+            continue;
+        };
+        for e in entries.flatten() {
+            let Ok(m) = e.metadata() else { continue };
+            if m.is_dir() {
+                stack.push(e.path());
+            }
+            out.push((e.path(), m.len(), m.modified().ok()));
+        }
+    }
+    out.sort();
+    out
+}
+
+/// Runs the whole suite; panics naming the first promise broken.
+pub async fn run(s: Setup) {
+    let t = s.target.as_ref();
+
+    // Health: the same probes as real work, and nothing made.
+    let before = snapshot(&s.run.work_dir);
+    let h = t.health(&s.run).await;
+    assert_eq!(h.target, t.kind());
+    assert!(!h.probes.is_empty(), "health probes nothing");
+    assert_eq!(
+        before,
+        snapshot(&s.run.work_dir),
+        "health() changed the work directory"
+    );
+
+    if let Some(v) = t.volumes() {
+        let cx = step(&s.run, "conf-vol");
+        let req = VolumeCreate {
+            size_bytes: 1 << 20,
+            format: DiskFormat::Raw,
+        };
+        let first = v.create(&cx, req.clone()).await.expect("create");
+        let after_first = snapshot(&s.run.work_dir);
+        let second = v.create(&cx, req).await.expect("create again");
+        assert_eq!(first.path, second.path, "a second try made another volume");
+        assert_eq!(
+            after_first,
+            snapshot(&s.run.work_dir),
+            "a second try of create changed what the first made"
+        );
+        v.delete(&cx).await.expect("delete");
+        v.delete(&cx).await.expect("delete of what is already gone");
+        let never = step(&s.run, "conf-never-made");
+        v.delete(&never).await.expect("delete of what never was");
+    }
+
+    if let Some(i) = t.instances() {
+        let never = step(&s.run, "conf-never-launched");
+        i.terminate(&never)
+            .await
+            .expect("terminate of what never was");
+        i.stop(&never, "conf-never-launched")
+            .await
+            .expect("stop of what never was");
+        if let Some(req) = s.launch.clone() {
+            let cx = step(&s.run, "conf-vm");
+            let first = i.launch(&cx, req.clone()).await.expect("launch");
+            let again = i.launch(&cx, req).await.expect("launch again");
+            assert_eq!(
+                (first.pid, &first.ports),
+                (again.pid, &again.ports),
+                "a second try launched another instance instead of adopting the first"
+            );
+            i.terminate(&cx).await.expect("terminate");
+            i.terminate(&cx).await.expect("terminate twice");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run_ctx(dir: &Path) -> Arc<Ctx> {
+        Arc::new(Ctx {
+            run_id: "conformance".into(),
+            work_dir: dir.to_path_buf(),
+            drill: true,
+            started_ms: 0,
+            repo: None,
+            password: None,
+        })
+    }
+
+    /// The guest `scripts/make-guest` builds, when this machine has one.
+    fn guest() -> Option<InstanceLaunch> {
+        let dir = std::env::var_os("FERRY_GUEST_DIR")
+            .map(std::path::PathBuf::from)
+            .unwrap_or_else(|| "/var/tmp/ferry-guest".into());
+        let kernel = dir.join("vmlinuz");
+        let initrd = dir.join("initrd.gz");
+        (kernel.exists() && initrd.exists()).then(|| InstanceLaunch {
+            kernel: kernel.to_string_lossy().into_owned(),
+            initrd: Some(initrd.to_string_lossy().into_owned()),
+            append: None,
+            disks: Vec::new(),
+            memory_mib: 128,
+            cpus: 1,
+            ports: vec![80],
+            links: Vec::new(),
+            isolated: Some(true),
+            ready: None,
+            ready_timeout: Duration::from_secs(60),
+        })
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn local_conforms() {
+        let dir = tempfile::tempdir().unwrap();
+        run(Setup {
+            target: Arc::new(local::Local),
+            run: run_ctx(dir.path()),
+            launch: guest(),
+        })
+        .await;
+    }
+
+    /// A target whose create is not idempotent: the suite must catch it.
+    struct Forgetful(std::sync::atomic::AtomicU32);
+
+    #[async_trait]
+    impl Volumes for Forgetful {
+        async fn restore(&self, _: &StepCx, _: VolumeRestore) -> TargetResult<RestoredVolume> {
+            Err(ActionError::permanent("not here"))
+        }
+        async fn create(&self, cx: &StepCx, _: VolumeCreate) -> TargetResult<CreatedVolume> {
+            let n = self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            let path = cx.run.work_dir.join(format!("{}-{n}.raw", cx.node));
+            std::fs::write(&path, b"").map_err(|e| ActionError::permanent(e.to_string()))?;
+            Ok(CreatedVolume {
+                path: path.to_string_lossy().into_owned(),
+                format: DiskFormat::Raw,
+            })
+        }
+        async fn delete(&self, _: &StepCx) -> TargetResult<()> {
+            Ok(())
+        }
+    }
+
+    #[async_trait]
+    impl Target for Forgetful {
+        fn kind(&self) -> &'static str {
+            "forgetful"
+        }
+        fn volumes(&self) -> Option<&dyn Volumes> {
+            Some(self)
+        }
+        async fn health(&self, _: &Ctx) -> Health {
+            Health {
+                target: "forgetful".into(),
+                ok: true,
+                probes: vec![Probe {
+                    what: "nothing".into(),
+                    ok: true,
+                    detail: String::new(),
+                }],
+            }
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn the_suite_catches_a_target_that_creates_twice() {
+        let dir = tempfile::tempdir().unwrap();
+        let ctx = run_ctx(dir.path());
+        let suite = tokio::spawn(run(Setup {
+            target: Arc::new(Forgetful(Default::default())),
+            run: ctx,
+            launch: None,
+        }));
+        let err = suite.await.expect_err("the suite passed a broken target");
+        assert!(err.is_panic());
+    }
+}

@@ -1,0 +1,670 @@
+//! The `Target` seam: where a runbook rebuilds. A target offers resources
+//! (volumes, instances, networks, load balancers, DNS records, databases),
+//! each as a trait with typed, provider-neutral requests parsed once from a
+//! step's inputs. Implementing a resource means implementing all of its
+//! operations (the compiler checks it), and a target claims exactly the
+//! catalog actions of the resources it offers: the [`Registry`] turns a claim
+//! that is missing into a validation error naming the target and the action.
+//!
+//! Every operation is idempotent under its step's key ([`StepCx::key`]): a
+//! try after a crash adopts what the interrupted try made instead of making
+//! it twice, and a delete of something already gone succeeds.
+
+#[cfg(test)]
+pub mod conformance;
+pub mod local;
+
+use crate::step::{ActionError, Call, Ctx, Outputs};
+use async_trait::async_trait;
+use ferry_engine::Diagnostic;
+use serde::Serialize;
+use serde_json::Value;
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+pub type TargetResult<T> = Result<T, ActionError>;
+
+/// One step's try as a target sees it: the run, and the node and
+/// idempotency key that name what the step creates.
+#[derive(Debug, Clone)]
+pub struct StepCx {
+    pub run: Arc<Ctx>,
+    /// The node's id (`db`, `disk[1]`), unique in the run.
+    pub node: String,
+    /// `RUN/NODE`: the same for every try of the step, and for its undo.
+    pub key: String,
+}
+
+/// The catalog actions a target implements, by resource.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum TargetAction {
+    VolumeRestore,
+    VolumeCreate,
+    InstanceLaunch,
+    InstanceStop,
+}
+
+/// The kinds of resource a target may offer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Resource {
+    Volumes,
+    Instances,
+    Networks,
+    LoadBalancers,
+    Dns,
+    Databases,
+}
+
+impl TargetAction {
+    pub const ALL: &[TargetAction] = &[
+        TargetAction::VolumeRestore,
+        TargetAction::VolumeCreate,
+        TargetAction::InstanceLaunch,
+        TargetAction::InstanceStop,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            TargetAction::VolumeRestore => "volume.restore",
+            TargetAction::VolumeCreate => "volume.create",
+            TargetAction::InstanceLaunch => "instance.launch",
+            TargetAction::InstanceStop => "instance.stop",
+        }
+    }
+
+    pub fn from_name(name: &str) -> Option<TargetAction> {
+        TargetAction::ALL.iter().copied().find(|a| a.name() == name)
+    }
+
+    pub fn resource(self) -> Resource {
+        match self {
+            TargetAction::VolumeRestore | TargetAction::VolumeCreate => Resource::Volumes,
+            TargetAction::InstanceLaunch | TargetAction::InstanceStop => Resource::Instances,
+        }
+    }
+}
+
+/// An image or disk format.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DiskFormat {
+    Raw,
+    Qcow2,
+}
+
+impl DiskFormat {
+    fn parse(call: &Call) -> TargetResult<DiskFormat> {
+        match call.str("format").as_deref() {
+            None | Some("raw") => Ok(DiskFormat::Raw),
+            Some("qcow2") => Ok(DiskFormat::Qcow2),
+            Some(other) => Err(ActionError::permanent(format!(
+                "format `{other}`: use raw or qcow2"
+            ))),
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            DiskFormat::Raw => "raw",
+            DiskFormat::Qcow2 => "qcow2",
+        }
+    }
+}
+
+/// `volume.restore`: one disk of a recovery point as a new volume.
+#[derive(Clone, Debug)]
+pub struct VolumeRestore {
+    /// An id, `SOURCE@latest` or `SOURCE@TIME`.
+    pub point: String,
+    /// Which disk of the point (its only one when `None`).
+    pub disk: Option<String>,
+    pub format: DiskFormat,
+    /// The repository, when not the run's.
+    pub repo: Option<String>,
+}
+
+impl VolumeRestore {
+    pub fn parse(call: &Call) -> TargetResult<VolumeRestore> {
+        Ok(VolumeRestore {
+            point: call.need("point")?,
+            disk: call.str("disk").filter(|d| !d.is_empty()),
+            format: DiskFormat::parse(call)?,
+            repo: call.str("repo").filter(|r| !r.is_empty()),
+        })
+    }
+}
+
+/// What `volume.restore` made.
+#[derive(Clone, Debug, Serialize, serde::Deserialize)]
+pub struct RestoredVolume {
+    /// Where the volume is (a path, a volume id).
+    pub path: String,
+    pub format: DiskFormat,
+    pub point: String,
+    pub source: String,
+    pub disk: String,
+    pub point_time: String,
+    pub rpo_secs: f64,
+    pub size: u64,
+}
+
+/// `volume.create`: an empty volume.
+#[derive(Clone, Debug)]
+pub struct VolumeCreate {
+    pub size_bytes: u64,
+    pub format: DiskFormat,
+}
+
+impl VolumeCreate {
+    pub fn parse(call: &Call) -> TargetResult<VolumeCreate> {
+        let size = call.need("size")?;
+        let size_bytes = parse_size(&size).ok_or_else(|| {
+            ActionError::permanent(format!("`size` {size:?} is not a size (e.g. 64M, 2G)"))
+        })?;
+        Ok(VolumeCreate {
+            size_bytes,
+            format: DiskFormat::parse(call)?,
+        })
+    }
+}
+
+/// `64M`, `2G`, `512K`, `1T`, or bytes; binary units, as `qemu-img` reads them.
+fn parse_size(s: &str) -> Option<u64> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: u64 = num.parse().ok()?;
+    let shift = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 0,
+        "k" | "kb" | "kib" => 10,
+        "m" | "mb" | "mib" => 20,
+        "g" | "gb" | "gib" => 30,
+        "t" | "tb" | "tib" => 40,
+        _ => return None,
+    };
+    n.checked_mul(1u64 << shift).filter(|&b| b > 0)
+}
+
+/// What `volume.create` made.
+#[derive(Clone, Debug, Serialize)]
+pub struct CreatedVolume {
+    pub path: String,
+    pub format: DiskFormat,
+}
+
+/// `instance.launch`: a machine from a kernel (or an image) with volumes.
+#[derive(Clone, Debug)]
+pub struct InstanceLaunch {
+    pub kernel: String,
+    pub initrd: Option<String>,
+    /// Kernel command line additions.
+    pub append: Option<String>,
+    /// Volumes, attached in order.
+    pub disks: Vec<String>,
+    pub memory_mib: u32,
+    pub cpus: u32,
+    /// Guest TCP ports to reach from outside.
+    pub ports: Vec<u16>,
+    /// `GUEST_IP:PORT` -> `HOST:PORT`: the only outside addresses the guest may reach.
+    pub links: Vec<(String, String)>,
+    /// No network beyond `links` (default: in drills).
+    pub isolated: Option<bool>,
+    /// Text on the console that means the guest is up.
+    pub ready: Option<String>,
+    pub ready_timeout: Duration,
+}
+
+impl InstanceLaunch {
+    pub fn parse(call: &Call) -> TargetResult<InstanceLaunch> {
+        let whole = |name: &str, default: i64, max: i64| -> TargetResult<u32> {
+            let v = call.int(name, default)?;
+            if !(1..=max).contains(&v) {
+                return Err(ActionError::permanent(format!(
+                    "`{name}` must be between 1 and {max}, not {v}"
+                )));
+            }
+            Ok(v as u32)
+        };
+        let ports = call
+            .list("ports")
+            .iter()
+            .map(|p| {
+                p.trim()
+                    .parse::<u16>()
+                    .ok()
+                    .filter(|&p| p > 0)
+                    .ok_or_else(|| {
+                        ActionError::permanent(format!("port `{p}` is not a TCP port number"))
+                    })
+            })
+            .collect::<TargetResult<Vec<u16>>>()?;
+        let links = call
+            .map("links")
+            .into_iter()
+            .map(|(guest, host)| {
+                if !guest.contains(':') || !host.contains(':') {
+                    return Err(ActionError::permanent(format!(
+                        "link `{guest}: {host}`: write GUEST_IP:PORT: HOST:PORT"
+                    )));
+                }
+                Ok((guest, host))
+            })
+            .collect::<TargetResult<Vec<_>>>()?;
+        Ok(InstanceLaunch {
+            kernel: call.need("kernel")?,
+            initrd: call.str("initrd").filter(|s| !s.is_empty()),
+            append: call.str("append").filter(|s| !s.is_empty()),
+            disks: call.list("disks"),
+            memory_mib: whole("memory", 256, 1 << 20)?,
+            cpus: whole("cpus", 1, 1024)?,
+            ports,
+            links,
+            isolated: call.bool("isolated"),
+            ready: call.str("ready").filter(|s| !s.is_empty()),
+            ready_timeout: call.duration("ready_timeout", Duration::from_secs(180))?,
+        })
+    }
+}
+
+/// What `instance.launch` made.
+#[derive(Clone, Debug, Serialize)]
+pub struct LaunchedInstance {
+    pub name: String,
+    pub pid: Option<i32>,
+    /// Guest port -> `HOST:PORT` where it is reached.
+    pub ports: BTreeMap<String, String>,
+    /// The first of `ports`.
+    pub addr: Option<String>,
+    pub console: Option<String>,
+}
+
+/// A network with subnets and firewall rules (no target implements it yet).
+#[derive(Clone, Debug)]
+pub struct NetworkCreate {
+    pub cidr: String,
+    pub subnets: Vec<String>,
+    /// `PROTO/PORT from CIDR` rules that let traffic in.
+    pub ingress: Vec<String>,
+}
+
+/// A load balancer (no target implements it yet).
+#[derive(Clone, Debug)]
+pub struct LoadBalancerCreate {
+    /// `PROTO:PORT` listeners.
+    pub listeners: Vec<String>,
+    /// Instances (names from `instance.launch`) behind it.
+    pub targets: Vec<String>,
+    pub health_check: Option<String>,
+}
+
+/// A DNS record to create or switch (no target implements it yet).
+#[derive(Clone, Debug)]
+pub struct DnsRecord {
+    pub zone: String,
+    pub name: String,
+    pub kind: String,
+    pub values: Vec<String>,
+    pub ttl: u32,
+}
+
+/// A managed database from a snapshot or a point in time (no target
+/// implements it yet).
+#[derive(Clone, Debug)]
+pub struct DatabaseRestore {
+    pub engine: String,
+    pub snapshot: Option<String>,
+    pub point_in_time: Option<String>,
+    pub size: Option<String>,
+}
+
+/// Volumes: restored from recovery points or created empty.
+#[async_trait]
+pub trait Volumes: Send + Sync {
+    async fn restore(&self, cx: &StepCx, req: VolumeRestore) -> TargetResult<RestoredVolume>;
+    async fn create(&self, cx: &StepCx, req: VolumeCreate) -> TargetResult<CreatedVolume>;
+    /// Removes what `restore` or `create` made for this node (finished or
+    /// partial); nothing there is success.
+    async fn delete(&self, cx: &StepCx) -> TargetResult<()>;
+}
+
+/// Instances (VMs).
+#[async_trait]
+pub trait Instances: Send + Sync {
+    /// Boots the instance, or adopts the one an earlier try of the same
+    /// step left running.
+    async fn launch(&self, cx: &StepCx, req: InstanceLaunch) -> TargetResult<LaunchedInstance>;
+    /// Stops the instance made by node `name` of this run; stopping one
+    /// that is not running is success.
+    async fn stop(&self, cx: &StepCx, name: &str) -> TargetResult<()>;
+    /// Removes the instance this node launched; nothing there is success.
+    async fn terminate(&self, cx: &StepCx) -> TargetResult<()>;
+}
+
+#[async_trait]
+pub trait Networks: Send + Sync {
+    async fn create(&self, cx: &StepCx, req: NetworkCreate) -> TargetResult<Outputs>;
+    async fn delete(&self, cx: &StepCx) -> TargetResult<()>;
+}
+
+#[async_trait]
+pub trait LoadBalancers: Send + Sync {
+    async fn create(&self, cx: &StepCx, req: LoadBalancerCreate) -> TargetResult<Outputs>;
+    async fn delete(&self, cx: &StepCx) -> TargetResult<()>;
+}
+
+#[async_trait]
+pub trait Dns: Send + Sync {
+    async fn upsert(&self, cx: &StepCx, req: DnsRecord) -> TargetResult<Outputs>;
+    async fn delete(&self, cx: &StepCx) -> TargetResult<()>;
+}
+
+#[async_trait]
+pub trait Databases: Send + Sync {
+    async fn restore(&self, cx: &StepCx, req: DatabaseRestore) -> TargetResult<Outputs>;
+    async fn delete(&self, cx: &StepCx) -> TargetResult<()>;
+}
+
+/// What `health()` found: each probe it made and how it went.
+#[derive(Clone, Debug, Serialize)]
+pub struct Health {
+    pub target: String,
+    pub ok: bool,
+    pub probes: Vec<Probe>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct Probe {
+    pub what: String,
+    pub ok: bool,
+    pub detail: String,
+}
+
+/// A place a runbook can rebuild in.
+#[async_trait]
+pub trait Target: Send + Sync {
+    /// The `targets[].type` it is registered under.
+    fn kind(&self) -> &'static str;
+
+    fn volumes(&self) -> Option<&dyn Volumes> {
+        None
+    }
+    fn instances(&self) -> Option<&dyn Instances> {
+        None
+    }
+    fn networks(&self) -> Option<&dyn Networks> {
+        None
+    }
+    fn load_balancers(&self) -> Option<&dyn LoadBalancers> {
+        None
+    }
+    fn dns(&self) -> Option<&dyn Dns> {
+        None
+    }
+    fn databases(&self) -> Option<&dyn Databases> {
+        None
+    }
+
+    /// Makes the same calls real work makes (tools found, credentials
+    /// accepted, places writable), with no side effects.
+    async fn health(&self, run: &Ctx) -> Health;
+}
+
+/// Whether `target` offers `resource`.
+pub fn offers(target: &dyn Target, resource: Resource) -> bool {
+    match resource {
+        Resource::Volumes => target.volumes().is_some(),
+        Resource::Instances => target.instances().is_some(),
+        Resource::Networks => target.networks().is_some(),
+        Resource::LoadBalancers => target.load_balancers().is_some(),
+        Resource::Dns => target.dns().is_some(),
+        Resource::Databases => target.databases().is_some(),
+    }
+}
+
+/// The catalog actions `target` implements.
+pub fn actions_of(target: &dyn Target) -> Vec<TargetAction> {
+    TargetAction::ALL
+        .iter()
+        .copied()
+        .filter(|a| offers(target, a.resource()))
+        .collect()
+}
+
+fn unsupported(target: &dyn Target, action: TargetAction) -> ActionError {
+    ActionError::permanent(format!(
+        "target type `{}` does not implement `{}`",
+        target.kind(),
+        action.name()
+    ))
+}
+
+/// Runs one try of a target action: parses its typed request from the
+/// step's inputs and calls the target.
+pub async fn perform(
+    target: &dyn Target,
+    action: TargetAction,
+    cx: &StepCx,
+    call: &Call,
+) -> TargetResult<Outputs> {
+    let no = || unsupported(target, action);
+    match action {
+        TargetAction::VolumeRestore => {
+            let req = VolumeRestore::parse(call)?;
+            outputs(target.volumes().ok_or_else(no)?.restore(cx, req).await?)
+        }
+        TargetAction::VolumeCreate => {
+            let req = VolumeCreate::parse(call)?;
+            outputs(target.volumes().ok_or_else(no)?.create(cx, req).await?)
+        }
+        TargetAction::InstanceLaunch => {
+            let req = InstanceLaunch::parse(call)?;
+            outputs(target.instances().ok_or_else(no)?.launch(cx, req).await?)
+        }
+        TargetAction::InstanceStop => {
+            let name = call.need("name")?;
+            target.instances().ok_or_else(no)?.stop(cx, &name).await?;
+            Ok(Outputs::new())
+        }
+    }
+}
+
+/// The built-in undo of a target action: what removes what it made.
+pub async fn undo(target: &dyn Target, action: TargetAction, cx: &StepCx) -> TargetResult<()> {
+    let no = || unsupported(target, action);
+    match action {
+        TargetAction::VolumeRestore | TargetAction::VolumeCreate => {
+            target.volumes().ok_or_else(no)?.delete(cx).await
+        }
+        TargetAction::InstanceLaunch => target.instances().ok_or_else(no)?.terminate(cx).await,
+        // Stopping creates nothing; the engine gives it no undo.
+        TargetAction::InstanceStop => Ok(()),
+    }
+}
+
+fn outputs(v: impl Serialize) -> TargetResult<Outputs> {
+    match serde_json::to_value(v) {
+        Ok(Value::Object(m)) => Ok(m),
+        Ok(other) => Err(ActionError::permanent(format!(
+            "a target returned {other} instead of outputs"
+        ))),
+        Err(e) => Err(ActionError::permanent(format!(
+            "a target's outputs cannot be recorded: {e}"
+        ))),
+    }
+}
+
+/// The targets this build has, by `targets[].type`.
+#[derive(Clone)]
+pub struct Registry {
+    targets: BTreeMap<&'static str, Arc<dyn Target>>,
+}
+
+impl std::fmt::Debug for Registry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_list().entries(self.targets.keys()).finish()
+    }
+}
+
+impl Default for Registry {
+    fn default() -> Registry {
+        Registry::builtin()
+    }
+}
+
+impl Registry {
+    /// Every target type this build has.
+    pub fn builtin() -> Registry {
+        let mut r = Registry {
+            targets: BTreeMap::new(),
+        };
+        r.register(Arc::new(local::Local));
+        r
+    }
+
+    pub fn register(&mut self, t: Arc<dyn Target>) {
+        self.targets.insert(t.kind(), t);
+    }
+
+    pub fn get(&self, kind: &str) -> Option<Arc<dyn Target>> {
+        self.targets.get(kind).cloned()
+    }
+
+    pub fn kinds(&self) -> Vec<&'static str> {
+        self.targets.keys().copied().collect()
+    }
+
+    /// What validation cannot see from the runbook alone: every target type
+    /// exists, and every step's target implements the step's action.
+    pub fn check(&self, rb: &ferry_engine::Runbook) -> Vec<Diagnostic> {
+        let mut out = Vec::new();
+        for step in &rb.steps {
+            let Some(action) = TargetAction::from_name(&step.uses) else {
+                continue;
+            };
+            let Some(t) = rb.targets.get(step.target) else {
+                continue;
+            };
+            let diag = |message: String, hint: String| Diagnostic {
+                file: rb.file.clone(),
+                line: step.line,
+                column: step.column,
+                message,
+                hint: Some(hint),
+            };
+            match self.get(&t.kind) {
+                None => out.push(diag(
+                    format!(
+                        "step `{}` runs on target `{}` of type `{}`, which this build does not have",
+                        step.id, t.name, t.kind
+                    ),
+                    format!("this build has: {}", self.kinds().join(", ")),
+                )),
+                Some(target) if !offers(target.as_ref(), action.resource()) => out.push(diag(
+                    format!(
+                        "step `{}` uses `{}` on target `{}` (type `{}`), which does not implement it",
+                        step.id,
+                        action.name(),
+                        t.name,
+                        t.kind
+                    ),
+                    format!(
+                        "`{}` implements: {}",
+                        t.kind,
+                        actions_of(target.as_ref())
+                            .iter()
+                            .map(|a| a.name())
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    ),
+                )),
+                Some(_) => {}
+            }
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_catalog_action_has_a_home() {
+        // Each catalog action is a target action, a check, or one the
+        // executor runs itself; a new catalog action must be placed.
+        for a in ferry_engine::catalog::ACTIONS {
+            let placed = TargetAction::from_name(a.name).is_some()
+                || crate::actions::Builtin::from_name(a.name).is_some()
+                || crate::checks::Check::from_name(a.name).is_some();
+            assert!(placed, "catalog action `{}` has no implementation", a.name);
+        }
+        for a in TargetAction::ALL {
+            assert!(
+                ferry_engine::catalog::action(a.name()).is_some(),
+                "`{}` is not in the catalog",
+                a.name()
+            );
+        }
+    }
+
+    #[test]
+    fn targets_implement_what_they_claim() {
+        let r = Registry::builtin();
+        let local = r.get("local").unwrap();
+        assert_eq!(actions_of(local.as_ref()), TargetAction::ALL.to_vec());
+    }
+
+    /// A target that offers volumes only, to see validation name what is missing.
+    struct VolumesOnly;
+
+    #[async_trait]
+    impl Target for VolumesOnly {
+        fn kind(&self) -> &'static str {
+            "volumes-only"
+        }
+        fn volumes(&self) -> Option<&dyn Volumes> {
+            local::Local
+                .volumes()
+                .map(|_| &local::Local as &dyn Volumes)
+        }
+        async fn health(&self, _run: &Ctx) -> Health {
+            Health {
+                target: self.kind().into(),
+                ok: true,
+                probes: Vec::new(),
+            }
+        }
+    }
+
+    #[test]
+    fn validation_names_the_target_and_the_action_it_lacks() {
+        let mut r = Registry::builtin();
+        r.register(Arc::new(VolumesOnly));
+        let text = "version: 1\nname: t\ntargets:\n  small:\n    type: local\nsteps:\n  - id: vm\n    uses: instance.launch\n    target: small\n    with: {kernel: /k}\n";
+        let mut rb = ferry_engine::parse("t.yaml", text).unwrap();
+        assert!(r.check(&rb).is_empty());
+        rb.targets[0].kind = "volumes-only".into();
+        let d = r.check(&rb);
+        assert_eq!(d.len(), 1, "{d:?}");
+        assert!(
+            d[0].message.contains("`instance.launch`") && d[0].message.contains("volumes-only"),
+            "{}",
+            d[0].message
+        );
+        assert_eq!(
+            (d[0].line, d[0].column),
+            (rb.steps[0].line, rb.steps[0].column)
+        );
+        rb.targets[0].kind = "nowhere".into();
+        assert!(r.check(&rb)[0].message.contains("does not have"));
+    }
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("64M"), Some(64 << 20));
+        assert_eq!(parse_size("2G"), Some(2 << 30));
+        assert_eq!(parse_size("0"), None);
+        assert_eq!(parse_size("x"), None);
+    }
+}
