@@ -255,7 +255,10 @@ pub async fn request(state: &State, id: &str, req: Request, by: &str) -> Result<
     Ok(state.find_run(&run.id).await?)
 }
 
-/// Claims a run and drives it to its end.
+/// Claims a run and drives it to its end. A stored run that can no longer
+/// be planned (its runbook fails validation under this build, or its log
+/// does not replay) is finished as failed with the reason logged: it must not
+/// come back at every start of the server.
 pub async fn drive(
     state: &State,
     run: RunRow,
@@ -264,6 +267,21 @@ pub async fn drive(
     registry: &Registry,
     out: Output,
 ) -> Result<(RunRow, RunStatus)> {
+    let log = state.events(&run.id).await?;
+    if let Err(e) = exec::rebuild(&run, &log) {
+        let why = crate::error::anyhow_chain(&e);
+        tracing::error!(run = %run.id, "the run cannot be continued and is marked failed: {why}");
+        state
+            .finish(&run.id, RunStatus::Failed.name(), exec::now_ms())
+            .await?;
+        return Err(Error::Invalid(Diagnostics(vec![ferry_engine::Diagnostic {
+            file: run.file.clone(),
+            line: 0,
+            column: 0,
+            message: format!("run {} cannot be continued: {why}", run.id),
+            hint: Some("it is marked failed; start a new run".into()),
+        }])));
+    }
     let runner = Runner::claim(state.clone(), run, repo, password, registry, out).await?;
     Ok(runner.drive().await?)
 }
