@@ -358,6 +358,18 @@ impl Drop for Served {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        // A killed server leaves its private directory behind.
+        if self.url.contains("?socket=") {
+            let dir = self.socket().parent().unwrap().to_path_buf();
+            if dir
+                .file_name()
+                .unwrap()
+                .to_string_lossy()
+                .starts_with("ferry-nbd-")
+            {
+                let _ = std::fs::remove_dir_all(dir);
+            }
+        }
     }
 }
 

@@ -451,4 +451,6 @@ fn a_vm_runs_from_a_served_recovery_point() {
     drop(qemu);
     let _ = serve.kill();
     let _ = serve.wait();
+    // A killed server leaves its private directory behind.
+    let _ = std::fs::remove_dir_all(Path::new(socket).parent().unwrap());
 }
