@@ -416,7 +416,7 @@ serve() {
   local step=$1 repo=$2 t0
   : >"$LOGS/$step.serve.out"
   t0=$EPOCHREALTIME
-  "$FERRY_BIN" --json -r "$repo" serve-nbd bench@latest --listen 127.0.0.1:0 \
+  "$FERRY_BIN" --json -r "$repo" serve-nbd bench@latest --listen 127.0.0.1:0 --insecure \
     >"$LOGS/$step.serve.out" 2>"$LOGS/$step.serve.err" </dev/null &
   SERVE_PID=$!
   if python3 "$RUN/firstbyte.py" "$LOGS/$step.serve.out" "$t0" "$DISK" >"$LOGS/$step.first.json" 2>"$LOGS/$step.first.err"; then

@@ -75,6 +75,13 @@ pub enum Command {
     /// Move the packs only older recovery points use to a colder storage class (S3).
     Tier(repo::TierArgs),
     /// Instant restore: serve a recovery point's disk over NBD, fetching chunks on demand.
+    ///
+    /// Who can connect: by default, only you, through a unix socket (mode 0600)
+    /// in a new private directory (0700); --socket PATH puts it at PATH, still
+    /// 0600. TCP (--listen) needs TLS: --tls-cert and --tls-key, and with
+    /// --tls-ca only clients holding a certificate that CA signed. --insecure
+    /// serves TCP without TLS: anyone who can reach the port can read the
+    /// decrypted disk, and write to it with --overlay.
     ServeNbd(repo::ServeNbdArgs),
     /// Continuous protection of running QEMU VMs through QMP (dirty bitmaps, no agent inside).
     Protect(protect::ProtectArgs),

@@ -274,13 +274,15 @@ pub async fn drive(
         state
             .finish(&run.id, RunStatus::Failed.name(), exec::now_ms())
             .await?;
-        return Err(Error::Invalid(Diagnostics(vec![ferry_engine::Diagnostic {
-            file: run.file.clone(),
-            line: 0,
-            column: 0,
-            message: format!("run {} cannot be continued: {why}", run.id),
-            hint: Some("it is marked failed; start a new run".into()),
-        }])));
+        return Err(Error::Invalid(Diagnostics(vec![
+            ferry_engine::Diagnostic {
+                file: run.file.clone(),
+                line: 0,
+                column: 0,
+                message: format!("run {} cannot be continued: {why}", run.id),
+                hint: Some("it is marked failed; start a new run".into()),
+            },
+        ])));
     }
     let runner = Runner::claim(state.clone(), run, repo, password, registry, out).await?;
     Ok(runner.drive().await?)

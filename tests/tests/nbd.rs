@@ -318,15 +318,17 @@ struct Served {
     child: Child,
     url: String,
     ready_secs: f64,
+    stderr: PathBuf,
 }
 
 impl Served {
     fn start(env: &Env, extra: &[&str]) -> Served {
         let mut c = env.cmd();
         c.args(["--json", "serve-nbd"]).args(extra);
+        let stderr = env.path(&format!("serve-nbd-{}.err", free_port()));
         let mut child = c
             .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
+            .stderr(std::fs::File::create(&stderr).unwrap())
             .spawn()
             .unwrap();
         let mut line = String::new();
@@ -338,7 +340,17 @@ impl Served {
             child,
             url: v["url"].as_str().unwrap().to_string(),
             ready_secs: v["ready_secs"].as_f64().unwrap(),
+            stderr,
         }
+    }
+
+    fn stderr(&self) -> String {
+        std::fs::read_to_string(&self.stderr).unwrap()
+    }
+
+    /// The unix socket of an `nbd+unix://` URL.
+    fn socket(&self) -> PathBuf {
+        PathBuf::from(self.url.split_once("?socket=").unwrap().1)
     }
 }
 
@@ -346,6 +358,18 @@ impl Drop for Served {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        // A killed server leaves its private directory behind.
+        if self.url.contains("?socket=") {
+            let dir = self.socket().parent().unwrap().to_path_buf();
+            if dir
+                .file_name()
+                .unwrap()
+                .to_string_lossy()
+                .starts_with("ferry-nbd-")
+            {
+                let _ = std::fs::remove_dir_all(dir);
+            }
+        }
     }
 }
 
@@ -371,8 +395,18 @@ fn serve_nbd_is_read_by_real_clients() {
     let s = env.backup("vm", &[&img]);
     let point = s["point"].as_str().unwrap().to_string();
 
-    let served = Served::start(&env, &[&point, "--listen", "127.0.0.1:0"]);
+    // By default only this user can connect: a unix socket, 0600, in a 0700 directory.
+    let served = Served::start(&env, &[&point]);
     assert!(served.ready_secs < 5.0, "{}", served.ready_secs);
+    assert!(served.url.starts_with("nbd+unix:///"), "{}", served.url);
+    use std::os::unix::fs::PermissionsExt;
+    let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(&served.socket()), 0o600, "socket mode");
+    assert_eq!(
+        mode(served.socket().parent().unwrap()),
+        0o700,
+        "directory mode"
+    );
     let a = env.path("qemu-img.raw");
     run(Command::new("qemu-img")
         .args(["convert", "-f", "raw", "-O", "raw", &served.url])
@@ -415,6 +449,7 @@ fn serve_nbd_is_read_by_real_clients() {
             overlay.to_str().unwrap(),
         ],
     );
+    assert_eq!(mode(&sock), 0o600, "--socket mode");
     let io = |cmd: &str| run(Command::new("qemu-io").args(["-f", "raw", "-c", cmd, &served.url]));
     io("write -P 0x5a 1000 5000");
     io("write -P 0x6b 75M 4k");
@@ -442,4 +477,171 @@ fn serve_nbd_is_read_by_real_clients() {
     let r = env.path("restored.raw");
     env.ok(&["restore", &point, "--to", r.to_str().unwrap()]);
     assert!(same_content(&r, &img));
+}
+
+/// A CA, a server certificate for 127.0.0.1 and a client certificate it
+/// signed, laid out as QEMU's `tls-creds-x509` and libnbd's `tls-certificates`
+/// read a client's directory (`ca-cert.pem`, `client-cert.pem`, `client-key.pem`),
+/// with the server's files beside them.
+fn make_pki(dir: &Path) {
+    use rcgen::{
+        BasicConstraints, CertificateParams, ExtendedKeyUsagePurpose, IsCa, KeyPair,
+        KeyUsagePurpose,
+    };
+    std::fs::create_dir_all(dir).unwrap();
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+    let ca = ca.self_signed(&ca_key).unwrap();
+    let leaf = |names: Vec<String>, usage| {
+        let key = KeyPair::generate().unwrap();
+        let mut p = CertificateParams::new(names).unwrap();
+        p.extended_key_usages = vec![usage];
+        let cert = p.signed_by(&key, &ca, &ca_key).unwrap();
+        (cert.pem(), key.serialize_pem())
+    };
+    let (sc, sk) = leaf(
+        vec!["localhost".into(), "127.0.0.1".into()],
+        ExtendedKeyUsagePurpose::ServerAuth,
+    );
+    let (cc, ck) = leaf(vec!["client".into()], ExtendedKeyUsagePurpose::ClientAuth);
+    for (name, pem) in [
+        ("ca-cert.pem", ca.pem()),
+        ("server-cert.pem", sc),
+        ("server-key.pem", sk),
+        ("client-cert.pem", cc),
+        ("client-key.pem", ck),
+    ] {
+        std::fs::write(dir.join(name), pem).unwrap();
+    }
+}
+
+#[test]
+fn serve_nbd_lets_in_only_who_it_should() {
+    if !have("qemu-img") || !have("nbdinfo") {
+        return;
+    }
+    let env = Env::new();
+    env.init();
+    let img = env.path("disk.img");
+    let mut data = vec![0u8; 6 << 20];
+    Rng(5).fill(&mut data);
+    std::fs::write(&img, &data).unwrap();
+    let s = env.backup("vm", &[&img]);
+    let point = s["point"].as_str().unwrap().to_string();
+
+    // TCP without TLS is refused, naming the choices, before anything listens.
+    let out = env.run(&["serve-nbd", &point, "--listen", "127.0.0.1:0"]);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    for choice in ["--tls-cert", "--tls-key", "--insecure", "--socket"] {
+        assert!(stderr(&out).contains(choice), "{}", stderr(&out));
+    }
+
+    // A file at --socket PATH is never deleted.
+    let precious = env.path("precious.img");
+    std::fs::write(&precious, b"keep me").unwrap();
+    let out = env.run(&["serve-nbd", &point, "--socket", precious.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains(&format!(
+            "{} exists and is a regular file",
+            precious.display()
+        )),
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!(std::fs::read(&precious).unwrap(), b"keep me");
+
+    // --insecure serves TCP, and says what that means.
+    let served = Served::start(&env, &[&point, "--listen", "127.0.0.1:0", "--insecure"]);
+    assert!(served.url.starts_with("nbd://127.0.0.1:"), "{}", served.url);
+    let info = run(Command::new("nbdinfo").args(["--size", &served.url]));
+    assert_eq!(info.trim(), (6u64 << 20).to_string());
+    assert!(
+        served.stderr().contains("without TLS (--insecure)"),
+        "{}",
+        served.stderr()
+    );
+    drop(served);
+
+    // With TLS and a CA: clients with a certificate it signed read the disk.
+    let pki = env.path("pki");
+    make_pki(&pki);
+    let f = |n: &str| pki.join(n).to_str().unwrap().to_string();
+    let served = Served::start(
+        &env,
+        &[
+            &point,
+            "--listen",
+            "127.0.0.1:0",
+            "--tls-cert",
+            &f("server-cert.pem"),
+            "--tls-key",
+            &f("server-key.pem"),
+            "--tls-ca",
+            &f("ca-cert.pem"),
+        ],
+    );
+    assert!(
+        served.url.starts_with("nbds://127.0.0.1:"),
+        "{}",
+        served.url
+    );
+    let (hostport, export) = served
+        .url
+        .trim_start_matches("nbds://")
+        .split_once('/')
+        .unwrap();
+    let port = hostport.split_once(':').unwrap().1;
+    let tls_url = format!("{}?tls-certificates={}", served.url, pki.display());
+    let info = run(Command::new("nbdinfo").args(["--size", &tls_url]));
+    assert_eq!(info.trim(), (6u64 << 20).to_string());
+    let copy = env.path("over-tls.raw");
+    run(Command::new("qemu-img")
+        .args(["convert", "--object"])
+        .arg(format!(
+            "tls-creds-x509,id=tls0,dir={},endpoint=client",
+            pki.display()
+        ))
+        .args(["--image-opts"])
+        .arg(format!(
+            "driver=raw,file.driver=nbd,file.host=127.0.0.1,file.port={port},file.export={export},file.tls-creds=tls0"
+        ))
+        .args(["-O", "raw"])
+        .arg(&copy));
+    assert!(
+        same_content(&copy, &img),
+        "qemu-img over TLS read other bytes"
+    );
+
+    // Plain-text clients are refused, and so is TLS without a client certificate.
+    let plain = served.url.replacen("nbds://", "nbd://", 1);
+    let out = Command::new("nbdinfo").arg(&plain).output().unwrap();
+    assert!(!out.status.success(), "a plain-text client got in");
+    let out = Command::new("qemu-img")
+        .args(["info", "-f", "raw", &plain])
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "a plain-text qemu-img got in");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("TLS"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let no_cert = env.path("ca-only");
+    std::fs::create_dir_all(&no_cert).unwrap();
+    std::fs::copy(pki.join("ca-cert.pem"), no_cert.join("ca-cert.pem")).unwrap();
+    let out = Command::new("nbdinfo")
+        .arg(format!(
+            "{}?tls-certificates={}",
+            served.url,
+            no_cert.display()
+        ))
+        .output()
+        .unwrap();
+    assert!(
+        !out.status.success(),
+        "a client without a certificate got in"
+    );
 }

@@ -391,8 +391,6 @@ fn a_vm_runs_from_a_served_recovery_point() {
             "--json",
             "serve-nbd",
             s["point"].as_str().unwrap(),
-            "--listen",
-            "127.0.0.1:0",
             "--overlay",
         ])
         .arg(&overlay)
@@ -406,9 +404,12 @@ fn a_vm_runs_from_a_served_recovery_point() {
     )
     .unwrap();
     let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+    // The default: a unix socket only this user can open.
     let url = v["url"].as_str().unwrap();
-    let (hostport, export) = url.trim_start_matches("nbd://").split_once('/').unwrap();
-    let (host, port) = hostport.split_once(':').unwrap();
+    let (export, socket) = url
+        .trim_start_matches("nbd+unix:///")
+        .split_once("?socket=")
+        .unwrap();
     let web_port = free_port();
     let qemu = Qemu::boot(
         &env,
@@ -416,7 +417,7 @@ fn a_vm_runs_from_a_served_recovery_point() {
         "web",
         "ferry.mode=web",
         &[format!(
-            "driver=raw,node-name=disk0,file.driver=nbd,file.server.type=inet,file.server.host={host},file.server.port={port},file.export={export}"
+            "driver=raw,node-name=disk0,file.driver=nbd,file.server.type=unix,file.server.path={socket},file.export={export}"
         )],
         &[
             "-netdev".into(),
@@ -450,4 +451,6 @@ fn a_vm_runs_from_a_served_recovery_point() {
     drop(qemu);
     let _ = serve.kill();
     let _ = serve.wait();
+    // A killed server leaves its private directory behind.
+    let _ = std::fs::remove_dir_all(Path::new(socket).parent().unwrap());
 }

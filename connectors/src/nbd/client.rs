@@ -54,6 +54,30 @@ impl Write for Stream {
 }
 
 impl Stream {
+    /// The socket's receive timeout (`SO_RCVTIMEO`): shared by every clone.
+    pub(crate) fn set_read_timeout(&self, t: Option<Duration>) -> io::Result<()> {
+        match self {
+            Stream::Tcp(s) => s.set_read_timeout(t),
+            Stream::Unix(s) => s.set_read_timeout(t),
+        }
+    }
+
+    /// The socket's send timeout (`SO_SNDTIMEO`): shared by every clone.
+    pub(crate) fn set_write_timeout(&self, t: Option<Duration>) -> io::Result<()> {
+        match self {
+            Stream::Tcp(s) => s.set_write_timeout(t),
+            Stream::Unix(s) => s.set_write_timeout(t),
+        }
+    }
+
+    /// Ends both directions, waking any thread blocked on the socket.
+    pub(crate) fn shutdown(&self) {
+        let _ = match self {
+            Stream::Tcp(s) => s.shutdown(std::net::Shutdown::Both),
+            Stream::Unix(s) => s.shutdown(std::net::Shutdown::Both),
+        };
+    }
+
     pub(crate) fn try_clone(&self) -> io::Result<Stream> {
         Ok(match self {
             Stream::Tcp(s) => Stream::Tcp(s.try_clone()?),
@@ -249,9 +273,11 @@ impl Client {
                     );
                 }
                 REP_ERR_POLICY => {
-                    return Err(
-                        self.proto(format!("the server refused export {export:?} by policy"))
-                    );
+                    // The server's own words say why (e.g. too many connections).
+                    let msg = String::from_utf8_lossy(&payload);
+                    return Err(self.proto(format!(
+                        "the server refused export {export:?} by policy: {msg}"
+                    )));
                 }
                 k if k & (1 << 31) != 0 => {
                     let msg = String::from_utf8_lossy(&payload).into_owned();

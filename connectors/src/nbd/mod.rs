@@ -7,9 +7,11 @@
 //! `nbd+unix:///EXPORT?socket=PATH[&bitmap=NAME]`.
 
 pub mod client;
+pub mod listen;
 pub mod point_export;
 pub mod proto;
 pub mod server;
+pub mod tls;
 
 use std::fmt;
 use std::io;

@@ -28,12 +28,39 @@ pub struct ServeNbdArgs {
     /// The disk to serve (by name); needed when the point has several.
     #[arg(long)]
     pub disk: Option<String>,
-    /// TCP address to listen on; port 0 picks a free one (printed).
-    #[arg(long, default_value = "127.0.0.1:10809", conflicts_with = "socket")]
-    pub listen: String,
-    /// Listen on a unix socket instead.
+    /// Listen on TCP (HOST:PORT; port 0 picks a free one, printed); needs
+    /// --tls-cert and --tls-key, or --insecure.
+    #[arg(long, value_name = "ADDR", conflicts_with = "socket")]
+    pub listen: Option<String>,
+    /// Listen on a unix socket at this path (mode 0600) rather than in a new
+    /// private directory; a file there that is not a stale socket is never removed.
     #[arg(long)]
     pub socket: Option<PathBuf>,
+    /// Require TLS (NBD STARTTLS): this server certificate (PEM), with --tls-key.
+    #[arg(long, value_name = "FILE", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// The private key (PEM) of --tls-cert.
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// Also require client certificates signed by this CA (PEM).
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    pub tls_ca: Option<PathBuf>,
+    /// Serve --listen without TLS: anyone who can reach the port can read the
+    /// decrypted disk (and write to it with --overlay).
+    #[arg(long, requires = "listen", conflicts_with = "tls_cert")]
+    pub insecure: bool,
+    /// Clients served at once; more are refused with a message.
+    #[arg(long, default_value_t = 16)]
+    pub max_connections: usize,
+    /// Seconds a client may take to negotiate before it is dropped.
+    #[arg(long, value_name = "SECS", default_value_t = 10.0)]
+    pub handshake_timeout: f64,
+    /// Seconds a client may stay idle (no request, no reply taken) before it is dropped.
+    #[arg(long, value_name = "SECS", default_value_t = 300.0)]
+    pub idle_timeout: f64,
+    /// Memory for request and reply payloads over all clients, in MiB.
+    #[arg(long, value_name = "MIB", default_value_t = 256)]
+    pub buffer_mib: u64,
     /// The export's name (default: the disk's name).
     #[arg(long)]
     pub name: Option<String>,
@@ -441,9 +468,34 @@ pub fn points(ctx: &Context, a: &PointsArgs) -> Result<ExitCode> {
 }
 
 pub fn serve_nbd(ctx: &Context, a: &ServeNbdArgs) -> Result<ExitCode> {
+    use ferry_connectors::nbd::listen::{self, ListenError, ListenOptions};
     use ferry_connectors::nbd::point_export::PointExport;
-    use ferry_connectors::nbd::server::{self, Export, Listener};
+    use ferry_connectors::nbd::server::{Export, Limits, ServeOptions, Server};
+    use ferry_connectors::nbd::tls::TlsFiles;
     let started = std::time::Instant::now();
+    let usage = |e: ListenError| -> anyhow::Error {
+        if e.is_usage() {
+            Error::Usage(e.to_string()).into()
+        } else {
+            e.into()
+        }
+    };
+    let listen_opts = ListenOptions {
+        socket: a.socket.clone(),
+        tcp: a.listen.clone(),
+        tls: a
+            .tls_cert
+            .clone()
+            .zip(a.tls_key.clone())
+            .map(|(cert, key)| TlsFiles {
+                cert,
+                key,
+                ca: a.tls_ca.clone(),
+            }),
+        insecure: a.insecure,
+    };
+    // Before the repository is opened: a refused address costs no wait.
+    listen_opts.check().map_err(usage)?;
     let repo = ctx.open_repo(false)?;
     let point = repo.resolve(&a.point)?;
     let disk = match &a.disk {
@@ -494,26 +546,11 @@ pub fn serve_nbd(ctx: &Context, a: &ServeNbdArgs) -> Result<ExitCode> {
         None => Arc::new(PointExport::read_only(reader)),
     };
     let name = a.name.clone().unwrap_or_else(|| meta.name.clone());
-    let (listener, url) = match &a.socket {
-        Some(path) => {
-            // A socket file left by an earlier server that is gone.
-            if std::os::unix::net::UnixStream::connect(path).is_err() {
-                let _ = std::fs::remove_file(path);
-            }
-            let l = std::os::unix::net::UnixListener::bind(path)
-                .with_context(|| format!("cannot listen on {}", path.display()))?;
-            (
-                Listener::Unix(l),
-                format!("nbd+unix:///{name}?socket={}", path.display()),
-            )
-        }
-        None => {
-            let l = std::net::TcpListener::bind(&a.listen)
-                .with_context(|| format!("cannot listen on {}", a.listen))?;
-            let addr = l.local_addr()?;
-            (Listener::Tcp(l), format!("nbd://{addr}/{name}"))
-        }
-    };
+    let bound = listen::bind(&listen_opts, &name).map_err(usage)?;
+    if let Some(w) = &bound.warning {
+        eprintln!("{w}");
+    }
+    let url = bound.url.clone();
     let mode = if a.overlay.is_some() {
         "writable, writes kept in the overlay"
     } else {
@@ -543,8 +580,26 @@ pub fn serve_nbd(ctx: &Context, a: &ServeNbdArgs) -> Result<ExitCode> {
     }
     use std::io::Write as _;
     std::io::stdout().flush()?;
-    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    server::serve(listener, export, name, stop)?;
+    let secs = |s: f64, flag: &str| {
+        std::time::Duration::try_from_secs_f64(s)
+            .map_err(|_| Error::Usage(format!("{flag} must be a number of seconds, not {s}")))
+    };
+    let server = Server::new(
+        export,
+        name,
+        ServeOptions {
+            limits: Limits {
+                max_connections: a.max_connections,
+                handshake_timeout: secs(a.handshake_timeout, "--handshake-timeout")?,
+                idle_timeout: secs(a.idle_timeout, "--idle-timeout")?,
+                buffer_budget: a.buffer_mib << 20,
+                ..Limits::default()
+            },
+            tls: bound.tls.clone(),
+        },
+    );
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    server.serve(bound.listener, &stop)?;
     Ok(ExitCode::SUCCESS)
 }
 
