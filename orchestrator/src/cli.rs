@@ -405,8 +405,9 @@ fn password(g: &Global, confirm: bool) -> Result<Vec<u8>> {
         }
         return Ok(s);
     }
-    if let Ok(p) = std::env::var("FERRY_PASSWORD") {
-        return Ok(p.into_bytes());
+    // Bytes, like a password file: a password that is not UTF-8 is still one.
+    if let Some(p) = std::env::var_os("FERRY_PASSWORD") {
+        return Ok(std::os::unix::ffi::OsStringExt::into_vec(p));
     }
     if std::io::stdin().is_terminal() {
         let p = rpassword::prompt_password("repository password: ")?;
@@ -470,9 +471,7 @@ fn init(g: &Global, a: &InitArgs) -> Result<ExitCode> {
     let location = repo_location(g)?;
     let store = ferry_connectors::store::open(location, true)?;
     let pw = password(g, true)?;
-    if pw.is_empty() {
-        return Err(UsageError("the password is empty; choose one".into()).into());
-    }
+    ferry_agent::crypto::check_new_password(&pw)?;
     let repo = Repository::init(
         store,
         &pw,
