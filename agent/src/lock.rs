@@ -404,6 +404,28 @@ mod tests {
     }
 
     #[test]
+    fn a_refused_prune_names_the_lock_that_blocks_it_and_why() {
+        let repo = crate::testing::memory_repo();
+        let mut other = info("db-host", 4242, Utc::now());
+        other.operation = "prune".into();
+        other.exclusive = true;
+        repo.store
+            .put("locks/other", encode(&repo.key, &other).into())
+            .unwrap();
+        let err = Lock::acquire(&repo, "prune", true).unwrap_err();
+        let text = err.to_string();
+        for part in [
+            "locks/other",
+            "db-host",
+            "pid 4242",
+            "refreshed",
+            "30 minutes",
+        ] {
+            assert!(text.contains(part), "{part}: {text}");
+        }
+    }
+
+    #[test]
     fn an_oversized_lock_is_refused_naming_it_without_reading_it() {
         let repo = crate::testing::memory_repo();
         repo.store
