@@ -67,7 +67,7 @@ CHANGED=$((NWRITES * UNIT))
 EXPORT=disk BITMAP=bm0
 PEERS=(restic borg borg-fixed)
 
-export RESTIC_PASSWORD=bench BORG_PASSPHRASE=bench FERRY_PASSWORD=bench
+export RESTIC_PASSWORD=bench BORG_PASSPHRASE=bench FERRY_PASSWORD=bench-password
 export RESTIC_CACHE_DIR="$RUN/cache/restic" BORG_BASE_DIR="$RUN/cache/borg"
 export XDG_CACHE_HOME="$RUN/cache/xdg" BORG_RELOCATED_REPO_ACCESS_IS_OK=yes
 unset FERRY_REPO FERRY_LOG

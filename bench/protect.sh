@@ -65,7 +65,7 @@ STATUS="$RUN/status.json"
 CYCLES="$LOGS/cycles.jsonl"
 SAMPLES="$LOGS/samples.tsv"
 WORK_DIR=${WORK_DIR:-$RUN/work}
-export FERRY_PASSWORD=bench
+export FERRY_PASSWORD=bench-password
 
 log() { printf '[protect %(%H:%M:%S)T] %s\n' -1 "$*" >&2; }
 die() { log "ERROR: $*"; exit 1; }

@@ -48,7 +48,7 @@ BASE="$CACHE/base-${SIZE_MIB}M.img"
 STEPS=(full incr-nochange incr-scattered-4k incr-clustered-1m)
 SEED_SELECT=20240601 SEED_SCATTERED=1 SEED_CLUSTERED=2
 
-export RESTIC_PASSWORD=bench BORG_PASSPHRASE=bench FERRY_PASSWORD=bench
+export RESTIC_PASSWORD=bench BORG_PASSPHRASE=bench FERRY_PASSWORD=bench-password
 # Keep every tool's caches/config inside the run dir: fresh and equal for each run.
 export RESTIC_CACHE_DIR="$RUN/cache/restic" BORG_BASE_DIR="$RUN/cache/borg"
 export XDG_CACHE_HOME="$RUN/cache/xdg" BORG_RELOCATED_REPO_ACCESS_IS_OK=yes

@@ -59,7 +59,7 @@ S3_DATA="$RUN/s3-data"            # s3s-fs: one top-level directory per bucket
 BUCKET=ferry-bench RESTIC_BUCKET=restic-bucket
 FAULTS=${FAULTS:-"rate=0.05 seed=1 kinds=error+slowdown+reset+partial+lost"}
 
-export RESTIC_PASSWORD=bench FERRY_PASSWORD=bench
+export RESTIC_PASSWORD=bench FERRY_PASSWORD=bench-password
 export RESTIC_CACHE_DIR="$RUN/cache/restic" XDG_CACHE_HOME="$RUN/cache/xdg"
 # Only the variables set below may steer the AWS clients (ferry's SDK, restic).
 unset AWS_PROFILE AWS_DEFAULT_PROFILE AWS_SESSION_TOKEN AWS_DEFAULT_REGION \

@@ -190,24 +190,60 @@ impl Kek {
     }
 }
 
+/// The most memory a key file may ask Argon2id for: 4 times what `init` writes.
+pub const MAX_KDF_MEMORY_KIB: u32 = 256 * 1024;
+/// The most passes a key file may ask for.
+pub const MAX_KDF_ITERATIONS: u32 = 8;
+/// The most lanes a key file may ask for.
+pub const MAX_KDF_PARALLELISM: u32 = 4;
+/// The most work (KiB of memory times passes) one key file may cost: 4 times
+/// what `init` writes (64 MiB, 3 passes), about a second here. A planted key
+/// file therefore costs at most that before the next one is tried.
+pub const MAX_KDF_WORK: u64 = 4 * 64 * 1024 * 3;
+/// The longest salt a key file may carry, in bytes (`init` writes 32).
+const MAX_SALT: usize = 64;
+
 impl KdfParams {
-    fn derive(&self, password: &[u8]) -> Result<Kek> {
+    /// Memory times passes: how much trying this key file costs.
+    pub fn work(&self) -> u64 {
+        u64::from(self.memory_kib) * u64::from(self.iterations)
+    }
+
+    /// Refuse, before any key derivation, parameters outside what Ferry writes
+    /// (docs/formats.md#key-files), so that a hostile key file cannot make
+    /// opening a repository allocate or spin without limit. `object` names the
+    /// key file in the error.
+    pub fn check(&self, object: &str) -> Result<()> {
         if self.algorithm != "argon2id" {
             return Err(Error::corrupt(
-                "key file",
+                object,
                 format!("unknown key derivation {:?}", self.algorithm),
             ));
         }
-        // Bounds keep a hostile key file from making us allocate or spin forever.
-        if !(8..=1024 * 1024).contains(&self.memory_kib)
-            || !(1..=64).contains(&self.iterations)
-            || !(1..=64).contains(&self.parallelism)
+        if !(8..=MAX_KDF_MEMORY_KIB).contains(&self.memory_kib)
+            || !(1..=MAX_KDF_ITERATIONS).contains(&self.iterations)
+            || !(1..=MAX_KDF_PARALLELISM).contains(&self.parallelism)
+            || self.work() > MAX_KDF_WORK
         {
             return Err(Error::corrupt(
-                "key file",
-                "Argon2id parameters out of bounds",
+                object,
+                format!(
+                    "its Argon2id parameters ({} KiB, {} passes, {} lanes) exceed what Ferry writes (at most {MAX_KDF_MEMORY_KIB} KiB, {MAX_KDF_ITERATIONS} passes, {MAX_KDF_PARALLELISM} lanes, {MAX_KDF_WORK} KiB-passes in all); it was not tried",
+                    self.memory_kib, self.iterations, self.parallelism
+                ),
             ));
         }
+        if self.salt.len() > 2 * MAX_SALT || hex::decode(&self.salt).is_err() {
+            return Err(Error::corrupt(
+                object,
+                format!("its salt is not hex of at most {MAX_SALT} bytes"),
+            ));
+        }
+        Ok(())
+    }
+
+    fn derive(&self, password: &[u8]) -> Result<Kek> {
+        self.check("key file")?;
         let salt =
             hex::decode(&self.salt).map_err(|_| Error::corrupt("key file", "salt is not hex"))?;
         let params =
@@ -234,6 +270,51 @@ pub struct KeyFile {
     pub wrapped: String,
     pub created: chrono::DateTime<chrono::Utc>,
     pub host: String,
+}
+
+impl KeyFile {
+    /// Check everything about a key file that can be checked without the
+    /// password: its Argon2id parameters (see [`KdfParams::check`]) and the
+    /// shape of its wrapped secret. `object` names it in errors.
+    pub fn check(&self, object: &str) -> Result<()> {
+        self.kdf.check(object)?;
+        if self.wrapped.len() != 2 * (64 + OVERHEAD) || hex::decode(&self.wrapped).is_err() {
+            return Err(Error::corrupt(
+                object,
+                format!("its wrapped key is not {} hex digits", 2 * (64 + OVERHEAD)),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// The shortest password `init` accepts, in bytes (NIST SP 800-63B's minimum
+/// for a chosen secret).
+pub const MIN_PASSWORD_LEN: usize = 8;
+
+/// Refuse a password too weak to protect a new repository: empty, only
+/// whitespace, or shorter than [`MIN_PASSWORD_LEN`] bytes. Anyone who can read
+/// the bucket can try passwords against its key files offline.
+pub fn check_new_password(password: &[u8]) -> Result<()> {
+    if password.is_empty() {
+        return Err(Error::InvalidInput(
+            "the password is empty; choose one of at least 8 characters; nothing was created"
+                .into(),
+        ));
+    }
+    let text = String::from_utf8_lossy(password);
+    if text.chars().all(char::is_whitespace) {
+        return Err(Error::InvalidInput(
+            "the password is only whitespace (a stray space or newline?); choose one of at least 8 characters; nothing was created".into(),
+        ));
+    }
+    if password.len() < MIN_PASSWORD_LEN {
+        return Err(Error::InvalidInput(format!(
+            "the password has {} bytes, fewer than {MIN_PASSWORD_LEN}; choose a longer one (a few words are easy to type and hard to guess); nothing was created",
+            password.len()
+        )));
+    }
+    Ok(())
 }
 
 fn seal_into(key: &LessSafeKey, aad: &[u8], plaintext: &[u8], out: &mut Vec<u8>) {
@@ -309,6 +390,44 @@ mod tests {
         bad[14] ^= 1;
         assert!(k.open(b"ad", &bad).is_none());
         assert!(MasterKey::generate().open(b"ad", &sealed).is_none());
+    }
+
+    #[test]
+    fn key_derivation_is_refused_above_the_bounds_naming_the_key_file() {
+        let huge = KdfParams {
+            memory_kib: 1024 * 1024,
+            iterations: 64,
+            ..KdfParams::default()
+        };
+        let err = huge.check("keys/abc").unwrap_err();
+        assert!(matches!(&err, Error::Corrupt { object, .. } if object == "keys/abc"));
+        assert!(err.to_string().contains("it was not tried"), "{err}");
+        // What init writes is accepted, and so is the documented maximum.
+        KdfParams::default().check("k").unwrap();
+        let max = KdfParams {
+            memory_kib: MAX_KDF_MEMORY_KIB,
+            iterations: 3,
+            parallelism: MAX_KDF_PARALLELISM,
+            ..KdfParams::default()
+        };
+        max.check("k").unwrap();
+        let too_much_work = KdfParams {
+            iterations: 4,
+            ..max
+        };
+        assert!(too_much_work.check("k").is_err());
+    }
+
+    #[test]
+    fn new_passwords_must_not_be_empty_blank_or_short() {
+        for bad in [&b""[..], b" ", b" \t\n  ", b"short"] {
+            let err = check_new_password(bad).unwrap_err();
+            assert!(err.is_usage(), "{err}");
+            assert!(err.to_string().contains("nothing was created"), "{err}");
+        }
+        check_new_password(b"correct horse").unwrap();
+        // Not UTF-8 is fine: a password is bytes.
+        check_new_password(&[0xff, 0xfe, 0x80, 1, 2, 3, 4, 5]).unwrap();
     }
 
     #[test]

@@ -14,11 +14,24 @@ pub enum Error {
     #[error("a repository already exists at {location}; nothing was changed")]
     AlreadyExists { location: String },
 
-    /// No key of the repository opens with the given password.
+    /// No key of the repository opens with the given password. `skipped` names
+    /// the key files that could not even be tried, with why.
     #[error(
-        "wrong password for the repository at {location}: none of its {keys} key(s) opens with it; check FERRY_PASSWORD or --password-file"
+        "wrong password for the repository at {location}: none of its {keys} key(s) opens with it; check FERRY_PASSWORD or --password-file{}",
+        skipped_keys(skipped)
     )]
-    WrongPassword { location: String, keys: usize },
+    WrongPassword {
+        location: String,
+        keys: usize,
+        skipped: Vec<String>,
+    },
+
+    /// The password opens a key file, but the config does not authenticate under
+    /// the key it holds: the config was damaged (or replaced), not the password.
+    #[error(
+        "the config of the repository at {location} is damaged: the password opens {keys} of its key files, but the config fails authentication under the key they hold; nothing was changed: copy `config` back from another replica of the repository, or on a versioned bucket run `ferry -r {location} undelete` to put back its first version"
+    )]
+    DamagedConfig { location: String, keys: usize },
 
     /// An object was written by a format version this build does not read.
     #[error(
@@ -136,6 +149,17 @@ impl Error {
             },
         }
     }
+}
+
+fn skipped_keys(skipped: &[String]) -> String {
+    if skipped.is_empty() {
+        return String::new();
+    }
+    format!(
+        " ({} could not be tried: {})",
+        skipped.len(),
+        skipped.join("; ")
+    )
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;

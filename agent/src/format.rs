@@ -127,6 +127,14 @@ impl<'a> Reader<'a> {
     }
 }
 
+/// The largest object that holds `Sealed<Zstd<body>>` of at most `max_body`
+/// bytes after its envelope: zstd's worst case for incompressible input (its
+/// `ZSTD_COMPRESSBOUND`) plus the seal and the header. Readers refuse a larger
+/// object before downloading it.
+pub const fn sealed_zstd_bound(max_body: usize) -> u64 {
+    (HEADER_LEN + crate::crypto::OVERHEAD + max_body + max_body / 256 + (128 << 10) / 2048) as u64
+}
+
 /// Decompress with a hard bound on the output size.
 pub fn decompress_bounded(data: &[u8], limit: usize) -> Option<Vec<u8>> {
     let size = zstd::zstd_safe::get_frame_content_size(data).ok()??;

@@ -137,7 +137,14 @@ pub fn encode(key: &MasterKey, packs: &[PackRecord]) -> Vec<u8> {
 }
 
 /// The limit on a decompressed index object (about 6 million chunk entries).
-const MAX_INDEX_BODY: usize = 256 << 20;
+pub const MAX_INDEX_BODY: usize = 256 << 20;
+/// The largest index object readers download.
+pub const MAX_INDEX_OBJECT: u64 = format::sealed_zstd_bound(MAX_INDEX_BODY);
+
+/// Read an index object, refusing one larger than any index object can be.
+pub fn get(store: &crate::store::Store, name: &str) -> Result<Bytes> {
+    store.get_bounded(name, MAX_INDEX_OBJECT)
+}
 
 /// Decode an index object.
 pub fn decode(key: &MasterKey, name: &str, bytes: &[u8]) -> Result<Vec<PackRecord>> {
@@ -146,7 +153,12 @@ pub fn decode(key: &MasterKey, name: &str, bytes: &[u8]) -> Result<Vec<PackRecor
         .open(&format::header(Kind::Index), sealed)
         .ok_or_else(|| Error::corrupt(name, "fails authentication"))?;
     let body = format::decompress_bounded(&compressed, MAX_INDEX_BODY)
-        .ok_or_else(|| Error::corrupt(name, "cannot be decompressed"))?;
+        .ok_or_else(|| {
+            Error::corrupt(
+                name,
+                format!("cannot be decompressed into at most {MAX_INDEX_BODY} bytes, the most an index object holds"),
+            )
+        })?;
     decode_body(name, &body)
 }
 
@@ -197,7 +209,7 @@ pub fn load_without(
     let mut index = Index::default();
     let mut damaged = Vec::new();
     for (name, _) in store.list("index/")? {
-        let bytes: Bytes = match store.get(&name) {
+        let bytes: Bytes = match get(store, &name) {
             Ok(b) => b,
             Err(Error::Missing { .. }) => continue, // removed since the listing
             Err(e) => return Err(e),

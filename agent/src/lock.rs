@@ -34,6 +34,13 @@ use crate::store::Store;
 pub const STALE_AFTER: Duration = Duration::from_secs(30 * 60);
 /// How often a running operation refreshes its lock.
 pub const REFRESH_EVERY: Duration = Duration::from_secs(5 * 60);
+/// How far ahead of this host's clock a lock's refresh time may be and still be
+/// believed. Beyond it (a host whose clock runs fast, or a forged lock) the time
+/// the store last wrote the lock counts instead, so such a lock goes stale when
+/// its writer stops, like any other (see ARCHITECTURE.md, Concurrency).
+pub const MAX_FUTURE: Duration = Duration::from_secs(10 * 60);
+/// The largest lock object readers accept: its JSON is about 150 bytes.
+pub const MAX_LOCK_OBJECT: u64 = 64 << 10;
 
 /// What a lock says about its holder.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -46,17 +53,89 @@ pub struct LockInfo {
     pub pid: u32,
     pub created: DateTime<Utc>,
     pub refreshed: DateTime<Utc>,
+    /// When the store last wrote the lock, by the store's clock: set by [`list`]
+    /// for a lock whose `refreshed` is more than [`MAX_FUTURE`] ahead.
+    #[serde(skip)]
+    pub stored: Option<DateTime<Utc>>,
 }
 
 impl LockInfo {
+    /// Whether the refresh time is too far ahead of `now` to be believed.
+    fn dated_ahead(&self, now: DateTime<Utc>) -> bool {
+        self.refreshed
+            .signed_duration_since(now)
+            .to_std()
+            .is_ok_and(|ahead| ahead > MAX_FUTURE)
+    }
+
+    /// When the holder last showed it was alive: its refresh time, or the
+    /// store's time of its last write when the refresh time is from the future.
+    fn last_seen(&self, now: DateTime<Utc>) -> Option<DateTime<Utc>> {
+        if self.dated_ahead(now) {
+            self.stored
+        } else {
+            Some(self.refreshed)
+        }
+    }
+
     /// Whether the holder is certainly gone: not refreshed for too long, or a
-    /// process of this host that has exited.
+    /// process of this host that has exited. A lock from the future whose store
+    /// time is unknown is kept live: nothing is deleted on a guess.
     pub fn is_stale(&self, now: DateTime<Utc>) -> bool {
-        let age = now.signed_duration_since(self.refreshed);
-        if age.to_std().is_ok_and(|a| a > STALE_AFTER) {
+        if self.host == hostname() && !process_alive(self.pid) {
             return true;
         }
-        self.host == hostname() && !process_alive(self.pid)
+        self.last_seen(now).is_some_and(|seen| {
+            now.signed_duration_since(seen)
+                .to_std()
+                .is_ok_and(|age| age > STALE_AFTER)
+        })
+    }
+
+    /// The lock as a user needs it to decide: its name, operation, host, pid,
+    /// times, and why it counts as live.
+    pub fn describe(&self, name: &str, now: DateTime<Utc>) -> String {
+        let time = |t: DateTime<Utc>| t.format("%Y-%m-%d %H:%M:%S UTC").to_string();
+        let ago = |t: DateTime<Utc>| {
+            let m = now.signed_duration_since(t).num_minutes();
+            if m >= 0 {
+                format!("{m} min ago")
+            } else {
+                format!("{} min ahead of this host's clock", -m)
+            }
+        };
+        let why = if self.dated_ahead(now) {
+            match self.stored {
+                Some(s) => format!(
+                    "its refresh time {} is {}, which this host does not believe (a fast clock on {}, or a forged lock), so the store's last write of it counts: {} ({}); it is ignored once that is {} minutes old",
+                    time(self.refreshed),
+                    ago(self.refreshed),
+                    self.host,
+                    time(s),
+                    ago(s),
+                    STALE_AFTER.as_secs() / 60
+                ),
+                None => format!(
+                    "its refresh time {} is {} and the store's time is unknown",
+                    time(self.refreshed),
+                    ago(self.refreshed)
+                ),
+            }
+        } else {
+            format!(
+                "refreshed {} ({}); it is ignored once it has gone {} minutes without a refresh",
+                time(self.refreshed),
+                ago(self.refreshed),
+                STALE_AFTER.as_secs() / 60
+            )
+        };
+        format!(
+            "{name} ({} on host {} pid {} since {}: {why})",
+            self.operation,
+            self.host,
+            self.pid,
+            time(self.created)
+        )
     }
 }
 
@@ -95,15 +174,47 @@ fn decode(repo: &Repository, name: &str, bytes: &[u8]) -> Result<LockInfo> {
 
 /// Every lock in the repository, stale or not, by object name. Locks that
 /// vanish while being read (their holder finished) are skipped; unreadable ones
-/// are returned as errors so callers can be conservative.
+/// (damaged, planted, larger than [`MAX_LOCK_OBJECT`]) are returned as errors
+/// so callers can be conservative, until the store has not rewritten them for
+/// [`STALE_AFTER`]: a live holder rewrites its lock every [`REFRESH_EVERY`], so
+/// such a lock has no live holder and is left out, with a warning.
+/// A lock whose refresh time is from the future gets the store's time of its
+/// last write (`LockInfo::stored`).
 pub fn list(repo: &Repository) -> Result<Vec<(String, Result<LockInfo>)>> {
+    let now = Utc::now();
     let mut out = Vec::new();
     for (name, _) in repo.store.list("locks/")? {
-        match repo.store.get(&name) {
-            Ok(bytes) => out.push((name.clone(), decode(repo, &name, &bytes))),
-            Err(Error::Missing { .. }) => {}
-            Err(e) => out.push((name, Err(e))),
-        }
+        let info = match repo.store.get_bounded(&name, MAX_LOCK_OBJECT) {
+            Ok(bytes) => decode(repo, &name, &bytes),
+            Err(Error::Missing { .. }) => continue,
+            Err(e) => Err(e),
+        };
+        let info = match info {
+            Ok(mut i) if i.dated_ahead(now) => {
+                i.stored = match repo.store.modified(&name)? {
+                    Some(t) => Some(t),
+                    None => continue, // removed since the listing
+                };
+                Ok(i)
+            }
+            Err(e @ (Error::Corrupt { .. } | Error::UnsupportedVersion { .. })) => {
+                match repo.store.modified(&name)? {
+                    None => continue,
+                    Some(t)
+                        if now
+                            .signed_duration_since(t)
+                            .to_std()
+                            .is_ok_and(|age| age > STALE_AFTER) =>
+                    {
+                        tracing::warn!(lock = %name, error = %e, "ignoring an unreadable lock nobody has written for 30 minutes; remove it");
+                        continue;
+                    }
+                    Some(_) => Err(e),
+                }
+            }
+            other => other,
+        };
+        out.push((name, info));
     }
     Ok(out)
 }
@@ -137,6 +248,7 @@ impl Lock {
             pid: std::process::id(),
             created: now,
             refreshed: now,
+            stored: None,
         };
         let name = format!("locks/{}", random_hex(16));
         repo.store.put(&name, encode(&repo.key, &info).into())?;
@@ -157,13 +269,12 @@ impl Lock {
             // they never both go on.
             for (other, info) in list(repo)? {
                 let Ok(other_info) = info else { continue };
-                if other != name && other_info.exclusive && !other_info.is_stale(Utc::now()) {
+                let now = Utc::now();
+                if other != name && other_info.exclusive && !other_info.is_stale(now) {
                     return Err(Error::InvalidInput(format!(
-                        "another {} (host {}, pid {}, since {}) holds the repository; wait for it to finish (its lock {other} is ignored once it has not been refreshed for 30 minutes)",
+                        "another {} holds the repository: lock {}; wait for it to finish, or remove the lock if that process is certainly gone",
                         other_info.operation,
-                        other_info.host,
-                        other_info.pid,
-                        other_info.created.format("%Y-%m-%d %H:%M:%S UTC")
+                        other_info.describe(&other, now)
                     )));
                 }
             }
@@ -253,7 +364,82 @@ mod tests {
             pid,
             created: refreshed,
             refreshed,
+            stored: None,
         }
+    }
+
+    #[test]
+    fn a_lock_dated_ahead_goes_stale_when_the_store_stops_seeing_it_written() {
+        let repo = crate::testing::memory_repo();
+        let now = Utc::now();
+        // A crashed host whose clock ran a day ahead.
+        let future = info("fast-clock", 7, now + chrono::Duration::days(1));
+        repo.store
+            .put("locks/fast", encode(&repo.key, &future).into())
+            .unwrap();
+        let (name, read) = list(&repo).unwrap().pop().unwrap();
+        let read = read.unwrap();
+        assert_eq!(name, "locks/fast");
+        let stored = read.stored.expect("the store's time of the lock");
+        // Just written: its holder may be alive with a fast clock, so it is live...
+        assert!(!read.is_stale(now));
+        // ...until the store has not seen it rewritten for 30 minutes, although
+        // it claims a refresh in the future.
+        assert!(read.is_stale(stored + chrono::Duration::minutes(31)));
+        // A small skew is believed as it is.
+        let skewed = info("elsewhere", 1, now + chrono::Duration::minutes(5));
+        assert!(!skewed.is_stale(now + chrono::Duration::minutes(34)));
+        assert!(skewed.is_stale(now + chrono::Duration::minutes(36)));
+        // What a blocked prune shows names the lock, its holder and why.
+        let text = read.describe(&name, now);
+        for part in [
+            "locks/fast",
+            "fast-clock",
+            "pid 7",
+            "ahead of this host's clock",
+            "the store's last write",
+        ] {
+            assert!(text.contains(part), "{text}");
+        }
+    }
+
+    #[test]
+    fn a_refused_prune_names_the_lock_that_blocks_it_and_why() {
+        let repo = crate::testing::memory_repo();
+        let mut other = info("db-host", 4242, Utc::now());
+        other.operation = "prune".into();
+        other.exclusive = true;
+        repo.store
+            .put("locks/other", encode(&repo.key, &other).into())
+            .unwrap();
+        let err = Lock::acquire(&repo, "prune", true).unwrap_err();
+        let text = err.to_string();
+        for part in [
+            "locks/other",
+            "db-host",
+            "pid 4242",
+            "refreshed",
+            "30 minutes",
+        ] {
+            assert!(text.contains(part), "{part}: {text}");
+        }
+    }
+
+    #[test]
+    fn an_oversized_lock_is_refused_naming_it_without_reading_it() {
+        let repo = crate::testing::memory_repo();
+        repo.store
+            .put(
+                "locks/big",
+                bytes::Bytes::from(vec![0u8; MAX_LOCK_OBJECT as usize + 1]),
+            )
+            .unwrap();
+        let (name, read) = list(&repo).unwrap().pop().unwrap();
+        assert_eq!(name, "locks/big");
+        let err = read.unwrap_err();
+        assert!(matches!(&err, Error::Corrupt { object, .. } if object == "locks/big"));
+        assert!(err.to_string().contains("not read"), "{err}");
+        assert_eq!(repo.store.requests().bytes_down, 0);
     }
 
     #[test]

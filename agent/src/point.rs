@@ -38,8 +38,16 @@ const SLICE_FLAG: u32 = 1 << 30;
 const MAX_ZERO_RUN: u64 = (ZERO_FLAG - 1) as u64;
 /// The span of a disk one chunk list describes (16 read segments).
 pub const LIST_SPAN: u64 = 64 << 20;
-/// A decompressed point larger than this is damage (about 2 PiB of disks).
-const MAX_POINT_BODY: usize = 1 << 30;
+/// A decompressed point larger than this is damage: 64 MiB holds the list ids of
+/// 128 TiB of disks (32 bytes per 64 MiB span) and the metadata. It bounds what
+/// a point sealed with the password can make a reader allocate: a highly
+/// compressible body of a few KiB may claim any size up to it.
+pub const MAX_POINT_BODY: usize = 64 << 20;
+/// The largest point object readers download (its body sealed and compressed).
+pub const MAX_POINT_OBJECT: u64 = format::sealed_zstd_bound(MAX_POINT_BODY);
+/// The largest chunk list body: 16 384 extents (a 64 MiB span of extents of at
+/// least 4 KiB) of at most 40 bytes, plus the count (docs/formats.md#extents).
+pub const MAX_LIST_BODY: usize = 4 + 16_384 * 40;
 
 /// A chunk list is stored as a chunk and named by the same keyed hash.
 pub type ListId = ChunkId;
@@ -216,6 +224,12 @@ pub fn encode_list(extents: &[Extent]) -> Vec<u8> {
 /// Decode a chunk list's body, which must describe exactly `span` bytes.
 pub fn decode_list_body(name: &str, body: &[u8], span: u64) -> Result<Vec<Extent>> {
     let bad = |what: String| Error::corrupt(name, what);
+    if body.len() > MAX_LIST_BODY {
+        return Err(bad(format!(
+            "its body is {} bytes, more than the {MAX_LIST_BODY} a chunk list can hold",
+            body.len()
+        )));
+    }
     let mut r = Reader::new(body);
     let count = r
         .count(4)
@@ -282,8 +296,15 @@ fn open_object(
     let compressed = key
         .open(&format::header(kind), sealed)
         .ok_or_else(|| Error::corrupt(name, "fails authentication"))?;
-    format::decompress_bounded(&compressed, limit)
-        .ok_or_else(|| Error::corrupt(name, "cannot be decompressed"))
+    format::decompress_bounded(&compressed, limit).ok_or_else(|| {
+        Error::corrupt(
+            name,
+            format!(
+                "cannot be decompressed into at most {limit} bytes, the most a {} holds",
+                kind.name()
+            ),
+        )
+    })
 }
 
 /// Encode a point; returns its id and the object bytes.
@@ -402,6 +423,19 @@ mod tests {
         // The number of lists must fit the disk's size.
         let (id, obj) = encode(&key, &meta(LIST_SPAN + 1), &[vec![lid]]);
         assert!(decode(&key, &id, &obj).is_err());
+    }
+
+    #[test]
+    fn a_list_larger_than_a_span_can_need_is_refused() {
+        // 170 000 empty zero runs and one real one: adds up to the span, but no
+        // backup writes more than 16 384 extents for one span.
+        let mut ext = vec![Extent::zeros(0); 170_000];
+        ext.push(Extent::zeros(4096));
+        let body = encode_list(&ext);
+        assert!(body.len() > MAX_LIST_BODY);
+        let err = decode_list_body("chunk list ab", &body, 4096).unwrap_err();
+        assert!(err.to_string().contains("chunk list ab"), "{err}");
+        assert!(err.to_string().contains("more than"), "{err}");
     }
 
     #[test]

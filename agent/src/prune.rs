@@ -345,7 +345,8 @@ fn live_locks(repo: &Repository, own: &str) -> Result<BTreeMap<String, String>> 
         match info {
             Ok(i) if i.is_stale(now) => {}
             Ok(i) => {
-                out.insert(name, format!("{}@{}:{}", i.operation, i.host, i.pid));
+                let why = i.describe(&name, now);
+                out.insert(name, why);
             }
             // An unreadable lock is treated as live: never delete on a guess.
             Err(e) => {
@@ -457,7 +458,7 @@ pub fn prune(repo: &Repository, opts: PruneOptions) -> Result<PruneReport> {
     let mut records_by_pack: HashMap<[u8; 32], PackRecord> = HashMap::new();
     let mut loaded_names = Vec::new();
     for name in &index_names {
-        let bytes = match repo.store.get(name) {
+        let bytes = match index::get(&repo.store, name) {
             Ok(b) => b,
             Err(Error::Missing { .. }) => continue,
             Err(e) => return Err(e),

@@ -65,7 +65,36 @@ pub struct Repository {
     pub(crate) config: Config,
     /// Points already read and verified: a point is never rewritten, so a
     /// long-lived process (`ferry protect`) reads each one once.
-    points_read: std::sync::Arc<std::sync::Mutex<std::collections::HashMap<String, Point>>>,
+    points_read: std::sync::Arc<std::sync::Mutex<PointCache>>,
+    /// Key files skipped by `open`, with why.
+    warnings: Vec<String>,
+}
+
+/// Points already read, up to [`POINT_CACHE_BYTES`] of chunk list ids: a point
+/// that passed its size bound may still be large, and a process must not keep
+/// an unbounded number of them.
+#[derive(Debug, Default)]
+struct PointCache {
+    points: std::collections::HashMap<String, Point>,
+    bytes: usize,
+}
+
+/// What the points a repository remembers may weigh (2 million list ids, 128 TiB
+/// of disks); points beyond it are read again when asked for.
+const POINT_CACHE_BYTES: usize = 64 << 20;
+
+impl PointCache {
+    fn weight(p: &Point) -> usize {
+        1024 + p.lists.iter().map(|l| 32 * l.len() + 256).sum::<usize>()
+    }
+
+    fn insert(&mut self, p: &Point) {
+        let w = Self::weight(p);
+        if self.bytes + w <= POINT_CACHE_BYTES && !self.points.contains_key(&p.id) {
+            self.bytes += w;
+            self.points.insert(p.id.clone(), p.clone());
+        }
+    }
 }
 
 impl Repository {
@@ -129,12 +158,19 @@ impl Repository {
             key,
             config,
             points_read: Default::default(),
+            warnings: Vec::new(),
         })
     }
 
     /// Open a repository with a password.
+    ///
+    /// Every key file is read (each at most [`MAX_KEY_FILE`] bytes) and checked
+    /// before any key derivation; one that is damaged, planted or asks for more
+    /// Argon2id work than Ferry writes is skipped with a warning naming it
+    /// ([`Repository::warnings`]), and the others are tried, cheapest first, so
+    /// one bad key file locks nobody out and costs little.
     pub fn open(store: Store, password: &[u8]) -> Result<Repository> {
-        let config_obj = match store.get("config") {
+        let config_obj = match store.get_bounded("config", MAX_CONFIG_OBJECT) {
             Ok(b) => b,
             Err(Error::Missing { .. }) => {
                 return Err(Error::NoRepository {
@@ -146,25 +182,31 @@ impl Repository {
         // The version is checked before any password work.
         let sealed = format::split("config", Kind::Config, &config_obj)?;
         let keys = store.list("keys/")?;
-        // Try every key: a key left by an interrupted `init` may open with the same
-        // password yet hold another secret, and one unreadable key file must not
-        // lock the user out when another one opens.
-        let mut unreadable = Vec::new();
+        let mut skipped: Vec<Error> = Vec::new();
+        let mut files = Vec::new();
         for (name, _) in &keys {
-            let file = match store.get(name).and_then(|bytes| {
-                let body = format::split(name, Kind::Key, &bytes)?;
-                serde_json::from_slice::<KeyFile>(body)
-                    .map_err(|e| Error::corrupt(name, format!("key file: {e}")))
-            }) {
-                Ok(f) => f,
+            match read_key_file(&store, name) {
+                Ok(f) => files.push((name, f)),
+                Err(Error::Missing { .. }) => {} // removed since the listing
+                Err(e) => skipped.push(e),
+            }
+        }
+        // The usual parameters first: a planted key file asking for more work
+        // is tried only when no cheaper one opens.
+        files.sort_by_key(|(_, f)| f.kdf.work());
+        // Try every key: a key left by an interrupted `init` may open with the
+        // same password yet hold another secret.
+        let mut opened = 0;
+        for (name, file) in &files {
+            let key = match MasterKey::unwrap(file, password) {
+                Ok(Some(key)) => key,
+                Ok(None) => continue,
                 Err(e) => {
-                    unreadable.push(e);
+                    skipped.push(relabel(e, name));
                     continue;
                 }
             };
-            let Some(key) = MasterKey::unwrap(&file, password)? else {
-                continue;
-            };
+            opened += 1;
             let Some(json) = key.open(&format::header(Kind::Config), sealed) else {
                 continue; // a key that opens but is not this config's
             };
@@ -189,21 +231,42 @@ impl Repository {
                     store.location()
                 );
             }
+            let warnings = warn_skipped(&skipped);
             let store = store.with_lock(config.lock);
             return Ok(Repository {
                 store,
                 key,
                 config,
                 points_read: Default::default(),
+                warnings,
             });
         }
-        if let Some(e) = unreadable.into_iter().next() {
-            tracing::warn!(error = %e, "a key file is unreadable");
+        warn_skipped(&skipped);
+        if opened > 0 {
+            return Err(Error::DamagedConfig {
+                location: store.location().to_string(),
+                keys: opened,
+            });
+        }
+        // A store that failed is not a wrong password.
+        if let Some(i) = skipped
+            .iter()
+            .position(|e| matches!(e, Error::Store { .. }))
+        {
+            return Err(skipped.swap_remove(i));
         }
         Err(Error::WrongPassword {
             location: store.location().to_string(),
             keys: keys.len(),
+            skipped: skipped.iter().map(ToString::to_string).collect(),
         })
+    }
+
+    /// Key files that could not be used when the repository was opened, each
+    /// named with the reason (also logged as warnings): show them to the user,
+    /// who should remove a planted one or restore a damaged one.
+    pub fn warnings(&self) -> &[String] {
+        &self.warnings
     }
 
     pub fn config(&self) -> &Config {
@@ -230,10 +293,12 @@ impl Repository {
 
     /// Load one point by its full id.
     pub fn load_point(&self, id: &str) -> Result<Point> {
-        if let Some(p) = self.points_read.lock().expect("point cache").get(id) {
+        if let Some(p) = self.points_read.lock().expect("point cache").points.get(id) {
             return Ok(p.clone());
         }
-        let bytes = self.store.get(&point::object_name(id))?;
+        let bytes = self
+            .store
+            .get_bounded(&point::object_name(id), point::MAX_POINT_OBJECT)?;
         if blake3::hash(&bytes).to_hex().as_str() != id {
             return Err(Error::corrupt(
                 point::object_name(id),
@@ -241,10 +306,7 @@ impl Repository {
             ));
         }
         let p = point::decode(&self.key, id, &bytes)?;
-        self.points_read
-            .lock()
-            .expect("point cache")
-            .insert(id.to_string(), p.clone());
+        self.points_read.lock().expect("point cache").insert(&p);
         Ok(p)
     }
 
@@ -288,6 +350,20 @@ impl Repository {
         span: u64,
     ) -> Result<Vec<point::Extent>> {
         let what = format!("chunk list {}", &id.to_hex()[..16]);
+        // Refused before it is read and decompressed: a blob may be 4 MiB, a
+        // chunk list never more than `MAX_LIST_BODY`.
+        if let Some(loc) = index.get(id)
+            && loc.raw_len as usize > point::MAX_LIST_BODY
+        {
+            return Err(Error::corrupt(
+                what,
+                format!(
+                    "the index gives it {} bytes, more than the {} a chunk list can hold",
+                    loc.raw_len,
+                    point::MAX_LIST_BODY
+                ),
+            ));
+        }
         let body = self.read_blob(index, id, &what)?;
         point::decode_list_body(&what, &body, span)
     }
@@ -354,6 +430,40 @@ impl Repository {
     }
 }
 
+/// The largest `config` object accepted: its JSON is a few hundred bytes.
+pub const MAX_CONFIG_OBJECT: u64 = 64 << 10;
+/// The largest key file accepted: its JSON is about 500 bytes.
+pub const MAX_KEY_FILE: u64 = 64 << 10;
+
+/// Read, parse and check one key file, naming it in every error.
+fn read_key_file(store: &Store, name: &str) -> Result<KeyFile> {
+    let bytes = store.get_bounded(name, MAX_KEY_FILE)?;
+    let body = format::split(name, Kind::Key, &bytes)?;
+    let file: KeyFile =
+        serde_json::from_slice(body).map_err(|e| Error::corrupt(name, format!("key file: {e}")))?;
+    file.check(name)?;
+    Ok(file)
+}
+
+/// Errors about "key file" in general made to name the key file.
+fn relabel(e: Error, name: &str) -> Error {
+    match e {
+        Error::Corrupt { detail, .. } => Error::corrupt(name, detail),
+        e => e,
+    }
+}
+
+/// Log the key files that could not be used; returns their messages.
+fn warn_skipped(skipped: &[Error]) -> Vec<String> {
+    skipped
+        .iter()
+        .map(|e| {
+            tracing::warn!(error = %e, "a key file of the repository cannot be used; it was skipped");
+            format!("skipped a key file: {e}")
+        })
+        .collect()
+}
+
 /// Parse RFC 3339 or `YYYY-MM-DD[ HH:MM[:SS]]` (UTC).
 pub fn parse_time(s: &str) -> Result<DateTime<Utc>> {
     if let Ok(t) = DateTime::parse_from_rfc3339(s) {
@@ -376,4 +486,192 @@ pub fn parse_time(s: &str) -> Result<DateTime<Utc>> {
     Err(Error::InvalidInput(format!(
         "cannot read {s:?} as a time: use RFC 3339 (2026-11-23T10:00:00Z) or YYYY-MM-DD[ HH:MM[:SS]] in UTC"
     )))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::{backup_bytes, memory_repo};
+
+    /// A key file object around `kdf`, wrapping nothing that opens.
+    fn key_object(kdf: KdfParams) -> Bytes {
+        let file = KeyFile {
+            kdf: KdfParams {
+                salt: "00".repeat(32),
+                ..kdf
+            },
+            wrapped: "00".repeat(92),
+            created: Utc::now(),
+            host: "planted".into(),
+        };
+        let mut obj = format::header(Kind::Key).to_vec();
+        obj.extend_from_slice(&serde_json::to_vec(&file).unwrap());
+        obj.into()
+    }
+
+    #[test]
+    fn an_oversized_config_is_refused_naming_it_without_reading_it() {
+        let store = memory_repo().store().clone();
+        store
+            .put(
+                "config",
+                Bytes::from(vec![0u8; MAX_CONFIG_OBJECT as usize + 1]),
+            )
+            .unwrap();
+        let err = Repository::open(store.clone(), b"pw").unwrap_err();
+        assert!(
+            matches!(&err, Error::Corrupt { object, .. } if object == "config"),
+            "{err}"
+        );
+        assert!(err.to_string().contains("not read"), "{err}");
+        assert_eq!(store.requests().bytes_down, 0);
+    }
+
+    #[test]
+    fn bad_key_files_are_skipped_by_name_and_the_good_one_opens() {
+        let store = memory_repo().store().clone();
+        // Listed before the good key file (names sort), as an attacker would.
+        store
+            .put(
+                "keys/0-damaged",
+                Bytes::from_static(b"FERY\x02\x01\x00\x00{not json"),
+            )
+            .unwrap();
+        let huge = KdfParams {
+            memory_kib: 1024 * 1024,
+            iterations: 64,
+            ..KdfParams::default()
+        };
+        store.put("keys/1-huge", key_object(huge)).unwrap();
+        store
+            .put(
+                "keys/2-giant",
+                Bytes::from(vec![b' '; MAX_KEY_FILE as usize + 1]),
+            )
+            .unwrap();
+        let started = std::time::Instant::now();
+        let repo = Repository::open(store.clone(), b"pw").unwrap();
+        // The huge parameters were refused, not derived (that takes 1 GiB and ~20 s).
+        assert!(started.elapsed() < std::time::Duration::from_secs(5));
+        let warnings = repo.warnings();
+        assert_eq!(warnings.len(), 3, "{warnings:?}");
+        for (w, name) in warnings
+            .iter()
+            .zip(["keys/0-damaged", "keys/1-huge", "keys/2-giant"])
+        {
+            assert!(w.contains(name), "{w}");
+        }
+        assert!(
+            warnings[1].contains("exceed what Ferry writes"),
+            "{}",
+            warnings[1]
+        );
+        // With a wrong password the error still names what could not be tried.
+        let err = Repository::open(store, b"wrong").unwrap_err();
+        assert!(matches!(err, Error::WrongPassword { .. }), "{err}");
+        assert!(err.to_string().contains("keys/1-huge"), "{err}");
+    }
+
+    #[test]
+    fn a_key_file_with_costly_parameters_is_tried_after_the_usual_ones() {
+        let store = memory_repo().store().clone();
+        // Within the bounds, but costing about a second and 256 MiB if tried.
+        let costly = KdfParams {
+            memory_kib: crate::crypto::MAX_KDF_MEMORY_KIB,
+            iterations: 3,
+            ..KdfParams::default()
+        };
+        store.put("keys/0-costly", key_object(costly)).unwrap();
+        let started = std::time::Instant::now();
+        let repo = Repository::open(store, b"pw").unwrap();
+        assert!(repo.warnings().is_empty());
+        assert!(
+            started.elapsed() < std::time::Duration::from_millis(400),
+            "{:?}",
+            started.elapsed()
+        );
+    }
+
+    #[test]
+    fn a_damaged_config_is_not_reported_as_a_wrong_password() {
+        let store = memory_repo().store().clone();
+        let mut config = store.get("config").unwrap().to_vec();
+        let last = config.len() - 20;
+        config[last] ^= 1;
+        store.put("config", config.into()).unwrap();
+        let err = Repository::open(store.clone(), b"pw").unwrap_err();
+        assert!(matches!(err, Error::DamagedConfig { keys: 1, .. }), "{err}");
+        let text = err.to_string();
+        assert!(
+            text.contains("config") && text.contains("damaged"),
+            "{text}"
+        );
+        assert!(
+            text.contains("another replica") && text.contains("undelete"),
+            "{text}"
+        );
+        assert!(!err.is_usage());
+        // A wrong password is still a wrong password.
+        assert!(matches!(
+            Repository::open(store, b"not the password"),
+            Err(Error::WrongPassword { .. })
+        ));
+    }
+
+    #[test]
+    fn a_sealed_point_bomb_is_refused_naming_it() {
+        let repo = memory_repo();
+        let good = backup_bytes(&repo, &[1u8; 4096]);
+        // Sealed with the repository's key, as a password holder could: a disk
+        // claimed so large that its list ids (all the same, so they compress to
+        // almost nothing) exceed what a point may hold.
+        let lists = point::MAX_POINT_BODY / 32 + 1;
+        let mut meta = good.meta.clone();
+        meta.disks[0].size = lists as u64 * point::LIST_SPAN;
+        let (id, obj) = point::encode(&repo.key, &meta, &[vec![good.lists[0][0]; lists]]);
+        assert!(obj.len() < 1 << 20, "a bomb: {} bytes", obj.len());
+        repo.put_object(&point::object_name(&id), obj).unwrap();
+        let err = repo.load_point(&id).unwrap_err();
+        assert!(
+            matches!(&err, Error::Corrupt { object, .. } if *object == point::object_name(&id)),
+            "{err}"
+        );
+        assert!(err.to_string().contains("at most"), "{err}");
+        let (ok, bad) = repo.points().unwrap();
+        assert_eq!(ok.len(), 1);
+        assert_eq!(bad.len(), 1);
+    }
+
+    #[test]
+    fn an_oversized_point_object_is_refused_without_reading_it() {
+        let repo = memory_repo();
+        let id = "ab".repeat(32);
+        repo.store
+            .put(
+                &point::object_name(&id),
+                Bytes::from(vec![0u8; point::MAX_POINT_OBJECT as usize + 1]),
+            )
+            .unwrap();
+        let before = repo.store.requests().bytes_down;
+        let err = repo.load_point(&id).unwrap_err();
+        assert!(err.to_string().contains(&format!("points/{id}")), "{err}");
+        assert!(err.to_string().contains("not read"), "{err}");
+        assert_eq!(repo.store.requests().bytes_down, before);
+    }
+
+    #[test]
+    fn the_point_cache_keeps_what_its_budget_allows() {
+        let repo = memory_repo();
+        let good = backup_bytes(&repo, &[1u8; 4096]);
+        let mut cache = PointCache::default();
+        // Three points of 24 MiB of list ids each: the third does not fit.
+        for i in 0..3 {
+            let mut p = good.clone();
+            p.id = format!("{i}");
+            p.lists = vec![vec![good.lists[0][0]; 3 << 18]];
+            cache.insert(&p);
+        }
+        assert_eq!(cache.points.len(), 2);
+        assert!(cache.bytes <= POINT_CACHE_BYTES);
+    }
 }

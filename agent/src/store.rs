@@ -413,6 +413,77 @@ impl Store {
         Ok(bytes)
     }
 
+    /// Read a whole object of at most `max` bytes. The size the store states is
+    /// checked before any of the body is read, and the body is collected only up
+    /// to it, so a planted giant costs a refused request, not its size in memory.
+    /// A larger object is damage named after it ([`Error::Corrupt`]).
+    pub fn get_bounded(&self, name: &str, max: u64) -> Result<Bytes> {
+        let cacheable = self
+            .immutable
+            .as_ref()
+            .filter(|_| name.starts_with("index/") || name.starts_with("points/"));
+        if let Some(c) = cacheable
+            && let Some(b) = c.lock().expect("object cache").get(name)
+        {
+            return Ok(b.clone());
+        }
+        self.counters.gets.fetch_add(1, Ordering::Relaxed);
+        let path = Path::from(name);
+        let fetched = self.retrying(name, || async {
+            let r = self.inner.get(&path).await?;
+            let want = r.range.end - r.range.start;
+            if want > max {
+                // Dropping the response leaves the body unread.
+                return Ok(Err(want));
+            }
+            let mut body = bytes::BytesMut::with_capacity(want as usize);
+            let mut stream = r.into_stream();
+            while let Some(part) = stream.try_next().await? {
+                if (body.len() + part.len()) as u64 > want {
+                    return Err(short_body(name, want, body.len() + part.len()));
+                }
+                body.extend_from_slice(&part);
+            }
+            if body.len() as u64 != want {
+                return Err(short_body(name, want, body.len()));
+            }
+            Ok(Ok(body.freeze()))
+        });
+        let bytes = match fetched {
+            Ok(Ok(bytes)) => bytes,
+            Ok(Err(size)) => {
+                return Err(Error::corrupt(
+                    name,
+                    format!(
+                        "it is {size} bytes, more than the {max} bytes such an object may be, so it was not read; Ferry never writes one this large: restore it from another replica of the repository, or remove it"
+                    ),
+                ));
+            }
+            Err(e) => return Err(Error::store(name, e)),
+        };
+        self.counters
+            .bytes_down
+            .fetch_add(bytes.len() as u64, Ordering::Relaxed);
+        if let Some(c) = cacheable {
+            c.lock()
+                .expect("object cache")
+                .insert(name.to_string(), bytes.clone());
+        }
+        Ok(bytes)
+    }
+
+    /// When the store last wrote an object, by the store's clock (not this
+    /// host's), or `None` when there is no such object.
+    pub fn modified(&self, name: &str) -> Result<Option<DateTime<Utc>>> {
+        self.counters.gets.fetch_add(1, Ordering::Relaxed);
+        let path = Path::from(name);
+        match self.retrying(name, || self.inner.head(&path)) {
+            Ok(meta) => Ok(Some(meta.last_modified)),
+            Err(object_store::Error::NotFound { .. }) => Ok(None),
+            Err(e) => Err(Error::store(name, e)),
+        }
+    }
+
     pub fn get_range(&self, name: &str, range: Range<u64>) -> Result<Bytes> {
         self.counters.gets.fetch_add(1, Ordering::Relaxed);
         let path = Path::from(name);
@@ -706,6 +777,21 @@ mod tests {
         assert_eq!(store.requests().retries, 0);
         assert!(matches!(
             store.get_range("none", 0..1),
+            Err(Error::Missing { .. })
+        ));
+    }
+
+    #[test]
+    fn a_bounded_get_refuses_an_object_over_its_bound_naming_it() {
+        let store = Store::memory();
+        store.put("config", Bytes::from(vec![7u8; 101])).unwrap();
+        assert_eq!(store.get_bounded("config", 101).unwrap().len(), 101);
+        let err = store.get_bounded("config", 100).unwrap_err();
+        assert!(matches!(&err, Error::Corrupt { object, .. } if object == "config"));
+        assert!(err.to_string().contains("101 bytes"), "{err}");
+        assert_eq!(store.requests().retries, 0);
+        assert!(matches!(
+            store.get_bounded("none", 10),
             Err(Error::Missing { .. })
         ));
     }

@@ -3,6 +3,7 @@
 
 pub mod faults;
 pub mod nbd;
+pub mod private;
 pub mod qemu;
 pub mod s3;
 pub mod store;

@@ -9,6 +9,7 @@
 //! `FERRY_FAULTS` wraps the store in a fault injector (see [`crate::faults`]);
 //! `FERRY_STORE_TIMEOUT` (seconds) and `FERRY_STORE_ATTEMPTS` tune retries.
 
+use std::os::unix::fs::DirBuilderExt;
 use std::sync::Arc;
 
 use ferry_agent::store::RetryPolicy;
@@ -129,17 +130,53 @@ fn open_inner(location: &str, create: bool) -> Result<Opened> {
                 location: location.to_string(),
             });
         }
-        std::fs::create_dir_all(dir).map_err(|e| {
-            Error::InvalidInput(format!("cannot create repository directory {path}: {e}"))
-        })?;
+        // Private from the start: nobody else may list or read what goes in.
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(crate::private::DIR_MODE)
+            .create(dir)
+            .map_err(|e| {
+                Error::InvalidInput(format!("cannot create repository directory {path}: {e}"))
+            })?;
     }
     let fs = LocalFileSystem::new_with_prefix(dir).map_err(cannot)?;
-    Ok((Arc::new(fs), None))
+    Ok((Arc::new(crate::private::PrivateDir::new(fs)), None))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_directory_repository_keeps_its_key_file_and_objects_private() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        // A directory the user made, readable by all: the objects are still private.
+        let loc = dir.path().to_str().unwrap();
+        let kdf = ferry_agent::crypto::KdfParams {
+            memory_kib: 64,
+            iterations: 1,
+            ..Default::default()
+        };
+        ferry_agent::Repository::init(
+            open(loc, true).unwrap(),
+            b"correct horse",
+            ferry_agent::repo::InitOptions {
+                kdf,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        let keys: Vec<_> = std::fs::read_dir(dir.path().join("keys"))
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .collect();
+        assert_eq!(keys.len(), 1);
+        for file in keys.iter().chain([&dir.path().join("config")]) {
+            let mode = std::fs::metadata(file).unwrap().permissions().mode() & 0o777;
+            assert_eq!(mode, 0o600, "{}", file.display());
+        }
+    }
 
     #[test]
     fn missing_directory_is_no_repository_unless_creating() {
@@ -149,6 +186,9 @@ mod tests {
         assert!(matches!(open(loc, false), Err(Error::NoRepository { .. })));
         assert!(open(loc, true).is_ok());
         assert!(p.is_dir());
+        use std::os::unix::fs::PermissionsExt;
+        let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&p), 0o700);
         assert!(matches!(open("gs://", false), Err(Error::InvalidInput(_))));
         assert!(matches!(
             open("https://example.com/x", false),

@@ -296,9 +296,7 @@ pub fn init(ctx: &Context, a: &InitArgs) -> Result<ExitCode> {
     let location = ctx.repo_location()?;
     let store = ferry_connectors::store::open(location, true)?;
     let pw = ctx.password(true)?;
-    if pw.bytes().is_empty() {
-        return Err(Error::Usage("the password is empty; choose one".into()).into());
-    }
+    ferry_agent::crypto::check_new_password(pw.bytes())?;
     let repo = Repository::init(
         store,
         pw.bytes(),
