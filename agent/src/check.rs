@@ -77,14 +77,14 @@ pub fn check(repo: &Repository, opts: CheckOptions, progress: &Progress) -> Resu
         let name = pack::object_name(&id);
         let pos = pos as u32;
         match listed.get(&name) {
-            None => {
+            // On a versioned store, a pack hidden by a delete marker is read from its original version.
+            None if !repo.store.recover_original(&name)? => {
                 bad_packs.insert(pos, "pack is missing".into());
                 problems.push(Problem {
                     object: name.clone(),
                     detail: "is missing".into(),
                 });
             }
-            // On a versioned store, an overwritten pack is read from its original version.
             Some(&actual) if actual != size && !repo.store.recover_original(&name)? => {
                 let d = format!("is {actual} bytes, the index says {size} (truncated?)");
                 bad_packs.insert(pos, format!("pack {d}"));
@@ -93,7 +93,7 @@ pub fn check(repo: &Repository, opts: CheckOptions, progress: &Progress) -> Resu
                     detail: d,
                 });
             }
-            Some(_) => {}
+            None | Some(_) => {}
         }
         pack_names.push((pos, name, size));
     }

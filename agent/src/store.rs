@@ -39,6 +39,9 @@ pub const MULTIPART_THRESHOLD: usize = 64 << 20;
 /// Part size of multipart uploads.
 pub const PART_SIZE: usize = 16 << 20;
 
+/// Versions of one object read, newest first, looking for its original.
+const MAX_VERSIONS_TRIED: usize = 8;
+
 /// Requests and bytes, for summaries and cost accounting.
 #[derive(Debug, Default)]
 pub struct Counters {
@@ -484,7 +487,9 @@ impl Store {
             }
         };
         versions.sort_by(|a, b| b.modified.cmp(&a.modified).then(b.latest.cmp(&a.latest)));
-        for v in versions {
+        // Each try reads a whole version: an object with a long history planted
+        // under a Ferry name costs at most this many reads.
+        for v in versions.into_iter().take(MAX_VERSIONS_TRIED) {
             let bytes = match self.get_version(name, &v.version) {
                 Ok(b) => b,
                 Err(e) => {
@@ -531,13 +536,13 @@ impl Store {
             .is_some())
     }
 
-    /// On a versioned store, content-addressed objects under `prefix` whose
+    /// On a versioned store, points or index objects under `prefix` whose
     /// current version is a delete marker over an older version: Ferry removes
     /// every version when it deletes, so only someone else hid these.
     fn hidden(&self, prefix: &str) -> Vec<(String, u64)> {
-        if self.versioned.is_none()
-            || !(prefix == "points/" || prefix == "index/" || prefix == "packs/")
-        {
+        // Not packs/: every backup lists it to find unindexed packs, and a hidden
+        // pack that an index lists is found by `recover_original` when it is read.
+        if self.versioned.is_none() || !(prefix == "points/" || prefix == "index/") {
             return Vec::new();
         }
         let versions = match self.versions(prefix) {
