@@ -158,7 +158,7 @@ pub fn restore(
         } else {
             opts.target.clone()
         };
-        let out = Output::open(&final_path, meta.size, opts.overwrite)?;
+        let out = Output::open(&final_path, meta.size, opts.overwrite, !target_is_dir)?;
         info!(disk = %meta.name, to = %final_path.display(), resumed = out.resumed, "restoring");
         let stats = restore_disk(repo, &index, point, d, &out, progress)?;
         summary.bytes_written += stats.0;
@@ -187,12 +187,20 @@ struct Output {
 }
 
 impl Output {
-    fn open(final_path: &Path, size: u64, overwrite: bool) -> Result<Output> {
+    /// `follow`: whether a link at `final_path` may lead to a block device. Only
+    /// for a target the user named (`/dev/disk/by-id/...` is a link); inside a
+    /// target directory, a link there is a file like any other and never followed.
+    fn open(final_path: &Path, size: u64, overwrite: bool, follow: bool) -> Result<Output> {
         let err = |path: &Path| {
             let path = path.to_path_buf();
             move |source| Error::Target { path, source }
         };
-        if let Ok(meta) = std::fs::metadata(final_path)
+        let meta = if follow {
+            std::fs::metadata(final_path)
+        } else {
+            std::fs::symlink_metadata(final_path)
+        };
+        if let Ok(meta) = meta
             && meta.file_type().is_block_device()
         {
             let file = OpenOptions::new()
@@ -809,6 +817,19 @@ mod tests {
             disk: None,
             overwrite: true,
         };
+        // A link at the final path inside the directory is removed with
+        // --overwrite, never written through.
+        std::os::unix::fs::symlink(&victim, to.join("vda")).unwrap();
+        restore(&repo, &point, &opts, &Progress::default()).unwrap();
+        assert_eq!(std::fs::read(&victim).unwrap(), b"precious");
+        assert!(
+            !to.join("vda")
+                .symlink_metadata()
+                .unwrap()
+                .file_type()
+                .is_symlink()
+        );
+        std::fs::remove_file(to.join("vda")).unwrap();
         for plant in ["symlink", "hard link"] {
             let _ = std::fs::remove_file(&partial);
             if plant == "symlink" {
