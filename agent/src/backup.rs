@@ -31,7 +31,7 @@ use crate::chunker::SEGMENT_SIZE;
 use crate::crypto::ChunkId;
 use crate::error::{Error, Result};
 use crate::index::{self, Index, PackRecord};
-use crate::pack::{self, PackWriter, TARGET_PACK_SIZE};
+use crate::pack::{self, PackWriter};
 use crate::point::{self, Consistency, DiskMeta, Extent, LIST_SPAN, ListId, Meta};
 use crate::progress::Progress;
 use crate::repo::Repository;
@@ -166,6 +166,11 @@ impl Shared {
     }
 }
 
+/// Bytes of unindexed pack tables one backup reads at most: an interrupted
+/// backup leaves at most about `INDEX_EVERY` packs (11 MiB of tables at 4 KiB
+/// chunks), so this only ever stops objects planted by someone else.
+const RECOVERY_BUDGET: u64 = 64 << 20;
+
 /// How many packs between two index objects written during a backup.
 const INDEX_EVERY: usize = 64;
 
@@ -182,15 +187,7 @@ pub fn backup(repo: &Repository, opts: &BackupOptions, progress: &Progress) -> R
             "give at least one disk to back up".into(),
         ));
     }
-    let mut names = HashSet::new();
-    for d in &opts.disks {
-        if !names.insert(&d.name) {
-            return Err(Error::InvalidInput(format!(
-                "two disks are named {:?}; give them different file names",
-                d.name
-            )));
-        }
-    }
+    check_disk_names(&opts.disks)?;
     let sources: Vec<FileSource> = opts
         .disks
         .iter()
@@ -198,6 +195,27 @@ pub fn backup(repo: &Repository, opts: &BackupOptions, progress: &Progress) -> R
         .collect::<Result<_>>()?;
     let sources: Vec<&dyn BlockSource> = sources.iter().map(|s| s as &dyn BlockSource).collect();
     backup_sources(repo, opts, &sources, progress)
+}
+
+/// Refuse disk names a point may not hold (`Meta::validate`'s rules), before
+/// anything is read or written.
+fn check_disk_names(disks: &[DiskSpec]) -> Result<()> {
+    let mut names = HashSet::new();
+    for d in disks {
+        if let Some(why) = point::disk_name_problem(&d.name) {
+            return Err(Error::InvalidInput(format!(
+                "disk name {:?} {why}: a disk's name must be a plain file name; name the disk differently",
+                d.name
+            )));
+        }
+        if !names.insert(&d.name) {
+            return Err(Error::InvalidInput(format!(
+                "two disks are named {:?}; give them different file names",
+                d.name
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// The backup pipeline over any block sources.
@@ -208,6 +226,7 @@ pub fn backup_sources(
     progress: &Progress,
 ) -> Result<Summary> {
     let started = Instant::now();
+    check_disk_names(&opts.disks)?;
     // The lock goes up before the index is read: prune waits for it.
     let lock = crate::lock::Lock::acquire(repo, "backup", false)?;
     // Without condemned packs: under Object Lock the index objects naming them
@@ -500,7 +519,7 @@ pub fn backup_sources(
             }
             for (id, raw_len, sealed) in blobs {
                 writer.add(id, raw_len, &sealed);
-                if writer.len() >= TARGET_PACK_SIZE {
+                if writer.full() {
                     let full = std::mem::take(&mut writer).finish(&repo.key);
                     packs_written += 1;
                     if pack_tx.send(full).is_err() {
@@ -906,6 +925,8 @@ pub fn recover_unindexed_packs(
     trashed: &HashSet<[u8; 32]>,
 ) -> Result<u64> {
     let mut records = Vec::new();
+    let mut spent = 0u64;
+    let mut skipped = Vec::new();
     for (name, size) in repo.store.list("packs/")? {
         let Some(id) = pack::parse_name(&name) else {
             continue;
@@ -917,16 +938,38 @@ pub fn recover_unindexed_packs(
         if trashed.contains(&id) {
             continue;
         }
-        match pack::read_table(&repo.store, &repo.key, &name, size) {
+        // Whoever can write to the bucket can plant objects here, and every
+        // backup would pay for them again: each costs at most one table read
+        // (`read_unindexed_table`), and all of them together at most the budget.
+        if spent >= RECOVERY_BUDGET {
+            skipped.push(name);
+            continue;
+        }
+        spent += 8 + size.min(pack::MAX_WRITTEN_TABLE);
+        match pack::read_unindexed_table(&repo.store, &repo.key, &name, size) {
             Ok(entries) => {
                 index.add_pack(id, size, &entries);
                 records.push(PackRecord { id, size, entries });
             }
             Err(Error::Missing { .. }) => {}
+            Err(e @ Error::Corrupt { .. }) => warn!(
+                object = %name,
+                error = %e,
+                "an object under packs/ that no index lists is not a pack this repository wrote: it was left alone and nothing of it was downloaded but its trailer and table; `ferry prune` removes it once it is older than {} minutes",
+                crate::prune::INVALID_PACK_GRACE.num_minutes()
+            ),
             Err(e) => {
-                warn!(error = %e, "an unindexed pack is unreadable; its chunks will be stored again")
+                warn!(object = %name, error = %e, "an unindexed pack is unreadable; its chunks will be stored again")
             }
         }
+    }
+    if let Some(first) = skipped.first() {
+        warn!(
+            objects = skipped.len(),
+            first = %first,
+            "more unindexed objects under packs/ than one backup examines ({} MiB of tables): the rest were not looked at; run `ferry check` to list them and `ferry prune` to remove what is not a pack",
+            RECOVERY_BUDGET >> 20
+        );
     }
     if !records.is_empty() {
         info!(

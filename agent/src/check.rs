@@ -77,14 +77,15 @@ pub fn check(repo: &Repository, opts: CheckOptions, progress: &Progress) -> Resu
         let name = pack::object_name(&id);
         let pos = pos as u32;
         match listed.get(&name) {
-            None => {
+            // On a versioned store, a pack hidden by a delete marker is read from its original version.
+            None if !repo.store.recover_original(&name)? => {
                 bad_packs.insert(pos, "pack is missing".into());
                 problems.push(Problem {
                     object: name.clone(),
                     detail: "is missing".into(),
                 });
             }
-            Some(&actual) if actual != size => {
+            Some(&actual) if actual != size && !repo.store.recover_original(&name)? => {
                 let d = format!("is {actual} bytes, the index says {size} (truncated?)");
                 bad_packs.insert(pos, format!("pack {d}"));
                 problems.push(Problem {
@@ -92,7 +93,7 @@ pub fn check(repo: &Repository, opts: CheckOptions, progress: &Progress) -> Resu
                     detail: d,
                 });
             }
-            Some(_) => {}
+            None | Some(_) => {}
         }
         pack_names.push((pos, name, size));
     }
@@ -368,4 +369,81 @@ fn verify_pack(
         });
     }
     (problems, bad)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::restore::{RestoreOptions, restore};
+
+    /// Seal `point` again (with the repository's key, as someone with the
+    /// password could) after `edit` changed its metadata; returns the new id.
+    fn reseal(repo: &Repository, point: &point::Point, edit: impl Fn(&mut point::Meta)) -> String {
+        let mut meta = point.meta.clone();
+        edit(&mut meta);
+        let (id, obj) = point::encode(
+            &repo.key,
+            &meta,
+            &vec![point.lists[0].clone(); meta.disks.len()],
+        );
+        repo.store
+            .put(&point::object_name(&id), obj.into())
+            .unwrap();
+        id
+    }
+
+    #[test]
+    fn check_and_restore_agree_on_points_with_hostile_disk_names() {
+        let repo = crate::testing::memory_repo();
+        let good = crate::testing::backup_bytes(&repo, &[5u8; 1 << 16]);
+        let escaping = reseal(&repo, &good, |m| m.disks[0].name = "../x".into());
+        let twice = reseal(&repo, &good, |m| {
+            let d = m.disks[0].clone();
+            m.disks.push(d);
+        });
+        let report = check(&repo, CheckOptions::default(), &Progress::default()).unwrap();
+        assert!(!report.ok);
+        for (id, why) in [(&escaping, "\"../x\""), (&twice, "two disks are named")] {
+            let damaged = report
+                .damaged_points
+                .iter()
+                .find(|p| &p.id == id)
+                .unwrap_or_else(|| panic!("check passed point {id}: {report:?}"));
+            assert!(damaged.chunks[0].contains(why), "{damaged:?}");
+            assert!(
+                report
+                    .problems
+                    .iter()
+                    .any(|p| p.object == point::object_name(id) && p.detail.contains(why)),
+                "{:?}",
+                report.problems
+            );
+            // What restore (and serve-nbd) load is refused by the same rule.
+            let err = repo.load_point(id).unwrap_err();
+            assert!(err.to_string().contains(&point::object_name(id)), "{err}");
+        }
+        assert!(!report.damaged_points.iter().any(|p| p.id == good.id));
+
+        // A point built in memory, never decoded, is refused by restore too.
+        let top = tempfile::tempdir().unwrap();
+        let to = top.path().join("to");
+        std::fs::create_dir(&to).unwrap();
+        let mut hostile = good.clone();
+        hostile.meta.disks[0].name = "../x".into();
+        let opts = RestoreOptions {
+            target: to.clone(),
+            disk: None,
+            overwrite: true,
+        };
+        let err = restore(&repo, &hostile, &opts, &Progress::default()).unwrap_err();
+        assert!(err.to_string().contains("\"../x\""), "{err}");
+        let mut doubled = good.clone();
+        doubled.meta.disks.push(doubled.meta.disks[0].clone());
+        doubled.lists.push(doubled.lists[0].clone());
+        let err = restore(&repo, &doubled, &opts, &Progress::default()).unwrap_err();
+        assert!(err.to_string().contains("two disks are named"), "{err}");
+        let written: Vec<_> = std::fs::read_dir(top.path()).unwrap().collect();
+        assert_eq!(written.len(), 1, "restore wrote next to --to: {written:?}");
+        assert_eq!(std::fs::read_dir(&to).unwrap().count(), 0);
+    }
 }

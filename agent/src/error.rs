@@ -100,6 +100,12 @@ pub enum Error {
         source: object_store::Error,
     },
 
+    /// A restore target path holds something a restore must not write through.
+    #[error(
+        "{} is not a partial restore file this user created: {detail}; it may have been planted to redirect the restored disk: nothing was written through it; look at it, remove it, and restore again", path.display()
+    )]
+    UnsafeTarget { path: PathBuf, detail: String },
+
     /// The store refused to delete an object version that is under Object Lock.
     #[error("{object} is under Object Lock{}; it stays until then ({detail})", until.map(|u| format!(" until {}", u.format("%Y-%m-%d %H:%M UTC"))).unwrap_or_default())]
     Locked {

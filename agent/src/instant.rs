@@ -269,32 +269,57 @@ impl DiskReader {
         for read in crate::index::plan_reads(want.iter().copied(), MAX_GAP, MAX_READ) {
             let (pack_id, _) = self.index.pack(read.pack);
             let name = pack::object_name(&pack_id);
-            let bytes = self.repo.store.get_range(&name, read.start..read.end)?;
-            self.requests.fetch_add(1, Ordering::Relaxed);
-            self.fetched_bytes
-                .fetch_add(read.end - read.start, Ordering::Relaxed);
-            for (id, loc) in read.blobs {
-                let s = (loc.offset as u64 - read.start) as usize;
-                let entry = BlobEntry {
-                    id,
-                    offset: loc.offset,
-                    length: loc.length,
-                    raw_len: loc.raw_len,
-                };
-                let plain = opener
-                    .open(&self.repo.key, &entry, &bytes[s..s + loc.length as usize])
-                    .map_err(|d| Error::DamagedChunk {
-                        chunk: id.to_hex(),
-                        disk: self.disk.clone(),
-                        offset: span.starts[i],
-                        detail: format!("in {name}: {d}"),
-                    })?;
-                self.fetched_chunks.fetch_add(1, Ordering::Relaxed);
-                self.cache
-                    .lock()
-                    .expect("cache")
-                    .insert(id, Arc::new(plain.to_vec()));
+            match self.fetch_read(&mut opener, span, i, &read, &name) {
+                // An overwritten pack on a versioned store: read its original version.
+                Err(
+                    e
+                    @ (Error::DamagedChunk { .. } | Error::Corrupt { .. } | Error::Missing { .. }),
+                ) => {
+                    if !self.repo.store.recover_original(&name)? {
+                        return Err(e);
+                    }
+                    self.fetch_read(&mut opener, span, i, &read, &name)?;
+                }
+                other => other?,
             }
+        }
+        Ok(())
+    }
+
+    /// One ranged read of a pack: its blobs opened, verified and cached.
+    fn fetch_read(
+        &self,
+        opener: &mut pack::ChunkOpener,
+        span: &SpanMap,
+        i: usize,
+        read: &crate::index::RangedRead,
+        name: &str,
+    ) -> Result<()> {
+        let bytes = self.repo.store.get_range(name, read.start..read.end)?;
+        self.requests.fetch_add(1, Ordering::Relaxed);
+        self.fetched_bytes
+            .fetch_add(read.end - read.start, Ordering::Relaxed);
+        for &(id, loc) in &read.blobs {
+            let s = (loc.offset as u64 - read.start) as usize;
+            let entry = BlobEntry {
+                id,
+                offset: loc.offset,
+                length: loc.length,
+                raw_len: loc.raw_len,
+            };
+            let plain = opener
+                .open(&self.repo.key, &entry, &bytes[s..s + loc.length as usize])
+                .map_err(|d| Error::DamagedChunk {
+                    chunk: id.to_hex(),
+                    disk: self.disk.clone(),
+                    offset: span.starts[i],
+                    detail: format!("in {name}: {d}"),
+                })?;
+            self.fetched_chunks.fetch_add(1, Ordering::Relaxed);
+            self.cache
+                .lock()
+                .expect("cache")
+                .insert(id, Arc::new(plain.to_vec()));
         }
         Ok(())
     }

@@ -26,6 +26,18 @@ pub const ENTRY_LEN: usize = 44;
 pub const TARGET_PACK_SIZE: usize = 16 << 20;
 /// A sealed table larger than this is treated as damage, not allocated.
 const MAX_TABLE: u64 = 64 << 20;
+/// A pack is closed when it holds this many blobs, whatever its size, so its
+/// table never exceeds [`MAX_WRITTEN_TABLE`]: highly compressible chunks would
+/// otherwise fill 16 MiB with hundreds of thousands of tiny blobs.
+pub const MAX_PACK_ENTRIES: usize = 16384;
+/// The largest table a pack of this version writes (704 KiB): 4 bytes of count,
+/// the entries, and the AEAD overhead.
+pub const MAX_WRITTEN_TABLE: u64 = (4 + ENTRY_LEN * MAX_PACK_ENTRIES + OVERHEAD) as u64;
+/// The largest pack this version writes: a pack is closed at its first blob past
+/// [`TARGET_PACK_SIZE`], a blob is at most a sealed 4 MiB chunk, then the table
+/// and the 8-byte trailer.
+pub const MAX_WRITTEN_PACK: u64 =
+    (TARGET_PACK_SIZE + crate::chunker::MAX_CHUNK + OVERHEAD + 8) as u64 + MAX_WRITTEN_TABLE;
 
 /// Where one chunk sits inside its pack.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -95,6 +107,18 @@ impl PackWriter {
 
     pub fn is_empty(&self) -> bool {
         self.entries.is_empty()
+    }
+
+    /// Whether adding a blob of `next` bytes would take the pack past
+    /// [`TARGET_PACK_SIZE`] or [`MAX_PACK_ENTRIES`] (never for an empty pack).
+    pub fn full_before(&self, next: usize) -> bool {
+        !self.is_empty()
+            && (self.buf.len() + next > TARGET_PACK_SIZE || self.entries.len() >= MAX_PACK_ENTRIES)
+    }
+
+    /// Whether the pack has reached [`TARGET_PACK_SIZE`] or [`MAX_PACK_ENTRIES`].
+    pub fn full(&self) -> bool {
+        self.buf.len() >= TARGET_PACK_SIZE || self.entries.len() >= MAX_PACK_ENTRIES
     }
 
     /// Append an already sealed blob.
@@ -235,6 +259,34 @@ pub fn read_table(
     name: &str,
     size: u64,
 ) -> Result<Vec<BlobEntry>> {
+    read_table_within(store, key, name, size, MAX_TABLE)
+}
+
+/// [`read_table`] for an object nothing vouches for (a pack no index lists):
+/// only what this version writes is accepted, so an object planted under
+/// `packs/` costs at most 8 bytes and a [`MAX_WRITTEN_TABLE`] read, never its body.
+pub fn read_unindexed_table(
+    store: &crate::store::Store,
+    key: &MasterKey,
+    name: &str,
+    size: u64,
+) -> Result<Vec<BlobEntry>> {
+    if size > MAX_WRITTEN_PACK {
+        return Err(Error::corrupt(
+            name,
+            format!("{size} bytes is larger than any pack ferry writes ({MAX_WRITTEN_PACK} bytes)"),
+        ));
+    }
+    read_table_within(store, key, name, size, MAX_WRITTEN_TABLE)
+}
+
+fn read_table_within(
+    store: &crate::store::Store,
+    key: &MasterKey,
+    name: &str,
+    size: u64,
+    max_table: u64,
+) -> Result<Vec<BlobEntry>> {
     if size < (HEADER_LEN + OVERHEAD + 8) as u64 {
         return Err(Error::corrupt(
             name,
@@ -246,8 +298,13 @@ pub fn read_table(
         return Err(Error::corrupt(name, "no pack trailer (truncated?)"));
     }
     let table_len = u32::from_le_bytes(tail[..4].try_into().expect("4 bytes")) as u64;
-    if table_len > MAX_TABLE || table_len + 8 + HEADER_LEN as u64 > size {
-        return Err(Error::corrupt(name, "pack table length out of bounds"));
+    if table_len > max_table || table_len + 8 + HEADER_LEN as u64 > size {
+        return Err(Error::corrupt(
+            name,
+            format!(
+                "pack table length {table_len} out of bounds (at most {max_table} bytes, and less than the pack)"
+            ),
+        ));
     }
     let sealed = store.get_range(name, size - 8 - table_len..size - 8)?;
     parse_table(key, name, &sealed, size)

@@ -159,6 +159,41 @@ pub struct Point {
     pub lists: Vec<Vec<ListId>>,
 }
 
+/// Why `name` cannot be a disk's name, if it cannot: a restore writes each disk
+/// to `DIR/NAME`, so a name must be one plain path component.
+pub fn disk_name_problem(name: &str) -> Option<&'static str> {
+    if name.is_empty() {
+        Some("is empty")
+    } else if name == "." || name == ".." {
+        Some("is a directory reference")
+    } else if name.contains('/') {
+        Some("contains '/'")
+    } else if name.contains('\0') {
+        Some("contains a NUL byte")
+    } else {
+        None
+    }
+}
+
+impl Meta {
+    /// The rules every point must follow beyond its encoding, in one place:
+    /// decoding applies them, so `check`, `restore`, `serve-nbd` and every other
+    /// reader agree on which points are valid, and backup applies them before it
+    /// writes one. Disk names are plain file names, each used once.
+    pub fn validate(&self) -> std::result::Result<(), String> {
+        let mut seen = std::collections::HashSet::new();
+        for d in &self.disks {
+            if let Some(why) = disk_name_problem(&d.name) {
+                return Err(format!("disk name {:?} {why}", d.name));
+            }
+            if !seen.insert(d.name.as_str()) {
+                return Err(format!("two disks are named {:?}", d.name));
+            }
+        }
+        Ok(())
+    }
+}
+
 impl Point {
     pub fn short_id(&self) -> &str {
         &self.id[..8.min(self.id.len())]
@@ -348,6 +383,8 @@ fn decode_body(name: &str, body: &[u8]) -> Result<(Meta, Vec<Vec<ListId>>)> {
         .bytes(json_len)
         .ok_or_else(|| bad("metadata length out of bounds".into()))?;
     let meta: Meta = serde_json::from_slice(json).map_err(|e| bad(format!("metadata: {e}")))?;
+    meta.validate()
+        .map_err(|e| bad(format!("{e}; this point cannot be restored as it is")))?;
     let mut lists = Vec::with_capacity(meta.disks.len().min(1024));
     for disk in &meta.disks {
         let count = r

@@ -42,7 +42,7 @@ use crate::error::{Error, Result};
 use crate::format::{self, Kind};
 use crate::index::{self, Index, PackRecord};
 use crate::lock::{self, Lock};
-use crate::pack::{self, ChunkOpener, PackWriter, TARGET_PACK_SIZE};
+use crate::pack::{self, ChunkOpener, PackWriter};
 use crate::point::{self, Point};
 use crate::repo::Repository;
 use crate::retention::{self, Policy};
@@ -328,6 +328,10 @@ pub struct PruneReport {
     /// Condemned packs under Object Lock, left for a later prune.
     pub locked_packs: usize,
     pub locked_until: Option<DateTime<Utc>>,
+    /// Objects under `packs/` that are not packs of this repository, older than
+    /// [`INVALID_PACK_GRACE`]: removed (or, in a dry run, that would be).
+    pub invalid_objects: usize,
+    pub invalid_bytes: u64,
     /// Objects whose Object Lock retention was extended (locked repositories).
     pub extended: usize,
     pub dry_run: bool,
@@ -432,7 +436,54 @@ fn pack_id(hex_id: &str) -> Option<[u8; 32]> {
 }
 
 /// Run both phases.
+/// How old an object under `packs/` that is not a valid pack (and that no
+/// index lists) must be before prune removes it. Validity, not age, is what
+/// protects a running backup: every pack Ferry writes is complete when it
+/// appears (one atomic put) and its table authenticates. The grace covers what
+/// cannot be judged at one instant: an object whose write is still settling on
+/// a store with slower listings, and a pack a newer Ferry is writing in a format
+/// this one cannot read (whose index object follows within a lock's lifetime).
+/// It is the lock staleness window, the time Ferry already allows any operation
+/// to be silent before it is presumed dead.
+pub const INVALID_PACK_GRACE: chrono::TimeDelta =
+    chrono::TimeDelta::seconds(lock::STALE_AFTER.as_secs() as i64);
+
 pub fn prune(repo: &Repository, opts: PruneOptions) -> Result<PruneReport> {
+    prune_at(repo, opts, Utc::now())
+}
+
+/// Objects under `packs/` that no index lists, that are not condemned packs,
+/// that are older than [`INVALID_PACK_GRACE`] at `now`, and that are not a pack
+/// of this repository: their name is not a pack name, or their trailer and table
+/// (read within the bounds of what Ferry writes) fail. Real unindexed packs are
+/// kept: the next backup indexes them.
+fn invalid_packs(
+    repo: &Repository,
+    indexed: &HashMap<[u8; 32], PackRecord>,
+    trashed: &HashSet<[u8; 32]>,
+    now: DateTime<Utc>,
+) -> Result<Vec<(String, u64, String)>> {
+    let mut out = Vec::new();
+    for (name, size, modified) in repo.store.list_modified("packs/")? {
+        if now - modified < INVALID_PACK_GRACE {
+            continue;
+        }
+        let why = match pack::parse_name(&name) {
+            None => "its name is not a pack name".to_string(),
+            Some(id) if indexed.contains_key(&id) || trashed.contains(&id) => continue,
+            Some(_) => match pack::read_unindexed_table(&repo.store, &repo.key, &name, size) {
+                Ok(_) | Err(Error::Missing { .. }) => continue,
+                Err(e @ Error::Corrupt { .. }) => e.to_string(),
+                // Not a verdict on the object: a store error stops the prune.
+                Err(e) => return Err(e),
+            },
+        };
+        out.push((name, size, why));
+    }
+    Ok(out)
+}
+
+fn prune_at(repo: &Repository, opts: PruneOptions, now: DateTime<Utc>) -> Result<PruneReport> {
     let own = Lock::acquire(repo, "prune", true)?;
     let mut report = PruneReport {
         dry_run: opts.dry_run,
@@ -497,6 +548,24 @@ pub fn prune(repo: &Repository, opts: PruneOptions) -> Result<PruneReport> {
     )?;
     let seen_points: HashSet<String> = points.iter().map(|p| p.id.clone()).collect();
     report.points = points.len();
+
+    // Objects planted under packs/ (or left there by anything but a backup).
+    for (name, size, why) in invalid_packs(repo, &records_by_pack, &trashed, now)? {
+        warn!(object = %name, reason = %why, dry_run = opts.dry_run, "removing an object under packs/ that is not a pack of this repository");
+        if !opts.dry_run {
+            match repo.store.delete(&name) {
+                Ok(()) => {}
+                // Planted with a retention: it stays until then, costing no backup more than its table.
+                Err(e @ Error::Locked { .. }) => {
+                    warn!(object = %name, error = %e, "cannot remove it yet");
+                    continue;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        report.invalid_objects += 1;
+        report.invalid_bytes += size;
+    }
 
     // Phase 2 for earlier records whose waits have cleared.
     if !opts.dry_run {
@@ -610,7 +679,7 @@ pub fn prune(repo: &Repository, opts: PruneOptions) -> Result<PruneReport> {
             continue;
         }
         for (e, sealed) in blobs {
-            if writer.len() + sealed.len() > TARGET_PACK_SIZE && !writer.is_empty() {
+            if writer.full_before(sealed.len()) {
                 flush(std::mem::take(&mut writer), &mut new_records)?;
             }
             writer.add(e.id, e.raw_len, sealed);
@@ -847,4 +916,121 @@ fn delete_indexes(repo: &Repository, names: &[String]) -> Result<usize> {
         }
     }
     Ok(left)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backup::backup_sources;
+    use crate::progress::Progress;
+    use crate::source::MemSource;
+    use crate::testing::{memory_repo, vm_backup};
+
+    /// Bytes that look like a pack from outside: a trailer whose table spans
+    /// the whole object, so reading "the table" would read everything.
+    fn planted(size: usize, seed: u8) -> (String, Vec<u8>) {
+        let mut b: Vec<u8> = (0..size).map(|i| (i as u8).wrapping_mul(seed)).collect();
+        let table_len = (size - 16) as u32;
+        b[size - 8..size - 4].copy_from_slice(&table_len.to_le_bytes());
+        b[size - 4..].copy_from_slice(&pack::TRAILER_MAGIC);
+        (pack::object_name(blake3::hash(&b).as_bytes()), b)
+    }
+
+    /// A real pack of this repository that no index lists (a running backup's).
+    fn real_unindexed(repo: &Repository, data: &[u8]) -> String {
+        let mut w = PackWriter::new();
+        let sealed = crate::pack::Sealer::new(3).seal(&repo.key, data);
+        w.add(repo.key.chunk_id(data), data.len() as u32, &sealed);
+        let (id, bytes, _) = w.finish(&repo.key);
+        let name = pack::object_name(&id);
+        repo.store.put(&name, bytes.into()).unwrap();
+        name
+    }
+
+    #[test]
+    fn planted_packs_cost_backups_little_and_prune_removes_them_after_the_grace() {
+        let repo = memory_repo();
+        let disk: Vec<u8> = (0..(2u64 << 20))
+            .map(|i| ((i * 2654435761) >> 13) as u8)
+            .collect();
+        let run = || {
+            backup_sources(
+                &repo,
+                &vm_backup(),
+                &[&MemSource(disk.clone())],
+                &Progress::default(),
+            )
+            .unwrap()
+        };
+        run();
+        let mut garbage = Vec::new();
+        for (i, size) in [6usize << 20, 5 << 20, 4 << 20].into_iter().enumerate() {
+            let (name, bytes) = planted(size, i as u8 + 3);
+            repo.store.put(&name, bytes.into()).unwrap();
+            garbage.push(name);
+        }
+        // Plain garbage, and an object under packs/ that is not even named like a pack.
+        repo.store
+            .put("packs/zz/not-a-pack", vec![1u8; 3 << 20].into())
+            .unwrap();
+        garbage.push("packs/zz/not-a-pack".into());
+        let left_by_crash = real_unindexed(&repo, b"a chunk an interrupted backup stored");
+        let planted_bytes: u64 = (15 + 3) << 20;
+
+        for _ in 0..2 {
+            let before = repo.store.requests().bytes_down;
+            let s = run();
+            let read = repo.store.requests().bytes_down - before;
+            assert!(
+                read < 1 << 20,
+                "a backup read {read} bytes with {planted_bytes} bytes of planted objects"
+            );
+            assert!(s.packs_recovered <= 1);
+        }
+        assert!(repo.store.exists(&left_by_crash).unwrap());
+
+        // A running backup's pack, not indexed yet.
+        let running = real_unindexed(&repo, b"a chunk a running backup just stored");
+        // Within the grace nothing goes.
+        let r = prune(&repo, PruneOptions::default()).unwrap();
+        assert_eq!(r.invalid_objects, 0);
+        for g in &garbage {
+            assert!(
+                repo.store.exists(g).unwrap(),
+                "{g} removed within the grace"
+            );
+        }
+        let later = Utc::now() + INVALID_PACK_GRACE + chrono::TimeDelta::minutes(1);
+        let dry = prune_at(
+            &repo,
+            PruneOptions {
+                dry_run: true,
+                ..PruneOptions::default()
+            },
+            later,
+        )
+        .unwrap();
+        assert_eq!(dry.invalid_objects, garbage.len());
+        assert!(repo.store.exists(&garbage[0]).unwrap());
+        let r = prune_at(&repo, PruneOptions::default(), later).unwrap();
+        assert_eq!(r.invalid_objects, garbage.len(), "{r:?}");
+        assert_eq!(r.invalid_bytes, planted_bytes);
+        for g in &garbage {
+            assert!(!repo.store.exists(g).unwrap(), "{g} survived prune");
+        }
+        assert!(
+            repo.store.exists(&running).unwrap(),
+            "prune removed a running backup's pack"
+        );
+        // The repository is whole: its point still restores.
+        let p = repo.load_point(&repo.point_ids().unwrap()[0]).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let opts = crate::restore::RestoreOptions {
+            target: dir.path().join("vda"),
+            disk: None,
+            overwrite: false,
+        };
+        crate::restore::restore(&repo, &p, &opts, &Progress::default()).unwrap();
+        assert_eq!(std::fs::read(dir.path().join("vda")).unwrap(), disk);
+    }
 }

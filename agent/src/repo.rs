@@ -323,10 +323,27 @@ impl Repository {
         })?;
         let (pack_id, _) = index.pack(loc.pack);
         let pack_name = crate::pack::object_name(&pack_id);
+        match self.read_blob_at(&loc, id, &pack_name, what) {
+            // An overwritten pack on a versioned store: read its original version.
+            Err(e) if self.store.recover_original(&pack_name)? => {
+                tracing::debug!(error = %e, "read again from the original version");
+                self.read_blob_at(&loc, id, &pack_name, what)
+            }
+            other => other,
+        }
+    }
+
+    fn read_blob_at(
+        &self,
+        loc: &crate::index::Location,
+        id: &crate::crypto::ChunkId,
+        pack_name: &str,
+        what: &str,
+    ) -> Result<Vec<u8>> {
         let sealed = self
             .store
             .get_range(
-                &pack_name,
+                pack_name,
                 loc.offset as u64..loc.offset as u64 + loc.length as u64,
             )
             .map_err(|e| Error::corrupt(what, format!("{e}")))?;

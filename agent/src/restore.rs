@@ -124,15 +124,11 @@ pub fn restore(
             ));
         }
     }
-    for &d in &disks {
-        let name = &point.meta.disks[d].name;
-        if name.is_empty() || name.contains('/') || name == "." || name == ".." {
-            return Err(Error::corrupt(
-                point::object_name(&point.id),
-                format!("disk name {name:?} is not a plain file name"),
-            ));
-        }
-    }
+    // Decoding already applied the rules; a point built in memory has not been decoded.
+    point
+        .meta
+        .validate()
+        .map_err(|e| Error::corrupt(point::object_name(&point.id), e))?;
     let target_is_dir = opts.target.is_dir();
     if !target_is_dir && disks.len() > 1 {
         return Err(Error::InvalidInput(format!(
@@ -162,7 +158,7 @@ pub fn restore(
         } else {
             opts.target.clone()
         };
-        let out = Output::open(&final_path, meta.size, opts.overwrite)?;
+        let out = Output::open(&final_path, meta.size, opts.overwrite, !target_is_dir)?;
         info!(disk = %meta.name, to = %final_path.display(), resumed = out.resumed, "restoring");
         let stats = restore_disk(repo, &index, point, d, &out, progress)?;
         summary.bytes_written += stats.0;
@@ -191,12 +187,20 @@ struct Output {
 }
 
 impl Output {
-    fn open(final_path: &Path, size: u64, overwrite: bool) -> Result<Output> {
+    /// `follow`: whether a link at `final_path` may lead to a block device. Only
+    /// for a target the user named (`/dev/disk/by-id/...` is a link); inside a
+    /// target directory, a link there is a file like any other and never followed.
+    fn open(final_path: &Path, size: u64, overwrite: bool, follow: bool) -> Result<Output> {
         let err = |path: &Path| {
             let path = path.to_path_buf();
             move |source| Error::Target { path, source }
         };
-        if let Ok(meta) = std::fs::metadata(final_path)
+        let meta = if follow {
+            std::fs::metadata(final_path)
+        } else {
+            std::fs::symlink_metadata(final_path)
+        };
+        if let Ok(meta) = meta
             && meta.file_type().is_block_device()
         {
             let file = OpenOptions::new()
@@ -224,7 +228,9 @@ impl Output {
                 resumed: false,
             });
         }
-        if final_path.exists() {
+        // `symlink_metadata`: a link at the final path is itself "something there",
+        // and `--overwrite` removes the link, never what it points to.
+        if final_path.symlink_metadata().is_ok() {
             if !overwrite {
                 return Err(Error::InvalidInput(format!(
                     "{} already exists; remove it, pick another target, or pass --overwrite",
@@ -236,14 +242,8 @@ impl Output {
         let mut partial = final_path.as_os_str().to_owned();
         partial.push(".ferry-partial");
         let partial = PathBuf::from(partial);
-        let resumed = partial.exists();
-        let file = OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .read(true)
-            .write(true)
-            .open(&partial)
-            .map_err(err(&partial))?;
+        let resumed = partial.symlink_metadata().is_ok();
+        let file = open_partial(&partial)?;
         file.set_len(size).map_err(err(&partial))?;
         Ok(Output {
             file,
@@ -305,6 +305,72 @@ impl Output {
         }
         Ok(())
     }
+}
+
+/// Open (or create) a partial restore file without following a link at its path,
+/// and make sure it is a file a restore of this user made: a regular file, owned
+/// by us, with one name. Anything else (a symlink or hard link planted to redirect
+/// the decrypted disk, a fifo, a device) is refused, not written through.
+/// A new file is created 0600 (the umask can only make it stricter): it holds a
+/// decrypted disk.
+fn open_partial(partial: &Path) -> Result<File> {
+    use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
+    let unsafe_partial = |detail: String| Error::UnsafeTarget {
+        path: partial.to_path_buf(),
+        detail,
+    };
+    let file = OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .read(true)
+        .write(true)
+        .mode(0o600)
+        // O_NOFOLLOW: a symlink at the path fails the open (ELOOP) instead of
+        // being followed; O_NONBLOCK keeps a planted fifo from blocking the open.
+        .custom_flags((rustix::fs::OFlags::NOFOLLOW | rustix::fs::OFlags::NONBLOCK).bits() as i32)
+        .open(partial)
+        .map_err(|e| {
+            if e.raw_os_error() == Some(rustix::io::Errno::LOOP.raw_os_error()) {
+                unsafe_partial("it is a symbolic link".into())
+            } else {
+                Error::Target {
+                    path: partial.to_path_buf(),
+                    source: e,
+                }
+            }
+        })?;
+    let meta = file.metadata().map_err(|source| Error::Target {
+        path: partial.to_path_buf(),
+        source,
+    })?;
+    if !meta.file_type().is_file() {
+        return Err(unsafe_partial(format!(
+            "it is not a regular file ({:?})",
+            meta.file_type()
+        )));
+    }
+    let me = rustix::process::geteuid().as_raw();
+    if meta.uid() != me {
+        return Err(unsafe_partial(format!(
+            "it belongs to user {}, not to this user ({me})",
+            meta.uid()
+        )));
+    }
+    if meta.nlink() != 1 {
+        return Err(unsafe_partial(format!(
+            "it has {} names (a hard link to another file?)",
+            meta.nlink()
+        )));
+    }
+    // A partial file left by an older ferry may be readable by others: tighten it.
+    if meta.mode() & 0o077 != 0 {
+        file.set_permissions(std::fs::Permissions::from_mode(meta.mode() & 0o700))
+            .map_err(|source| Error::Target {
+                path: partial.to_path_buf(),
+                source,
+            })?;
+    }
+    Ok(file)
 }
 
 /// `Err(Cancelled)` once the caller has asked the restore to stop.
@@ -508,7 +574,7 @@ fn restore_extents(
                         }
                         let i = next.fetch_add(1, Ordering::Relaxed) as usize;
                         let Some(job) = jobs.get(i) else { return };
-                        if let Err(e) = worker.run_job(job) {
+                        if let Err(e) = worker.run_job_through(job) {
                             failure.lock().expect("failure slot").get_or_insert(e);
                             return;
                         }
@@ -543,6 +609,28 @@ struct Worker<'a> {
 }
 
 impl Worker<'_> {
+    /// [`Worker::run_job`], and once more from the pack's original version when
+    /// the store has versions and the current one was overwritten or hidden
+    /// (chunks already written are written again with the same bytes; the byte
+    /// counters then count them twice).
+    fn run_job_through(&mut self, job: &Job) -> Result<()> {
+        match self.run_job(job) {
+            Err(e @ Error::DamagedChunk { .. }) => {
+                let (pack_id, _) = self.index.pack(job.pack);
+                if self
+                    .repo
+                    .store
+                    .recover_original(&pack::object_name(&pack_id))?
+                {
+                    self.run_job(job)
+                } else {
+                    Err(e)
+                }
+            }
+            other => other,
+        }
+    }
+
     /// Fetch one pack region, verify its chunks, and write them where they go.
     fn run_job(&mut self, job: &Job) -> Result<()> {
         let Worker {
@@ -679,5 +767,83 @@ mod tests {
         let again = restore(&repo, &point, &ropts, &Progress::default()).unwrap();
         assert!(again.disks[0].resumed);
         assert_eq!(std::fs::read(&target).unwrap(), data);
+    }
+
+    fn small_point() -> (Repository, Point, Vec<u8>) {
+        let repo = crate::testing::memory_repo();
+        let data: Vec<u8> = (0..(1u64 << 20)).map(|i| ((i * 7919) >> 3) as u8).collect();
+        let point = crate::testing::backup_bytes(&repo, &data);
+        (repo, point, data)
+    }
+
+    #[test]
+    fn restored_files_are_private_whatever_the_umask() {
+        use std::os::unix::fs::PermissionsExt;
+        let (repo, point, data) = small_point();
+        let dir = tempfile::tempdir().unwrap();
+        let target = dir.path().join("vda.raw");
+        let opts = RestoreOptions {
+            target: target.clone(),
+            disk: None,
+            overwrite: false,
+        };
+        // A partial from an older ferry, readable by everyone, is tightened too.
+        let partial = dir.path().join("vda.raw.ferry-partial");
+        std::fs::write(&partial, b"").unwrap();
+        std::fs::set_permissions(&partial, std::fs::Permissions::from_mode(0o644)).unwrap();
+        restore(&repo, &point, &opts, &Progress::default()).unwrap();
+        let mode = std::fs::metadata(&target).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600, "a restored disk is {mode:o}");
+        assert_eq!(std::fs::read(&target).unwrap(), data);
+
+        std::fs::remove_file(&target).unwrap();
+        restore(&repo, &point, &opts, &Progress::default()).unwrap();
+        let mode = std::fs::metadata(&target).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600, "a fresh restored disk is {mode:o}");
+    }
+
+    #[test]
+    fn a_link_planted_at_the_partial_path_is_refused_and_not_written_through() {
+        let (repo, point, _) = small_point();
+        let dir = tempfile::tempdir().unwrap();
+        let outside = tempfile::tempdir().unwrap();
+        let victim = outside.path().join("victim");
+        std::fs::write(&victim, b"precious").unwrap();
+        let to = dir.path().join("to");
+        std::fs::create_dir(&to).unwrap();
+        let partial = to.join("vda.ferry-partial");
+        let opts = RestoreOptions {
+            target: to.clone(),
+            disk: None,
+            overwrite: true,
+        };
+        // A link at the final path inside the directory is removed with
+        // --overwrite, never written through.
+        std::os::unix::fs::symlink(&victim, to.join("vda")).unwrap();
+        restore(&repo, &point, &opts, &Progress::default()).unwrap();
+        assert_eq!(std::fs::read(&victim).unwrap(), b"precious");
+        assert!(
+            !to.join("vda")
+                .symlink_metadata()
+                .unwrap()
+                .file_type()
+                .is_symlink()
+        );
+        std::fs::remove_file(to.join("vda")).unwrap();
+        for plant in ["symlink", "hard link"] {
+            let _ = std::fs::remove_file(&partial);
+            if plant == "symlink" {
+                std::os::unix::fs::symlink(&victim, &partial).unwrap();
+            } else {
+                std::fs::hard_link(&victim, &partial).unwrap();
+            }
+            let err = restore(&repo, &point, &opts, &Progress::default()).unwrap_err();
+            assert!(matches!(err, Error::UnsafeTarget { .. }), "{plant}: {err}");
+            let msg = err.to_string();
+            assert!(msg.contains("vda.ferry-partial"), "{msg}");
+            assert!(msg.contains("remove it, and restore again"), "{msg}");
+            assert_eq!(std::fs::read(&victim).unwrap(), b"precious", "{plant}");
+            assert!(!to.join("vda").exists());
+        }
     }
 }

@@ -507,6 +507,40 @@ impl Versioned for SdkVersioned {
         }
         .boxed()
     }
+
+    fn get_version_range<'a>(
+        &'a self,
+        name: &'a str,
+        version: &'a str,
+        range: std::ops::Range<u64>,
+    ) -> BoxFuture<'a, Result<Bytes, object_store::Error>> {
+        async move {
+            let key = self.key(name);
+            if range.start >= range.end {
+                return Ok(Bytes::new());
+            }
+            let out = self
+                .client
+                .get_object()
+                .bucket(&self.bucket)
+                .key(&key)
+                .version_id(version)
+                .range(format!("bytes={}-{}", range.start, range.end - 1))
+                .send()
+                .await
+                .map_err(|e| sdk_error(&key, e))?;
+            let body = out
+                .body
+                .collect()
+                .await
+                .map_err(|e| object_store::Error::Generic {
+                    store: "S3",
+                    source: Box::new(e),
+                })?;
+            Ok(body.into_bytes())
+        }
+        .boxed()
+    }
 }
 
 #[cfg(test)]

@@ -119,6 +119,8 @@ pub fn class_of(e: &ferry_agent::Error) -> ferry_engine::runbook::ErrorClass {
         | E::Source { .. } => Permanent,
         // Damage does not heal by itself (`ferry check`, another replica).
         E::Corrupt { .. } | E::DamagedChunk { .. } | E::DamagedConfig { .. } => Permanent,
+        // Something not ours sits where a restore writes: a person must look.
+        E::UnsafeTarget { .. } => Permanent,
         // A store that answered badly or not at all, an object not visible
         // yet, a lock held, a source or target that changed under us, a
         // full target disk: another try may find it better.

@@ -404,3 +404,68 @@ fn chrono_now() -> String {
         .trim()
         .to_string()
 }
+
+/// Issue 13 item 19: on a versioned bucket, an attacker with write access (and
+/// no password) overwrites a pack and hides a point behind a delete marker.
+/// Restore and check read the original versions with the same credentials,
+/// say so naming the object and the version, and leave the bucket to `undelete`.
+#[test]
+fn restore_and_check_read_through_overwrites_and_delete_markers() {
+    let Some(moto) = Moto::start() else { return };
+    moto.create_bucket("ferry-versioned", false);
+    moto.python(
+        "s3.put_bucket_versioning(Bucket='ferry-versioned', VersioningConfiguration={'Status': 'Enabled'})",
+    );
+    let env = Env::at("s3://ferry-versioned/r", moto.env());
+    env.init();
+    let disk = env.path("disk.img");
+    make_image(&disk, 12 * MIB, 7);
+    let first = env.backup("db", &[&disk]);
+    let first_id = first["point"].as_str().unwrap().to_string();
+    let first_copy = env.path("first.img");
+    std::fs::copy(&disk, &first_copy).unwrap();
+    scatter_writes(&disk, 20, 3);
+    env.backup("db", &[&disk]);
+
+    // The attacker's own writes: every pack overwritten, the first point deleted.
+    let attacked = moto.python_args(
+        r#"
+        keys = [o['Key'] for o in s3.list_objects_v2(Bucket='ferry-versioned', Prefix='r/packs/')['Contents']]
+        for k in keys:
+            s3.put_object(Bucket='ferry-versioned', Key=k, Body=b'encrypted by ransomware' * 1000)
+        s3.delete_object(Bucket='ferry-versioned', Key='r/points/' + sys.argv[1])
+        print(keys[0][len('r/'):])
+        "#,
+        &[&first_id],
+    );
+    let pack = attacked.trim().to_string();
+
+    let out = env.path("restored.img");
+    let r = env.run(&["restore", &first_id, "--to", out.to_str().unwrap()]);
+    let err = stderr(&r);
+    assert!(r.status.success(), "restore failed: {err}");
+    assert!(same_content(&first_copy, &out), "the restored disk differs");
+    let point_name = format!("points/{first_id}");
+    assert!(
+        err.contains(&point_name) && err.contains("delete marker"),
+        "restore did not say it read a hidden point: {err}"
+    );
+
+    let c = env.run(&["--json", "check", "--read-data"]);
+    let cerr = stderr(&c);
+    let report: serde_json::Value = serde_json::from_slice(&c.stdout).unwrap();
+    assert_eq!(report["ok"], true, "{report}\n{cerr}");
+    assert_eq!(report["points"], 2, "{report}");
+    assert!(
+        cerr.contains(&pack) && cerr.contains("original version"),
+        "check did not name the overwritten pack: {cerr}"
+    );
+    // The bucket itself is unchanged: repairing it is `undelete`'s job.
+    let current = moto.python_args(
+        "print(s3.get_object(Bucket='ferry-versioned', Key='r/' + sys.argv[1])['Body'].read()[:9].decode())",
+        &[&pack],
+    );
+    assert_eq!(current.trim(), "encrypted");
+    let u = env.json(&["undelete"]);
+    assert!(u["restored"].as_array().unwrap().len() >= 2, "{u}");
+}
