@@ -295,11 +295,11 @@ impl Parser<'_> {
     }
 
     /// One level deeper, or an error before the parser recurses.
-    fn enter(&mut self) -> Result<(), (usize, String)> {
+    fn enter(&mut self, at: usize) -> Result<(), (usize, String)> {
         self.depth += 1;
         if self.depth > MAX_DEPTH {
             return Err((
-                self.at,
+                at,
                 format!("nesting deeper than {MAX_DEPTH} levels of `(` and `!`"),
             ));
         }
@@ -341,8 +341,10 @@ impl Parser<'_> {
     }
 
     fn unary(&mut self) -> Result<Expr, (usize, String)> {
+        self.ws();
+        let start = self.at;
         if self.eat("!") {
-            self.enter()?;
+            self.enter(start)?;
             let e = self.unary()?;
             self.depth -= 1;
             return Ok(Expr::Not(Box::new(e)));
@@ -358,7 +360,7 @@ impl Parser<'_> {
         };
         if c == b'(' {
             self.at += 1;
-            self.enter()?;
+            self.enter(start)?;
             let e = self.or()?;
             self.depth -= 1;
             if !self.eat(")") {
@@ -497,6 +499,37 @@ mod tests {
         assert!(t("params.n == 0 || false"));
         assert!(t("params.on == true"));
         assert!(!t("(params.mode == 'run') || params.n"));
+    }
+
+    #[test]
+    fn nesting_is_bounded_and_chains_are_flat() {
+        let deep = format!("{}true", "!".repeat(MAX_DEPTH + 1));
+        let (at, msg) = parse_expr(&deep).unwrap_err();
+        assert!(msg.contains("nesting deeper than 64 levels"), "{msg}");
+        assert_eq!(at, MAX_DEPTH);
+        let parens = format!(
+            "{}true{}",
+            "(".repeat(MAX_DEPTH + 1),
+            ")".repeat(MAX_DEPTH + 1)
+        );
+        assert!(parse_expr(&parens).is_err());
+        let ok = format!("{}true", "!".repeat(MAX_DEPTH));
+        assert_eq!(
+            parse_expr(&ok).unwrap().eval(&J(json!({}))),
+            Ok(json!(true))
+        );
+        // 10,000 operands: one level, short-circuiting.
+        let chain = vec!["false"; 10_000].join(" || ") + " || params.x";
+        let e = parse_expr(&chain).unwrap();
+        assert!(matches!(&e, Expr::Or(all) if all.len() == 10_001));
+        let scope = J(json!({"params": {"x": 1}}));
+        assert_eq!(e.eval(&scope), Ok(json!(true)));
+        let and = parse_expr("true && params.missing && true").unwrap();
+        assert!(and.eval(&scope).is_err());
+        assert_eq!(
+            parse_expr("false && params.missing").unwrap().eval(&scope),
+            Ok(json!(false))
+        );
     }
 
     #[test]
