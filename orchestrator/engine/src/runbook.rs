@@ -2,7 +2,7 @@
 //! a typed [`Runbook`]. Validation reports every problem at once.
 
 use crate::catalog::{self, Ty};
-use crate::diag::{Diagnostics, Pos, Sink, suggest};
+use crate::diag::{Diagnostics, Pos, Sink};
 use crate::expr::{self, Expr, Seg};
 use crate::limits::Limits;
 use marked_yaml::Node;
@@ -493,7 +493,7 @@ impl Validator<'_> {
     fn unknown_keys(&mut self, map: &MarkedMappingNode, allowed: &[&str], what: &str) {
         for k in map.keys() {
             if !allowed.contains(&k.as_str()) {
-                let hint = match suggest(k.as_str(), allowed.iter().copied()) {
+                let hint = match self.hint(k.as_str(), allowed.iter().copied()) {
                     Some(s) => format!("did you mean `{s}`?"),
                     None => format!("{what} takes {}", allowed.join(", ")),
                 };
@@ -1004,7 +1004,7 @@ impl Validator<'_> {
                 Some("name the action it runs, e.g. `uses: volume.restore`".into()),
             ),
             (true, None) => {
-                let hint = match suggest(&uses, catalog::ACTIONS.iter().map(|a| a.name)) {
+                let hint = match self.hint(&uses, catalog::ACTIONS.iter().map(|a| a.name)) {
                     Some(s) => format!("did you mean `{s}`?"),
                     None => format!(
                         "available actions: {}",
@@ -1026,7 +1026,8 @@ impl Validator<'_> {
         let target = match self.string(m, "target", &what) {
             None => 0,
             Some(t) => targets.iter().position(|x| x.name == t).unwrap_or_else(|| {
-                let hint = suggest(&t, targets.iter().map(|x| x.name.as_str()))
+                let hint = self
+                    .hint(&t, targets.iter().map(|x| x.name.as_str()))
                     .map(|s| format!("did you mean `{s}`?"));
                 self.err(
                     val_pos(m, "target"),
@@ -1062,10 +1063,9 @@ impl Validator<'_> {
                         if let Some(a) = action {
                             match a.input(k.as_str()) {
                                 None => {
-                                    let hint = match suggest(
-                                        k.as_str(),
-                                        a.inputs.iter().map(|i| i.name),
-                                    ) {
+                                    let hint = match self
+                                        .hint(k.as_str(), a.inputs.iter().map(|i| i.name))
+                                    {
                                         Some(s) => format!("did you mean `{s}`?"),
                                         None if a.inputs.is_empty() => {
                                             format!("`{}` takes no inputs", a.name)
@@ -1386,7 +1386,7 @@ impl Validator<'_> {
             && !a.has_output(out)
         {
             let list: Vec<&str> = a.outputs.iter().map(|(o, _)| *o).collect();
-            let hint = match suggest(out, list.iter().copied()) {
+            let hint = match self.hint(out, list.iter().copied()) {
                 Some(s) => format!("did you mean `{s}`?"),
                 None if list.is_empty() => format!("`{uses}` has no outputs"),
                 None => format!("`{uses}` outputs {}", list.join(", ")),
@@ -1412,7 +1412,8 @@ impl Validator<'_> {
                 Some("params") => match key(1) {
                     Some(name) if refs.params.iter().any(|x| x.name == name) => {}
                     Some(name) => {
-                        let hint = match suggest(name, refs.params.iter().map(|x| x.name.as_str()))
+                        let hint = match self
+                            .hint(name, refs.params.iter().map(|x| x.name.as_str()))
                         {
                             Some(s) => format!("did you mean `params.{s}`?"),
                             None => {

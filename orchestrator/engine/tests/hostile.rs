@@ -282,6 +282,27 @@ fn thousands_of_unknown_needs_give_capped_diagnostics_quickly() {
 }
 
 #[test]
+fn a_megabyte_of_misspelled_keys_and_inputs_is_answered_quickly() {
+    let mut text = String::from("name: keys\nsteps:\n");
+    let mut i = 0;
+    while text.len() < 1 << 20 {
+        text.push_str(&format!(
+            "  - {{id: s{i}, uses: command.rnu, retyr: 3, wiht: {{ rnu: x }}, tagret: local-{i:08} }}\n"
+        ));
+        i += 1;
+    }
+    let d = timed("misspelled keys", || {
+        ferry_engine::parse_with("keys.yaml", &text, &UNLIMITED).unwrap_err()
+    });
+    assert_eq!(d.0.len(), 101);
+    assert_eq!(
+        d.0[0].hint.as_deref(),
+        Some("did you mean `command.run`?"),
+        "{d}"
+    );
+}
+
+#[test]
 fn two_six_thousand_item_for_each_steps_plan_without_a_product() {
     let text = for_each_pair(6_000);
     let (nodes, deps, decided) = timed("for_each", || {
