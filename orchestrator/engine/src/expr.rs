@@ -9,12 +9,19 @@
 //! primary := '(' expr ')' | 'string' | "string" | number | true | false | null | path
 //! path    := ident ('.' ident | '[' digits ']')*        ident: [A-Za-z0-9_-]+
 //! ```
+//! `(` and `!` nest at most [`MAX_DEPTH`] levels deep, and `&&`/`||` chains
+//! are flat lists, so no expression, however long, makes parsing, evaluating
+//! or dropping it recurse deeper than that.
+//!
 //! Roots: `params.NAME`, `steps.ID.outputs.NAME`, `each.value`, `each.index`,
 //! `run.id`, `run.mode`. A string that is exactly one `${{ expr }}` takes the
 //! expression's value (a list stays a list); anywhere else it is interpolated.
 
 use serde_json::Value;
 use std::fmt;
+
+/// How deeply `(` and `!` may nest in one expression.
+pub const MAX_DEPTH: usize = 64;
 
 /// One segment of a path.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -39,8 +46,10 @@ pub enum Expr {
     Path(Vec<Seg>),
     Not(Box<Expr>),
     Eq(Box<Expr>, Box<Expr>, bool),
-    And(Box<Expr>, Box<Expr>),
-    Or(Box<Expr>, Box<Expr>),
+    /// Two or more operands, so a long chain stays one level deep.
+    And(Vec<Expr>),
+    /// Two or more operands.
+    Or(Vec<Expr>),
 }
 
 /// A path as written (`steps.db.outputs.addr`).
@@ -68,10 +77,11 @@ impl Expr {
             Expr::Lit(_) => {}
             Expr::Path(p) => out.push(p),
             Expr::Not(e) => e.paths(out),
-            Expr::Eq(a, b, _) | Expr::And(a, b) | Expr::Or(a, b) => {
+            Expr::Eq(a, b, _) => {
                 a.paths(out);
                 b.paths(out);
             }
+            Expr::And(all) | Expr::Or(all) => all.iter().for_each(|e| e.paths(out)),
         }
     }
 
@@ -86,8 +96,22 @@ impl Expr {
                 let (a, b) = (a.eval(scope)?, b.eval(scope)?);
                 Value::Bool(loose_eq(&a, &b) != *negate)
             }
-            Expr::And(a, b) => Value::Bool(truthy(&a.eval(scope)?) && truthy(&b.eval(scope)?)),
-            Expr::Or(a, b) => Value::Bool(truthy(&a.eval(scope)?) || truthy(&b.eval(scope)?)),
+            Expr::And(all) => {
+                for e in all {
+                    if !truthy(&e.eval(scope)?) {
+                        return Ok(Value::Bool(false));
+                    }
+                }
+                Value::Bool(true)
+            }
+            Expr::Or(all) => {
+                for e in all {
+                    if truthy(&e.eval(scope)?) {
+                        return Ok(Value::Bool(true));
+                    }
+                }
+                Value::Bool(false)
+            }
         })
     }
 }
@@ -232,6 +256,7 @@ pub fn parse_expr(s: &str) -> Result<Expr, (usize, String)> {
     let mut p = Parser {
         s: s.as_bytes(),
         at: 0,
+        depth: 0,
     };
     let e = p.or()?;
     p.ws();
@@ -244,6 +269,8 @@ pub fn parse_expr(s: &str) -> Result<Expr, (usize, String)> {
 struct Parser<'a> {
     s: &'a [u8],
     at: usize,
+    /// `(` and `!` open around the current position.
+    depth: usize,
 }
 
 fn is_ident(c: u8) -> bool {
@@ -267,20 +294,40 @@ impl Parser<'_> {
         }
     }
 
-    fn or(&mut self) -> Result<Expr, (usize, String)> {
-        let mut e = self.and()?;
-        while self.eat("||") {
-            e = Expr::Or(Box::new(e), Box::new(self.and()?));
+    /// One level deeper, or an error before the parser recurses.
+    fn enter(&mut self, at: usize) -> Result<(), (usize, String)> {
+        self.depth += 1;
+        if self.depth > MAX_DEPTH {
+            return Err((
+                at,
+                format!("nesting deeper than {MAX_DEPTH} levels of `(` and `!`"),
+            ));
         }
-        Ok(e)
+        Ok(())
+    }
+
+    fn or(&mut self) -> Result<Expr, (usize, String)> {
+        let mut all = vec![self.and()?];
+        while self.eat("||") {
+            all.push(self.and()?);
+        }
+        Ok(if all.len() == 1 {
+            all.remove(0)
+        } else {
+            Expr::Or(all)
+        })
     }
 
     fn and(&mut self) -> Result<Expr, (usize, String)> {
-        let mut e = self.cmp()?;
+        let mut all = vec![self.cmp()?];
         while self.eat("&&") {
-            e = Expr::And(Box::new(e), Box::new(self.cmp()?));
+            all.push(self.cmp()?);
         }
-        Ok(e)
+        Ok(if all.len() == 1 {
+            all.remove(0)
+        } else {
+            Expr::And(all)
+        })
     }
 
     fn cmp(&mut self) -> Result<Expr, (usize, String)> {
@@ -294,8 +341,13 @@ impl Parser<'_> {
     }
 
     fn unary(&mut self) -> Result<Expr, (usize, String)> {
+        self.ws();
+        let start = self.at;
         if self.eat("!") {
-            return Ok(Expr::Not(Box::new(self.unary()?)));
+            self.enter(start)?;
+            let e = self.unary()?;
+            self.depth -= 1;
+            return Ok(Expr::Not(Box::new(e)));
         }
         self.primary()
     }
@@ -308,7 +360,9 @@ impl Parser<'_> {
         };
         if c == b'(' {
             self.at += 1;
+            self.enter(start)?;
             let e = self.or()?;
+            self.depth -= 1;
             if !self.eat(")") {
                 return Err((self.at, "expected `)`".into()));
             }
@@ -445,6 +499,37 @@ mod tests {
         assert!(t("params.n == 0 || false"));
         assert!(t("params.on == true"));
         assert!(!t("(params.mode == 'run') || params.n"));
+    }
+
+    #[test]
+    fn nesting_is_bounded_and_chains_are_flat() {
+        let deep = format!("{}true", "!".repeat(MAX_DEPTH + 1));
+        let (at, msg) = parse_expr(&deep).unwrap_err();
+        assert!(msg.contains("nesting deeper than 64 levels"), "{msg}");
+        assert_eq!(at, MAX_DEPTH);
+        let parens = format!(
+            "{}true{}",
+            "(".repeat(MAX_DEPTH + 1),
+            ")".repeat(MAX_DEPTH + 1)
+        );
+        assert!(parse_expr(&parens).is_err());
+        let ok = format!("{}true", "!".repeat(MAX_DEPTH));
+        assert_eq!(
+            parse_expr(&ok).unwrap().eval(&J(json!({}))),
+            Ok(json!(true))
+        );
+        // 10,000 operands: one level, short-circuiting.
+        let chain = vec!["false"; 10_000].join(" || ") + " || params.x";
+        let e = parse_expr(&chain).unwrap();
+        assert!(matches!(&e, Expr::Or(all) if all.len() == 10_001));
+        let scope = J(json!({"params": {"x": 1}}));
+        assert_eq!(e.eval(&scope), Ok(json!(true)));
+        let and = parse_expr("true && params.missing && true").unwrap();
+        assert!(and.eval(&scope).is_err());
+        assert_eq!(
+            parse_expr("false && params.missing").unwrap().eval(&scope),
+            Ok(json!(false))
+        );
     }
 
     #[test]

@@ -10,12 +10,14 @@
 pub mod catalog;
 pub mod diag;
 pub mod expr;
+pub mod limits;
 pub mod machine;
 pub mod plan;
 pub mod runbook;
 pub mod schema;
 
 pub use diag::{Diagnostic, Diagnostics};
+pub use limits::Limits;
 pub use machine::{Action, Engine, Event, Mode, RunStatus, StepState};
 pub use plan::{Plan, plan};
-pub use runbook::{Runbook, parse};
+pub use runbook::{Runbook, parse, parse_with};

@@ -538,9 +538,23 @@ impl Engine {
         }
     }
 
+    /// Whether every node of a step is settled, and its first skipped node.
+    fn step_status(&self, step: usize) -> (bool, Option<usize>) {
+        let nodes = self.plan.step_nodes[step].clone();
+        let settled = nodes.clone().all(|d| self.settled(d));
+        let skipped = nodes
+            .into_iter()
+            .find(|&d| matches!(self.states[d], StepState::Skipped { .. }));
+        (settled, skipped)
+    }
+
     fn next_steps(&self) -> Vec<Action> {
         let mut out = Vec::new();
         let mut busy = self.running.clone();
+        // Per step, computed once per call: items of a for_each that needs
+        // another for_each share what they wait for.
+        let mut status: Vec<Option<(bool, Option<usize>)>> =
+            vec![None; self.plan.runbook.steps.len()];
         for &i in &self.plan.order {
             let t = self.plan.step_of(i).target;
             match &self.states[i] {
@@ -555,14 +569,17 @@ impl Engine {
                     });
                 }
                 StepState::Pending => {
-                    let deps = &self.plan.nodes[i].deps;
-                    if !deps.iter().all(|&d| self.settled(d)) {
+                    let mut settled = true;
+                    let mut skipped = None;
+                    for s in self.plan.step_deps(i) {
+                        let (all, skip) = *status[s].get_or_insert_with(|| self.step_status(s));
+                        settled &= all;
+                        skipped = skipped.or(skip);
+                    }
+                    if !settled {
                         continue;
                     }
-                    if let Some(&d) = deps
-                        .iter()
-                        .find(|&&d| matches!(self.states[d], StepState::Skipped { .. }))
-                    {
+                    if let Some(d) = skipped {
                         out.push(Action::Skip {
                             node: i,
                             reason: format!("needs `{}`, which was skipped", self.plan.nodes[d].id),
@@ -617,13 +634,13 @@ impl Engine {
     /// Undos whose dependents are all undone, in reverse dependency order;
     /// or the finish when nothing is left to undo.
     fn finish_or_undo(&self) -> Vec<Action> {
-        let n = self.states.len();
-        // clear[i]: node i and everything downstream of it need no more undo.
-        let mut clear = vec![false; n];
+        // Per step: every node of it is clear. In reverse order every node
+        // of a dependent step comes before any node of the step it needs.
+        let mut step_clear = vec![true; self.plan.runbook.steps.len()];
         let mut out = Vec::new();
         let mut pending = false;
         for &i in self.plan.order.iter().rev() {
-            let deps_clear = self.plan.nodes[i].dependents.iter().all(|&d| clear[d]);
+            let deps_clear = self.plan.step_dependents(i).iter().all(|&s| step_clear[s]);
             let mine_done = match self.undo[i] {
                 UndoState::Done | UndoState::Failed => true,
                 UndoState::Running => {
@@ -642,7 +659,9 @@ impl Engine {
                     }
                 }
             };
-            clear[i] = deps_clear && mine_done;
+            // Node i and everything downstream of it need no more undo.
+            let clear = deps_clear && mine_done;
+            step_clear[self.plan.nodes[i].step] &= clear;
         }
         if !pending {
             return vec![Action::Finish {
@@ -713,13 +732,11 @@ impl Scope for EngineScope<'_> {
                 let Some(Seg::Key(id)) = path.get(1) else {
                     return None;
                 };
-                let step = e.plan.runbook.step(id)?;
+                let step = e.plan.step_named(id)?;
                 if !matches!(path.get(2), Some(Seg::Key(k)) if k == "outputs") {
                     return None;
                 }
-                let nodes: Vec<usize> = (0..e.plan.nodes.len())
-                    .filter(|&n| e.plan.nodes[n].step == step)
-                    .collect();
+                let nodes: Vec<usize> = e.plan.step_nodes[step].clone().collect();
                 let out_of = |n: usize| e.outputs[n].clone().map(Value::Object);
                 let whole = if e.plan.runbook.steps[step].for_each.is_some() {
                     Value::Array(

@@ -1,12 +1,14 @@
 //! A validated runbook bound to its params: `for_each` expanded, the DAG
-//! built (petgraph), and the waves it will run in.
+//! built, and the waves it will run in.
 
 use crate::expr::{self, Scope, Seg};
+use crate::limits::Limits;
 use crate::runbook::Runbook;
-use petgraph::graph::{DiGraph, NodeIndex};
 use serde::Serialize;
 use serde_json::{Map, Value};
-use std::collections::BTreeMap;
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, BinaryHeap, HashMap};
+use std::ops::Range;
 
 /// One unit of work: a step, or one item of a `for_each` step.
 #[derive(Clone, Debug, Serialize)]
@@ -17,28 +19,48 @@ pub struct Node {
     pub step: usize,
     /// `(index, value)` of a `for_each` item.
     pub each: Option<(usize, Value)>,
-    /// Nodes this one needs (every item of a needed `for_each` step).
-    pub deps: Vec<usize>,
-    /// Nodes that need this one.
-    pub dependents: Vec<usize>,
 }
 
+/// A runbook bound to its params and expanded.
+///
+/// Dependencies are kept per step, not per node: every item of a step
+/// needs every item of the steps it needs, so a 6,000-item `for_each` that
+/// needs another 6,000-item `for_each` is one edge here, where a list per
+/// node held 36 million (4 GB). [`Plan::deps`] and [`Plan::dependents`]
+/// give the nodes when they are wanted.
 #[derive(Clone, Debug, Serialize)]
 pub struct Plan {
     pub runbook: Runbook,
     pub params: Map<String, Value>,
     pub nodes: Vec<Node>,
+    /// The nodes of each runbook step (consecutive; empty for a `for_each`
+    /// over an empty list).
+    pub step_nodes: Vec<Range<usize>>,
     /// Nodes grouped by depth: everything in wave N needs only waves before it.
     pub waves: Vec<Vec<usize>>,
     /// Nodes in an order where every node comes after what it needs.
     pub order: Vec<usize>,
+    /// For each step, the steps that need it.
     #[serde(skip)]
-    pub graph: DiGraph<usize, ()>,
+    step_dependents: Vec<Vec<usize>>,
+    #[serde(skip)]
+    step_index: HashMap<String, usize>,
 }
 
-/// Binds params (`--param k=v` as text) and expands the runbook.
-/// Errors name every param that is missing or malformed.
+/// Binds params (`--param k=v` as text) and expands the runbook within the
+/// default [`Limits`].
 pub fn plan(rb: Runbook, given: &BTreeMap<String, String>) -> Result<Plan, String> {
+    plan_with(rb, given, &Limits::default())
+}
+
+/// Binds params (`--param k=v` as text) and expands the runbook, refusing a
+/// plan larger than `limits` allow. Errors name every param that is missing
+/// or malformed.
+pub fn plan_with(
+    rb: Runbook,
+    given: &BTreeMap<String, String>,
+    limits: &Limits,
+) -> Result<Plan, String> {
     let mut problems = Vec::new();
     let mut params = Map::new();
     for k in given.keys() {
@@ -78,11 +100,27 @@ pub fn plan(rb: Runbook, given: &BTreeMap<String, String>) -> Result<Plan, Strin
     let scope = ParamScope(&params);
     // Expand for_each.
     let mut nodes: Vec<Node> = Vec::new();
-    let mut of_step: Vec<Vec<usize>> = Vec::new();
+    let mut step_nodes: Vec<Range<usize>> = Vec::with_capacity(rb.steps.len());
+    let too_many = |n: usize| {
+        format!(
+            "the plan has more than {} steps after for_each is expanded ({n} so far); \
+             split the runbook or run it for fewer items",
+            limits.max_steps
+        )
+    };
     for (si, step) in rb.steps.iter().enumerate() {
         let items = match &step.for_each {
             None => None,
             Some(v) => match expr::render(v, &scope) {
+                Ok(Value::Array(a)) if a.len() > limits.max_for_each_items => {
+                    problems.push(format!(
+                        "step `{}`: for_each gave {} items, more than the limit of {}",
+                        step.id,
+                        a.len(),
+                        limits.max_for_each_items
+                    ));
+                    Some(Vec::new())
+                }
                 Ok(Value::Array(a)) => Some(a),
                 Ok(other) => {
                     problems.push(format!(
@@ -97,91 +135,124 @@ pub fn plan(rb: Runbook, given: &BTreeMap<String, String>) -> Result<Plan, Strin
                 }
             },
         };
-        let mut mine = Vec::new();
+        let start = nodes.len();
         match items {
-            None => {
-                mine.push(nodes.len());
-                nodes.push(Node {
-                    id: step.id.clone(),
-                    step: si,
-                    each: None,
-                    deps: Vec::new(),
-                    dependents: Vec::new(),
-                });
-            }
+            None => nodes.push(Node {
+                id: step.id.clone(),
+                step: si,
+                each: None,
+            }),
             Some(items) => {
+                if start + items.len() > limits.max_steps {
+                    return Err(too_many(start + items.len()));
+                }
                 for (i, v) in items.into_iter().enumerate() {
-                    mine.push(nodes.len());
                     nodes.push(Node {
                         id: format!("{}[{i}]", step.id),
                         step: si,
                         each: Some((i, v)),
-                        deps: Vec::new(),
-                        dependents: Vec::new(),
                     });
                 }
             }
         }
-        of_step.push(mine);
+        if nodes.len() > limits.max_steps {
+            return Err(too_many(nodes.len()));
+        }
+        step_nodes.push(start..nodes.len());
     }
     if !problems.is_empty() {
         return Err(problems.join("\n"));
     }
-    let mut graph = DiGraph::<usize, ()>::with_capacity(nodes.len(), nodes.len());
-    let idx: Vec<NodeIndex> = (0..nodes.len()).map(|i| graph.add_node(i)).collect();
-    for n in 0..nodes.len() {
-        let step = &rb.steps[nodes[n].step];
-        let deps: Vec<usize> = step
-            .needs
-            .iter()
-            .flat_map(|&s| of_step[s].iter().copied())
-            .collect();
-        for &d in &deps {
-            graph.add_edge(idx[d], idx[n], ());
-            nodes[d].dependents.push(n);
-        }
-        nodes[n].deps = deps;
-    }
-    if petgraph::algo::is_cyclic_directed(&graph) {
-        return Err("the steps form a cycle".into());
-    }
-    // Kahn's algorithm, taking the earliest node in file order first, so runs
-    // start steps in the order the runbook lists them.
-    let mut indegree: Vec<usize> = nodes.iter().map(|n| n.deps.len()).collect();
-    let mut ready: std::collections::BinaryHeap<std::cmp::Reverse<usize>> = (0..nodes.len())
-        .filter(|&n| indegree[n] == 0)
-        .map(std::cmp::Reverse)
+    // A step needs the nodes of the steps it needs; a step with no nodes (a
+    // for_each over nothing) holds nothing back.
+    let needs: Vec<Vec<usize>> = rb
+        .steps
+        .iter()
+        .map(|s| {
+            s.needs
+                .iter()
+                .copied()
+                .filter(|&d| d < step_nodes.len() && !step_nodes[d].is_empty())
+                .collect()
+        })
         .collect();
+    let dependencies: u128 = needs
+        .iter()
+        .enumerate()
+        .map(|(s, ns)| {
+            step_nodes[s].len() as u128
+                * ns.iter()
+                    .map(|&d| step_nodes[d].len() as u128)
+                    .sum::<u128>()
+        })
+        .sum();
+    if dependencies > limits.max_dependencies as u128 {
+        return Err(format!(
+            "the plan has {dependencies} dependencies between expanded steps, more than the \
+             limit of {}; a for_each step that needs another for_each step depends on each \
+             of its items",
+            limits.max_dependencies
+        ));
+    }
+    let mut step_dependents: Vec<Vec<usize>> = vec![Vec::new(); rb.steps.len()];
+    for (s, ns) in needs.iter().enumerate() {
+        if step_nodes[s].is_empty() {
+            continue;
+        }
+        for &d in ns {
+            step_dependents[d].push(s);
+        }
+    }
+    // Kahn's algorithm over steps, taking the earliest step in file order
+    // first, so runs start steps in the order the runbook lists them. Every
+    // node of a step becomes ready at once, so this is the node order.
+    let live: Vec<usize> = (0..rb.steps.len())
+        .filter(|&s| !step_nodes[s].is_empty())
+        .collect();
+    let mut indegree: Vec<usize> = needs.iter().map(Vec::len).collect();
+    let mut ready: BinaryHeap<Reverse<usize>> = live
+        .iter()
+        .copied()
+        .filter(|&s| indegree[s] == 0)
+        .map(Reverse)
+        .collect();
+    let mut depth = vec![0usize; rb.steps.len()];
     let mut order = Vec::with_capacity(nodes.len());
-    while let Some(std::cmp::Reverse(n)) = ready.pop() {
-        order.push(n);
-        for &d in &nodes[n].dependents {
+    let mut done = 0;
+    while let Some(Reverse(s)) = ready.pop() {
+        done += 1;
+        depth[s] = needs[s].iter().map(|&d| depth[d] + 1).max().unwrap_or(0);
+        order.extend(step_nodes[s].clone());
+        for &d in &step_dependents[s] {
             indegree[d] -= 1;
             if indegree[d] == 0 {
-                ready.push(std::cmp::Reverse(d));
+                ready.push(Reverse(d));
             }
         }
     }
-    let mut depth = vec![0usize; nodes.len()];
-    for &n in &order {
-        depth[n] = nodes[n]
-            .deps
-            .iter()
-            .map(|&d| depth[d] + 1)
-            .max()
-            .unwrap_or(0);
+    if done < live.len() {
+        return Err("the steps form a cycle".into());
     }
-    let mut waves: Vec<Vec<usize>> = vec![Vec::new(); depth.iter().max().map_or(0, |d| d + 1)];
-    for (n, &d) in depth.iter().enumerate() {
-        waves[d].push(n);
+    let mut waves: Vec<Vec<usize>> =
+        vec![Vec::new(); live.iter().map(|&s| depth[s] + 1).max().unwrap_or(0)];
+    for &s in &live {
+        waves[depth[s]].extend(step_nodes[s].clone());
     }
+    let step_index = rb
+        .steps
+        .iter()
+        .enumerate()
+        .map(|(i, s)| (s.id.clone(), i))
+        .collect();
     Ok(Plan {
         runbook: rb,
         params,
         nodes,
+        step_nodes,
         waves,
         order,
-        graph,
+        step_dependents,
+        step_index,
     })
 }
 
@@ -201,6 +272,38 @@ impl Scope for ParamScope<'_> {
 impl Plan {
     pub fn node(&self, id: &str) -> Option<usize> {
         self.nodes.iter().position(|n| n.id == id)
+    }
+
+    /// The runbook step with this id.
+    pub fn step_named(&self, id: &str) -> Option<usize> {
+        self.step_index.get(id).copied()
+    }
+
+    /// The steps whose nodes `node` needs (each needs all of their nodes).
+    pub fn step_deps(&self, node: usize) -> impl Iterator<Item = usize> + '_ {
+        self.runbook.steps[self.nodes[node].step]
+            .needs
+            .iter()
+            .copied()
+            .filter(|&s| !self.step_nodes[s].is_empty())
+    }
+
+    /// The nodes `node` needs: every item of every step its step needs.
+    pub fn deps(&self, node: usize) -> impl Iterator<Item = usize> + '_ {
+        self.step_deps(node)
+            .flat_map(|s| self.step_nodes[s].clone())
+    }
+
+    /// The steps that need the step of `node`.
+    pub fn step_dependents(&self, node: usize) -> &[usize] {
+        &self.step_dependents[self.nodes[node].step]
+    }
+
+    /// The nodes that need `node`.
+    pub fn dependents(&self, node: usize) -> impl Iterator<Item = usize> + '_ {
+        self.step_dependents(node)
+            .iter()
+            .flat_map(|&s| self.step_nodes[s].clone())
     }
 
     pub fn step_of(&self, node: usize) -> &crate::runbook::Step {

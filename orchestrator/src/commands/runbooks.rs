@@ -242,11 +242,7 @@ pub fn plan(ctx: &Context, a: &PlanArgs) -> Result<ExitCode> {
         if p.is_none() {
             unknown_steps.push(plan.nodes[n].id.clone());
         }
-        let start = plan.nodes[n]
-            .deps
-            .iter()
-            .map(|&d| finish[d])
-            .fold(0.0, f64::max);
+        let start = plan.deps(n).map(|d| finish[d]).fold(0.0, f64::max);
         finish[n] = start + p.unwrap_or(0.0);
     }
     let engine = ferry_engine::Engine::new(
@@ -276,7 +272,7 @@ pub fn plan(ctx: &Context, a: &PlanArgs) -> Result<ExitCode> {
                     PlanStep {
                         id: plan.nodes[n].id.clone(),
                         uses: step.uses.clone(),
-                        needs: plan.nodes[n].deps.iter().map(|&d| plan.nodes[d].id.clone()).collect(),
+                        needs: plan.deps(n).map(|d| plan.nodes[d].id.clone()).collect(),
                         predicted_secs: predict(&plan.nodes[n].id),
                         point,
                         condition: step.cond.clone(),

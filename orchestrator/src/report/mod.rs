@@ -218,10 +218,8 @@ pub fn build(run: &RunRow, log: &[Stored], engine: &Engine) -> Report {
     if rto_ms.is_some() {
         let mut cur = last;
         while let Some(i) = cur {
-            let prev = plan.nodes[i]
-                .deps
-                .iter()
-                .copied()
+            let prev = plan
+                .deps(i)
                 .filter(|&d| end[d].is_some())
                 .max_by_key(|&d| end[d]);
             let from = prev.and_then(|d| end[d]).unwrap_or(t0);
