@@ -546,7 +546,7 @@ fn backup(g: &Global, a: &BackupArgs) -> Result<ExitCode> {
     let bar = Bar::start(progress.clone(), "backup", !g.quiet && !g.json);
     let refs: Vec<&dyn BlockSource> = sources.iter().map(|s| s.as_ref()).collect();
     let s = ferry_agent::backup::backup_sources(&repo, &opts, &refs, &progress).map_err(|e| {
-        let storage = matches!(e, ferry_agent::Error::Store { .. });
+        let storage = matches!(e, ferry_agent::Error::Store { .. } | ferry_agent::Error::Unreachable { .. });
         let full = ferry_agent::store::is_storage_full(&e);
         let e = anyhow::Error::from(e);
         if full {
