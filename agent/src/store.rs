@@ -150,7 +150,8 @@ pub trait Versioned: Send + Sync + std::fmt::Debug {
         name: &'a str,
         retention: Retention,
     ) -> BoxFuture<'a, Result<(), object_store::Error>>;
-    /// Every version and delete marker under a prefix.
+    /// Every version and delete marker under a prefix, sorted by name and, per
+    /// name, newest first (the current one first).
     fn versions<'a>(
         &'a self,
         prefix: &'a str,

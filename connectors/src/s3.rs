@@ -434,6 +434,15 @@ impl Versioned for SdkVersioned {
                     break;
                 }
             }
+            // S3 lists a key's versions and its delete markers apart, each newest
+            // first; merge them newest first per name, the current one on top
+            // (a stable sort keeps S3's order within a second).
+            out.sort_by(|a, b| {
+                a.name
+                    .cmp(&b.name)
+                    .then(b.latest.cmp(&a.latest))
+                    .then(b.modified.cmp(&a.modified))
+            });
             Ok(out)
         }
         .boxed()
