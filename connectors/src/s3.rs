@@ -516,9 +516,13 @@ impl Versioned for SdkVersioned {
                 .body
                 .collect()
                 .await
+                // The body was cut off: worth another try, like any lost answer.
                 .map_err(|e| object_store::Error::Generic {
                     store: "S3",
-                    source: Box::new(e),
+                    source: Box::new(NoAnswer {
+                        store: "S3",
+                        source: Box::new(e),
+                    }),
                 })?;
             Ok(body.into_bytes())
         }
