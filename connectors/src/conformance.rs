@@ -211,6 +211,28 @@ mod tests {
         export(&e, &d).unwrap();
     }
 
+    /// The NBD client and server together: a point served by `server::serve`
+    /// and read back by `NbdSource` is a conforming `BlockSource`.
+    #[test]
+    fn an_nbd_source_on_a_served_point_conforms() {
+        use crate::nbd::server::{Listener, serve};
+        use crate::nbd::{NbdSource, NbdUrl};
+        use std::sync::Arc;
+        use std::sync::atomic::AtomicBool;
+
+        let d = disk();
+        let dir = tempfile::tempdir().unwrap();
+        let sock = dir.path().join("nbd.sock");
+        let listener = Listener::Unix(std::os::unix::net::UnixListener::bind(&sock).unwrap());
+        let export = Arc::new(PointExport::read_only(reader(&d)));
+        let stop = Arc::new(AtomicBool::new(false));
+        // The server thread ends with the test process.
+        std::thread::spawn(move || serve(listener, export, "vda".into(), stop));
+        let url = NbdUrl::parse(&format!("nbd+unix:///vda?socket={}", sock.display())).unwrap();
+        let source = NbdSource::open(&url).unwrap();
+        ferry_agent::conformance::block_source(&source, &d).unwrap();
+    }
+
     /// An export that calls everything a hole.
     struct AllHoles(PointExport);
 
