@@ -106,12 +106,27 @@ pub enum Error {
     )]
     UnsafeTarget { path: PathBuf, detail: String },
 
+    /// The store did not answer, or kept failing, through every try: the network,
+    /// the endpoint or the service is down (not a refusal: those are `Store`).
+    #[error(
+        "cannot reach the object store at {location} for {object} after {attempts} tries: {source}; check the endpoint, the network and that the service is up, then run this again"
+    )]
+    Unreachable {
+        location: String,
+        object: String,
+        attempts: u32,
+        // Boxed: it keeps `Error` (and every `Result`) small.
+        #[source]
+        source: Box<object_store::Error>,
+    },
+
     /// The store refused to delete an object version that is under Object Lock.
-    #[error("{object} is under Object Lock{}; it stays until then ({detail})", until.map(|u| format!(" until {}", u.format("%Y-%m-%d %H:%M UTC"))).unwrap_or_default())]
+    #[error("{object} is under Object Lock{}; it stays until then ({source})", until.map(|u| format!(" until {}", u.format("%Y-%m-%d %H:%M UTC"))).unwrap_or_default())]
     Locked {
         object: String,
         until: Option<chrono::DateTime<chrono::Utc>>,
-        detail: String,
+        #[source]
+        source: object_store::Error,
     },
 
     /// The caller cancelled the operation (a timeout, a cancelled run).
@@ -123,7 +138,48 @@ pub enum Error {
     PointNotFound(String),
 }
 
+/// Whether trying the same thing again may succeed: the one retry decision of
+/// the data plane. The store's retry loop and the callers above it (the
+/// orchestrator's error classes) ask this, never the message text.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Retry {
+    /// The store or the network failed for a while (a 5xx or 429 answer, no
+    /// answer, a reset, a timeout, a body cut short): the same request may succeed
+    /// after a pause.
+    Transient,
+    /// The same request gets the same answer (not found, access denied, a full
+    /// disk, damaged data, bad input): fix the cause first.
+    Never,
+}
+
 impl Error {
+    /// Whether retrying may help. Exhaustive on purpose, with no catch-all arm: a
+    /// new variant does not compile until someone decides.
+    pub fn retry(&self) -> Retry {
+        match self {
+            Error::Store { source, .. } => crate::store::retry_of(source),
+            Error::Unreachable { source, .. } => crate::store::retry_of(source),
+            // Another process may finish what it is doing (a lock, a racing prune)
+            // but not without the user: these are answers, not hiccups.
+            Error::NoRepository { .. }
+            | Error::AlreadyExists { .. }
+            | Error::WrongPassword { .. }
+            | Error::UnsupportedVersion { .. }
+            | Error::Corrupt { .. }
+            | Error::Missing { .. }
+            | Error::DamagedChunk { .. }
+            | Error::InvalidInput(_)
+            | Error::Source { .. }
+            | Error::SourceChanged { .. }
+            | Error::Target { .. }
+            | Error::Locked { .. }
+            | Error::Cancelled { .. }
+            | Error::DamagedConfig { .. }
+            | Error::UnsafeTarget { .. }
+            | Error::PointNotFound(_) => Retry::Never,
+        }
+    }
+
     /// True when the error is the user's input (exit code 2), false for a failed operation (exit code 1).
     pub fn is_usage(&self) -> bool {
         matches!(

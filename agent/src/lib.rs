@@ -7,6 +7,8 @@
 pub mod backup;
 pub mod check;
 pub mod chunker;
+#[cfg(any(test, feature = "conformance"))]
+pub mod conformance;
 pub mod crypto;
 pub mod error;
 pub mod format;
@@ -28,6 +30,6 @@ mod testing;
 pub mod tier;
 pub mod undelete;
 
-pub use error::{Error, Result};
+pub use error::{Error, Result, Retry};
 pub use repo::Repository;
 pub use store::Store;

@@ -31,7 +31,7 @@ use object_store::{
 };
 use serde::{Deserialize, Serialize};
 
-use crate::error::{Error, Result};
+use crate::error::{Error, Result, Retry};
 
 /// Objects at least this large are uploaded in parts. Packs (about 16 MiB) stay
 /// below it: one PUT is one request and is atomic on every store.
@@ -153,7 +153,8 @@ pub trait Versioned: Send + Sync + std::fmt::Debug {
         name: &'a str,
         retention: Retention,
     ) -> BoxFuture<'a, Result<(), object_store::Error>>;
-    /// Every version and delete marker under a prefix.
+    /// Every version and delete marker under a prefix, sorted by name and, per
+    /// name, newest first (the current one first).
     fn versions<'a>(
         &'a self,
         prefix: &'a str,
@@ -252,13 +253,106 @@ pub fn is_storage_full(e: &(dyn std::error::Error + 'static)) -> bool {
     false
 }
 
-/// Whether trying the same request again may succeed.
-fn transient(e: &object_store::Error) -> bool {
+/// A store's answer with an HTTP status that object_store passes on as its
+/// catch-all `Generic` error (throttling, server errors). Connectors put it in
+/// the error's cause chain so that [`retry_of`] decides by the status, not the text.
+#[derive(Debug, thiserror::Error)]
+#[error("{store} answered HTTP {status}{}", if code.is_empty() { String::new() } else { format!(" {code}") })]
+pub struct ServerAnswer {
+    /// Which service answered (`S3`, `Azure`, `GCS`, `faults`).
+    pub store: &'static str,
+    pub status: u16,
+    /// The service's error code when it gave one (`SlowDown`, `InternalError`).
+    pub code: String,
+}
+
+/// A request that got no complete answer: the connection failed, was reset or
+/// timed out, or the body was cut off. Connectors wrap transport errors in it.
+#[derive(Debug, thiserror::Error)]
+#[error("no complete answer from {store}")]
+pub struct NoAnswer {
+    pub store: &'static str,
+    #[source]
+    pub source: Box<dyn std::error::Error + Send + Sync + 'static>,
+}
+
+/// A response body shorter than its headers announced.
+#[derive(Debug, thiserror::Error)]
+#[error("{object}: short response body: expected {want} bytes, got {got}")]
+pub struct ShortBody {
+    pub object: String,
+    pub want: u64,
+    pub got: u64,
+}
+
+/// A request that took longer than [`RetryPolicy::timeout`].
+#[derive(Debug, thiserror::Error)]
+#[error("{object}: no answer within {after:?} (timeout)")]
+pub struct TimedOut {
+    pub object: String,
+    pub after: Duration,
+}
+
+/// Whether a store error is worth another try: by the error's variant, and for
+/// object_store's catch-all `Generic` by the typed causes in its chain
+/// ([`ServerAnswer`], [`NoAnswer`], [`ShortBody`], [`TimedOut`], an I/O error's
+/// kind), never by message text and never by `Generic` alone: a `Generic` error
+/// with none of those causes is not retried.
+pub fn retry_of(e: &object_store::Error) -> Retry {
     use object_store::Error as E;
     match e {
-        E::Generic { .. } | E::JoinError { .. } => !is_storage_full(e),
-        _ => false,
+        E::Generic { source, .. } => retry_of_cause(source.as_ref()),
+        // A task of the store's own runtime died or was cancelled.
+        E::JoinError { .. } => Retry::Transient,
+        E::NotFound { .. }
+        | E::InvalidPath { .. }
+        | E::NotSupported { .. }
+        | E::AlreadyExists { .. }
+        | E::Precondition { .. }
+        | E::NotModified { .. }
+        | E::NotImplemented { .. }
+        | E::PermissionDenied { .. }
+        | E::Unauthenticated { .. }
+        | E::UnknownConfigurationKey { .. } => Retry::Never,
+        // object_store's error is `#[non_exhaustive]`: a variant added upstream is
+        // not retried until it is judged here.
+        _ => Retry::Never,
     }
+}
+
+/// The first typed cause in the chain that says something decides.
+fn retry_of_cause(e: &(dyn std::error::Error + 'static)) -> Retry {
+    let mut cur = Some(e);
+    while let Some(err) = cur {
+        if let Some(a) = err.downcast_ref::<ServerAnswer>() {
+            return match a.status {
+                // Request timeout, throttling, and server errors but "not
+                // implemented" (501) and "version not supported" (505).
+                408 | 429 | 500 | 502..=504 | 506..=599 => Retry::Transient,
+                _ => Retry::Never,
+            };
+        }
+        if err.is::<NoAnswer>() || err.is::<ShortBody>() || err.is::<TimedOut>() {
+            return Retry::Transient;
+        }
+        if let Some(io) = err.downcast_ref::<std::io::Error>() {
+            use std::io::ErrorKind as K;
+            return match io.kind() {
+                K::ConnectionReset
+                | K::ConnectionAborted
+                | K::ConnectionRefused
+                | K::NotConnected
+                | K::BrokenPipe
+                | K::TimedOut
+                | K::Interrupted
+                | K::WouldBlock
+                | K::UnexpectedEof => Retry::Transient,
+                _ => Retry::Never,
+            };
+        }
+        cur = err.source();
+    }
+    Retry::Never
 }
 
 /// Whether a read failed because the object sits in an archive class.
@@ -276,7 +370,11 @@ fn cold(name: &str, e: &object_store::Error) -> Error {
 fn short_body(name: &str, want: u64, got: usize) -> object_store::Error {
     object_store::Error::Generic {
         store: "ferry",
-        source: format!("{name}: short response body: expected {want} bytes, got {got}").into(),
+        source: Box::new(ShortBody {
+            object: name.to_string(),
+            want,
+            got: got as u64,
+        }),
     }
 }
 
@@ -367,6 +465,20 @@ impl Store {
         }
     }
 
+    /// The error of a request that failed for good: one that was still
+    /// transient after every try means the store cannot be reached.
+    fn failed(&self, object: &str, e: object_store::Error) -> Error {
+        match retry_of(&e) {
+            Retry::Transient => Error::Unreachable {
+                location: self.location.clone(),
+                object: object.to_string(),
+                attempts: self.retry.attempts,
+                source: Box::new(e),
+            },
+            Retry::Never => Error::store(object, e),
+        }
+    }
+
     /// Run `op` with the retry policy. `op` is called once per try.
     fn retrying<T, F, Fut>(&self, what: &str, mut op: F) -> Result<T, object_store::Error>
     where
@@ -382,15 +494,14 @@ impl Store {
                 .unwrap_or_else(|_| {
                     Err(object_store::Error::Generic {
                         store: "ferry",
-                        source: format!(
-                            "{what}: no answer within {:?} (timeout)",
-                            self.retry.timeout
-                        )
-                        .into(),
+                        source: Box::new(TimedOut {
+                            object: what.to_string(),
+                            after: self.retry.timeout,
+                        }),
                     })
                 });
             match result {
-                Err(e) if attempt < self.retry.attempts && transient(&e) => {
+                Err(e) if attempt < self.retry.attempts && retry_of(&e) == Retry::Transient => {
                     self.counters.retries.fetch_add(1, Ordering::Relaxed);
                     let cap = self
                         .retry
@@ -582,7 +693,7 @@ impl Store {
                 }
                 Ok(bytes)
             })
-            .map_err(|e| Error::store(name, e))?;
+            .map_err(|e| self.failed(name, e))?;
         self.counters
             .bytes_down
             .fetch_add(bytes.len() as u64, Ordering::Relaxed);
@@ -758,7 +869,7 @@ impl Store {
                 });
             }
             Err(e) if is_cold(&e) => return Err(cold(name, &e)),
-            Err(e) if !transient(&e) => {
+            Err(e) if retry_of(&e) == Retry::Never => {
                 // Stores answer a range past the end with an error of their own.
                 return Err(match self.size(name) {
                     Ok(Some(size)) if size < range.end => Error::corrupt(
@@ -771,7 +882,7 @@ impl Store {
                     _ => Error::store(name, e),
                 });
             }
-            Err(e) => return Err(Error::store(name, e)),
+            Err(e) => return Err(self.failed(name, e)),
         };
         self.counters
             .bytes_down
@@ -816,7 +927,7 @@ impl Store {
                 .retrying(name, || {
                     v.put_retained(name, data.clone(), retention, class)
                 })
-                .map_err(|e| Error::store(name, e));
+                .map_err(|e| self.failed(name, e));
         }
         let mut attributes = Attributes::new();
         if let Some(class) = class {
@@ -839,7 +950,7 @@ impl Store {
             }
             Ok(())
         })
-        .map_err(|e| Error::store(name, e))
+        .map_err(|e| self.failed(name, e))
     }
 
     /// Whether an object exists.
@@ -854,7 +965,7 @@ impl Store {
         match self.retrying(name, || self.inner.head(&path)) {
             Ok(meta) => Ok(Some(meta.size)),
             Err(object_store::Error::NotFound { .. }) => Ok(None),
-            Err(e) => Err(Error::store(name, e)),
+            Err(e) => Err(self.failed(name, e)),
         }
     }
 
@@ -866,7 +977,7 @@ impl Store {
             .retrying(prefix, || {
                 self.inner.list(Some(&path)).try_collect::<Vec<_>>()
             })
-            .map_err(|e| Error::store(prefix, e))?;
+            .map_err(|e| self.failed(prefix, e))?;
         let mut out: Vec<_> = metas
             .into_iter()
             .map(|m| (m.location.to_string(), m.size))
@@ -927,7 +1038,7 @@ impl Store {
                     return Err(Error::Locked {
                         object: name.to_string(),
                         until,
-                        detail: e.to_string(),
+                        source: e,
                     });
                 }
             }
@@ -941,7 +1052,7 @@ impl Store {
         let path = Path::from(name);
         match self.retrying(name, || self.inner.delete(&path)) {
             Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
-            Err(e) => Err(Error::store(name, e)),
+            Err(e) => Err(self.failed(name, e)),
         }
     }
 
@@ -959,7 +1070,7 @@ impl Store {
         let v = self.need_versioned("listing object versions")?;
         self.counters.lists.fetch_add(1, Ordering::Relaxed);
         self.retrying(prefix, || v.versions(prefix))
-            .map_err(|e| Error::store(prefix, e))
+            .map_err(|e| self.failed(prefix, e))
     }
 
     /// Read one version of an object (versioned stores only).
@@ -968,7 +1079,7 @@ impl Store {
         self.counters.gets.fetch_add(1, Ordering::Relaxed);
         let bytes = self
             .retrying(name, || v.get_version(name, version))
-            .map_err(|e| Error::store(name, e))?;
+            .map_err(|e| self.failed(name, e))?;
         self.counters
             .bytes_down
             .fetch_add(bytes.len() as u64, Ordering::Relaxed);
@@ -1006,7 +1117,7 @@ impl Store {
         };
         self.counters.gets.fetch_add(1, Ordering::Relaxed);
         self.retrying(name, || v.retention(name))
-            .map_err(|e| Error::store(name, e))
+            .map_err(|e| self.failed(name, e))
     }
 
     /// Move an object to another storage class (versioned stores only).
@@ -1018,7 +1129,7 @@ impl Store {
         });
         self.counters.puts.fetch_add(1, Ordering::Relaxed);
         self.retrying(name, || v.set_storage_class(name, class, retention))
-            .map_err(|e| Error::store(name, e))
+            .map_err(|e| self.failed(name, e))
     }
 
     /// Move an object's retention date later.
@@ -1026,7 +1137,7 @@ impl Store {
         let v = self.need_versioned("extending retention")?;
         self.counters.puts.fetch_add(1, Ordering::Relaxed);
         self.retrying(name, || v.extend(name, retention))
-            .map_err(|e| Error::store(name, e))
+            .map_err(|e| self.failed(name, e))
     }
 }
 
@@ -1055,6 +1166,124 @@ fn jitter() -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn generic(source: impl std::error::Error + Send + Sync + 'static) -> object_store::Error {
+        object_store::Error::Generic {
+            store: "test",
+            source: Box::new(source),
+        }
+    }
+
+    fn answer(status: u16) -> object_store::Error {
+        generic(ServerAnswer {
+            store: "test",
+            status,
+            code: String::new(),
+        })
+    }
+
+    fn not_found() -> object_store::Error {
+        object_store::Error::NotFound {
+            path: "x".into(),
+            source: "gone".into(),
+        }
+    }
+
+    fn denied() -> object_store::Error {
+        object_store::Error::PermissionDenied {
+            path: "x".into(),
+            source: "AccessDenied".into(),
+        }
+    }
+
+    fn unauthenticated() -> object_store::Error {
+        object_store::Error::Unauthenticated {
+            path: "x".into(),
+            source: "InvalidAccessKeyId".into(),
+        }
+    }
+
+    /// A `Generic` error whose only trace of a 503 is its text.
+    fn text_only() -> object_store::Error {
+        object_store::Error::Generic {
+            store: "test",
+            source: "503 SlowDown: please reduce your request rate".into(),
+        }
+    }
+
+    fn reset() -> object_store::Error {
+        generic(std::io::Error::new(
+            std::io::ErrorKind::ConnectionReset,
+            "reset",
+        ))
+    }
+
+    fn disk_full() -> object_store::Error {
+        generic(std::io::Error::new(std::io::ErrorKind::StorageFull, "full"))
+    }
+
+    #[test]
+    fn retry_is_decided_by_type_not_text() {
+        let store_err = |e| Error::Store {
+            object: "packs/ab".into(),
+            source: e,
+        };
+        for e in [answer(503), answer(500), answer(429), answer(408), reset()] {
+            assert_eq!(store_err(e).retry(), Retry::Transient);
+        }
+        for e in [answer(400), answer(501), text_only(), disk_full()] {
+            assert_eq!(store_err(e).retry(), Retry::Never);
+        }
+        // NotFound and refused credentials are answers, not hiccups.
+        assert_eq!(Error::store("x", not_found()).retry(), Retry::Never);
+        assert_eq!(Error::store("x", denied()).retry(), Retry::Never);
+        assert_eq!(Error::store("x", unauthenticated()).retry(), Retry::Never);
+        assert_eq!(Error::corrupt("x", "bad").retry(), Retry::Never);
+        // Ferry's own causes.
+        let short = generic(ShortBody {
+            object: "x".into(),
+            want: 10,
+            got: 3,
+        });
+        assert_eq!(retry_of(&short), Retry::Transient);
+    }
+
+    /// How many times the store's retry loop sends a request failing with `e`.
+    fn tries(e: fn() -> object_store::Error) -> (u64, Error) {
+        let store = Store::memory().with_retry(RetryPolicy {
+            attempts: 4,
+            base: Duration::from_millis(1),
+            max: Duration::from_millis(2),
+            timeout: Duration::from_secs(5),
+        });
+        let n = AtomicU64::new(0);
+        let r = store.retrying("packs/ab", || {
+            n.fetch_add(1, Ordering::Relaxed);
+            async move { Err::<(), _>(e()) }
+        });
+        let err = store.failed("packs/ab", r.unwrap_err());
+        (n.load(Ordering::Relaxed), err)
+    }
+
+    #[test]
+    fn transient_failures_are_retried_and_permanent_ones_are_not() {
+        let (n, err) = tries(|| answer(503));
+        assert_eq!(n, 4);
+        // Still failing after every try: the store cannot be reached, said so.
+        assert!(
+            matches!(err, Error::Unreachable { attempts: 4, .. }),
+            "{err}"
+        );
+        let msg = err.to_string();
+        assert!(msg.contains("memory:") && msg.contains("packs/ab"), "{msg}");
+        assert!(msg.contains("check the endpoint"), "{msg}");
+        assert_eq!(tries(reset).0, 4);
+        assert_eq!(tries(not_found).0, 1);
+        assert_eq!(tries(denied).0, 1);
+        assert_eq!(tries(unauthenticated).0, 1);
+        assert_eq!(tries(text_only).0, 1);
+        assert!(matches!(tries(denied).1, Error::Store { .. }));
+    }
 
     #[test]
     fn large_objects_go_up_in_parts_and_read_back_whole() {

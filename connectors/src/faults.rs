@@ -170,13 +170,35 @@ fn unit(r: u64) -> f64 {
     (r >> 11) as f64 / (1u64 << 53) as f64
 }
 
-fn injected(what: &str) -> object_store::Error {
+/// What an injected fault looks like to the store: the typed causes real
+/// clients give (see `crate::http`), so retries are decided as in production.
+#[derive(Debug, Clone, Copy)]
+enum InjectedFault {
+    /// The connection was reset (an I/O error).
+    Reset,
+    /// HTTP 500 InternalError.
+    ServerError,
+    /// HTTP 503 SlowDown.
+    SlowDown,
+}
+
+fn injected(what: InjectedFault) -> object_store::Error {
+    use ferry_agent::store::ServerAnswer;
     let source: Box<dyn std::error::Error + Send + Sync> = match what {
-        "reset" => Box::new(std::io::Error::new(
+        InjectedFault::Reset => Box::new(std::io::Error::new(
             std::io::ErrorKind::ConnectionReset,
             "connection reset by peer (injected)",
         )),
-        other => other.to_string().into(),
+        InjectedFault::ServerError => Box::new(ServerAnswer {
+            store: "faults",
+            status: 500,
+            code: "InternalError".into(),
+        }),
+        InjectedFault::SlowDown => Box::new(ServerAnswer {
+            store: "faults",
+            status: 503,
+            code: "SlowDown".into(),
+        }),
     };
     object_store::Error::Generic {
         store: "faults",
@@ -201,7 +223,7 @@ impl Faulty {
         }
         if self.spec.outage_after.is_some_and(|after| n >= after) {
             self.injected.faults.fetch_add(1, Ordering::Relaxed);
-            return Err(injected("reset"));
+            return Err(injected(InjectedFault::Reset));
         }
         let r = splitmix(self.spec.seed ^ splitmix(n));
         if self.spec.kinds.is_empty() || unit(r) >= self.spec.rate {
@@ -210,13 +232,9 @@ impl Faulty {
         self.injected.faults.fetch_add(1, Ordering::Relaxed);
         let kind = self.spec.kinds[(r % self.spec.kinds.len() as u64) as usize];
         match kind {
-            Fault::Error => Err(injected(
-                "500 InternalError: we encountered an internal error (injected)",
-            )),
-            Fault::SlowDown => Err(injected(
-                "503 SlowDown: please reduce your request rate (injected)",
-            )),
-            Fault::Reset => Err(injected("reset")),
+            Fault::Error => Err(injected(InjectedFault::ServerError)),
+            Fault::SlowDown => Err(injected(InjectedFault::SlowDown)),
+            Fault::Reset => Err(injected(InjectedFault::Reset)),
             Fault::Hang => {
                 tokio::time::sleep(self.spec.hang).await;
                 Ok(None)
@@ -240,7 +258,7 @@ impl ObjectStore for Faulty {
         let fault = self.roll().await?;
         let r = self.inner.put_opts(location, payload, opts).await?;
         if fault == Some(Fault::Lost) {
-            return Err(injected("reset"));
+            return Err(injected(InjectedFault::Reset));
         }
         Ok(r)
     }
@@ -319,8 +337,7 @@ impl ObjectStore for Faulty {
         let r = splitmix(self.spec.seed ^ splitmix(n));
         if outage || unit(r) < self.spec.rate {
             self.injected.faults.fetch_add(1, Ordering::Relaxed);
-            return futures::stream::once(async { Err(injected("503 SlowDown (injected)")) })
-                .boxed();
+            return futures::stream::once(async { Err(injected(InjectedFault::SlowDown)) }).boxed();
         }
         self.inner.list(prefix)
     }

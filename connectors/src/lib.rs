@@ -1,7 +1,10 @@
 //! Connectors: how Ferry reaches the outside world. For now, object stores by URL
 //! (local directories, S3 and compatibles, GCS, Azure Blob) and a fault injector.
 
+#[cfg(any(test, feature = "conformance"))]
+pub mod conformance;
 pub mod faults;
+pub mod http;
 pub mod nbd;
 pub mod private;
 pub mod qemu;

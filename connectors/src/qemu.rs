@@ -36,11 +36,82 @@ use crate::nbd::{Addr, NbdSource, NbdUrl};
 pub const BITMAP_PREFIX: &str = "ferry-";
 const QMP_TIMEOUT: Duration = Duration::from_secs(60);
 
-fn qmp_err(sock: &Path, what: impl std::fmt::Display) -> Error {
-    Error::Source {
-        path: sock.to_path_buf(),
-        source: std::io::Error::other(format!("QMP: {what}")),
+/// What went wrong talking to QEMU over QMP. Reported to the data plane as the
+/// source disk failing ([`Error::Source`] naming the socket), with this as its
+/// cause.
+#[derive(Debug, thiserror::Error)]
+pub enum QmpError {
+    #[error(
+        "cannot connect to QMP at {}: {source}; is the VM running with -qmp unix:{},server=on,wait=off?",
+        sock.display(),
+        sock.display()
+    )]
+    Connect {
+        sock: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("QMP at {}: {doing}: {source}", sock.display())]
+    Io {
+        sock: PathBuf,
+        doing: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("QMP at {}: bad JSON from the VM: {source}", sock.display())]
+    Json {
+        sock: PathBuf,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error("QMP at {}: {command} failed: {desc}", sock.display())]
+    Command {
+        sock: PathBuf,
+        command: String,
+        desc: String,
+    },
+    /// The VM answered something Ferry cannot use (no greeting, no such node,
+    /// no event in time).
+    #[error("QMP at {}: {detail}", sock.display())]
+    Unexpected { sock: PathBuf, detail: String },
+}
+
+impl QmpError {
+    fn sock(&self) -> &Path {
+        match self {
+            QmpError::Connect { sock, .. }
+            | QmpError::Io { sock, .. }
+            | QmpError::Json { sock, .. }
+            | QmpError::Command { sock, .. }
+            | QmpError::Unexpected { sock, .. } => sock,
+        }
     }
+}
+
+impl From<QmpError> for Error {
+    fn from(e: QmpError) -> Error {
+        Error::Source {
+            path: e.sock().to_path_buf(),
+            source: std::io::Error::other(e),
+        }
+    }
+}
+
+fn qmp_err(sock: &Path, detail: impl std::fmt::Display) -> Error {
+    QmpError::Unexpected {
+        sock: sock.to_path_buf(),
+        detail: detail.to_string(),
+    }
+    .into()
+}
+
+fn qmp_io(sock: &Path, doing: &str, source: std::io::Error) -> Error {
+    QmpError::Io {
+        sock: sock.to_path_buf(),
+        doing: doing.to_string(),
+        source,
+    }
+    .into()
 }
 
 /// A QMP connection (JSON lines over a unix socket).
@@ -54,18 +125,15 @@ pub struct Qmp {
 
 impl Qmp {
     pub fn connect(sock: &Path) -> Result<Qmp> {
-        let s = UnixStream::connect(sock).map_err(|e| {
-            qmp_err(
-                sock,
-                format!(
-                    "cannot connect ({e}); is the VM running with -qmp unix:{},server=on,wait=off?",
-                    sock.display()
-                ),
-            )
+        let s = UnixStream::connect(sock).map_err(|source| QmpError::Connect {
+            sock: sock.to_path_buf(),
+            source,
         })?;
         s.set_read_timeout(Some(QMP_TIMEOUT))
-            .map_err(|e| qmp_err(sock, e))?;
-        let wr = s.try_clone().map_err(|e| qmp_err(sock, e))?;
+            .map_err(|e| qmp_io(sock, "setting a timeout", e))?;
+        let wr = s
+            .try_clone()
+            .map_err(|e| qmp_io(sock, "cloning the socket", e))?;
         let mut q = Qmp {
             sock: sock.to_path_buf(),
             rd: BufReader::new(s),
@@ -85,14 +153,20 @@ impl Qmp {
         let n = self
             .rd
             .read_line(&mut line)
-            .map_err(|e| qmp_err(&self.sock, format!("reading: {e}")))?;
+            .map_err(|e| qmp_io(&self.sock, "reading", e))?;
         if n == 0 {
             return Err(qmp_err(
                 &self.sock,
                 "the VM closed the connection (did QEMU exit?)",
             ));
         }
-        serde_json::from_str(&line).map_err(|e| qmp_err(&self.sock, format!("bad JSON: {e}")))
+        serde_json::from_str(&line).map_err(|source| {
+            QmpError::Json {
+                sock: self.sock.clone(),
+                source,
+            }
+            .into()
+        })
     }
 
     /// Run a command; its `return` value, or its error as an error.
@@ -102,7 +176,7 @@ impl Qmp {
         line.push('\n');
         self.wr
             .write_all(line.as_bytes())
-            .map_err(|e| qmp_err(&self.sock, format!("{cmd}: {e}")))?;
+            .map_err(|e| qmp_io(&self.sock, cmd, e))?;
         loop {
             let v = self.read()?;
             if v.get("event").is_some() {
@@ -117,7 +191,12 @@ impl Qmp {
                     .get("desc")
                     .and_then(Value::as_str)
                     .unwrap_or("unknown error");
-                return Err(qmp_err(&self.sock, format!("{cmd} failed: {desc}")));
+                return Err(QmpError::Command {
+                    sock: self.sock.clone(),
+                    command: cmd.to_string(),
+                    desc: desc.to_string(),
+                }
+                .into());
             }
         }
     }
@@ -425,7 +504,7 @@ pub fn cycle(
         .arg(&fleece_file)
         .arg(size.to_string())
         .status()
-        .map_err(|e| qmp_err(&disk.qmp, format!("qemu-img create: {e}")))?;
+        .map_err(|e| qmp_io(&disk.qmp, "running qemu-img create", e))?;
     if !status.success() {
         return Err(qmp_err(
             &disk.qmp,

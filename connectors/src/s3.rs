@@ -22,7 +22,7 @@ use aws_sdk_s3::types::{
 };
 use bytes::Bytes;
 use chrono::{DateTime, Utc};
-use ferry_agent::store::{LockMode, ObjectVersion, Retention, Versioned};
+use ferry_agent::store::{LockMode, NoAnswer, ObjectVersion, Retention, ServerAnswer, Versioned};
 use ferry_agent::{Error, Result};
 use futures::FutureExt;
 use futures::future::BoxFuture;
@@ -138,7 +138,9 @@ pub fn open(location: &str) -> Result<(Arc<dyn ObjectStore>, Arc<dyn Versioned>)
         .with_region(&region)
         .with_credentials(Arc::new(SdkCredentials(credentials)))
         .with_checksum_algorithm(object_store::aws::Checksum::SHA256)
-        .with_conditional_put(S3ConditionalPut::ETagMatch);
+        .with_conditional_put(S3ConditionalPut::ETagMatch)
+        .with_retry(crate::http::no_retries())
+        .with_http_connector(crate::http::TypedConnector { store: "S3" });
     if let Some(endpoint) = &endpoint {
         builder = builder
             .with_endpoint(endpoint)
@@ -179,9 +181,9 @@ struct SdkVersioned {
     prefix: String,
 }
 
-/// Turn an SDK error into the `object_store` error of the same meaning, so the
-/// store's retry rules (retry `Generic`, never `NotFound` or `PermissionDenied`)
-/// apply to both clients alike.
+/// Turn an SDK error into the `object_store` error of the same meaning, with the
+/// status as a typed cause, so the store's one retry decision
+/// (`ferry_agent::store::retry_of`) applies to both clients alike.
 fn sdk_error<E>(key: &str, e: SdkError<E, HttpResponse>) -> object_store::Error
 where
     E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
@@ -220,17 +222,23 @@ where
             operation: format!("{key}: {source}"),
             implementer: "this S3 server".into(),
         },
-        // Throttling (429, 503 SlowDown) and server errors are worth another try.
-        Some(s) if s == 429 || s >= 500 => object_store::Error::Generic {
+        // Any other answer: its status decides in `ferry_agent::store::retry_of`
+        // (throttling and server errors are retried, other refusals are not).
+        Some(status) => object_store::Error::Generic {
             store: "S3",
-            source,
+            source: Box::new(ServerAnswer {
+                store: "S3",
+                status,
+                code,
+            }),
         },
-        // Other refusals (400 InvalidRequest, 409, ...) will not change on retry.
-        Some(_) => object_store::Error::NotSupported { source },
         // No answer at all: timeouts, resets, DNS.
         None => object_store::Error::Generic {
             store: "S3",
-            source,
+            source: Box::new(NoAnswer {
+                store: "S3",
+                source,
+            }),
         },
     }
 }
@@ -426,6 +434,15 @@ impl Versioned for SdkVersioned {
                     break;
                 }
             }
+            // S3 lists a key's versions and its delete markers apart, each newest
+            // first; merge them newest first per name, the current one on top
+            // (a stable sort keeps S3's order within a second).
+            out.sort_by(|a, b| {
+                a.name
+                    .cmp(&b.name)
+                    .then(b.latest.cmp(&a.latest))
+                    .then(b.modified.cmp(&a.modified))
+            });
             Ok(out)
         }
         .boxed()
@@ -499,9 +516,13 @@ impl Versioned for SdkVersioned {
                 .body
                 .collect()
                 .await
+                // The body was cut off: worth another try, like any lost answer.
                 .map_err(|e| object_store::Error::Generic {
                     store: "S3",
-                    source: Box::new(e),
+                    source: Box::new(NoAnswer {
+                        store: "S3",
+                        source: Box::new(e),
+                    }),
                 })?;
             Ok(body.into_bytes())
         }

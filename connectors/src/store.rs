@@ -97,6 +97,8 @@ fn open_inner(location: &str, create: bool) -> Result<Opened> {
         let (bucket, prefix) = bucket_and_prefix(location, "gs://")?;
         let gcs = object_store::gcp::GoogleCloudStorageBuilder::from_env()
             .with_bucket_name(bucket)
+            .with_retry(crate::http::no_retries())
+            .with_http_connector(crate::http::TypedConnector { store: "GCS" })
             .build()
             .map_err(cannot)?;
         return Ok((prefixed(gcs, prefix), None));
@@ -108,6 +110,8 @@ fn open_inner(location: &str, create: bool) -> Result<Opened> {
         let (container, prefix) = bucket_and_prefix(location, scheme)?;
         let az = object_store::azure::MicrosoftAzureBuilder::from_env()
             .with_container_name(container)
+            .with_retry(crate::http::no_retries())
+            .with_http_connector(crate::http::TypedConnector { store: "Azure" })
             .build()
             .map_err(cannot)?;
         return Ok((prefixed(az, prefix), None));

@@ -121,14 +121,17 @@ pub fn class_of(e: &ferry_agent::Error) -> ferry_engine::runbook::ErrorClass {
         E::Corrupt { .. } | E::DamagedChunk { .. } | E::DamagedConfig { .. } => Permanent,
         // Something not ours sits where a restore writes: a person must look.
         E::UnsafeTarget { .. } => Permanent,
-        // A store that answered badly or not at all, an object not visible
-        // yet, a lock held, a source or target that changed under us, a
-        // full target disk: another try may find it better.
-        E::Missing { .. }
-        | E::Store { .. }
-        | E::Locked { .. }
-        | E::SourceChanged { .. }
-        | E::Target { .. } => Transient,
+        // An object not visible yet, a lock held, a source or target that
+        // changed under us, a full target disk: another try may find it
+        // better.
+        // A store's answer: the data plane's own retry policy decides.
+        E::Store { .. } | E::Unreachable { .. } => match e.retry() {
+            ferry_agent::error::Retry::Transient => Transient,
+            ferry_agent::error::Retry::Never => Permanent,
+        },
+        E::Missing { .. } | E::Locked { .. } | E::SourceChanged { .. } | E::Target { .. } => {
+            Transient
+        }
         E::Cancelled { .. } => Cancelled,
     }
 }

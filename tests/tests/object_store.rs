@@ -89,7 +89,12 @@ fn unreachable_endpoint_and_missing_bucket_are_clear_errors() {
     let out = env.run(&["points"]);
     assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
     let err = stderr(&out);
-    assert!(err.contains("config"), "{err}");
+    // It names what it could not reach (the repository and the endpoint), and
+    // what to do next.
+    assert!(err.contains("s3://nowhere-bucket/x"), "{err}");
+    assert!(err.contains("127.0.0.1:9"), "{err}");
+    assert!(err.contains("check the endpoint"), "{err}");
+    assert!(err.contains("after 2 tries"), "{err}");
     assert!(!err.contains("testing"), "credentials leak: {err}");
 
     let env = Env::at("s3://no-such-bucket/x", moto.env());

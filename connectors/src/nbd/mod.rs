@@ -278,14 +278,21 @@ impl fmt::Display for NbdError {
     }
 }
 
-impl std::error::Error for NbdError {}
+impl std::error::Error for NbdError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            NbdError::Io { source, .. } => Some(source),
+            _ => None,
+        }
+    }
+}
 
 impl NbdError {
     /// As the data plane's error: a source that cannot be read.
     pub fn into_source_error(self, url: &str) -> Error {
         Error::Source {
             path: PathBuf::from(url),
-            source: io::Error::other(self.to_string()),
+            source: io::Error::other(self),
         }
     }
 }

@@ -29,19 +29,44 @@ use super::client::Stream;
 use super::proto::*;
 use super::tls::{self, TlsStream};
 
+/// Why an [`Export`] could not serve a request; the server answers `EPERM` for
+/// [`ExportError::ReadOnly`] and `EIO` otherwise, with this message.
+#[derive(Debug, thiserror::Error)]
+pub enum ExportError {
+    #[error("the export is read-only")]
+    ReadOnly,
+    /// The data behind the export failed (a recovery point's chunk, a file).
+    #[error("{doing} at offset {offset}: {source}")]
+    Backing {
+        doing: &'static str,
+        offset: u64,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync + 'static>,
+    },
+}
+
 /// What the server exports.
 pub trait Export: Send + Sync {
     fn size(&self) -> u64;
     fn writable(&self) -> bool;
-    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<(), String>;
-    fn write_at(&self, _buf: &[u8], _offset: u64) -> Result<(), String> {
-        Err("the export is read-only".into())
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<(), ExportError>;
+    fn write_at(&self, _buf: &[u8], _offset: u64) -> Result<(), ExportError> {
+        Err(ExportError::ReadOnly)
     }
-    fn flush(&self) -> Result<(), String> {
+    fn flush(&self) -> Result<(), ExportError> {
         Ok(())
     }
     /// `(length, holds data)` runs from `offset`, covering at least one byte.
-    fn allocation(&self, offset: u64, len: u64) -> Result<Vec<(u64, bool)>, String>;
+    fn allocation(&self, offset: u64, len: u64) -> Result<Vec<(u64, bool)>, ExportError>;
+}
+
+/// The NBD error number and message for an export's failure.
+fn errno_of(e: ExportError) -> (u32, String) {
+    let errno = match e {
+        ExportError::ReadOnly => EPERM,
+        ExportError::Backing { .. } => EIO,
+    };
+    (errno, e.to_string())
 }
 
 /// Where the server listens.
@@ -856,7 +881,7 @@ fn transmit(
                     } else if !export.writable() {
                         Err((EPERM, "the export is read-only".to_string()))
                     } else {
-                        export.write_at(&data, req.offset).map_err(|e| (EIO, e))
+                        export.write_at(&data, req.offset).map_err(errno_of)
                     };
                     finish(&wr, structured, req.cookie, r)?;
                 }
@@ -867,12 +892,12 @@ fn transmit(
                         Err((EPERM, "the export is read-only".to_string()))
                     } else {
                         let _lease = sh.budget.acquire(ZEROES_CHUNK as u64);
-                        write_zeroes(export.as_ref(), req.offset, req.len).map_err(|e| (EIO, e))
+                        write_zeroes(export.as_ref(), req.offset, req.len).map_err(errno_of)
                     };
                     finish(&wr, structured, req.cookie, r)?;
                 }
                 CMD_FLUSH => {
-                    let r = export.flush().map_err(|e| (EIO, e));
+                    let r = export.flush().map_err(errno_of);
                     finish(&wr, structured, req.cookie, r)?;
                 }
                 CMD_CACHE => finish(&wr, structured, req.cookie, Ok(()))?,
@@ -895,7 +920,7 @@ fn transmit(
 /// The zeros written at a time for `WRITE_ZEROES` and `TRIM`.
 const ZEROES_CHUNK: usize = 1 << 20;
 
-fn write_zeroes(export: &dyn Export, mut offset: u64, len: u32) -> Result<(), String> {
+fn write_zeroes(export: &dyn Export, mut offset: u64, len: u32) -> Result<(), ExportError> {
     let zeros = vec![0u8; (len as usize).min(ZEROES_CHUNK)];
     let end = offset + len as u64;
     while offset < end {
@@ -969,7 +994,7 @@ fn do_read(wr: &Writer, export: &dyn Export, req: &Request, structured: bool) ->
     let mut buf = vec![0u8; req.len as usize];
     if let Err(e) = export.read_at(&mut buf, req.offset) {
         warn!(offset = req.offset, len = req.len, error = %e, "read failed");
-        return reply_error(wr, structured, req.cookie, EIO, &e);
+        return reply_error(wr, structured, req.cookie, EIO, &e.to_string());
     }
     let mut w = lock_writer(wr)?;
     if structured {
@@ -991,7 +1016,7 @@ fn do_status(wr: &Writer, export: &dyn Export, req: &Request) -> io::Result<()> 
     let runs = match export.allocation(req.offset, req.len as u64) {
         Ok(r) if !r.is_empty() => r,
         Ok(_) => return reply_error(wr, true, req.cookie, EINVAL, "empty range"),
-        Err(e) => return reply_error(wr, true, req.cookie, EIO, &e),
+        Err(e) => return reply_error(wr, true, req.cookie, EIO, &e.to_string()),
     };
     let mut body = CTX_ALLOC_ID.to_be_bytes().to_vec();
     for (len, data) in runs {
@@ -1042,14 +1067,14 @@ mod tests {
         fn writable(&self) -> bool {
             false
         }
-        fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<(), String> {
+        fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<(), ExportError> {
             std::thread::sleep(self.delay);
             for (i, b) in buf.iter_mut().enumerate() {
                 *b = byte(offset + i as u64);
             }
             Ok(())
         }
-        fn allocation(&self, _offset: u64, len: u64) -> Result<Vec<(u64, bool)>, String> {
+        fn allocation(&self, _offset: u64, len: u64) -> Result<Vec<(u64, bool)>, ExportError> {
             Ok(vec![(len, true)])
         }
     }

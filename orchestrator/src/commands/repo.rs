@@ -370,7 +370,10 @@ pub fn backup(ctx: &Context, a: &BackupArgs) -> Result<ExitCode> {
     let bar = Bar::start(progress.clone(), "backup", !ctx.quiet && !ctx.json);
     let refs: Vec<&dyn BlockSource> = sources.iter().map(|s| s.as_ref()).collect();
     let s = ferry_agent::backup::backup_sources(&repo, &opts, &refs, &progress).map_err(|e| {
-        let storage = matches!(e, ferry_agent::Error::Store { .. });
+        let storage = matches!(
+            e,
+            ferry_agent::Error::Store { .. } | ferry_agent::Error::Unreachable { .. }
+        );
         let full = ferry_agent::store::is_storage_full(&e);
         let e = anyhow::Error::from(e);
         if full {

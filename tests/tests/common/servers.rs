@@ -233,6 +233,18 @@ fn run_python(script: &str, args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// [`Moto::python_args`] for a moto at `endpoint` (a child process that was
+/// handed the server's environment, not the server).
+pub fn s3_python(endpoint: &str, script: &str, args: &[&str]) -> String {
+    let full = format!(
+        "import sys, json, boto3\n\
+         s3 = boto3.client('s3', endpoint_url='{endpoint}', aws_access_key_id='{AWS_KEY_ID}', \
+         aws_secret_access_key='{AWS_SECRET}', region_name='{AWS_REGION}')\n{}\n",
+        dedent(script)
+    );
+    run_python(&full, args)
+}
+
 /// Environment variables a command must not inherit when it is pointed at a
 /// test server (they would override or confuse the ones we set).
 const CLEARED_ENV: &[&str] = &[
@@ -320,14 +332,7 @@ impl Moto {
 
     /// Like [`Moto::python`], with `sys.argv[1..]` set to `args`.
     pub fn python_args(&self, script: &str, args: &[&str]) -> String {
-        let full = format!(
-            "import sys, json, boto3\n\
-             s3 = boto3.client('s3', endpoint_url='{}', aws_access_key_id='{AWS_KEY_ID}', \
-             aws_secret_access_key='{AWS_SECRET}', region_name='{AWS_REGION}')\n{}\n",
-            self.endpoint,
-            dedent(script)
-        );
-        run_python(&full, args)
+        s3_python(&self.endpoint, script, args)
     }
 
     /// What a `ferry` process needs to reach this server through object_store's
