@@ -786,7 +786,7 @@ impl Store {
                     ),
                 ));
             }
-            Err(e) => return Err(Error::store(name, e)),
+            Err(e) => return Err(self.failed(name, e)),
         };
         self.counters
             .bytes_down
@@ -802,7 +802,7 @@ impl Store {
         match self.retrying(name, || self.inner.head(&path)) {
             Ok(meta) => Ok(Some(meta.last_modified)),
             Err(object_store::Error::NotFound { .. }) => Ok(None),
-            Err(e) => Err(Error::store(name, e)),
+            Err(e) => Err(self.failed(name, e)),
         }
     }
 
@@ -879,7 +879,7 @@ impl Store {
                             range.start, range.end
                         ),
                     ),
-                    _ => Error::store(name, e),
+                    _ => self.failed(name, e),
                 });
             }
             Err(e) => return Err(self.failed(name, e)),
@@ -1005,7 +1005,7 @@ impl Store {
             .retrying(prefix, || {
                 self.inner.list(Some(&path)).try_collect::<Vec<_>>()
             })
-            .map_err(|e| Error::store(prefix, e))?;
+            .map_err(|e| self.failed(prefix, e))?;
         let mut out: Vec<_> = metas
             .into_iter()
             .map(|m| (m.location.to_string(), m.size, m.last_modified))
@@ -1092,7 +1092,7 @@ impl Store {
         self.counters.gets.fetch_add(1, Ordering::Relaxed);
         let bytes = self
             .retrying(name, || v.get_version_range(name, version, range.clone()))
-            .map_err(|e| Error::store(name, e))?;
+            .map_err(|e| self.failed(name, e))?;
         if bytes.len() as u64 != range.end - range.start {
             return Err(Error::corrupt(
                 name,

@@ -166,6 +166,18 @@ impl Runner {
             started_ms: run.created_ms,
             repo: repo.or_else(|| run.repo.clone()),
             password,
+            secrets: engine
+                .plan()
+                .runbook
+                .secrets
+                .iter()
+                .map(|name| {
+                    let value = std::env::var_os(name)
+                        .map(|v| v.to_string_lossy().into_owned())
+                        .unwrap_or_default();
+                    (name.clone(), value)
+                })
+                .collect(),
         });
         let crash_at = std::env::var("FERRY_CRASH_AT_EVENT")
             .ok()
@@ -609,12 +621,21 @@ impl Runner {
                     return None;
                 }
                 let step = self.engine.plan().nodes[node].id.clone();
+                // Secrets never reach the log.
                 match result {
-                    Ok(outputs) => Event::StepSucceeded { step, outputs },
+                    Ok(outputs) => {
+                        let mut v = serde_json::Value::Object(outputs);
+                        self.ctx.scrub_value(&mut v);
+                        let outputs = match v {
+                            serde_json::Value::Object(m) => m,
+                            _ => Map::new(),
+                        };
+                        Event::StepSucceeded { step, outputs }
+                    }
                     Err(e) => Event::StepFailed {
                         step,
                         attempt,
-                        error: e.message,
+                        error: self.ctx.scrub(&e.message),
                         class: e.class,
                     },
                 }
@@ -623,7 +644,10 @@ impl Runner {
                 let step = self.engine.plan().nodes[node].id.clone();
                 match result {
                     Ok(()) => Event::UndoSucceeded { step },
-                    Err(error) => Event::UndoFailed { step, error },
+                    Err(error) => Event::UndoFailed {
+                        step,
+                        error: self.ctx.scrub(&error),
+                    },
                 }
             }
         })

@@ -22,10 +22,12 @@ fn main() -> ExitCode {
 
 /// Quiet, structured logs on stderr; `-v` or `FERRY_LOG` for more.
 fn init_logging(verbose: u8) {
+    // sqlx logs connection settings and statements at `warn` (a MySQL
+    // DSN's `PassWord=` among them): only its errors, unless FERRY_LOG asks.
     let default = match verbose {
-        0 => "warn",
-        1 => "info",
-        _ => "debug",
+        0 => "warn,sqlx=error",
+        1 => "info,sqlx=error",
+        _ => "debug,sqlx=warn",
     };
     let filter = tracing_subscriber::EnvFilter::try_from_env("FERRY_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));

@@ -67,9 +67,62 @@ pub struct Ctx {
     pub repo: Option<String>,
     /// The repository password, read once when the run started or resumed.
     pub password: Option<Password>,
+    /// The runbook's declared `secrets`: name and value, read from the
+    /// orchestrator's environment when the run started or resumed.
+    pub secrets: Vec<(String, String)>,
 }
 
 impl Ctx {
+    /// The value of a secret the runbook declares; any other name is refused.
+    pub fn secret(&self, name: &str) -> Result<&str, ActionError> {
+        match self.secrets.iter().find(|(n, _)| n == name) {
+            Some((_, v)) if !v.is_empty() => Ok(v),
+            Some(_) => Err(ActionError::permanent(format!(
+                "the secret {name} is not set in the orchestrator's environment"
+            ))),
+            None => Err(ActionError::permanent(format!(
+                "`{name}` is not one of the runbook's `secrets`"
+            ))),
+        }
+    }
+
+    /// `text` with every secret value (and the repository password) replaced
+    /// by `***`: what a step returns or fails with is stored and shown.
+    pub fn scrub(&self, text: &str) -> String {
+        let mut out = text.to_owned();
+        let password = self
+            .password
+            .as_ref()
+            .and_then(|p| std::str::from_utf8(p.bytes()).ok().map(str::to_owned));
+        for v in self
+            .secrets
+            .iter()
+            .map(|(_, v)| v.clone())
+            .chain(password)
+            .filter(|v| v.len() >= 4)
+        {
+            if out.contains(&v) {
+                out = out.replace(&v, "***");
+            }
+        }
+        out
+    }
+
+    /// [`Ctx::scrub`] of every string in outputs.
+    pub fn scrub_value(&self, v: &mut Value) {
+        match v {
+            Value::String(s) => {
+                let clean = self.scrub(s);
+                if clean != *s {
+                    *s = clean;
+                }
+            }
+            Value::Array(a) => a.iter_mut().for_each(|x| self.scrub_value(x)),
+            Value::Object(m) => m.values_mut().for_each(|x| self.scrub_value(x)),
+            _ => {}
+        }
+    }
+
     /// Opens the repository named by the call's `repo` input, else the run's.
     pub fn open_repo(&self, call: &Call) -> Result<ferry_agent::Repository, ActionError> {
         self.open_repo_at(call.str("repo").as_deref())

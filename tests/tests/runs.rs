@@ -1034,3 +1034,83 @@ fn processes_opening_a_new_state_at_once_all_succeed() {
         assert!(out.status.success(), "{}", stderr(&out));
     }
 }
+
+/// Runbook commands see an allow-listed environment: none of Ferry's secrets
+/// (the repository password, its file, the API token) nor anything else of
+/// the orchestrator's environment; a secret value a command prints is
+/// redacted before it is stored; a runbook may read only the secrets it
+/// declares.
+#[test]
+fn runbook_commands_never_see_or_store_ferrys_secrets() {
+    let o = Orch::new();
+    let pwfile = o.write("pw", "correct-horse-battery");
+    let rb = o.write(
+        "env.yaml",
+        "name: env\non_failure: stop\nsteps:\n  - id: env\n    uses: command.run\n    with: { run: \"env >&2; exit 3\" }\n  - id: leak\n    uses: command.run\n    with: { run: \"echo the password is correct-horse-battery >&2; exit 3\" }\n",
+    );
+    let out = o
+        .cmd()
+        .env("FERRY_PASSWORD_FILE", &pwfile)
+        .env("FERRY_API_TOKEN", "api-token-0123456789abcdef")
+        .env("AWS_SECRET_ACCESS_KEY", "aws-secret-value-123")
+        .args(["run", rb.to_str().unwrap(), "--id", "envrun", "-q"])
+        .output()
+        .unwrap();
+    // Both steps fail on purpose: their stderr is in the stored error.
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    let report = o.report("envrun");
+    let steps = report["steps"].as_array().unwrap();
+    let stdout = |id: &str| {
+        steps
+            .iter()
+            .find(|s| s["id"] == id)
+            .and_then(|s| s["error"].as_str())
+            .unwrap_or_default()
+            .to_owned()
+    };
+    let env = stdout("env");
+    assert!(env.contains("FERRY_RUN_ID=envrun"), "{env}");
+    for secret in [
+        "FERRY_PASSWORD_FILE",
+        "FERRY_API_TOKEN",
+        "api-token-0123456789abcdef",
+        "AWS_SECRET_ACCESS_KEY",
+        "aws-secret-value-123",
+        "FERRY_HOME",
+    ] {
+        assert!(!env.contains(secret), "a command saw {secret}:\n{env}");
+    }
+    let leak = stdout("leak");
+    assert_eq!(
+        leak, "exited with 3 (wanted 0): the password is ***",
+        "stored output is redacted"
+    );
+    let log = o.ok(&["--json", "report", "envrun"]);
+    assert!(!log.contains("correct-horse-battery"));
+
+    // check.sql may read only a declared secret, never Ferry's own.
+    let undeclared = o.write(
+        "sql.yaml",
+        "name: sql\nsteps:\n  - id: db\n    uses: check.sql\n    with: { url: \"postgres://u@127.0.0.1/db\", query: \"select 1\", expect: \"1\", password_env: FERRY_PASSWORD }\n",
+    );
+    let out = o.run(&["validate", undeclared.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        stderr(&out).contains(
+            "reads the environment variable `FERRY_PASSWORD`, which `secrets` does not declare"
+        ),
+        "{}",
+        stderr(&out)
+    );
+    let ferrys = o.write(
+        "sql2.yaml",
+        "name: sql\nsecrets: [FERRY_PASSWORD]\nsteps:\n  - id: db\n    uses: noop\n",
+    );
+    let out = o.run(&["validate", ferrys.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        stderr(&out).contains("one of Ferry's own variables"),
+        "{}",
+        stderr(&out)
+    );
+}

@@ -203,6 +203,11 @@ pub struct Runbook {
     pub targets: Vec<Target>,
     pub on_failure: OnFailure,
     pub steps: Vec<Step>,
+    /// Environment variables of the orchestrator the steps may read (a
+    /// `check.sql` step's `password_env`); nothing else of its environment
+    /// reaches a step, and these values are redacted from what is stored.
+    #[serde(default)]
+    pub secrets: Vec<String>,
 }
 
 impl Runbook {
@@ -219,6 +224,7 @@ const TOP_KEYS: &[&str] = &[
     "objectives",
     "targets",
     "on_failure",
+    "secrets",
     "steps",
 ];
 const STEP_KEYS: &[&str] = &[
@@ -576,7 +582,29 @@ impl Validator<'_> {
             }
         };
         let steps = self.steps(top, &params, &targets);
+        let secrets = self.secrets(top);
+        // A step may read only a secret the runbook declares: a reviewer sees
+        // every variable of the orchestrator a runbook can reach.
+        for step in &steps {
+            if let Some(Value::String(var)) = step.with.get("password_env")
+                && !var.contains("${{")
+                && !secrets.iter().any(|s| s == var)
+            {
+                self.err(
+                    Pos {
+                        line: step.line,
+                        column: step.column,
+                    },
+                    format!(
+                        "step `{}` reads the environment variable `{var}`, which `secrets` does not declare",
+                        step.id
+                    ),
+                    Some(format!("add `secrets: [{var}]` at the top of the runbook")),
+                );
+            }
+        }
         Runbook {
+            secrets,
             file: file.to_owned(),
             name,
             description,
@@ -586,6 +614,53 @@ impl Validator<'_> {
             on_failure,
             steps,
         }
+    }
+
+    /// `secrets: [NAME, ...]`: environment variable names, never Ferry's own.
+    fn secrets(&mut self, top: &MarkedMappingNode) -> Vec<String> {
+        let Some(node) = top.get_node("secrets") else {
+            return Vec::new();
+        };
+        let Some(seq) = node.as_sequence() else {
+            self.err(
+                Pos::of(node.span()),
+                "`secrets` must be a list of environment variable names",
+                None,
+            );
+            return Vec::new();
+        };
+        let mut out = Vec::new();
+        for item in seq.iter() {
+            let Some(name) = item.as_scalar().map(|s| s.as_str().to_owned()) else {
+                self.err(
+                    Pos::of(item.span()),
+                    "a secret must be a variable name",
+                    None,
+                );
+                continue;
+            };
+            let valid = name
+                .chars()
+                .next()
+                .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+                && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+            if !valid {
+                self.err(
+                    Pos::of(item.span()),
+                    format!("`{name}` is not an environment variable name"),
+                    None,
+                );
+            } else if name.to_ascii_uppercase().starts_with("FERRY_") {
+                self.err(
+                    Pos::of(item.span()),
+                    format!("`{name}` is one of Ferry's own variables; a runbook may not read it"),
+                    Some("give the step's secret a name of its own".into()),
+                );
+            } else {
+                out.push(name);
+            }
+        }
+        out
     }
 
     fn params(&mut self, top: &MarkedMappingNode) -> Vec<Param> {

@@ -70,6 +70,7 @@ pub fn schema() -> Value {
             "name": {"type": "string"},
             "description": {"type": "string"},
             "on_failure": {"enum": ["rollback", "stop"]},
+            "secrets": {"type": "array", "items": {"type": "string", "pattern": "^[A-Za-z_][A-Za-z0-9_]*$"}, "description": "environment variables of the orchestrator the steps may read (check.sql password_env); redacted from stored outputs"},
             "params": {
                 "type": "object",
                 "additionalProperties": {

@@ -236,3 +236,69 @@ async fn no_token_no_api() {
         .unwrap();
     assert_eq!(resp.status(), StatusCode::OK);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn closed_event_streams_stop_polling() {
+    let api = Api::new().await;
+    let (_, run) = api
+        .call(
+            Method::POST,
+            "/api/runs",
+            Some(serde_json::json!({"runbook": GATE, "mode": "run"})),
+        )
+        .await;
+    let id = run["id"].as_str().unwrap().to_owned();
+    // Let the run reach its gate and settle.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let metrics = tokio::runtime::Handle::current().metrics();
+    let before = metrics.num_alive_tasks();
+    for _ in 0..40 {
+        let resp = router(api.app.clone())
+            .oneshot(
+                Req::builder()
+                    .uri(format!("/api/runs/{id}/stream"))
+                    .header(header::AUTHORIZATION, format!("Bearer {TOKEN}"))
+                    .body(HttpBody::empty())
+                    .unwrap(),
+            )
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), StatusCode::OK);
+        let mut body = resp.into_body();
+        // The first event arrives; then the client goes away.
+        let frame = body.frame().await.unwrap().unwrap();
+        assert!(frame.is_data());
+        drop(body);
+    }
+    // Every stream's poller notices within a poll interval, although the
+    // run waits on its approval and writes no new event.
+    let mut alive = metrics.num_alive_tasks();
+    for _ in 0..50 {
+        if alive <= before + 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        alive = metrics.num_alive_tasks();
+    }
+    assert!(
+        alive <= before + 2,
+        "{} pollers still run after their clients left (before: {before})",
+        alive.saturating_sub(before)
+    );
+}
+
+#[test]
+fn weak_or_shared_token_files_are_refused_and_new_ones_are_private() {
+    use std::os::unix::fs::PermissionsExt;
+    let home = tempfile::tempdir().unwrap();
+    let dir = home.path().join("home");
+    let t = load_or_create_token(&dir).unwrap();
+    assert!(t.len() >= 32);
+    let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(&dir.join("api-token")), 0o600);
+    assert_eq!(mode(&dir), 0o700);
+    assert_eq!(load_or_create_token(&dir).unwrap(), t, "the token is kept");
+    std::fs::write(dir.join("api-token"), "aaaaaaaaaaaaaaaaaaaaaaaa").unwrap();
+    let e = load_or_create_token(&dir).unwrap_err().to_string();
+    assert!(e.contains("weak token"), "{e}");
+}

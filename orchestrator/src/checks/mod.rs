@@ -46,7 +46,7 @@ pub async fn run(check: Check, ctx: Arc<Ctx>, call: Call) -> Result<Outputs, Act
             Check::Tcp => tcp(&call).await,
             Check::Http => http(&call).await,
             Check::Command => cmd(&ctx, &call).await,
-            Check::Sql => sql(&call).await,
+            Check::Sql => sql(&ctx, &call).await,
             Check::Disk => {
                 // Deterministic: trying again cannot change the answer.
                 let (c, k) = (ctx.clone(), call.clone());
@@ -187,15 +187,12 @@ async fn cmd(ctx: &Ctx, call: &Call) -> Result<Outputs, Fail> {
 }
 
 /// The first column of the first row, as text.
-async fn sql(call: &Call) -> Result<Outputs, Fail> {
+async fn sql(ctx: &Ctx, call: &Call) -> Result<Outputs, Fail> {
     let url = call.need("url")?;
     let query = call.need("query")?;
-    let password = match call.str("password_env") {
-        Some(var) => Some(std::env::var(&var).map_err(|_| {
-            Fail::Now(ActionError::permanent(format!(
-                "`password_env`: {var} is not set"
-            )))
-        })?),
+    // Only a secret the runbook declares: never the orchestrator's own.
+    let password = match call.str("password_env").filter(|v| !v.is_empty()) {
+        Some(var) => Some(ctx.secret(&var)?.to_owned()),
         None => None,
     };
     let shown = crate::redact::redact(&url);

@@ -105,6 +105,13 @@ impl State {
             crate::fsutil::create_private_dir(dir)
                 .with_context(|| format!("cannot create {}", dir.display()))?;
         }
+        if let Some(db) = &sqlite_path {
+            // Created private before SQLite creates it (its -wal and -shm
+            // files take the database's mode): it holds runbook sources,
+            // params and step outputs.
+            crate::fsutil::private_file(db)
+                .with_context(|| format!("cannot create the state database {}", db.display()))?;
+        }
         let pool = AnyPoolOptions::new()
             .max_connections(if sqlite { 4 } else { 8 })
             .acquire_timeout(std::time::Duration::from_secs(15))
@@ -461,4 +468,27 @@ async fn migration_lock(db: &std::path::Path) -> Result<std::fs::File> {
     .context("migration lock")?
     .with_context(|| format!("cannot lock {}", path.display()))?;
     Ok(file)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_new_state_is_private_to_its_owner() {
+        use std::os::unix::fs::PermissionsExt;
+        let d = tempfile::tempdir().unwrap();
+        let home = d.path().join("home");
+        let db = home.join("state.db");
+        State::open(&format!("sqlite://{}", db.display()))
+            .await
+            .unwrap();
+        let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&home), 0o700, "FERRY_HOME");
+        assert_eq!(
+            mode(&db),
+            0o600,
+            "state.db holds runbook sources and outputs"
+        );
+    }
 }

@@ -119,6 +119,7 @@ mod tests {
             started_ms: 0,
             repo: None,
             password: None,
+            secrets: Vec::new(),
         })
     }
 
