@@ -14,6 +14,7 @@ use bytes::Bytes;
 use chrono::Utc;
 
 use crate::error::Error;
+use crate::sink::BlockSink;
 use crate::source::BlockSource;
 use crate::store::{LockMode, MULTIPART_THRESHOLD, PART_SIZE, Retention, Store};
 
@@ -476,6 +477,68 @@ fn check_ranges(check: &'static str, ranges: &[(u64, u64)], size: u64) -> Outcom
     Ok(())
 }
 
+/// The `BlockSink` promises a restore relies on, on a new sink of `size`
+/// bytes (`size` at least 64 KiB); `read_back` gives the finished disk's
+/// bytes (the renamed file, the completed snapshot):
+/// - it holds at least `size` bytes, and a new sink is `fresh`;
+/// - writes at odd offsets, up to the last byte, land where they were asked;
+/// - `zero` makes a range read as zeros (a restore zeroes only ranges it does
+///   not write; on a fresh sink they read as zeros already);
+/// - a write past the end is an error, never a silent truncation;
+/// - `flush` and `finish` succeed, and after `finish` the disk reads exactly
+///   as written, zeros wherever nothing was written.
+pub fn block_sink(sink: &dyn BlockSink, size: u64, read_back: &dyn Fn() -> Vec<u8>) -> Outcome {
+    ensure("sink.size", sink.size() >= size, || {
+        format!("it holds {} bytes, the disk has {size}", sink.size())
+    })?;
+    ensure("sink.fresh", sink.fresh() && !sink.resumed(), || {
+        "a new sink is not fresh".into()
+    })?;
+    let len = size as usize;
+    let mut model = vec![0u8; len];
+    let pattern = |n: usize, seed: u8| -> Vec<u8> {
+        (0..n)
+            .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed) | 1)
+            .collect()
+    };
+    for (i, &(off, n)) in [
+        (1usize, 4093usize),
+        (4096, 65_536),
+        (len - 1, 1),
+        (len / 2 + 3, 777),
+    ]
+    .iter()
+    .enumerate()
+    {
+        let data = pattern(n, i as u8);
+        ok("sink.write", sink.write_at(&data, off as u64))?;
+        model[off..off + n].copy_from_slice(&data);
+    }
+    ok("sink.zero", sink.zero(200_000, 5000))?;
+    model[200_000..205_000].fill(0);
+    ensure(
+        "sink.write_past_end",
+        sink.write_at(&[1, 2, 3], size - 1).is_err() || sink.size() > size,
+        || "a write past the end succeeded".into(),
+    )?;
+    ok("sink.flush", sink.flush())?;
+    ok("sink.finish", sink.finish())?;
+    let got = read_back();
+    ensure("sink.read_back", got.len() as u64 >= size, || {
+        format!("the finished disk has {} bytes, wanted {size}", got.len())
+    })?;
+    match got[..len].iter().zip(&model).position(|(a, b)| a != b) {
+        None => Ok(()),
+        Some(at) => Err(fail(
+            "sink.read_back",
+            format!(
+                "byte {at} reads {}, it was written as {}",
+                got[at], model[at]
+            ),
+        )),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -651,5 +714,67 @@ mod tests {
         );
         let e = store(&broken, "conformance", false).unwrap_err();
         assert_eq!(e.check, "store.ranged_get", "{e}");
+    }
+
+    #[test]
+    fn the_memory_sink_conforms() {
+        let size = 1 << 20;
+        let sink = crate::sink::MemSink::new(size);
+        block_sink(&sink, size, &|| sink.bytes()).unwrap();
+        assert!(sink.finished());
+    }
+
+    #[test]
+    fn a_file_sink_conforms() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("disk.raw");
+        let size = (1 << 20) + 4095;
+        let sink = crate::sink::FileSink::open(&path, size, false, false).unwrap();
+        block_sink(&sink, size, &|| std::fs::read(&path).unwrap()).unwrap();
+    }
+
+    /// A sink that loses writes at odd offsets: the suite must say so.
+    struct Lossy(crate::sink::MemSink);
+
+    impl BlockSink for Lossy {
+        fn size(&self) -> u64 {
+            self.0.size()
+        }
+        fn fresh(&self) -> bool {
+            true
+        }
+        fn resumed(&self) -> bool {
+            false
+        }
+        fn write_at(&self, buf: &[u8], offset: u64) -> crate::Result<()> {
+            if offset % 2 == 1 {
+                return Ok(());
+            }
+            self.0.write_at(buf, offset)
+        }
+        fn read_at(&self, buf: &mut [u8], offset: u64) -> crate::Result<()> {
+            self.0.read_at(buf, offset)
+        }
+        fn zero(&self, offset: u64, len: u64) -> crate::Result<()> {
+            self.0.zero(offset, len)
+        }
+        fn flush(&self) -> crate::Result<()> {
+            Ok(())
+        }
+        fn finish(&self) -> crate::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn the_sink_suite_catches_a_sink_that_loses_writes() {
+        let size = 1 << 20;
+        let sink = Lossy(crate::sink::MemSink::new(size));
+        let e = block_sink(&sink, size, &|| sink.0.bytes()).unwrap_err();
+        // Its lost past-the-end write is caught first; either check names it.
+        assert!(
+            matches!(e.check, "sink.read_back" | "sink.write_past_end"),
+            "{e}"
+        );
     }
 }

@@ -7,9 +7,8 @@
 //! complete; running the same restore again resumes: chunks already in place are
 //! checked and kept, the rest fetched.
 
-use std::fs::{File, OpenOptions};
-use std::os::unix::fs::{FileExt, FileTypeExt};
-use std::path::{Path, PathBuf};
+pub use crate::sink::{BlockSink, FileSink, MemSink};
+use std::path::PathBuf;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
@@ -158,8 +157,8 @@ pub fn restore(
         } else {
             opts.target.clone()
         };
-        let out = Output::open(&final_path, meta.size, opts.overwrite, !target_is_dir)?;
-        info!(disk = %meta.name, to = %final_path.display(), resumed = out.resumed, "restoring");
+        let out = FileSink::open(&final_path, meta.size, opts.overwrite, !target_is_dir)?;
+        info!(disk = %meta.name, to = %final_path.display(), resumed = out.resumed(), "restoring");
         let stats = restore_disk(repo, &index, point, d, &out, progress)?;
         summary.bytes_written += stats.0;
         summary.chunks_kept += stats.1;
@@ -168,7 +167,7 @@ pub fn restore(
             name: meta.name.clone(),
             path: final_path.clone(),
             size: meta.size,
-            resumed: out.resumed,
+            resumed: out.resumed(),
         });
         out.finish()?;
     }
@@ -177,200 +176,59 @@ pub fn restore(
     Ok(summary)
 }
 
-struct Output {
-    file: File,
-    /// Where the data is written (the partial file for files).
-    path: PathBuf,
-    final_path: PathBuf,
-    is_device: bool,
-    resumed: bool,
+/// What restoring one disk into a sink did.
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct DiskStats {
+    pub bytes_written: u64,
+    pub chunks_kept: u64,
+    pub chunks_fetched: u64,
 }
 
-impl Output {
-    /// `follow`: whether a link at `final_path` may lead to a block device. Only
-    /// for a target the user named (`/dev/disk/by-id/...` is a link); inside a
-    /// target directory, a link there is a file like any other and never followed.
-    fn open(final_path: &Path, size: u64, overwrite: bool, follow: bool) -> Result<Output> {
-        let err = |path: &Path| {
-            let path = path.to_path_buf();
-            move |source| Error::Target { path, source }
-        };
-        let meta = if follow {
-            std::fs::metadata(final_path)
-        } else {
-            std::fs::symlink_metadata(final_path)
-        };
-        if let Ok(meta) = meta
-            && meta.file_type().is_block_device()
-        {
-            let file = OpenOptions::new()
-                .write(true)
-                .read(true)
-                .open(final_path)
-                .map_err(err(final_path))?;
-            let dev_size = rustix::fs::seek(&file, rustix::fs::SeekFrom::End(0)).map_err(|e| {
-                Error::Target {
-                    path: final_path.to_path_buf(),
-                    source: e.into(),
-                }
-            })?;
-            if dev_size < size {
-                return Err(Error::InvalidInput(format!(
-                    "device {} holds {dev_size} bytes, the disk needs {size}",
-                    final_path.display()
-                )));
-            }
-            return Ok(Output {
-                file,
-                path: final_path.to_path_buf(),
-                final_path: final_path.to_path_buf(),
-                is_device: true,
-                resumed: false,
-            });
-        }
-        // `symlink_metadata`: a link at the final path is itself "something there",
-        // and `--overwrite` removes the link, never what it points to.
-        if final_path.symlink_metadata().is_ok() {
-            if !overwrite {
-                return Err(Error::InvalidInput(format!(
-                    "{} already exists; remove it, pick another target, or pass --overwrite",
-                    final_path.display()
-                )));
-            }
-            std::fs::remove_file(final_path).map_err(err(final_path))?;
-        }
-        let mut partial = final_path.as_os_str().to_owned();
-        partial.push(".ferry-partial");
-        let partial = PathBuf::from(partial);
-        let resumed = partial.symlink_metadata().is_ok();
-        let file = open_partial(&partial)?;
-        file.set_len(size).map_err(err(&partial))?;
-        Ok(Output {
-            file,
-            path: partial,
-            final_path: final_path.to_path_buf(),
-            is_device: false,
-            resumed,
-        })
-    }
-
-    fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
-        self.file
-            .write_all_at(buf, offset)
-            .map_err(|source| Error::Target {
-                path: self.path.clone(),
-                source,
-            })
-    }
-
-    /// A new regular file: every byte reads zero until written.
-    fn fresh_file(&self) -> bool {
-        !self.is_device && !self.resumed
-    }
-
-    /// Make a range read as zeros.
-    fn zero(&self, offset: u64, len: u64) -> Result<()> {
-        if self.fresh_file() {
-            return Ok(());
-        }
-        if !self.is_device {
-            let punched = rustix::fs::fallocate(
-                &self.file,
-                rustix::fs::FallocateFlags::PUNCH_HOLE | rustix::fs::FallocateFlags::KEEP_SIZE,
-                offset,
-                len,
-            );
-            if punched.is_ok() {
-                return Ok(());
-            }
-        }
-        let zeros = vec![0u8; len.min(4 << 20) as usize];
-        let mut at = offset;
-        while at < offset + len {
-            let n = (offset + len - at).min(zeros.len() as u64) as usize;
-            self.write_at(&zeros[..n], at)?;
-            at += n as u64;
-        }
-        Ok(())
-    }
-
-    fn finish(self) -> Result<()> {
-        let err = |source| Error::Target {
-            path: self.path.clone(),
-            source,
-        };
-        self.file.sync_all().map_err(err)?;
-        if !self.is_device {
-            std::fs::rename(&self.path, &self.final_path).map_err(err)?;
-        }
-        Ok(())
-    }
-}
-
-/// Open (or create) a partial restore file without following a link at its path,
-/// and make sure it is a file a restore of this user made: a regular file, owned
-/// by us, with one name. Anything else (a symlink or hard link planted to redirect
-/// the decrypted disk, a fifo, a device) is refused, not written through.
-/// A new file is created 0600 (the umask can only make it stricter): it holds a
-/// decrypted disk.
-fn open_partial(partial: &Path) -> Result<File> {
-    use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
-    let unsafe_partial = |detail: String| Error::UnsafeTarget {
-        path: partial.to_path_buf(),
-        detail,
-    };
-    let file = OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .read(true)
-        .write(true)
-        .mode(0o600)
-        // O_NOFOLLOW: a symlink at the path fails the open (ELOOP) instead of
-        // being followed; O_NONBLOCK keeps a planted fifo from blocking the open.
-        .custom_flags((rustix::fs::OFlags::NOFOLLOW | rustix::fs::OFlags::NONBLOCK).bits() as i32)
-        .open(partial)
-        .map_err(|e| {
-            if e.raw_os_error() == Some(rustix::io::Errno::LOOP.raw_os_error()) {
-                unsafe_partial("it is a symbolic link".into())
-            } else {
-                Error::Target {
-                    path: partial.to_path_buf(),
-                    source: e,
-                }
-            }
-        })?;
-    let meta = file.metadata().map_err(|source| Error::Target {
-        path: partial.to_path_buf(),
-        source,
+/// Restores disk `disk` of `point` into any [`BlockSink`] (a file, a device,
+/// a target's own volume or snapshot), under a repository lock, verifying
+/// every chunk; the sink is finished (made durable and visible) at the end.
+pub fn restore_into(
+    repo: &Repository,
+    point: &Point,
+    disk: usize,
+    sink: &dyn BlockSink,
+    progress: &Progress,
+) -> Result<DiskStats> {
+    let _lock = crate::lock::Lock::acquire(repo, "restore", false)?;
+    point
+        .meta
+        .validate()
+        .map_err(|e| Error::corrupt(point::object_name(&point.id), e))?;
+    let meta = point.meta.disks.get(disk).ok_or_else(|| {
+        Error::InvalidInput(format!(
+            "recovery point {} has no disk number {disk}",
+            point.short_id()
+        ))
     })?;
-    if !meta.file_type().is_file() {
-        return Err(unsafe_partial(format!(
-            "it is not a regular file ({:?})",
-            meta.file_type()
+    if point::disk_digest(&repo.key, meta.size, &point.lists[disk]) != meta.digest {
+        return Err(Error::corrupt(
+            point::object_name(&point.id),
+            format!("disk {} chunk list does not match its digest", meta.name),
+        ));
+    }
+    if sink.size() < meta.size {
+        return Err(Error::InvalidInput(format!(
+            "the target holds {} bytes, disk {} needs {}",
+            sink.size(),
+            meta.name,
+            meta.size
         )));
     }
-    let me = rustix::process::geteuid().as_raw();
-    if meta.uid() != me {
-        return Err(unsafe_partial(format!(
-            "it belongs to user {}, not to this user ({me})",
-            meta.uid()
-        )));
-    }
-    if meta.nlink() != 1 {
-        return Err(unsafe_partial(format!(
-            "it has {} names (a hard link to another file?)",
-            meta.nlink()
-        )));
-    }
-    // A partial file left by an older ferry may be readable by others: tighten it.
-    if meta.mode() & 0o077 != 0 {
-        file.set_permissions(std::fs::Permissions::from_mode(meta.mode() & 0o700))
-            .map_err(|source| Error::Target {
-                path: partial.to_path_buf(),
-                source,
-            })?;
-    }
-    Ok(file)
+    let (index, _) = crate::prune::readable_index(repo)?;
+    progress.add_total(meta.size);
+    let (bytes_written, chunks_kept, chunks_fetched) =
+        restore_disk(repo, &index, point, disk, sink, progress)?;
+    sink.finish()?;
+    Ok(DiskStats {
+        bytes_written,
+        chunks_kept,
+        chunks_fetched,
+    })
 }
 
 /// `Err(Cancelled)` once the caller has asked the restore to stop.
@@ -390,7 +248,7 @@ fn restore_disk(
     index: &index::Index,
     point: &Point,
     disk: usize,
-    out: &Output,
+    out: &dyn BlockSink,
     progress: &Progress,
 ) -> Result<(u64, u64, u64)> {
     let meta = &point.meta.disks[disk];
@@ -435,7 +293,7 @@ fn restore_extents(
     name: &str,
     base: u64,
     extents: &[point::Extent],
-    out: &Output,
+    out: &dyn BlockSink,
     progress: &Progress,
 ) -> Result<(u64, u64, u64)> {
     // Where every chunk goes (whole, or a slice of it); zero runs are handled here.
@@ -459,7 +317,7 @@ fn restore_extents(
     // A resumed restore keeps every whole chunk already in place (slices are
     // fetched again: a slice alone cannot be checked against the chunk's id).
     let mut kept = 0u64;
-    if out.resumed {
+    if out.resumed() {
         let still: Mutex<IdMap<Vec<Place>>> = Mutex::default();
         let kept_n = AtomicU64::new(0);
         let items: Vec<_> = wanted.into_iter().collect();
@@ -483,7 +341,7 @@ fn restore_extents(
                                 && whole == Some(p.len)
                                 && {
                                     buf.resize(p.len as usize, 0);
-                                    out.file.read_exact_at(&mut buf, p.off).is_ok()
+                                    out.read_at(&mut buf, p.off).is_ok()
                                 }
                                 && repo.key.chunk_id(&buf) == *id;
                             if good {
@@ -544,7 +402,7 @@ fn restore_extents(
                 std::thread::sleep(std::time::Duration::from_millis(50));
                 let now = written.load(Ordering::Relaxed);
                 if now - synced >= SYNC_EVERY {
-                    let _ = out.file.sync_data();
+                    let _ = out.flush();
                     synced = now;
                 }
             }
@@ -600,7 +458,7 @@ struct Worker<'a> {
     index: &'a index::Index,
     wanted: &'a IdMap<Vec<Place>>,
     disk: &'a str,
-    out: &'a Output,
+    out: &'a dyn BlockSink,
     progress: &'a Progress,
     written: &'a AtomicU64,
     fetched: &'a AtomicU64,
@@ -693,7 +551,7 @@ impl Worker<'_> {
                 };
                 // A fresh file already reads zeros: its zero blocks stay holes, so the
                 // restored image is as sparse as the source was, block by block.
-                let pieces: Box<dyn Iterator<Item = (usize, &[u8])>> = if out.fresh_file() {
+                let pieces: Box<dyn Iterator<Item = (usize, &[u8])>> = if out.fresh() {
                     Box::new(
                         plain
                             .chunks(SPARSE_BLOCK)
@@ -845,5 +703,24 @@ mod tests {
             assert_eq!(std::fs::read(&victim).unwrap(), b"precious", "{plant}");
             assert!(!to.join("vda").exists());
         }
+    }
+
+    #[test]
+    fn restore_into_any_sink_writes_the_disk_and_resumes() {
+        let (repo, point, data) = small_point();
+        let sink = MemSink::new(data.len() as u64);
+        let stats = restore_into(&repo, &point, 0, &sink, &Progress::default()).unwrap();
+        assert!(sink.finished());
+        assert_eq!(sink.bytes(), data);
+        assert!(stats.chunks_fetched > 0);
+        // A sink that already holds the disk keeps every chunk and fetches none.
+        let again = MemSink::resume(data.clone());
+        let stats = restore_into(&repo, &point, 0, &again, &Progress::default()).unwrap();
+        assert_eq!(again.bytes(), data);
+        assert_eq!(stats.chunks_fetched, 0, "{stats:?}");
+        // A sink too small is refused before anything is written.
+        let small = MemSink::new(data.len() as u64 - 1);
+        let e = restore_into(&repo, &point, 0, &small, &Progress::default()).unwrap_err();
+        assert!(e.to_string().contains("needs"), "{e}");
     }
 }

@@ -71,17 +71,19 @@ impl Policy {
     }
 
     /// Parses a `within` duration: one or more `<number><unit>` groups, each
-    /// unit at most once, in any order, such as `36h`, `7d`, `2w`, `1y2m3d` or
-    /// `90min`. Units: `y` years, `m` months (as in restic: `m` is *months*;
-    /// write `min` for minutes), `w` weeks, `d` days, `h` hours, `min` minutes,
-    /// `s` seconds.
+    /// unit at most once, in any order, such as `36h`, `7d`, `2w`, `1y2mo3d` or
+    /// `90min`. Units: `y` years, `mo` months, `w` weeks, `d` days, `h` hours,
+    /// `min` minutes, `s` seconds. A bare `m` is refused: restic reads it as
+    /// months and every other duration in Ferry (and humantime) as minutes, so
+    /// either reading would surprise someone, and here a wrong guess deletes
+    /// recovery points.
     ///
     /// A duration has no calendar, so a month counts as 31 days and a year as
     /// 366 days, the longest they can be: the window is never shorter than
     /// restic's calendar-based one and never deletes a point restic would keep.
     /// The total must be positive. Errors name the offending text.
     pub fn parse_within(s: &str) -> Result<Duration, String> {
-        const UNITS: &str = "y (years), m (months), w, d, h, min or s";
+        const UNITS: &str = "y (years), mo (months), w, d, h, min or s";
         let bad = |why: String| format!("invalid keep-within duration {s:?}: {why}");
         let text = s.trim();
         if text.is_empty() {
@@ -105,7 +107,12 @@ impl Policy {
             let (unit, after) = after.split_at(letters);
             let unit_seconds: i64 = match unit {
                 "y" => 366 * 86_400,
-                "m" => 31 * 86_400,
+                "mo" => 31 * 86_400,
+                "m" => {
+                    return Err(bad(format!(
+                        "{number}m is ambiguous: write {number}mo for months or {number}min for minutes"
+                    )));
+                }
                 "w" => 7 * 86_400,
                 "d" => 86_400,
                 "h" => 3_600,
@@ -731,8 +738,8 @@ mod tests {
         assert_eq!(ok("36h"), Duration::hours(36));
         assert_eq!(ok("7d"), Duration::days(7));
         assert_eq!(ok("2w"), Duration::days(14));
-        assert_eq!(ok("30m"), Duration::days(30 * 31));
-        assert_eq!(ok("1y2m3d"), Duration::days(366 + 62 + 3));
+        assert_eq!(ok("30mo"), Duration::days(30 * 31));
+        assert_eq!(ok("1y2mo3d"), Duration::days(366 + 62 + 3));
         assert_eq!(ok("3d1y"), Duration::days(366 + 3));
         assert_eq!(
             ok("1d12h30min15s"),
@@ -760,6 +767,11 @@ mod tests {
             ("99999999999999999999y", "too long"),
             ("999999999999999y", "too long"),
             ("7d!", "expected a number at \"!\""),
+            (
+                "10m",
+                "10m is ambiguous: write 10mo for months or 10min for minutes",
+            ),
+            ("1y6m", "6m is ambiguous"),
         ] {
             let err = Policy::parse_within(input).unwrap_err();
             assert!(

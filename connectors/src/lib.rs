@@ -7,6 +7,7 @@ pub mod faults;
 pub mod http;
 pub mod nbd;
 pub mod private;
+pub mod protect;
 pub mod qemu;
 pub mod s3;
 pub mod store;

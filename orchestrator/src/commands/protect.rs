@@ -1,5 +1,6 @@
-//! `ferry protect`: continuous protection of running VMs through QMP. Every
-//! interval, each VM gets one cycle (see `ferry_connectors::qemu`); a status
+//! `ferry protect`: a front end over `ferry_connectors::protect`, the
+//! continuous protection service. Every interval, each VM gets one cycle
+//! (see `ferry_connectors::qemu`); a status
 //! file, rewritten every second, says for each source its lag (RPO: the age of
 //! the newest committed point's instant), the backlog (bytes written since that
 //! instant, from the recording bitmap) and the throughput. A failed cycle is
@@ -7,16 +8,16 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result};
-use chrono::{DateTime, Utc};
+use chrono::Utc;
 use clap::Args;
-use serde::Serialize;
-use tracing::{info, warn};
+use tracing::warn;
 
-use ferry_connectors::qemu::{self, LiveDisk};
+use ferry_connectors::protect;
+use ferry_connectors::qemu::LiveDisk;
 
 use super::output::bytes;
 use crate::context::Context;
@@ -52,36 +53,18 @@ pub struct ProtectArgs {
     pub keep: super::repo::KeepArgs,
 }
 
-#[derive(Debug, Clone, Serialize, Default)]
-struct SourceStatus {
-    source: String,
-    last_point: Option<String>,
-    /// The instant the newest committed point captured.
-    last_cut: Option<DateTime<Utc>>,
-    /// Now minus `last_cut`, in seconds: the current RPO.
-    lag_secs: Option<f64>,
-    /// Bytes the guest wrote since `last_cut` (the recording bitmap's count at commit).
-    backlog_bytes: u64,
-    /// Bytes read per second of cycle, and the last cycle's time.
-    throughput_bytes_per_sec: f64,
-    last_cycle_secs: f64,
-    last_mode: Option<String>,
-    cycles_ok: u64,
-    cycles_failed: u64,
-    last_error: Option<String>,
-}
-
-/// A positive duration in humantime's grammar: `500ms`, `1s`, `5m` (minutes), `2h`, `1h 30m`.
+/// A positive duration, read as runbook durations are (one parser for
+/// both): `500ms`, `1s`, `5m` or `5min` (minutes), `2h`, `1d`, or seconds.
 fn parse_duration(s: &str) -> Result<Duration> {
-    let d = humantime::parse_duration(s.trim()).map_err(|e| {
+    let ms = ferry_engine::catalog::parse_duration_ms(s).ok_or_else(|| {
         Error::usage(format!(
-            "{s:?} is not a duration ({e}); write e.g. 500ms, 1s, 5m (minutes), 2h"
+            "{s:?} is not a duration; write e.g. 500ms, 1s, 5m (minutes), 2h, 1d"
         ))
     })?;
-    if d.is_zero() {
+    if ms == 0 {
         return Err(Error::usage(format!("{s:?} must be positive")).into());
     }
-    Ok(d)
+    Ok(Duration::from_millis(ms))
 }
 
 struct Vm {
@@ -134,138 +117,49 @@ pub fn protect(ctx: &Context, a: &ProtectArgs) -> Result<ExitCode> {
         .iter()
         .map(|s| parse_vm(s, &a.work_dir))
         .collect::<Result<_>>()?;
-    let policy = a.keep.policy()?;
-    let repo = ctx.open_repo(true)?;
-    let status: Arc<Mutex<Vec<SourceStatus>>> = Arc::new(Mutex::new(
-        vms.iter()
-            .map(|v| SourceStatus {
-                source: v.name.clone(),
-                ..Default::default()
+    let opts = protect::Options {
+        disks: vms
+            .into_iter()
+            .map(|v| protect::Protected {
+                source: v.name,
+                disk_name: v.disk_name,
+                disk: v.disk,
             })
             .collect(),
-    ));
-    let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    std::thread::scope(|s| -> Result<()> {
+        interval,
+        cycles: a.cycles,
+        deadline,
+        hook: a.hook.clone(),
+        retention: a.keep.policy()?,
+    };
+    let repo = ctx.open_repo(true)?;
+    let status = protect::Status::default();
+    let cancel = AtomicBool::new(false);
+    let done = AtomicBool::new(false);
+    // Bounded: a slow terminal slows the cycles rather than growing memory.
+    let (tx, rx) = std::sync::mpsc::sync_channel::<protect::Update>(64);
+    let final_status = std::thread::scope(|s| {
         if let Some(path) = &a.status {
-            let (status, done) = (status.clone(), done.clone());
+            let (status, done) = (&status, &done);
             s.spawn(move || {
-                while !done.load(std::sync::atomic::Ordering::Relaxed) {
-                    write_status(path, &status);
+                while !done.load(Ordering::Relaxed) {
+                    write_status(path, &status.snapshot());
                     std::thread::sleep(Duration::from_secs(1));
                 }
-                write_status(path, &status);
+                write_status(path, &status.snapshot());
             });
         }
-        let mut handles = Vec::new();
-        for (i, vm) in vms.iter().enumerate() {
-            let (repo, status, policy) = (&repo, status.clone(), &policy);
-            handles.push(s.spawn(move || {
-                let mut n = 0u64;
-                loop {
-                    if a.cycles.is_some_and(|c| n >= c) || deadline.is_some_and(|d| Instant::now() >= d) {
-                        return;
-                    }
-                    n += 1;
-                    let started = Instant::now();
-                    let hook = a.hook.as_ref().map(|cmd| {
-                        let (cmd, source, cycle) = (cmd.clone(), vm.name.clone(), n);
-                        move |url: &str| -> ferry_agent::Result<()> {
-                            let st = std::process::Command::new("sh")
-                                .args(["-c", &cmd])
-                                .env("FERRY_NBD_URL", url)
-                                .env("FERRY_SOURCE", &source)
-                                .env("FERRY_CYCLE", cycle.to_string())
-                                .status()
-                                .map_err(|e| ferry_agent::Error::InvalidInput(format!("--hook: {e}")))?;
-                            if st.success() {
-                                Ok(())
-                            } else {
-                                Err(ferry_agent::Error::InvalidInput(format!("--hook exited with {st}")))
-                            }
-                        }
-                    });
-                    let hook_ref = hook.as_ref().map(|h| h as &qemu::Hook);
-                    let r = qemu::cycle(repo, &vm.name, &vm.disk_name, &vm.disk, hook_ref);
-                    let secs = started.elapsed().as_secs_f64();
-                    {
-                        let mut st = status.lock().expect("status");
-                        let st = &mut st[i];
-                        match &r {
-                            Ok(rep) => {
-                                st.last_point = Some(rep.summary.point.clone());
-                                st.last_cut = Some(rep.cut);
-                                st.backlog_bytes = rep.backlog_bytes;
-                                st.throughput_bytes_per_sec = rep.summary.bytes_read as f64 / secs.max(1e-6);
-                                st.last_cycle_secs = secs;
-                                st.last_mode = Some(rep.mode.clone());
-                                st.cycles_ok += 1;
-                                st.last_error = None;
-                            }
-                            Err(e) => {
-                                st.cycles_failed += 1;
-                                st.last_error = Some(e.to_string());
-                            }
-                        }
-                    }
-                    match r {
-                        Ok(rep) => {
-                            let lag = (Utc::now() - rep.cut).num_milliseconds() as f64 / 1000.0;
-                            info!(source = %vm.name, cycle = n, point = %rep.summary.point, mode = %rep.mode, lag_secs = lag, backlog_bytes = rep.backlog_bytes, "protected");
-                            if ctx.json {
-                                println!(
-                                    "{}",
-                                    serde_json::json!({
-                                        "source": vm.name, "cycle": n, "point": rep.summary.point,
-                                        "cut": rep.cut, "mode": rep.mode, "lag_secs": lag,
-                                        "backlog_bytes": rep.backlog_bytes, "cycle_secs": secs,
-                                        "bytes_read": rep.summary.bytes_read,
-                                        "changed_bytes": rep.summary.changed_bytes,
-                                        "stored_bytes": rep.summary.stored_bytes,
-                                    })
-                                );
-                            } else if !ctx.quiet {
-                                println!(
-                                    "{} cycle {n}: point {} ({}), read {}, stored {}, {:.2} s, lag {:.1} s",
-                                    vm.name,
-                                    &rep.summary.point[..8],
-                                    rep.mode,
-                                    bytes(rep.summary.bytes_read),
-                                    bytes(rep.summary.stored_bytes),
-                                    secs,
-                                    lag
-                                );
-                            }
-                            if !policy.is_empty()
-                                && let Err(e) = ferry_agent::prune::forget(repo, policy, Some(&vm.name), &[], false)
-                            {
-                                warn!(source = %vm.name, error = %e, "retention failed; points are kept");
-                            }
-                        }
-                        Err(e) => {
-                            warn!(source = %vm.name, cycle = n, error = %e, "cycle failed; the next one catches up");
-                            if ctx.json {
-                                println!("{}", serde_json::json!({"source": vm.name, "cycle": n, "error": e.to_string()}));
-                            } else {
-                                eprintln!("{} cycle {n} failed: {e}", vm.name);
-                            }
-                        }
-                    }
-                    use std::io::Write as _;
-                    let _ = std::io::stdout().flush();
-                    if let Some(rest) = interval.checked_sub(started.elapsed()) {
-                        std::thread::sleep(rest);
-                    }
-                }
-            }));
-        }
-        for h in handles {
-            let _ = h.join();
-        }
-        done.store(true, std::sync::atomic::Ordering::Relaxed);
-        Ok(())
-    })?;
-    let st = status.lock().expect("status");
-    let failed = st.iter().any(|s| s.cycles_ok == 0);
+        s.spawn(|| {
+            for u in rx {
+                print_update(ctx, &u);
+            }
+        });
+        let r = protect::run(&repo, &opts, &status, Some(&tx), &cancel);
+        drop(tx);
+        done.store(true, Ordering::Relaxed);
+        r
+    });
+    let failed = final_status.iter().any(|s| s.cycles_ok == 0);
     Ok(if failed {
         ExitCode::from(1)
     } else {
@@ -273,15 +167,64 @@ pub fn protect(ctx: &Context, a: &ProtectArgs) -> Result<ExitCode> {
     })
 }
 
-fn write_status(path: &std::path::Path, status: &Mutex<Vec<SourceStatus>>) {
-    let mut v = status.lock().expect("status").clone();
-    let now = Utc::now();
-    for s in &mut v {
-        s.lag_secs = s
-            .last_cut
-            .map(|c| (now - c).num_milliseconds() as f64 / 1000.0);
+/// One line per cycle: JSON with `--json`, else a sentence.
+fn print_update(ctx: &Context, u: &protect::Update) {
+    match u {
+        protect::Update::Protected {
+            source,
+            cycle,
+            point,
+            cut,
+            mode,
+            lag_secs,
+            backlog_bytes,
+            cycle_secs,
+            bytes_read,
+            changed_bytes,
+            stored_bytes,
+        } => {
+            if ctx.json {
+                println!(
+                    "{}",
+                    serde_json::json!({
+                        "source": source, "cycle": cycle, "point": point,
+                        "cut": cut, "mode": mode, "lag_secs": lag_secs,
+                        "backlog_bytes": backlog_bytes, "cycle_secs": cycle_secs,
+                        "bytes_read": bytes_read,
+                        "changed_bytes": changed_bytes,
+                        "stored_bytes": stored_bytes,
+                    })
+                );
+            } else if !ctx.quiet {
+                println!(
+                    "{source} cycle {cycle}: point {} ({mode}), read {}, stored {}, {cycle_secs:.2} s, lag {lag_secs:.1} s",
+                    &point[..8.min(point.len())],
+                    bytes(*bytes_read),
+                    bytes(*stored_bytes),
+                );
+            }
+        }
+        protect::Update::Failed {
+            source,
+            cycle,
+            error,
+        } => {
+            if ctx.json {
+                println!(
+                    "{}",
+                    serde_json::json!({"source": source, "cycle": cycle, "error": error})
+                );
+            } else {
+                eprintln!("{source} cycle {cycle} failed: {error}");
+            }
+        }
     }
-    let body = serde_json::json!({"time": now, "sources": v});
+    use std::io::Write as _;
+    let _ = std::io::stdout().flush();
+}
+
+fn write_status(path: &std::path::Path, sources: &[protect::SourceStatus]) {
+    let body = serde_json::json!({"time": Utc::now(), "sources": sources});
     let tmp = path.with_extension("tmp");
     let ok = std::fs::write(&tmp, body.to_string()).and_then(|()| std::fs::rename(&tmp, path));
     if let Err(e) = ok.with_context(|| format!("writing {}", path.display())) {

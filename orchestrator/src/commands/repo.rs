@@ -74,7 +74,7 @@ pub struct ServeNbdArgs {
 
 #[derive(Debug, Args)]
 pub struct TierArgs {
-    /// Points older than this (e.g. 30d, 6m) are "older"; their packs that no
+    /// Points older than this (e.g. 30d, 6mo, 1y) are "older"; their packs that no
     /// newer point uses move.
     #[arg(
         long,
@@ -111,7 +111,7 @@ pub struct KeepArgs {
     pub keep_monthly: Option<u32>,
     #[arg(long, value_name = "N")]
     pub keep_yearly: Option<u32>,
-    /// Keep every point within this long of the newest one: y, m (months), w, d, h, min, s; e.g. 30min, 36h, 7d, 1y6m.
+    /// Keep every point within this long of the newest one: y, mo (months), w, d, h, min, s; e.g. 30min, 36h, 7d, 1y6mo.
     #[arg(long, value_name = "DURATION")]
     pub keep_within: Option<String>,
 }

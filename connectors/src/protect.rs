@@ -1,0 +1,314 @@
+//! Continuous protection as a library service: each live disk gets a
+//! protection cycle ([`qemu::cycle`]) every interval, retention after each
+//! committed point, and a status (lag, backlog, throughput, last error) kept
+//! current. Front ends (`ferry protect`, a daemon) watch it through the
+//! [`Update`] stream and the [`Status`] snapshot, and stop it by cancelling.
+//! A failed cycle is reported and retried at the next interval; protection
+//! never stops on its own.
+
+use crate::qemu::{self, LiveDisk};
+use chrono::{DateTime, Utc};
+use ferry_agent::Repository;
+use ferry_agent::retention::Policy;
+use serde::Serialize;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Mutex, mpsc};
+use std::time::{Duration, Instant};
+use tracing::{info, warn};
+
+/// One protected disk: the source it is recorded as, and where to find it.
+#[derive(Clone, Debug)]
+pub struct Protected {
+    pub source: String,
+    /// The disk's name in the points.
+    pub disk_name: String,
+    pub disk: LiveDisk,
+}
+
+/// What the service runs.
+#[derive(Debug)]
+pub struct Options {
+    pub disks: Vec<Protected>,
+    /// Between the starts of two cycles of a disk.
+    pub interval: Duration,
+    /// Stop after this many cycles per disk.
+    pub cycles: Option<u64>,
+    /// Stop at this instant.
+    pub deadline: Option<Instant>,
+    /// A shell command run while each view is exported (FERRY_NBD_URL,
+    /// FERRY_SOURCE and FERRY_CYCLE set).
+    pub hook: Option<String>,
+    /// Retention applied to the source after each committed point.
+    pub retention: Policy,
+}
+
+/// The state of one source, as a status file or an API shows it.
+#[derive(Debug, Clone, Serialize, Default)]
+pub struct SourceStatus {
+    pub source: String,
+    pub last_point: Option<String>,
+    /// The instant the newest committed point captured.
+    pub last_cut: Option<DateTime<Utc>>,
+    /// Now minus `last_cut`, in seconds: the current RPO.
+    pub lag_secs: Option<f64>,
+    /// Bytes the guest wrote since `last_cut` (the recording bitmap's count at commit).
+    pub backlog_bytes: u64,
+    /// Bytes read per second of cycle, and the last cycle's time.
+    pub throughput_bytes_per_sec: f64,
+    pub last_cycle_secs: f64,
+    pub last_mode: Option<String>,
+    pub cycles_ok: u64,
+    pub cycles_failed: u64,
+    pub last_error: Option<String>,
+}
+
+/// The status of every source, updated as cycles end.
+#[derive(Debug, Default)]
+pub struct Status(Mutex<Vec<SourceStatus>>);
+
+impl Status {
+    /// A copy, with each lag measured now.
+    pub fn snapshot(&self) -> Vec<SourceStatus> {
+        let mut v = self.0.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let now = Utc::now();
+        for s in &mut v {
+            s.lag_secs = s
+                .last_cut
+                .map(|c| (now - c).num_milliseconds() as f64 / 1000.0);
+        }
+        v
+    }
+}
+
+/// What happened, as it happens.
+#[derive(Debug, Clone)]
+pub enum Update {
+    /// A point was committed.
+    Protected {
+        source: String,
+        cycle: u64,
+        point: String,
+        cut: DateTime<Utc>,
+        mode: String,
+        lag_secs: f64,
+        backlog_bytes: u64,
+        cycle_secs: f64,
+        bytes_read: u64,
+        /// Bytes the change map marked (None for a full read).
+        changed_bytes: Option<u64>,
+        stored_bytes: u64,
+    },
+    /// A cycle failed; the next one catches up.
+    Failed {
+        source: String,
+        cycle: u64,
+        error: String,
+    },
+}
+
+/// Runs protection until every disk has had its cycles, the deadline
+/// passes, or `cancel` is set (checked between cycles and while waiting for
+/// the next one, at least every 100 ms). Updates go to `updates` (bounded: a
+/// slow reader slows the cycles, it does not grow memory; a reader that went
+/// away is ignored). Returns the final status of each source.
+pub fn run(
+    repo: &Repository,
+    opts: &Options,
+    status: &Status,
+    updates: Option<&mpsc::SyncSender<Update>>,
+    cancel: &AtomicBool,
+) -> Vec<SourceStatus> {
+    *status.0.lock().unwrap_or_else(|e| e.into_inner()) = opts
+        .disks
+        .iter()
+        .map(|d| SourceStatus {
+            source: d.source.clone(),
+            ..Default::default()
+        })
+        .collect();
+    let stopped = |n: u64| {
+        cancel.load(Ordering::Relaxed)
+            || opts.cycles.is_some_and(|c| n >= c)
+            || opts.deadline.is_some_and(|d| Instant::now() >= d)
+    };
+    std::thread::scope(|s| {
+        for (i, vm) in opts.disks.iter().enumerate() {
+            s.spawn(move || {
+                let mut n = 0u64;
+                while !stopped(n) {
+                    n += 1;
+                    let started = Instant::now();
+                    let update = one_cycle(repo, opts, vm, n, started, i, status);
+                    if let Some(tx) = updates {
+                        let _ = tx.send(update);
+                    }
+                    // Wait for the next interval, but notice a cancel promptly.
+                    while let Some(rest) = opts.interval.checked_sub(started.elapsed()) {
+                        if cancel.load(Ordering::Relaxed) {
+                            break;
+                        }
+                        std::thread::sleep(rest.min(Duration::from_millis(100)));
+                    }
+                }
+            });
+        }
+    });
+    status.snapshot()
+}
+
+fn one_cycle(
+    repo: &Repository,
+    opts: &Options,
+    vm: &Protected,
+    n: u64,
+    started: Instant,
+    i: usize,
+    status: &Status,
+) -> Update {
+    let hook = opts.hook.as_ref().map(|cmd| {
+        let (cmd, source) = (cmd.clone(), vm.source.clone());
+        move |url: &str| -> ferry_agent::Result<()> {
+            let st = std::process::Command::new("sh")
+                .args(["-c", &cmd])
+                .env("FERRY_NBD_URL", url)
+                .env("FERRY_SOURCE", &source)
+                .env("FERRY_CYCLE", n.to_string())
+                .status()
+                .map_err(|e| ferry_agent::Error::InvalidInput(format!("--hook: {e}")))?;
+            if st.success() {
+                Ok(())
+            } else {
+                Err(ferry_agent::Error::InvalidInput(format!(
+                    "--hook exited with {st}"
+                )))
+            }
+        }
+    });
+    let hook_ref = hook.as_ref().map(|h| h as &qemu::Hook);
+    let r = qemu::cycle(repo, &vm.source, &vm.disk_name, &vm.disk, hook_ref);
+    let secs = started.elapsed().as_secs_f64();
+    {
+        let mut st = status.0.lock().unwrap_or_else(|e| e.into_inner());
+        let st = &mut st[i];
+        match &r {
+            Ok(rep) => {
+                st.last_point = Some(rep.summary.point.clone());
+                st.last_cut = Some(rep.cut);
+                st.backlog_bytes = rep.backlog_bytes;
+                st.throughput_bytes_per_sec = rep.summary.bytes_read as f64 / secs.max(1e-6);
+                st.last_cycle_secs = secs;
+                st.last_mode = Some(rep.mode.clone());
+                st.cycles_ok += 1;
+                st.last_error = None;
+            }
+            Err(e) => {
+                st.cycles_failed += 1;
+                st.last_error = Some(e.to_string());
+            }
+        }
+    }
+    match r {
+        Ok(rep) => {
+            let lag = (Utc::now() - rep.cut).num_milliseconds() as f64 / 1000.0;
+            info!(source = %vm.source, cycle = n, point = %rep.summary.point, mode = %rep.mode, lag_secs = lag, backlog_bytes = rep.backlog_bytes, "protected");
+            if !opts.retention.is_empty()
+                && let Err(e) =
+                    ferry_agent::prune::forget(repo, &opts.retention, Some(&vm.source), &[], false)
+            {
+                warn!(source = %vm.source, error = %e, "retention failed; points are kept");
+            }
+            Update::Protected {
+                source: vm.source.clone(),
+                cycle: n,
+                point: rep.summary.point.clone(),
+                cut: rep.cut,
+                mode: rep.mode.clone(),
+                lag_secs: lag,
+                backlog_bytes: rep.backlog_bytes,
+                cycle_secs: secs,
+                bytes_read: rep.summary.bytes_read,
+                changed_bytes: rep.summary.changed_bytes,
+                stored_bytes: rep.summary.stored_bytes,
+            }
+        }
+        Err(e) => {
+            warn!(source = %vm.source, cycle = n, error = %e, "cycle failed; the next one catches up");
+            Update::Failed {
+                source: vm.source.clone(),
+                cycle: n,
+                error: e.to_string(),
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::PathBuf;
+
+    /// Cancelling stops the service within its poll step, even in the middle
+    /// of a long interval, and every failed cycle is reported and counted.
+    #[test]
+    fn a_cancel_stops_protection_promptly_and_failures_are_reported() {
+        let repo = ferry_agent::Repository::init(
+            ferry_agent::Store::memory(),
+            b"password",
+            ferry_agent::repo::InitOptions {
+                kdf: ferry_agent::crypto::KdfParams {
+                    memory_kib: 64,
+                    iterations: 1,
+                    ..Default::default()
+                },
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let opts = Options {
+            disks: vec![Protected {
+                source: "gone".into(),
+                disk_name: "vda".into(),
+                disk: LiveDisk {
+                    qmp: dir.path().join("no-such.qmp"),
+                    node: "disk0".into(),
+                    work_dir: PathBuf::from(dir.path()),
+                },
+            }],
+            interval: Duration::from_secs(3600),
+            cycles: None,
+            deadline: None,
+            hook: None,
+            retention: Policy::default(),
+        };
+        let status = Status::default();
+        let cancel = AtomicBool::new(false);
+        let (tx, rx) = mpsc::sync_channel(4);
+        let started = Instant::now();
+        let final_status = std::thread::scope(|s| {
+            let h = s.spawn(|| run(&repo, &opts, &status, Some(&tx), &cancel));
+            // The first cycle fails (no VM there) and is reported.
+            match rx.recv_timeout(Duration::from_secs(10)).unwrap() {
+                Update::Failed {
+                    source,
+                    cycle,
+                    error,
+                } => {
+                    assert_eq!((source.as_str(), cycle), ("gone", 1));
+                    assert!(error.contains("no-such.qmp"), "{error}");
+                }
+                other => panic!("{other:?}"),
+            }
+            assert_eq!(status.snapshot()[0].cycles_failed, 1);
+            cancel.store(true, Ordering::Relaxed);
+            h.join().unwrap()
+        });
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "cancel waited for the interval: {:?}",
+            started.elapsed()
+        );
+        assert_eq!(final_status[0].cycles_failed, 1);
+        assert_eq!(final_status[0].cycles_ok, 0);
+    }
+}
