@@ -86,7 +86,7 @@ pub enum Command {
     /// Continuous protection of running QEMU VMs through QMP (dirty bitmaps, no agent inside).
     Protect(protect::ProtectArgs),
     /// Print the JSON Schema of runbooks (for editors).
-    Schema,
+    Schema(runbooks::SchemaArgs),
     /// Check runbooks and report every problem with its line and column.
     Validate(runbooks::ValidateArgs),
     /// Show what a runbook would do: waves, recovery points, predicted RTO. Changes nothing.

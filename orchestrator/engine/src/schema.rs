@@ -153,3 +153,10 @@ pub fn schema() -> Value {
         }
     })
 }
+
+/// The JSON Schema of one stored event (`docs/event-log.schema.json`): the
+/// event log is a declared format that every run stores and every later
+/// Ferry must read. Derived from the types that write it.
+pub fn event_schema() -> Value {
+    serde_json::to_value(schemars::schema_for!(crate::machine::Event)).unwrap_or(Value::Null)
+}

@@ -54,3 +54,27 @@ fn broken_runbooks_give_the_expected_diagnostics() {
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
+
+/// The generated schemas in `docs/` are what this build generates: the
+/// runbook schema (for editors) and the event log's (a declared format).
+/// Refresh with `ferry schema > docs/runbook.schema.json` and
+/// `ferry schema --events > docs/event-log.schema.json`.
+#[test]
+fn generated_schemas_in_docs_are_fresh() {
+    let docs = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../docs");
+    for (file, schema) in [
+        ("runbook.schema.json", ferry_engine::schema::schema()),
+        (
+            "event-log.schema.json",
+            ferry_engine::schema::event_schema(),
+        ),
+    ] {
+        let text =
+            std::fs::read_to_string(docs.join(file)).unwrap_or_else(|e| panic!("docs/{file}: {e}"));
+        let committed: serde_json::Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(
+            committed, schema,
+            "docs/{file} is stale: regenerate it with `ferry schema`"
+        );
+    }
+}

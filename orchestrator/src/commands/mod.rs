@@ -27,7 +27,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         Command::Stats(a) => repo::stats(ctx, a),
         Command::Undelete(a) => repo::undelete(ctx, a),
         Command::Tier(a) => repo::tier(ctx, a),
-        Command::Schema => runbooks::schema(),
+        Command::Schema(a) => runbooks::schema(a),
         Command::Validate(a) => runbooks::validate(ctx, a),
         Command::Plan(a) => runbooks::plan(ctx, a),
         Command::Run(a) => runbooks::run(ctx, a, ferry_engine::Mode::Run),

@@ -130,11 +130,20 @@ fn load(path: &Path) -> Result<(String, String)> {
     Ok((path.display().to_string(), text))
 }
 
-pub fn schema() -> Result<ExitCode> {
-    println!(
-        "{}",
-        serde_json::to_string_pretty(&ferry_engine::schema::schema())?
-    );
+#[derive(Debug, Args)]
+pub struct SchemaArgs {
+    /// The schema of one stored event of a run's log instead (a declared format).
+    #[arg(long)]
+    pub events: bool,
+}
+
+pub fn schema(a: &SchemaArgs) -> Result<ExitCode> {
+    let schema = if a.events {
+        ferry_engine::schema::event_schema()
+    } else {
+        ferry_engine::schema::schema()
+    };
+    println!("{}", serde_json::to_string_pretty(&schema)?);
     Ok(ExitCode::SUCCESS)
 }
 
