@@ -5,7 +5,7 @@
 
 use crate::checks::{self, Check};
 use crate::step::{ActionError, Call, Ctx, Outputs, clip, command};
-use crate::targets::{self, StepCx, Target, TargetAction};
+use crate::targets::{self, Bound, StepCx, TargetAction};
 use serde_json::Value;
 use std::sync::Arc;
 use std::time::Duration;
@@ -50,11 +50,7 @@ impl Kind {
 }
 
 /// Runs one try of a step on `target` (the step's).
-pub async fn perform(
-    ctx: Arc<Ctx>,
-    target: Arc<dyn Target>,
-    call: Call,
-) -> Result<Outputs, ActionError> {
+pub async fn perform(ctx: Arc<Ctx>, target: Bound, call: Call) -> Result<Outputs, ActionError> {
     let Some(kind) = Kind::of(&call.uses) else {
         return Err(ActionError::permanent(format!(
             "`{}` is not an action this build knows",
@@ -65,10 +61,11 @@ pub async fn perform(
         Kind::Target(action) => {
             let cx = StepCx {
                 run: ctx,
+                place: target.place.clone(),
                 node: call.node.clone(),
                 key: call.key.clone(),
             };
-            targets::perform(target.as_ref(), action, &cx, &call).await
+            targets::perform(target.target.as_ref(), action, &cx, &call).await
         }
         Kind::Check(check) => checks::run(check, ctx, call).await,
         Kind::Builtin(Builtin::CommandRun) => command_run(&ctx, &call).await,
@@ -90,16 +87,17 @@ pub async fn perform(
 /// action that creates something it is the action itself (its built-in
 /// undo: delete, terminate), else the runbook's `undo:` step, run as any
 /// other action.
-pub async fn undo(ctx: Arc<Ctx>, target: Arc<dyn Target>, call: Call) -> Result<(), String> {
+pub async fn undo(ctx: Arc<Ctx>, target: Bound, call: Call) -> Result<(), String> {
     if let Some(Kind::Target(action)) = Kind::of(&call.uses)
         && ferry_engine::catalog::action(action.name()).is_some_and(|a| a.creates)
     {
         let cx = StepCx {
             run: ctx,
+            place: target.place.clone(),
             node: call.node.clone(),
             key: call.key.clone(),
         };
-        return targets::undo(target.as_ref(), action, &cx)
+        return targets::undo(target.target.as_ref(), action, &cx)
             .await
             .map_err(|e| e.message);
     }

@@ -18,16 +18,29 @@ use std::path::{Path, PathBuf};
 pub const MAX_RUNBOOK_BYTES: usize = 1 << 20;
 
 /// Validates a runbook: the engine's rules, then the targets (every type
-/// exists and implements the actions its steps use). Every problem at once.
-pub fn validate(registry: &Registry, file: &str, text: &str) -> Result<Runbook> {
+/// exists, its settings are ones it takes, and it implements the actions its
+/// steps use). Every problem at once. With `target`, the steps that name no
+/// target of their own are checked, and later run, on that one.
+pub fn validate(
+    registry: &Registry,
+    file: &str,
+    text: &str,
+    target: Option<&str>,
+) -> Result<Runbook> {
     if text.len() > MAX_RUNBOOK_BYTES {
         return Err(Error::TooLarge(format!(
             "{file}: the runbook is {} bytes; the most accepted is {MAX_RUNBOOK_BYTES}",
             text.len()
         )));
     }
-    let rb = ferry_engine::parse(file, text).map_err(Error::Invalid)?;
-    let problems = registry.check(&rb);
+    let mut rb = ferry_engine::parse(file, text).map_err(Error::Invalid)?;
+    let problems = match target {
+        Some(t) => {
+            rb.retarget(t).map_err(Error::usage)?;
+            registry.check(&rb)
+        }
+        None => registry.check_every_target(&rb),
+    };
     if problems.is_empty() {
         Ok(rb)
     } else {
@@ -41,8 +54,9 @@ pub fn plan(
     file: &str,
     text: &str,
     params: &BTreeMap<String, String>,
+    target: Option<&str>,
 ) -> Result<ferry_engine::Plan> {
-    let rb = validate(registry, file, text)?;
+    let rb = validate(registry, file, text, target)?;
     ferry_engine::plan(rb, params).map_err(Error::Usage)
 }
 
@@ -108,6 +122,8 @@ pub struct NewRun {
     /// The runbook's git commit, if it sat in a checkout.
     pub git_commit: Option<String>,
     pub params: BTreeMap<String, String>,
+    /// `--target`: where the steps that name no target run.
+    pub target: Option<String>,
     pub mode: Mode,
     pub id: Option<String>,
     pub work_dir: Option<PathBuf>,
@@ -129,7 +145,13 @@ pub async fn create_run(
     registry: &Registry,
     new: NewRun,
 ) -> Result<RunRow> {
-    let plan = plan(registry, &new.file, &new.text, &new.params)?;
+    let plan = plan(
+        registry,
+        &new.file,
+        &new.text,
+        &new.params,
+        new.target.as_deref(),
+    )?;
     let id = new.id.unwrap_or_else(new_run_id);
     if id.is_empty()
         || id.len() > 128
@@ -166,6 +188,7 @@ pub async fn create_run(
         finished_ms: None,
         owner: None,
         lease_ms: None,
+        target: new.target,
     };
     state.create_run(&run).await?;
     Ok(run)

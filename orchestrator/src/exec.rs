@@ -8,7 +8,7 @@ use crate::actions;
 use crate::context::Password;
 use crate::state::{Command, RunRow, State, Stored, Verified};
 use crate::step::{ActionError, Call, Ctx, Outputs};
-use crate::targets::{Registry, Target};
+use crate::targets::{Bound, Placement, Registry};
 use anyhow::{Context, Result};
 use ferry_engine::machine::Phase;
 use ferry_engine::runbook::ErrorClass;
@@ -45,12 +45,16 @@ pub fn owner_is_dead(owner: &str) -> bool {
 /// Builds the engine for a stored run: re-validates its runbook text and
 /// replays its log.
 pub fn rebuild(run: &RunRow, log: &[Stored]) -> Result<Engine> {
-    let rb = ferry_engine::parse(&run.file, &run.source).map_err(|d| {
+    let mut rb = ferry_engine::parse(&run.file, &run.source).map_err(|d| {
         anyhow::anyhow!(
             "the stored runbook of run {} no longer validates:\n{d}",
             run.id
         )
     })?;
+    if let Some(target) = &run.target {
+        rb.retarget(target)
+            .map_err(|e| anyhow::anyhow!("run {}: {e}", run.id))?;
+    }
     let plan =
         ferry_engine::plan(rb, &run.params).map_err(|e| anyhow::anyhow!("run {}: {e}", run.id))?;
     let mode = if run.mode == "drill" {
@@ -96,7 +100,7 @@ pub struct Runner {
     engine: Engine,
     ctx: Arc<Ctx>,
     /// The target of each of the runbook's `targets`, by index.
-    targets: Vec<Arc<dyn Target>>,
+    targets: Vec<Bound>,
     next_seq: i64,
     owner: String,
     out: Output,
@@ -146,13 +150,17 @@ impl Runner {
             .targets
             .iter()
             .map(|t| {
-                registry.get(&t.kind).ok_or_else(|| {
+                let target = registry.get(&t.kind).ok_or_else(|| {
                     anyhow::anyhow!(
                         "run {}: target `{}` has type `{}`, which this ferry does not have",
                         run.id,
                         t.name,
                         t.kind
                     )
+                })?;
+                Ok(Bound {
+                    target,
+                    place: Arc::new(Placement::of(t)),
                 })
             })
             .collect::<Result<Vec<_>>>()?;

@@ -38,6 +38,7 @@ fn load(name: &str) -> (RunRow, Vec<Stored>, Vec<serde_json::Value>) {
         finished_ms: meta["finished_ms"].as_i64(),
         owner: None,
         lease_ms: None,
+        target: None,
     };
     let mut log = Vec::new();
     let mut raw = Vec::new();

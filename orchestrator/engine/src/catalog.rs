@@ -84,7 +84,7 @@ const INTERVAL: Input = opt("interval", Ty::Duration, "pause between tries (defa
 pub static ACTIONS: &[Action] = &[
     Action {
         name: "volume.restore",
-        doc: "Restore one disk of a recovery point to an image file in the run's work directory (resumes a partial restore).",
+        doc: "Restore one disk of a recovery point as a volume of the target: an image file in the run's work directory (local), an EBS snapshot written through the EBS direct APIs (aws). Resumes a partial restore.",
         inputs: &[
             req(
                 "point",
@@ -104,7 +104,10 @@ pub static ACTIONS: &[Action] = &[
             ),
         ],
         outputs: &[
-            ("path", "the image file"),
+            (
+                "path",
+                "the volume: an image file (local), a snapshot id (aws)",
+            ),
             ("format", "raw or qcow2"),
             ("point", "the recovery point's id"),
             ("source", "the point's source"),
@@ -133,9 +136,13 @@ pub static ACTIONS: &[Action] = &[
     },
     Action {
         name: "instance.launch",
-        doc: "Boot a QEMU VM (software emulation) from a kernel and initrd with the given disks, on its own user-mode network.",
+        doc: "Boot an instance with the given disks: a QEMU VM (software emulation) on its own user-mode network (local), an EC2 instance from the restored snapshots (aws).",
         inputs: &[
-            req("kernel", Ty::String, "kernel image"),
+            opt(
+                "kernel",
+                Ty::String,
+                "kernel image to boot directly (local; without it the first disk boots)",
+            ),
             opt("initrd", Ty::String, "initramfs"),
             opt(
                 "append",
@@ -174,13 +181,62 @@ pub static ACTIONS: &[Action] = &[
                 Ty::Duration,
                 "how long to wait for `ready` (default 3m)",
             ),
+            opt(
+                "image",
+                Ty::String,
+                "an image to boot instead of the first disk (aws: an AMI id or a family from the target's `images` mapping)",
+            ),
+            opt(
+                "instance_type",
+                Ty::String,
+                "the provider's size, overriding cpus/memory (aws: t3.small)",
+            ),
+            opt(
+                "network",
+                Ty::String,
+                "the network to join (a network.create output `id`)",
+            ),
+            opt(
+                "user_data",
+                Ty::String,
+                "data handed to the instance at boot (aws: cloud-init user data)",
+            ),
         ],
         outputs: &[
-            ("name", "the instance's name"),
+            ("name", "the instance's name (aws: its instance id)"),
             ("pid", "the QEMU process"),
             ("ports", "map of guest port -> 127.0.0.1:HOST_PORT"),
             ("addr", "127.0.0.1:HOST_PORT of the first forwarded port"),
             ("console", "the serial console log file"),
+        ],
+        creates: true,
+        check: false,
+        approval: false,
+    },
+    Action {
+        name: "network.create",
+        doc: "Create a private network with subnets and inbound firewall rules, routed nowhere else (aws: a VPC, subnets, a security group and a route table of its own).",
+        inputs: &[
+            req(
+                "cidr",
+                Ty::String,
+                "the network's address range, e.g. 10.42.0.0/16",
+            ),
+            opt(
+                "subnets",
+                Ty::List,
+                "subnet ranges inside it (default: one subnet of the whole range)",
+            ),
+            opt(
+                "ingress",
+                Ty::List,
+                "inbound rules: `tcp/80`, `tcp/3306 from 10.42.0.0/16` (default source: the network itself)",
+            ),
+        ],
+        outputs: &[
+            ("id", "the network (aws: the VPC id)"),
+            ("subnets", "the subnet ids, in order"),
+            ("security_group", "the firewall (aws: security group id)"),
         ],
         creates: true,
         check: false,
@@ -428,7 +484,9 @@ mod tests {
         assert_eq!(names.len(), ACTIONS.len());
         for a in ACTIONS.iter().filter(|a| a.creates) {
             assert!(
-                a.name.starts_with("volume.") || a.name == "instance.launch",
+                a.name.starts_with("volume.")
+                    || a.name == "instance.launch"
+                    || a.name == "network.create",
                 "{}",
                 a.name
             );

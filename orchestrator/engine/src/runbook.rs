@@ -127,6 +127,15 @@ pub struct Target {
     pub kind: String,
     /// Steps on this target that may run at once.
     pub parallelism: usize,
+    /// Everything else the runbook says of the target (`region`,
+    /// `mapping`, ...): the target type, not the engine, knows what these
+    /// mean, and the orchestrator's registry checks them.
+    #[serde(default, skip_serializing_if = "Map::is_empty")]
+    pub settings: Map<String, Value>,
+    #[serde(default)]
+    pub line: usize,
+    #[serde(default)]
+    pub column: usize,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -180,6 +189,10 @@ pub struct Step {
     pub for_each: Option<Value>,
     pub retry: Retry,
     pub timeout_ms: Option<u64>,
+    /// The step names its target (`target:`); else it runs on the run's
+    /// default target, which `--target` picks.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub target_named: bool,
     /// What removes what the step created: the action's own undo for
     /// `volume.*` and `instance.launch`, or the runbook's `undo:`.
     pub undo: Option<Undo>,
@@ -214,6 +227,24 @@ impl Runbook {
     pub fn step(&self, id: &str) -> Option<usize> {
         self.steps.iter().position(|s| s.id == id)
     }
+
+    /// Makes `name` the run's default target: every step that does not name
+    /// its own target runs there (`ferry run --target NAME`). The same
+    /// runbook then rebuilds on `local`, `aws` or `libvirt`.
+    pub fn retarget(&mut self, name: &str) -> Result<(), String> {
+        let Some(index) = self.targets.iter().position(|t| t.name == name) else {
+            let known: Vec<&str> = self.targets.iter().map(|t| t.name.as_str()).collect();
+            return Err(format!(
+                "runbook `{}` has no target `{name}`; its targets are: {}",
+                self.name,
+                known.join(", ")
+            ));
+        };
+        for step in self.steps.iter_mut().filter(|s| !s.target_named) {
+            step.target = index;
+        }
+        Ok(())
+    }
 }
 
 const TOP_KEYS: &[&str] = &[
@@ -231,7 +262,6 @@ const STEP_KEYS: &[&str] = &[
     "id", "name", "uses", "target", "with", "needs", "if", "for_each", "retry", "timeout", "undo",
 ];
 const RETRY_KEYS: &[&str] = &["attempts", "backoff", "max_backoff", "on"];
-const TARGET_TYPES: &[&str] = &["local"];
 
 /// Parses and validates a runbook with the default [`Limits`]. `file` names
 /// it in diagnostics.
@@ -755,6 +785,9 @@ impl Validator<'_> {
                 name: "local".into(),
                 kind: "local".into(),
                 parallelism: 4,
+                settings: Map::new(),
+                line: 0,
+                column: 0,
             }]
         };
         let Some(node) = top.get_node("targets") else {
@@ -778,17 +811,16 @@ impl Validator<'_> {
                 );
                 continue;
             };
-            self.unknown_keys(m, &["type", "parallelism"], "a target");
+            // Which types exist, and what settings each takes, is the
+            // orchestrator's registry's to say: the engine knows no target.
             let kind = self
                 .string(m, "type", "a target")
                 .unwrap_or_else(|| "local".into());
-            if !TARGET_TYPES.contains(&kind.as_str()) {
-                self.err(
-                    val_pos(m, "type"),
-                    format!("unknown target type `{kind}`"),
-                    Some(format!("this build has: {}", TARGET_TYPES.join(", "))),
-                );
-            }
+            let settings = m
+                .iter()
+                .filter(|(k, _)| !matches!(k.as_str(), "type" | "parallelism"))
+                .map(|(k, v)| (k.as_str().to_owned(), to_json(v)))
+                .collect();
             let parallelism = match m.get_scalar("parallelism") {
                 None => 4,
                 Some(s) => match s.as_str().parse::<usize>() {
@@ -803,10 +835,14 @@ impl Validator<'_> {
                     }
                 },
             };
+            let pos = Pos::of(k.span());
             out.push(Target {
                 name: k.as_str().to_owned(),
                 kind,
                 parallelism,
+                settings,
+                line: pos.line,
+                column: pos.column,
             });
         }
         if out.is_empty() {
@@ -1098,6 +1134,7 @@ impl Validator<'_> {
             }
             _ => {}
         }
+        let target_named = m.contains_key("target");
         let target = match self.string(m, "target", &what) {
             None => 0,
             Some(t) => targets.iter().position(|x| x.name == t).unwrap_or_else(|| {
@@ -1260,6 +1297,7 @@ impl Validator<'_> {
             for_each,
             retry,
             timeout_ms,
+            target_named,
             undo,
             line: r.pos.line,
             column: r.pos.column,

@@ -97,9 +97,9 @@ pub fn schema() -> Value {
                 "type": "object",
                 "additionalProperties": {
                     "type": "object",
-                    "additionalProperties": false,
+                    "description": "A place to rebuild in. Keys besides `type` and `parallelism` are the target type's settings (e.g. `region`, `mapping`).",
                     "properties": {
-                        "type": {"enum": ["local"]},
+                        "type": {"type": "string", "examples": ["local", "aws", "libvirt"]},
                         "parallelism": {"type": "integer", "minimum": 1}
                     }
                 }

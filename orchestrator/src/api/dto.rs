@@ -71,6 +71,9 @@ pub struct Run {
     /// `HOST:PID:NONCE` of the runner driving it.
     pub owner: Option<String>,
     pub lease_ms: Option<i64>,
+    /// The runbook target steps run on unless they name their own; `null`:
+    /// the runbook's first.
+    pub target: Option<String>,
 }
 
 impl From<RunRow> for Run {
@@ -93,6 +96,7 @@ impl From<RunRow> for Run {
             finished_ms: r.finished_ms,
             owner: r.owner,
             lease_ms: r.lease_ms,
+            target: r.target,
         }
     }
 }
@@ -153,6 +157,10 @@ pub struct StartRun {
     #[serde(default)]
     pub params: BTreeMap<String, String>,
     pub mode: RunMode,
+    /// One of the runbook's `targets`: where the steps that name no target
+    /// run (default: the runbook's first).
+    #[serde(default)]
+    pub target: Option<String>,
 }
 
 /// Let a run past an approval step. The approver recorded is the
@@ -172,6 +180,9 @@ pub struct PlanRequest {
     pub file: Option<String>,
     #[serde(default)]
     pub params: BTreeMap<String, String>,
+    /// As in a run: where the steps that name no target would run.
+    #[serde(default)]
+    pub target: Option<String>,
 }
 
 /// The waves a plan would run, each a list of step ids.

@@ -324,6 +324,7 @@ async fn start_run(
         text: body.runbook,
         git_commit: None,
         params: body.params,
+        target: body.target,
         mode: body.mode.into(),
         id: None,
         work_dir: None,
@@ -557,10 +558,11 @@ async fn verified(Ax(app): Ax<AppState>) -> ApiResult<Json<Vec<VerifiedPoint>>> 
 async fn plan(Ax(app): Ax<AppState>, Body(b): Body<PlanRequest>) -> ApiResult<Json<PlanResponse>> {
     let file = b.file.unwrap_or_else(|| "api.yaml".into());
     let registry = app.registry.clone();
-    let p =
-        tokio::task::spawn_blocking(move || control::plan(&registry, &file, &b.runbook, &b.params))
-            .await
-            .map_err(|e| Error::Internal(anyhow::anyhow!("planning stopped: {e}")))??;
+    let p = tokio::task::spawn_blocking(move || {
+        control::plan(&registry, &file, &b.runbook, &b.params, b.target.as_deref())
+    })
+    .await
+    .map_err(|e| Error::Internal(anyhow::anyhow!("planning stopped: {e}")))??;
     let waves = p
         .waves
         .iter()

@@ -40,6 +40,10 @@ pub struct PlanArgs {
     /// A param: NAME=VALUE (repeatable).
     #[arg(short, long = "param", value_name = "NAME=VALUE")]
     pub params: Vec<String>,
+    /// Which of the runbook's `targets` the steps that name none run on
+    /// (default: the first): the same runbook plans for local, aws or libvirt.
+    #[arg(long, value_name = "NAME")]
+    pub target: Option<String>,
 }
 
 #[derive(Debug, Args)]
@@ -48,6 +52,10 @@ pub struct RunArgs {
     /// A param: NAME=VALUE (repeatable).
     #[arg(short, long = "param", value_name = "NAME=VALUE")]
     pub params: Vec<String>,
+    /// Which of the runbook's `targets` the steps that name none run on
+    /// (default: the first).
+    #[arg(long, value_name = "NAME")]
+    pub target: Option<String>,
     /// The run's id (default: generated).
     #[arg(long)]
     pub id: Option<String>,
@@ -153,7 +161,7 @@ pub fn validate(ctx: &Context, a: &ValidateArgs) -> Result<ExitCode> {
     let mut all = Vec::new();
     for f in &a.runbooks {
         let (file, text) = load(f)?;
-        match control::validate(&registry, &file, &text) {
+        match control::validate(&registry, &file, &text, None) {
             Ok(rb) => {
                 if !ctx.json {
                     println!("{file}: ok ({} steps)", rb.steps.len());
@@ -213,6 +221,7 @@ pub fn plan(ctx: &Context, a: &PlanArgs) -> Result<ExitCode> {
         &file,
         &text,
         &control::parse_params(&a.params)?,
+        a.target.as_deref(),
     )?;
     let rt = runtime()?;
     // `plan` touches nothing: a SQLite state that does not exist yet has no
@@ -372,6 +381,7 @@ pub fn run(ctx: &Context, a: &RunArgs, mode: Mode) -> Result<ExitCode> {
             text,
             git_commit: control::git_commit(&a.runbook),
             params,
+            target: a.target.clone(),
             mode,
             id: a.id.clone(),
             work_dir: a.work_dir.clone(),

@@ -43,6 +43,10 @@ pub struct RunRow {
     /// `HOST:PID:NONCE` of the runner driving it.
     pub owner: Option<String>,
     pub lease_ms: Option<i64>,
+    /// The runbook target its steps run on unless they name their own
+    /// (`--target`); `None`: the runbook's first.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target: Option<String>,
 }
 
 /// One entry of a run's log.
@@ -163,8 +167,8 @@ impl State {
 
     pub async fn create_run(&self, r: &RunRow) -> Result<()> {
         sqlx::query(
-            "INSERT INTO runs (id, runbook, file, source, params, mode, status, git_commit, repo, work_dir, created_ms, owner, lease_ms)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)",
+            "INSERT INTO runs (id, runbook, file, source, params, mode, status, git_commit, repo, work_dir, created_ms, owner, lease_ms, target)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)",
         )
         .bind(&r.id)
         .bind(&r.runbook)
@@ -179,6 +183,7 @@ impl State {
         .bind(r.created_ms)
         .bind(r.owner.clone())
         .bind(r.lease_ms)
+        .bind(r.target.clone())
         .execute(&self.pool)
         .await
         .with_context(|| format!("cannot record run {}", r.id))?;
@@ -202,6 +207,7 @@ impl State {
             finished_ms: row.try_get("finished_ms")?,
             owner: row.try_get("owner")?,
             lease_ms: row.try_get("lease_ms")?,
+            target: row.try_get("target")?,
         })
     }
 

@@ -7,25 +7,53 @@
 //!   never launched);
 //! - a launch adopts what an interrupted try left (same instance, not a second);
 //! - `health()` has no side effects.
+//!
+//! "Made" means what the run's work directory holds and, for a target with
+//! resources elsewhere (a cloud), what its [`Inventory`] lists for the run.
 
 use super::*;
+use futures::future::BoxFuture;
 use std::path::Path;
+
+/// Lists what exists in the target for the suite's run (`kind id` lines),
+/// so that the suite can see what a call made outside the work directory.
+pub type Inventory = Arc<dyn Fn() -> BoxFuture<'static, Vec<String>> + Send + Sync>;
 
 /// What the suite needs to exercise a target.
 pub struct Setup {
     pub target: Arc<dyn Target>,
     /// The run every step of the suite belongs to.
     pub run: Arc<Ctx>,
+    /// Where the runbook places the target (its settings).
+    pub place: Placement,
     /// An instance the target can launch, if this machine can run one.
     pub launch: Option<InstanceLaunch>,
+    /// What the target holds for the run, for targets with resources
+    /// outside the work directory.
+    pub inventory: Option<Inventory>,
 }
 
-fn step(run: &Arc<Ctx>, node: &str) -> StepCx {
+fn step(s: &Setup, node: &str) -> StepCx {
     StepCx {
-        run: run.clone(),
+        run: s.run.clone(),
+        place: Arc::new(s.place.clone()),
         node: node.into(),
-        key: format!("{}/{node}", run.run_id),
+        key: format!("{}/{node}", s.run.run_id),
     }
+}
+
+/// Everything the target made for the run, as far as the suite can see.
+async fn made(s: &Setup) -> Vec<String> {
+    let mut out: Vec<String> = snapshot(&s.run.work_dir)
+        .into_iter()
+        .map(|(p, len, t)| format!("file {} {len} {t:?}", p.display()))
+        .collect();
+    if let Some(inv) = &s.inventory {
+        let mut listed = inv().await;
+        listed.sort();
+        out.extend(listed);
+    }
+    out
 }
 
 /// Every file under `dir`, with its size and modification time.
@@ -53,39 +81,73 @@ pub async fn run(s: Setup) {
     let t = s.target.as_ref();
 
     // Health: the same probes as real work, and nothing made.
-    let before = snapshot(&s.run.work_dir);
-    let h = t.health(&s.run).await;
+    let before = made(&s).await;
+    let h = t.health(&s.run, &s.place).await;
     assert_eq!(h.target, t.kind());
     assert!(!h.probes.is_empty(), "health probes nothing");
-    assert_eq!(
-        before,
-        snapshot(&s.run.work_dir),
-        "health() changed the work directory"
-    );
+    assert!(h.ok, "health failed: {:?}", h.probes);
+    assert_eq!(before, made(&s).await, "health() made or changed something");
 
     if let Some(v) = t.volumes() {
-        let cx = step(&s.run, "conf-vol");
+        let cx = step(&s, "conf-vol");
         let req = VolumeCreate {
             size_bytes: 1 << 20,
             format: DiskFormat::Raw,
         };
         let first = v.create(&cx, req.clone()).await.expect("create");
-        let after_first = snapshot(&s.run.work_dir);
+        let after_first = made(&s).await;
+        assert_ne!(before, after_first, "create made nothing the suite can see");
         let second = v.create(&cx, req).await.expect("create again");
         assert_eq!(first.path, second.path, "a second try made another volume");
         assert_eq!(
             after_first,
-            snapshot(&s.run.work_dir),
+            made(&s).await,
             "a second try of create changed what the first made"
         );
         v.delete(&cx).await.expect("delete");
         v.delete(&cx).await.expect("delete of what is already gone");
-        let never = step(&s.run, "conf-never-made");
+        let never = step(&s, "conf-never-made");
         v.delete(&never).await.expect("delete of what never was");
+        assert_eq!(
+            before,
+            made(&s).await,
+            "delete left something of what create made"
+        );
+    }
+
+    if let Some(n) = t.networks() {
+        let cx = step(&s, "conf-net");
+        let req = NetworkCreate {
+            cidr: "10.77.0.0/16".into(),
+            subnets: vec!["10.77.1.0/24".into(), "10.77.2.0/24".into()],
+            ingress: vec!["tcp/80".into(), "tcp/3306 from 10.77.1.0/24".into()],
+        };
+        let first = n.create(&cx, req.clone()).await.expect("network create");
+        assert_eq!(first.subnets.len(), 2, "{first:?}");
+        let after_first = made(&s).await;
+        let again = n.create(&cx, req).await.expect("network create again");
+        assert_eq!(
+            (&first.id, &first.subnets, &first.security_group),
+            (&again.id, &again.subnets, &again.security_group),
+            "a second try made another network"
+        );
+        assert_eq!(
+            after_first,
+            made(&s).await,
+            "a second try changed the network"
+        );
+        n.delete(&cx).await.expect("network delete");
+        n.delete(&cx)
+            .await
+            .expect("network delete of what is already gone");
+        n.delete(&step(&s, "conf-never-net"))
+            .await
+            .expect("network delete of what never was");
+        assert_eq!(before, made(&s).await, "network delete left something");
     }
 
     if let Some(i) = t.instances() {
-        let never = step(&s.run, "conf-never-launched");
+        let never = step(&s, "conf-never-launched");
         i.terminate(&never)
             .await
             .expect("terminate of what never was");
@@ -93,14 +155,22 @@ pub async fn run(s: Setup) {
             .await
             .expect("stop of what never was");
         if let Some(req) = s.launch.clone() {
-            let cx = step(&s.run, "conf-vm");
+            let cx = step(&s, "conf-vm");
             let first = i.launch(&cx, req.clone()).await.expect("launch");
+            let after_first = made(&s).await;
             let again = i.launch(&cx, req).await.expect("launch again");
             assert_eq!(
-                (first.pid, &first.ports),
-                (again.pid, &again.ports),
+                (&first.name, first.pid, &first.ports),
+                (&again.name, again.pid, &again.ports),
                 "a second try launched another instance instead of adopting the first"
             );
+            if s.inventory.is_some() {
+                assert_eq!(
+                    after_first,
+                    made(&s).await,
+                    "a second launch made something"
+                );
+            }
             i.terminate(&cx).await.expect("terminate");
             i.terminate(&cx).await.expect("terminate twice");
         }
@@ -131,7 +201,7 @@ mod tests {
         let kernel = dir.join("vmlinuz");
         let initrd = dir.join("initrd.gz");
         (kernel.exists() && initrd.exists()).then(|| InstanceLaunch {
-            kernel: kernel.to_string_lossy().into_owned(),
+            kernel: Some(kernel.to_string_lossy().into_owned()),
             initrd: Some(initrd.to_string_lossy().into_owned()),
             append: None,
             disks: Vec::new(),
@@ -142,6 +212,10 @@ mod tests {
             isolated: Some(true),
             ready: None,
             ready_timeout: Duration::from_secs(60),
+            image: None,
+            instance_type: None,
+            network: None,
+            user_data: None,
         })
     }
 
@@ -151,7 +225,9 @@ mod tests {
         run(Setup {
             target: Arc::new(local::Local),
             run: run_ctx(dir.path()),
+            place: Placement::default(),
             launch: guest(),
+            inventory: None,
         })
         .await;
     }
@@ -186,7 +262,7 @@ mod tests {
         fn volumes(&self) -> Option<&dyn Volumes> {
             Some(self)
         }
-        async fn health(&self, _: &Ctx) -> Health {
+        async fn health(&self, _: &Ctx, _: &Placement) -> Health {
             Health {
                 target: "forgetful".into(),
                 ok: true,
@@ -206,7 +282,9 @@ mod tests {
         let suite = tokio::spawn(run(Setup {
             target: Arc::new(Forgetful(Default::default())),
             run: ctx,
+            place: Placement::default(),
             launch: None,
+            inventory: None,
         }));
         let err = suite.await.expect_err("the suite passed a broken target");
         assert!(err.is_panic());

@@ -3,8 +3,8 @@
 //! The embedded default, and the reference implementation of the seam.
 
 use super::{
-    CreatedVolume, DiskFormat, Health, InstanceLaunch, Instances, LaunchedInstance, Probe,
-    RestoredVolume, StepCx, Target, TargetResult, VolumeCreate, VolumeRestore, Volumes,
+    CreatedVolume, DiskFormat, Health, InstanceLaunch, Instances, LaunchedInstance, Placement,
+    Probe, RestoredVolume, StepCx, Target, TargetResult, VolumeCreate, VolumeRestore, Volumes,
 };
 use crate::step::{ActionError, CancelOnDrop, Ctx, clip, disk_index, file_stem, scrub_env};
 use async_trait::async_trait;
@@ -33,7 +33,7 @@ impl Target for Local {
 
     /// The tools real work runs (`qemu-img`, QEMU) answer, and the run's work
     /// directory (or the nearest existing parent) is writable. Creates nothing.
-    async fn health(&self, run: &Ctx) -> Health {
+    async fn health(&self, run: &Ctx, _place: &Placement) -> Health {
         let mut probes = Vec::new();
         for (what, prog) in [("qemu-img", "qemu-img".to_owned()), ("qemu", qemu())] {
             let r = tokio::process::Command::new(&prog)
@@ -316,7 +316,15 @@ fn free_port() -> Result<u16, ActionError> {
 impl Instances for Local {
     /// Boots a VM, or adopts the one an earlier try of the same step left
     /// running (found by its pid file and name).
+    /// `instance_type`, `network` and `user_data` are for cloud targets and
+    /// mean nothing here (the VM's size is `cpus`/`memory`; each VM has its
+    /// own user-mode network, joined to others only through `links`).
     async fn launch(&self, cx: &StepCx, req: InstanceLaunch) -> TargetResult<LaunchedInstance> {
+        if let Some(image) = &req.image {
+            return Err(ActionError::permanent(format!(
+                "the local target boots a kernel or the first disk, not an image (`{image}`)"
+            )));
+        }
         let ctx = &cx.run;
         let name = vm_name(ctx, &cx.node);
         let pidfile = path_in(ctx, &cx.node, "pid");
@@ -460,7 +468,6 @@ async fn boot(
     ])
     .arg("-serial")
     .arg(format!("file:{}", console.display()))
-    .args(["-kernel", &req.kernel, "-append", &append])
     .args([
         "-netdev",
         &netdev,
@@ -470,8 +477,13 @@ async fn boot(
     .arg("-pidfile")
     .arg(pidfile)
     .arg("-daemonize");
-    if let Some(initrd) = &req.initrd {
-        cmd.args(["-initrd", initrd]);
+    // A kernel boots directly; without one, the first disk's own
+    // bootloader boots (SeaBIOS, from the disk with boot index 0).
+    if let Some(kernel) = &req.kernel {
+        cmd.args(["-kernel", kernel, "-append", &append]);
+        if let Some(initrd) = &req.initrd {
+            cmd.args(["-initrd", initrd]);
+        }
     }
     for (i, disk) in req.disks.iter().enumerate() {
         let format = if disk.ends_with(".qcow2") {
@@ -483,7 +495,13 @@ async fn boot(
             .arg(format!("driver=file,filename={disk},node-name=f{i}"));
         cmd.arg("-blockdev")
             .arg(format!("driver={format},file=f{i},node-name=d{i}"));
-        cmd.arg("-device").arg(format!("virtio-blk-pci,drive=d{i}"));
+        let boot = if i == 0 && req.kernel.is_none() {
+            ",bootindex=0"
+        } else {
+            ""
+        };
+        cmd.arg("-device")
+            .arg(format!("virtio-blk-pci,drive=d{i}{boot}"));
     }
     let out = cmd
         .stdin(std::process::Stdio::null())

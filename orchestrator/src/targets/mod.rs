@@ -10,7 +10,8 @@
 //! try after a crash adopts what the interrupted try made instead of making
 //! it twice, and a delete of something already gone succeeds.
 
-#[cfg(test)]
+pub mod aws;
+#[cfg(any(test, feature = "conformance"))]
 pub mod conformance;
 pub mod local;
 
@@ -25,11 +26,48 @@ use std::time::Duration;
 
 pub type TargetResult<T> = Result<T, ActionError>;
 
-/// One step's try as a target sees it: the run, and the node and
-/// idempotency key that name what the step creates.
+/// A target as the runbook places it: its name in `targets:` and the
+/// settings written there (`region`, `mapping`, ...), which its type checked
+/// at validation ([`Target::check_settings`]).
+#[derive(Debug, Clone, Default)]
+pub struct Placement {
+    pub name: String,
+    pub settings: serde_json::Map<String, Value>,
+}
+
+impl Placement {
+    pub fn of(t: &ferry_engine::runbook::Target) -> Placement {
+        Placement {
+            name: t.name.clone(),
+            settings: t.settings.clone(),
+        }
+    }
+
+    /// A string setting.
+    pub fn str(&self, key: &str) -> Option<&str> {
+        self.settings.get(key).and_then(Value::as_str)
+    }
+}
+
+/// A target bound to where a runbook placed it: what a step runs on.
+#[derive(Clone)]
+pub struct Bound {
+    pub target: Arc<dyn Target>,
+    pub place: Arc<Placement>,
+}
+
+impl std::fmt::Debug for Bound {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} ({})", self.place.name, self.target.kind())
+    }
+}
+
+/// One step's try as a target sees it: the run, where the runbook placed the
+/// target, and the node and idempotency key that name what the step creates.
 #[derive(Debug, Clone)]
 pub struct StepCx {
     pub run: Arc<Ctx>,
+    pub place: Arc<Placement>,
     /// The node's id (`db`, `disk[1]`), unique in the run.
     pub node: String,
     /// `RUN/NODE`: the same for every try of the step, and for its undo.
@@ -43,6 +81,7 @@ pub enum TargetAction {
     VolumeCreate,
     InstanceLaunch,
     InstanceStop,
+    NetworkCreate,
 }
 
 /// The kinds of resource a target may offer.
@@ -62,6 +101,7 @@ impl TargetAction {
         TargetAction::VolumeCreate,
         TargetAction::InstanceLaunch,
         TargetAction::InstanceStop,
+        TargetAction::NetworkCreate,
     ];
 
     pub fn name(self) -> &'static str {
@@ -70,6 +110,7 @@ impl TargetAction {
             TargetAction::VolumeCreate => "volume.create",
             TargetAction::InstanceLaunch => "instance.launch",
             TargetAction::InstanceStop => "instance.stop",
+            TargetAction::NetworkCreate => "network.create",
         }
     }
 
@@ -81,6 +122,7 @@ impl TargetAction {
         match self {
             TargetAction::VolumeRestore | TargetAction::VolumeCreate => Resource::Volumes,
             TargetAction::InstanceLaunch | TargetAction::InstanceStop => Resource::Instances,
+            TargetAction::NetworkCreate => Resource::Networks,
         }
     }
 }
@@ -193,10 +235,11 @@ pub struct CreatedVolume {
     pub format: DiskFormat,
 }
 
-/// `instance.launch`: a machine from a kernel (or an image) with volumes.
+/// `instance.launch`: a machine with volumes, booted from a kernel (local),
+/// an image, or its first volume.
 #[derive(Clone, Debug)]
 pub struct InstanceLaunch {
-    pub kernel: String,
+    pub kernel: Option<String>,
     pub initrd: Option<String>,
     /// Kernel command line additions.
     pub append: Option<String>,
@@ -213,6 +256,13 @@ pub struct InstanceLaunch {
     /// Text on the console that means the guest is up.
     pub ready: Option<String>,
     pub ready_timeout: Duration,
+    /// An image to boot instead of the first disk (cloud targets).
+    pub image: Option<String>,
+    /// The provider's size, overriding `cpus`/`memory_mib`.
+    pub instance_type: Option<String>,
+    /// A `network.create` output `id` to join.
+    pub network: Option<String>,
+    pub user_data: Option<String>,
 }
 
 impl InstanceLaunch {
@@ -251,8 +301,9 @@ impl InstanceLaunch {
                 Ok((guest, host))
             })
             .collect::<TargetResult<Vec<_>>>()?;
+        let opt = |name: &str| call.str(name).filter(|s| !s.is_empty());
         Ok(InstanceLaunch {
-            kernel: call.need("kernel")?,
+            kernel: opt("kernel"),
             initrd: call.str("initrd").filter(|s| !s.is_empty()),
             append: call.str("append").filter(|s| !s.is_empty()),
             disks: call.list("disks"),
@@ -263,6 +314,10 @@ impl InstanceLaunch {
             isolated: call.bool("isolated"),
             ready: call.str("ready").filter(|s| !s.is_empty()),
             ready_timeout: call.duration("ready_timeout", Duration::from_secs(180))?,
+            image: opt("image"),
+            instance_type: opt("instance_type"),
+            network: opt("network"),
+            user_data: opt("user_data"),
         })
     }
 }
@@ -279,13 +334,45 @@ pub struct LaunchedInstance {
     pub console: Option<String>,
 }
 
-/// A network with subnets and firewall rules (no target implements it yet).
+/// `network.create`: a private network with subnets and firewall rules.
 #[derive(Clone, Debug)]
 pub struct NetworkCreate {
     pub cidr: String,
     pub subnets: Vec<String>,
-    /// `PROTO/PORT from CIDR` rules that let traffic in.
+    /// `PROTO/PORT [from CIDR]` rules that let traffic in.
     pub ingress: Vec<String>,
+}
+
+impl NetworkCreate {
+    pub fn parse(call: &Call) -> TargetResult<NetworkCreate> {
+        let cidr = call.need("cidr")?;
+        let valid = |c: &str| {
+            c.split_once('/').is_some_and(|(ip, bits)| {
+                ip.parse::<std::net::Ipv4Addr>().is_ok()
+                    && bits.parse::<u8>().is_ok_and(|b| (8..=28).contains(&b))
+            })
+        };
+        for c in std::iter::once(&cidr).chain(call.list("subnets").iter()) {
+            if !valid(c) {
+                return Err(ActionError::permanent(format!(
+                    "`{c}` is not an IPv4 range like 10.42.0.0/16 (prefix /8 to /28)"
+                )));
+            }
+        }
+        Ok(NetworkCreate {
+            cidr,
+            subnets: call.list("subnets"),
+            ingress: call.list("ingress"),
+        })
+    }
+}
+
+/// What `network.create` made.
+#[derive(Clone, Debug, Serialize)]
+pub struct CreatedNetwork {
+    pub id: String,
+    pub subnets: Vec<String>,
+    pub security_group: String,
 }
 
 /// A load balancer (no target implements it yet).
@@ -341,9 +428,12 @@ pub trait Instances: Send + Sync {
     async fn terminate(&self, cx: &StepCx) -> TargetResult<()>;
 }
 
+/// Networks: private, with inbound rules, routed nowhere else.
 #[async_trait]
 pub trait Networks: Send + Sync {
-    async fn create(&self, cx: &StepCx, req: NetworkCreate) -> TargetResult<Outputs>;
+    /// Makes the network, or adopts what an earlier try of the step made.
+    async fn create(&self, cx: &StepCx, req: NetworkCreate) -> TargetResult<CreatedNetwork>;
+    /// Removes what `create` made for this node; nothing there is success.
     async fn delete(&self, cx: &StepCx) -> TargetResult<()>;
 }
 
@@ -405,9 +495,36 @@ pub trait Target: Send + Sync {
         None
     }
 
+    /// The settings a runbook may give this type in `targets:` besides
+    /// `type` and `parallelism`.
+    fn settings(&self) -> &'static [&'static str] {
+        &[]
+    }
+
+    /// Problems with the settings a runbook gives this target, found at
+    /// validation (unknown keys by default; a type checks values too).
+    fn check_settings(&self, settings: &serde_json::Map<String, Value>) -> Vec<String> {
+        let known = self.settings();
+        settings
+            .keys()
+            .filter(|k| !known.contains(&k.as_str()))
+            .map(|k| {
+                if known.is_empty() {
+                    format!("target type `{}` takes no setting `{k}`", self.kind())
+                } else {
+                    format!(
+                        "target type `{}` takes no setting `{k}`; it takes: {}",
+                        self.kind(),
+                        known.join(", ")
+                    )
+                }
+            })
+            .collect()
+    }
+
     /// Makes the same calls real work makes (tools found, credentials
     /// accepted, places writable), with no side effects.
-    async fn health(&self, run: &Ctx) -> Health;
+    async fn health(&self, run: &Ctx, place: &Placement) -> Health;
 }
 
 /// Whether `target` offers `resource`.
@@ -466,6 +583,10 @@ pub async fn perform(
             target.instances().ok_or_else(no)?.stop(cx, &name).await?;
             Ok(Outputs::new())
         }
+        TargetAction::NetworkCreate => {
+            let req = NetworkCreate::parse(call)?;
+            outputs(target.networks().ok_or_else(no)?.create(cx, req).await?)
+        }
     }
 }
 
@@ -477,6 +598,7 @@ pub async fn undo(target: &dyn Target, action: TargetAction, cx: &StepCx) -> Tar
             target.volumes().ok_or_else(no)?.delete(cx).await
         }
         TargetAction::InstanceLaunch => target.instances().ok_or_else(no)?.terminate(cx).await,
+        TargetAction::NetworkCreate => target.networks().ok_or_else(no)?.delete(cx).await,
         // Stopping creates nothing; the engine gives it no undo.
         TargetAction::InstanceStop => Ok(()),
     }
@@ -519,6 +641,7 @@ impl Registry {
             targets: BTreeMap::new(),
         };
         r.register(Arc::new(local::Local));
+        r.register(Arc::new(aws::AwsTarget::default()));
         r
     }
 
@@ -534,10 +657,59 @@ impl Registry {
         self.targets.keys().copied().collect()
     }
 
+    /// [`Registry::check`] for every choice of `--target`: a runbook that
+    /// names several targets must work on each of them. A problem that
+    /// shows only with some choice says which.
+    pub fn check_every_target(&self, rb: &ferry_engine::Runbook) -> Vec<Diagnostic> {
+        let mut out = self.check(rb);
+        if rb.targets.len() < 2 {
+            return out;
+        }
+        for t in &rb.targets {
+            let mut other = rb.clone();
+            if other.retarget(&t.name).is_err() {
+                continue;
+            }
+            for mut d in self.check(&other) {
+                if out
+                    .iter()
+                    .any(|o| o.message == d.message && o.line == d.line)
+                {
+                    continue;
+                }
+                d.message = format!("with --target {}: {}", t.name, d.message);
+                out.push(d);
+            }
+        }
+        out
+    }
+
     /// What validation cannot see from the runbook alone: every target type
     /// exists, and every step's target implements the step's action.
     pub fn check(&self, rb: &ferry_engine::Runbook) -> Vec<Diagnostic> {
         let mut out = Vec::new();
+        for t in &rb.targets {
+            let diag = |message: String, hint: Option<String>| Diagnostic {
+                file: rb.file.clone(),
+                line: t.line,
+                column: t.column,
+                message,
+                hint,
+            };
+            let Some(target) = self.get(&t.kind) else {
+                out.push(diag(
+                    format!(
+                        "target `{}` has type `{}`, which this build does not have",
+                        t.name, t.kind
+                    ),
+                    Some(format!("this build has: {}", self.kinds().join(", "))),
+                ));
+                continue;
+            };
+            for message in target.check_settings(&t.settings) {
+                out.push(diag(format!("target `{}`: {message}", t.name), None));
+            }
+        }
         for step in &rb.steps {
             let Some(action) = TargetAction::from_name(&step.uses) else {
                 continue;
@@ -553,13 +725,8 @@ impl Registry {
                 hint: Some(hint),
             };
             match self.get(&t.kind) {
-                None => out.push(diag(
-                    format!(
-                        "step `{}` runs on target `{}` of type `{}`, which this build does not have",
-                        step.id, t.name, t.kind
-                    ),
-                    format!("this build has: {}", self.kinds().join(", ")),
-                )),
+                // Reported once, at the target.
+                None => {}
                 Some(target) if !offers(target.as_ref(), action.resource()) => out.push(diag(
                     format!(
                         "step `{}` uses `{}` on target `{}` (type `{}`), which does not implement it",
@@ -612,7 +779,17 @@ mod tests {
     fn targets_implement_what_they_claim() {
         let r = Registry::builtin();
         let local = r.get("local").unwrap();
-        assert_eq!(actions_of(local.as_ref()), TargetAction::ALL.to_vec());
+        assert_eq!(
+            actions_of(local.as_ref()),
+            vec![
+                TargetAction::VolumeRestore,
+                TargetAction::VolumeCreate,
+                TargetAction::InstanceLaunch,
+                TargetAction::InstanceStop,
+            ]
+        );
+        let aws = r.get("aws").unwrap();
+        assert_eq!(actions_of(aws.as_ref()), TargetAction::ALL.to_vec());
     }
 
     /// A target that offers volumes only, to see validation name what is missing.
@@ -628,7 +805,7 @@ mod tests {
                 .volumes()
                 .map(|_| &local::Local as &dyn Volumes)
         }
-        async fn health(&self, _run: &Ctx) -> Health {
+        async fn health(&self, _run: &Ctx, _place: &Placement) -> Health {
             Health {
                 target: self.kind().into(),
                 ok: true,

@@ -1,0 +1,432 @@
+//! The `aws` target: the provider-neutral requests mapped onto AWS through
+//! `ferry-aws`.
+//!
+//! | request | AWS |
+//! |---|---|
+//! | `volume.restore` | an EBS snapshot written through the EBS direct APIs (`path` is its id) |
+//! | `volume.create` | an empty gp3 volume |
+//! | `instance.launch` | an image registered from the first restored snapshot (or `image`), the others as data volumes, an instance type from `cpus`/`memory` through the `sizes` table, in the subnet and security group of `network` |
+//! | `network.create` | a VPC, subnets, a security group with the ingress rules, a route table with no route out |
+//!
+//! Settings (`targets: {aws: {type: aws, ...}}`): `region` and `endpoint`
+//! (else the SDK's chain: `AWS_REGION`, `AWS_ENDPOINT_URL`), `zone`,
+//! `sizes` (`{TYPE: {cpus: N, memory: MiB}}`, replacing the built-in table)
+//! and `images` (`{FAMILY: AMI}`, for `instance.launch`'s `image`).
+//! Everything made is tagged with the run and the step, so an undo, a
+//! drill's teardown, or `ferry_aws::ec2::teardown` after a crash finds it.
+
+use super::{
+    CreatedNetwork, CreatedVolume, DiskFormat, Health, InstanceLaunch, Instances, LaunchedInstance,
+    NetworkCreate, Networks, Placement, Probe, RestoredVolume, StepCx, Target, TargetResult,
+    VolumeCreate, VolumeRestore, Volumes,
+};
+use crate::step::{ActionError, CancelOnDrop, Ctx, disk_index, file_stem};
+use async_trait::async_trait;
+use ferry_aws::ebs::{EbsSink, Opened};
+use ferry_aws::{Aws, AwsConfig};
+use serde_json::{Map, Value};
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+const SETTINGS: &[&str] = &["region", "endpoint", "zone", "sizes", "images"];
+
+/// The `aws` target. Clients are made once per region and endpoint.
+#[derive(Default)]
+pub struct AwsTarget {
+    clients: Mutex<HashMap<AwsConfig, Aws>>,
+    keys: Option<(String, String)>,
+}
+
+impl AwsTarget {
+    /// A target that signs with these keys instead of the standard chain
+    /// (tests against a local stand-in for AWS).
+    pub fn with_keys(id: &str, secret: &str) -> AwsTarget {
+        AwsTarget {
+            clients: Mutex::default(),
+            keys: Some((id.to_owned(), secret.to_owned())),
+        }
+    }
+
+    fn config(&self, place: &Placement) -> AwsConfig {
+        AwsConfig {
+            region: place.str("region").map(str::to_owned),
+            endpoint: place.str("endpoint").map(str::to_owned),
+            static_keys: self.keys.clone(),
+        }
+    }
+}
+
+fn fail(e: ferry_aws::Error) -> ActionError {
+    if e.retry() {
+        ActionError::transient(e.to_string())
+    } else {
+        ActionError::permanent(e.to_string())
+    }
+}
+
+/// `{TYPE: {cpus: N, memory: MiB}}`.
+fn sizes(settings: &Map<String, Value>) -> Result<Option<ferry_aws::ec2::Sizes>, String> {
+    let Some(v) = settings.get("sizes") else {
+        return Ok(None);
+    };
+    let Some(m) = v.as_object() else {
+        return Err("`sizes` must map instance types to {cpus: N, memory: MiB}".into());
+    };
+    m.iter()
+        .map(|(t, spec)| {
+            let n = |k: &str| {
+                spec.get(k)
+                    .and_then(Value::as_u64)
+                    .and_then(|n| u32::try_from(n).ok())
+                    .filter(|&n| n > 0)
+            };
+            match (n("cpus"), n("memory")) {
+                (Some(c), Some(mem)) => Ok((t.clone(), c, mem)),
+                _ => Err(format!(
+                    "`sizes.{t}` must be {{cpus: N, memory: MiB}} with whole numbers above 0"
+                )),
+            }
+        })
+        .collect::<Result<Vec<_>, _>>()
+        .map(Some)
+}
+
+impl AwsTarget {
+    async fn aws(&self, place: &Placement) -> TargetResult<Aws> {
+        let cfg = self.config(place);
+        if let Some(a) = self
+            .clients
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&cfg)
+        {
+            return Ok(a.clone());
+        }
+        let a = Aws::connect(&cfg).await.map_err(fail)?;
+        self.clients
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(cfg, a.clone());
+        Ok(a)
+    }
+
+    async fn zone(&self, aws: &Aws, place: &Placement) -> TargetResult<String> {
+        match place.str("zone") {
+            Some(z) => Ok(z.to_owned()),
+            None => ferry_aws::ec2::first_zone(aws).await.map_err(fail),
+        }
+    }
+}
+
+#[async_trait]
+impl Target for AwsTarget {
+    fn kind(&self) -> &'static str {
+        "aws"
+    }
+    fn volumes(&self) -> Option<&dyn Volumes> {
+        Some(self)
+    }
+    fn instances(&self) -> Option<&dyn Instances> {
+        Some(self)
+    }
+    fn networks(&self) -> Option<&dyn Networks> {
+        Some(self)
+    }
+    fn settings(&self) -> &'static [&'static str] {
+        SETTINGS
+    }
+    fn check_settings(&self, settings: &Map<String, Value>) -> Vec<String> {
+        let mut out = Vec::new();
+        for k in settings.keys() {
+            if !SETTINGS.contains(&k.as_str()) {
+                out.push(format!(
+                    "target type `aws` takes no setting `{k}`; it takes: {}",
+                    SETTINGS.join(", ")
+                ));
+            }
+        }
+        for k in ["region", "endpoint", "zone"] {
+            if settings.get(k).is_some_and(|v| !v.is_string()) {
+                out.push(format!("`{k}` must be a string"));
+            }
+        }
+        if let Some(e) = settings.get("endpoint").and_then(Value::as_str)
+            && !(e.starts_with("http://") || e.starts_with("https://"))
+        {
+            out.push(format!(
+                "`endpoint` {e:?} must be an http:// or https:// URL"
+            ));
+        }
+        if let Err(e) = sizes(settings) {
+            out.push(e);
+        }
+        if let Some(v) = settings.get("images")
+            && !v
+                .as_object()
+                .is_some_and(|m| m.values().all(Value::is_string))
+        {
+            out.push("`images` must map image families to AMI ids".into());
+        }
+        out
+    }
+
+    async fn health(&self, _run: &Ctx, place: &Placement) -> Health {
+        let mut probes = Vec::new();
+        match self.aws(place).await {
+            Err(e) => probes.push(Probe {
+                what: "credentials and region".into(),
+                ok: false,
+                detail: e.message,
+            }),
+            Ok(aws) => {
+                probes.push(Probe {
+                    what: "credentials and region".into(),
+                    ok: true,
+                    detail: format!("{} at {}", aws.region, aws.endpoint),
+                });
+                for (what, r) in ferry_aws::ec2::health(&aws).await {
+                    probes.push(match r {
+                        Ok(detail) => Probe {
+                            what,
+                            ok: true,
+                            detail,
+                        },
+                        Err(e) => Probe {
+                            what,
+                            ok: false,
+                            detail: e.to_string(),
+                        },
+                    });
+                }
+            }
+        }
+        Health {
+            target: "aws".into(),
+            ok: probes.iter().all(|p| p.ok),
+            probes,
+        }
+    }
+}
+
+#[async_trait]
+impl Volumes for AwsTarget {
+    /// Writes the point's disk into an EBS snapshot (resuming an
+    /// interrupted try from its journal in the work directory), and waits
+    /// until the snapshot is complete.
+    async fn restore(&self, cx: &StepCx, req: VolumeRestore) -> TargetResult<RestoredVolume> {
+        let aws = self.aws(&cx.place).await?;
+        let ctx = cx.run.clone();
+        let dir = ctx.work_dir.join(format!("{}.ebs", file_stem(&cx.node)));
+        crate::fsutil::create_private_dir(&dir)
+            .map_err(|e| ActionError::permanent(format!("{}: {e}", dir.display())))?;
+        let (ctx2, req2) = (ctx.clone(), req.clone());
+        let (repo, point, disk) = tokio::task::spawn_blocking(move || {
+            let repo = ctx2.open_repo_at(req2.repo.as_deref())?;
+            let point = repo.resolve(&req2.point).map_err(ActionError::from)?;
+            let disk = disk_index(&point, req2.disk.as_deref())?;
+            Ok::<_, ActionError>((repo, point, disk))
+        })
+        .await
+        .map_err(|e| ActionError::transient(format!("restore task: {e}")))??;
+        let meta = point.meta.disks[disk].clone();
+        let description = format!(
+            "Ferry: {} disk {} ({})",
+            point.meta.source, meta.name, cx.key
+        );
+        let snapshot_id = match EbsSink::open(&aws, &cx.key, meta.size, &description, &dir)
+            .await
+            .map_err(fail)?
+        {
+            Opened::Complete(id) => id,
+            Opened::Writer(sink) => {
+                let id = sink.snapshot_id().to_owned();
+                let progress = Arc::new(ferry_agent::progress::Progress::default());
+                let _stop = CancelOnDrop(progress.clone());
+                let (point2, progress2) = (point.clone(), progress.clone());
+                tokio::task::spawn_blocking(move || {
+                    ferry_agent::restore::restore_into(&repo, &point2, disk, &sink, &progress2)
+                })
+                .await
+                .map_err(|e| ActionError::transient(format!("restore task: {e}")))?
+                .map_err(ActionError::from)?;
+                id
+            }
+        };
+        ferry_aws::ebs::wait_completed(&aws, &snapshot_id, Duration::from_secs(1800))
+            .await
+            .map_err(fail)?;
+        Ok(RestoredVolume {
+            path: snapshot_id,
+            format: DiskFormat::Raw,
+            point: point.id.clone(),
+            source: point.meta.source.clone(),
+            disk: meta.name.clone(),
+            point_time: point.meta.time.to_rfc3339(),
+            rpo_secs: (ctx.started_ms - point.meta.time.timestamp_millis()) as f64 / 1000.0,
+            size: meta.size,
+        })
+    }
+
+    async fn create(&self, cx: &StepCx, req: VolumeCreate) -> TargetResult<CreatedVolume> {
+        let aws = self.aws(&cx.place).await?;
+        let zone = self.zone(&aws, &cx.place).await?;
+        let gib = i32::try_from(req.size_bytes.div_ceil(1 << 30))
+            .map_err(|_| ActionError::permanent("the volume is larger than EBS allows"))?;
+        let id = ferry_aws::ec2::create_volume(&aws, &cx.key, gib, &zone)
+            .await
+            .map_err(fail)?;
+        Ok(CreatedVolume {
+            path: id,
+            format: DiskFormat::Raw,
+        })
+    }
+
+    async fn delete(&self, cx: &StepCx) -> TargetResult<()> {
+        let aws = self.aws(&cx.place).await?;
+        ferry_aws::ec2::delete_volumes(&aws, &cx.key)
+            .await
+            .map_err(fail)?;
+        let dir = cx.run.work_dir.join(format!("{}.ebs", file_stem(&cx.node)));
+        match std::fs::remove_dir_all(&dir) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                Err(ActionError::permanent(format!("{}: {e}", dir.display())))
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
+#[async_trait]
+impl Instances for AwsTarget {
+    async fn launch(&self, cx: &StepCx, req: InstanceLaunch) -> TargetResult<LaunchedInstance> {
+        if req.kernel.is_some() || req.initrd.is_some() {
+            return Err(ActionError::permanent(
+                "the aws target boots an image or the first restored disk, not a kernel: remove `kernel`/`initrd` or use `image`",
+            ));
+        }
+        let aws = self.aws(&cx.place).await?;
+        let table = sizes(&cx.place.settings)
+            .map_err(ActionError::permanent)?
+            .unwrap_or_else(ferry_aws::ec2::default_sizes);
+        let instance_type = match &req.instance_type {
+            Some(t) => t.clone(),
+            None => ferry_aws::ec2::pick_instance_type(&table, req.cpus, req.memory_mib)
+                .map(str::to_owned)
+                .ok_or_else(|| {
+                    ActionError::permanent(format!(
+                        "no instance type in the `sizes` table has {} vCPUs and {} MiB",
+                        req.cpus, req.memory_mib
+                    ))
+                })?,
+        };
+        let image = match &req.image {
+            None => None,
+            Some(i) if i.starts_with("ami-") => Some(i.clone()),
+            Some(family) => Some(
+                cx.place
+                    .settings
+                    .get("images")
+                    .and_then(|m| m.get(family))
+                    .and_then(Value::as_str)
+                    .map(str::to_owned)
+                    .ok_or_else(|| {
+                        ActionError::permanent(format!(
+                            "image `{family}` is neither an AMI id nor in the target's `images` mapping"
+                        ))
+                    })?,
+            ),
+        };
+        if let Some(d) = req.disks.iter().find(|d| !d.starts_with("snap-")) {
+            return Err(ActionError::permanent(format!(
+                "disk `{d}` is not an EBS snapshot: on aws, disks are volume.restore outputs (`path`)"
+            )));
+        }
+        // A drill reaches nothing outside its own network: it must have one.
+        let (subnet, groups) = match &req.network {
+            Some(vpc) => {
+                let (subnet, groups) = ferry_aws::ec2::network_parts(&aws, vpc)
+                    .await
+                    .map_err(fail)?;
+                (Some(subnet), groups)
+            }
+            None if cx.run.drill || req.isolated == Some(true) => {
+                return Err(ActionError::permanent(
+                    "an isolated instance on aws needs `network` (a network.create output `id`): without one it would join the default VPC, which reaches the internet",
+                ));
+            }
+            None => (None, Vec::new()),
+        };
+        let spec = ferry_aws::ec2::InstanceSpec {
+            instance_type,
+            image,
+            snapshots: req.disks.clone(),
+            subnet_id: subnet,
+            security_group_ids: groups,
+            user_data: req.user_data.clone(),
+        };
+        let i = ferry_aws::ec2::launch(&aws, &cx.key, &spec, req.ready_timeout)
+            .await
+            .map_err(fail)?;
+        let ip = i.private_ip.clone().unwrap_or_default();
+        let ports: BTreeMap<String, String> = req
+            .ports
+            .iter()
+            .map(|p| (p.to_string(), format!("{ip}:{p}")))
+            .collect();
+        Ok(LaunchedInstance {
+            name: i.instance_id,
+            pid: None,
+            addr: ports.values().next().cloned(),
+            ports,
+            console: None,
+        })
+    }
+
+    async fn stop(&self, cx: &StepCx, name: &str) -> TargetResult<()> {
+        let aws = self.aws(&cx.place).await?;
+        if !name.starts_with("i-") {
+            // Not an instance this target launched (nothing to stop).
+            return Ok(());
+        }
+        ferry_aws::ec2::stop(&aws, name).await.map_err(fail)
+    }
+
+    async fn terminate(&self, cx: &StepCx) -> TargetResult<()> {
+        let aws = self.aws(&cx.place).await?;
+        ferry_aws::ec2::terminate(&aws, &cx.key).await.map_err(fail)
+    }
+}
+
+#[async_trait]
+impl Networks for AwsTarget {
+    async fn create(&self, cx: &StepCx, req: NetworkCreate) -> TargetResult<CreatedNetwork> {
+        let aws = self.aws(&cx.place).await?;
+        let ingress = req
+            .ingress
+            .iter()
+            .map(|r| ferry_aws::ec2::Ingress::parse(r).map_err(fail))
+            .collect::<TargetResult<Vec<_>>>()?;
+        let spec = ferry_aws::ec2::NetworkSpec {
+            cidr: req.cidr,
+            subnets: req.subnets,
+            ingress,
+            zone: cx.place.str("zone").map(str::to_owned),
+        };
+        let n = ferry_aws::ec2::create_network(&aws, &cx.key, &spec)
+            .await
+            .map_err(fail)?;
+        Ok(CreatedNetwork {
+            id: n.vpc_id,
+            subnets: n.subnet_ids,
+            security_group: n.security_group_id,
+        })
+    }
+
+    async fn delete(&self, cx: &StepCx) -> TargetResult<()> {
+        let aws = self.aws(&cx.place).await?;
+        ferry_aws::ec2::delete_network(&aws, &cx.key)
+            .await
+            .map_err(fail)
+    }
+}
