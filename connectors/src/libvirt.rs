@@ -695,10 +695,10 @@ impl Connection {
         check_name("pool", pool)?;
         let vol = tag.object_name(name)?;
         let (len, capacity) = image_sizes(image, format)?;
-        if let Err(e) = self.virsh(["vol-delete", "--pool", pool, &vol]) {
-            if !e.is_not_found() {
-                return Err(e);
-            }
+        if let Err(e) = self.virsh(["vol-delete", "--pool", pool, &vol])
+            && !e.is_not_found()
+        {
+            return Err(e);
         }
         let capacity = format!("{capacity}b");
         self.virsh([
@@ -764,17 +764,16 @@ impl Connection {
     pub fn create_network(&self, tag: &Tag, spec: &NetworkSpec) -> Result<Network> {
         let name = tag.object_name(&spec.name)?;
         let gateway = spec.cidr.gateway();
-        if let Some((first, last)) = spec.dhcp {
-            if !spec.cidr.is_host(first)
+        if let Some((first, last)) = spec.dhcp
+            && (!spec.cidr.is_host(first)
                 || !spec.cidr.is_host(last)
                 || u32::from(first) > u32::from(last)
-                || (u32::from(first)..=u32::from(last)).contains(&u32::from(gateway))
-            {
-                return Err(Error::Invalid(format!(
-                    "DHCP range {first}-{last} must be host addresses of {} in order, without the gateway {gateway}",
-                    spec.cidr
-                )));
-            }
+                || (u32::from(first)..=u32::from(last)).contains(&u32::from(gateway)))
+        {
+            return Err(Error::Invalid(format!(
+                "DHCP range {first}-{last} must be host addresses of {} in order, without the gateway {gateway}",
+                spec.cidr
+            )));
         }
         let created = match self.virsh(["net-dumpxml", &name]) {
             Ok(xml) => {
@@ -1000,10 +999,10 @@ impl Connection {
             };
             for line in vols.lines() {
                 // " NAME   PATH" (no header with -q); Ferry's names have no spaces.
-                if let Some(vol) = line.split_whitespace().next() {
-                    if vol.starts_with(&prefix) {
-                        out.volumes.push((pool.clone(), vol.to_string()));
-                    }
+                if let Some(vol) = line.split_whitespace().next()
+                    && vol.starts_with(&prefix)
+                {
+                    out.volumes.push((pool.clone(), vol.to_string()));
                 }
             }
         }
@@ -1380,10 +1379,10 @@ fn path_str(path: &Path) -> Result<&str> {
     })
 }
 
-fn spawn_reader(
-    mut r: impl Read + Send + 'static,
-    cap: usize,
-) -> std::thread::JoinHandle<io::Result<(Vec<u8>, bool)>> {
+/// A thread reading a pipe: at most `cap` bytes kept, and whether there was more.
+type Reader = std::thread::JoinHandle<io::Result<(Vec<u8>, bool)>>;
+
+fn spawn_reader(mut r: impl Read + Send + 'static, cap: usize) -> Reader {
     std::thread::spawn(move || {
         let mut buf = Vec::new();
         (&mut r).take(cap as u64 + 1).read_to_end(&mut buf)?;
@@ -1397,9 +1396,7 @@ fn spawn_reader(
     })
 }
 
-fn join_reader(
-    h: Option<std::thread::JoinHandle<io::Result<(Vec<u8>, bool)>>>,
-) -> io::Result<(Vec<u8>, bool)> {
+fn join_reader(h: Option<Reader>) -> io::Result<(Vec<u8>, bool)> {
     match h {
         None => Ok((Vec::new(), false)),
         Some(h) => h
