@@ -1,5 +1,6 @@
 //! Helpers for end-to-end tests: run the real `ferry` binary on real files.
 #![allow(dead_code)]
+pub mod libvirt;
 pub mod servers;
 
 use std::os::unix::fs::FileExt;
