@@ -138,27 +138,15 @@ pub enum Error {
     PointNotFound(String),
 }
 
-/// Whether trying the same thing again may succeed: the one retry decision of
-/// the data plane. The store's retry loop and the callers above it (the
-/// orchestrator's error classes) ask this, never the message text.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Retry {
-    /// The store or the network failed for a while (a 5xx or 429 answer, no
-    /// answer, a reset, a timeout, a body cut short): the same request may succeed
-    /// after a pause.
-    Transient,
-    /// The same request gets the same answer (not found, access denied, a full
-    /// disk, damaged data, bad input): fix the cause first.
-    Never,
-}
+pub use crate::retry::Retry;
 
 impl Error {
     /// Whether retrying may help. Exhaustive on purpose, with no catch-all arm: a
     /// new variant does not compile until someone decides.
     pub fn retry(&self) -> Retry {
         match self {
-            Error::Store { source, .. } => crate::store::retry_of(source),
-            Error::Unreachable { source, .. } => crate::store::retry_of(source),
+            Error::Store { source, .. } => crate::retry::retry_of(source),
+            Error::Unreachable { source, .. } => crate::retry::retry_of(source),
             // Another process may finish what it is doing (a lock, a racing prune)
             // but not without the user: these are answers, not hiccups.
             Error::NoRepository { .. }

@@ -22,6 +22,7 @@ pub mod prune;
 pub mod repo;
 pub mod restore;
 pub mod retention;
+pub mod retry;
 pub mod sink;
 pub mod source;
 pub mod stats;

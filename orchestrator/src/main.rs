@@ -11,7 +11,7 @@ fn main() -> ExitCode {
     // environment (`/proc/PID/environ` holds FERRY_PASSWORD): runbook
     // commands run as the same user.
     ferry_orchestrator::sys::harden_process();
-    match ferry_orchestrator::commands::run(args) {
+    match ferry_orchestrator::cli::run(args) {
         Ok(code) => code,
         Err(e) => {
             eprintln!("ferry: {}", ferry_orchestrator::error::anyhow_chain(&e));

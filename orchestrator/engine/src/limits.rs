@@ -6,7 +6,7 @@
 //! defaults are far above any real runbook (a few hundred steps, a few KB) and
 //! the orchestrator may pass stricter ones.
 
-/// Bounds checked by [`crate::runbook::parse_with`] and [`crate::plan::plan_with`].
+/// Bounds checked by `runbook::parse_with` and `plan::plan_with`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Limits {
     /// Size of the runbook text in bytes.
