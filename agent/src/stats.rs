@@ -4,12 +4,13 @@
 //! from a price table the user can edit ([`Prices`], JSON); the default is AWS S3
 //! Standard in us-east-1 as published in 2026 and is only an estimate.
 
-use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::collections::{BTreeMap, HashSet};
 
 use serde::{Deserialize, Serialize};
 
 use crate::error::Result;
 use crate::index;
+use crate::point::Point;
 use crate::repo::Repository;
 use crate::store::Requests;
 
@@ -106,6 +107,54 @@ pub struct Stats {
     pub requests: Requests,
 }
 
+/// What restoring some disks reads from the repository.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RestoreReads {
+    /// GET requests: ranged reads of up to 8 MiB, at least one per pack reached.
+    pub gets: u64,
+    /// Stored (compressed, encrypted) bytes of the chunks the disks reach,
+    /// each counted once: what leaves the repository's store.
+    pub bytes: u64,
+}
+
+/// An estimate of what restoring `disks` (point, disk index) reads: every
+/// chunk the disks' lists reach, once, in ranged reads of up to 8 MiB. Lists
+/// that cannot be read count nothing (the restore would fail on them anyway).
+pub fn restore_reads(
+    repo: &Repository,
+    idx: &index::Index,
+    disks: &[(&Point, usize)],
+) -> RestoreReads {
+    let mut used_packs = HashSet::new();
+    let mut seen = HashSet::new();
+    let mut bytes = 0u64;
+    for &(p, d) in disks {
+        let (Some(disk), Some(ids)) = (p.meta.disks.get(d), p.lists.get(d)) else {
+            continue;
+        };
+        for (i, id) in ids.iter().enumerate() {
+            if let Some(l) = idx.get(id) {
+                used_packs.insert(l.pack);
+            }
+            let (_, span) = crate::point::list_span(disk.size, i);
+            if let Ok(extents) = repo.load_list(idx, id, span) {
+                for x in extents.iter().filter_map(|x| x.id) {
+                    if let Some(l) = idx.get(&x)
+                        && seen.insert(x)
+                    {
+                        used_packs.insert(l.pack);
+                        bytes += u64::from(l.length);
+                    }
+                }
+            }
+        }
+    }
+    RestoreReads {
+        gets: (bytes / (8 << 20)).max(used_packs.len() as u64),
+        bytes,
+    }
+}
+
 pub fn stats(repo: &Repository, prices: &Prices, class: Option<&str>) -> Result<Stats> {
     let (points, _) = repo.points()?;
     let mut objects: BTreeMap<String, (u64, u64)> = BTreeMap::new();
@@ -129,30 +178,12 @@ pub fn stats(repo: &Repository, prices: &Prices, class: Option<&str>) -> Result<
         .values()
         .map(|p| p.meta.disks.iter().map(|d| d.size).sum::<u64>())
         .sum();
-    let mut used_packs = HashSet::new();
-    let mut restore_bytes = 0u64;
-    for p in latest.values() {
-        for (disk, ids) in p.meta.disks.iter().zip(&p.lists) {
-            for (i, id) in ids.iter().enumerate() {
-                if let Some(l) = idx.get(id) {
-                    used_packs.insert(l.pack);
-                }
-                let (_, span) = crate::point::list_span(disk.size, i);
-                if let Ok(extents) = repo.load_list(&idx, id, span) {
-                    let mut seen = BTreeSet::new();
-                    for x in extents.iter().filter_map(|x| x.id) {
-                        if let Some(l) = idx.get(&x)
-                            && seen.insert(x)
-                        {
-                            used_packs.insert(l.pack);
-                            restore_bytes += u64::from(l.length);
-                        }
-                    }
-                }
-            }
-        }
-    }
-    let restore_latest_gets = (restore_bytes / (8 << 20)).max(used_packs.len() as u64);
+    let disks: Vec<(&Point, usize)> = latest
+        .values()
+        .flat_map(|p| (0..p.meta.disks.len()).map(move |d| (*p, d)))
+        .collect();
+    let reads = restore_reads(repo, &idx, &disks);
+    let (restore_latest_gets, restore_bytes) = (reads.gets, reads.bytes);
     let restore = Requests {
         gets: restore_latest_gets,
         bytes_down: restore_bytes,

@@ -38,6 +38,8 @@ pub enum PasswordSource {
     /// Ask on the terminal, if there is one.
     #[default]
     Prompt,
+    /// Never ask: a server started without a password.
+    Unavailable,
 }
 
 impl PasswordSource {
@@ -56,7 +58,7 @@ impl PasswordSource {
     }
 
     fn explicit(&self) -> bool {
-        !matches!(self, PasswordSource::Prompt)
+        matches!(self, PasswordSource::File(_) | PasswordSource::Env(_))
     }
 }
 
@@ -103,7 +105,42 @@ pub fn state_url(given: Option<&str>, home: &Path) -> String {
     }
 }
 
+impl Clone for Context {
+    /// A copy that shares nothing but what was read already (the password).
+    fn clone(&self) -> Context {
+        Context {
+            repo: self.repo.clone(),
+            password_source: self.password_source.clone(),
+            state_url: self.state_url.clone(),
+            home: self.home.clone(),
+            json: self.json,
+            quiet: self.quiet,
+            password: Mutex::new(
+                self.password
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .clone(),
+            ),
+        }
+    }
+}
+
 impl Context {
+    /// A context for work a server does: the password it read at start, if
+    /// any, and never a prompt.
+    pub fn for_server(
+        repo: Option<String>,
+        password: Option<Password>,
+        state: Option<&str>,
+        home: PathBuf,
+    ) -> Context {
+        let ctx = Context::new(repo, PasswordSource::Unavailable, state, home);
+        *ctx.password
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = password;
+        Context { quiet: true, ..ctx }
+    }
+
     pub fn new(
         repo: Option<String>,
         password_source: PasswordSource,
@@ -146,8 +183,17 @@ impl Context {
     /// The password when one was given or can be asked for; `None` for work
     /// that may not need a repository (a runbook without restores).
     pub fn password_if_any(&self) -> Result<Option<Password>> {
+        if let Some(p) = &*self
+            .password
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+        {
+            return Ok(Some(p.clone()));
+        }
         if self.password_source.explicit()
-            || (self.repo.is_some() && std::io::stdin().is_terminal())
+            || (self.repo.is_some()
+                && matches!(self.password_source, PasswordSource::Prompt)
+                && std::io::stdin().is_terminal())
         {
             return self.password(false).map(Some);
         }
@@ -199,6 +245,9 @@ fn read_password(source: &PasswordSource, confirm: bool) -> Result<Vec<u8>> {
         }
         PasswordSource::Prompt => Err(Error::usage(
             "no password: set FERRY_PASSWORD or pass --password-file FILE",
+        )),
+        PasswordSource::Unavailable => Err(Error::usage(
+            "the server has no repository password: restart it with FERRY_PASSWORD or --password-file",
         )),
     }
 }

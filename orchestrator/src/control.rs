@@ -60,6 +60,59 @@ pub fn plan(
     ferry_engine::plan(rb, params).map_err(Error::Usage)
 }
 
+/// Forecasts a plan (blocking: it reads the repository, when one is given,
+/// read-only: the points the restores name, the index for what they read,
+/// the listing for what standby stores). A repository that cannot be read
+/// leaves those parts out, and the forecast's notes say why.
+pub fn forecast(
+    ctx: &Context,
+    registry: &Registry,
+    plan: &ferry_engine::Plan,
+    target: Option<&str>,
+    history: &crate::forecast::History,
+    prices: &crate::forecast::PriceTable,
+) -> crate::forecast::Forecast {
+    let mut problem = None;
+    let repo = match ctx.password_if_any() {
+        _ if ctx.repo.is_none() => None,
+        Ok(None) => {
+            problem = Some("the repository was not read: no password given".to_owned());
+            None
+        }
+        Err(e) => {
+            problem = Some(format!("the repository was not read: {e}"));
+            None
+        }
+        Ok(Some(_)) => match ctx.open_repo(false) {
+            Ok(r) => Some(r),
+            Err(e) => {
+                problem = Some(format!("the repository could not be read: {e:#}"));
+                None
+            }
+        },
+    };
+    let index = repo
+        .as_ref()
+        .and_then(|r| ferry_agent::index::load(r.store(), r.key()).ok())
+        .map(|(i, _)| i);
+    let stored_bytes = repo
+        .as_ref()
+        .and_then(|r| r.store().list("").ok())
+        .map(|l| l.iter().map(|(_, size)| size).sum());
+    let location = ctx.repo.clone().unwrap_or_default();
+    let view = repo.as_ref().map(|r| crate::forecast::RepoView {
+        repo: r,
+        index: index.as_ref(),
+        location: &location,
+        stored_bytes,
+    });
+    let mut f = crate::forecast::forecast(registry, plan, target, history, view.as_ref(), prices);
+    if let Some(p) = problem {
+        f.notes.insert(0, crate::redact::redact(&p));
+    }
+    f
+}
+
 /// `NAME=VALUE` pairs from the command line.
 pub fn parse_params(raw: &[String]) -> Result<BTreeMap<String, String>> {
     raw.iter()
@@ -191,7 +244,69 @@ pub async fn create_run(
         target: new.target,
     };
     state.create_run(&run).await?;
+    record_forecast(state, ctx, registry, &plan, &run).await;
     Ok(run)
+}
+
+/// Stores what planning predicts for a new run, for its report to set
+/// against what it measures. A forecast that cannot be made (a broken price
+/// table, an unreadable repository) does not stop the run: the report then
+/// has no prediction, and the log says why.
+async fn record_forecast(
+    state: &State,
+    ctx: &Context,
+    registry: &Registry,
+    plan: &ferry_engine::Plan,
+    run: &RunRow,
+) {
+    let first = plan
+        .runbook
+        .targets
+        .first()
+        .map(|t| t.name.clone())
+        .unwrap_or_default();
+    let target = run.target.clone();
+    let history = match state
+        .step_history(
+            &run.runbook,
+            target.as_deref().unwrap_or(&first),
+            &first,
+            10,
+        )
+        .await
+    {
+        Ok(h) => h,
+        Err(e) => {
+            tracing::warn!(run = %run.id, "no forecast: the run history could not be read: {e:#}");
+            return;
+        }
+    };
+    let prices = match crate::forecast::PriceTable::load(None, &ctx.home) {
+        Ok(p) => p,
+        Err(e) => {
+            tracing::warn!(run = %run.id, "no forecast: {e}");
+            return;
+        }
+    };
+    let (ctx, registry, plan) = (ctx.clone(), registry.clone(), plan.clone());
+    let made = tokio::task::spawn_blocking(move || {
+        forecast(&ctx, &registry, &plan, target.as_deref(), &history, &prices)
+    })
+    .await;
+    let text = match made.map(|f| serde_json::to_string(&f)) {
+        Ok(Ok(t)) => t,
+        Ok(Err(e)) => {
+            tracing::warn!(run = %run.id, "no forecast: {e}");
+            return;
+        }
+        Err(e) => {
+            tracing::warn!(run = %run.id, "no forecast: planning stopped: {e}");
+            return;
+        }
+    };
+    if let Err(e) = state.set_forecast(&run.id, &text).await {
+        tracing::warn!(run = %run.id, "the forecast could not be stored: {e:#}");
+    }
 }
 
 /// Whether a live process is driving the run.
@@ -320,7 +435,21 @@ pub async fn report(state: &State, id: &str) -> Result<Report> {
 pub async fn report_of(state: &State, run: &RunRow) -> Result<Report> {
     let log = state.events(&run.id).await?;
     let engine = exec::rebuild(run, &log)?;
-    Ok(crate::report::build(run, &log, &engine))
+    let mut report = crate::report::build(run, &log, &engine);
+    // A forecast that no longer reads (an older format) is left out.
+    if let Some(f) = state
+        .forecast(&run.id)
+        .await?
+        .and_then(|t| serde_json::from_str::<crate::forecast::Forecast>(&t).ok())
+    {
+        let finished = report
+            .steps
+            .iter()
+            .filter_map(|s| Some((s.id.clone(), s.end_secs?)))
+            .collect();
+        report.forecast = Some(crate::forecast::measured(&f, &finished, report.rto_secs));
+    }
+    Ok(report)
 }
 
 /// Whether a finished run counts as a success for the exit code.

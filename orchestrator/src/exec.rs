@@ -66,6 +66,17 @@ pub fn rebuild(run: &RunRow, log: &[Stored]) -> Result<Engine> {
     info.insert("id".into(), Value::String(run.id.clone()));
     info.insert("mode".into(), Value::String(run.mode.clone()));
     info.insert("work_dir".into(), Value::String(run.work_dir.clone()));
+    // Where the steps that name no target run: a provider-neutral runbook
+    // may leave out what one kind of target cannot do (`if:`).
+    if let Some(t) = run
+        .target
+        .as_deref()
+        .and_then(|name| plan.runbook.targets.iter().find(|t| t.name == name))
+        .or_else(|| plan.runbook.targets.first())
+    {
+        info.insert("target".into(), Value::String(t.name.clone()));
+        info.insert("target_type".into(), Value::String(t.kind.clone()));
+    }
     let mut engine = Engine::new(Arc::new(plan), mode, info);
     for s in log {
         engine

@@ -11,7 +11,9 @@
 //!                     |
 //!                    exec             (the executor of one run)
 //!              /      |       \
-//!        actions    report    state   (only `state` knows SQL)
+//!        actions  report, forecast  state   (only `state` knows SQL; forecast,
+//!                                            a plan's time and cost, reads the
+//!                                            targets' figures and state's history)
 //!        /     \
 //!   targets   checks
 //!        \     /
@@ -27,6 +29,7 @@ pub mod context;
 pub mod control;
 pub mod error;
 pub mod exec;
+pub mod forecast;
 pub mod fsutil;
 pub mod redact;
 pub mod report;

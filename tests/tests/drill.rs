@@ -1,6 +1,6 @@
 //! The example stack end to end with real QEMU VMs (software emulation): the
 //! shop's two disks (scripts/make-stack) are backed up, the disaster takes
-//! the originals, and `ferry drill runbooks/shop.yaml` rebuilds both tiers on
+//! the originals, and `ferry drill runbooks/mini-shop.yaml` rebuilds both tiers on
 //! an isolated network, verifies disks, pages and the web tier's reads from
 //! the database, tears everything down, and reports RTO and RPO.
 
@@ -69,7 +69,7 @@ fn drill_rebuilds_the_example_shop_verifies_it_and_tears_it_down() {
         env.backup(src, &[&disk]);
         std::fs::remove_file(&disk).unwrap();
     }
-    let runbook = Path::new(env!("CARGO_MANIFEST_DIR")).join("../runbooks/shop.yaml");
+    let runbook = Path::new(env!("CARGO_MANIFEST_DIR")).join("../runbooks/mini-shop.yaml");
     let guest = format!("guest={}", stack.join("guest").display());
     let html = env.path("drill.html");
     let junit = env.path("drill.xml");

@@ -599,15 +599,29 @@ fn failed_steps_retry_then_roll_back_and_plan_predicts_from_history() {
         ),
     );
     let rb = rb.to_str().unwrap();
-    // Planning before any run predicts nothing and creates no state.
+    // Planning before any run predicts from the target's figures (no
+    // history) and creates no state.
     let first = o.json(&["plan", rb]);
-    assert!(first["predicted_rto_secs"].is_null(), "{first}");
+    assert_eq!(first["history_runs"], 0, "{first}");
+    assert!(
+        first["steps"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|s| s["basis"] == "default"),
+        "{first}"
+    );
     assert!(
         !o.home().join("state.db").exists(),
         "plan created the state"
     );
     let out = o.json(&["run", rb, "--id", "f1"]);
     assert_eq!(out["status"], "succeeded");
+    // The report sets what planning predicted against what was measured.
+    let f = &out["forecast"];
+    assert!(f["predicted_rto_secs"].as_f64().is_some(), "{out}");
+    assert_eq!(f["measured_rto_secs"], out["rto_secs"], "{out}");
+    assert_eq!(f["currency"], "USD", "{out}");
     let flaky = &out["steps"][1];
     assert_eq!(
         flaky["attempts"], 2,
@@ -638,6 +652,14 @@ fn failed_steps_retry_then_roll_back_and_plan_predicts_from_history() {
     let plan = o.json(&["plan", rb]);
     assert_eq!(plan["waves"].as_array().unwrap().len(), 3);
     assert!(plan["predicted_rto_secs"].as_f64().unwrap() > 0.0, "{plan}");
+    // Learnt from the one run that succeeded (f2 failed), step by step.
+    assert_eq!(plan["history_runs"], 1, "{plan}");
+    let vol = &plan["steps"][0];
+    assert_eq!(
+        (&vol["id"], &vol["basis"]),
+        (&"vol".into(), &"history".into()),
+        "{plan}"
+    );
     assert_eq!(
         o.json(&["runs"]).as_array().unwrap().len(),
         2,

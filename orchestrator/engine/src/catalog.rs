@@ -208,6 +208,10 @@ pub static ACTIONS: &[Action] = &[
             ("ports", "map of guest port -> 127.0.0.1:HOST_PORT"),
             ("addr", "127.0.0.1:HOST_PORT of the first forwarded port"),
             ("console", "the serial console log file"),
+            (
+                "private_ip",
+                "its address on `network`, where the network's other instances reach it",
+            ),
         ],
         creates: true,
         check: false,

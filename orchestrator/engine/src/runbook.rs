@@ -1600,10 +1600,15 @@ impl Validator<'_> {
                         );
                     }
                 }
-                Some("run") if !matches!(key(1), Some("id" | "mode" | "work_dir")) => {
+                Some("run")
+                    if !matches!(
+                        key(1),
+                        Some("id" | "mode" | "work_dir" | "target" | "target_type")
+                    ) =>
+                {
                     self.err(
                         at,
-                        format!("`{text}`: use `run.id`, `run.mode` or `run.work_dir`"),
+                        format!("`{text}`: use `run.id`, `run.mode`, `run.work_dir`, `run.target` or `run.target_type`"),
                         None,
                     );
                 }

@@ -185,11 +185,15 @@ pub struct PlanRequest {
     pub target: Option<String>,
 }
 
-/// The waves a plan would run, each a list of step ids.
+/// The waves a plan would run, each a list of step ids, and its forecast:
+/// what each step makes on its target, the predicted RTO and what a drill
+/// and a month of standby cost (the server's price table:
+/// `$FERRY_HOME/prices.json`, else the built-in one).
 #[derive(Debug, Serialize, ToSchema)]
 pub struct PlanResponse {
     pub runbook: String,
     pub waves: Vec<Vec<String>>,
+    pub forecast: crate::forecast::Forecast,
 }
 
 /// One problem in a runbook.

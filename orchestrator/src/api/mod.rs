@@ -46,6 +46,19 @@ pub struct AppState {
     pub home: std::path::PathBuf,
 }
 
+impl AppState {
+    /// What control needs to act for a request: the server's repository and
+    /// password (never a prompt).
+    fn context(&self) -> crate::context::Context {
+        crate::context::Context::for_server(
+            self.repo.clone(),
+            self.password.clone(),
+            Some(&self.state.location),
+            self.home.clone(),
+        )
+    }
+}
+
 impl std::fmt::Debug for AppState {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("AppState")
@@ -312,13 +325,7 @@ async fn start_run(
     Ax(app): Ax<AppState>,
     Body(body): Body<StartRun>,
 ) -> ApiResult<(StatusCode, Json<Run>)> {
-    let mut ctx = crate::context::Context::new(
-        app.repo.clone(),
-        crate::context::PasswordSource::Prompt,
-        Some(&app.state.location),
-        app.home.clone(),
-    );
-    ctx.quiet = true;
+    let ctx = app.context();
     let new = NewRun {
         file: body.file.unwrap_or_else(|| "api.yaml".into()),
         text: body.runbook,
@@ -558,11 +565,35 @@ async fn verified(Ax(app): Ax<AppState>) -> ApiResult<Json<Vec<VerifiedPoint>>> 
 async fn plan(Ax(app): Ax<AppState>, Body(b): Body<PlanRequest>) -> ApiResult<Json<PlanResponse>> {
     let file = b.file.unwrap_or_else(|| "api.yaml".into());
     let registry = app.registry.clone();
+    let target = b.target.clone();
     let p = tokio::task::spawn_blocking(move || {
         control::plan(&registry, &file, &b.runbook, &b.params, b.target.as_deref())
     })
     .await
     .map_err(|e| Error::Internal(anyhow::anyhow!("planning stopped: {e}")))??;
+    let first = p
+        .runbook
+        .targets
+        .first()
+        .map(|t| t.name.clone())
+        .unwrap_or_default();
+    let history = app
+        .state
+        .step_history(
+            &p.runbook.name,
+            target.as_deref().unwrap_or(&first),
+            &first,
+            10,
+        )
+        .await?;
+    let prices = crate::forecast::PriceTable::load(None, &app.home)?;
+    let (ctx, registry) = (app.context(), app.registry.clone());
+    let (p, forecast) = tokio::task::spawn_blocking(move || {
+        let f = control::forecast(&ctx, &registry, &p, target.as_deref(), &history, &prices);
+        (p, f)
+    })
+    .await
+    .map_err(|e| Error::Internal(anyhow::anyhow!("forecasting stopped: {e}")))?;
     let waves = p
         .waves
         .iter()
@@ -571,6 +602,7 @@ async fn plan(Ax(app): Ax<AppState>, Body(b): Body<PlanRequest>) -> ApiResult<Js
     Ok(Json(PlanResponse {
         runbook: p.runbook.name.clone(),
         waves,
+        forecast,
     }))
 }
 

@@ -14,7 +14,6 @@ use clap::Args;
 use ferry_engine::Mode;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::sync::Arc;
 
 fn runtime() -> Result<tokio::runtime::Runtime> {
     Ok(tokio::runtime::Builder::new_multi_thread()
@@ -44,6 +43,13 @@ pub struct PlanArgs {
     /// (default: the first): the same runbook plans for local, aws or libvirt.
     #[arg(long, value_name = "NAME")]
     pub target: Option<String>,
+    /// A price table (JSON) for the cost estimate (default:
+    /// `$FERRY_HOME/prices.json` if it exists, else the built-in one).
+    #[arg(long, value_name = "FILE")]
+    pub prices: Option<PathBuf>,
+    /// Print the built-in price table (to edit and pass to --prices).
+    #[arg(long)]
+    pub print_prices: bool,
 }
 
 #[derive(Debug, Args)]
@@ -193,176 +199,88 @@ pub fn validate(ctx: &Context, a: &ValidateArgs) -> Result<ExitCode> {
 }
 
 #[derive(serde::Serialize)]
-struct PlanOut {
-    runbook: String,
-    waves: Vec<Vec<PlanStep>>,
-    predicted_rto_secs: Option<f64>,
-    rto_objective_secs: Option<f64>,
-    history_runs: usize,
-    /// Steps that never finished in past runs (skipped or new): counted as 0 s.
+struct PlanOut<'a> {
+    /// Step ids, wave by wave.
+    waves: Vec<Vec<String>>,
+    /// Steps with no earlier run on this target to learn from.
     no_history: Vec<String>,
+    #[serde(flatten)]
+    forecast: &'a crate::forecast::Forecast,
 }
 
-#[derive(serde::Serialize)]
-struct PlanStep {
-    id: String,
-    uses: String,
-    needs: Vec<String>,
-    predicted_secs: Option<f64>,
-    /// For volume.restore: the recovery point it will use (if the repository can be read).
-    point: Option<serde_json::Value>,
-    condition: Option<String>,
+/// The history a plan learns from: none when the state does not exist yet
+/// (`plan` touches nothing, and does not create it just to find that out).
+pub(crate) async fn plan_history(
+    ctx: &Context,
+    plan: &ferry_engine::Plan,
+    target: Option<&str>,
+) -> Result<crate::forecast::History> {
+    let url = &ctx.state_url;
+    let no_state = url
+        .strip_prefix("sqlite://")
+        .map(|p| p.split('?').next().unwrap_or(p))
+        .is_some_and(|p| !Path::new(p).exists());
+    if no_state {
+        return Ok(Default::default());
+    }
+    let first = plan
+        .runbook
+        .targets
+        .first()
+        .map(|t| t.name.clone())
+        .unwrap_or_default();
+    let state = State::open(url).await?;
+    state
+        .step_history(&plan.runbook.name, target.unwrap_or(&first), &first, 10)
+        .await
 }
 
 pub fn plan(ctx: &Context, a: &PlanArgs) -> Result<ExitCode> {
+    if a.print_prices {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&crate::forecast::PriceTable::default())?
+        );
+        return Ok(ExitCode::SUCCESS);
+    }
     let (file, text) = load(&a.runbook)?;
+    let registry = Registry::builtin();
     let plan = control::plan(
-        &Registry::builtin(),
+        &registry,
         &file,
         &text,
         &control::parse_params(&a.params)?,
         a.target.as_deref(),
     )?;
-    let rt = runtime()?;
-    // `plan` touches nothing: a SQLite state that does not exist yet has no
-    // history, and is not created just to find that out.
-    let url = ctx.state_url.clone();
-    let no_state = url
-        .strip_prefix("sqlite://")
-        .map(|p| p.split('?').next().unwrap_or(p))
-        .is_some_and(|p| !Path::new(p).exists());
-    let history = if no_state {
-        Default::default()
-    } else {
-        rt.block_on(async {
-            let state = State::open(&url).await?;
-            state.step_history(&plan.runbook.name, 10).await
-        })?
-    };
-    let history_runs = history.values().map(Vec::len).max().unwrap_or(0);
-    let predict = |id: &str| -> Option<f64> {
-        let v = history.get(id)?;
-        let mut v = v.clone();
-        v.sort_by(f64::total_cmp);
-        v.get(v.len() / 2).copied()
-    };
-    // Recovery points: resolved read-only, only when a repository is given.
-    let repo = if ctx.repo.is_some() {
-        ctx.open_repo(false).ok()
-    } else {
-        None
-    };
-    let mut finish = vec![0.0f64; plan.nodes.len()];
-    let known = history_runs > 0;
-    let mut unknown_steps = Vec::new();
-    for &n in &plan.order {
-        let p = predict(&plan.nodes[n].id);
-        if p.is_none() {
-            unknown_steps.push(plan.nodes[n].id.clone());
-        }
-        let start = plan.deps(n).map(|d| finish[d]).fold(0.0, f64::max);
-        finish[n] = start + p.unwrap_or(0.0);
-    }
-    let engine = ferry_engine::Engine::new(
-        Arc::new(plan.clone()),
-        ferry_engine::Mode::Run,
-        serde_json::Map::new(),
+    let prices = crate::forecast::PriceTable::load(a.prices.as_deref(), &ctx.home)?;
+    let history = runtime()?.block_on(plan_history(ctx, &plan, a.target.as_deref()))?;
+    let f = control::forecast(
+        ctx,
+        &registry,
+        &plan,
+        a.target.as_deref(),
+        &history,
+        &prices,
     );
-    let waves: Vec<Vec<PlanStep>> = plan
-        .waves
-        .iter()
-        .map(|w| {
-            w.iter()
-                .map(|&n| {
-                    let step = plan.step_of(n);
-                    let point = (step.uses == "volume.restore").then(|| {
-                        let reference = engine.inputs(n).ok().and_then(|i| i.get("point").cloned()).map(|v| ferry_engine::expr::to_text(&v));
-                        match (&repo, reference) {
-                            (Some(r), Some(reference)) => match r.resolve(&reference) {
-                                Ok(p) => serde_json::json!({"ref": reference, "id": p.id, "time": p.meta.time.to_rfc3339(),
-                                    "age_secs": (chrono::Utc::now() - p.meta.time).num_milliseconds() as f64 / 1000.0}),
-                                Err(e) => serde_json::json!({"ref": reference, "error": e.to_string()}),
-                            },
-                            (None, Some(reference)) => serde_json::json!({"ref": reference, "error": "no repository given (-r)"}),
-                            (_, None) => serde_json::json!({"error": "the point depends on another step's output"}),
-                        }
-                    });
-                    PlanStep {
-                        id: plan.nodes[n].id.clone(),
-                        uses: step.uses.clone(),
-                        needs: plan.deps(n).map(|d| plan.nodes[d].id.clone()).collect(),
-                        predicted_secs: predict(&plan.nodes[n].id),
-                        point,
-                        condition: step.cond.clone(),
-                    }
-                })
-                .collect()
-        })
-        .collect();
     let out = PlanOut {
-        runbook: plan.runbook.name.clone(),
-        waves,
-        predicted_rto_secs: known.then(|| finish.iter().copied().fold(0.0, f64::max)),
-        rto_objective_secs: plan.runbook.objectives.rto_secs,
-        history_runs,
-        no_history: if known { unknown_steps } else { Vec::new() },
+        waves: plan
+            .waves
+            .iter()
+            .map(|w| w.iter().map(|&n| plan.nodes[n].id.clone()).collect())
+            .collect(),
+        no_history: f
+            .steps
+            .iter()
+            .filter(|s| s.basis != crate::forecast::Basis::History)
+            .map(|s| s.id.clone())
+            .collect(),
+        forecast: &f,
     };
     if ctx.json {
         println!("{}", serde_json::to_string_pretty(&out)?);
         return Ok(ExitCode::SUCCESS);
     }
-    println!(
-        "plan for {} ({}): {} steps in {} waves",
-        out.runbook,
-        file,
-        plan.nodes.len(),
-        out.waves.len()
-    );
-    for (i, w) in out.waves.iter().enumerate() {
-        println!("wave {}:", i + 1);
-        for s in w {
-            let pred = s
-                .predicted_secs
-                .map(|p| format!("  ~{p:.1} s"))
-                .unwrap_or_default();
-            let cond = s
-                .condition
-                .as_deref()
-                .map(|c| format!("  if {c}"))
-                .unwrap_or_default();
-            println!("  {:<24} {:<16}{pred}{cond}", s.id, s.uses);
-            if let Some(p) = &s.point {
-                match (p.get("id"), p.get("error")) {
-                    (Some(id), _) => println!(
-                        "      point {} = {} taken {} ({:.0} s ago)",
-                        p["ref"].as_str().unwrap_or(""),
-                        &id.as_str().unwrap_or("")[..12.min(id.as_str().unwrap_or("").len())],
-                        p["time"].as_str().unwrap_or(""),
-                        p["age_secs"].as_f64().unwrap_or(0.0)
-                    ),
-                    (_, Some(e)) => println!(
-                        "      point {}: {}",
-                        p.get("ref").and_then(|r| r.as_str()).unwrap_or("?"),
-                        e.as_str().unwrap_or("")
-                    ),
-                    _ => {}
-                }
-            }
-        }
-    }
-    match out.predicted_rto_secs {
-        Some(p) => println!(
-            "predicted RTO: {p:.1} s (median of the last {} runs per step)",
-            out.history_runs
-        ),
-        None => println!(
-            "predicted RTO: unknown (no finished runs of {} yet)",
-            out.runbook
-        ),
-    }
-    if let Some(o) = out.rto_objective_secs {
-        println!("RTO objective: {o:.0} s");
-    }
+    print!("{}", crate::report::text::forecast(&f, &out.waves));
     println!("nothing was changed");
     Ok(ExitCode::SUCCESS)
 }

@@ -9,7 +9,7 @@ use serde_json::Value;
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 
-mod text;
+pub mod text;
 pub use text::text;
 
 #[derive(Clone, Debug, Serialize, utoipa::ToSchema)]
@@ -77,6 +77,10 @@ pub struct Report {
     pub left_behind: Vec<String>,
     pub checks_passed: usize,
     pub checks_failed: usize,
+    /// What planning predicted when the run was created, against what it
+    /// measured.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub forecast: Option<crate::forecast::Measured>,
 }
 
 fn iso(ms: i64) -> String {
@@ -285,6 +289,7 @@ pub fn build(run: &RunRow, log: &[Stored], engine: &Engine) -> Report {
         left_behind,
         checks_passed: passed,
         checks_failed: failed,
+        forecast: None,
     }
 }
 
@@ -338,6 +343,17 @@ body{{font:14px system-ui,sans-serif;margin:2em;color:#222}}table{{border-collap
             esc(&p.point[..p.point.len().min(12)]),
             esc(&p.source),
             esc(&p.point_time)
+        );
+    }
+    if let Some(f) = &r.forecast {
+        let _ = write!(
+            h,
+            "<tr><th>Forecast</th><td>RTO {} predicted</td><td>drill cost {:.4} {} predicted, {:.4} measured</td><td class=muted>prices of {}</td></tr>",
+            format_args!("{:.1} s", f.predicted_rto_secs),
+            f.predicted_drill_cost,
+            esc(&f.currency),
+            f.measured_drill_cost,
+            esc(&f.prices_date)
         );
     }
     let _ = write!(

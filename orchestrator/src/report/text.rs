@@ -44,6 +44,19 @@ pub fn text(r: &Report) -> String {
             p.point_time
         );
     }
+    if let Some(f) = &r.forecast {
+        let _ = writeln!(
+            s,
+            "  predicted RTO {:.1} s, measured {}; drill cost predicted {}, at the table's prices with measured times {} (prices of {})",
+            f.predicted_rto_secs,
+            f.measured_rto_secs
+                .map(|m| format!("{m:.1} s"))
+                .unwrap_or_else(|| "not reached".into()),
+            money(&f.currency, f.predicted_drill_cost),
+            money(&f.currency, f.measured_drill_cost),
+            f.prices_date
+        );
+    }
     let _ = writeln!(
         s,
         "  checks: {} passed, {} failed",
@@ -104,6 +117,139 @@ pub fn text(r: &Report) -> String {
                 format!("; LEFT BEHIND: {}", r.left_behind.join(", "))
             }
         );
+    }
+    s
+}
+
+fn money(currency: &str, amount: f64) -> String {
+    // An empty sum is -0.0.
+    let amount = amount + 0.0;
+    let sign = if currency == "USD" { "$" } else { "" };
+    let unit = if currency == "USD" { "" } else { currency };
+    if amount > 0.0 && amount < 0.0001 {
+        format!("< {sign}0.0001{unit}")
+    } else if amount > 0.0 && amount < 0.01 {
+        format!("{sign}{amount:.4}{unit}")
+    } else {
+        format!("{sign}{amount:.2}{unit}")
+    }
+}
+
+/// A plan's forecast: steps by wave with what they make and their predicted
+/// time, then the predicted RTO and costs.
+pub fn forecast(f: &crate::forecast::Forecast, waves: &[Vec<String>]) -> String {
+    use crate::forecast::Basis;
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "plan for {} on target {} ({}): {} steps in {} waves",
+        f.runbook,
+        f.target,
+        f.target_type,
+        f.steps.len(),
+        waves.len()
+    );
+    let by_id: std::collections::BTreeMap<&str, &crate::forecast::StepForecast> =
+        f.steps.iter().map(|s| (s.id.as_str(), s)).collect();
+    for (i, w) in waves.iter().enumerate() {
+        let _ = writeln!(s, "wave {}:", i + 1);
+        for id in w {
+            let Some(st) = by_id.get(id.as_str()) else {
+                continue;
+            };
+            let basis = match st.basis {
+                Basis::History => "history",
+                Basis::MeasuredThroughput => "measured throughput",
+                Basis::TableThroughput => "table throughput",
+                Basis::Default => "default",
+            };
+            let cond = st
+                .condition
+                .as_deref()
+                .map(|c| format!("  if {c}"))
+                .unwrap_or_default();
+            let _ = writeln!(
+                s,
+                "  {:<24} {:<18} ~{:.1} s ({basis}){cond}",
+                st.id, st.uses, st.predicted_secs
+            );
+            if let Some(p) = &st.point {
+                match (&p.id, &p.error) {
+                    (Some(id), None) => {
+                        let _ = writeln!(
+                            s,
+                            "      point {} = {} taken {} ({:.0} s ago), disk {} of {} bytes ({} hold data)",
+                            p.reference,
+                            &id[..12.min(id.len())],
+                            p.time.as_deref().unwrap_or(""),
+                            p.age_secs.unwrap_or(0.0),
+                            p.disk.as_deref().unwrap_or("?"),
+                            p.size.unwrap_or(0),
+                            p.data_bytes.unwrap_or(0)
+                        );
+                    }
+                    (_, Some(e)) => {
+                        let _ = writeln!(s, "      point {}: {e}", p.reference);
+                    }
+                    _ => {}
+                }
+            }
+            for r in &st.resources {
+                let hourly = if r.hourly > 0.0 {
+                    format!(", {}/h", money(&f.currency, r.hourly))
+                } else {
+                    String::new()
+                };
+                let _ = writeln!(s, "      makes {}: {}{hourly}", r.kind, r.detail);
+            }
+        }
+    }
+    let _ = writeln!(
+        s,
+        "predicted RTO: {:.1} s{}",
+        f.predicted_rto_secs,
+        if f.history_runs > 0 {
+            format!(
+                " (learnt from {} earlier runs on this target)",
+                f.history_runs
+            )
+        } else {
+            " (no earlier runs on this target: table and default figures)".into()
+        }
+    );
+    if let Some(o) = f.rto_objective_secs {
+        let _ = writeln!(s, "RTO objective: {o:.0} s");
+    }
+    let _ = writeln!(
+        s,
+        "predicted drill cost: {}",
+        money(&f.currency, f.drill_cost)
+    );
+    for l in &f.drill_cost_lines {
+        let _ = writeln!(s, "  {:<36} {}", l.what, money(&f.currency, l.amount));
+    }
+    match f.standby_month_cost {
+        Some(c) => {
+            let _ = writeln!(s, "standby, per month: {}", money(&f.currency, c));
+            for l in &f.standby_cost_lines {
+                let _ = writeln!(s, "  {:<36} {}", l.what, money(&f.currency, l.amount));
+            }
+        }
+        None => {
+            let _ = writeln!(
+                s,
+                "standby, per month: unknown (give the repository with -r)"
+            );
+        }
+    }
+    let _ = writeln!(
+        s,
+        "once running (after a failover): {}/h",
+        money(&f.currency, f.running_hourly_cost)
+    );
+    let _ = writeln!(s, "prices: {} (as of {})", f.prices, f.prices_date);
+    for n in &f.notes {
+        let _ = writeln!(s, "note: {n}");
     }
     s
 }

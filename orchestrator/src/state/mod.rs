@@ -220,6 +220,25 @@ impl State {
     }
 
     /// A run by id, or by a unique prefix of it.
+    /// Records what planning predicted for a run (JSON of a `Forecast`).
+    pub async fn set_forecast(&self, id: &str, forecast: &str) -> Result<()> {
+        sqlx::query("UPDATE runs SET forecast = $1 WHERE id = $2")
+            .bind(forecast)
+            .bind(id)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    /// What planning predicted for a run, if it was recorded.
+    pub async fn forecast(&self, id: &str) -> Result<Option<String>> {
+        let row = sqlx::query("SELECT forecast FROM runs WHERE id = $1")
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(row.and_then(|r| r.try_get::<Option<String>, _>("forecast").ok().flatten()))
+    }
+
     pub async fn find_run(&self, id: &str) -> Result<RunRow> {
         if let Some(r) = self.run(id).await? {
             return Ok(r);
@@ -424,22 +443,33 @@ impl State {
 
     /// Durations (seconds) of each step's successful tries in the last
     /// finished runs of a runbook, for `ferry plan`'s prediction.
+    /// How long each step took in the last `runs` successful runs of
+    /// `runbook` on `target` (the run's `--target`, or `first` — the
+    /// runbook's first target — when it gave none), with the restored
+    /// disk's size for restores.
     pub async fn step_history(
         &self,
         runbook: &str,
+        target: &str,
+        first: &str,
         runs: i64,
-    ) -> Result<BTreeMap<String, Vec<f64>>> {
+    ) -> Result<History> {
         let ids: Vec<String> = sqlx::query(
-            "SELECT id FROM runs WHERE runbook = $1 AND status IN ('succeeded', 'rolled_back') ORDER BY created_ms DESC LIMIT $2",
+            "SELECT id FROM runs WHERE runbook = $1 AND COALESCE(target, $2) = $3 AND status IN ('succeeded', 'rolled_back') ORDER BY created_ms DESC LIMIT $4",
         )
         .bind(runbook)
+        .bind(first)
+        .bind(target)
         .bind(runs)
         .fetch_all(&self.pool)
         .await?
         .iter()
         .filter_map(|r| r.try_get::<String, _>("id").ok())
         .collect();
-        let mut out: BTreeMap<String, Vec<f64>> = BTreeMap::new();
+        let mut out = History {
+            runs: ids.len(),
+            ..Default::default()
+        };
         for id in ids {
             let mut started = BTreeMap::new();
             for s in self.events(&id).await? {
@@ -447,11 +477,17 @@ impl State {
                     Event::StepStarted { step, delay_ms, .. } => {
                         started.insert(step, s.at_ms + delay_ms as i64);
                     }
-                    Event::StepSucceeded { step, .. } => {
+                    Event::StepSucceeded { step, outputs } => {
                         if let Some(t) = started.get(&step) {
-                            out.entry(step)
-                                .or_default()
-                                .push((s.at_ms - t) as f64 / 1000.0);
+                            // A restore's outputs name its point and size.
+                            let bytes = outputs
+                                .get("point")
+                                .and(outputs.get("size"))
+                                .and_then(serde_json::Value::as_u64);
+                            out.steps.entry(step).or_default().push(StepTime {
+                                secs: (s.at_ms - t) as f64 / 1000.0,
+                                bytes,
+                            });
                         }
                     }
                     _ => {}
@@ -460,6 +496,22 @@ impl State {
         }
         Ok(out)
     }
+}
+
+/// One past try of a step that succeeded.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct StepTime {
+    pub secs: f64,
+    /// For `volume.restore`: the disk's size, from the step's outputs.
+    pub bytes: Option<u64>,
+}
+
+/// Past successful runs of a runbook on one target.
+#[derive(Debug, Clone, Default)]
+pub struct History {
+    /// By step (node) id.
+    pub steps: BTreeMap<String, Vec<StepTime>>,
+    pub runs: usize,
 }
 
 /// Holds an exclusive lock on `DB.lock` while migrations run.

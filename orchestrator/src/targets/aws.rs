@@ -16,11 +16,13 @@
 //! drill's teardown, or `ferry_aws::ec2::teardown` after a crash finds it.
 
 use super::{
-    CreatedNetwork, CreatedVolume, DiskFormat, Health, InstanceLaunch, Instances, LaunchedInstance,
-    NetworkCreate, Networks, Placement, Probe, RestoredVolume, StepCx, Target, TargetResult,
-    VolumeCreate, VolumeRestore, Volumes,
+    CreatedNetwork, CreatedVolume, DiskFormat, DiskSize, Health, InstanceLaunch, Instances,
+    LaunchedInstance, NetworkCreate, Networks, Placement, Planned, PlannedResource, Probe,
+    RestoredVolume, StepCx, Target, TargetAction, TargetResult, VolumeCreate, VolumeRestore,
+    Volumes, gib, planned_shape,
 };
-use crate::step::{ActionError, CancelOnDrop, Ctx, disk_index, file_stem};
+use crate::forecast::TargetPrices;
+use crate::step::{ActionError, Call, CancelOnDrop, Ctx, disk_index, file_stem};
 use async_trait::async_trait;
 use ferry_aws::ebs::{EbsSink, Opened};
 use ferry_aws::{Aws, AwsConfig};
@@ -169,6 +171,121 @@ impl Target for AwsTarget {
             out.push("`images` must map image families to AMI ids".into());
         }
         out
+    }
+
+    /// Prices read from the table's `aws` entry: `instance_hour` by
+    /// instance type, and the units `ebs_direct_put_per_1000`,
+    /// `snapshot_gb_month`, `gp3_gb_month`.
+    fn forecast(
+        &self,
+        place: &Placement,
+        action: TargetAction,
+        call: &Call,
+        disk: Option<&DiskSize>,
+        prices: &TargetPrices,
+    ) -> Planned {
+        let per_hour = |gb_month: &str, gib: u64| {
+            gib as f64 * prices.unit(gb_month) / crate::forecast::HOURS_PER_MONTH
+        };
+        match action {
+            TargetAction::VolumeRestore => {
+                let Some(d) = disk else {
+                    return Planned {
+                        resources: vec![PlannedResource {
+                            kind: "EBS snapshot".into(),
+                            detail: "size unknown until the repository is read (-r)".into(),
+                            ..PlannedResource::default()
+                        }],
+                        secs: 60.0,
+                        once_cost: 0.0,
+                    };
+                };
+                let g = gib(d.size);
+                // At least one put per 512 KiB block holding data.
+                let puts = d.data_bytes.div_ceil(ferry_aws::ebs::BLOCK);
+                Planned {
+                    resources: vec![
+                        PlannedResource {
+                            kind: "EBS snapshot".into(),
+                            detail: format!("{g} GiB, {puts} PutSnapshotBlock"),
+                            hourly: per_hour("snapshot_gb_month", g),
+                            monthly_standby: 0.0,
+                        },
+                        PlannedResource {
+                            kind: "EBS gp3 volume".into(),
+                            detail: format!("{g} GiB, made from the snapshot at launch"),
+                            hourly: per_hour("gp3_gb_month", g),
+                            monthly_standby: 0.0,
+                        },
+                    ],
+                    secs: 60.0,
+                    once_cost: puts as f64 / 1000.0 * prices.unit("ebs_direct_put_per_1000"),
+                }
+            }
+            TargetAction::VolumeCreate => {
+                let g = VolumeCreate::parse(call).map_or(1, |v| gib(v.size_bytes));
+                Planned {
+                    resources: vec![PlannedResource {
+                        kind: "EBS gp3 volume".into(),
+                        detail: format!("{g} GiB, empty"),
+                        hourly: per_hour("gp3_gb_month", g),
+                        monthly_standby: 0.0,
+                    }],
+                    secs: 10.0,
+                    once_cost: 0.0,
+                }
+            }
+            TargetAction::InstanceLaunch => {
+                let (cpus, mem) = planned_shape(call);
+                let table = sizes(&place.settings)
+                    .ok()
+                    .flatten()
+                    .unwrap_or_else(ferry_aws::ec2::default_sizes);
+                let kind = call
+                    .str("instance_type")
+                    .filter(|t| !t.is_empty())
+                    .or_else(|| {
+                        ferry_aws::ec2::pick_instance_type(&table, cpus, mem).map(str::to_owned)
+                    });
+                let (detail, hourly) = match &kind {
+                    Some(k) => (
+                        format!("{k} (asked: {cpus} vCPU, {mem} MiB)"),
+                        prices.instance_hour(k),
+                    ),
+                    None => (
+                        format!("no type in the sizes table has {cpus} vCPU and {mem} MiB"),
+                        0.0,
+                    ),
+                };
+                Planned {
+                    resources: vec![PlannedResource {
+                        kind: "EC2 instance".into(),
+                        detail,
+                        hourly,
+                        monthly_standby: 0.0,
+                    }],
+                    secs: prices.boot_secs,
+                    once_cost: 0.0,
+                }
+            }
+            TargetAction::NetworkCreate => Planned {
+                resources: vec![PlannedResource {
+                    kind: "VPC".into(),
+                    detail: format!(
+                        "{}, {} subnet(s), a security group, a route table with no route out",
+                        call.str("cidr").unwrap_or_default(),
+                        call.list("subnets").len()
+                    ),
+                    ..PlannedResource::default()
+                }],
+                secs: 10.0,
+                once_cost: 0.0,
+            },
+            TargetAction::InstanceStop => Planned {
+                secs: 30.0,
+                ..Planned::default()
+            },
+        }
     }
 
     async fn health(&self, _run: &Ctx, place: &Placement) -> Health {
@@ -380,6 +497,7 @@ impl Instances for AwsTarget {
             addr: ports.values().next().cloned(),
             ports,
             console: None,
+            private_ip: i.private_ip,
         })
     }
 

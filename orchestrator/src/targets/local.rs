@@ -3,10 +3,12 @@
 //! The embedded default, and the reference implementation of the seam.
 
 use super::{
-    CreatedVolume, DiskFormat, Health, InstanceLaunch, Instances, LaunchedInstance, Placement,
-    Probe, RestoredVolume, StepCx, Target, TargetResult, VolumeCreate, VolumeRestore, Volumes,
+    CreatedVolume, DiskFormat, DiskSize, Health, InstanceLaunch, Instances, LaunchedInstance,
+    Placement, Planned, PlannedResource, Probe, RestoredVolume, StepCx, Target, TargetAction,
+    TargetResult, VolumeCreate, VolumeRestore, Volumes, gib, planned_shape,
 };
-use crate::step::{ActionError, CancelOnDrop, Ctx, clip, disk_index, file_stem, scrub_env};
+use crate::forecast::TargetPrices;
+use crate::step::{ActionError, Call, CancelOnDrop, Ctx, clip, disk_index, file_stem, scrub_env};
 use async_trait::async_trait;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -29,6 +31,58 @@ impl Target for Local {
 
     fn instances(&self) -> Option<&dyn Instances> {
         Some(self)
+    }
+
+    fn networks(&self) -> Option<&dyn super::Networks> {
+        Some(self)
+    }
+
+    /// Files in the work directory and QEMU processes: nothing is charged
+    /// but the table's `instance_hour` (0 by default: own hardware).
+    fn forecast(
+        &self,
+        _place: &Placement,
+        action: TargetAction,
+        call: &Call,
+        disk: Option<&DiskSize>,
+        prices: &TargetPrices,
+    ) -> Planned {
+        let file = |size: Option<u64>| PlannedResource {
+            kind: "disk image".into(),
+            detail: size.map_or("in the run's work directory".into(), |s| {
+                format!("{} GiB in the run's work directory", gib(s))
+            }),
+            ..PlannedResource::default()
+        };
+        match action {
+            TargetAction::VolumeRestore => Planned {
+                resources: vec![file(disk.map(|d| d.size))],
+                secs: 10.0,
+                once_cost: 0.0,
+            },
+            TargetAction::VolumeCreate => Planned {
+                resources: vec![file(VolumeCreate::parse(call).ok().map(|v| v.size_bytes))],
+                secs: 1.0,
+                once_cost: 0.0,
+            },
+            TargetAction::InstanceLaunch => {
+                let (cpus, mem) = planned_shape(call);
+                Planned {
+                    resources: vec![PlannedResource {
+                        kind: "QEMU VM".into(),
+                        detail: format!("{cpus} vCPU, {mem} MiB, software emulation"),
+                        hourly: prices.instance_hour("default"),
+                        monthly_standby: 0.0,
+                    }],
+                    secs: prices.boot_secs,
+                    once_cost: 0.0,
+                }
+            }
+            TargetAction::InstanceStop | TargetAction::NetworkCreate => Planned {
+                secs: 2.0,
+                ..Planned::default()
+            },
+        }
     }
 
     /// The tools real work runs (`qemu-img`, QEMU) answer, and the run's work
@@ -316,9 +370,11 @@ fn free_port() -> Result<u16, ActionError> {
 impl Instances for Local {
     /// Boots a VM, or adopts the one an earlier try of the same step left
     /// running (found by its pid file and name).
-    /// `instance_type`, `network` and `user_data` are for cloud targets and
-    /// mean nothing here (the VM's size is `cpus`/`memory`; each VM has its
-    /// own user-mode network, joined to others only through `links`).
+    /// `instance_type` is for cloud targets and means nothing here (the
+    /// VM's size is `cpus`/`memory`). Each VM has its own user-mode network;
+    /// `network` puts it on a `network.create` network (see `local_net`),
+    /// `links` joins it to single addresses. `user_data` reaches the guest
+    /// as QEMU firmware configuration `opt/ferry/user-data`.
     async fn launch(&self, cx: &StepCx, req: InstanceLaunch) -> TargetResult<LaunchedInstance> {
         if let Some(image) = &req.image {
             return Err(ActionError::permanent(format!(
@@ -334,6 +390,10 @@ impl Instances for Local {
         let adopted: Option<BTreeMap<String, String>> = live_vm(&pidfile, &name)
             .and_then(|_| std::fs::read_to_string(&plan_file).ok())
             .and_then(|text| serde_json::from_str(&text).ok());
+        let joined = match &req.network {
+            Some(id) => Some(super::local_net::join(cx, id)?),
+            None => None,
+        };
         let ports = match adopted {
             Some(ports) => ports,
             None => {
@@ -346,7 +406,15 @@ impl Instances for Local {
                     serde_json::to_string(&ports).unwrap_or_default().as_bytes(),
                 )?;
                 let _ = std::fs::remove_file(&console);
-                boot(ctx, &req, &name, &pidfile, &console, &ports).await?;
+                let guest = Guest {
+                    name: &name,
+                    node: &cx.node,
+                    pidfile: &pidfile,
+                    console: &console,
+                    ports: &ports,
+                    joined: joined.as_ref(),
+                };
+                boot(ctx, &req, &guest).await?;
                 ports
             }
         };
@@ -354,6 +422,9 @@ impl Instances for Local {
             let tail = console_tail(&console);
             ActionError::transient(format!("VM {name} exited right after starting{tail}"))
         })?;
+        if let Some(j) = &joined {
+            j.record_ports(&cx.node, &ports)?;
+        }
         if let Some(text) = &req.ready {
             let start = Instant::now();
             loop {
@@ -387,6 +458,7 @@ impl Instances for Local {
             addr,
             ports,
             console: Some(console.to_string_lossy().into_owned()),
+            private_ip: joined.map(|j| j.ip.to_string()),
         })
     }
 
@@ -413,28 +485,38 @@ fn console_tail(console: &Path) -> String {
     }
 }
 
-async fn boot(
-    ctx: &Ctx,
-    req: &InstanceLaunch,
-    name: &str,
-    pidfile: &Path,
-    console: &Path,
-    ports: &BTreeMap<String, String>,
-) -> Result<(), ActionError> {
+/// One VM to boot: where its files go and how it is reached.
+struct Guest<'a> {
+    name: &'a str,
+    node: &'a str,
+    pidfile: &'a Path,
+    console: &'a Path,
+    ports: &'a BTreeMap<String, String>,
+    joined: Option<&'a super::local_net::Joined>,
+}
+
+async fn boot(ctx: &Ctx, req: &InstanceLaunch, g: &Guest<'_>) -> Result<(), ActionError> {
+    let (name, pidfile, console, ports) = (g.name, g.pidfile, g.console, g.ports);
     let mut append = String::from("console=ttyS0 quiet panic=-1");
     if let Some(a) = &req.append {
         append.push(' ');
         append.push_str(a);
     }
-    let isolated = req.isolated.unwrap_or(ctx.drill);
+    // A VM on a network reaches its members and nothing else.
+    let isolated = g.joined.is_some() || req.isolated.unwrap_or(ctx.drill);
     let mut netdev = format!(
         "user,id=n0,restrict={}",
         if isolated { "on" } else { "off" }
     );
-    for (guest, host) in ports {
-        netdev.push_str(&format!(",hostfwd=tcp:{host}-:{guest}"));
+    let guest_ip = g.joined.map(|j| j.ip.to_string()).unwrap_or_default();
+    if let Some(j) = g.joined {
+        netdev.push_str(&j.netdev());
     }
-    for (guest, host) in &req.links {
+    for (guest, host) in ports {
+        netdev.push_str(&format!(",hostfwd=tcp:{host}-{guest_ip}:{guest}"));
+    }
+    let peers = g.joined.map(|j| j.peers.as_slice()).unwrap_or_default();
+    for (guest, host) in req.links.iter().chain(peers.iter()) {
         // One `busybox nc` per guest connection: a `tcp:` chardev would open a
         // single connection at start-up (and fail if the peer is not up yet).
         let (addr, port) = host.rsplit_once(':').unwrap_or((host, ""));
@@ -477,6 +559,22 @@ async fn boot(
     .arg("-pidfile")
     .arg(pidfile)
     .arg("-daemonize");
+    // What a cloud's metadata service would tell the guest: its network
+    // settings and the runbook's user data (private files: user data may
+    // hold what the guest needs to reach its peers).
+    let mut fw_cfg = Vec::new();
+    if let Some(j) = g.joined {
+        fw_cfg.push(("net", j.guest_settings()));
+    }
+    if let Some(u) = &req.user_data {
+        fw_cfg.push(("user-data", u.clone()));
+    }
+    for (what, text) in fw_cfg {
+        let file = path_in(ctx, g.node, what);
+        write_atomic(&file, text.as_bytes())?;
+        cmd.arg("-fw_cfg")
+            .arg(format!("name=opt/ferry/{what},file={}", file.display()));
+    }
     // A kernel boots directly; without one, the first disk's own
     // bootloader boots (SeaBIOS, from the disk with boot index 0).
     if let Some(kernel) = &req.kernel {

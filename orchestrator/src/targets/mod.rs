@@ -14,6 +14,7 @@ pub mod aws;
 #[cfg(any(test, feature = "conformance"))]
 pub mod conformance;
 pub mod local;
+pub mod local_net;
 
 use crate::step::{ActionError, Call, Ctx, Outputs};
 use async_trait::async_trait;
@@ -332,6 +333,10 @@ pub struct LaunchedInstance {
     /// The first of `ports`.
     pub addr: Option<String>,
     pub console: Option<String>,
+    /// Its address on the `network` it joined, where other instances of
+    /// the network reach it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub private_ip: Option<String>,
 }
 
 /// `network.create`: a private network with subnets and firewall rules.
@@ -470,6 +475,37 @@ pub struct Probe {
     pub detail: String,
 }
 
+/// The disk a `volume.restore` will write, as the repository tells it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DiskSize {
+    pub size: u64,
+    /// Bytes that hold data (not zero).
+    pub data_bytes: u64,
+}
+
+/// Something a step will make, and what it costs.
+#[derive(Clone, Debug, Default, Serialize, serde::Deserialize, PartialEq, utoipa::ToSchema)]
+pub struct PlannedResource {
+    /// What it is (`EC2 instance`, `EBS snapshot`, `QEMU VM`).
+    pub kind: String,
+    /// Its size and shape (`t3.small: 2 vCPU, 2048 MiB`).
+    pub detail: String,
+    /// Per hour while it exists.
+    pub hourly: f64,
+    /// Per month that it must exist for a failover to work (standby).
+    pub monthly_standby: f64,
+}
+
+/// What a target says of one step before it runs ([`Target::forecast`]).
+#[derive(Clone, Debug, Default)]
+pub struct Planned {
+    pub resources: Vec<PlannedResource>,
+    /// Seconds the step takes, where no earlier run has measured it.
+    pub secs: f64,
+    /// One-off charges (requests to the provider).
+    pub once_cost: f64,
+}
+
 /// A place a runbook can rebuild in.
 #[async_trait]
 pub trait Target: Send + Sync {
@@ -525,6 +561,48 @@ pub trait Target: Send + Sync {
     /// Makes the same calls real work makes (tools found, credentials
     /// accepted, places writable), with no side effects.
     async fn health(&self, run: &Ctx, place: &Placement) -> Health;
+
+    /// What a step of `action` will make here, how long it takes where no
+    /// run has measured it, and what it costs at `prices`: for `ferry plan`,
+    /// with no calls to the provider. `call` holds the inputs planning can
+    /// know (those that depend on other steps' outputs are absent); `disk`
+    /// is the point's disk for `volume.restore`, when the repository was
+    /// read.
+    fn forecast(
+        &self,
+        place: &Placement,
+        action: TargetAction,
+        call: &Call,
+        disk: Option<&DiskSize>,
+        prices: &crate::forecast::TargetPrices,
+    ) -> Planned {
+        let _ = (place, call, disk);
+        Planned {
+            resources: Vec::new(),
+            secs: match action.resource() {
+                Resource::Instances if action == TargetAction::InstanceLaunch => prices.boot_secs,
+                _ => 1.0,
+            },
+            once_cost: 0.0,
+        }
+    }
+}
+
+/// What `instance.launch` asks for in vCPUs and MiB, as far as planning
+/// knows it (the defaults otherwise).
+pub fn planned_shape(call: &Call) -> (u32, u32) {
+    let n = |k: &str, d: i64| {
+        call.int(k, d)
+            .ok()
+            .and_then(|v| u32::try_from(v).ok())
+            .filter(|&v| v > 0)
+    };
+    (n("cpus", 1).unwrap_or(1), n("memory", 256).unwrap_or(256))
+}
+
+/// Whole GiB, rounded up (how clouds size volumes).
+pub fn gib(bytes: u64) -> u64 {
+    bytes.div_ceil(1 << 30)
 }
 
 /// Whether `target` offers `resource`.
@@ -779,15 +857,7 @@ mod tests {
     fn targets_implement_what_they_claim() {
         let r = Registry::builtin();
         let local = r.get("local").unwrap();
-        assert_eq!(
-            actions_of(local.as_ref()),
-            vec![
-                TargetAction::VolumeRestore,
-                TargetAction::VolumeCreate,
-                TargetAction::InstanceLaunch,
-                TargetAction::InstanceStop,
-            ]
-        );
+        assert_eq!(actions_of(local.as_ref()), TargetAction::ALL.to_vec());
         let aws = r.get("aws").unwrap();
         assert_eq!(actions_of(aws.as_ref()), TargetAction::ALL.to_vec());
     }
