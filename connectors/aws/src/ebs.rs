@@ -633,12 +633,20 @@ pub async fn wait_completed(aws: &Aws, id: &str, timeout: std::time::Duration) -
     }
 }
 
-/// Reads a snapshot back, block by block (`ListSnapshotBlocks`, then
-/// `GetSnapshotBlock` for each block that was put), into `out`, which gets
-/// the first `size` bytes: blocks never put read as zeros. Each block's
-/// SHA-256 checksum is verified.
-pub async fn read_snapshot(aws: &Aws, id: &str, size: u64, out: &mut File) -> Result<u64> {
-    let mut tokens: HashMap<i32, String> = HashMap::new();
+/// A snapshot's blocks that hold data, as `ListSnapshotBlocks` lists them.
+pub(crate) struct Listed {
+    /// Block index -> token.
+    pub tokens: HashMap<i32, String>,
+    /// The volume size in GiB.
+    pub volume_gib: u64,
+}
+
+/// Every block of a snapshot that was put, with its token.
+pub(crate) async fn list_blocks(aws: &Aws, id: &str) -> Result<Listed> {
+    let mut listed = Listed {
+        tokens: HashMap::new(),
+        volume_gib: 0,
+    };
     let mut next: Option<String> = None;
     loop {
         let page = aws
@@ -649,9 +657,14 @@ pub async fn read_snapshot(aws: &Aws, id: &str, size: u64, out: &mut File) -> Re
             .send()
             .await
             .map_err(|e| api_error("ListSnapshotBlocks", &aws.endpoint, e))?;
+        if let Some(g) = page.volume_size.and_then(|g| u64::try_from(g).ok()) {
+            listed.volume_gib = g;
+        }
+        // Blocks are 512 KiB ([`BLOCK`]) by the API's definition; its
+        // `BlockSize` is not read (moto reports it in KiB).
         for b in page.blocks.unwrap_or_default() {
             if let (Some(i), Some(t)) = (b.block_index, b.block_token) {
-                tokens.insert(i, t);
+                listed.tokens.insert(i, t);
             }
         }
         match page.next_token {
@@ -659,41 +672,57 @@ pub async fn read_snapshot(aws: &Aws, id: &str, size: u64, out: &mut File) -> Re
             _ => break,
         }
     }
+    Ok(listed)
+}
+
+/// One block, checked against the SHA-256 checksum the service returns.
+pub(crate) async fn get_block(aws: &Aws, id: &str, index: i32, token: &str) -> Result<Vec<u8>> {
+    let r = aws
+        .ebs
+        .get_snapshot_block()
+        .snapshot_id(id)
+        .block_index(index)
+        .block_token(token)
+        .send()
+        .await
+        .map_err(|e| api_error("GetSnapshotBlock", &aws.endpoint, e))?;
+    let want = r.checksum.clone();
+    let data = r
+        .block_data
+        .collect()
+        .await
+        .map_err(|e| Error::State(format!("block {index} of {id}: {e}")))?
+        .into_bytes()
+        .to_vec();
+    if let Some(want) = want {
+        let got = base64::engine::general_purpose::STANDARD
+            .encode(ring::digest::digest(&ring::digest::SHA256, &data).as_ref());
+        if got != want {
+            return Err(Error::State(format!(
+                "block {index} of snapshot {id} does not match its checksum"
+            )));
+        }
+    }
+    Ok(data)
+}
+
+/// Reads a snapshot back, block by block (`ListSnapshotBlocks`, then
+/// `GetSnapshotBlock` for each block that was put), into `out`, which gets
+/// the first `size` bytes: blocks never put read as zeros. Each block's
+/// SHA-256 checksum is verified.
+pub async fn read_snapshot(aws: &Aws, id: &str, size: u64, out: &mut File) -> Result<u64> {
+    let listed = list_blocks(aws, id).await?;
     out.set_len(size)
         .map_err(io("cannot size", Path::new("the read-back file")))?;
     let mut read = 0u64;
-    let mut indexes: Vec<_> = tokens.into_iter().collect();
+    let mut indexes: Vec<_> = listed.tokens.into_iter().collect();
     indexes.sort();
     for (index, token) in indexes {
         let start = index as u64 * BLOCK;
         if start >= size {
             continue;
         }
-        let r = aws
-            .ebs
-            .get_snapshot_block()
-            .snapshot_id(id)
-            .block_index(index)
-            .block_token(token)
-            .send()
-            .await
-            .map_err(|e| api_error("GetSnapshotBlock", &aws.endpoint, e))?;
-        let want = r.checksum.clone();
-        let data = r
-            .block_data
-            .collect()
-            .await
-            .map_err(|e| Error::State(format!("block {index} of {id}: {e}")))?
-            .into_bytes();
-        if let Some(want) = want {
-            let got = base64::engine::general_purpose::STANDARD
-                .encode(ring::digest::digest(&ring::digest::SHA256, &data).as_ref());
-            if got != want {
-                return Err(Error::State(format!(
-                    "block {index} of snapshot {id} does not match its checksum"
-                )));
-            }
-        }
+        let data = get_block(aws, id, index, &token).await?;
         let n = (data.len() as u64).min(size - start) as usize;
         out.write_all_at(&data[..n], start)
             .map_err(io("cannot write", Path::new("the read-back file")))?;

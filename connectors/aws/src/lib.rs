@@ -4,6 +4,9 @@
 //! - [`ebs`]: a recovery point's disk written straight into an EBS snapshot
 //!   through the EBS direct APIs (a [`BlockSink`](ferry_agent::sink::BlockSink)),
 //!   resumable after a kill, and read back block by block.
+//! - [`source`]: the agentless source: an EBS snapshot read as a
+//!   `BlockSource` (incrementals through `ListChangedBlocks`), so an EC2
+//!   machine is protected with nothing installed in it.
 //! - [`ec2`]: isolated networks (VPC, subnet, security group, route table),
 //!   instances launched from restored snapshots, and teardown of everything a
 //!   run made, found by its tags.
@@ -17,6 +20,7 @@
 
 pub mod ebs;
 pub mod ec2;
+pub mod source;
 
 use aws_sdk_ec2::error::{ProvideErrorMetadata, SdkError};
 pub use aws_sdk_ec2::types::Filter;

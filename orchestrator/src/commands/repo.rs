@@ -1,6 +1,7 @@
 //! The repository commands: init, backup, points, restore, check, forget,
 //! prune, stats, undelete, tier and serve-nbd.
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -227,10 +228,14 @@ pub struct BackupArgs {
     /// Record this consistency instead of detecting it (crash, or fuzzy when a disk changed while read).
     #[arg(long, value_enum)]
     pub consistency: Option<ConsistencyArg>,
-    /// Image files, block devices, or NBD exports:
-    /// nbd://HOST[:PORT]/EXPORT[?bitmap=NAME], nbd+unix:///EXPORT?socket=PATH[&bitmap=NAME].
+    /// Image files, block devices, NBD exports:
+    /// nbd://HOST[:PORT]/EXPORT[?bitmap=NAME], nbd+unix:///EXPORT?socket=PATH[&bitmap=NAME],
+    /// or EBS snapshots (agentless, through the EBS direct APIs):
+    /// ebs://snap-ID[?region=NAME&endpoint=URL&name=DISK&parent=snap-ID].
     /// With a bitmap, only the extents it marks dirty are read: it must hold every
-    /// write since the source's latest point.
+    /// write since the source's latest point. An EBS snapshot is read
+    /// incrementally from the snapshot the disk's latest point was taken from
+    /// (ListChangedBlocks), or from `parent`.
     #[arg(required = true)]
     pub disks: Vec<String>,
 }
@@ -341,8 +346,15 @@ pub fn backup(ctx: &Context, a: &BackupArgs) -> Result<ExitCode> {
     let repo = ctx.open_repo(false)?;
     let mut specs = Vec::new();
     let mut sources: Vec<Box<dyn BlockSource>> = Vec::new();
+    let mut taken = None;
     for (i, d) in a.disks.iter().enumerate() {
-        if NbdUrl::is_nbd(d) {
+        if let Some(rest) = d.strip_prefix("ebs://") {
+            let (spec, src) = ebs_source(&repo, &a.source, rest)?;
+            // The point is as of the snapshot's instant, not the backup's.
+            taken = taken.or(src.start_time);
+            sources.push(Box::new(src));
+            specs.push(spec);
+        } else if NbdUrl::is_nbd(d) {
             let url = NbdUrl::parse(d).map_err(ferry_agent::Error::InvalidInput)?;
             let name = match url.export.rsplit('/').next() {
                 Some(n) if !n.is_empty() => n.to_string(),
@@ -367,7 +379,7 @@ pub fn backup(ctx: &Context, a: &BackupArgs) -> Result<ExitCode> {
             ConsistencyArg::App => Consistency::App,
             ConsistencyArg::Fuzzy => Consistency::Fuzzy,
         }),
-        time: None,
+        time: taken,
     };
     let progress = Arc::new(Progress::default());
     let bar = Bar::start(progress.clone(), "backup", !ctx.quiet && !ctx.json);
@@ -671,19 +683,15 @@ struct EbsRestore {
     duration_secs: f64,
 }
 
-/// `ebs://[?region=NAME&endpoint=URL]`.
-fn parse_ebs_url(rest: &str) -> Result<ferry_aws::AwsConfig> {
+/// `ebs://[ID][?region=NAME&endpoint=URL&OPTION=VALUE...]`: the id part,
+/// where the SDK finds AWS, and the `extra` options it may also carry.
+fn parse_ebs_url(
+    rest: &str,
+    extra: &[&str],
+) -> Result<(String, ferry_aws::AwsConfig, BTreeMap<String, String>)> {
     let mut cfg = ferry_aws::AwsConfig::default();
-    let query = match rest.split_once('?') {
-        Some(("", q)) => q,
-        None if rest.is_empty() => "",
-        _ => {
-            return Err(Error::Usage(format!(
-                "ebs://{rest}: write ebs:// or ebs://?region=NAME&endpoint=URL"
-            ))
-            .into());
-        }
-    };
+    let mut options = BTreeMap::new();
+    let (id, query) = rest.split_once('?').unwrap_or((rest, ""));
     for pair in query.split('&').filter(|p| !p.is_empty()) {
         let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
         let v = percent_encoding::percent_decode_str(v)
@@ -692,19 +700,88 @@ fn parse_ebs_url(rest: &str) -> Result<ferry_aws::AwsConfig> {
         match k {
             "region" => cfg.region = Some(v),
             "endpoint" => cfg.endpoint = Some(v),
+            k if extra.contains(&k) => {
+                options.insert(k.to_owned(), v);
+            }
             _ => {
+                let mut takes = vec!["region=", "endpoint="];
+                let more: Vec<String> = extra.iter().map(|e| format!("{e}=")).collect();
+                takes.extend(more.iter().map(String::as_str));
                 return Err(Error::Usage(format!(
-                    "ebs://: unknown option `{k}`; it takes region= and endpoint="
+                    "ebs://: unknown option `{k}`; it takes {}",
+                    takes.join(", ")
                 ))
                 .into());
             }
         }
     }
-    Ok(cfg)
+    Ok((id.to_owned(), cfg, options))
+}
+
+/// `ebs://SNAPSHOT_ID[?name=DISK&parent=SNAPSHOT_ID]` as a backup source:
+/// the disk's name is `name`, else the snapshot's volume id; the parent is
+/// `parent`, else the snapshot the source's latest point of that disk was
+/// taken from (an incremental through `ListChangedBlocks`).
+fn ebs_source(
+    repo: &ferry_agent::Repository,
+    source: &str,
+    rest: &str,
+) -> Result<(DiskSpec, ferry_aws::source::EbsSource)> {
+    let (id, cfg, opts) = parse_ebs_url(rest, &["name", "parent"])?;
+    let src_of = |e: ferry_aws::Error| anyhow::Error::from(e).context(format!("ebs://{id}"));
+    if !id.starts_with("snap-") {
+        return Err(Error::Usage(format!(
+            "ebs://{rest}: name the snapshot to back up: ebs://snap-...[?region=NAME&endpoint=URL&name=DISK]"
+        ))
+        .into());
+    }
+    // The source's latest point, for the parent snapshot and the disk name.
+    let latest = repo
+        .points()?
+        .0
+        .into_iter()
+        .rfind(|p| p.meta.source == source);
+    let parent_of = |name: &str| {
+        latest.as_ref().and_then(|p| {
+            p.meta
+                .disks
+                .iter()
+                .find(|d| d.name == name)
+                .and_then(|d| d.tracking.as_deref())
+                .and_then(ferry_aws::source::snapshot_of)
+                .map(str::to_owned)
+        })
+    };
+    let mut src = ferry_aws::source::EbsSource::open(&cfg, &id).map_err(src_of)?;
+    let name = opts
+        .get("name")
+        .cloned()
+        .or_else(|| src.volume_id.clone())
+        .unwrap_or_else(|| id.clone());
+    match opts.get("parent").cloned().or_else(|| parent_of(&name)) {
+        Some(p) if p != id => src.since(&p).map_err(src_of)?,
+        _ => {}
+    }
+    if let Some(problem) = ferry_agent::point::disk_name_problem(&name) {
+        return Err(Error::Usage(format!("ebs://{rest}: disk name `{name}` {problem}")).into());
+    }
+    Ok((
+        DiskSpec {
+            name,
+            path: PathBuf::from(format!("ebs://{id}")),
+        },
+        src,
+    ))
 }
 
 fn restore_ebs(ctx: &Context, a: &RestoreArgs, rest: &str) -> Result<ExitCode> {
-    let cfg = parse_ebs_url(rest)?;
+    let (id, cfg, _) = parse_ebs_url(rest, &[])?;
+    if !id.is_empty() {
+        return Err(Error::Usage(format!(
+            "ebs://{rest}: a restore makes a new snapshot; write ebs:// or ebs://?region=NAME&endpoint=URL"
+        ))
+        .into());
+    }
     let started = std::time::Instant::now();
     let repo = ctx.open_repo(false)?;
     let point = repo.resolve(&a.point)?;
