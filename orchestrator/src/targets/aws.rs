@@ -59,6 +59,22 @@ impl AwsTarget {
     }
 }
 
+/// Drops what it holds on a blocking thread: for values that own a Tokio
+/// runtime (a repository's store), which panics if dropped on an async
+/// worker.
+struct DropBlocking<T: Send + 'static>(Option<T>);
+
+impl<T: Send + 'static> Drop for DropBlocking<T> {
+    fn drop(&mut self) {
+        if let Some(v) = self.0.take() {
+            match tokio::runtime::Handle::try_current() {
+                Ok(h) => drop(h.spawn_blocking(move || drop(v))),
+                Err(_) => drop(v),
+            }
+        }
+    }
+}
+
 fn fail(e: ferry_aws::Error) -> ActionError {
     if e.retry() {
         ActionError::transient(e.to_string())
@@ -346,6 +362,10 @@ impl Volumes for AwsTarget {
         })
         .await
         .map_err(|e| ActionError::transient(format!("restore task: {e}")))??;
+        // The repository's store owns a runtime, which may not be dropped on
+        // an async worker: on every way out of here (a snapshot found
+        // complete, an error), it goes on a blocking thread.
+        let mut repo = DropBlocking(Some(repo));
         let meta = point.meta.disks[disk].clone();
         let description = format!(
             "Ferry: {} disk {} ({})",
@@ -361,12 +381,14 @@ impl Volumes for AwsTarget {
                 let progress = Arc::new(ferry_agent::progress::Progress::default());
                 let _stop = CancelOnDrop(progress.clone());
                 let (point2, progress2) = (point.clone(), progress.clone());
+                let repo = repo.0.take();
                 tokio::task::spawn_blocking(move || {
+                    let repo = repo.ok_or_else(|| ActionError::permanent("no repository"))?;
                     ferry_agent::restore::restore_into(&repo, &point2, disk, &sink, &progress2)
+                        .map_err(ActionError::from)
                 })
                 .await
-                .map_err(|e| ActionError::transient(format!("restore task: {e}")))?
-                .map_err(ActionError::from)?;
+                .map_err(|e| ActionError::transient(format!("restore task: {e}")))??;
                 id
             }
         };
