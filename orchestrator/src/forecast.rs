@@ -429,9 +429,12 @@ pub fn forecast(
         };
         // What leaves the repository's store for a restore.
         let mut once = planned.once_cost;
-        if let (Some(reads), Some(rc)) = (point.as_ref().and_then(|p| p.reads), repo_cloud) {
+        // (A repository on one's own disks or servers charges nothing.)
+        if let (Some(reads), Some(rc)) = (point.as_ref().and_then(|p| p.reads), repo_cloud)
+            && rc != "onprem"
+        {
             once += reads.gets as f64 / 1000.0 * prices.repository.get_per_1000;
-            if rc != "onprem" && rc != tprices.cloud {
+            if rc != tprices.cloud {
                 once += reads.bytes as f64 / GB * prices.repository.egress_gb;
             }
         }
