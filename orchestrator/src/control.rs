@@ -248,6 +248,24 @@ pub async fn create_run(
     Ok(run)
 }
 
+/// What a forecast of `plan` on `target` (`--target`, else the runbook's
+/// first) learns from: the last ten successful runs of the runbook there.
+pub async fn history(
+    state: &State,
+    plan: &ferry_engine::Plan,
+    target: Option<&str>,
+) -> anyhow::Result<crate::forecast::History> {
+    let first = plan
+        .runbook
+        .targets
+        .first()
+        .map(|t| t.name.as_str())
+        .unwrap_or_default();
+    state
+        .step_history(&plan.runbook.name, target.unwrap_or(first), first, 10)
+        .await
+}
+
 /// Stores what planning predicts for a new run, for its report to set
 /// against what it measures. A forecast that cannot be made (a broken price
 /// table, an unreadable repository) does not stop the run: the report then
@@ -259,22 +277,8 @@ async fn record_forecast(
     plan: &ferry_engine::Plan,
     run: &RunRow,
 ) {
-    let first = plan
-        .runbook
-        .targets
-        .first()
-        .map(|t| t.name.clone())
-        .unwrap_or_default();
     let target = run.target.clone();
-    let history = match state
-        .step_history(
-            &run.runbook,
-            target.as_deref().unwrap_or(&first),
-            &first,
-            10,
-        )
-        .await
-    {
+    let history = match history(state, plan, target.as_deref()).await {
         Ok(h) => h,
         Err(e) => {
             tracing::warn!(run = %run.id, "no forecast: the run history could not be read: {e:#}");

@@ -108,14 +108,6 @@ fn the_neutral_runbook_validates_and_plans_on_every_target() {
     );
 }
 
-fn qemu_processes_named(run: &str) -> usize {
-    let out = Command::new("pgrep")
-        .args(["-f", &format!("-name ferry-{run}-")])
-        .output()
-        .unwrap();
-    String::from_utf8_lossy(&out.stdout).lines().count()
-}
-
 #[test]
 fn the_example_app_drills_on_the_local_target_with_the_neutral_runbook() {
     let Some(images) = images() else { return };

@@ -19,16 +19,6 @@ use common::servers::{AWS_KEY_ID, AWS_REGION, AWS_SECRET, Moto, s3_python};
 use common::*;
 use std::path::Path;
 
-fn env_for(moto: &Moto) -> Env {
-    let mut e = Env::new();
-    e.vars = moto.env();
-    e.vars.push((
-        "FERRY_HOME".into(),
-        e.dir.path().join("home").display().to_string(),
-    ));
-    e
-}
-
 /// What moto holds for a run: `(every instance ever launched, what is
 /// still there)`.
 fn in_moto(moto: &Moto, run: &str) -> (usize, Vec<String>) {
@@ -66,7 +56,7 @@ print(json.dumps([launched, left]))
 #[test]
 fn the_example_drills_on_aws_and_resumes_after_a_kill_at_every_event() {
     let Some(moto) = Moto::start() else { return };
-    let e = env_for(&moto);
+    let e = moto_env(&moto);
     e.init();
     for (src, seed) in [("shop-db", 1), ("shop-web", 2)] {
         let img = e.path(&format!("{src}.img"));

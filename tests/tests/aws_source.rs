@@ -12,23 +12,12 @@ mod common;
 use common::servers::Moto;
 use common::*;
 
-/// An environment whose ferry processes reach moto as AWS.
-fn env_for(moto: &Moto, name: &str) -> Env {
-    let mut e = Env::new();
-    e.vars = moto.env();
-    e.vars.push((
-        "FERRY_HOME".into(),
-        e.dir.path().join(name).display().to_string(),
-    ));
-    e
-}
-
 #[test]
 fn ebs_snapshots_are_backed_up_whole_then_incrementally_and_restore_exactly() {
     let Some(moto) = Moto::start() else { return };
     // "The machine": its volume's two snapshots, made in moto through
     // `ferry restore --to ebs://` of a scratch repository.
-    let machine = env_for(&moto, "machine");
+    let machine = moto_env(&moto);
     machine.init();
     let img = machine.path("root.img");
     let size = 64u64 << 20;
@@ -52,7 +41,7 @@ fn ebs_snapshots_are_backed_up_whole_then_incrementally_and_restore_exactly() {
     assert_ne!(snap1, snap2);
 
     // Ferry protects the machine from outside: no agent in it.
-    let e = env_for(&moto, "home");
+    let e = moto_env(&moto);
     e.init();
     let full = e.json(&[
         "backup",

@@ -48,14 +48,6 @@ fn stack() -> Option<PathBuf> {
     Some(dir)
 }
 
-fn qemu_processes_named(run: &str) -> usize {
-    let out = Command::new("pgrep")
-        .args(["-f", &format!("-name ferry-{run}-")])
-        .output()
-        .unwrap();
-    String::from_utf8_lossy(&out.stdout).lines().count()
-}
-
 #[test]
 fn drill_rebuilds_the_example_shop_verifies_it_and_tears_it_down() {
     let Some(stack) = stack() else { return };

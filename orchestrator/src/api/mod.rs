@@ -571,21 +571,7 @@ async fn plan(Ax(app): Ax<AppState>, Body(b): Body<PlanRequest>) -> ApiResult<Js
     })
     .await
     .map_err(|e| Error::Internal(anyhow::anyhow!("planning stopped: {e}")))??;
-    let first = p
-        .runbook
-        .targets
-        .first()
-        .map(|t| t.name.clone())
-        .unwrap_or_default();
-    let history = app
-        .state
-        .step_history(
-            &p.runbook.name,
-            target.as_deref().unwrap_or(&first),
-            &first,
-            10,
-        )
-        .await?;
+    let history = control::history(&app.state, &p, target.as_deref()).await?;
     let prices = crate::forecast::PriceTable::load(None, &app.home)?;
     let (ctx, registry) = (app.context(), app.registry.clone());
     let (p, forecast) = tokio::task::spawn_blocking(move || {

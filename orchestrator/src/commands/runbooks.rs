@@ -223,16 +223,8 @@ pub(crate) async fn plan_history(
     if no_state {
         return Ok(Default::default());
     }
-    let first = plan
-        .runbook
-        .targets
-        .first()
-        .map(|t| t.name.clone())
-        .unwrap_or_default();
     let state = State::open(url).await?;
-    state
-        .step_history(&plan.runbook.name, target.unwrap_or(&first), &first, 10)
-        .await
+    control::history(&state, plan, target).await
 }
 
 pub fn plan(ctx: &Context, a: &PlanArgs) -> Result<ExitCode> {

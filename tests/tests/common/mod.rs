@@ -228,3 +228,25 @@ pub fn skip_without_root(what: &str) {
         "CI must be able to {what}"
     );
 }
+
+/// QEMU processes of a run's VMs still alive (the local target names them
+/// `ferry-RUN-NODE`).
+pub fn qemu_processes_named(run: &str) -> usize {
+    let out = std::process::Command::new("pgrep")
+        .args(["-f", &format!("-name ferry-{run}-")])
+        .output()
+        .expect("pgrep");
+    String::from_utf8_lossy(&out.stdout).lines().count()
+}
+
+/// An environment whose ferry processes reach moto as AWS, with its own
+/// home.
+pub fn moto_env(moto: &servers::Moto) -> Env {
+    let mut e = Env::new();
+    e.vars = moto.env();
+    e.vars.push((
+        "FERRY_HOME".into(),
+        e.dir.path().join("home").display().to_string(),
+    ));
+    e
+}
