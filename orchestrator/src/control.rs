@@ -292,9 +292,20 @@ async fn record_forecast(
             return;
         }
     };
-    let (ctx, registry, plan) = (ctx.clone(), registry.clone(), plan.clone());
+    // Without the repository: reading its index and lists would delay the
+    // run's start, and so its RTO (`ferry plan -r` reads them). Restores are
+    // predicted from history and the table.
+    let mut ctx = ctx.clone();
+    ctx.repo = None;
+    let (registry, plan) = (registry.clone(), plan.clone());
     let made = tokio::task::spawn_blocking(move || {
-        forecast(&ctx, &registry, &plan, target.as_deref(), &history, &prices)
+        let mut f = forecast(&ctx, &registry, &plan, target.as_deref(), &history, &prices);
+        f.notes.retain(|n| !n.starts_with("no repository given"));
+        f.notes.push(
+            "made when the run was created, without reading the repository (restores from history and the table)"
+                .into(),
+        );
+        f
     })
     .await;
     let text = match made.map(|f| serde_json::to_string(&f)) {

@@ -128,12 +128,26 @@ impl Default for PriceTable {
                             ("r6i.4xlarge".into(), 1.008),
                             ("m6i.16xlarge".into(), 3.072),
                             ("default".into(), 0.096),
+                            // RDS for MySQL/MariaDB, single-AZ.
+                            ("db.t3.micro".into(), 0.017),
+                            ("db.t3.small".into(), 0.034),
+                            ("db.t3.medium".into(), 0.068),
+                            ("db.m6i.large".into(), 0.171),
+                            ("db.m6i.xlarge".into(), 0.342),
+                            ("db.m6i.2xlarge".into(), 0.684),
+                            ("db.m6i.4xlarge".into(), 1.368),
+                            ("db.r6i.4xlarge".into(), 2.0),
+                            ("db.m6i.16xlarge".into(), 5.472),
                         ]),
                         unit: BTreeMap::from([
                             ("ebs_direct_put_per_1000".into(), 0.006),
                             ("ebs_direct_get_per_1000".into(), 0.003),
                             ("snapshot_gb_month".into(), 0.05),
                             ("gp3_gb_month".into(), 0.08),
+                            // Per hour, before capacity units.
+                            ("alb_hour".into(), 0.0225),
+                            ("nlb_hour".into(), 0.0225),
+                            ("health_check_month".into(), 0.50),
                         ]),
                         // EBS direct: 16 PutSnapshotBlock of 512 KiB in
                         // flight; AWS documents about 1,000 puts/s per

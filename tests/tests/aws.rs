@@ -1,7 +1,9 @@
-//! The `aws` target and `ferry restore --to ebs://` against moto: EC2 and the
-//! EBS direct APIs spoken by the real AWS SDK over HTTP to a local server.
-//! (moto's known gaps: instances do not boot, so nothing here checks a
-//! guest; TESTING.md lists the rest.)
+//! The `aws` target and `ferry restore --to ebs://` against moto: EC2, the
+//! EBS direct APIs, ELBv2, Route 53 and RDS spoken by the real AWS SDK over
+//! HTTP to a local server, and read back through boto3. (moto's known gaps:
+//! instances do not boot, load-balancer targets are always healthy, RDS is
+//! available at once; nothing here asserts on those. TESTING.md lists the
+//! rest.)
 
 mod common;
 
@@ -16,7 +18,10 @@ fn aws_python(moto: &Moto, script: &str, args: &[&str]) -> String {
     let prelude = format!(
         "kw = dict(endpoint_url='{ep}', aws_access_key_id='{AWS_KEY_ID}', aws_secret_access_key='{AWS_SECRET}', region_name='{AWS_REGION}')\n\
          ec2 = boto3.client('ec2', **kw)\n\
-         ebs = boto3.client('ebs', **kw)\n",
+         ebs = boto3.client('ebs', **kw)\n\
+         elb = boto3.client('elbv2', **kw)\n\
+         r53 = boto3.client('route53', **kw)\n\
+         rds = boto3.client('rds', **kw)\n",
         ep = moto.endpoint
     );
     let script: String = common_dedent(script);
@@ -242,17 +247,107 @@ fn place(moto: &Moto) -> ferry_orchestrator::targets::Placement {
     p
 }
 
-#[test]
-fn the_aws_target_conforms_and_a_crashed_run_is_torn_down_by_its_tag() {
-    use ferry_orchestrator::targets::{InstanceLaunch, aws::AwsTarget, conformance};
-    let Some(moto) = Moto::start() else { return };
-    let ami = aws_python(
-        &moto,
-        "print(sorted(i['ImageId'] for i in ec2.describe_images(Owners=['amazon'])['Images'])[0])",
+/// What the tests need that a run does not make: an AMI, a hosted zone
+/// `shop.example.` whose `www` points at the old site, and a PostgreSQL
+/// instance `prod-db` with a snapshot `prod-db-nightly` to restore.
+struct Fixtures {
+    ami: String,
+    zone_id: String,
+}
+
+fn fixtures(moto: &Moto) -> Fixtures {
+    let out = aws_python(
+        moto,
+        r#"
+        ami = sorted(i['ImageId'] for i in ec2.describe_images(Owners=['amazon'])['Images'])[0]
+        zone = r53.create_hosted_zone(Name='shop.example.', CallerReference='ferry-tests')['HostedZone']['Id'].split('/')[-1]
+        r53.change_resource_record_sets(HostedZoneId=zone, ChangeBatch={'Changes': [{'Action': 'CREATE',
+            'ResourceRecordSet': {'Name': 'www.shop.example.', 'Type': 'A', 'TTL': 300,
+                                  'ResourceRecords': [{'Value': '198.51.100.7'}]}}]})
+        rds.create_db_instance(DBInstanceIdentifier='prod-db', Engine='postgres', DBInstanceClass='db.t3.small',
+                               AllocatedStorage=20, MasterUsername='shop', MasterUserPassword='not-a-secret-1',
+                               BackupRetentionPeriod=7)
+        rds.create_db_snapshot(DBInstanceIdentifier='prod-db', DBSnapshotIdentifier='prod-db-nightly')
+        print(json.dumps({'ami': ami, 'zone': zone}))
+        "#,
         &[],
+    );
+    let v: serde_json::Value = serde_json::from_str(out.trim()).expect("fixtures");
+    Fixtures {
+        ami: v["ami"].as_str().expect("an AMI").to_owned(),
+        zone_id: v["zone"].as_str().expect("a zone id").to_owned(),
+    }
+}
+
+/// The record sets of `www.shop.example.` and every `_ferry` marker, as
+/// boto3 sees them (sorted JSON lines).
+fn www_records(moto: &Moto, zone: &str) -> Vec<serde_json::Value> {
+    let out = aws_python(
+        moto,
+        r#"
+        sets = r53.list_resource_record_sets(HostedZoneId=sys.argv[1])['ResourceRecordSets']
+        keep = [s for s in sets if s['Name'].startswith('www.') or s['Name'].startswith('_ferry')]
+        print(json.dumps(keep))
+        "#,
+        &[zone],
+    );
+    serde_json::from_str(out.trim()).expect("record sets")
+}
+
+/// Everything tagged with run `run` that boto3 finds in EC2, ELBv2, RDS and
+/// Route 53 (health checks by tag, markers by their `ferry:run=` text).
+fn tagged_with(moto: &Moto, run: &str) -> String {
+    aws_python(
+        moto,
+        r#"
+        run = sys.argv[1]
+        f = [{'Name': 'tag:ferry:run', 'Values': [run]}]
+        def ours(tags):
+            return any(t['Key'] == 'ferry:run' and t['Value'] == run for t in tags)
+        left = []
+        for r in ec2.describe_instances(Filters=f)['Reservations']:
+            left += [i['InstanceId'] for i in r['Instances'] if i['State']['Name'] != 'terminated']
+        left += [s['SnapshotId'] for s in ec2.describe_snapshots(OwnerIds=['self'], Filters=f)['Snapshots']]
+        left += [v['VolumeId'] for v in ec2.describe_volumes(Filters=f)['Volumes']]
+        left += [i['ImageId'] for i in ec2.describe_images(Owners=['self'], Filters=f)['Images']]
+        left += [v['VpcId'] for v in ec2.describe_vpcs(Filters=f)['Vpcs']]
+        arns = [l['LoadBalancerArn'] for l in elb.describe_load_balancers()['LoadBalancers']]
+        arns += [t['TargetGroupArn'] for t in elb.describe_target_groups()['TargetGroups']]
+        for i in range(0, len(arns), 20):
+            for d in elb.describe_tags(ResourceArns=arns[i:i+20])['TagDescriptions']:
+                if ours(d['Tags']):
+                    left.append(d['ResourceArn'])
+        for db in rds.describe_db_instances()['DBInstances']:
+            if ours(rds.list_tags_for_resource(ResourceName=db['DBInstanceArn'])['TagList']):
+                left.append(db['DBInstanceIdentifier'])
+        for g in rds.describe_db_subnet_groups()['DBSubnetGroups']:
+            if ours(rds.list_tags_for_resource(ResourceName=g['DBSubnetGroupArn'])['TagList']):
+                left.append(g['DBSubnetGroupName'])
+        for h in r53.list_health_checks()['HealthChecks']:
+            tags = r53.list_tags_for_resource(ResourceType='healthcheck', ResourceId=h['Id'])['ResourceTagSet'].get('Tags', [])
+            if ours(tags):
+                left.append(h['Id'])
+        for z in r53.list_hosted_zones()['HostedZones']:
+            for s in r53.list_resource_record_sets(HostedZoneId=z['Id'])['ResourceRecordSets']:
+                if any(('ferry:run=' + run) in r['Value'] for r in s.get('ResourceRecords', [])):
+                    left.append(s['Name'])
+        print(json.dumps(left))
+        "#,
+        &[run],
     )
     .trim()
-    .to_owned();
+    .to_owned()
+}
+
+#[test]
+fn the_aws_target_conforms_and_a_crashed_run_is_torn_down_by_its_tag() {
+    use ferry_orchestrator::targets::{
+        BalancerKind, DatabaseRestore, DatabaseSource, DnsRecord, DnsTarget, Endpoint,
+        InstanceLaunch, LoadBalancerCreate, aws::AwsTarget, conformance,
+    };
+    let Some(moto) = Moto::start() else { return };
+    let fx = fixtures(&moto);
+    let ami = fx.ami.clone();
     let dir = tempfile::tempdir().unwrap();
     let rt = tokio::runtime::Runtime::new().unwrap();
     let cfg = ferry_aws::AwsConfig {
@@ -289,16 +384,62 @@ fn the_aws_target_conforms_and_a_crashed_run_is_torn_down_by_its_tag() {
         network: None,
         user_data: Some("#!/bin/sh\necho hello\n".into()),
     };
+    let http = |port: u16, path: Option<&str>| Endpoint {
+        protocol: "http".into(),
+        port,
+        path: path.map(str::to_owned),
+    };
+    let load_balancer = LoadBalancerCreate {
+        listeners: vec![http(80, None)],
+        targets: Vec::new(),
+        target_port: None,
+        health_check: None,
+        // The suite makes the network.
+        network: String::new(),
+        kind: BalancerKind::Alb,
+        internal: true,
+    };
+    let dns = DnsRecord {
+        zone: "shop.example".into(),
+        name: "www".into(),
+        kind: None,
+        target: DnsTarget::Failover {
+            primary: "198.51.100.7".into(),
+            secondary: "192.0.2.80".into(),
+            health_check: http(80, Some("/healthz")),
+        },
+        ttl: 60,
+    };
+    let database = DatabaseRestore {
+        engine: "postgres".into(),
+        from: DatabaseSource::Snapshot("prod-db-nightly".into()),
+        instance_class: None,
+        cpus: 1,
+        memory_mib: 1024,
+        network: None,
+        port: None,
+        ready_timeout: Duration::from_secs(60),
+    };
+    let www_before = www_records(&moto, &fx.zone_id);
     rt.block_on(conformance::run(conformance::Setup {
         target: Arc::new(AwsTarget::with_keys(AWS_KEY_ID, AWS_SECRET)),
         run: run_ctx(dir.path(), "conformance", false),
         place: place(&moto),
         launch: Some(launch.clone()),
         inventory: Some(inventory),
+        load_balancer: Some(load_balancer.clone()),
+        dns: Some(dns.clone()),
+        database: Some(database.clone()),
     }));
+    assert_eq!(
+        www_records(&moto, &fx.zone_id),
+        www_before,
+        "the switched record is not back as it was"
+    );
 
-    // A run that made a network, a volume and an instance, then died: its
-    // tag finds all of it, and teardown leaves nothing.
+    // A run that made a network, a volume, an instance, a load balancer, a
+    // failover pair and a database, then died: its tag finds all of it, and
+    // teardown leaves nothing (and puts the switched name back).
     use ferry_orchestrator::targets::{NetworkCreate, StepCx, Target, VolumeCreate};
     let target = AwsTarget::with_keys(AWS_KEY_ID, AWS_SECRET);
     let run = run_ctx(dir.path(), "crashed-run", true);
@@ -316,8 +457,8 @@ fn the_aws_target_conforms_and_a_crashed_run_is_torn_down_by_its_tag() {
                 &cx("net"),
                 NetworkCreate {
                     cidr: "10.9.0.0/16".into(),
-                    subnets: Vec::new(),
-                    ingress: vec!["tcp/80".into()],
+                    subnets: vec!["10.9.1.0/24".into(), "10.9.2.0/24".into()],
+                    ingress: vec!["tcp/80".into(), "tcp/5432".into()],
                 },
             )
             .await
@@ -351,21 +492,378 @@ fn the_aws_target_conforms_and_a_crashed_run_is_torn_down_by_its_tag() {
             .await
             .unwrap();
         assert!(vm.name.starts_with("i-"), "{vm:?}");
+        let lb = target
+            .load_balancers()
+            .unwrap()
+            .create(
+                &cx("lb"),
+                LoadBalancerCreate {
+                    targets: vec![vm.name.clone()],
+                    network: net.id.clone(),
+                    ..load_balancer.clone()
+                },
+            )
+            .await
+            .unwrap();
+        target
+            .dns()
+            .unwrap()
+            .switch(
+                &cx("dns"),
+                DnsRecord {
+                    target: DnsTarget::Failover {
+                        primary: "198.51.100.7".into(),
+                        secondary: lb.dns_name.clone(),
+                        health_check: http(80, Some("/healthz")),
+                    },
+                    ..dns.clone()
+                },
+            )
+            .await
+            .unwrap();
+        target
+            .databases()
+            .unwrap()
+            .restore(
+                &cx("db"),
+                DatabaseRestore {
+                    network: Some(net.id.clone()),
+                    ..database.clone()
+                },
+            )
+            .await
+            .unwrap();
         let left = ferry_aws::ec2::list_run(&aws, "crashed-run").await.unwrap();
-        assert!(left.iter().any(|l| l.starts_with("instance ")), "{left:?}");
-        assert!(left.iter().any(|l| l.starts_with("vpc ")), "{left:?}");
-        assert!(left.iter().any(|l| l.starts_with("volume ")), "{left:?}");
+        for kind in [
+            "instance ",
+            "vpc ",
+            "volume ",
+            "loadbalancer ",
+            "targetgroup ",
+            "dnsrecord ",
+            "healthcheck ",
+            "database ",
+            "dbsubnetgroup ",
+        ] {
+            assert!(
+                left.iter().any(|l| l.starts_with(kind)),
+                "no {kind}in {left:?}"
+            );
+        }
+        assert_ne!(tagged_with(&moto, "crashed-run"), "[]");
         ferry_aws::ec2::teardown(&aws, "crashed-run").await.unwrap();
         let left = ferry_aws::ec2::list_run(&aws, "crashed-run").await.unwrap();
         assert!(left.is_empty(), "teardown left {left:?}");
+        assert_eq!(
+            tagged_with(&moto, "crashed-run"),
+            "[]",
+            "boto3 still finds resources tagged with the crashed run"
+        );
+        assert_eq!(
+            www_records(&moto, &fx.zone_id),
+            www_before,
+            "teardown did not put the switched record back"
+        );
         // Twice is fine.
         ferry_aws::ec2::teardown(&aws, "crashed-run").await.unwrap();
     });
 }
 
+/// What an operator sees in the account after each new action, read back
+/// through boto3 (not Ferry's own reader), and after each undo.
+#[test]
+fn load_balancer_failover_record_and_restored_databases_are_what_aws_shows() {
+    use ferry_orchestrator::targets::{
+        BalancerKind, DatabaseRestore, DatabaseSource, DnsRecord, DnsTarget, Endpoint,
+        InstanceLaunch, LoadBalancerCreate, NetworkCreate, StepCx, Target, aws::AwsTarget,
+    };
+    let Some(moto) = Moto::start() else { return };
+    let fx = fixtures(&moto);
+    let dir = tempfile::tempdir().unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let target = AwsTarget::with_keys(AWS_KEY_ID, AWS_SECRET);
+    let run = run_ctx(dir.path(), "stack-run", false);
+    let cx = |node: &str| StepCx {
+        run: run.clone(),
+        place: Arc::new(place(&moto)),
+        node: node.into(),
+        key: format!("stack-run/{node}"),
+    };
+    let www_before = www_records(&moto, &fx.zone_id);
+    rt.block_on(async {
+        let net = target
+            .networks()
+            .unwrap()
+            .create(
+                &cx("net"),
+                NetworkCreate {
+                    cidr: "10.50.0.0/16".into(),
+                    subnets: vec!["10.50.1.0/24".into(), "10.50.2.0/24".into()],
+                    ingress: vec!["tcp/80".into(), "tcp/5432".into()],
+                },
+            )
+            .await
+            .unwrap();
+        let vm = target
+            .instances()
+            .unwrap()
+            .launch(
+                &cx("web"),
+                InstanceLaunch {
+                    kernel: None,
+                    initrd: None,
+                    append: None,
+                    disks: Vec::new(),
+                    memory_mib: 1024,
+                    cpus: 1,
+                    ports: vec![80],
+                    links: Vec::new(),
+                    isolated: Some(true),
+                    ready: None,
+                    ready_timeout: Duration::from_secs(60),
+                    image: Some(fx.ami.clone()),
+                    instance_type: None,
+                    network: Some(net.id.clone()),
+                    user_data: None,
+                },
+            )
+            .await
+            .unwrap();
+
+        // An ALB with an http listener forwarding to a target group that
+        // probes /healthz and has the instance registered.
+        let lb = target
+            .load_balancers()
+            .unwrap()
+            .create(
+                &cx("lb"),
+                LoadBalancerCreate {
+                    listeners: vec![Endpoint {
+                        protocol: "http".into(),
+                        port: 80,
+                        path: None,
+                    }],
+                    targets: vec![vm.name.clone()],
+                    target_port: Some(8080),
+                    health_check: Some(Endpoint {
+                        protocol: "http".into(),
+                        port: 8080,
+                        path: Some("/healthz".into()),
+                    }),
+                    network: net.id.clone(),
+                    kind: BalancerKind::Alb,
+                    internal: true,
+                },
+            )
+            .await
+            .unwrap();
+        assert!(lb.addr.ends_with(":80"), "{lb:?}");
+        let seen = aws_python(
+            &moto,
+            r#"
+            lb = elb.describe_load_balancers(LoadBalancerArns=[sys.argv[1]])['LoadBalancers'][0]
+            ls = elb.describe_listeners(LoadBalancerArn=lb['LoadBalancerArn'])['Listeners']
+            tg = elb.describe_target_groups(TargetGroupArns=[sys.argv[2]])['TargetGroups'][0]
+            th = elb.describe_target_health(TargetGroupArn=tg['TargetGroupArn'])['TargetHealthDescriptions']
+            print(json.dumps({
+                'type': lb['Type'], 'scheme': lb['Scheme'], 'vpc': lb['VpcId'], 'dns': lb['DNSName'],
+                'zones': len(lb['AvailabilityZones']), 'groups': lb.get('SecurityGroups', []),
+                'listeners': [(l['Protocol'], l['Port'], l['DefaultActions'][0]['Type'],
+                               l['DefaultActions'][0]['TargetGroupArn']) for l in ls],
+                'tg': [tg['Protocol'], tg['Port'], tg['HealthCheckProtocol'], tg['HealthCheckPort'],
+                       tg['HealthCheckPath']],
+                'targets': [(t['Target']['Id'], t['Target']['Port']) for t in th],
+            }))
+            "#,
+            &[&lb.id, &lb.target_groups[0]],
+        );
+        let seen: serde_json::Value = serde_json::from_str(seen.trim()).unwrap();
+        assert_eq!(seen["type"], "application", "{seen}");
+        assert_eq!(seen["scheme"], "internal", "{seen}");
+        assert_eq!(seen["vpc"], net.id.as_str(), "{seen}");
+        assert_eq!(seen["dns"], lb.dns_name.as_str(), "{seen}");
+        assert_eq!(seen["zones"], 2, "one subnet in each of two zones: {seen}");
+        assert_eq!(seen["groups"], serde_json::json!([net.security_group]), "{seen}");
+        assert_eq!(
+            seen["listeners"],
+            serde_json::json!([["HTTP", 80, "forward", lb.target_groups[0]]]),
+            "{seen}"
+        );
+        assert_eq!(
+            seen["tg"],
+            serde_json::json!(["HTTP", 8080, "HTTP", "8080", "/healthz"]),
+            "{seen}"
+        );
+        assert_eq!(seen["targets"], serde_json::json!([[vm.name, 8080]]), "{seen}");
+
+        // `www` moves from the old site to a failover pair: the old address
+        // stays primary behind a health check, the load balancer takes over
+        // as secondary (an alias).
+        let sw = target
+            .dns()
+            .unwrap()
+            .switch(
+                &cx("dns"),
+                DnsRecord {
+                    zone: "shop.example".into(),
+                    name: "www".into(),
+                    kind: None,
+                    target: DnsTarget::Failover {
+                        primary: "198.51.100.7".into(),
+                        secondary: lb.dns_name.clone(),
+                        health_check: Endpoint {
+                            protocol: "http".into(),
+                            port: 80,
+                            path: Some("/healthz".into()),
+                        },
+                    },
+                    ttl: 30,
+                },
+            )
+            .await
+            .unwrap();
+        assert_eq!((sw.record.as_str(), sw.kind.as_str()), ("www.shop.example.", "A"));
+        let hc = sw.health_check.clone().expect("a health check");
+        let sets: Vec<serde_json::Value> = www_records(&moto, &fx.zone_id)
+            .into_iter()
+            .filter(|s| s["Name"] == "www.shop.example.")
+            .collect();
+        assert_eq!(sets.len(), 2, "the pair replaces the old plain record: {sets:?}");
+        let side = |role: &str| {
+            sets.iter()
+                .find(|s| s["Failover"] == role)
+                .unwrap_or_else(|| panic!("no {role} record in {sets:?}"))
+                .clone()
+        };
+        let primary = side("PRIMARY");
+        assert_eq!(primary["ResourceRecords"], serde_json::json!([{"Value": "198.51.100.7"}]));
+        assert_eq!(primary["HealthCheckId"], hc.as_str(), "{primary}");
+        let secondary = side("SECONDARY");
+        assert_eq!(
+            secondary["AliasTarget"]["DNSName"]
+                .as_str()
+                .unwrap()
+                .trim_end_matches('.'),
+            lb.dns_name.trim_end_matches('.'),
+            "{secondary}"
+        );
+        let check = aws_python(
+            &moto,
+            "print(json.dumps(r53.get_health_check(HealthCheckId=sys.argv[1])['HealthCheck']['HealthCheckConfig']))",
+            &[&hc],
+        );
+        let check: serde_json::Value = serde_json::from_str(check.trim()).unwrap();
+        assert_eq!(check["Type"], "HTTP", "{check}");
+        assert_eq!(check["IPAddress"], "198.51.100.7", "{check}");
+        assert_eq!(check["ResourcePath"], "/healthz", "{check}");
+
+        // Undo: the old record is back exactly, the pair, the marker and the
+        // health check are gone.
+        target.dns().unwrap().restore(&cx("dns")).await.unwrap();
+        assert_eq!(www_records(&moto, &fx.zone_id), www_before);
+        let checks = aws_python(&moto, "print(len(r53.list_health_checks()['HealthChecks']))", &[]);
+        assert_eq!(checks.trim(), "0");
+
+        // Databases: one from the nightly snapshot sized by cpus/memory, one
+        // to the latest point in time of prod-db with a given class, both in
+        // a subnet group of the network.
+        let dbs = target.databases().unwrap();
+        let restore = |from, class: Option<&str>| DatabaseRestore {
+            engine: "postgres".into(),
+            from,
+            instance_class: class.map(str::to_owned),
+            cpus: 2,
+            memory_mib: 4096,
+            network: Some(net.id.clone()),
+            port: None,
+            ready_timeout: Duration::from_secs(60),
+        };
+        let snap = dbs
+            .restore(&cx("db"), restore(DatabaseSource::Snapshot("prod-db-nightly".into()), None))
+            .await
+            .unwrap();
+        let pitr = dbs
+            .restore(
+                &cx("db-pitr"),
+                restore(
+                    DatabaseSource::PointInTime {
+                        source: "prod-db".into(),
+                        time: None,
+                    },
+                    Some("db.t3.large"),
+                ),
+            )
+            .await
+            .unwrap();
+        assert!(snap.endpoint.ends_with(&format!(":{}", snap.port)), "{snap:?}");
+        let seen = aws_python(
+            &moto,
+            r#"
+            out = {}
+            for id in sys.argv[1:]:
+                d = rds.describe_db_instances(DBInstanceIdentifier=id)['DBInstances'][0]
+                g = d['DBSubnetGroup']
+                out[id] = [d['Engine'], d['DBInstanceClass'], d['DBInstanceStatus'], g['VpcId'],
+                           len(g['Subnets']), d['Endpoint']['Address']]
+            print(json.dumps(out))
+            "#,
+            &[&snap.id, &pitr.id],
+        );
+        let seen: serde_json::Value = serde_json::from_str(seen.trim()).unwrap();
+        assert_eq!(
+            seen[&snap.id],
+            serde_json::json!(["postgres", "db.t3.medium", "available", net.id, 2, snap.address]),
+            "{seen}"
+        );
+        assert_eq!(
+            seen[&pitr.id],
+            serde_json::json!(["postgres", "db.t3.large", "available", net.id, 2, pitr.address]),
+            "{seen}"
+        );
+        // A restore that asks for another engine than the snapshot holds is
+        // refused before anything is made.
+        let err = dbs
+            .restore(
+                &cx("db-wrong"),
+                DatabaseRestore {
+                    engine: "mysql".into(),
+                    ..restore(DatabaseSource::Snapshot("prod-db-nightly".into()), None)
+                },
+            )
+            .await
+            .unwrap_err();
+        assert!(err.message.contains("holds a postgres database"), "{}", err.message);
+
+        dbs.delete(&cx("db")).await.unwrap();
+        dbs.delete(&cx("db-pitr")).await.unwrap();
+        let left = aws_python(
+            &moto,
+            r#"
+            print(json.dumps(sorted([d['DBInstanceIdentifier'] for d in rds.describe_db_instances()['DBInstances']]
+                + [g['DBSubnetGroupName'] for g in rds.describe_db_subnet_groups()['DBSubnetGroups']])))
+            "#,
+            &[],
+        );
+        assert_eq!(left.trim(), r#"["prod-db"]"#, "the source is untouched, the copies are gone");
+
+        target.load_balancers().unwrap().delete(&cx("lb")).await.unwrap();
+        let left = aws_python(
+            &moto,
+            "print(len(elb.describe_load_balancers()['LoadBalancers']) + len(elb.describe_target_groups()['TargetGroups']))",
+            &[],
+        );
+        assert_eq!(left.trim(), "0");
+        target.instances().unwrap().terminate(&cx("web")).await.unwrap();
+        target.networks().unwrap().delete(&cx("net")).await.unwrap();
+    });
+    assert_eq!(tagged_with(&moto, "stack-run"), "[]");
+}
+
 #[test]
 fn a_drill_on_aws_rebuilds_from_a_point_and_leaves_nothing_tagged_with_its_run() {
     let Some(moto) = Moto::start() else { return };
+    let fx = fixtures(&moto);
+    let www_before = www_records(&moto, &fx.zone_id);
     let e = env_for(&moto);
     e.init();
     let img = e.path("boot.img");
@@ -384,7 +882,7 @@ steps:
   - id: net
     uses: network.create
     target: aws
-    with: { cidr: 10.42.0.0/16, subnets: [10.42.1.0/24], ingress: ["tcp/80"] }
+    with: { cidr: 10.42.0.0/16, subnets: [10.42.1.0/24, 10.42.2.0/24], ingress: ["tcp/80", "tcp/5432"] }
   - id: disk
     uses: volume.restore
     with: { point: web@latest }
@@ -402,6 +900,40 @@ steps:
     needs: vm
     with:
       run: ["sh", "-c", "case \"$0\" in i-*) exit 0;; *) exit 1;; esac", "${{ steps.vm.outputs.name }}"]
+  - id: lb
+    uses: loadbalancer.create
+    target: aws
+    needs: [net, vm]
+    with:
+      listeners: ["http:80"]
+      network: ${{ steps.net.outputs.id }}
+      targets: ["${{ steps.vm.outputs.name }}"]
+      health_check: http:80/healthz
+  - id: db
+    uses: database.restore
+    target: aws
+    needs: net
+    with:
+      engine: postgres
+      snapshot: prod-db-nightly
+      network: ${{ steps.net.outputs.id }}
+      memory: 2048
+  - id: www
+    uses: dns.switch
+    target: aws
+    needs: [lb, db]
+    with:
+      zone: shop.example
+      name: www
+      failover:
+        primary: 198.51.100.7
+        secondary: ${{ steps.lb.outputs.dns_name }}
+        health_check: http:80/healthz
+  - id: switched
+    uses: check.command
+    needs: www
+    with:
+      run: ["sh", "-c", "test \"$0\" = www.shop.example. && test -n \"$1\"", "${{ steps.www.outputs.record }}", "${{ steps.www.outputs.health_check }}"]
 "#,
     )
     .unwrap();
@@ -435,25 +967,24 @@ steps:
         "drill failed: {}\n{report}",
         common::stderr(&out)
     );
-    let left = aws_python(
-        &moto,
-        r#"
-        run = sys.argv[1]
-        f = [{'Name': 'tag:ferry:run', 'Values': [run]}]
-        left = []
-        for r in ec2.describe_instances(Filters=f)['Reservations']:
-            left += [i['InstanceId'] for i in r['Instances'] if i['State']['Name'] != 'terminated']
-        left += [s['SnapshotId'] for s in ec2.describe_snapshots(OwnerIds=['self'], Filters=f)['Snapshots']]
-        left += [v['VolumeId'] for v in ec2.describe_volumes(Filters=f)['Volumes']]
-        left += [i['ImageId'] for i in ec2.describe_images(Owners=['self'], Filters=f)['Images']]
-        left += [v['VpcId'] for v in ec2.describe_vpcs(Filters=f)['Vpcs']]
-        print(json.dumps(left))
-        "#,
-        &["drill-aws-1"],
-    );
+    let steps: Vec<&str> = report["steps"]
+        .as_array()
+        .map(|a| a.iter().filter_map(|s| s["id"].as_str()).collect())
+        .unwrap_or_default();
+    for id in ["lb", "db", "www", "switched"] {
+        assert!(
+            steps.contains(&id),
+            "step {id} is not in the report: {report}"
+        );
+    }
     assert_eq!(
-        left.trim(),
+        tagged_with(&moto, "drill-aws-1"),
         "[]",
         "the drill left resources tagged with its run"
+    );
+    assert_eq!(
+        www_records(&moto, &fx.zone_id),
+        www_before,
+        "the drill's teardown did not put www back"
     );
 }

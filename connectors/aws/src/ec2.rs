@@ -91,7 +91,9 @@ pub struct NetworkSpec {
     pub cidr: String,
     pub subnets: Vec<String>,
     pub ingress: Vec<Ingress>,
-    /// An availability zone for the subnets (default: the region's first).
+    /// One availability zone for every subnet. Default: the subnets are
+    /// spread over the region's zones in turn, since an application load
+    /// balancer and an RDS subnet group each need two zones.
     pub zone: Option<String>,
 }
 
@@ -107,18 +109,34 @@ pub struct Network {
 
 /// The region's first availability zone (by name).
 pub async fn first_zone(aws: &Aws) -> Result<String> {
+    zones(aws)
+        .await?
+        .into_iter()
+        .next()
+        .ok_or_else(|| Error::State(format!("region {} lists no availability zone", aws.region)))
+}
+
+/// The region's availability zones, by name.
+pub async fn zones(aws: &Aws) -> Result<Vec<String>> {
     let out = aws
         .ec2
         .describe_availability_zones()
         .send()
         .await
         .map_err(|e| api_error("DescribeAvailabilityZones", &aws.endpoint, e))?;
-    out.availability_zones
+    let mut zones: Vec<String> = out
+        .availability_zones
         .unwrap_or_default()
         .into_iter()
+        .filter(|z| {
+            z.zone_type
+                .as_deref()
+                .is_none_or(|t| t == "availability-zone")
+        })
         .filter_map(|z| z.zone_name)
-        .min()
-        .ok_or_else(|| Error::State(format!("region {} lists no availability zone", aws.region)))
+        .collect();
+    zones.sort();
+    Ok(zones)
 }
 
 async fn vpc_of(aws: &Aws, key: &str) -> Result<Option<String>> {
@@ -139,9 +157,15 @@ async fn vpc_of(aws: &Aws, key: &str) -> Result<Option<String>> {
 /// Makes (or adopts) the network of step `key`.
 pub async fn create_network(aws: &Aws, key: &str, spec: &NetworkSpec) -> Result<Network> {
     let ep = &aws.endpoint;
-    let zone = match &spec.zone {
-        Some(z) => z.clone(),
-        None => first_zone(aws).await?,
+    let zones = match &spec.zone {
+        Some(z) => vec![z.clone()],
+        None => zones(aws).await?,
+    };
+    let Some(zone) = zones.first().cloned() else {
+        return Err(Error::State(format!(
+            "region {} lists no availability zone",
+            aws.region
+        )));
     };
     let vpc_id = match vpc_of(aws, key).await? {
         Some(id) => id,
@@ -174,7 +198,7 @@ pub async fn create_network(aws: &Aws, key: &str, spec: &NetworkSpec) -> Result<
         spec.subnets.clone()
     };
     let mut subnet_ids = Vec::new();
-    for cidr in &cidrs {
+    for (i, cidr) in cidrs.iter().enumerate() {
         if let Some(id) = existing
             .iter()
             .find(|s| s.cidr_block.as_deref() == Some(cidr.as_str()))
@@ -188,7 +212,7 @@ pub async fn create_network(aws: &Aws, key: &str, spec: &NetworkSpec) -> Result<
             .create_subnet()
             .vpc_id(&vpc_id)
             .cidr_block(cidr)
-            .availability_zone(&zone)
+            .availability_zone(&zones[i % zones.len()])
             .tag_specifications(tags(key, ResourceType::Subnet, &[]))
             .send()
             .await
@@ -344,6 +368,86 @@ pub async fn network_parts(aws: &Aws, vpc: &str) -> Result<(String, Vec<String>)
         .filter_map(|g| g.group_id)
         .collect();
     Ok((subnet, groups))
+}
+
+/// Where a load balancer or a database joining network `vpc` goes: its
+/// subnets with their zones (sorted by subnet id), and its security groups
+/// other than `default`.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Layout {
+    pub vpc_id: String,
+    /// `(subnet id, availability zone)`.
+    pub subnets: Vec<(String, String)>,
+    pub security_groups: Vec<String>,
+}
+
+impl Layout {
+    /// One subnet per availability zone (the first of each): what ELBv2
+    /// accepts.
+    pub fn one_per_zone(&self) -> Vec<String> {
+        let mut seen = std::collections::BTreeSet::new();
+        self.subnets
+            .iter()
+            .filter(|(_, z)| seen.insert(z.clone()))
+            .map(|(s, _)| s.clone())
+            .collect()
+    }
+
+    /// How many availability zones its subnets cover.
+    pub fn zone_count(&self) -> usize {
+        self.subnets
+            .iter()
+            .map(|(_, z)| z)
+            .collect::<std::collections::BTreeSet<_>>()
+            .len()
+    }
+}
+
+/// The [`Layout`] of VPC `vpc`.
+pub async fn layout(aws: &Aws, vpc: &str) -> Result<Layout> {
+    let ep = &aws.endpoint;
+    let in_vpc = || Filter::builder().name("vpc-id").values(vpc).build();
+    let mut subnets: Vec<(String, String)> = aws
+        .ec2
+        .describe_subnets()
+        .filters(in_vpc())
+        .send()
+        .await
+        .map_err(|e| match api_error("DescribeSubnets", ep, e) {
+            e if e.is_not_found() => Error::Invalid(format!(
+                "network {vpc} does not exist (is it a network.create output `id` of this run?)"
+            )),
+            e => e,
+        })?
+        .subnets
+        .unwrap_or_default()
+        .into_iter()
+        .filter_map(|s| Some((s.subnet_id?, s.availability_zone.unwrap_or_default())))
+        .collect();
+    subnets.sort();
+    if subnets.is_empty() {
+        return Err(Error::Invalid(format!(
+            "network {vpc} has no subnet (is it a network.create output `id`?)"
+        )));
+    }
+    let security_groups = aws
+        .ec2
+        .describe_security_groups()
+        .filters(in_vpc())
+        .send()
+        .await
+        .map_err(|e| api_error("DescribeSecurityGroups", ep, e))?
+        .security_groups
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|g| g.group_name.as_deref() != Some("default"))
+        .filter_map(|g| g.group_id)
+        .collect();
+    Ok(Layout {
+        vpc_id: vpc.to_owned(),
+        subnets,
+        security_groups,
+    })
 }
 
 /// Deletes the network of step `key` and everything in it Ferry made;
@@ -861,10 +965,16 @@ async fn delete_storage(aws: &Aws, filter: impl Fn() -> Filter) -> Result<()> {
     Ok(())
 }
 
-/// Everything run `run` made that still exists, as `kind id` lines.
+/// Everything run `run` made that still exists, as `kind id` lines: EC2
+/// resources, and the load balancers, target groups, DNS records, health
+/// checks, databases and DB subnet groups of [`crate::elb`],
+/// [`crate::route53`] and [`crate::rds`].
 pub async fn list_run(aws: &Aws, run: &str) -> Result<Vec<String>> {
     let f = || by_tag(TAG_RUN, run);
     let mut out = Vec::new();
+    out.extend(crate::elb::list_run(aws, run).await?);
+    out.extend(crate::route53::list_run(aws, run).await?);
+    out.extend(crate::rds::list_run(aws, run).await?);
     for id in instances_where(aws, f()).await? {
         out.push(format!("instance {id}"));
     }
@@ -903,10 +1013,16 @@ pub async fn list_run(aws: &Aws, run: &str) -> Result<Vec<String>> {
 }
 
 /// Removes everything run `run` made, found by its tag, in dependency
-/// order: instances, images, volumes and snapshots, then networks. Works
-/// after a crash, with no state but the run id.
+/// order: DNS records first (they point at the rest; each is put back as it
+/// was before the run switched it), then load balancers and their target
+/// groups, databases and their subnet groups, instances, images, volumes
+/// and snapshots, and networks last. Works after a crash, with no state but
+/// the run id.
 pub async fn teardown(aws: &Aws, run: &str) -> Result<()> {
     let f = || by_tag(TAG_RUN, run);
+    crate::route53::teardown(aws, run).await?;
+    crate::elb::teardown(aws, run).await?;
+    crate::rds::teardown(aws, run).await?;
     let ids = instances_where(aws, f()).await?;
     terminate_and_wait(aws, &ids).await?;
     deregister_images(aws, f()).await?;

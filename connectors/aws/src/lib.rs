@@ -9,17 +9,29 @@
 //!   machine is protected with nothing installed in it.
 //! - [`ec2`]: isolated networks (VPC, subnet, security group, route table),
 //!   instances launched from restored snapshots, and teardown of everything a
-//!   run made, found by its tags.
+//!   run made, found by its tags ([`ec2::teardown`] calls the others' too).
+//! - [`elb`]: ELBv2 load balancers (ALB or NLB) in a network's subnets, a
+//!   target group per listener with its health check, targets registered.
+//! - [`route53`]: records switched to the rebuilt stack (values, an alias to
+//!   a load balancer, or a failover pair with a health check), and put back
+//!   as they were on undo.
+//! - [`rds`]: RDS instances restored from a DB snapshot or to a point in
+//!   time, in a DB subnet group of the network.
 //!
 //! Credentials come from the SDK's standard chain; the region and the
 //! endpoint may be set (the tests point them at moto on 127.0.0.1). Every
 //! resource Ferry makes carries the tags [`TAG_RUN`] and [`TAG_KEY`], so a
 //! crashed run's resources are found and removed by tag, and every create
 //! carries a client token derived from the step's idempotency key, so a
-//! retried create returns what the first try made.
+//! retried create returns what the first try made. Services that take no
+//! client token (ELBv2, RDS, Route 53 health checks) get a name derived
+//! from the key instead ([`short_name`]), which a retry finds and adopts.
 
 pub mod ebs;
 pub mod ec2;
+pub mod elb;
+pub mod rds;
+pub mod route53;
 pub mod source;
 
 use aws_sdk_ec2::error::{ProvideErrorMetadata, SdkError};
@@ -82,11 +94,13 @@ impl Error {
     }
 
     /// What an undo may treat as done: the resource is already gone.
+    /// EC2 says `...NotFound`, ELBv2 `LoadBalancerNotFound` and
+    /// `TargetGroupNotFound`, RDS `DBInstanceNotFound` and
+    /// `DBSubnetGroupNotFoundFault`, Route 53 `NoSuchHealthCheck` and
+    /// `NoSuchHostedZone`.
     pub fn is_not_found(&self) -> bool {
         self.code().is_some_and(|c| {
-            c.contains("NotFound")
-                || c == "ResourceNotFoundException"
-                || c == "InvalidSnapshot.NotFound"
+            c.contains("NotFound") || c.starts_with("NoSuch") || c == "ResourceNotFoundException"
         })
     }
 }
@@ -109,6 +123,12 @@ fn transient_code(code: &str) -> bool {
             | "RequestTimeoutException"
             | "IncorrectState"
             | "ConcurrentLimitExceededException"
+            // Route 53: another change to the zone is still in progress.
+            | "PriorRequestNotComplete"
+            // ELBv2 and RDS: the resource is busy with an earlier change.
+            | "ResourceInUse"
+            | "InvalidDBInstanceState"
+            | "InvalidDBInstanceStateFault"
     )
 }
 
@@ -189,6 +209,9 @@ impl std::fmt::Debug for AwsConfig {
 pub struct Aws {
     pub ec2: aws_sdk_ec2::Client,
     pub ebs: aws_sdk_ebs::Client,
+    pub elb: aws_sdk_elasticloadbalancingv2::Client,
+    pub route53: aws_sdk_route53::Client,
+    pub rds: aws_sdk_rds::Client,
     pub region: String,
     /// What errors name: the endpoint, or the region's default one.
     pub endpoint: String,
@@ -224,6 +247,9 @@ impl Aws {
         Ok(Aws {
             ec2: aws_sdk_ec2::Client::new(&sdk),
             ebs: aws_sdk_ebs::Client::new(&sdk),
+            elb: aws_sdk_elasticloadbalancingv2::Client::new(&sdk),
+            route53: aws_sdk_route53::Client::new(&sdk),
+            rds: aws_sdk_rds::Client::new(&sdk),
             region,
             endpoint,
         })
@@ -244,6 +270,26 @@ pub fn run_of(key: &str) -> &str {
     key.split('/').next().unwrap_or(key)
 }
 
+fn sha256_hex(text: &str) -> String {
+    hex::encode(ring::digest::digest(&ring::digest::SHA256, text.as_bytes()).as_ref())
+}
+
+/// The start of every [`short_name`] of run `run`: `ferry-RRRRRRRR-`, so a
+/// teardown finds a crashed run's load balancers, databases and health
+/// checks by name before it confirms each by its tags.
+pub fn run_prefix(run: &str) -> String {
+    format!("ferry-{}-", &sha256_hex(run)[..8])
+}
+
+/// A name for what step `key` made where a service names resources with a
+/// short, strict alphabet (ELBv2: 32 characters, RDS: 63, letters, digits
+/// and hyphens, starting with a letter): `ferry-RRRRRRRR-KKKKKKKKKKKK`, 27
+/// characters, the run's hash then the key's. The same for every try of
+/// the step, so a retry finds what the first try made.
+pub fn short_name(key: &str) -> String {
+    format!("{}{}", run_prefix(run_of(key)), &sha256_hex(key)[..12])
+}
+
 /// A name AWS shows in its consoles for what step `key` made.
 pub fn display_name(key: &str) -> String {
     format!("ferry-{}", key.replace('/', "-"))
@@ -261,5 +307,18 @@ mod tests {
         assert_ne!(a, client_token("run-1/db", "snapshot"));
         assert!(a.len() <= 64 && a.is_ascii());
         assert_eq!(run_of("run-1/db[2]"), "run-1");
+    }
+
+    #[test]
+    fn short_names_fit_every_service_and_start_with_their_run() {
+        let a = short_name("run-1/lb");
+        assert_eq!(a.len(), 27);
+        assert!(a.starts_with(&run_prefix("run-1")));
+        assert!(
+            a.bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        );
+        assert_ne!(a, short_name("run-1/lb2"));
+        assert_ne!(run_prefix("run-1"), run_prefix("run-2"));
     }
 }

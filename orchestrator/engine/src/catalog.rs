@@ -40,6 +40,47 @@ pub struct Input {
     pub ty: Ty,
     pub required: bool,
     pub doc: &'static str,
+    /// What a value must look like beyond its type, checked on literal
+    /// values at validation time and on rendered values when the step runs.
+    pub format: Format,
+}
+
+/// The shape of a value beyond its [`Ty`]: one pure check that validation,
+/// the JSON Schema and the executor's typed parsing share.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Format {
+    /// Any value of the type.
+    Free,
+    /// One of these words (compared without regard to case).
+    OneOf(&'static [&'static str]),
+    /// `PROTO:PORT` with PROTO `http`, `tcp` or `udp` (each item of a list).
+    Listener,
+    /// `PROTO:PORT[/PATH]` with PROTO `http`, `https` or `tcp`: what a
+    /// health check probes.
+    Probe,
+    /// An RFC 3339 time (`2025-01-31T12:00:00Z`) or `latest`.
+    Time,
+    /// A mapping with these keys only.
+    Keys(&'static [Key]),
+}
+
+/// One key of a [`Format::Keys`] mapping.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Key {
+    pub name: &'static str,
+    pub required: bool,
+    pub format: Format,
+    pub doc: &'static str,
+}
+
+/// How the inputs of one action go together, checked at validation time
+/// (on which inputs are written) and again on the rendered inputs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Rule {
+    /// Exactly one of these inputs is given.
+    ExactlyOne(&'static [&'static str]),
+    /// When the first input is given, the second must be too.
+    Requires(&'static str, &'static str),
 }
 
 #[derive(Debug)]
@@ -54,6 +95,8 @@ pub struct Action {
     pub check: bool,
     /// Waits for `ferry approve`; never executed.
     pub approval: bool,
+    /// How its inputs go together.
+    pub rules: &'static [Rule],
 }
 
 const fn req(name: &'static str, ty: Ty, doc: &'static str) -> Input {
@@ -62,6 +105,7 @@ const fn req(name: &'static str, ty: Ty, doc: &'static str) -> Input {
         ty,
         required: true,
         doc,
+        format: Format::Free,
     }
 }
 
@@ -70,6 +114,22 @@ const fn opt(name: &'static str, ty: Ty, doc: &'static str) -> Input {
         name,
         ty,
         required: false,
+        doc,
+        format: Format::Free,
+    }
+}
+
+impl Input {
+    const fn shaped(self, format: Format) -> Input {
+        Input { format, ..self }
+    }
+}
+
+const fn key(name: &'static str, format: Format, doc: &'static str) -> Key {
+    Key {
+        name,
+        required: true,
+        format,
         doc,
     }
 }
@@ -121,6 +181,7 @@ pub static ACTIONS: &[Action] = &[
         creates: true,
         check: false,
         approval: false,
+        rules: &[],
     },
     Action {
         name: "volume.create",
@@ -133,6 +194,7 @@ pub static ACTIONS: &[Action] = &[
         creates: true,
         check: false,
         approval: false,
+        rules: &[],
     },
     Action {
         name: "instance.launch",
@@ -216,6 +278,7 @@ pub static ACTIONS: &[Action] = &[
         creates: true,
         check: false,
         approval: false,
+        rules: &[],
     },
     Action {
         name: "network.create",
@@ -245,6 +308,196 @@ pub static ACTIONS: &[Action] = &[
         creates: true,
         check: false,
         approval: false,
+        rules: &[],
+    },
+    Action {
+        name: "loadbalancer.create",
+        doc: "Create a load balancer in a network, with a listener per `listeners` item forwarding to the `targets` (aws: an ALB for http listeners, an NLB for tcp/udp, one target group per listener with its health check).",
+        inputs: &[
+            req(
+                "listeners",
+                Ty::List,
+                "what it listens on: `http:80`, `tcp:3306`, `udp:53`",
+            )
+            .shaped(Format::Listener),
+            req(
+                "network",
+                Ty::String,
+                "the network it lives in (a network.create output `id`)",
+            ),
+            opt(
+                "targets",
+                Ty::List,
+                "the instances behind it (instance.launch outputs `name`)",
+            ),
+            opt(
+                "target_port",
+                Ty::Integer,
+                "the port the targets listen on (default: each listener's port)",
+            ),
+            opt(
+                "health_check",
+                Ty::String,
+                "what tells a healthy target: `http:8080/healthz`, `tcp:3306` (default: the traffic port, path / for http)",
+            )
+            .shaped(Format::Probe),
+            opt(
+                "kind",
+                Ty::String,
+                "alb (http listeners) or nlb (tcp/udp); default from the listeners",
+            )
+            .shaped(Format::OneOf(&["alb", "nlb"])),
+            opt(
+                "internal",
+                Ty::Bool,
+                "reachable only inside the network (default true: a network.create network has no way in from the internet)",
+            ),
+        ],
+        outputs: &[
+            ("id", "the load balancer (aws: its ARN)"),
+            ("dns_name", "the name clients resolve"),
+            ("addr", "DNS_NAME:PORT of the first listener"),
+            ("kind", "alb or nlb"),
+            ("target_groups", "the target groups, one per listener (aws: ARNs)"),
+            (
+                "zone_id",
+                "the DNS zone its name lives in (aws: for alias records)",
+            ),
+        ],
+        creates: true,
+        check: false,
+        approval: false,
+        rules: &[],
+    },
+    Action {
+        name: "dns.switch",
+        doc: "Point a DNS name at the rebuilt stack: plain values, an alias to a load balancer, or a failover pair (primary with a health check, secondary served when it fails). The undo puts back what the name held before.",
+        inputs: &[
+            req(
+                "zone",
+                Ty::String,
+                "the hosted zone: its name (example.com) or id",
+            ),
+            req(
+                "name",
+                Ty::String,
+                "the record: www.example.com, www (in the zone) or @ (the zone's apex)",
+            ),
+            opt(
+                "type",
+                Ty::String,
+                "A, AAAA, CNAME, TXT, MX, SRV, CAA (default: A for IPv4 values and aliases, AAAA for IPv6, else CNAME)",
+            )
+            .shaped(Format::OneOf(&[
+                "A", "AAAA", "CNAME", "TXT", "MX", "SRV", "CAA", "NS", "PTR", "SPF",
+            ])),
+            opt("values", Ty::List, "the record's values"),
+            opt(
+                "alias",
+                Ty::String,
+                "a load balancer's name (a loadbalancer.create output `dns_name`) to alias",
+            ),
+            opt(
+                "failover",
+                Ty::Map,
+                "a failover pair: {primary: VALUE, secondary: VALUE, health_check: http:80/healthz}; a value is an address, a host name or a load balancer's dns_name",
+            )
+            .shaped(Format::Keys(&[
+                key(
+                    "primary",
+                    Format::Free,
+                    "served while its health check passes",
+                ),
+                key(
+                    "secondary",
+                    Format::Free,
+                    "served when the primary's health check fails",
+                ),
+                key(
+                    "health_check",
+                    Format::Probe,
+                    "what is probed on the primary: `http:80/healthz`, `tcp:443`",
+                ),
+            ])),
+            opt("ttl", Ty::Integer, "seconds resolvers may cache it (default 60)"),
+        ],
+        outputs: &[
+            ("record", "the record's full name"),
+            ("type", "its type"),
+            ("values", "what it points at now"),
+            ("zone_id", "the hosted zone's id"),
+            ("change_id", "the DNS change (aws: Route 53 change id)"),
+            ("health_check", "the primary's health check (failover pairs)"),
+        ],
+        creates: true,
+        check: false,
+        approval: false,
+        rules: &[Rule::ExactlyOne(&["values", "alias", "failover"])],
+    },
+    Action {
+        name: "database.restore",
+        doc: "Restore a managed database from a snapshot, or from a source database to a point in time (aws: an RDS instance in a DB subnet group of the network).",
+        inputs: &[
+            req(
+                "engine",
+                Ty::String,
+                "the database engine: mysql, mariadb, postgres, ...",
+            ),
+            opt(
+                "snapshot",
+                Ty::String,
+                "the snapshot to restore from (aws: a DB snapshot identifier or ARN)",
+            ),
+            opt(
+                "source",
+                Ty::String,
+                "the database to restore to `point_in_time` (aws: a DB instance identifier)",
+            ),
+            opt(
+                "point_in_time",
+                Ty::String,
+                "when to restore `source` to: an RFC 3339 time or `latest`",
+            )
+            .shaped(Format::Time),
+            opt(
+                "instance_class",
+                Ty::String,
+                "the provider's size, overriding cpus/memory (aws: db.t3.medium)",
+            ),
+            opt("cpus", Ty::Integer, "virtual CPUs (default 1)"),
+            opt("memory", Ty::Integer, "MiB of memory (default 1024)"),
+            opt(
+                "network",
+                Ty::String,
+                "the network it lives in (a network.create output `id`; required in drills)",
+            ),
+            opt(
+                "port",
+                Ty::Integer,
+                "the port it listens on (default: the engine's)",
+            ),
+            opt(
+                "ready_timeout",
+                Ty::Duration,
+                "how long to wait until it is available (default 1h)",
+            ),
+        ],
+        outputs: &[
+            ("id", "the database (aws: the DB instance identifier)"),
+            ("endpoint", "ADDRESS:PORT"),
+            ("address", "the host name clients connect to"),
+            ("port", "the port"),
+            ("engine", "the engine"),
+            ("instance_class", "the size it runs on"),
+        ],
+        creates: true,
+        check: false,
+        approval: false,
+        rules: &[
+            Rule::ExactlyOne(&["snapshot", "point_in_time"]),
+            Rule::Requires("point_in_time", "source"),
+            Rule::Requires("source", "point_in_time"),
+        ],
     },
     Action {
         name: "instance.stop",
@@ -258,6 +511,7 @@ pub static ACTIONS: &[Action] = &[
         creates: false,
         check: false,
         approval: false,
+        rules: &[],
     },
     Action {
         name: "command.run",
@@ -274,6 +528,7 @@ pub static ACTIONS: &[Action] = &[
         creates: false,
         check: false,
         approval: false,
+        rules: &[],
     },
     Action {
         name: "approval",
@@ -287,6 +542,7 @@ pub static ACTIONS: &[Action] = &[
         creates: false,
         check: false,
         approval: true,
+        rules: &[],
     },
     Action {
         name: "wait",
@@ -296,6 +552,7 @@ pub static ACTIONS: &[Action] = &[
         creates: false,
         check: false,
         approval: false,
+        rules: &[],
     },
     Action {
         name: "noop",
@@ -305,6 +562,7 @@ pub static ACTIONS: &[Action] = &[
         creates: false,
         check: false,
         approval: false,
+        rules: &[],
     },
     Action {
         name: "check.tcp",
@@ -317,6 +575,7 @@ pub static ACTIONS: &[Action] = &[
         creates: false,
         check: true,
         approval: false,
+        rules: &[],
     },
     Action {
         name: "check.http",
@@ -341,6 +600,7 @@ pub static ACTIONS: &[Action] = &[
         creates: false,
         check: true,
         approval: false,
+        rules: &[],
     },
     Action {
         name: "check.command",
@@ -366,6 +626,7 @@ pub static ACTIONS: &[Action] = &[
         creates: false,
         check: true,
         approval: false,
+        rules: &[],
     },
     Action {
         name: "check.sql",
@@ -402,6 +663,7 @@ pub static ACTIONS: &[Action] = &[
         creates: false,
         check: true,
         approval: false,
+        rules: &[],
     },
     Action {
         name: "check.disk",
@@ -428,6 +690,7 @@ pub static ACTIONS: &[Action] = &[
         creates: false,
         check: true,
         approval: false,
+        rules: &[],
     },
 ];
 
@@ -441,8 +704,257 @@ impl Action {
         self.inputs.iter().find(|i| i.name == name)
     }
 
+    /// Problems with how the given inputs go together (`given` says which
+    /// are present): one message per broken [`Rule`].
+    pub fn check_rules(&self, given: impl Fn(&str) -> bool) -> Vec<String> {
+        let mut out = Vec::new();
+        for rule in self.rules {
+            match *rule {
+                Rule::ExactlyOne(names) => {
+                    let there: Vec<&str> = names.iter().copied().filter(|n| given(n)).collect();
+                    let list = names
+                        .iter()
+                        .map(|n| format!("`{n}`"))
+                        .collect::<Vec<_>>()
+                        .join(", ");
+                    match there.len() {
+                        1 => {}
+                        0 => out.push(format!("`{}` needs one of {list}", self.name)),
+                        _ => out.push(format!(
+                            "`{}` takes only one of {list}, not {}",
+                            self.name,
+                            there
+                                .iter()
+                                .map(|n| format!("`{n}`"))
+                                .collect::<Vec<_>>()
+                                .join(" and ")
+                        )),
+                    }
+                }
+                Rule::Requires(a, b) => {
+                    if given(a) && !given(b) {
+                        out.push(format!("`{}`: `{a}` needs `{b}`", self.name));
+                    }
+                }
+            }
+        }
+        out
+    }
+
     pub fn has_output(&self, name: &str) -> bool {
         self.name == "noop" || self.outputs.iter().any(|(o, _)| *o == name)
+    }
+}
+
+/// A protocol and port, with a path for HTTP probes: a parsed
+/// [`Format::Listener`] or [`Format::Probe`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Endpoint {
+    /// `http`, `https`, `tcp` or `udp`, lower case.
+    pub protocol: String,
+    pub port: u16,
+    /// For http and https probes: the path, `/` when not given.
+    pub path: Option<String>,
+}
+
+/// Parses a listener: `http:80`, `tcp:3306`, `udp:53`.
+pub fn parse_listener(s: &str) -> Result<Endpoint, String> {
+    let bad =
+        || format!("listener `{s}`: write PROTO:PORT with PROTO http, tcp or udp, e.g. `http:80`");
+    let (proto, port) = s.trim().split_once(':').ok_or_else(bad)?;
+    let protocol = proto.to_ascii_lowercase();
+    if !matches!(protocol.as_str(), "http" | "tcp" | "udp") {
+        return Err(bad());
+    }
+    let port = port
+        .parse::<u16>()
+        .ok()
+        .filter(|&p| p > 0)
+        .ok_or_else(bad)?;
+    Ok(Endpoint {
+        protocol,
+        port,
+        path: None,
+    })
+}
+
+/// Parses a health-check probe: `http:8080/healthz`, `https:443`, `tcp:3306`.
+pub fn parse_probe(s: &str) -> Result<Endpoint, String> {
+    let bad = || {
+        format!(
+            "health check `{s}`: write PROTO:PORT[/PATH] with PROTO http, https or tcp, e.g. `http:80/healthz`"
+        )
+    };
+    let (proto, rest) = s.trim().split_once(':').ok_or_else(bad)?;
+    let protocol = proto.to_ascii_lowercase();
+    let (port, path) = match rest.find('/') {
+        Some(i) => (&rest[..i], Some(rest[i..].to_owned())),
+        None => (rest, None),
+    };
+    let port = port
+        .parse::<u16>()
+        .ok()
+        .filter(|&p| p > 0)
+        .ok_or_else(bad)?;
+    let path = match protocol.as_str() {
+        "http" | "https" => Some(path.unwrap_or_else(|| "/".into())),
+        "tcp" if path.is_none() => None,
+        "tcp" => {
+            return Err(format!(
+                "health check `{s}`: a tcp probe has no path (write `tcp:{port}`)"
+            ));
+        }
+        _ => return Err(bad()),
+    };
+    if path
+        .as_deref()
+        .is_some_and(|p| p.chars().any(char::is_whitespace))
+    {
+        return Err(bad());
+    }
+    Ok(Endpoint {
+        protocol,
+        port,
+        path,
+    })
+}
+
+/// Whether `s` is an RFC 3339 time with a zone (`2025-01-31T12:00:00Z`,
+/// `2025-01-31T12:00:00.5+02:00`), or `latest`.
+pub fn is_time(s: &str) -> bool {
+    let s = s.trim();
+    if s == "latest" {
+        return true;
+    }
+    let b = s.as_bytes();
+    let digits =
+        |r: std::ops::Range<usize>| b.get(r).is_some_and(|d| d.iter().all(u8::is_ascii_digit));
+    let num = |r: std::ops::Range<usize>| {
+        s.get(r)
+            .and_then(|t| t.parse::<u32>().ok())
+            .unwrap_or(u32::MAX)
+    };
+    if b.len() < 20
+        || !digits(0..4)
+        || b[4] != b'-'
+        || !digits(5..7)
+        || b[7] != b'-'
+        || !digits(8..10)
+        || !matches!(b[10], b'T' | b't' | b' ')
+        || !digits(11..13)
+        || b[13] != b':'
+        || !digits(14..16)
+        || b[16] != b':'
+        || !digits(17..19)
+    {
+        return false;
+    }
+    if !(1..=12).contains(&num(5..7))
+        || !(1..=31).contains(&num(8..10))
+        || num(11..13) > 23
+        || num(14..16) > 59
+        || num(17..19) > 60
+    {
+        return false;
+    }
+    let mut rest = &s[19..];
+    if let Some(frac) = rest.strip_prefix('.') {
+        let n = frac.bytes().take_while(u8::is_ascii_digit).count();
+        if n == 0 {
+            return false;
+        }
+        rest = &frac[n..];
+    }
+    match rest {
+        "Z" | "z" => true,
+        zone => {
+            let z = zone.as_bytes();
+            z.len() == 6
+                && matches!(z[0], b'+' | b'-')
+                && z[1..3].iter().all(u8::is_ascii_digit)
+                && z[3] == b':'
+                && z[4..6].iter().all(u8::is_ascii_digit)
+        }
+    }
+}
+
+/// Whether a literal value fits `format`; the message names what is wrong.
+/// Values that are templates (`${{ }}`) are left to the step's run, when
+/// they are rendered; so are template items of lists and mappings.
+pub fn check_format(format: Format, v: &serde_json::Value) -> Result<(), String> {
+    use serde_json::Value;
+    let templated = |v: &Value| v.as_str().is_some_and(|s| s.contains("${{"));
+    if templated(v) {
+        return Ok(());
+    }
+    let text = |v: &Value| crate::expr::to_text(v);
+    let each = |v: &Value, f: &dyn Fn(&str) -> Result<(), String>| -> Result<(), String> {
+        match v {
+            Value::Array(items) => items
+                .iter()
+                .filter(|i| !templated(i))
+                .try_for_each(|i| f(&text(i))),
+            other => f(&text(other)),
+        }
+    };
+    match format {
+        Format::Free => Ok(()),
+        Format::OneOf(words) => each(v, &|s| {
+            if words.iter().any(|w| w.eq_ignore_ascii_case(s.trim())) {
+                Ok(())
+            } else {
+                Err(format!("`{s}` is not one of {}", words.join(", ")))
+            }
+        }),
+        Format::Listener => each(v, &|s| parse_listener(s).map(|_| ())),
+        Format::Probe => each(v, &|s| parse_probe(s).map(|_| ())),
+        Format::Time => each(v, &|s| {
+            if is_time(s) {
+                Ok(())
+            } else {
+                Err(format!(
+                    "`{s}` is not a time: write RFC 3339 (2025-01-31T12:00:00Z) or `latest`"
+                ))
+            }
+        }),
+        Format::Keys(keys) => {
+            let Value::Object(m) = v else {
+                return Err(format!(
+                    "must be a mapping with {}",
+                    keys.iter().map(|k| k.name).collect::<Vec<_>>().join(", ")
+                ));
+            };
+            let mut problems = Vec::new();
+            for k in m.keys() {
+                if !keys.iter().any(|x| x.name == k) {
+                    problems.push(format!(
+                        "has no key `{k}` (it takes {})",
+                        keys.iter().map(|k| k.name).collect::<Vec<_>>().join(", ")
+                    ));
+                }
+            }
+            for k in keys {
+                match m.get(k.name) {
+                    None | Some(Value::Null) if k.required => {
+                        problems.push(format!("needs `{}` ({})", k.name, k.doc));
+                    }
+                    Some(Value::String(s)) if k.required && s.trim().is_empty() => {
+                        problems.push(format!("needs `{}` ({})", k.name, k.doc));
+                    }
+                    None | Some(Value::Null) => {}
+                    Some(val) => {
+                        if let Err(e) = check_format(k.format, val) {
+                            problems.push(format!("`{}`: {e}", k.name));
+                        }
+                    }
+                }
+            }
+            if problems.is_empty() {
+                Ok(())
+            } else {
+                Err(problems.join("; "))
+            }
+        }
     }
 }
 
@@ -481,6 +993,95 @@ mod tests {
     }
 
     #[test]
+    fn listeners_probes_and_times() {
+        assert_eq!(
+            parse_listener("HTTP:80"),
+            Ok(Endpoint {
+                protocol: "http".into(),
+                port: 80,
+                path: None
+            })
+        );
+        for bad in [
+            "http",
+            "http:0",
+            "http:x",
+            "ftp:21",
+            "tcp:70000",
+            "https:443",
+        ] {
+            assert!(parse_listener(bad).is_err(), "{bad}");
+        }
+        assert_eq!(
+            parse_probe("http:8080/healthz").unwrap().path.as_deref(),
+            Some("/healthz")
+        );
+        assert_eq!(parse_probe("https:443").unwrap().path.as_deref(), Some("/"));
+        assert_eq!(parse_probe("tcp:3306").unwrap().path, None);
+        for bad in ["tcp:3306/x", "udp:53", "http:", "http:80/a b"] {
+            assert!(parse_probe(bad).is_err(), "{bad}");
+        }
+        for good in [
+            "latest",
+            "2025-01-31T12:00:00Z",
+            "2025-01-31T12:00:00.250+02:00",
+        ] {
+            assert!(is_time(good), "{good}");
+        }
+        for bad in [
+            "yesterday",
+            "2025-01-31",
+            "2025-13-01T00:00:00Z",
+            "2025-01-31T12:00:00",
+        ] {
+            assert!(!is_time(bad), "{bad}");
+        }
+    }
+
+    #[test]
+    fn formats_and_rules_name_the_problem() {
+        use serde_json::json;
+        assert!(check_format(Format::Listener, &json!(["http:80", "${{ params.l }}"])).is_ok());
+        assert!(
+            check_format(Format::Listener, &json!(["http:80", "smtp:25"]))
+                .unwrap_err()
+                .contains("`smtp:25`")
+        );
+        let lb = action("loadbalancer.create").unwrap();
+        assert!(check_format(lb.input("kind").unwrap().format, &json!("ALB")).is_ok());
+        assert!(check_format(lb.input("kind").unwrap().format, &json!("elb")).is_err());
+        let failover = action("dns.switch")
+            .unwrap()
+            .input("failover")
+            .unwrap()
+            .format;
+        let e = check_format(failover, &json!({"primary": "1.2.3.4", "backup": "x"})).unwrap_err();
+        assert!(
+            e.contains("no key `backup`") && e.contains("needs `secondary`"),
+            "{e}"
+        );
+        let e = check_format(
+            failover,
+            &json!({"primary": "a", "secondary": "b", "health_check": "udp:53"}),
+        )
+        .unwrap_err();
+        assert!(e.contains("`health_check`"), "{e}");
+        let db = action("database.restore").unwrap();
+        assert_eq!(
+            db.check_rules(|n| n == "snapshot" || n == "point_in_time"),
+            vec![
+                "`database.restore` takes only one of `snapshot`, `point_in_time`, not `snapshot` and `point_in_time`",
+                "`database.restore`: `point_in_time` needs `source`"
+            ]
+        );
+        assert_eq!(
+            db.check_rules(|_| false),
+            vec!["`database.restore` needs one of `snapshot`, `point_in_time`"]
+        );
+        assert!(db.check_rules(|n| n == "snapshot").is_empty());
+    }
+
+    #[test]
     fn every_creating_action_can_be_undone_and_names_are_unique() {
         let mut names: Vec<_> = ACTIONS.iter().map(|a| a.name).collect();
         names.sort_unstable();
@@ -489,8 +1090,14 @@ mod tests {
         for a in ACTIONS.iter().filter(|a| a.creates) {
             assert!(
                 a.name.starts_with("volume.")
-                    || a.name == "instance.launch"
-                    || a.name == "network.create",
+                    || [
+                        "instance.launch",
+                        "network.create",
+                        "loadbalancer.create",
+                        "dns.switch",
+                        "database.restore"
+                    ]
+                    .contains(&a.name),
                 "{}",
                 a.name
             );

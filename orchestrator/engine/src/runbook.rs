@@ -1198,12 +1198,14 @@ impl Validator<'_> {
                                         Some(hint),
                                     );
                                 }
-                                Some(input) => self.check_literal(
-                                    v,
-                                    &value,
-                                    input.ty,
-                                    &format!("input `{}`", input.name),
-                                ),
+                                Some(input) => {
+                                    let what = format!("input `{}`", input.name);
+                                    if self.check_literal(v, &value, input.ty, &what)
+                                        && let Err(e) = catalog::check_format(input.format, &value)
+                                    {
+                                        self.err(Pos::of(v.span()), format!("{what}: {e}"), None);
+                                    }
+                                }
                             }
                         }
                         self.check_templates(v, &refs);
@@ -1213,6 +1215,20 @@ impl Validator<'_> {
             }
         }
         if let Some(a) = action {
+            for message in a.check_rules(|name| with.contains_key(name)) {
+                self.err(
+                    key_pos(
+                        m,
+                        if m.contains_key("with") {
+                            "with"
+                        } else {
+                            "uses"
+                        },
+                    ),
+                    format!("{what}: {message}"),
+                    None,
+                );
+            }
             for input in a.inputs.iter().filter(|i| i.required) {
                 if !with.contains_key(input.name) {
                     self.err(
@@ -1421,12 +1437,13 @@ impl Validator<'_> {
         retry
     }
 
-    /// Type-checks a literal input (templates are checked when rendered).
-    fn check_literal(&mut self, node: &Node, v: &Value, ty: Ty, what: &str) {
+    /// Type-checks a literal input (templates are checked when rendered);
+    /// false when it does not fit, so its format is not judged as well.
+    fn check_literal(&mut self, node: &Node, v: &Value, ty: Ty, what: &str) -> bool {
         if let Value::String(s) = v
             && s.contains("${{")
         {
-            return;
+            return true;
         }
         let ok = match ty {
             Ty::Any => true,
@@ -1448,6 +1465,7 @@ impl Validator<'_> {
                 hint,
             );
         }
+        ok
     }
 
     /// Parses every `${{ }}` inside a node and checks what it references.

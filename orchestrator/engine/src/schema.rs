@@ -1,6 +1,6 @@
 //! The JSON Schema of runbooks, built from the action catalog (`ferry schema`).
 
-use crate::catalog::{ACTIONS, Ty};
+use crate::catalog::{ACTIONS, Format, Rule, Ty};
 use serde_json::{Map, Value, json};
 
 fn ty_schema(ty: Ty) -> Value {
@@ -23,6 +23,70 @@ fn ty_schema(ty: Ty) -> Value {
     }
 }
 
+fn template() -> Value {
+    json!({"type": "string", "pattern": "\\$\\{\\{.*\\}\\}"})
+}
+
+/// A string shaped by `format`, or a template.
+fn format_schema(format: Format) -> Value {
+    let shaped = match format {
+        Format::Free => return json!({}),
+        Format::OneOf(words) => {
+            let mut all: Vec<String> = Vec::new();
+            for w in words {
+                for v in [
+                    w.to_string(),
+                    w.to_ascii_lowercase(),
+                    w.to_ascii_uppercase(),
+                ] {
+                    if !all.contains(&v) {
+                        all.push(v);
+                    }
+                }
+            }
+            json!({"enum": all})
+        }
+        Format::Listener => json!({"type": "string", "pattern": "^(http|tcp|udp):[0-9]{1,5}$"}),
+        Format::Probe => {
+            json!({"type": "string", "pattern": "^(https?:[0-9]{1,5}(/\\S*)?|tcp:[0-9]{1,5})$"})
+        }
+        Format::Time => json!({
+            "type": "string",
+            "pattern": "^(latest|[0-9]{4}-[0-9]{2}-[0-9]{2}[Tt ][0-9]{2}:[0-9]{2}:[0-9]{2}(\\.[0-9]+)?([Zz]|[+-][0-9]{2}:[0-9]{2}))$"
+        }),
+        Format::Keys(keys) => {
+            let mut props = Map::new();
+            for k in keys {
+                let mut s = match format_schema(k.format) {
+                    v if v == json!({}) => json!({"type": ["string", "number", "boolean"]}),
+                    v => v,
+                };
+                if let Some(o) = s.as_object_mut() {
+                    o.insert("description".into(), Value::String(k.doc.into()));
+                }
+                props.insert(k.name.into(), s);
+            }
+            let required: Vec<&str> = keys.iter().filter(|k| k.required).map(|k| k.name).collect();
+            return json!({"anyOf": [
+                {"type": "object", "properties": props, "required": required, "additionalProperties": false},
+                template()
+            ]});
+        }
+    };
+    json!({"anyOf": [shaped, template()]})
+}
+
+/// The schema of one input: its type, narrowed by its format.
+fn input_schema(ty: Ty, format: Format) -> Value {
+    match (ty, format) {
+        (_, Format::Free) => ty_schema(ty),
+        (Ty::List, f) => {
+            json!({"anyOf": [{"type": "array", "items": format_schema(f)}, template()]})
+        }
+        (_, f) => format_schema(f),
+    }
+}
+
 /// The schema, for editors (`# yaml-language-server: $schema=...`).
 pub fn schema() -> Value {
     let duration =
@@ -31,7 +95,7 @@ pub fn schema() -> Value {
     for a in ACTIONS {
         let mut props = Map::new();
         for i in a.inputs {
-            let mut s = ty_schema(i.ty);
+            let mut s = input_schema(i.ty, i.format);
             if let Some(o) = s.as_object_mut() {
                 o.insert("description".into(), Value::String(i.doc.into()));
             }
@@ -47,6 +111,20 @@ pub fn schema() -> Value {
             json!({"type": "object", "properties": props, "additionalProperties": false});
         if !required.is_empty() {
             with["required"] = json!(required);
+        }
+        let mut depends = Map::new();
+        for rule in a.rules {
+            match *rule {
+                Rule::ExactlyOne(names) => {
+                    with["oneOf"] = names.iter().map(|n| json!({"required": [n]})).collect();
+                }
+                Rule::Requires(x, y) => {
+                    depends.insert(x.into(), json!([y]));
+                }
+            }
+        }
+        if !depends.is_empty() {
+            with["dependentRequired"] = Value::Object(depends);
         }
         let mut then = json!({"properties": {"with": with}});
         if !required.is_empty() {

@@ -6,20 +6,27 @@
 //! | `volume.restore` | an EBS snapshot written through the EBS direct APIs (`path` is its id) |
 //! | `volume.create` | an empty gp3 volume |
 //! | `instance.launch` | an image registered from the first restored snapshot (or `image`), the others as data volumes, an instance type from `cpus`/`memory` through the `sizes` table, in the subnet and security group of `network` |
-//! | `network.create` | a VPC, subnets, a security group with the ingress rules, a route table with no route out |
+//! | `network.create` | a VPC, subnets spread over the region's zones (or all in `zone`), a security group with the ingress rules, a route table with no route out |
+//! | `loadbalancer.create` | an ELBv2 load balancer (ALB for http listeners, NLB for tcp/udp; internal unless `internal: false`) in one subnet per zone of `network` with its security group, a target group per listener with the health check, the `targets` registered, a listener forwarding to it |
+//! | `dns.switch` | Route 53: every record set of the name and type replaced, in one atomic change, by the values, an alias to a load balancer, or a PRIMARY/SECONDARY failover pair whose primary has a health check; a TXT marker beside it remembers what was replaced, and the undo puts that back |
+//! | `database.restore` | an RDS instance restored from a DB snapshot or to a point in time of `source`, class `instance_class` or the smallest in `db_sizes` with `cpus`/`memory`, in a DB subnet group of `network` with its security groups; the undo deletes it without a final snapshot |
 //!
 //! Settings (`targets: {aws: {type: aws, ...}}`): `region` and `endpoint`
 //! (else the SDK's chain: `AWS_REGION`, `AWS_ENDPOINT_URL`), `zone`,
-//! `sizes` (`{TYPE: {cpus: N, memory: MiB}}`, replacing the built-in table)
-//! and `images` (`{FAMILY: AMI}`, for `instance.launch`'s `image`).
-//! Everything made is tagged with the run and the step, so an undo, a
-//! drill's teardown, or `ferry_aws::ec2::teardown` after a crash finds it.
+//! `sizes` (`{TYPE: {cpus: N, memory: MiB}}`, replacing the built-in table),
+//! `db_sizes` (`{CLASS: {cpus: N, memory: MiB}}`, the same for DB instance
+//! classes) and `images` (`{FAMILY: AMI}`, for `instance.launch`'s `image`).
+//! Everything made is tagged with the run and the step (DNS records, which
+//! take no tags, through their marker), so an undo, a drill's teardown, or
+//! `ferry_aws::ec2::teardown` after a crash finds it.
 
 use super::{
-    CreatedNetwork, CreatedVolume, DiskFormat, DiskSize, Health, InstanceLaunch, Instances,
-    LaunchedInstance, NetworkCreate, Networks, Placement, Planned, PlannedResource, Probe,
-    RestoredVolume, StepCx, Target, TargetAction, TargetResult, VolumeCreate, VolumeRestore,
-    Volumes, gib, planned_shape,
+    BalancerKind, CreatedLoadBalancer, CreatedNetwork, CreatedVolume, DatabaseRestore,
+    DatabaseSource, Databases, DiskFormat, DiskSize, Dns, DnsRecord, DnsTarget, Endpoint, Health,
+    InstanceLaunch, Instances, LaunchedInstance, LoadBalancerCreate, LoadBalancers, NetworkCreate,
+    Networks, Placement, Planned, PlannedResource, Probe, RestoredDatabase, RestoredVolume, StepCx,
+    SwitchedRecord, Target, TargetAction, TargetResult, VolumeCreate, VolumeRestore, Volumes, gib,
+    planned_shape,
 };
 use crate::forecast::TargetPrices;
 use crate::step::{ActionError, Call, CancelOnDrop, Ctx, disk_index, file_stem};
@@ -31,7 +38,14 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-const SETTINGS: &[&str] = &["region", "endpoint", "zone", "sizes", "images"];
+const SETTINGS: &[&str] = &["region", "endpoint", "zone", "sizes", "db_sizes", "images"];
+
+/// How long a load balancer may take to become active, and a DNS change to
+/// reach every Route 53 server.
+const LB_WAIT: Duration = Duration::from_secs(600);
+const DNS_WAIT: Duration = Duration::from_secs(600);
+/// How long deleting a database may take.
+const DB_DELETE_WAIT: Duration = Duration::from_secs(3600);
 
 /// The `aws` target. Clients are made once per region and endpoint.
 #[derive(Default)]
@@ -85,11 +99,23 @@ fn fail(e: ferry_aws::Error) -> ActionError {
 
 /// `{TYPE: {cpus: N, memory: MiB}}`.
 fn sizes(settings: &Map<String, Value>) -> Result<Option<ferry_aws::ec2::Sizes>, String> {
-    let Some(v) = settings.get("sizes") else {
+    size_table(settings, "sizes", "instance types")
+}
+
+/// `setting` as a `{NAME: {cpus: N, memory: MiB}}` table (`sizes`,
+/// `db_sizes`).
+fn size_table(
+    settings: &Map<String, Value>,
+    setting: &str,
+    what: &str,
+) -> Result<Option<ferry_aws::ec2::Sizes>, String> {
+    let Some(v) = settings.get(setting) else {
         return Ok(None);
     };
     let Some(m) = v.as_object() else {
-        return Err("`sizes` must map instance types to {cpus: N, memory: MiB}".into());
+        return Err(format!(
+            "`{setting}` must map {what} to {{cpus: N, memory: MiB}}"
+        ));
     };
     m.iter()
         .map(|(t, spec)| {
@@ -102,7 +128,7 @@ fn sizes(settings: &Map<String, Value>) -> Result<Option<ferry_aws::ec2::Sizes>,
             match (n("cpus"), n("memory")) {
                 (Some(c), Some(mem)) => Ok((t.clone(), c, mem)),
                 _ => Err(format!(
-                    "`sizes.{t}` must be {{cpus: N, memory: MiB}} with whole numbers above 0"
+                    "`{setting}.{t}` must be {{cpus: N, memory: MiB}} with whole numbers above 0"
                 )),
             }
         })
@@ -151,6 +177,15 @@ impl Target for AwsTarget {
     fn networks(&self) -> Option<&dyn Networks> {
         Some(self)
     }
+    fn load_balancers(&self) -> Option<&dyn LoadBalancers> {
+        Some(self)
+    }
+    fn dns(&self) -> Option<&dyn Dns> {
+        Some(self)
+    }
+    fn databases(&self) -> Option<&dyn Databases> {
+        Some(self)
+    }
     fn settings(&self) -> &'static [&'static str] {
         SETTINGS
     }
@@ -179,6 +214,16 @@ impl Target for AwsTarget {
         if let Err(e) = sizes(settings) {
             out.push(e);
         }
+        if let Err(e) = size_table(settings, "db_sizes", "DB instance classes") {
+            out.push(e);
+        }
+        if let Some(m) = settings.get("db_sizes").and_then(Value::as_object)
+            && let Some(bad) = m.keys().find(|k| !k.starts_with("db."))
+        {
+            out.push(format!(
+                "`db_sizes.{bad}` is not a DB instance class (they start with `db.`, e.g. db.t3.medium)"
+            ));
+        }
         if let Some(v) = settings.get("images")
             && !v
                 .as_object()
@@ -190,8 +235,9 @@ impl Target for AwsTarget {
     }
 
     /// Prices read from the table's `aws` entry: `instance_hour` by
-    /// instance type, and the units `ebs_direct_put_per_1000`,
-    /// `snapshot_gb_month`, `gp3_gb_month`.
+    /// instance type and DB instance class, and the units
+    /// `ebs_direct_put_per_1000`, `snapshot_gb_month`, `gp3_gb_month`,
+    /// `alb_hour`, `nlb_hour`, `health_check_month`.
     fn forecast(
         &self,
         place: &Placement,
@@ -301,6 +347,89 @@ impl Target for AwsTarget {
                 secs: 30.0,
                 ..Planned::default()
             },
+            TargetAction::LoadBalancerCreate => {
+                let nlb = call.str("kind").as_deref() == Some("nlb")
+                    || call
+                        .list("listeners")
+                        .iter()
+                        .all(|l| !l.trim().starts_with("http"));
+                let (kind, unit) = if nlb {
+                    ("NLB", "nlb_hour")
+                } else {
+                    ("ALB", "alb_hour")
+                };
+                Planned {
+                    resources: vec![PlannedResource {
+                        kind: format!("ELBv2 {kind}"),
+                        detail: format!(
+                            "listeners {}; capacity units not counted",
+                            call.list("listeners").join(", ")
+                        ),
+                        hourly: prices.unit(unit),
+                        monthly_standby: 0.0,
+                    }],
+                    // Provisioning until active.
+                    secs: 180.0,
+                    once_cost: 0.0,
+                }
+            }
+            TargetAction::DnsSwitch => {
+                let failover = !call.map("failover").is_empty();
+                let mut resources = vec![PlannedResource {
+                    kind: "Route 53 record".into(),
+                    detail: format!(
+                        "{} in {}",
+                        call.str("name").unwrap_or_default(),
+                        call.str("zone").unwrap_or_default()
+                    ),
+                    ..PlannedResource::default()
+                }];
+                if failover {
+                    // A failover pair's health check runs for as long as
+                    // the pair stands by.
+                    resources.push(PlannedResource {
+                        kind: "Route 53 health check".into(),
+                        detail: "the failover pair's primary".into(),
+                        hourly: prices.unit("health_check_month")
+                            / crate::forecast::HOURS_PER_MONTH,
+                        monthly_standby: prices.unit("health_check_month"),
+                    });
+                }
+                Planned {
+                    resources,
+                    // Until the change is INSYNC.
+                    secs: 60.0,
+                    once_cost: 0.0,
+                }
+            }
+            TargetAction::DatabaseRestore => {
+                let (cpus, mem) = planned_shape(call);
+                let table = size_table(&place.settings, "db_sizes", "DB instance classes")
+                    .ok()
+                    .flatten()
+                    .unwrap_or_else(ferry_aws::rds::default_classes);
+                let class = call
+                    .str("instance_class")
+                    .filter(|c| !c.is_empty())
+                    .or_else(|| {
+                        ferry_aws::ec2::pick_instance_type(&table, cpus, mem).map(str::to_owned)
+                    });
+                Planned {
+                    resources: vec![PlannedResource {
+                        kind: "RDS instance".into(),
+                        detail: format!(
+                            "{} {}",
+                            call.str("engine").unwrap_or_default(),
+                            class.as_deref().unwrap_or("(no class fits)")
+                        ),
+                        hourly: class.as_deref().map_or(0.0, |c| prices.instance_hour(c)),
+                        monthly_standby: 0.0,
+                    }],
+                    // An RDS restore takes minutes to tens of minutes.
+                    secs: 900.0,
+                    once_cost: 0.0,
+                }
+            }
         }
     }
 
@@ -318,7 +447,20 @@ impl Target for AwsTarget {
                     ok: true,
                     detail: format!("{} at {}", aws.region, aws.endpoint),
                 });
-                for (what, r) in ferry_aws::ec2::health(&aws).await {
+                let mut results = ferry_aws::ec2::health(&aws).await;
+                results.push((
+                    "ELBv2 load balancers".to_owned(),
+                    ferry_aws::elb::health(&aws).await,
+                ));
+                results.push((
+                    "Route 53 zones".to_owned(),
+                    ferry_aws::route53::health(&aws).await,
+                ));
+                results.push((
+                    "RDS databases".to_owned(),
+                    ferry_aws::rds::health(&aws).await,
+                ));
+                for (what, r) in results {
                     probes.push(match r {
                         Ok(detail) => Probe {
                             what,
@@ -566,6 +708,175 @@ impl Networks for AwsTarget {
     async fn delete(&self, cx: &StepCx) -> TargetResult<()> {
         let aws = self.aws(&cx.place).await?;
         ferry_aws::ec2::delete_network(&aws, &cx.key)
+            .await
+            .map_err(fail)
+    }
+}
+
+fn probe(e: &Endpoint) -> ferry_aws::elb::Probe {
+    ferry_aws::elb::Probe {
+        protocol: e.protocol.clone(),
+        port: Some(e.port),
+        path: e.path.clone(),
+    }
+}
+
+#[async_trait]
+impl LoadBalancers for AwsTarget {
+    async fn create(
+        &self,
+        cx: &StepCx,
+        req: LoadBalancerCreate,
+    ) -> TargetResult<CreatedLoadBalancer> {
+        let aws = self.aws(&cx.place).await?;
+        let network = ferry_aws::ec2::layout(&aws, &req.network)
+            .await
+            .map_err(fail)?;
+        let spec = ferry_aws::elb::Spec {
+            kind: match req.kind {
+                BalancerKind::Alb => ferry_aws::elb::Kind::Application,
+                BalancerKind::Nlb => ferry_aws::elb::Kind::Network,
+            },
+            internal: req.internal,
+            listeners: req
+                .listeners
+                .iter()
+                .map(|l| ferry_aws::elb::Listener {
+                    protocol: l.protocol.clone(),
+                    port: l.port,
+                })
+                .collect(),
+            targets: req.targets.clone(),
+            target_port: req.target_port,
+            health: req.health_check.as_ref().map(probe),
+            network,
+        };
+        let lb = ferry_aws::elb::create(&aws, &cx.key, &spec, LB_WAIT)
+            .await
+            .map_err(fail)?;
+        let first = req.listeners.first().map_or(0, |l| l.port);
+        Ok(CreatedLoadBalancer {
+            id: lb.arn,
+            addr: format!("{}:{first}", lb.dns_name),
+            dns_name: lb.dns_name,
+            kind: req.kind,
+            target_groups: lb.target_groups,
+            zone_id: lb.zone_id,
+        })
+    }
+
+    async fn delete(&self, cx: &StepCx) -> TargetResult<()> {
+        let aws = self.aws(&cx.place).await?;
+        ferry_aws::elb::delete(&aws, &cx.key).await.map_err(fail)
+    }
+}
+
+#[async_trait]
+impl Dns for AwsTarget {
+    async fn switch(&self, cx: &StepCx, req: DnsRecord) -> TargetResult<SwitchedRecord> {
+        let aws = self.aws(&cx.place).await?;
+        let target = match req.target {
+            DnsTarget::Values(v) => ferry_aws::route53::Target::Values(v),
+            DnsTarget::Alias(a) => ferry_aws::route53::Target::Alias(a),
+            DnsTarget::Failover {
+                primary,
+                secondary,
+                health_check,
+            } => ferry_aws::route53::Target::Failover {
+                primary,
+                secondary,
+                probe: probe(&health_check),
+            },
+        };
+        let spec = ferry_aws::route53::Spec {
+            zone: req.zone,
+            name: req.name,
+            kind: req.kind,
+            ttl: i64::from(req.ttl),
+            target,
+        };
+        let s = ferry_aws::route53::switch(&aws, &cx.key, &spec, DNS_WAIT)
+            .await
+            .map_err(fail)?;
+        Ok(SwitchedRecord {
+            record: s.record,
+            kind: s.kind,
+            values: s.values,
+            zone_id: s.zone_id,
+            change_id: s.change_id,
+            health_check: s.health_check,
+        })
+    }
+
+    async fn restore(&self, cx: &StepCx) -> TargetResult<()> {
+        let aws = self.aws(&cx.place).await?;
+        ferry_aws::route53::restore(&aws, &cx.key, DNS_WAIT)
+            .await
+            .map_err(fail)
+    }
+}
+
+#[async_trait]
+impl Databases for AwsTarget {
+    async fn restore(&self, cx: &StepCx, req: DatabaseRestore) -> TargetResult<RestoredDatabase> {
+        let aws = self.aws(&cx.place).await?;
+        let instance_class = match &req.instance_class {
+            Some(c) => c.clone(),
+            None => {
+                let table = size_table(&cx.place.settings, "db_sizes", "DB instance classes")
+                    .map_err(ActionError::permanent)?
+                    .unwrap_or_else(ferry_aws::rds::default_classes);
+                ferry_aws::ec2::pick_instance_type(&table, req.cpus, req.memory_mib)
+                    .map(str::to_owned)
+                    .ok_or_else(|| {
+                        ActionError::permanent(format!(
+                            "no DB instance class in the `db_sizes` table has {} vCPUs and {} MiB: add one, or give `instance_class`",
+                            req.cpus, req.memory_mib
+                        ))
+                    })?
+            }
+        };
+        // A drill reaches nothing outside its own network: it must have one.
+        let network = match &req.network {
+            Some(vpc) => Some(ferry_aws::ec2::layout(&aws, vpc).await.map_err(fail)?),
+            None if cx.run.drill => {
+                return Err(ActionError::permanent(
+                    "a database restored in a drill on aws needs `network` (a network.create output `id`): without one it would join the default VPC",
+                ));
+            }
+            None => None,
+        };
+        let spec = ferry_aws::rds::Spec {
+            engine: req.engine.clone(),
+            source: match req.from {
+                DatabaseSource::Snapshot(s) => ferry_aws::rds::Source::Snapshot(s),
+                DatabaseSource::PointInTime { source, time } => {
+                    ferry_aws::rds::Source::PointInTime {
+                        instance: source,
+                        time,
+                    }
+                }
+            },
+            instance_class,
+            network,
+            port: req.port,
+        };
+        let db = ferry_aws::rds::restore(&aws, &cx.key, &spec, req.ready_timeout)
+            .await
+            .map_err(fail)?;
+        Ok(RestoredDatabase {
+            endpoint: format!("{}:{}", db.address, db.port),
+            id: db.id,
+            address: db.address,
+            port: db.port,
+            engine: db.engine,
+            instance_class: db.instance_class,
+        })
+    }
+
+    async fn delete(&self, cx: &StepCx) -> TargetResult<()> {
+        let aws = self.aws(&cx.place).await?;
+        ferry_aws::rds::delete(&aws, &cx.key, DB_DELETE_WAIT)
             .await
             .map_err(fail)
     }

@@ -6,6 +6,10 @@
 //! - undos tolerate what is already gone (deleting twice, terminating what
 //!   never launched);
 //! - a launch adopts what an interrupted try left (same instance, not a second);
+//! - load balancers, DNS switches and database restores, where the target
+//!   offers them and the test gives a request the target can serve, are
+//!   idempotent too, and their undos leave nothing (a switched record is
+//!   put back as it was);
 //! - `health()` has no side effects.
 //!
 //! "Made" means what the run's work directory holds and, for a target with
@@ -31,6 +35,13 @@ pub struct Setup {
     /// What the target holds for the run, for targets with resources
     /// outside the work directory.
     pub inventory: Option<Inventory>,
+    /// A load balancer the target can make. An empty `network` is filled
+    /// with a network the suite makes (when the target offers networks).
+    pub load_balancer: Option<LoadBalancerCreate>,
+    /// A record the target can switch (in a zone the test made).
+    pub dns: Option<DnsRecord>,
+    /// A database the target can restore (from a snapshot the test made).
+    pub database: Option<DatabaseRestore>,
 }
 
 fn step(s: &Setup, node: &str) -> StepCx {
@@ -146,6 +157,149 @@ pub async fn run(s: Setup) {
         assert_eq!(before, made(&s).await, "network delete left something");
     }
 
+    if let (Some(lbs), Some(mut req)) = (t.load_balancers(), s.load_balancer.clone()) {
+        let net_cx = step(&s, "conf-lb-net");
+        let made_network = req.network.is_empty();
+        if made_network && let Some(n) = t.networks() {
+            let net = n
+                .create(
+                    &net_cx,
+                    NetworkCreate {
+                        cidr: "10.78.0.0/16".into(),
+                        subnets: vec!["10.78.1.0/24".into(), "10.78.2.0/24".into()],
+                        ingress: vec!["tcp/80".into()],
+                    },
+                )
+                .await
+                .expect("a network for the load balancer");
+            req.network = net.id;
+        }
+        let with_network = made(&s).await;
+        let cx = step(&s, "conf-lb");
+        let first = lbs
+            .create(&cx, req.clone())
+            .await
+            .expect("load balancer create");
+        let after_first = made(&s).await;
+        if s.inventory.is_some() {
+            assert_ne!(
+                with_network, after_first,
+                "load balancer create made nothing the suite can see"
+            );
+        }
+        let again = lbs
+            .create(&cx, req)
+            .await
+            .expect("load balancer create again");
+        assert_eq!(
+            (&first.id, &first.dns_name, &first.target_groups),
+            (&again.id, &again.dns_name, &again.target_groups),
+            "a second try made another load balancer"
+        );
+        assert_eq!(
+            after_first,
+            made(&s).await,
+            "a second try changed the load balancer"
+        );
+        lbs.delete(&cx).await.expect("load balancer delete");
+        lbs.delete(&cx)
+            .await
+            .expect("load balancer delete of what is already gone");
+        lbs.delete(&step(&s, "conf-never-lb"))
+            .await
+            .expect("load balancer delete of what never was");
+        assert_eq!(
+            with_network,
+            made(&s).await,
+            "load balancer delete left something"
+        );
+        if made_network && let Some(n) = t.networks() {
+            n.delete(&net_cx)
+                .await
+                .expect("network delete after the load balancer");
+        }
+        assert_eq!(
+            before,
+            made(&s).await,
+            "the load balancer's network was left"
+        );
+    }
+
+    if let (Some(d), Some(req)) = (t.dns(), s.dns.clone()) {
+        let cx = step(&s, "conf-dns");
+        let first = d.switch(&cx, req.clone()).await.expect("dns switch");
+        let after_first = made(&s).await;
+        if s.inventory.is_some() {
+            assert_ne!(
+                before, after_first,
+                "dns switch made nothing the suite can see"
+            );
+        }
+        let again = d.switch(&cx, req).await.expect("dns switch again");
+        assert_eq!(
+            (
+                &first.record,
+                &first.kind,
+                &first.values,
+                &first.health_check
+            ),
+            (
+                &again.record,
+                &again.kind,
+                &again.values,
+                &again.health_check
+            ),
+            "a second try switched to something else"
+        );
+        assert_eq!(
+            after_first,
+            made(&s).await,
+            "a second try of the switch made something"
+        );
+        d.restore(&cx).await.expect("dns restore");
+        d.restore(&cx)
+            .await
+            .expect("dns restore of what is already put back");
+        d.restore(&step(&s, "conf-never-dns"))
+            .await
+            .expect("dns restore of what was never switched");
+        assert_eq!(before, made(&s).await, "dns restore left something");
+    }
+
+    if let (Some(db), Some(req)) = (t.databases(), s.database.clone()) {
+        let cx = step(&s, "conf-db");
+        let first = db
+            .restore(&cx, req.clone())
+            .await
+            .expect("database restore");
+        let after_first = made(&s).await;
+        if s.inventory.is_some() {
+            assert_ne!(
+                before, after_first,
+                "database restore made nothing the suite can see"
+            );
+        }
+        let again = db.restore(&cx, req).await.expect("database restore again");
+        assert_eq!(
+            (&first.id, &first.endpoint, &first.engine),
+            (&again.id, &again.endpoint, &again.engine),
+            "a second try restored another database"
+        );
+        assert_eq!(
+            after_first,
+            made(&s).await,
+            "a second try of the restore made something"
+        );
+        db.delete(&cx).await.expect("database delete");
+        db.delete(&cx)
+            .await
+            .expect("database delete of what is already gone");
+        db.delete(&step(&s, "conf-never-db"))
+            .await
+            .expect("database delete of what never was");
+        assert_eq!(before, made(&s).await, "database delete left something");
+    }
+
     if let Some(i) = t.instances() {
         let never = step(&s, "conf-never-launched");
         i.terminate(&never)
@@ -228,6 +382,9 @@ mod tests {
             place: Placement::default(),
             launch: guest(),
             inventory: None,
+            load_balancer: None,
+            dns: None,
+            database: None,
         })
         .await;
     }
@@ -285,6 +442,9 @@ mod tests {
             place: Placement::default(),
             launch: None,
             inventory: None,
+            load_balancer: None,
+            dns: None,
+            database: None,
         }));
         let err = suite.await.expect_err("the suite passed a broken target");
         assert!(err.is_panic());

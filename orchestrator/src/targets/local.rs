@@ -78,7 +78,12 @@ impl Target for Local {
                     once_cost: 0.0,
                 }
             }
-            TargetAction::InstanceStop | TargetAction::NetworkCreate => Planned {
+            // Not offered here: validation refuses them first.
+            TargetAction::InstanceStop
+            | TargetAction::NetworkCreate
+            | TargetAction::LoadBalancerCreate
+            | TargetAction::DnsSwitch
+            | TargetAction::DatabaseRestore => Planned {
                 secs: 2.0,
                 ..Planned::default()
             },

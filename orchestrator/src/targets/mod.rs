@@ -83,6 +83,9 @@ pub enum TargetAction {
     InstanceLaunch,
     InstanceStop,
     NetworkCreate,
+    LoadBalancerCreate,
+    DnsSwitch,
+    DatabaseRestore,
 }
 
 /// The kinds of resource a target may offer.
@@ -103,6 +106,9 @@ impl TargetAction {
         TargetAction::InstanceLaunch,
         TargetAction::InstanceStop,
         TargetAction::NetworkCreate,
+        TargetAction::LoadBalancerCreate,
+        TargetAction::DnsSwitch,
+        TargetAction::DatabaseRestore,
     ];
 
     pub fn name(self) -> &'static str {
@@ -112,6 +118,9 @@ impl TargetAction {
             TargetAction::InstanceLaunch => "instance.launch",
             TargetAction::InstanceStop => "instance.stop",
             TargetAction::NetworkCreate => "network.create",
+            TargetAction::LoadBalancerCreate => "loadbalancer.create",
+            TargetAction::DnsSwitch => "dns.switch",
+            TargetAction::DatabaseRestore => "database.restore",
         }
     }
 
@@ -124,6 +133,9 @@ impl TargetAction {
             TargetAction::VolumeRestore | TargetAction::VolumeCreate => Resource::Volumes,
             TargetAction::InstanceLaunch | TargetAction::InstanceStop => Resource::Instances,
             TargetAction::NetworkCreate => Resource::Networks,
+            TargetAction::LoadBalancerCreate => Resource::LoadBalancers,
+            TargetAction::DnsSwitch => Resource::Dns,
+            TargetAction::DatabaseRestore => Resource::Databases,
         }
     }
 }
@@ -380,34 +392,329 @@ pub struct CreatedNetwork {
     pub security_group: String,
 }
 
-/// A load balancer (no target implements it yet).
-#[derive(Clone, Debug)]
-pub struct LoadBalancerCreate {
-    /// `PROTO:PORT` listeners.
-    pub listeners: Vec<String>,
-    /// Instances (names from `instance.launch`) behind it.
-    pub targets: Vec<String>,
-    pub health_check: Option<String>,
+/// The catalog's word on an input's shape and on how the inputs go
+/// together, applied to the rendered inputs of one try: the same checks
+/// `ferry validate` made on literal values, now on every value.
+fn check_shape(call: &Call) -> TargetResult<()> {
+    let Some(action) = ferry_engine::catalog::action(&call.uses) else {
+        return Ok(());
+    };
+    let given = |name: &str| match call.inputs.get(name) {
+        None | Some(Value::Null) => false,
+        Some(Value::String(s)) => !s.trim().is_empty(),
+        Some(Value::Array(a)) => !a.is_empty(),
+        Some(_) => true,
+    };
+    let mut problems = action.check_rules(given);
+    for input in action.inputs {
+        if let Some(v) = call.inputs.get(input.name).filter(|_| given(input.name))
+            && let Err(e) = ferry_engine::catalog::check_format(input.format, v)
+        {
+            problems.push(format!("input `{}`: {e}", input.name));
+        }
+    }
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        Err(ActionError::permanent(problems.join("; ")))
+    }
 }
 
-/// A DNS record to create or switch (no target implements it yet).
+/// A protocol and port (and a path for HTTP probes), as the catalog parses
+/// `http:80` and `http:8080/healthz`.
+pub type Endpoint = ferry_engine::catalog::Endpoint;
+
+/// Application (layer 7, HTTP) or network (layer 4, TCP/UDP).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BalancerKind {
+    Alb,
+    Nlb,
+}
+
+impl BalancerKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            BalancerKind::Alb => "alb",
+            BalancerKind::Nlb => "nlb",
+        }
+    }
+}
+
+/// `loadbalancer.create`: a load balancer in a network, forwarding each
+/// listener to the targets.
+#[derive(Clone, Debug)]
+pub struct LoadBalancerCreate {
+    /// `http:80`, `tcp:3306`: at least one.
+    pub listeners: Vec<Endpoint>,
+    /// Instances (names from `instance.launch`) behind it.
+    pub targets: Vec<String>,
+    /// The port the targets listen on (each listener's own when `None`).
+    pub target_port: Option<u16>,
+    pub health_check: Option<Endpoint>,
+    /// A `network.create` output `id`.
+    pub network: String,
+    pub kind: BalancerKind,
+    /// Reachable only inside the network.
+    pub internal: bool,
+}
+
+impl LoadBalancerCreate {
+    pub fn parse(call: &Call) -> TargetResult<LoadBalancerCreate> {
+        check_shape(call)?;
+        let listeners = call
+            .list("listeners")
+            .iter()
+            .map(|l| ferry_engine::catalog::parse_listener(l).map_err(ActionError::permanent))
+            .collect::<TargetResult<Vec<_>>>()?;
+        if listeners.is_empty() {
+            return Err(ActionError::permanent(
+                "input `listeners` is empty: give at least one, e.g. [\"http:80\"]",
+            ));
+        }
+        let layer7 = listeners.iter().all(|l| l.protocol == "http");
+        let layer4 = listeners.iter().all(|l| l.protocol != "http");
+        let kind = match call.str("kind").map(|k| k.to_ascii_lowercase()).as_deref() {
+            Some("alb") if layer7 => BalancerKind::Alb,
+            Some("nlb") if layer4 => BalancerKind::Nlb,
+            Some(k @ ("alb" | "nlb")) => {
+                return Err(ActionError::permanent(format!(
+                    "`kind: {k}` does not fit listeners {}: an alb listens on http, an nlb on tcp or udp",
+                    call.list("listeners").join(", ")
+                )));
+            }
+            Some(other) if !other.is_empty() => {
+                return Err(ActionError::permanent(format!(
+                    "`kind` `{other}`: use alb or nlb"
+                )));
+            }
+            _ if layer7 => BalancerKind::Alb,
+            _ if layer4 => BalancerKind::Nlb,
+            _ => {
+                return Err(ActionError::permanent(format!(
+                    "listeners {} mix http with tcp/udp: one load balancer is an alb (http) or an nlb (tcp, udp); make two steps",
+                    call.list("listeners").join(", ")
+                )));
+            }
+        };
+        let target_port = match call.int("target_port", 0)? {
+            0 => None,
+            p => Some(u16::try_from(p).ok().filter(|&p| p > 0).ok_or_else(|| {
+                ActionError::permanent(format!("`target_port` {p} is not a TCP port number"))
+            })?),
+        };
+        let health_check = call
+            .str("health_check")
+            .filter(|s| !s.trim().is_empty())
+            .map(|h| ferry_engine::catalog::parse_probe(&h).map_err(ActionError::permanent))
+            .transpose()?;
+        Ok(LoadBalancerCreate {
+            listeners,
+            targets: call
+                .list("targets")
+                .into_iter()
+                .filter(|t| !t.is_empty())
+                .collect(),
+            target_port,
+            health_check,
+            network: call.need("network")?,
+            kind,
+            internal: call.bool("internal").unwrap_or(true),
+        })
+    }
+}
+
+/// What `loadbalancer.create` made.
+#[derive(Clone, Debug, Serialize)]
+pub struct CreatedLoadBalancer {
+    pub id: String,
+    pub dns_name: String,
+    /// `DNS_NAME:PORT` of the first listener.
+    pub addr: String,
+    pub kind: BalancerKind,
+    pub target_groups: Vec<String>,
+    /// The DNS zone `dns_name` lives in (for alias records).
+    pub zone_id: String,
+}
+
+/// Where `dns.switch` points a name.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum DnsTarget {
+    Values(Vec<String>),
+    /// A load balancer's `dns_name`.
+    Alias(String),
+    /// A failover pair: the primary is served while `health_check` passes.
+    Failover {
+        primary: String,
+        secondary: String,
+        health_check: Endpoint,
+    },
+}
+
+/// `dns.switch`: a DNS record to point at the rebuilt stack.
 #[derive(Clone, Debug)]
 pub struct DnsRecord {
+    /// A hosted zone's name or id.
     pub zone: String,
     pub name: String,
-    pub kind: String,
-    pub values: Vec<String>,
+    /// `A`, `CNAME`, ...; inferred from the values when `None`.
+    pub kind: Option<String>,
+    pub target: DnsTarget,
     pub ttl: u32,
 }
 
-/// A managed database from a snapshot or a point in time (no target
-/// implements it yet).
+impl DnsRecord {
+    pub fn parse(call: &Call) -> TargetResult<DnsRecord> {
+        check_shape(call)?;
+        let values = call.list("values");
+        let alias = call.str("alias").filter(|a| !a.trim().is_empty());
+        let failover = call.map("failover");
+        let target = match (values.is_empty(), alias, failover.is_empty()) {
+            (false, None, true) => DnsTarget::Values(values),
+            (true, Some(a), true) => DnsTarget::Alias(a.trim().to_owned()),
+            (true, None, false) => {
+                let get = |k: &str| {
+                    failover
+                        .iter()
+                        .find(|(n, _)| n == k)
+                        .map(|(_, v)| v.trim().to_owned())
+                        .filter(|v| !v.is_empty())
+                        .ok_or_else(|| {
+                            ActionError::permanent(format!(
+                                "input `failover` needs `{k}` (e.g. {{primary: 203.0.113.10, secondary: ${{{{ steps.lb.outputs.dns_name }}}}, health_check: http:80/healthz}})"
+                            ))
+                        })
+                };
+                DnsTarget::Failover {
+                    primary: get("primary")?,
+                    secondary: get("secondary")?,
+                    health_check: ferry_engine::catalog::parse_probe(&get("health_check")?)
+                        .map_err(ActionError::permanent)?,
+                }
+            }
+            _ => {
+                return Err(ActionError::permanent(
+                    "`dns.switch` needs exactly one of `values`, `alias`, `failover`",
+                ));
+            }
+        };
+        let ttl = call.int("ttl", 60)?;
+        let ttl = u32::try_from(ttl)
+            .ok()
+            .filter(|t| (1..=604_800).contains(t))
+            .ok_or_else(|| {
+                ActionError::permanent(format!("`ttl` must be 1 to 604800 seconds, not {ttl}"))
+            })?;
+        Ok(DnsRecord {
+            zone: call.need("zone")?,
+            name: call.need("name")?,
+            kind: call
+                .str("type")
+                .map(|t| t.trim().to_ascii_uppercase())
+                .filter(|t| !t.is_empty()),
+            target,
+            ttl,
+        })
+    }
+}
+
+/// What `dns.switch` did.
+#[derive(Clone, Debug, Serialize)]
+pub struct SwitchedRecord {
+    pub record: String,
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub values: Vec<String>,
+    pub zone_id: String,
+    pub change_id: String,
+    pub health_check: Option<String>,
+}
+
+/// Where `database.restore` takes its data from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum DatabaseSource {
+    Snapshot(String),
+    /// `source` restored to `time` (RFC 3339), or to its latest restorable
+    /// time when `None`.
+    PointInTime {
+        source: String,
+        time: Option<String>,
+    },
+}
+
+/// `database.restore`: a managed database from a snapshot or a point in time.
 #[derive(Clone, Debug)]
 pub struct DatabaseRestore {
     pub engine: String,
-    pub snapshot: Option<String>,
-    pub point_in_time: Option<String>,
-    pub size: Option<String>,
+    pub from: DatabaseSource,
+    /// The provider's size, overriding `cpus`/`memory_mib`.
+    pub instance_class: Option<String>,
+    pub cpus: u32,
+    pub memory_mib: u32,
+    /// A `network.create` output `id`.
+    pub network: Option<String>,
+    pub port: Option<u16>,
+    pub ready_timeout: Duration,
+}
+
+impl DatabaseRestore {
+    pub fn parse(call: &Call) -> TargetResult<DatabaseRestore> {
+        check_shape(call)?;
+        let opt = |name: &str| {
+            call.str(name)
+                .map(|s| s.trim().to_owned())
+                .filter(|s| !s.is_empty())
+        };
+        let from = match (opt("snapshot"), opt("point_in_time"), opt("source")) {
+            (Some(snap), None, None) => DatabaseSource::Snapshot(snap),
+            (None, Some(t), Some(source)) => DatabaseSource::PointInTime {
+                source,
+                time: (t != "latest").then_some(t),
+            },
+            _ => {
+                return Err(ActionError::permanent(
+                    "`database.restore` takes `snapshot`, or `source` with `point_in_time`",
+                ));
+            }
+        };
+        let whole = |name: &str, default: i64, max: i64| -> TargetResult<u32> {
+            let v = call.int(name, default)?;
+            if !(1..=max).contains(&v) {
+                return Err(ActionError::permanent(format!(
+                    "`{name}` must be between 1 and {max}, not {v}"
+                )));
+            }
+            Ok(v as u32)
+        };
+        let port = match call.int("port", 0)? {
+            0 => None,
+            p => Some(u16::try_from(p).ok().filter(|&p| p > 0).ok_or_else(|| {
+                ActionError::permanent(format!("`port` {p} is not a TCP port number"))
+            })?),
+        };
+        Ok(DatabaseRestore {
+            engine: call.need("engine")?,
+            from,
+            instance_class: opt("instance_class"),
+            cpus: whole("cpus", 1, 1024)?,
+            memory_mib: whole("memory", 1024, 1 << 22)?,
+            network: opt("network"),
+            port,
+            ready_timeout: call.duration("ready_timeout", Duration::from_secs(3600))?,
+        })
+    }
+}
+
+/// What `database.restore` made.
+#[derive(Clone, Debug, Serialize)]
+pub struct RestoredDatabase {
+    pub id: String,
+    /// `ADDRESS:PORT`.
+    pub endpoint: String,
+    pub address: String,
+    pub port: u16,
+    pub engine: String,
+    pub instance_class: String,
 }
 
 /// Volumes: restored from recovery points or created empty.
@@ -442,21 +749,36 @@ pub trait Networks: Send + Sync {
     async fn delete(&self, cx: &StepCx) -> TargetResult<()>;
 }
 
+/// Load balancers in front of instances.
 #[async_trait]
 pub trait LoadBalancers: Send + Sync {
-    async fn create(&self, cx: &StepCx, req: LoadBalancerCreate) -> TargetResult<Outputs>;
+    /// Makes the load balancer, or adopts what an earlier try of the step
+    /// made.
+    async fn create(
+        &self,
+        cx: &StepCx,
+        req: LoadBalancerCreate,
+    ) -> TargetResult<CreatedLoadBalancer>;
+    /// Removes what `create` made for this node; nothing there is success.
     async fn delete(&self, cx: &StepCx) -> TargetResult<()>;
 }
 
+/// DNS records pointed at the rebuilt stack.
 #[async_trait]
 pub trait Dns: Send + Sync {
-    async fn upsert(&self, cx: &StepCx, req: DnsRecord) -> TargetResult<Outputs>;
-    async fn delete(&self, cx: &StepCx) -> TargetResult<()>;
+    /// Points the record at its target (a second try changes nothing more).
+    async fn switch(&self, cx: &StepCx, req: DnsRecord) -> TargetResult<SwitchedRecord>;
+    /// Puts back what the record held before this node switched it;
+    /// nothing switched (or already put back) is success.
+    async fn restore(&self, cx: &StepCx) -> TargetResult<()>;
 }
 
+/// Managed databases.
 #[async_trait]
 pub trait Databases: Send + Sync {
-    async fn restore(&self, cx: &StepCx, req: DatabaseRestore) -> TargetResult<Outputs>;
+    /// Restores the database, or adopts what an earlier try started.
+    async fn restore(&self, cx: &StepCx, req: DatabaseRestore) -> TargetResult<RestoredDatabase>;
+    /// Removes what `restore` made for this node; nothing there is success.
     async fn delete(&self, cx: &StepCx) -> TargetResult<()>;
 }
 
@@ -665,10 +987,29 @@ pub async fn perform(
             let req = NetworkCreate::parse(call)?;
             outputs(target.networks().ok_or_else(no)?.create(cx, req).await?)
         }
+        TargetAction::LoadBalancerCreate => {
+            let req = LoadBalancerCreate::parse(call)?;
+            outputs(
+                target
+                    .load_balancers()
+                    .ok_or_else(no)?
+                    .create(cx, req)
+                    .await?,
+            )
+        }
+        TargetAction::DnsSwitch => {
+            let req = DnsRecord::parse(call)?;
+            outputs(target.dns().ok_or_else(no)?.switch(cx, req).await?)
+        }
+        TargetAction::DatabaseRestore => {
+            let req = DatabaseRestore::parse(call)?;
+            outputs(target.databases().ok_or_else(no)?.restore(cx, req).await?)
+        }
     }
 }
 
-/// The built-in undo of a target action: what removes what it made.
+/// The built-in undo of a target action: what removes what it made, found
+/// by the step's key alone (an undo sees no inputs).
 pub async fn undo(target: &dyn Target, action: TargetAction, cx: &StepCx) -> TargetResult<()> {
     let no = || unsupported(target, action);
     match action {
@@ -677,6 +1018,11 @@ pub async fn undo(target: &dyn Target, action: TargetAction, cx: &StepCx) -> Tar
         }
         TargetAction::InstanceLaunch => target.instances().ok_or_else(no)?.terminate(cx).await,
         TargetAction::NetworkCreate => target.networks().ok_or_else(no)?.delete(cx).await,
+        TargetAction::LoadBalancerCreate => {
+            target.load_balancers().ok_or_else(no)?.delete(cx).await
+        }
+        TargetAction::DnsSwitch => target.dns().ok_or_else(no)?.restore(cx).await,
+        TargetAction::DatabaseRestore => target.databases().ok_or_else(no)?.delete(cx).await,
         // Stopping creates nothing; the engine gives it no undo.
         TargetAction::InstanceStop => Ok(()),
     }
@@ -857,9 +1203,147 @@ mod tests {
     fn targets_implement_what_they_claim() {
         let r = Registry::builtin();
         let local = r.get("local").unwrap();
-        assert_eq!(actions_of(local.as_ref()), TargetAction::ALL.to_vec());
+        assert_eq!(
+            actions_of(local.as_ref()),
+            vec![
+                TargetAction::VolumeRestore,
+                TargetAction::VolumeCreate,
+                TargetAction::InstanceLaunch,
+                TargetAction::InstanceStop,
+                TargetAction::NetworkCreate,
+            ]
+        );
         let aws = r.get("aws").unwrap();
         assert_eq!(actions_of(aws.as_ref()), TargetAction::ALL.to_vec());
+    }
+
+    fn call(uses: &str, inputs: serde_json::Value) -> Call {
+        Call {
+            node: "n".into(),
+            key: "run/n".into(),
+            uses: uses.into(),
+            inputs: inputs.as_object().cloned().unwrap_or_default(),
+        }
+    }
+
+    #[test]
+    fn load_balancer_requests_are_parsed_once_with_errors_naming_the_input() {
+        use serde_json::json;
+        let lb = LoadBalancerCreate::parse(&call(
+            "loadbalancer.create",
+            json!({"listeners": ["http:80", "HTTP:8080"], "network": "vpc-1", "targets": ["i-1"], "health_check": "http:8080/healthz"}),
+        ))
+        .unwrap();
+        assert_eq!(lb.kind, BalancerKind::Alb);
+        assert!(lb.internal);
+        assert_eq!(lb.listeners[1].port, 8080);
+        assert_eq!(lb.health_check.unwrap().path.as_deref(), Some("/healthz"));
+        let nlb = LoadBalancerCreate::parse(&call(
+            "loadbalancer.create",
+            json!({"listeners": "tcp:3306", "network": "vpc-1", "internal": false}),
+        ))
+        .unwrap();
+        assert_eq!((nlb.kind, nlb.internal), (BalancerKind::Nlb, false));
+        for (inputs, says) in [
+            (
+                json!({"listeners": ["http:80", "tcp:22"], "network": "v"}),
+                "mix http",
+            ),
+            (
+                json!({"listeners": ["tcp:22"], "network": "v", "kind": "alb"}),
+                "`kind: alb`",
+            ),
+            (
+                json!({"listeners": ["smtp:25"], "network": "v"}),
+                "input `listeners`",
+            ),
+            (
+                json!({"listeners": ["http:80"], "network": "v", "health_check": "udp:53"}),
+                "input `health_check`",
+            ),
+            (
+                json!({"listeners": ["http:80"], "network": "v", "target_port": 70000}),
+                "`target_port`",
+            ),
+            (json!({"listeners": ["http:80"]}), "input `network`"),
+        ] {
+            let e = LoadBalancerCreate::parse(&call("loadbalancer.create", inputs.clone()))
+                .unwrap_err()
+                .message;
+            assert!(e.contains(says), "{inputs}: {e}");
+        }
+    }
+
+    #[test]
+    fn dns_and_database_requests_are_parsed_once() {
+        use serde_json::json;
+        let d = DnsRecord::parse(&call(
+            "dns.switch",
+            json!({"zone": "example.com", "name": "www", "failover": {"primary": "203.0.113.1", "secondary": "lb.example", "health_check": "http:80/up"}}),
+        ))
+        .unwrap();
+        assert_eq!(d.ttl, 60);
+        assert!(
+            matches!(d.target, DnsTarget::Failover { ref secondary, .. } if secondary == "lb.example")
+        );
+        for (inputs, says) in [
+            (json!({"zone": "z", "name": "n"}), "needs one of"),
+            (
+                json!({"zone": "z", "name": "n", "values": ["1.2.3.4"], "alias": "x"}),
+                "takes only one of",
+            ),
+            (
+                json!({"zone": "z", "name": "n", "failover": {"primary": "a"}}),
+                "needs `secondary`",
+            ),
+            (
+                json!({"zone": "z", "name": "n", "values": ["1.2.3.4"], "type": "BOGUS"}),
+                "input `type`",
+            ),
+            (
+                json!({"zone": "z", "name": "n", "values": ["1.2.3.4"], "ttl": 0}),
+                "`ttl`",
+            ),
+        ] {
+            let e = DnsRecord::parse(&call("dns.switch", inputs.clone()))
+                .unwrap_err()
+                .message;
+            assert!(e.contains(says), "{inputs}: {e}");
+        }
+        let db = DatabaseRestore::parse(&call(
+            "database.restore",
+            json!({"engine": "postgres", "source": "prod", "point_in_time": "latest"}),
+        ))
+        .unwrap();
+        assert_eq!(
+            db.from,
+            DatabaseSource::PointInTime {
+                source: "prod".into(),
+                time: None
+            }
+        );
+        assert_eq!((db.cpus, db.memory_mib), (1, 1024));
+        for (inputs, says) in [
+            (json!({"engine": "mysql"}), "needs one of"),
+            (
+                json!({"engine": "mysql", "point_in_time": "latest"}),
+                "`point_in_time` needs `source`",
+            ),
+            (
+                json!({"engine": "mysql", "snapshot": "s", "source": "x"}),
+                "`source` needs `point_in_time`",
+            ),
+            (
+                json!({"engine": "mysql", "source": "x", "point_in_time": "yesterday"}),
+                "input `point_in_time`",
+            ),
+            (json!({"snapshot": "s"}), "input `engine`"),
+        ] {
+            let e = DatabaseRestore::parse(&call("database.restore", inputs.clone()))
+                .unwrap_err()
+                .message;
+            assert!(e.contains(says), "{inputs}: {e}");
+        }
     }
 
     /// A target that offers volumes only, to see validation name what is missing.
