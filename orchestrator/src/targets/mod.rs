@@ -13,6 +13,7 @@
 pub mod aws;
 #[cfg(any(test, feature = "conformance"))]
 pub mod conformance;
+pub mod libvirt;
 pub mod local;
 
 use crate::step::{ActionError, Call, Ctx, Outputs};
@@ -642,6 +643,7 @@ impl Registry {
         };
         r.register(Arc::new(local::Local));
         r.register(Arc::new(aws::AwsTarget::default()));
+        r.register(Arc::new(libvirt::LibvirtTarget));
         r
     }
 
@@ -790,6 +792,9 @@ mod tests {
         );
         let aws = r.get("aws").unwrap();
         assert_eq!(actions_of(aws.as_ref()), TargetAction::ALL.to_vec());
+        let libvirt = r.get("libvirt").unwrap();
+        assert_eq!(actions_of(libvirt.as_ref()), TargetAction::ALL.to_vec());
+        assert_eq!(r.kinds(), ["aws", "libvirt", "local"]);
     }
 
     /// A target that offers volumes only, to see validation name what is missing.
