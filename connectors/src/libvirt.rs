@@ -1092,10 +1092,14 @@ impl Connection {
             // Files written into a pool's directory without libvirt (a
             // restore, perhaps cut short by a crash) are volumes only once
             // the pool is refreshed.
+            // A pool that cannot be refreshed (its storage is down) is still
+            // listed as libvirt last saw it: teardown must not stop there.
             match self.refresh_pool(&pool) {
                 Ok(()) => {}
                 Err(e) if e.is_not_found() || e.says("not active") => continue,
-                Err(e) => return Err(e),
+                Err(e) => {
+                    warn!(pool = %pool, error = %e, "cannot refresh a storage pool; listing what libvirt last saw")
+                }
             }
             let vols = match self.virsh(["vol-list", "--pool", &pool]) {
                 Ok(v) => v,
