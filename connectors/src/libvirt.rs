@@ -62,6 +62,14 @@ pub const NAME_PREFIX: &str = "ferry-";
 const MAX_STDOUT: usize = 8 << 20;
 /// The most of virsh's stderr kept for error messages.
 const MAX_STDERR: usize = 64 << 10;
+/// The PCI slot of a domain's user-mode interface: the first after the host
+/// bridge and the ISA bridge, so the guest sees it first.
+const USER_NIC_SLOT: u8 = 0x02;
+/// The PCI slot of a domain's first disk; the others follow (at most 26,
+/// up to slot `0x1c`).
+const FIRST_DISK_SLOT: u8 = 0x03;
+/// The PCI slots of a domain's network interfaces, after every disk.
+const NETWORK_SLOTS: [u8; 3] = [0x1d, 0x1e, 0x1f];
 /// How fast an upload is assumed to go at worst, to scale its timeout.
 const UPLOAD_BYTES_PER_SEC: u64 = 20 << 20;
 
@@ -237,12 +245,13 @@ impl Tag {
         check_run(run)?;
         if step.is_empty()
             || step.len() > 64
+            || step.starts_with('.')
             || !step
                 .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
         {
             return Err(Error::Invalid(format!(
-                "step {step:?} cannot tag a libvirt object: use 1 to 64 letters, digits, - and _"
+                "step {step:?} cannot tag a libvirt object: use 1 to 64 letters, digits, -, _ and ., not starting with ."
             )));
         }
         Ok(Tag {
@@ -499,16 +508,19 @@ pub struct PortForward {
 }
 
 /// A domain's network interface.
+///
+/// The guest sees a user-mode interface first (it is the one a guest that
+/// configures only its first interface, `eth0`, sets up) and the network
+/// interfaces after it, in order. Every PCI slot is fixed, so the order holds
+/// whatever the number of disks: the user-mode interface at slot 2, disks
+/// from slot 3 (`vda` first), network interfaces at `0x1d` to `0x1f`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Nic {
-    None,
     /// Attached to a libvirt network (libvirt's name, [`Network::name`]).
     Network(String),
     /// QEMU user-mode networking, restricted (the guest reaches nothing
     /// outside), with forwards from the host's loopback.
-    User {
-        forwards: Vec<PortForward>,
-    },
+    User { forwards: Vec<PortForward> },
 }
 
 /// A domain to define and start.
@@ -519,7 +531,8 @@ pub struct DomainSpec {
     pub vcpus: u32,
     pub disks: Vec<Disk>,
     pub boot: Boot,
-    pub nic: Nic,
+    /// At most one [`Nic::User`] and three [`Nic::Network`]; none, no network.
+    pub nics: Vec<Nic>,
     /// The serial console is written here (by virtlogd, so its directory
     /// needs no access for QEMU's user).
     pub serial_log: PathBuf,
@@ -738,6 +751,72 @@ impl Connection {
         })
     }
 
+    /// Create the empty volume [`Tag::object_name`]`(name)` of `pool`
+    /// (sparse, `capacity` bytes), or find the one already there under that
+    /// name (an earlier try), whatever its size.
+    pub fn create_volume(
+        &self,
+        pool: &str,
+        tag: &Tag,
+        name: &str,
+        capacity: u64,
+        format: Format,
+    ) -> Result<Volume> {
+        check_name("pool", pool)?;
+        let vol = tag.object_name(name)?;
+        match self.volume_path(pool, &vol) {
+            Ok(path) => {
+                return Ok(Volume {
+                    pool: pool.to_string(),
+                    name: vol,
+                    path,
+                });
+            }
+            Err(e) if e.is_not_found() => {}
+            Err(e) => return Err(e),
+        }
+        let capacity = format!("{capacity}b");
+        self.virsh([
+            "vol-create-as",
+            "--pool",
+            pool,
+            "--name",
+            &vol,
+            "--capacity",
+            &capacity,
+            "--allocation",
+            "0",
+            "--format",
+            format.as_str(),
+        ])?;
+        let path = self.volume_path(pool, &vol)?;
+        info!(pool, volume = %vol, %format, "empty volume created");
+        Ok(Volume {
+            pool: pool.to_string(),
+            name: vol,
+            path,
+        })
+    }
+
+    /// The directory of storage pool `name`; None if there is no such pool.
+    pub fn pool_path(&self, name: &str) -> Result<Option<PathBuf>> {
+        check_name("pool", name)?;
+        match self.virsh(["pool-dumpxml", name]) {
+            Ok(xml) => Ok(self
+                .text(&xml, "pool-dumpxml", &["pool", "target", "path"])?
+                .map(PathBuf::from)),
+            Err(e) if e.is_not_found() => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Make libvirt look at an active pool's directory again, so that files
+    /// written there without libvirt (a restore) are volumes it lists.
+    pub fn refresh_pool(&self, name: &str) -> Result<()> {
+        check_name("pool", name)?;
+        self.virsh(["pool-refresh", name]).map(drop)
+    }
+
     /// The file of volume `name` (libvirt's name) in `pool`.
     pub fn volume_path(&self, pool: &str, name: &str) -> Result<PathBuf> {
         check_name("pool", pool)?;
@@ -837,6 +916,16 @@ impl Connection {
         Ok(())
     }
 
+    /// Whether network `name` (libvirt's name) is isolated: it has no
+    /// `<forward>`, so nothing on it reaches beyond the host.
+    pub fn network_is_isolated(&self, name: &str) -> Result<bool> {
+        check_name("network", name)?;
+        let xml = self.virsh(["net-dumpxml", name])?;
+        Ok(self
+            .parse(&xml, "net-dumpxml", &["network", "forward"])?
+            .is_empty())
+    }
+
     /// Stop and undefine network `name` (libvirt's name); true if it was there.
     pub fn delete_network(&self, name: &str) -> Result<bool> {
         check_name("network", name)?;
@@ -910,6 +999,14 @@ impl Connection {
             Err(e) if e.says("already active") => Ok(()),
             Err(e) => Err(e),
         }
+    }
+
+    /// The loopback ports forwarded into a domain's user-mode interface, as
+    /// its definition has them (what a retried launch reports again).
+    pub fn port_forwards(&self, name: &str) -> Result<Vec<PortForward>> {
+        check_name("domain", name)?;
+        let xml = self.virsh(["dumpxml", "--inactive", name])?;
+        forwards_in(&xml).map_err(|e| self.unexpected("dumpxml", format!("bad XML: {e}")))
     }
 
     /// The domain's state as virsh words it (`running`, `shut off`, ...).
@@ -992,6 +1089,18 @@ impl Connection {
             .filter(|n| n.starts_with(&prefix))
             .collect();
         for pool in lines(&self.virsh(["pool-list", "--name"])?) {
+            // Files written into a pool's directory without libvirt (a
+            // restore, perhaps cut short by a crash) are volumes only once
+            // the pool is refreshed.
+            // A pool that cannot be refreshed (its storage is down) is still
+            // listed as libvirt last saw it: teardown must not stop there.
+            match self.refresh_pool(&pool) {
+                Ok(()) => {}
+                Err(e) if e.is_not_found() || e.says("not active") => continue,
+                Err(e) => {
+                    warn!(pool = %pool, error = %e, "cannot refresh a storage pool; listing what libvirt last saw")
+                }
+            }
             let vols = match self.virsh(["vol-list", "--pool", &pool]) {
                 Ok(v) => v,
                 Err(e) if e.is_not_found() || e.says("not active") => continue,
@@ -1566,7 +1675,30 @@ fn domain_xml(tag: &Tag, spec: &DomainSpec) -> Result<String> {
             spec.name
         )));
     }
-    let user = matches!(spec.nic, Nic::User { .. });
+    let users: Vec<&[PortForward]> = spec
+        .nics
+        .iter()
+        .filter_map(|n| match n {
+            Nic::User { forwards } => Some(forwards.as_slice()),
+            Nic::Network(_) => None,
+        })
+        .collect();
+    let networks: Vec<&str> = spec
+        .nics
+        .iter()
+        .filter_map(|n| match n {
+            Nic::Network(net) => Some(net.as_str()),
+            Nic::User { .. } => None,
+        })
+        .collect();
+    if users.len() > 1 || networks.len() > NETWORK_SLOTS.len() {
+        return Err(Error::Invalid(format!(
+            "domain {}: at most one user-mode interface and {} network interfaces",
+            spec.name,
+            NETWORK_SLOTS.len()
+        )));
+    }
+    let user = !users.is_empty();
     let mut x = String::new();
     if user {
         x.push_str(
@@ -1614,15 +1746,18 @@ fn domain_xml(tag: &Tag, spec: &DomainSpec) -> Result<String> {
     for (i, d) in spec.disks.iter().enumerate() {
         let dev = format!("vd{}", char::from(b'a' + i as u8));
         x.push_str(&format!(
-            "    <disk type='file' device='disk'>\n      <driver name='qemu' type='{}'/>\n      <source file='{}'/>\n      <target dev='{dev}' bus='virtio'/>\n    </disk>\n",
+            "    <disk type='file' device='disk'>\n      <driver name='qemu' type='{}'/>\n      <source file='{}'/>\n      <target dev='{dev}' bus='virtio'/>\n      <address type='pci' domain='0x0000' bus='0x00' slot='{:#04x}' function='0x0'/>\n    </disk>\n",
             d.format,
-            esc(path_str(&d.path)?)
+            esc(path_str(&d.path)?),
+            FIRST_DISK_SLOT + i as u8
         ));
     }
-    if let Nic::Network(net) = &spec.nic {
+    for (net, slot) in networks.iter().zip(NETWORK_SLOTS) {
         check_name("network", net)?;
+        // Fixed slots (see [`Nic`]): libvirt does not know of the user-mode
+        // interface QEMU adds, so every device gets its slot from Ferry.
         x.push_str(&format!(
-            "    <interface type='network'>\n      <source network='{}'/>\n      <model type='virtio'/>\n      <rom enabled='no'/>\n    </interface>\n",
+            "    <interface type='network'>\n      <source network='{}'/>\n      <model type='virtio'/>\n      <rom enabled='no'/>\n      <address type='pci' domain='0x0000' bus='0x00' slot='{slot:#04x}' function='0x0'/>\n    </interface>\n",
             esc(net)
         ));
     }
@@ -1632,12 +1767,12 @@ fn domain_xml(tag: &Tag, spec: &DomainSpec) -> Result<String> {
     ));
     x.push_str("    <controller type='usb' model='none'/>\n    <memballoon model='none'/>\n");
     x.push_str("  </devices>\n");
-    if let Nic::User { forwards } = &spec.nic {
+    if let Some(forwards) = users.first() {
         // libvirt 9 forwards ports of user-mode interfaces only with passt;
         // QEMU's own slirp does it with hostfwd, bound to loopback here.
         // `restrict=on` keeps the guest from reaching anything outside.
         let mut netdev = "user,id=ferryuser0,restrict=on".to_string();
-        for f in forwards {
+        for f in forwards.iter() {
             netdev.push_str(&format!(",hostfwd=tcp:127.0.0.1:{}-:{}", f.host, f.guest));
         }
         x.push_str("  <qemu:commandline>\n");
@@ -1645,7 +1780,7 @@ fn domain_xml(tag: &Tag, spec: &DomainSpec) -> Result<String> {
             "-netdev",
             &netdev,
             "-device",
-            "virtio-net-pci,netdev=ferryuser0,romfile=",
+            &format!("virtio-net-pci,netdev=ferryuser0,romfile=,addr={USER_NIC_SLOT:#04x}"),
         ] {
             x.push_str(&format!("    <qemu:arg value='{}'/>\n", esc(arg)));
         }
@@ -1653,6 +1788,30 @@ fn domain_xml(tag: &Tag, spec: &DomainSpec) -> Result<String> {
     }
     x.push_str("</domain>\n");
     Ok(x)
+}
+
+/// The `hostfwd=tcp:127.0.0.1:HOST-:GUEST` forwards in a domain's QEMU
+/// arguments (the user-mode interface [`domain_xml`] writes).
+fn forwards_in(xml: &str) -> std::result::Result<Vec<PortForward>, String> {
+    let mut out = Vec::new();
+    for arg in elements(xml, &["domain", "commandline", "arg"])? {
+        let Some(value) = arg.attr("value") else {
+            continue;
+        };
+        for part in value.split(',') {
+            let Some(rule) = part.strip_prefix("hostfwd=tcp:127.0.0.1:") else {
+                continue;
+            };
+            let parsed = rule
+                .split_once("-:")
+                .and_then(|(h, g)| Some((h.parse().ok()?, g.parse().ok()?)));
+            match parsed {
+                Some((host, guest)) => out.push(PortForward { host, guest }),
+                None => return Err(format!("a port forward Ferry cannot read: {part}")),
+            }
+        }
+    }
+    Ok(out)
 }
 
 fn checkpoint_xml(disks: &[String], disk: &str, name: &str) -> String {
@@ -1815,6 +1974,9 @@ mod tests {
         for bad in ["", "-x", ".x", "a b", "a/b", "a'b", "a<b"] {
             assert!(t.object_name(bad).is_err(), "{bad:?}");
         }
+        // for_each items of a step tag their objects as `step.N`.
+        assert!(Tag::new("run", "disk.1").is_ok());
+        assert!(Tag::new("run", ".x").is_err());
         // A run id with _ could make one run's prefix another's.
         assert!(Tag::new("a_b", "s").is_err());
         assert!(Tag::new("run", "a b").is_err());
@@ -1852,12 +2014,15 @@ mod tests {
                 initrd: None,
                 cmdline: "console=ttyS0 x=\"&\"".into(),
             },
-            nic: Nic::User {
-                forwards: vec![PortForward {
-                    host: 8080,
-                    guest: 80,
-                }],
-            },
+            nics: vec![
+                Nic::Network("ferry-r1_lan".into()),
+                Nic::User {
+                    forwards: vec![PortForward {
+                        host: 8080,
+                        guest: 80,
+                    }],
+                },
+            ],
             serial_log: "/log".into(),
         };
         let x = domain_xml(&t, &spec).unwrap();
@@ -1865,6 +2030,18 @@ mod tests {
         assert!(x.contains("/p/a&apos;&lt;b&gt;.qcow2"));
         assert!(x.contains("x=&quot;&amp;&quot;"));
         assert!(x.contains("hostfwd=tcp:127.0.0.1:8080-:80"));
+        assert!(x.contains("<source network='ferry-r1_lan'/>"));
+        assert!(x.contains("slot='0x1d'"), "{x}");
+        assert!(x.contains("slot='0x03'"), "{x}");
+        assert!(x.contains("romfile=,addr=0x02"), "{x}");
+        // What it wrote, it reads back.
+        assert_eq!(
+            forwards_in(&x).unwrap(),
+            vec![PortForward {
+                host: 8080,
+                guest: 80
+            }]
+        );
         // What Ferry wrote, it reads back.
         let src = elements(&x, &["domain", "devices", "disk", "source"]).unwrap();
         assert_eq!(src[0].attr("file"), Some("/p/a'<b>.qcow2"));

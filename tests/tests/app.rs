@@ -65,6 +65,7 @@ fn the_neutral_runbook_validates_and_plans_on_every_target() {
     for (target, kind, instance) in [
         ("local", "local", "QEMU VM"),
         ("aws", "aws", "EC2 instance"),
+        ("libvirt", "libvirt", ""),
     ] {
         let plan = env.json(&["plan", rb, "--target", target]);
         assert_eq!(plan["target"], target, "{plan}");

@@ -324,7 +324,7 @@ fn a_domain_is_adopted_backed_up_incrementally_through_checkpoints_and_torn_down
             cmdline: "console=ttyS0 quiet panic=-1 ferry.mode=writer ferry.rate=20 ferry.blocks=16"
                 .into(),
         },
-        nic: Nic::Network(net.name.clone()),
+        nics: vec![Nic::Network(net.name.clone())],
         serial_log: serial.clone(),
     };
     let t = Instant::now();
@@ -482,12 +482,12 @@ fn user_mode_networking_forwards_a_loopback_port_to_the_guest() {
             initrd: Some(initrd),
             cmdline: "console=ttyS0 quiet panic=-1 ferry.mode=web".into(),
         },
-        nic: Nic::User {
+        nics: vec![Nic::User {
             forwards: vec![PortForward {
                 host: port,
                 guest: 80,
             }],
-        },
+        }],
         serial_log: serial.clone(),
     };
     assert!(!lv.define_and_start(&tag, &spec).unwrap().adopted);

@@ -321,11 +321,11 @@ async fn run_tool(prog: &str, args: &[&str]) -> Result<String, ActionError> {
 static BUSY: std::sync::Mutex<Vec<PathBuf>> = std::sync::Mutex::new(Vec::new());
 
 /// The right to write one path; released when dropped (on the thread that
-/// did the writing).
-struct Busy(PathBuf);
+/// did the writing). Other targets that restore into files use it too.
+pub(super) struct Busy(PathBuf);
 
 impl Busy {
-    async fn claim(path: PathBuf) -> Busy {
+    pub(super) async fn claim(path: PathBuf) -> Busy {
         loop {
             {
                 let mut busy = BUSY

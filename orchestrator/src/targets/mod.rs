@@ -13,6 +13,7 @@
 pub mod aws;
 #[cfg(any(test, feature = "conformance"))]
 pub mod conformance;
+pub mod libvirt;
 pub mod local;
 pub mod local_net;
 
@@ -1066,6 +1067,7 @@ impl Registry {
         };
         r.register(Arc::new(local::Local));
         r.register(Arc::new(aws::AwsTarget::default()));
+        r.register(Arc::new(libvirt::LibvirtTarget));
         r
     }
 
@@ -1215,6 +1217,10 @@ mod tests {
         );
         let aws = r.get("aws").unwrap();
         assert_eq!(actions_of(aws.as_ref()), TargetAction::ALL.to_vec());
+        // libvirt offers what local does.
+        let libvirt = r.get("libvirt").unwrap();
+        assert_eq!(actions_of(libvirt.as_ref()), actions_of(local.as_ref()));
+        assert_eq!(r.kinds(), ["aws", "libvirt", "local"]);
     }
 
     fn call(uses: &str, inputs: serde_json::Value) -> Call {
