@@ -411,7 +411,9 @@ report() {
   echo "- Machine: $(nproc) cores, $(awk -F': ' '/^model name/{print $2; exit}' /proc/cpuinfo)," \
        "$(awk '/MemTotal/{printf "%.0f GiB RAM", $2/1048576}' /proc/meminfo), kernel $(uname -r);" \
        "load average at the start $LOAD0, at the end $(cut -d' ' -f1-3 /proc/loadavg)"
-  echo "- Work dir: $RUN ($(df -T "$RUN" | awk 'NR==2{print $2}')); the repositories and restored files are on it"
+  local fstype; fstype=$(df -T "$RUN" | awk 'NR==2{print $2}')
+  echo "- Work dir: $RUN ($fstype); the image, the repositories and the restored files are on it$([[ $fstype == tmpfs ]] \
+       && echo " (in memory: a local restore's writes and syncs cost no disk time, so it is faster than onto a disk)")"
   echo "- Image: the cached bench/run.sh image ($BASE), ext4, disk $(calc "printf \"%.1f\", $apparent/1048576") MiB," \
        "data (allocated, not holes) $(calc "printf \"%.1f\", $alloc/1048576") MiB"
   echo "- ferry: $("$FERRY_BIN" --version 2>/dev/null || echo '?'), $FERRY_SRC$([[ -n ${FERRY_BIN_GIVEN:-} ]] && echo ' (FERRY_BIN); checkout' || echo ', built from') $TREE"
