@@ -8,7 +8,7 @@
 mod common;
 
 use common::servers::{AWS_KEY_ID, AWS_REGION, AWS_SECRET, Moto, s3_python};
-use common::{Env, make_image};
+use common::{make_image, moto_env};
 use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -73,16 +73,6 @@ fn read_back(moto: &Moto, id: &str, size: u64, out: &Path) {
     );
 }
 
-fn env_for(moto: &Moto) -> Env {
-    let mut e = Env::new();
-    e.vars = moto.env();
-    e.vars.push((
-        "FERRY_HOME".into(),
-        e.dir.path().join("home").display().to_string(),
-    ));
-    e
-}
-
 fn nonzero_blocks(path: &Path) -> u64 {
     let data = std::fs::read(path).expect("read the image");
     data.chunks(512 * 1024)
@@ -93,7 +83,7 @@ fn nonzero_blocks(path: &Path) -> u64 {
 #[test]
 fn restore_into_ebs_matches_the_point_byte_for_byte_and_sends_no_zero_block() {
     let Some(moto) = Moto::start() else { return };
-    let e = env_for(&moto);
+    let e = moto_env(&moto);
     e.init();
     // Random, text, zeros and a hole, 4 MiB each, then a tail that ends
     // inside a 512 KiB block.
@@ -148,7 +138,7 @@ fn restore_into_ebs_matches_the_point_byte_for_byte_and_sends_no_zero_block() {
 #[test]
 fn a_killed_ebs_restore_resumes_into_the_same_snapshot_without_duplicates() {
     let Some(moto) = Moto::start() else { return };
-    let e = env_for(&moto);
+    let e = moto_env(&moto);
     e.init();
     let img = e.path("big.img");
     // All random: every block is put, which takes long enough to kill.
@@ -864,7 +854,7 @@ fn a_drill_on_aws_rebuilds_from_a_point_and_leaves_nothing_tagged_with_its_run()
     let Some(moto) = Moto::start() else { return };
     let fx = fixtures(&moto);
     let www_before = www_records(&moto, &fx.zone_id);
-    let e = env_for(&moto);
+    let e = moto_env(&moto);
     e.init();
     let img = e.path("boot.img");
     make_image(&img, 8 << 20, 3);

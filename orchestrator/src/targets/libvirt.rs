@@ -48,7 +48,7 @@ use super::{
     NetworkCreate, Networks, Placement, Probe, RestoredVolume, StepCx, Target, TargetResult,
     VolumeCreate, VolumeRestore, Volumes,
 };
-use crate::step::{ActionError, CancelOnDrop, Ctx, clip, disk_index, scrub_env};
+use crate::step::{ActionError, CancelOnDrop, Ctx, clip, scrub_env};
 use async_trait::async_trait;
 use ferry_connectors::libvirt::{
     self, Boot, Cidr, Connection, Disk, DomainSpec, Format, NetworkSpec, Nic, Options, PortForward,
@@ -457,35 +457,7 @@ impl Volumes for LibvirtTarget {
         let (ctx2, req2, raw2) = (ctx.clone(), req.clone(), raw.clone());
         let mut out = blocking(move || {
             let _busy = busy;
-            let repo = ctx2.open_repo_at(req2.repo.as_deref())?;
-            let point = repo.resolve(&req2.point).map_err(ActionError::from)?;
-            let disk = disk_index(&point, req2.disk.as_deref())?;
-            let meta = &point.meta.disks[disk];
-            if !raw2.exists() {
-                // A private file (0600) of this user; libvirt lends it to
-                // QEMU's user while a domain runs on it.
-                ferry_agent::restore::restore(
-                    &repo,
-                    &point,
-                    &ferry_agent::restore::RestoreOptions {
-                        target: raw2.clone(),
-                        disk: Some(meta.name.clone()),
-                        overwrite: false,
-                    },
-                    &progress,
-                )
-                .map_err(ActionError::from)?;
-            }
-            Ok(RestoredVolume {
-                path: raw2.to_string_lossy().into_owned(),
-                format: DiskFormat::Raw,
-                point: point.id.clone(),
-                source: point.meta.source.clone(),
-                disk: meta.name.clone(),
-                point_time: point.meta.time.to_rfc3339(),
-                rpo_secs: (ctx2.started_ms - point.meta.time.timestamp_millis()) as f64 / 1000.0,
-                size: meta.size,
-            })
+            super::local::restore_to_file(&ctx2, &req2, &raw2, &progress)
         })
         .await?;
         let (mut file, mut name, mut format) = (raw.clone(), raw_name.clone(), Format::Raw);

@@ -178,33 +178,7 @@ impl Volumes for Local {
         let (ctx2, req2, raw2) = (ctx.clone(), req.clone(), raw.clone());
         let mut out = tokio::task::spawn_blocking(move || -> TargetResult<RestoredVolume> {
             let _busy = busy;
-            let repo = ctx2.open_repo_at(req2.repo.as_deref())?;
-            let point = repo.resolve(&req2.point).map_err(ActionError::from)?;
-            let disk = disk_index(&point, req2.disk.as_deref())?;
-            let meta = &point.meta.disks[disk];
-            if !raw2.exists() {
-                ferry_agent::restore::restore(
-                    &repo,
-                    &point,
-                    &ferry_agent::restore::RestoreOptions {
-                        target: raw2.clone(),
-                        disk: Some(meta.name.clone()),
-                        overwrite: false,
-                    },
-                    &progress,
-                )
-                .map_err(ActionError::from)?;
-            }
-            Ok(RestoredVolume {
-                path: raw2.to_string_lossy().into_owned(),
-                format: DiskFormat::Raw,
-                point: point.id.clone(),
-                source: point.meta.source.clone(),
-                disk: meta.name.clone(),
-                point_time: point.meta.time.to_rfc3339(),
-                rpo_secs: (ctx2.started_ms - point.meta.time.timestamp_millis()) as f64 / 1000.0,
-                size: meta.size,
-            })
+            restore_to_file(&ctx2, &req2, &raw2, &progress)
         })
         .await
         .map_err(|e| ActionError::transient(format!("restore task: {e}")))??;
@@ -286,6 +260,46 @@ impl Volumes for Local {
         }
         Ok(())
     }
+}
+
+/// Restores a point's disk to the raw image `raw` (unless an earlier try
+/// finished it there) and says what was restored: the blocking part of a
+/// restore into a file, shared by the targets whose volumes are files.
+pub(super) fn restore_to_file(
+    ctx: &Ctx,
+    req: &VolumeRestore,
+    raw: &Path,
+    progress: &ferry_agent::progress::Progress,
+) -> TargetResult<RestoredVolume> {
+    let repo = ctx.open_repo_at(req.repo.as_deref())?;
+    let point = repo.resolve(&req.point).map_err(ActionError::from)?;
+    let disk = disk_index(&point, req.disk.as_deref())?;
+    let meta = &point.meta.disks[disk];
+    if !raw.exists() {
+        // A private file (0600) of this user; a target that lends it to
+        // another user (libvirt's QEMU) does so while a domain runs on it.
+        ferry_agent::restore::restore(
+            &repo,
+            &point,
+            &ferry_agent::restore::RestoreOptions {
+                target: raw.to_path_buf(),
+                disk: Some(meta.name.clone()),
+                overwrite: false,
+            },
+            progress,
+        )
+        .map_err(ActionError::from)?;
+    }
+    Ok(RestoredVolume {
+        path: raw.to_string_lossy().into_owned(),
+        format: DiskFormat::Raw,
+        point: point.id.clone(),
+        source: point.meta.source.clone(),
+        disk: meta.name.clone(),
+        point_time: point.meta.time.to_rfc3339(),
+        rpo_secs: (ctx.started_ms - point.meta.time.timestamp_millis()) as f64 / 1000.0,
+        size: meta.size,
+    })
 }
 
 fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), ActionError> {
