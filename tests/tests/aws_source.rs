@@ -72,8 +72,17 @@ fn ebs_snapshots_are_backed_up_whole_then_incrementally_and_restore_exactly() {
         read(&inc),
         read(&full)
     );
+    // (Both snapshots may carry the same start time, to the second: find
+    // the incremental by its id, not by its place in the list.)
     let points = e.json(&["points", "--source", "ec2-web"]);
-    let disk = &points[1]["disks"][0];
+    let second = points
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["id"] == p2.as_str())
+        .unwrap();
+    assert_eq!(second["parent"], p1.as_str(), "{points}");
+    let disk = &second["disks"][0];
     assert_eq!(disk["name"], "root", "{points}");
     assert_eq!(
         disk["changes"],
