@@ -57,6 +57,11 @@ pub fn undelete(store: &Store, dry_run: bool) -> Result<UndeleteReport> {
             continue;
         }
         report.objects += 1;
+        // Oldest first. Versions come newest first, and listings give
+        // times to the second: a stable sort by time alone would keep an
+        // attacker's overwrite made within the same second ahead of the
+        // original, and take it for the first version.
+        versions.reverse();
         versions.sort_by_key(|v| v.modified);
         let Some(latest) = versions.iter().find(|v| v.latest) else {
             continue;
