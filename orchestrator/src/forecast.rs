@@ -24,6 +24,8 @@
 
 use crate::step::Call;
 use crate::targets::{DiskSize, Placement, Planned, PlannedResource, Registry, TargetAction};
+/// A target type's prices live beside the `Target` trait that reads them.
+pub use crate::targets::{HOURS_PER_MONTH, TargetPrices};
 use ferry_agent::stats::{Prices, RestoreReads};
 use ferry_engine::expr;
 use serde::{Deserialize, Serialize};
@@ -36,8 +38,6 @@ use std::sync::Arc;
 pub const PRICES_DATE: &str = "2026-11-01";
 
 const GB: f64 = 1e9;
-/// Hours in a month, as providers bill monthly prices by the hour.
-pub const HOURS_PER_MONTH: f64 = 730.0;
 
 /// Prices and planning figures per target type. Edit a copy
 /// (`ferry plan --print-prices > prices.json`) and pass it with `--prices`,
@@ -54,41 +54,6 @@ pub struct PriceTable {
     pub repository: Prices,
     /// By target type (`local`, `aws`, `libvirt`).
     pub targets: BTreeMap<String, TargetPrices>,
-}
-
-/// One target type's prices and the figures planning assumes where no run
-/// has measured them.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
-#[serde(deny_unknown_fields)]
-pub struct TargetPrices {
-    /// Where its resources sit, for egress: `aws`, `gcp`, `azure` or
-    /// `onprem` (no egress is charged out of an on-premises repository).
-    pub cloud: String,
-    /// One instance per hour by instance type; `default` for the rest.
-    #[serde(default)]
-    pub instance_hour: BTreeMap<String, f64>,
-    /// Unit prices the target type reads (see its module documentation).
-    #[serde(default)]
-    pub unit: BTreeMap<String, f64>,
-    /// Restore throughput in bytes of disk per second, until a run on this
-    /// target has measured one.
-    pub restore_bytes_per_sec: f64,
-    /// Seconds from launch to ready, until a run has measured them.
-    pub boot_secs: f64,
-}
-
-impl TargetPrices {
-    pub fn unit(&self, name: &str) -> f64 {
-        self.unit.get(name).copied().unwrap_or(0.0)
-    }
-
-    pub fn instance_hour(&self, kind: &str) -> f64 {
-        self.instance_hour
-            .get(kind)
-            .or_else(|| self.instance_hour.get("default"))
-            .copied()
-            .unwrap_or(0.0)
-    }
 }
 
 impl Default for PriceTable {

@@ -351,7 +351,7 @@ fn the_aws_target_conforms_and_a_crashed_run_is_torn_down_by_its_tag() {
         Arc::new(move || {
             let aws = aws.clone();
             Box::pin(async move {
-                ferry_aws::ec2::list_run(&aws, "conformance")
+                ferry_aws::run::list_run(&aws, "conformance")
                     .await
                     .expect("list the run's resources")
             })
@@ -523,7 +523,7 @@ fn the_aws_target_conforms_and_a_crashed_run_is_torn_down_by_its_tag() {
             )
             .await
             .unwrap();
-        let left = ferry_aws::ec2::list_run(&aws, "crashed-run").await.unwrap();
+        let left = ferry_aws::run::list_run(&aws, "crashed-run").await.unwrap();
         for kind in [
             "instance ",
             "vpc ",
@@ -541,8 +541,8 @@ fn the_aws_target_conforms_and_a_crashed_run_is_torn_down_by_its_tag() {
             );
         }
         assert_ne!(tagged_with(&moto, "crashed-run"), "[]");
-        ferry_aws::ec2::teardown(&aws, "crashed-run").await.unwrap();
-        let left = ferry_aws::ec2::list_run(&aws, "crashed-run").await.unwrap();
+        ferry_aws::run::teardown(&aws, "crashed-run").await.unwrap();
+        let left = ferry_aws::run::list_run(&aws, "crashed-run").await.unwrap();
         assert!(left.is_empty(), "teardown left {left:?}");
         assert_eq!(
             tagged_with(&moto, "crashed-run"),
@@ -555,7 +555,7 @@ fn the_aws_target_conforms_and_a_crashed_run_is_torn_down_by_its_tag() {
             "teardown did not put the switched record back"
         );
         // Twice is fine.
-        ferry_aws::ec2::teardown(&aws, "crashed-run").await.unwrap();
+        ferry_aws::run::teardown(&aws, "crashed-run").await.unwrap();
     });
 }
 

@@ -965,16 +965,11 @@ async fn delete_storage(aws: &Aws, filter: impl Fn() -> Filter) -> Result<()> {
     Ok(())
 }
 
-/// Everything run `run` made that still exists, as `kind id` lines: EC2
-/// resources, and the load balancers, target groups, DNS records, health
-/// checks, databases and DB subnet groups of [`crate::elb`],
-/// [`crate::route53`] and [`crate::rds`].
+/// The EC2 resources run `run` made that still exist, as `kind id` lines
+/// ([`crate::run::list_run`] adds the other services').
 pub async fn list_run(aws: &Aws, run: &str) -> Result<Vec<String>> {
     let f = || by_tag(TAG_RUN, run);
     let mut out = Vec::new();
-    out.extend(crate::elb::list_run(aws, run).await?);
-    out.extend(crate::route53::list_run(aws, run).await?);
-    out.extend(crate::rds::list_run(aws, run).await?);
     for id in instances_where(aws, f()).await? {
         out.push(format!("instance {id}"));
     }
@@ -1012,17 +1007,11 @@ pub async fn list_run(aws: &Aws, run: &str) -> Result<Vec<String>> {
     Ok(out)
 }
 
-/// Removes everything run `run` made, found by its tag, in dependency
-/// order: DNS records first (they point at the rest; each is put back as it
-/// was before the run switched it), then load balancers and their target
-/// groups, databases and their subnet groups, instances, images, volumes
-/// and snapshots, and networks last. Works after a crash, with no state but
-/// the run id.
+/// Removes the EC2 resources run `run` made, found by its tag, in
+/// dependency order: instances, images, volumes and snapshots, networks
+/// last ([`crate::run::teardown`] removes the other services' first).
 pub async fn teardown(aws: &Aws, run: &str) -> Result<()> {
     let f = || by_tag(TAG_RUN, run);
-    crate::route53::teardown(aws, run).await?;
-    crate::elb::teardown(aws, run).await?;
-    crate::rds::teardown(aws, run).await?;
     let ids = instances_where(aws, f()).await?;
     terminate_and_wait(aws, &ids).await?;
     deregister_images(aws, f()).await?;

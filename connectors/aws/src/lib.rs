@@ -9,7 +9,7 @@
 //!   machine is protected with nothing installed in it.
 //! - [`ec2`]: isolated networks (VPC, subnet, security group, route table),
 //!   instances launched from restored snapshots, and teardown of everything a
-//!   run made, found by its tags ([`ec2::teardown`] calls the others' too).
+//!   run made, found by its tags.
 //! - [`elb`]: ELBv2 load balancers (ALB or NLB) in a network's subnets, a
 //!   target group per listener with its health check, targets registered.
 //! - [`route53`]: records switched to the rebuilt stack (values, an alias to
@@ -17,6 +17,8 @@
 //!   as they were on undo.
 //! - [`rds`]: RDS instances restored from a DB snapshot or to a point in
 //!   time, in a DB subnet group of the network.
+//! - [`run`]: everything one run made, across the services, listed and torn
+//!   down in dependency order (the outermost module).
 //!
 //! Credentials come from the SDK's standard chain; the region and the
 //! endpoint may be set (the tests point them at moto on 127.0.0.1). Every
@@ -32,6 +34,7 @@ pub mod ec2;
 pub mod elb;
 pub mod rds;
 pub mod route53;
+pub mod run;
 pub mod source;
 
 use aws_sdk_ec2::error::{ProvideErrorMetadata, SdkError};

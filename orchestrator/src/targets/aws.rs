@@ -18,8 +18,9 @@
 //! classes) and `images` (`{FAMILY: AMI}`, for `instance.launch`'s `image`).
 //! Everything made is tagged with the run and the step (DNS records, which
 //! take no tags, through their marker), so an undo, a drill's teardown, or
-//! `ferry_aws::ec2::teardown` after a crash finds it.
+//! `ferry_aws::run::teardown` after a crash finds it.
 
+use super::TargetPrices;
 use super::{
     BalancerKind, CreatedLoadBalancer, CreatedNetwork, CreatedVolume, DatabaseRestore,
     DatabaseSource, Databases, DiskFormat, DiskSize, Dns, DnsRecord, DnsTarget, Endpoint, Health,
@@ -28,7 +29,6 @@ use super::{
     SwitchedRecord, Target, TargetAction, TargetResult, VolumeCreate, VolumeRestore, Volumes, gib,
     planned_shape,
 };
-use crate::forecast::TargetPrices;
 use crate::step::{ActionError, Call, CancelOnDrop, Ctx, disk_index, file_stem};
 use async_trait::async_trait;
 use ferry_aws::ebs::{EbsSink, Opened};
@@ -246,9 +246,8 @@ impl Target for AwsTarget {
         disk: Option<&DiskSize>,
         prices: &TargetPrices,
     ) -> Planned {
-        let per_hour = |gb_month: &str, gib: u64| {
-            gib as f64 * prices.unit(gb_month) / crate::forecast::HOURS_PER_MONTH
-        };
+        let per_hour =
+            |gb_month: &str, gib: u64| gib as f64 * prices.unit(gb_month) / super::HOURS_PER_MONTH;
         match action {
             TargetAction::VolumeRestore => {
                 let Some(d) = disk else {
@@ -390,8 +389,7 @@ impl Target for AwsTarget {
                     resources.push(PlannedResource {
                         kind: "Route 53 health check".into(),
                         detail: "the failover pair's primary".into(),
-                        hourly: prices.unit("health_check_month")
-                            / crate::forecast::HOURS_PER_MONTH,
+                        hourly: prices.unit("health_check_month") / super::HOURS_PER_MONTH,
                         monthly_standby: prices.unit("health_check_month"),
                     });
                 }

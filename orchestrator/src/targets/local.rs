@@ -2,12 +2,12 @@
 //! instances are QEMU VMs under software emulation on user-mode networks.
 //! The embedded default, and the reference implementation of the seam.
 
+use super::TargetPrices;
 use super::{
     CreatedVolume, DiskFormat, DiskSize, Health, InstanceLaunch, Instances, LaunchedInstance,
     Placement, Planned, PlannedResource, Probe, RestoredVolume, StepCx, Target, TargetAction,
     TargetResult, VolumeCreate, VolumeRestore, Volumes, gib, planned_shape,
 };
-use crate::forecast::TargetPrices;
 use crate::step::{ActionError, Call, CancelOnDrop, Ctx, clip, disk_index, file_stem, scrub_env};
 use async_trait::async_trait;
 use std::collections::BTreeMap;

@@ -798,6 +798,44 @@ pub struct Probe {
     pub detail: String,
 }
 
+/// Hours in a month, as providers bill monthly prices by the hour.
+pub const HOURS_PER_MONTH: f64 = 730.0;
+
+/// One target type's prices and the figures planning assumes where no run
+/// has measured them.
+#[derive(Debug, Clone, Serialize, serde::Deserialize, PartialEq, Default)]
+#[serde(deny_unknown_fields)]
+pub struct TargetPrices {
+    /// Where its resources sit, for egress: `aws`, `gcp`, `azure` or
+    /// `onprem` (no egress is charged out of an on-premises repository).
+    pub cloud: String,
+    /// One instance per hour by instance type; `default` for the rest.
+    #[serde(default)]
+    pub instance_hour: BTreeMap<String, f64>,
+    /// Unit prices the target type reads (see its module documentation).
+    #[serde(default)]
+    pub unit: BTreeMap<String, f64>,
+    /// Restore throughput in bytes of disk per second, until a run on this
+    /// target has measured one.
+    pub restore_bytes_per_sec: f64,
+    /// Seconds from launch to ready, until a run has measured them.
+    pub boot_secs: f64,
+}
+
+impl TargetPrices {
+    pub fn unit(&self, name: &str) -> f64 {
+        self.unit.get(name).copied().unwrap_or(0.0)
+    }
+
+    pub fn instance_hour(&self, kind: &str) -> f64 {
+        self.instance_hour
+            .get(kind)
+            .or_else(|| self.instance_hour.get("default"))
+            .copied()
+            .unwrap_or(0.0)
+    }
+}
+
 /// The disk a `volume.restore` will write, as the repository tells it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct DiskSize {
@@ -897,7 +935,7 @@ pub trait Target: Send + Sync {
         action: TargetAction,
         call: &Call,
         disk: Option<&DiskSize>,
-        prices: &crate::forecast::TargetPrices,
+        prices: &TargetPrices,
     ) -> Planned {
         let _ = (place, call, disk);
         Planned {
