@@ -516,8 +516,14 @@ pub struct PortForward {
 /// from slot 3 (`vda` first), network interfaces at `0x1d` to `0x1f`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Nic {
-    /// Attached to a libvirt network (libvirt's name, [`Network::name`]).
-    Network(String),
+    /// Attached to a libvirt network (libvirt's name, [`Network::name`]),
+    /// with the MAC address given ([`mac_for`], so that the guest can tell
+    /// the interface apart and an address can be reserved for it before the
+    /// domain exists) or, without one, the address libvirt picks.
+    Network {
+        network: String,
+        mac: Option<String>,
+    },
     /// QEMU user-mode networking, restricted (the guest reaches nothing
     /// outside), with forwards from the host's loopback.
     User { forwards: Vec<PortForward> },
@@ -536,6 +542,134 @@ pub struct DomainSpec {
     /// The serial console is written here (by virtlogd, so its directory
     /// needs no access for QEMU's user).
     pub serial_log: PathBuf,
+    /// Entries of QEMU's firmware configuration (`opt/...` names and their
+    /// text), which the guest reads under `/sys/firmware/qemu_fw_cfg`: what
+    /// a cloud's metadata service would tell it (its address, user data).
+    /// They are in the domain's definition, which only libvirt's
+    /// administrators read.
+    pub fw_cfg: Vec<(String, String)>,
+}
+
+/// An address held on a network for one interface: a DHCP host entry, so
+/// that libvirt, which makes one update of a network at a time, is what
+/// keeps two guests from holding the same address.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Reserved {
+    pub ip: Ipv4Addr,
+    /// The prefix of the network's addresses (what the guest's netmask is).
+    pub prefix: u8,
+}
+
+/// The MAC address Ferry gives `domain`'s interface on `network`: the same
+/// for the same pair (a retried launch finds the address it reserved, even
+/// when the crash came before the domain was defined), in QEMU's locally
+/// administered range `52:54:00`. FNV-1a: stable across builds, unlike the
+/// standard library's hasher.
+pub fn mac_for(domain: &str, network: &str) -> String {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in domain.bytes().chain([b'/']).chain(network.bytes()) {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    let b = h.to_be_bytes();
+    format!("52:54:00:{:02x}:{:02x}:{:02x}", b[0], b[1], b[2])
+}
+
+fn check_mac(mac: &str) -> Result<()> {
+    let parts: Vec<&str> = mac.split(':').collect();
+    let ok = parts.len() == 6
+        && parts
+            .iter()
+            .all(|p| p.len() == 2 && p.bytes().all(|b| b.is_ascii_hexdigit()));
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::Invalid(format!(
+            "{mac:?} is not a MAC address like 52:54:00:12:34:56"
+        )))
+    }
+}
+
+/// A firmware configuration name QEMU takes: `opt/` and at most 55 bytes.
+fn check_fw_cfg_name(name: &str) -> Result<()> {
+    let ok = name.starts_with("opt/")
+        && name.len() <= 55
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'/' | b'.' | b'_' | b'-'));
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::Invalid(format!(
+            "firmware configuration name {name:?}: use opt/ then letters, digits, /, ., _ and -, 55 bytes at most"
+        )))
+    }
+}
+
+/// What a network's definition says about its addresses: its first IPv4
+/// `<ip>` with a DHCP range, and the host entries of that range.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct DhcpPool {
+    host: Ipv4Addr,
+    prefix: u8,
+    first: Ipv4Addr,
+    last: Ipv4Addr,
+    /// `(mac, ip)` of every DHCP host entry.
+    hosts: Vec<(String, Ipv4Addr)>,
+}
+
+fn dhcp_pool(xml: &str) -> std::result::Result<Option<DhcpPool>, String> {
+    let Some(range) = elements(xml, &["network", "ip", "dhcp", "range"])?
+        .into_iter()
+        .next()
+    else {
+        return Ok(None);
+    };
+    let addr = |e: &Element, k: &str| -> std::result::Result<Ipv4Addr, String> {
+        e.attr(k)
+            .and_then(|v| v.parse().ok())
+            .ok_or_else(|| format!("<{k}> is not an IPv4 address"))
+    };
+    let (first, last) = (addr(&range, "start")?, addr(&range, "end")?);
+    let mut ips = Vec::new();
+    for ip in elements(xml, &["network", "ip"])? {
+        if ip.attr("family").is_some_and(|f| f != "ipv4") {
+            continue;
+        }
+        let host = addr(&ip, "address")?;
+        let prefix = match (ip.attr("prefix"), ip.attr("netmask")) {
+            (Some(p), _) => p.parse::<u8>().map_err(|e| e.to_string())?,
+            (None, Some(m)) => {
+                let m: Ipv4Addr = m.parse().map_err(|_| "bad netmask".to_string())?;
+                u32::from(m).leading_ones() as u8
+            }
+            (None, None) => 24,
+        };
+        ips.push((host, prefix));
+    }
+    // The <ip> whose addresses hold the range.
+    let Some(&(host, prefix)) = ips.iter().find(|(host, prefix)| {
+        let mask = u32::MAX.checked_shl(32 - u32::from(*prefix)).unwrap_or(0);
+        u32::from(*host) & mask == u32::from(first) & mask
+    }) else {
+        return Ok(None);
+    };
+    let hosts = elements(xml, &["network", "ip", "dhcp", "host"])?
+        .iter()
+        .filter_map(|h| {
+            Some((
+                h.attr("mac")?.to_ascii_lowercase(),
+                h.attr("ip")?.parse().ok()?,
+            ))
+        })
+        .collect();
+    Ok(Some(DhcpPool {
+        host,
+        prefix,
+        first,
+        last,
+        hosts,
+    }))
 }
 
 /// A domain Ferry started or found.
@@ -937,6 +1071,139 @@ impl Connection {
         gone_is_done(self.virsh(["net-undefine", name]))
     }
 
+    /// Reserves an address of network `network` (libvirt's name) for the
+    /// interface with MAC `mac`: a DHCP host entry, added to the running
+    /// network and its definition. The address `mac` already holds comes
+    /// back again (a retried launch). Addresses are taken in order from the
+    /// network's DHCP range, skipping entries and leases. None when the
+    /// network hands out no addresses (no `<dhcp>` range).
+    pub fn reserve_address(&self, network: &str, mac: &str) -> Result<Option<Reserved>> {
+        check_name("network", network)?;
+        check_mac(mac)?;
+        let mac = mac.to_ascii_lowercase();
+        // Another launch may take the address between the read and the
+        // update; libvirt refuses the second entry and the next is tried.
+        for _ in 0..16 {
+            let xml = self.virsh(["net-dumpxml", network])?;
+            let Some(pool) = dhcp_pool(&xml)
+                .map_err(|e| self.unexpected("net-dumpxml", format!("bad XML: {e}")))?
+            else {
+                return Ok(None);
+            };
+            if let Some((_, ip)) = pool.hosts.iter().find(|(m, _)| *m == mac) {
+                return Ok(Some(Reserved {
+                    ip: *ip,
+                    prefix: pool.prefix,
+                }));
+            }
+            let leased = self.leased(network)?;
+            let taken = |ip: u32| {
+                ip == u32::from(pool.host)
+                    || pool.hosts.iter().any(|(_, h)| u32::from(*h) == ip)
+                    || leased.iter().any(|l| u32::from(*l) == ip)
+            };
+            let Some(ip) = (u32::from(pool.first)..=u32::from(pool.last)).find(|&ip| !taken(ip))
+            else {
+                return Err(Error::Conflict {
+                    uri: self.opts.uri.clone(),
+                    what: format!("network {network}"),
+                    detail: format!(
+                        "every address of its DHCP range {}-{} is held",
+                        pool.first, pool.last
+                    ),
+                    next: "make the range larger or remove guests from the network".into(),
+                });
+            };
+            let ip = Ipv4Addr::from(ip);
+            let entry = format!("<host mac='{mac}' ip='{ip}'/>");
+            match self.update_network(network, "add-last", &entry) {
+                Ok(()) => {
+                    info!(network, %mac, %ip, "address reserved");
+                    return Ok(Some(Reserved {
+                        ip,
+                        prefix: pool.prefix,
+                    }));
+                }
+                Err(e) if e.says("existing dhcp host entry") => continue,
+                Err(e) => return Err(e),
+            }
+        }
+        Err(Error::Busy {
+            command: format!("virsh net-update {network}"),
+            uri: self.opts.uri.clone(),
+            stderr: "every address tried was taken by another launch at the same moment".into(),
+        })
+    }
+
+    /// Removes the address reserved for `mac` on `network`; false if there
+    /// was none (or no such network).
+    pub fn release_address(&self, network: &str, mac: &str) -> Result<bool> {
+        check_name("network", network)?;
+        check_mac(mac)?;
+        let mac = mac.to_ascii_lowercase();
+        let xml = match self.virsh(["net-dumpxml", network]) {
+            Ok(x) => x,
+            Err(e) if e.is_not_found() => return Ok(false),
+            Err(e) => return Err(e),
+        };
+        let pool =
+            dhcp_pool(&xml).map_err(|e| self.unexpected("net-dumpxml", format!("bad XML: {e}")))?;
+        let Some((_, ip)) = pool
+            .as_ref()
+            .and_then(|p| p.hosts.iter().find(|(m, _)| *m == mac))
+        else {
+            return Ok(false);
+        };
+        let entry = format!("<host mac='{mac}' ip='{ip}'/>");
+        match self.update_network(network, "delete", &entry) {
+            Ok(()) => Ok(true),
+            Err(e) if e.is_not_found() || e.says("couldn't locate") => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// `virsh net-update NETWORK COMMAND ip-dhcp-host XML`, on the running
+    /// network too when it runs.
+    fn update_network(&self, network: &str, command: &str, entry: &str) -> Result<()> {
+        let mut args = vec![
+            "net-update",
+            network,
+            command,
+            "ip-dhcp-host",
+            entry,
+            "--config",
+        ];
+        if self.is_active(["net-info", network])? {
+            args.push("--live");
+        }
+        self.virsh(args).map(drop)
+    }
+
+    /// The addresses network `network`'s DHCP server has leased.
+    fn leased(&self, network: &str) -> Result<Vec<Ipv4Addr>> {
+        let out = self.virsh(["net-dhcp-leases", network])?;
+        Ok(out
+            .split_whitespace()
+            .filter_map(|w| w.split_once('/')?.0.parse().ok())
+            .collect())
+    }
+
+    /// The `(network, mac)` of each of a domain's network interfaces, as its
+    /// definition has them.
+    fn domain_nics(&self, name: &str) -> Result<Vec<(String, String)>> {
+        let xml = self.virsh(["dumpxml", "--inactive", name])?;
+        let bad = |e: String| self.unexpected("dumpxml", format!("bad XML: {e}"));
+        let nets = elements(&xml, &["domain", "devices", "interface", "source"]).map_err(bad)?;
+        let macs = elements(&xml, &["domain", "devices", "interface", "mac"]).map_err(bad)?;
+        Ok(nets
+            .iter()
+            .zip(&macs)
+            .filter_map(|(n, m)| {
+                Some((n.attr("network")?.to_owned(), m.attr("address")?.to_owned()))
+            })
+            .collect())
+    }
+
     // ---- domains -----------------------------------------------------------
 
     /// Define and start a domain, or adopt the one already there under that
@@ -1040,10 +1307,23 @@ impl Connection {
         ]))
     }
 
-    /// [`Connection::stop`] then [`Connection::undefine`]; true if it was there.
+    /// [`Connection::stop`] then [`Connection::undefine`], and the addresses
+    /// reserved for its interfaces released; true if it was there.
     pub fn delete_domain(&self, name: &str) -> Result<bool> {
+        check_name("domain", name)?;
+        let nics = match self.domain_nics(name) {
+            Ok(n) => n,
+            Err(e) if e.is_not_found() => Vec::new(),
+            Err(e) => return Err(e),
+        };
         let stopped = self.stop(name)?;
-        Ok(self.undefine(name)? || stopped)
+        let undefined = self.undefine(name)?;
+        for (network, mac) in nics {
+            if check_mac(&mac).is_ok() && check_name("network", &network).is_ok() {
+                self.release_address(&network, &mac)?;
+            }
+        }
+        Ok(undefined || stopped)
     }
 
     /// The run and step in a domain's Ferry metadata; None if it has none.
@@ -1680,14 +1960,14 @@ fn domain_xml(tag: &Tag, spec: &DomainSpec) -> Result<String> {
         .iter()
         .filter_map(|n| match n {
             Nic::User { forwards } => Some(forwards.as_slice()),
-            Nic::Network(_) => None,
+            Nic::Network { .. } => None,
         })
         .collect();
-    let networks: Vec<&str> = spec
+    let networks: Vec<(&str, Option<&str>)> = spec
         .nics
         .iter()
         .filter_map(|n| match n {
-            Nic::Network(net) => Some(net.as_str()),
+            Nic::Network { network, mac } => Some((network.as_str(), mac.as_deref())),
             Nic::User { .. } => None,
         })
         .collect();
@@ -1717,6 +1997,18 @@ fn domain_xml(tag: &Tag, spec: &DomainSpec) -> Result<String> {
         "  <memory unit='MiB'>{}</memory>\n  <vcpu>{}</vcpu>\n",
         spec.memory_mib, spec.vcpus
     ));
+    if !spec.fw_cfg.is_empty() {
+        x.push_str("  <sysinfo type='fwcfg'>\n");
+        for (name, text) in &spec.fw_cfg {
+            check_fw_cfg_name(name)?;
+            x.push_str(&format!(
+                "    <entry name='{}'>{}</entry>\n",
+                esc(name),
+                esc(text)
+            ));
+        }
+        x.push_str("  </sysinfo>\n");
+    }
     x.push_str("  <os>\n    <type arch='x86_64'>hvm</type>\n");
     match &spec.boot {
         Boot::Disk => x.push_str("    <boot dev='hd'/>\n"),
@@ -1752,12 +2044,19 @@ fn domain_xml(tag: &Tag, spec: &DomainSpec) -> Result<String> {
             FIRST_DISK_SLOT + i as u8
         ));
     }
-    for (net, slot) in networks.iter().zip(NETWORK_SLOTS) {
+    for (&(net, mac), slot) in networks.iter().zip(&NETWORK_SLOTS) {
         check_name("network", net)?;
+        let mac = match mac {
+            Some(m) => {
+                check_mac(m)?;
+                format!("      <mac address='{}'/>\n", m.to_ascii_lowercase())
+            }
+            None => String::new(),
+        };
         // Fixed slots (see [`Nic`]): libvirt does not know of the user-mode
         // interface QEMU adds, so every device gets its slot from Ferry.
         x.push_str(&format!(
-            "    <interface type='network'>\n      <source network='{}'/>\n      <model type='virtio'/>\n      <rom enabled='no'/>\n      <address type='pci' domain='0x0000' bus='0x00' slot='{slot:#04x}' function='0x0'/>\n    </interface>\n",
+            "    <interface type='network'>\n{mac}      <source network='{}'/>\n      <model type='virtio'/>\n      <rom enabled='no'/>\n      <address type='pci' domain='0x0000' bus='0x00' slot='{slot:#04x}' function='0x0'/>\n    </interface>\n",
             esc(net)
         ));
     }
@@ -2015,7 +2314,10 @@ mod tests {
                 cmdline: "console=ttyS0 x=\"&\"".into(),
             },
             nics: vec![
-                Nic::Network("ferry-r1_lan".into()),
+                Nic::Network {
+                    network: "ferry-r1_lan".into(),
+                    mac: Some(mac_for("web", "ferry-r1_lan")),
+                },
                 Nic::User {
                     forwards: vec![PortForward {
                         host: 8080,
@@ -2024,8 +2326,24 @@ mod tests {
                 },
             ],
             serial_log: "/log".into(),
+            fw_cfg: vec![("opt/ferry/user-data".into(), "a=<1>\nb=2\n".into())],
         };
         let x = domain_xml(&t, &spec).unwrap();
+        // The firmware configuration, escaped, and read back as written.
+        let fw = elements(&x, &["domain", "sysinfo", "entry"]).unwrap();
+        assert_eq!(fw[0].attr("name"), Some("opt/ferry/user-data"));
+        assert_eq!(fw[0].text, "a=<1>\nb=2\n");
+        let mac = elements(&x, &["domain", "devices", "interface", "mac"]).unwrap();
+        assert_eq!(
+            mac[0].attr("address"),
+            Some(mac_for("web", "ferry-r1_lan").as_str())
+        );
+        let mut bad = spec.clone();
+        bad.fw_cfg = vec![("etc/ferry".into(), String::new())];
+        assert!(
+            domain_xml(&t, &bad).is_err(),
+            "QEMU's own names are refused"
+        );
         assert!(x.contains("<features><acpi/></features>"));
         assert!(x.contains("/p/a&apos;&lt;b&gt;.qcow2"));
         assert!(x.contains("x=&quot;&amp;&quot;"));
@@ -2047,6 +2365,33 @@ mod tests {
         assert_eq!(src[0].attr("file"), Some("/p/a'<b>.qcow2"));
         let tag = elements(&x, &["domain", "metadata", "tag"]).unwrap();
         assert_eq!(tag[0].attr("run"), Some("r1"));
+    }
+
+    #[test]
+    fn macs_are_stable_and_addresses_are_read_from_the_network() {
+        let m = mac_for("ferry-r1_web", "ferry-r1_net");
+        assert_eq!(m, mac_for("ferry-r1_web", "ferry-r1_net"));
+        assert_ne!(m, mac_for("ferry-r1_db", "ferry-r1_net"));
+        assert!(m.starts_with("52:54:00:") && check_mac(&m).is_ok(), "{m}");
+        assert!(check_mac("52:54:00:zz:00:00").is_err());
+        let xml = "<network><name>n</name><ip address='10.42.0.1' prefix='16'><dhcp>\
+            <range start='10.42.1.1' end='10.42.1.254'/>\
+            <host mac='52:54:00:AA:bb:cc' ip='10.42.1.1'/></dhcp></ip></network>";
+        let p = dhcp_pool(xml).unwrap().unwrap();
+        assert_eq!((p.host, p.prefix), (Ipv4Addr::new(10, 42, 0, 1), 16));
+        assert_eq!(p.first, Ipv4Addr::new(10, 42, 1, 1));
+        assert_eq!(
+            p.hosts,
+            vec![("52:54:00:aa:bb:cc".into(), Ipv4Addr::new(10, 42, 1, 1))]
+        );
+        let netmask = "<network><ip address='192.168.122.1' netmask='255.255.255.0'><dhcp>\
+            <range start='192.168.122.2' end='192.168.122.254'/></dhcp></ip></network>";
+        assert_eq!(dhcp_pool(netmask).unwrap().unwrap().prefix, 24);
+        assert_eq!(
+            dhcp_pool("<network><ip address='10.0.0.1' prefix='24'/></network>").unwrap(),
+            None,
+            "no DHCP, no addresses to hand out"
+        );
     }
 
     #[test]

@@ -324,8 +324,12 @@ fn a_domain_is_adopted_backed_up_incrementally_through_checkpoints_and_torn_down
             cmdline: "console=ttyS0 quiet panic=-1 ferry.mode=writer ferry.rate=20 ferry.blocks=16"
                 .into(),
         },
-        nics: vec![Nic::Network(net.name.clone())],
+        nics: vec![Nic::Network {
+            network: net.name.clone(),
+            mac: None,
+        }],
         serial_log: serial.clone(),
+        fw_cfg: Vec::new(),
     };
     let t = Instant::now();
     let d = lv.define_and_start(&tag, &spec).unwrap();
@@ -489,6 +493,7 @@ fn user_mode_networking_forwards_a_loopback_port_to_the_guest() {
             }],
         }],
         serial_log: serial.clone(),
+        fw_cfg: Vec::new(),
     };
     assert!(!lv.define_and_start(&tag, &spec).unwrap().adopted);
     wait_serial(&serial, "ferry-guest: web ready", Duration::from_secs(120));

@@ -5,7 +5,7 @@
 //! |---|---|
 //! | `volume.restore` | a volume of the target's storage pool: the point's disk restored straight into the pool's directory (a remote host: restored in the work directory, then uploaded); `path` is the volume's file |
 //! | `volume.create` | an empty (sparse) volume of the pool |
-//! | `instance.launch` | a TCG domain, defined and started: `kernel`/`initrd`/`append` boot directly (the kernel and initrd are copied into the pool, private to the run), else the first disk's own bootloader; `disks` attach in order as `vda`, `vdb`, ...; `ports` are forwarded from free ports on 127.0.0.1 through a restricted user-mode interface; `network` joins a network (the guest's second interface) |
+//! | `instance.launch` | a TCG domain, defined and started: `kernel`/`initrd`/`append` boot directly (the kernel and initrd are copied into the pool, private to the run), else the first disk's own bootloader; `disks` attach in order as `vda`, `vdb`, ...; `ports` are forwarded from free ports on 127.0.0.1 through a restricted user-mode interface; `network` joins a network (the guest's second interface), with an address reserved in the network's DHCP for the interface's MAC (`private_ip`); the address (`opt/ferry/net`: `mac=`, `address=IP/PREFIX`) and `user_data` (`opt/ferry/user-data`) reach the guest through QEMU's firmware configuration, as on the local target |
 //! | `network.create` | an isolated libvirt network (no `<forward>`, DNS off, DHCP on): one bridge for `cidr` |
 //!
 //! Networks. One `network.create` is one libvirt network, which is one
@@ -670,15 +670,15 @@ fn plan_launch(cx: &StepCx, req: &InstanceLaunch) -> TargetResult<LaunchPlan> {
 impl Instances for LibvirtTarget {
     /// Defines and starts a domain, or adopts the one an earlier try of the
     /// same step made (found by name; its port forwards read back from its
-    /// definition). `instance_type` and `user_data` mean nothing here (the
-    /// size is `cpus`/`memory`).
+    /// definition, its address from the network). `instance_type` means
+    /// nothing here (the size is `cpus`/`memory`).
     async fn launch(&self, cx: &StepCx, req: InstanceLaunch) -> TargetResult<LaunchedInstance> {
         let plan = plan_launch(cx, &req)?;
         let tag = tag(cx)?;
         let lv = connection(&cx.place);
         let (lv2, place, req2, drill) = (lv.clone(), cx.place.clone(), req.clone(), cx.run.drill);
         let (domain, console, stem) = (plan.domain.clone(), plan.console.clone(), stem(&cx.node));
-        let forwards = blocking(move || {
+        let (forwards, private_ip) = blocking(move || {
             let lv = lv2;
             let existing = match lv.domain_state(&domain) {
                 Ok(state) => Some(state),
@@ -742,8 +742,27 @@ impl Instances for LibvirtTarget {
                     forwards: forwards.clone(),
                 });
             }
+            // What a cloud's metadata service would tell the guest: its
+            // address on the network (reserved in the network's DHCP, by the
+            // interface's MAC, which the guest finds it by) and the user data.
+            let mut fw_cfg = Vec::new();
+            let mut private_ip = None;
             if let Some(net) = plan.network {
-                nics.push(Nic::Network(net));
+                let mac = libvirt::mac_for(&domain, &net);
+                if let Some(r) = lv.reserve_address(&net, &mac).map_err(fail)? {
+                    fw_cfg.push((
+                        "opt/ferry/net".to_owned(),
+                        format!("mac={mac}\naddress={}/{}\n", r.ip, r.prefix),
+                    ));
+                    private_ip = Some(r.ip.to_string());
+                }
+                nics.push(Nic::Network {
+                    network: net,
+                    mac: Some(mac),
+                });
+            }
+            if let Some(u) = &req2.user_data {
+                fw_cfg.push(("opt/ferry/user-data".to_owned(), u.clone()));
             }
             let spec = DomainSpec {
                 name: domain.clone(),
@@ -764,6 +783,7 @@ impl Instances for LibvirtTarget {
                 boot,
                 nics,
                 serial_log: console.clone(),
+                fw_cfg,
             };
             if existing.is_none() {
                 let _ = std::fs::remove_file(&console);
@@ -776,7 +796,7 @@ impl Instances for LibvirtTarget {
                 }
                 return Err(fail(e));
             }
-            Ok(forwards)
+            Ok((forwards, private_ip))
         })
         .await?;
         if let Some(text) = &req.ready {
@@ -797,9 +817,7 @@ impl Instances for LibvirtTarget {
             ports,
             addr,
             console: Some(plan.console.to_string_lossy().into_owned()),
-            // The guest takes its address on a network by DHCP, after this
-            // returns; reading the lease back is not built yet.
-            private_ip: None,
+            private_ip,
         })
     }
 
