@@ -3,7 +3,7 @@
 //! Conventions follow restic and borg: `-r/--repo` or `FERRY_REPO`,
 //! `FERRY_PASSWORD` or `--password-file`, `--json` on every listing.
 
-use crate::commands::{protect, repo, runbooks, serve};
+use crate::commands::{protect, repo, runbooks, serve, users};
 use crate::context::{Context, PasswordSource, default_home};
 use anyhow::Result;
 use clap::{Args, Parser, Subcommand};
@@ -115,6 +115,10 @@ pub enum Command {
     Serve(serve::ServeArgs),
     /// Print the OpenAPI description of the HTTP API.
     Openapi,
+    /// Users of the console and the API, with roles (viewer, operator, admin).
+    User(users::UserArgs),
+    /// API tokens that act as a user, with the user's role.
+    Token(users::TokenArgs),
 }
 
 impl Global {
@@ -162,5 +166,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         Command::Rollback(a) => runbooks::rollback(ctx, a),
         Command::Serve(a) => serve::serve(ctx, a),
         Command::Openapi => serve::print_openapi(),
+        Command::User(a) => users::user(ctx, a),
+        Command::Token(a) => users::token(ctx, a),
     }
 }

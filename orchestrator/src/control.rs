@@ -351,7 +351,7 @@ pub enum Request {
 }
 
 /// Queues a request for the process that drives the run, after checking it
-/// fits the run's state. Returns the run as it is now; the caller drives it
+/// fits the run's state, and records it in the audit log as done `by`. Returns the run as it is now; the caller drives it
 /// if [`is_driven`] says nobody does.
 pub async fn request(state: &State, id: &str, req: Request, by: &str) -> Result<RunRow> {
     let run = state.find_run(id).await?;
@@ -402,10 +402,24 @@ pub async fn request(state: &State, id: &str, req: Request, by: &str) -> Result<
             Command::Rollback { by }
         }
     };
+    let (action, detail) = match &cmd {
+        Command::Approve { step, .. } => ("run.approve", step.clone()),
+        Command::Cancel { .. } => ("run.cancel", String::new()),
+        Command::Rollback { .. } => ("run.rollback", String::new()),
+    };
     state
         .push_command(&run.id, &new_run_id(), exec::now_ms(), &cmd)
         .await?;
+    crate::auth::audit(state, &by_name(&cmd), action, &run.id, &detail).await;
     Ok(state.find_run(&run.id).await?)
+}
+
+fn by_name(cmd: &Command) -> String {
+    match cmd {
+        Command::Approve { by, .. } | Command::Cancel { by } | Command::Rollback { by } => {
+            by.clone()
+        }
+    }
 }
 
 /// Claims a run and drives it to its end. A stored run that can no longer

@@ -28,6 +28,17 @@ pub enum Error {
     /// HTTP 413.
     #[error("{0}")]
     TooLarge(String),
+    /// No identity, or a wrong one (a bad password, token or session).
+    /// Exit code 2, HTTP 401.
+    #[error("{0}")]
+    Unauthenticated(String),
+    /// The identity's role does not allow this. Exit code 2, HTTP 403.
+    #[error("{0}")]
+    Forbidden(String),
+    /// Too many tries (failed logins); the seconds to wait. Exit code 2,
+    /// HTTP 429.
+    #[error("{0}")]
+    TooMany(String, u64),
     /// The repository or the data plane said no.
     #[error(transparent)]
     Repository(#[from] ferry_agent::Error),
@@ -79,7 +90,10 @@ impl Error {
             | Error::Invalid(_)
             | Error::NotFound(_)
             | Error::Conflict(_)
-            | Error::TooLarge(_) => 2,
+            | Error::TooLarge(_)
+            | Error::Unauthenticated(_)
+            | Error::Forbidden(_)
+            | Error::TooMany(..) => 2,
             Error::Repository(e) if e.is_usage() => 2,
             Error::Repository(_) | Error::Internal(_) => 1,
         }
@@ -93,6 +107,9 @@ impl Error {
             Error::NotFound(_) => 404,
             Error::Conflict(_) => 409,
             Error::TooLarge(_) => 413,
+            Error::Unauthenticated(_) => 401,
+            Error::Forbidden(_) => 403,
+            Error::TooMany(..) => 429,
             // The repository cannot be read as configured on the server:
             // the server's configuration, not the client's request.
             Error::Repository(_) => 502,

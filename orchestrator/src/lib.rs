@@ -7,7 +7,8 @@
 //! ```text
 //! commands (the CLI bodies)  api (router, DTOs)
 //!             \               /
-//!                  control            (run control: create, queue, drive)
+//!          control           auth     (run control: create, queue, drive;
+//!                                      auth: users, roles, tokens, sessions)
 //!                     |
 //!                    exec             (the executor of one run)
 //!              /      |       \
@@ -22,6 +23,7 @@
 
 pub mod actions;
 pub mod api;
+pub mod auth;
 pub mod checks;
 pub mod cli;
 pub mod commands;

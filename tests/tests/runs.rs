@@ -1136,3 +1136,181 @@ fn runbook_commands_never_see_or_store_ferrys_secrets() {
         stderr(&out)
     );
 }
+
+/// Users and tokens made on the command line act over HTTP with their
+/// roles: a viewer's token reads and is refused a drill (403 naming the
+/// role it needs); an operator logs in with a password, gets a session
+/// cookie and starts a drill with the session's CSRF token; the audit log
+/// names both; and `ferry user remove` ends the operator's access at once.
+#[test]
+fn users_and_tokens_from_the_command_line_act_with_their_roles_over_http() {
+    let o = Orch::new();
+    let pwfile = o.env.path("pw");
+    std::fs::write(&pwfile, "operator passphrase 1\n").unwrap();
+    let short = o.env.path("short");
+    std::fs::write(&short, "short\n").unwrap();
+    let out = o.run(&[
+        "user",
+        "add",
+        "ann",
+        "--role",
+        "operator",
+        "--password-file",
+        short.to_str().unwrap(),
+    ]);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(stderr(&out).contains("at least 12"), "{}", stderr(&out));
+    for (name, role) in [("ann", "operator"), ("vic", "viewer")] {
+        let out = o.run(&[
+            "user",
+            "add",
+            name,
+            "--role",
+            role,
+            "--password-file",
+            pwfile.to_str().unwrap(),
+        ]);
+        assert!(out.status.success(), "{}", stderr(&out));
+    }
+    let out = o.run(&[
+        "user",
+        "add",
+        "ann",
+        "--role",
+        "admin",
+        "--password-file",
+        pwfile.to_str().unwrap(),
+    ]);
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "an existing user: {}",
+        stderr(&out)
+    );
+    let out = o.run(&["--json", "user", "list"]);
+    let users: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(users.as_array().unwrap().len(), 2, "{users}");
+    assert_eq!(users[0]["name"], "ann");
+    assert_eq!(users[0]["role"], "operator");
+    let out = o.run(&[
+        "--json",
+        "token",
+        "create",
+        "--user",
+        "vic",
+        "--expires",
+        "30d",
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let tok: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let vic_token = tok["token"].as_str().unwrap().to_owned();
+    assert!(vic_token.starts_with("ferry_"), "{tok}");
+    let out = o.run(&["token", "create", "--user", "nobody"]);
+    assert_eq!(out.status.code(), Some(2));
+
+    let mut child = o
+        .cmd()
+        .args(["--json", "serve", "--listen", "127.0.0.1:0"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(child.stdout.take().unwrap()),
+        &mut line,
+    )
+    .unwrap();
+    let info: serde_json::Value = serde_json::from_str(&line).unwrap();
+    let srv = Server {
+        child,
+        url: info["url"].as_str().unwrap().to_owned(),
+        token: std::fs::read_to_string(o.home().join("api-token")).unwrap(),
+    };
+    let vic = format!("Authorization: Bearer {vic_token}");
+    let (code, me) = curl(&["-H", &vic, &format!("{}/api/me", srv.url)]);
+    assert_eq!(code, 200, "{me}");
+    assert!(me.contains("\"role\":\"viewer\""), "{me}");
+    let drill = serde_json::json!({"runbook": "name: t\nsteps:\n  - id: w\n    uses: wait\n    with: { duration: 1s }\n", "mode": "drill"}).to_string();
+    let (code, body) = curl(&[
+        "-H",
+        &vic,
+        "-H",
+        "Content-Type: application/json",
+        "-d",
+        &drill,
+        &format!("{}/api/runs", srv.url),
+    ]);
+    assert_eq!(code, 403, "{body}");
+    assert!(body.contains("operator"), "{body}");
+
+    // The operator logs in; the cookie jar keeps the session.
+    let jar = o.env.path("jar");
+    let login = serde_json::json!({"name": "ann", "password": "operator passphrase 1"}).to_string();
+    let (code, me) = curl(&[
+        "-c",
+        jar.to_str().unwrap(),
+        "-H",
+        "Content-Type: application/json",
+        "-d",
+        &login,
+        &format!("{}/api/login", srv.url),
+    ]);
+    assert_eq!(code, 200, "{me}");
+    let me: serde_json::Value = serde_json::from_str(&me).unwrap();
+    let csrf = format!("X-CSRF-Token: {}", me["csrf_token"].as_str().unwrap());
+    let cookies = [
+        "-b",
+        jar.to_str().unwrap(),
+        "-H",
+        "Content-Type: application/json",
+    ];
+    let (code, _) = curl(
+        &[
+            &cookies[..],
+            &["-d", &drill, &format!("{}/api/runs", srv.url)],
+        ]
+        .concat(),
+    );
+    assert_eq!(code, 403, "no CSRF token");
+    let (code, run) = curl(
+        &[
+            &cookies[..],
+            &["-H", &csrf, "-d", &drill, &format!("{}/api/runs", srv.url)],
+        ]
+        .concat(),
+    );
+    assert_eq!(code, 202, "{run}");
+    let run: serde_json::Value = serde_json::from_str(&run).unwrap();
+    let id = run["id"].as_str().unwrap();
+
+    let admin = format!("Authorization: Bearer {}", srv.token.trim());
+    let (code, audit) = curl(&["-H", &admin, &format!("{}/api/audit", srv.url)]);
+    assert_eq!(code, 200, "{audit}");
+    let audit: serde_json::Value = serde_json::from_str(&audit).unwrap();
+    let has = |actor: &str, action: &str, subject: &str| {
+        audit
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["actor"] == actor && e["action"] == action && e["subject"] == subject)
+    };
+    assert!(has("ann", "login", "ann"), "{audit}");
+    assert!(has("ann", "run.start", id), "{audit}");
+    assert!(
+        audit
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["action"] == "user.add"
+                && e["subject"] == "vic"
+                && e["actor"].as_str().unwrap().ends_with("(cli)")),
+        "{audit}"
+    );
+
+    // Removing a user ends their session at once.
+    let out = o.run(&["user", "remove", "ann"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let (code, _) = curl(&["-b", jar.to_str().unwrap(), &format!("{}/api/me", srv.url)]);
+    assert_eq!(code, 401);
+}

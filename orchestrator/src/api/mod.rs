@@ -11,7 +11,9 @@
 //! something failed and where to look (the server's log), never internals.
 
 pub mod dto;
+pub mod users;
 
+use crate::auth::{Identity, Role};
 use crate::context::Password;
 use crate::control::{self, NewRun, Request};
 use crate::error::Error;
@@ -21,11 +23,10 @@ use crate::targets::Registry;
 use axum::extract::rejection::JsonRejection;
 use axum::extract::{FromRequest, Path, Query, Request as HttpRequest, State as Ax};
 use axum::http::{StatusCode, header};
-use axum::middleware::Next;
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use axum::{Json, Router};
+use axum::{Extension, Json, Router};
 use dto::{ApiError, Approve, LogEntry, PlanRequest, PlanResponse, Run, StartRun, VerifiedPoint};
 use serde::Deserialize;
 use std::sync::Arc;
@@ -39,8 +40,11 @@ pub struct AppState {
     /// The repository runs read recovery points from (the server's `-r`).
     pub repo: Option<String>,
     pub password: Option<Password>,
-    /// The bearer token every route but `/api/health` needs.
+    /// The server's own bearer token (an admin), beside users' tokens and
+    /// sessions.
     pub token: Arc<String>,
+    /// Failed logins, per name and per client address.
+    pub limiter: Arc<crate::auth::LoginLimiter>,
     pub registry: Arc<Registry>,
     /// Ferry's home (work directories of runs started here).
     pub home: std::path::PathBuf,
@@ -72,9 +76,9 @@ pub const MAX_BODY_BYTES: usize = 4 << 20;
 
 #[derive(OpenApi)]
 #[openapi(
-    info(title = "Ferry API", description = "Runs, drills, reports and their live events. Authenticate with `Authorization: Bearer TOKEN` (the token is in FERRY_HOME/api-token, or FERRY_API_TOKEN)."),
-    paths(health, list_runs, start_run, get_run, run_events, run_report, approve, cancel, rollback, stream, verified, plan),
-    components(schemas(Run, dto::RunMode, dto::RunStatus, LogEntry, VerifiedPoint, crate::report::Report, crate::report::StepReport, crate::report::PointReport, crate::report::CriticalStep, StartRun, Approve, PlanRequest, PlanResponse, ApiError, dto::Diagnostic, dto::Health, ReportFormat)),
+    info(title = "Ferry API", description = "Runs, drills, reports and their live events; users, tokens and the audit log. Authenticate with `Authorization: Bearer TOKEN` (the server's own token, an admin, is in FERRY_HOME/api-token or FERRY_API_TOKEN; users' tokens come from `ferry token create` or POST /api/tokens), or with the session cookie POST /api/login sets, sending the CSRF token it returns in `X-CSRF-Token` on every request but GET. Roles: viewers read; operators also start, approve, cancel and roll back runs; admins also manage users."),
+    paths(health, list_runs, start_run, get_run, run_events, run_report, approve, cancel, rollback, stream, verified, plan, users::login, users::logout, users::me, users::list_users, users::add_user, users::remove_user, users::set_role, users::set_password, users::list_tokens, users::create_token, users::revoke_token, users::audit_log),
+    components(schemas(Run, dto::RunMode, dto::RunStatus, LogEntry, VerifiedPoint, crate::report::Report, crate::report::StepReport, crate::report::PointReport, crate::report::CriticalStep, StartRun, Approve, PlanRequest, PlanResponse, ApiError, dto::Diagnostic, dto::Health, ReportFormat, Role, users::Login, users::Me, users::User, users::NewUser, users::SetRole, users::SetPassword, users::Token, users::NewToken, users::CreatedToken, crate::state::users::AuditEntry)),
     modifiers(&BearerAuth)
 )]
 struct ApiDoc;
@@ -116,12 +120,40 @@ pub fn router(app: AppState) -> Router {
         .route("/api/runs/{id}/stream", get(stream))
         .route("/api/verified", get(verified))
         .route("/api/plan", post(plan))
+        .route("/api/logout", post(users::logout))
+        .route("/api/me", get(users::me))
+        .route("/api/users", get(users::list_users).post(users::add_user))
+        .route(
+            "/api/users/{name}",
+            axum::routing::delete(users::remove_user),
+        )
+        .route(
+            "/api/users/{name}/role",
+            axum::routing::put(users::set_role),
+        )
+        .route(
+            "/api/users/{name}/password",
+            axum::routing::put(users::set_password),
+        )
+        .route(
+            "/api/tokens",
+            get(users::list_tokens).post(users::create_token),
+        )
+        .route(
+            "/api/tokens/{id}",
+            axum::routing::delete(users::revoke_token),
+        )
+        .route("/api/audit", get(users::audit_log))
         .route(
             "/api/openapi.json",
             get(|| async { ([(header::CONTENT_TYPE, "application/json")], openapi_json()) }),
         )
-        .route_layer(axum::middleware::from_fn_with_state(app.clone(), auth))
+        .route_layer(axum::middleware::from_fn_with_state(
+            app.clone(),
+            users::authenticate,
+        ))
         .route("/api/health", get(health))
+        .route("/api/login", post(users::login))
         .fallback(|| async {
             error_response(
                 StatusCode::NOT_FOUND,
@@ -178,7 +210,12 @@ impl IntoResponse for Error {
             Error::Invalid(d) => format!("the runbook has problems:\n{d}"),
             other => other.to_string(),
         };
-        (status, Json(ApiError { error, diagnostics })).into_response()
+        let mut resp = (status, Json(ApiError { error, diagnostics })).into_response();
+        if let Error::TooMany(_, secs) = &self {
+            resp.headers_mut()
+                .insert(header::RETRY_AFTER, axum::http::HeaderValue::from(*secs));
+        }
+        resp
     }
 }
 
@@ -252,32 +289,6 @@ pub fn load_or_create_token(home: &std::path::Path) -> anyhow::Result<String> {
     Ok(t)
 }
 
-/// The identity a request is made with: the one API token, for now.
-const TOKEN_IDENTITY: &str = "api-token";
-
-async fn auth(Ax(app): Ax<AppState>, req: HttpRequest, next: Next) -> Response {
-    let given = req
-        .headers()
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .unwrap_or("");
-    let want = app.token.as_bytes();
-    let ok = given.len() == want.len()
-        && given
-            .bytes()
-            .zip(want)
-            .fold(0u8, |acc, (a, b)| acc | (a ^ b))
-            == 0;
-    if !ok {
-        return error_response(
-            StatusCode::UNAUTHORIZED,
-            "missing or wrong bearer token (see FERRY_HOME/api-token)",
-        );
-    }
-    next.run(req).await
-}
-
 /// Drives a run in the background until it ends (or this server stops).
 pub fn spawn_run(app: &AppState, run: crate::state::RunRow) {
     let app = app.clone();
@@ -305,7 +316,7 @@ async fn health() -> Json<dto::Health> {
 
 #[utoipa::path(get, path = "/api/runs", responses(
     (status = 200, body = Vec<Run>, description = "The newest 200 runs, newest first"),
-    (status = 401, body = ApiError, description = "No or a wrong token"),
+    (status = 401, body = ApiError, description = "No or wrong credentials"),
     (status = 500, body = ApiError, description = "The server failed; its log says why")))]
 async fn list_runs(Ax(app): Ax<AppState>) -> ApiResult<Json<Vec<Run>>> {
     let runs = app.state.runs(200).await?;
@@ -315,7 +326,8 @@ async fn list_runs(Ax(app): Ax<AppState>) -> ApiResult<Json<Vec<Run>>> {
 #[utoipa::path(post, path = "/api/runs", request_body = StartRun, responses(
     (status = 202, body = Run, description = "Started"),
     (status = 400, body = ApiError, description = "The body is not JSON, or a param is wrong"),
-    (status = 401, body = ApiError, description = "No or a wrong token"),
+    (status = 401, body = ApiError, description = "No or wrong credentials"),
+    (status = 403, body = ApiError, description = "Not an operator or admin, or a session request without its CSRF token"),
     (status = 409, body = ApiError, description = "A run with that id exists"),
     (status = 413, body = ApiError, description = "The runbook is too large"),
     (status = 415, body = ApiError, description = "The body is not application/json"),
@@ -323,8 +335,10 @@ async fn list_runs(Ax(app): Ax<AppState>) -> ApiResult<Json<Vec<Run>>> {
     (status = 500, body = ApiError, description = "The server failed; its log says why")))]
 async fn start_run(
     Ax(app): Ax<AppState>,
+    Extension(who): Extension<Identity>,
     Body(body): Body<StartRun>,
 ) -> ApiResult<(StatusCode, Json<Run>)> {
+    who.require(Role::Operator)?;
     let ctx = app.context();
     let new = NewRun {
         file: body.file.unwrap_or_else(|| "api.yaml".into()),
@@ -346,6 +360,14 @@ async fn start_run(
     })
     .await
     .map_err(|e| Error::Internal(anyhow::anyhow!("run creation stopped: {e}")))??;
+    crate::auth::audit(
+        &app.state,
+        &who.name,
+        "run.start",
+        &run.id,
+        &format!("{} of {}", run.mode, run.runbook),
+    )
+    .await;
     spawn_run(&app, run.clone());
     Ok((StatusCode::ACCEPTED, Json(Run::from(run))))
 }
@@ -353,7 +375,7 @@ async fn start_run(
 #[utoipa::path(get, path = "/api/runs/{id}", params(("id" = String, Path, description = "A run id or a unique prefix")), responses(
     (status = 200, body = crate::report::Report, description = "The run's report so far"),
     (status = 400, body = ApiError, description = "The id matches several runs"),
-    (status = 401, body = ApiError, description = "No or a wrong token"),
+    (status = 401, body = ApiError, description = "No or wrong credentials"),
     (status = 404, body = ApiError, description = "No such run"),
     (status = 500, body = ApiError, description = "The server failed; its log says why")))]
 async fn get_run(
@@ -366,7 +388,7 @@ async fn get_run(
 #[utoipa::path(get, path = "/api/runs/{id}/events", params(("id" = String, Path, description = "A run id or a unique prefix")), responses(
     (status = 200, body = Vec<LogEntry>, description = "The run's log"),
     (status = 400, body = ApiError, description = "The id matches several runs"),
-    (status = 401, body = ApiError, description = "No or a wrong token"),
+    (status = 401, body = ApiError, description = "No or wrong credentials"),
     (status = 404, body = ApiError, description = "No such run"),
     (status = 500, body = ApiError, description = "The server failed; its log says why")))]
 async fn run_events(
@@ -401,7 +423,7 @@ struct ReportQuery {
         (String = "text/html"),
         (String = "application/xml"))),
     (status = 400, body = ApiError, description = "An unknown format, or an id that matches several runs"),
-    (status = 401, body = ApiError, description = "No or a wrong token"),
+    (status = 401, body = ApiError, description = "No or wrong credentials"),
     (status = 404, body = ApiError, description = "No such run"),
     (status = 500, body = ApiError, description = "The server failed; its log says why")))]
 async fn run_report(
@@ -427,9 +449,16 @@ async fn run_report(
     })
 }
 
-/// Queues a request for the run and drives it here if nobody does.
-async fn command(app: &AppState, id: &str, req: Request) -> ApiResult<(StatusCode, Json<Run>)> {
-    let run = control::request(&app.state, id, req, TOKEN_IDENTITY).await?;
+/// Queues a request for the run, as `who` (an operator), and drives it here
+/// if nobody does.
+async fn command(
+    app: &AppState,
+    who: &Identity,
+    id: &str,
+    req: Request,
+) -> ApiResult<(StatusCode, Json<Run>)> {
+    who.require(Role::Operator)?;
+    let run = control::request(&app.state, id, req, &who.name).await?;
     if !control::is_driven(&run) {
         spawn_run(app, run.clone());
     }
@@ -439,7 +468,8 @@ async fn command(app: &AppState, id: &str, req: Request) -> ApiResult<(StatusCod
 #[utoipa::path(post, path = "/api/runs/{id}/approve", params(("id" = String, Path, description = "A run id or a unique prefix")), request_body = Approve, responses(
     (status = 202, body = Run, description = "Queued for the process driving the run"),
     (status = 400, body = ApiError, description = "The body is not JSON, or the id matches several runs"),
-    (status = 401, body = ApiError, description = "No or a wrong token"),
+    (status = 401, body = ApiError, description = "No or wrong credentials"),
+    (status = 403, body = ApiError, description = "Not an operator or admin, or a session request without its CSRF token"),
     (status = 404, body = ApiError, description = "No such run, or no such step in it"),
     (status = 409, body = ApiError, description = "The run is finished, or the step is not waiting for approval"),
     (status = 415, body = ApiError, description = "The body is not application/json"),
@@ -447,38 +477,43 @@ async fn command(app: &AppState, id: &str, req: Request) -> ApiResult<(StatusCod
     (status = 500, body = ApiError, description = "The server failed; its log says why")))]
 async fn approve(
     Ax(app): Ax<AppState>,
+    Extension(who): Extension<Identity>,
     Path(id): Path<String>,
     Body(b): Body<Approve>,
 ) -> ApiResult<(StatusCode, Json<Run>)> {
-    command(&app, &id, Request::Approve { step: b.step }).await
+    command(&app, &who, &id, Request::Approve { step: b.step }).await
 }
 
 #[utoipa::path(post, path = "/api/runs/{id}/cancel", params(("id" = String, Path, description = "A run id or a unique prefix")), responses(
     (status = 202, body = Run, description = "Queued for the process driving the run"),
     (status = 400, body = ApiError, description = "The id matches several runs"),
-    (status = 401, body = ApiError, description = "No or a wrong token"),
+    (status = 401, body = ApiError, description = "No or wrong credentials"),
+    (status = 403, body = ApiError, description = "Not an operator or admin, or a session request without its CSRF token"),
     (status = 404, body = ApiError, description = "No such run"),
     (status = 409, body = ApiError, description = "The run is finished"),
     (status = 500, body = ApiError, description = "The server failed; its log says why")))]
 async fn cancel(
     Ax(app): Ax<AppState>,
+    Extension(who): Extension<Identity>,
     Path(id): Path<String>,
 ) -> ApiResult<(StatusCode, Json<Run>)> {
-    command(&app, &id, Request::Cancel).await
+    command(&app, &who, &id, Request::Cancel).await
 }
 
 #[utoipa::path(post, path = "/api/runs/{id}/rollback", params(("id" = String, Path, description = "A run id or a unique prefix")), responses(
     (status = 202, body = Run, description = "Queued for the process driving the run"),
     (status = 400, body = ApiError, description = "The id matches several runs"),
-    (status = 401, body = ApiError, description = "No or a wrong token"),
+    (status = 401, body = ApiError, description = "No or wrong credentials"),
+    (status = 403, body = ApiError, description = "Not an operator or admin, or a session request without its CSRF token"),
     (status = 404, body = ApiError, description = "No such run"),
     (status = 409, body = ApiError, description = "The run is already rolled back"),
     (status = 500, body = ApiError, description = "The server failed; its log says why")))]
 async fn rollback(
     Ax(app): Ax<AppState>,
+    Extension(who): Extension<Identity>,
     Path(id): Path<String>,
 ) -> ApiResult<(StatusCode, Json<Run>)> {
-    command(&app, &id, Request::Rollback).await
+    command(&app, &who, &id, Request::Rollback).await
 }
 
 /// Every event of the run so far, then each new one as it is written; the
@@ -487,7 +522,7 @@ async fn rollback(
 #[utoipa::path(get, path = "/api/runs/{id}/stream", params(("id" = String, Path, description = "A run id or a unique prefix")), responses(
     (status = 200, content_type = "text/event-stream", body = String, description = "Server-sent events, one per log entry"),
     (status = 400, body = ApiError, description = "The id matches several runs"),
-    (status = 401, body = ApiError, description = "No or a wrong token"),
+    (status = 401, body = ApiError, description = "No or wrong credentials"),
     (status = 404, body = ApiError, description = "No such run"),
     (status = 500, body = ApiError, description = "The server failed; its log says why")))]
 async fn stream(Ax(app): Ax<AppState>, Path(id): Path<String>) -> ApiResult<Response> {
@@ -547,7 +582,7 @@ async fn stream(Ax(app): Ax<AppState>, Path(id): Path<String>) -> ApiResult<Resp
 
 #[utoipa::path(get, path = "/api/verified", responses(
     (status = 200, body = Vec<VerifiedPoint>, description = "Recovery points proved by drills"),
-    (status = 401, body = ApiError, description = "No or a wrong token"),
+    (status = 401, body = ApiError, description = "No or wrong credentials"),
     (status = 500, body = ApiError, description = "The server failed; its log says why")))]
 async fn verified(Ax(app): Ax<AppState>) -> ApiResult<Json<Vec<VerifiedPoint>>> {
     let v = app.state.verified().await?;
@@ -557,7 +592,7 @@ async fn verified(Ax(app): Ax<AppState>) -> ApiResult<Json<Vec<VerifiedPoint>>> 
 #[utoipa::path(post, path = "/api/plan", request_body = PlanRequest, responses(
     (status = 200, body = PlanResponse, description = "The waves (step ids)"),
     (status = 400, body = ApiError, description = "The body is not JSON, or a param is wrong"),
-    (status = 401, body = ApiError, description = "No or a wrong token"),
+    (status = 401, body = ApiError, description = "No or wrong credentials"),
     (status = 413, body = ApiError, description = "The runbook is too large"),
     (status = 415, body = ApiError, description = "The body is not application/json"),
     (status = 422, body = ApiError, description = "The runbook has problems, each with its file, line and column"),

@@ -25,6 +25,7 @@ impl Api {
                 repo: None,
                 password: None,
                 token: Arc::new(TOKEN.into()),
+                limiter: Arc::new(crate::auth::LoginLimiter::default()),
                 registry: Arc::new(Registry::builtin()),
                 home: dir.path().to_path_buf(),
             },
@@ -301,4 +302,477 @@ fn weak_or_shared_token_files_are_refused_and_new_ones_are_private() {
     std::fs::write(dir.join("api-token"), "aaaaaaaaaaaaaaaaaaaaaaaa").unwrap();
     let e = load_or_create_token(&dir).unwrap_err().to_string();
     assert!(e.contains("weak token"), "{e}");
+}
+
+/// A request with the given credentials: `("bearer", TOKEN)`, or a session
+/// `("cookie", VALUE)` with an optional CSRF token.
+#[derive(Clone, Default)]
+struct As {
+    bearer: Option<String>,
+    cookie: Option<String>,
+    csrf: Option<String>,
+    forwarded_https: bool,
+}
+
+impl As {
+    fn token(t: &str) -> As {
+        As {
+            bearer: Some(t.into()),
+            ..As::default()
+        }
+    }
+}
+
+impl Api {
+    async fn call_as(
+        &self,
+        who: &As,
+        method: Method,
+        path: &str,
+        body: Option<serde_json::Value>,
+    ) -> (StatusCode, axum::http::HeaderMap, serde_json::Value) {
+        let mut b = Req::builder().method(method).uri(path);
+        if let Some(t) = &who.bearer {
+            b = b.header(header::AUTHORIZATION, format!("Bearer {t}"));
+        }
+        if let Some(c) = &who.cookie {
+            b = b.header(header::COOKIE, format!("other=1; ferry_session={c}"));
+        }
+        if let Some(c) = &who.csrf {
+            b = b.header("x-csrf-token", c);
+        }
+        if who.forwarded_https {
+            b = b.header("x-forwarded-proto", "https");
+        }
+        let body = match body {
+            Some(v) => {
+                b = b.header(header::CONTENT_TYPE, "application/json");
+                HttpBody::from(v.to_string())
+            }
+            None => HttpBody::empty(),
+        };
+        let resp = router(self.app.clone())
+            .oneshot(b.body(body).unwrap())
+            .await
+            .unwrap();
+        let status = resp.status();
+        let headers = resp.headers().clone();
+        let bytes = resp.into_body().collect().await.unwrap().to_bytes();
+        let json = serde_json::from_slice(&bytes).unwrap_or(serde_json::Value::Null);
+        (status, headers, json)
+    }
+
+    /// Adds a user as the server's token (an admin) and makes a token for them.
+    async fn user_with_token(&self, name: &str, role: &str) -> String {
+        let admin = As::token(TOKEN);
+        let (s, _, b) = self
+            .call_as(
+                &admin,
+                Method::POST,
+                "/api/users",
+                Some(serde_json::json!({"name": name, "role": role, "password": format!("{name} has a long password")})),
+            )
+            .await;
+        assert_eq!(s, StatusCode::CREATED, "{b}");
+        let (s, _, b) = self
+            .call_as(
+                &admin,
+                Method::POST,
+                "/api/tokens",
+                Some(serde_json::json!({"user": name, "label": "test"})),
+            )
+            .await;
+        assert_eq!(s, StatusCode::CREATED, "{b}");
+        b["token"].as_str().unwrap().to_owned()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn roles_decide_who_may_act_and_the_audit_log_names_them() {
+    let api = Api::new().await;
+    let viewer = As::token(&api.user_with_token("vera", "viewer").await);
+    let operator = As::token(&api.user_with_token("otto", "operator").await);
+
+    // A viewer reads, and is refused what changes anything, with the role it needs.
+    let (s, _, _) = api.call_as(&viewer, Method::GET, "/api/runs", None).await;
+    assert_eq!(s, StatusCode::OK);
+    let start = serde_json::json!({"runbook": GATE, "mode": "run"});
+    let (s, _, b) = api
+        .call_as(&viewer, Method::POST, "/api/runs", Some(start.clone()))
+        .await;
+    assert_eq!(s, StatusCode::FORBIDDEN, "{b}");
+    assert!(b["error"].as_str().unwrap().contains("operator"), "{b}");
+    let (s, _, _) = api.call_as(&viewer, Method::GET, "/api/users", None).await;
+    assert_eq!(s, StatusCode::FORBIDDEN);
+    let (s, _, _) = api.call_as(&viewer, Method::GET, "/api/audit", None).await;
+    assert_eq!(s, StatusCode::FORBIDDEN);
+
+    // An operator starts a run and approves its gate; the log names them.
+    let (s, _, run) = api
+        .call_as(&operator, Method::POST, "/api/runs", Some(start))
+        .await;
+    assert_eq!(s, StatusCode::ACCEPTED, "{run}");
+    let id = run["id"].as_str().unwrap().to_owned();
+    for _ in 0..100 {
+        let (_, _, log) = api
+            .call_as(
+                &operator,
+                Method::GET,
+                &format!("/api/runs/{id}/events"),
+                None,
+            )
+            .await;
+        if log.to_string().contains("approval_requested") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let approve = serde_json::json!({"step": "ok"});
+    let (s, _, _) = api
+        .call_as(
+            &viewer,
+            Method::POST,
+            &format!("/api/runs/{id}/approve"),
+            Some(approve.clone()),
+        )
+        .await;
+    assert_eq!(s, StatusCode::FORBIDDEN, "a viewer cannot approve");
+    let (s, _, b) = api
+        .call_as(
+            &operator,
+            Method::POST,
+            &format!("/api/runs/{id}/approve"),
+            Some(approve),
+        )
+        .await;
+    assert_eq!(s, StatusCode::ACCEPTED, "{b}");
+    // The process driving the run turns the request into an event.
+    let mut approved = None;
+    for _ in 0..200 {
+        let (_, _, log) = api
+            .call_as(
+                &operator,
+                Method::GET,
+                &format!("/api/runs/{id}/events"),
+                None,
+            )
+            .await;
+        approved = log
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|e| e["event"]["type"] == "approved")
+            .cloned();
+        if approved.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(approved.expect("approved")["event"]["by"], "otto");
+
+    let (s, _, audit) = api
+        .call_as(&operator, Method::GET, "/api/audit", None)
+        .await;
+    assert_eq!(s, StatusCode::OK, "{audit}");
+    let seen: Vec<(String, String, String)> = audit
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            (
+                e["actor"].as_str().unwrap().to_owned(),
+                e["action"].as_str().unwrap().to_owned(),
+                e["subject"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    for want in [
+        ("api-token", "user.add", "vera"),
+        ("api-token", "token.create", "otto"),
+        ("otto", "run.start", id.as_str()),
+        ("otto", "run.approve", id.as_str()),
+    ] {
+        assert!(
+            seen.iter()
+                .any(|(a, b, c)| (a.as_str(), b.as_str(), c.as_str()) == want),
+            "{want:?} not in {seen:?}"
+        );
+    }
+
+    // A revoked token and an expired one no longer work; a made-up one never did.
+    let (_, _, tokens) = api.call_as(&viewer, Method::GET, "/api/tokens", None).await;
+    assert_eq!(
+        tokens.as_array().unwrap().len(),
+        1,
+        "a viewer sees only their own: {tokens}"
+    );
+    let vid = tokens[0]["id"].as_str().unwrap().to_owned();
+    let (s, _, _) = api
+        .call_as(
+            &operator,
+            Method::DELETE,
+            &format!("/api/tokens/{vid}"),
+            None,
+        )
+        .await;
+    assert_eq!(s, StatusCode::FORBIDDEN, "not someone else's token");
+    let (s, _, _) = api
+        .call_as(&viewer, Method::DELETE, &format!("/api/tokens/{vid}"), None)
+        .await;
+    assert_eq!(s, StatusCode::NO_CONTENT);
+    let (s, _, _) = api.call_as(&viewer, Method::GET, "/api/runs", None).await;
+    assert_eq!(s, StatusCode::UNAUTHORIZED);
+    let (secret, mut row) = crate::auth::new_token("otto", "old", 0, None).unwrap();
+    row.expires_ms = Some(crate::exec::now_ms() - 1);
+    api.app.state.add_token(&row).await.unwrap();
+    let (s, _, _) = api
+        .call_as(&As::token(&secret), Method::GET, "/api/runs", None)
+        .await;
+    assert_eq!(s, StatusCode::UNAUTHORIZED, "expired");
+    let forged = format!("ferry_{}_{}", row.id, "0".repeat(48));
+    let (s, _, _) = api
+        .call_as(&As::token(&forged), Method::GET, "/api/runs", None)
+        .await;
+    assert_eq!(s, StatusCode::UNAUTHORIZED);
+
+    // A removed user's tokens stop working at once.
+    let (s, _, _) = api
+        .call_as(&As::token(TOKEN), Method::DELETE, "/api/users/otto", None)
+        .await;
+    assert_eq!(s, StatusCode::NO_CONTENT);
+    let (s, _, _) = api.call_as(&operator, Method::GET, "/api/runs", None).await;
+    assert_eq!(s, StatusCode::UNAUTHORIZED);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sessions_need_their_csrf_token_and_failed_logins_are_limited() {
+    let api = Api::new().await;
+    let _ = api.user_with_token("ann", "operator").await;
+    let password = "ann has a long password";
+    let login = |pw: &str| serde_json::json!({"name": "ann", "password": pw});
+    let nobody = As::default();
+
+    let (s, _, b) = api
+        .call_as(
+            &nobody,
+            Method::POST,
+            "/api/login",
+            Some(login("wrong password!")),
+        )
+        .await;
+    assert_eq!(s, StatusCode::UNAUTHORIZED, "{b}");
+    assert_eq!(b["error"], "wrong name or password");
+    let (s, _, nope) = api
+        .call_as(
+            &nobody,
+            Method::POST,
+            "/api/login",
+            Some(serde_json::json!({"name": "nobody", "password": password})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::UNAUTHORIZED);
+    assert_eq!(nope["error"], b["error"], "an unknown name reads the same");
+
+    let (s, headers, me) = api
+        .call_as(&nobody, Method::POST, "/api/login", Some(login(password)))
+        .await;
+    assert_eq!(s, StatusCode::OK, "{me}");
+    assert_eq!(me["name"], "ann");
+    assert_eq!(me["role"], "operator");
+    let set = headers[header::SET_COOKIE].to_str().unwrap().to_owned();
+    for attr in ["HttpOnly", "SameSite=Strict", "Path=/"] {
+        assert!(set.contains(attr), "{set}");
+    }
+    assert!(!set.contains("Secure"), "plain HTTP: {set}");
+    let cookie = set
+        .split(';')
+        .next()
+        .unwrap()
+        .strip_prefix("ferry_session=")
+        .unwrap()
+        .to_owned();
+    let csrf = me["csrf_token"].as_str().unwrap().to_owned();
+    let session = As {
+        cookie: Some(cookie.clone()),
+        ..As::default()
+    };
+    let (s, _, me2) = api.call_as(&session, Method::GET, "/api/me", None).await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(me2["csrf_token"], csrf.as_str());
+
+    // A state-changing request needs the session's CSRF token.
+    let start = serde_json::json!({"runbook": GATE, "mode": "drill"});
+    let (s, _, b) = api
+        .call_as(&session, Method::POST, "/api/runs", Some(start.clone()))
+        .await;
+    assert_eq!(s, StatusCode::FORBIDDEN, "{b}");
+    assert!(b["error"].as_str().unwrap().contains("CSRF"), "{b}");
+    let wrong = As {
+        csrf: Some("0".repeat(32)),
+        ..session.clone()
+    };
+    let (s, _, _) = api
+        .call_as(&wrong, Method::POST, "/api/runs", Some(start.clone()))
+        .await;
+    assert_eq!(s, StatusCode::FORBIDDEN);
+    let with_csrf = As {
+        csrf: Some(csrf.clone()),
+        ..session.clone()
+    };
+    let (s, _, run) = api
+        .call_as(&with_csrf, Method::POST, "/api/runs", Some(start))
+        .await;
+    assert_eq!(s, StatusCode::ACCEPTED, "{run}");
+    let id = run["id"].as_str().unwrap();
+    let (s, _, _) = api
+        .call_as(
+            &with_csrf,
+            Method::POST,
+            &format!("/api/runs/{id}/cancel"),
+            None,
+        )
+        .await;
+    assert_eq!(s, StatusCode::ACCEPTED);
+
+    // Logging out ends the session.
+    let (s, headers, _) = api
+        .call_as(&with_csrf, Method::POST, "/api/logout", None)
+        .await;
+    assert_eq!(s, StatusCode::NO_CONTENT);
+    assert!(
+        headers[header::SET_COOKIE]
+            .to_str()
+            .unwrap()
+            .contains("Max-Age=0")
+    );
+    let (s, _, _) = api.call_as(&session, Method::GET, "/api/me", None).await;
+    assert_eq!(s, StatusCode::UNAUTHORIZED);
+
+    // Behind a TLS proxy the cookie is Secure.
+    let https = As {
+        forwarded_https: true,
+        ..As::default()
+    };
+    let (s, headers, _) = api
+        .call_as(&https, Method::POST, "/api/login", Some(login(password)))
+        .await;
+    assert_eq!(s, StatusCode::OK);
+    assert!(
+        headers[header::SET_COOKIE]
+            .to_str()
+            .unwrap()
+            .contains("; Secure")
+    );
+
+    // Five failures lock the name out, even for the right password, for a while.
+    for _ in 0..5 {
+        let (s, _, _) = api
+            .call_as(
+                &nobody,
+                Method::POST,
+                "/api/login",
+                Some(login("not the password")),
+            )
+            .await;
+        assert_eq!(s, StatusCode::UNAUTHORIZED);
+    }
+    let (s, headers, b) = api
+        .call_as(&nobody, Method::POST, "/api/login", Some(login(password)))
+        .await;
+    assert_eq!(s, StatusCode::TOO_MANY_REQUESTS, "{b}");
+    let wait: u64 = headers[header::RETRY_AFTER]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(wait > 0 && wait <= 900, "{wait}");
+
+    // The audit log has the failures, with the name tried.
+    let (_, _, audit) = api
+        .call_as(
+            &As::token(TOKEN),
+            Method::GET,
+            "/api/audit?limit=1000",
+            None,
+        )
+        .await;
+    let failed = audit
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["action"] == "login.failed" && e["subject"] == "ann")
+        .count();
+    assert_eq!(failed, 6, "{audit}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn passwords_are_stored_as_argon2id_and_the_last_admin_stays() {
+    let api = Api::new().await;
+    let admin = As::token(TOKEN);
+    let (s, _, b) = api
+        .call_as(
+            &admin,
+            Method::POST,
+            "/api/users",
+            Some(serde_json::json!({"name": "root1", "role": "admin", "password": "short"})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{b}");
+    assert!(b["error"].as_str().unwrap().contains("at least 12"), "{b}");
+    let pw = "a very secret passphrase";
+    let (s, _, _) = api
+        .call_as(
+            &admin,
+            Method::POST,
+            "/api/users",
+            Some(serde_json::json!({"name": "root1", "role": "admin", "password": pw})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::CREATED);
+    let (s, _, _) = api
+        .call_as(
+            &admin,
+            Method::POST,
+            "/api/users",
+            Some(serde_json::json!({"name": "root1", "role": "viewer", "password": pw})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::CONFLICT);
+    let u = api.app.state.user("root1").await.unwrap().unwrap();
+    assert!(
+        u.password_hash.starts_with("$argon2id$"),
+        "{}",
+        u.password_hash
+    );
+    // The plaintext is nowhere in the state's files.
+    for f in std::fs::read_dir(api._dir.path()).unwrap().flatten() {
+        let bytes = std::fs::read(f.path()).unwrap_or_default();
+        assert!(
+            !bytes.windows(pw.len()).any(|w| w == pw.as_bytes()),
+            "{}",
+            f.path().display()
+        );
+    }
+    let (s, _, b) = api
+        .call_as(&admin, Method::DELETE, "/api/users/root1", None)
+        .await;
+    assert_eq!(s, StatusCode::CONFLICT, "{b}");
+    let (s, _, _) = api
+        .call_as(
+            &admin,
+            Method::PUT,
+            "/api/users/root1/role",
+            Some(serde_json::json!({"role": "viewer"})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::CONFLICT);
+    let (s, _, _) = api
+        .call_as(
+            &admin,
+            Method::PUT,
+            "/api/users/nobody/role",
+            Some(serde_json::json!({"role": "viewer"})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
 }

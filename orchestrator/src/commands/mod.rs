@@ -7,3 +7,4 @@ pub mod protect;
 pub mod repo;
 pub mod runbooks;
 pub mod serve;
+pub mod users;

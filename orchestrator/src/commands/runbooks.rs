@@ -297,6 +297,14 @@ pub fn run(ctx: &Context, a: &RunArgs, mode: Mode) -> Result<ExitCode> {
             work_dir: a.work_dir.clone(),
         };
         let run = control::create_run(&state, ctx, &registry, new).await?;
+        crate::auth::audit(
+            &state,
+            &who(),
+            "run.start",
+            &run.id,
+            &format!("{} of {}", run.mode, run.runbook),
+        )
+        .await;
         if !ctx.quiet {
             eprintln!(
                 "{} {} of {} started (state {}, work {})",
@@ -465,10 +473,7 @@ pub fn verified(ctx: &Context) -> Result<ExitCode> {
 
 /// Who asks, as the run's log records it: the local user.
 fn who() -> String {
-    let user = std::env::var("USER")
-        .or_else(|_| std::env::var("LOGNAME"))
-        .unwrap_or_else(|_| "unknown".into());
-    format!("{user} (cli)")
+    crate::auth::cli_actor()
 }
 
 pub fn approve(ctx: &Context, a: &ApproveArgs) -> Result<ExitCode> {

@@ -34,6 +34,7 @@ pub fn serve(ctx: &Context, a: &ServeArgs) -> Result<ExitCode> {
             repo: ctx.repo.clone(),
             password,
             token: Arc::new(api::load_or_create_token(&ctx.home)?),
+            limiter: Arc::new(crate::auth::LoginLimiter::default()),
             registry: Arc::new(Registry::builtin()),
             home: ctx.home.clone(),
         };
@@ -60,11 +61,15 @@ pub fn serve(ctx: &Context, a: &ServeArgs) -> Result<ExitCode> {
                 token_file.display()
             );
         }
-        axum::serve(listener, api::router(app))
-            .with_graceful_shutdown(async {
-                let _ = tokio::signal::ctrl_c().await;
-            })
-            .await?;
+        // Each connection's address: the login rate limit counts per client.
+        axum::serve(
+            listener,
+            api::router(app).into_make_service_with_connect_info::<std::net::SocketAddr>(),
+        )
+        .with_graceful_shutdown(async {
+            let _ = tokio::signal::ctrl_c().await;
+        })
+        .await?;
         Ok(ExitCode::SUCCESS)
     })
 }

@@ -85,6 +85,8 @@ pub struct State {
 
 pub use crate::redact::redact;
 
+pub mod users;
+
 impl State {
     /// Opens (creating on first use) the state at `url`: `sqlite://PATH`
     /// or `postgres://...`. Applies pending migrations.
