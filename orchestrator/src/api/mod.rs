@@ -411,6 +411,7 @@ enum ReportFormat {
 }
 
 #[derive(Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 struct ReportQuery {
     /// json (default), html or junit.
     #[serde(default)]

@@ -304,12 +304,13 @@ pub(super) async fn list_users(
 }
 
 #[utoipa::path(post, path = "/api/users", request_body = NewUser, responses(
+    (status = 400, body = ApiError, description = "The body is not JSON, a bad name or a weak password"),
+    (status = 415, body = ApiError, description = "The body is not application/json"),
+    (status = 422, body = ApiError, description = "The body lacks a field or has one of the wrong type"),
     (status = 201, body = User, description = "Added"),
-    (status = 400, body = ApiError, description = "A bad name or a weak password"),
     (status = 401, body = ApiError, description = "No or wrong credentials"),
     (status = 403, body = ApiError, description = "Not an admin"),
-    (status = 409, body = ApiError, description = "The user exists"),
-    (status = 422, body = ApiError, description = "The body lacks a field or names no role")))]
+    (status = 409, body = ApiError, description = "The user exists")))]
 pub(super) async fn add_user(
     Ax(app): Ax<AppState>,
     Extension(who): Extension<Identity>,
@@ -377,6 +378,9 @@ pub(super) async fn remove_user(
 }
 
 #[utoipa::path(put, path = "/api/users/{name}/role", params(("name" = String, Path, description = "The user's name")), request_body = SetRole, responses(
+    (status = 400, body = ApiError, description = "The body is not JSON"),
+    (status = 415, body = ApiError, description = "The body is not application/json"),
+    (status = 422, body = ApiError, description = "The body lacks a field or has one of the wrong type"),
     (status = 200, body = User, description = "Changed"),
     (status = 401, body = ApiError, description = "No or wrong credentials"),
     (status = 403, body = ApiError, description = "Not an admin"),
@@ -409,8 +413,10 @@ pub(super) async fn set_role(
 }
 
 #[utoipa::path(put, path = "/api/users/{name}/password", params(("name" = String, Path, description = "The user's name")), request_body = SetPassword, responses(
+    (status = 400, body = ApiError, description = "The body is not JSON, or a weak password"),
+    (status = 415, body = ApiError, description = "The body is not application/json"),
+    (status = 422, body = ApiError, description = "The body lacks a field or has one of the wrong type"),
     (status = 204, description = "Set; the user's console sessions have ended"),
-    (status = 400, body = ApiError, description = "A weak password"),
     (status = 401, body = ApiError, description = "No or wrong credentials"),
     (status = 403, body = ApiError, description = "Another user's password and not an admin, or a wrong current password"),
     (status = 404, body = ApiError, description = "No such user")))]
@@ -499,8 +505,10 @@ pub(super) async fn list_tokens(
 }
 
 #[utoipa::path(post, path = "/api/tokens", request_body = NewToken, responses(
+    (status = 400, body = ApiError, description = "The body is not JSON, or a bad duration"),
+    (status = 415, body = ApiError, description = "The body is not application/json"),
+    (status = 422, body = ApiError, description = "The body lacks a field or has one of the wrong type"),
     (status = 201, body = CreatedToken, description = "Made; the token is shown only now"),
-    (status = 400, body = ApiError, description = "A bad duration"),
     (status = 401, body = ApiError, description = "No or wrong credentials"),
     (status = 403, body = ApiError, description = "Another user's token and not an admin"),
     (status = 404, body = ApiError, description = "No such user")))]
@@ -560,27 +568,50 @@ pub(super) async fn revoke_token(
     Ok(StatusCode::NO_CONTENT)
 }
 
+/// The latest `before` accepted: 2100-01-01 in milliseconds.
+const MAX_BEFORE_MS: i64 = 4_102_444_800_000;
+
 #[derive(Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct AuditQuery {
-    /// At most this many entries (default 100, at most 1000).
+    /// At most this many entries (default 100).
     #[serde(default)]
+    #[param(minimum = 1, maximum = 1000)]
     limit: Option<i64>,
     /// Only entries before this time (milliseconds since the epoch): the
     /// oldest `at_ms` of the previous page.
     #[serde(default)]
+    #[param(minimum = 0, maximum = 4_102_444_800_000_i64)]
     before: Option<i64>,
 }
 
 #[utoipa::path(get, path = "/api/audit", params(AuditQuery), responses(
+    (status = 400, body = ApiError, description = "A query parameter is not a number"),
     (status = 200, body = Vec<AuditEntry>, description = "Who did what, newest first"),
     (status = 401, body = ApiError, description = "No or wrong credentials"),
     (status = 403, body = ApiError, description = "Not an operator or admin")))]
 pub(super) async fn audit_log(
     Ax(app): Ax<AppState>,
     Extension(who): Extension<Identity>,
-    Query(q): Query<AuditQuery>,
+    query: Result<Query<AuditQuery>, axum::extract::rejection::QueryRejection>,
 ) -> ApiResult<Json<Vec<AuditEntry>>> {
     who.require(Role::Operator)?;
-    let limit = q.limit.unwrap_or(100).clamp(1, 1000);
+    let Query(q) = query.map_err(|e| {
+        Error::usage(format!(
+            "{}; limit and before are whole numbers",
+            e.body_text()
+        ))
+    })?;
+    let limit = q.limit.unwrap_or(100);
+    if !(1..=1000).contains(&limit) {
+        return Err(Error::usage(format!("limit {limit}: give 1 to 1000")));
+    }
+    if let Some(b) = q.before
+        && !(0..=MAX_BEFORE_MS).contains(&b)
+    {
+        return Err(Error::usage(format!(
+            "before {b}: give milliseconds since the epoch (0 to {MAX_BEFORE_MS})"
+        )));
+    }
     Ok(Json(app.state.audit_log(limit, q.before).await?))
 }
