@@ -149,6 +149,14 @@ pub fn hash_password(password: &str) -> anyhow::Result<String> {
         .to_string())
 }
 
+/// [`hash_password`] on the blocking pool (it is deliberately slow: never on
+/// the async workers).
+pub async fn hash_password_blocking(password: String) -> anyhow::Result<String> {
+    tokio::task::spawn_blocking(move || hash_password(&password))
+        .await
+        .map_err(|e| anyhow::anyhow!("password hashing stopped: {e}"))?
+}
+
 /// Whether `password` matches the PHC string `hash` (false for a hash this
 /// build cannot read).
 pub fn verify_password(password: &str, hash: &str) -> bool {

@@ -319,10 +319,7 @@ pub(super) async fn add_user(
     who.require(Role::Admin)?;
     auth::check_user_name(&b.name)?;
     auth::check_password(&b.password)?;
-    let pw = b.password;
-    let hash = tokio::task::spawn_blocking(move || auth::hash_password(&pw))
-        .await
-        .map_err(|e| Error::Internal(anyhow::anyhow!("hashing stopped: {e}")))??;
+    let hash = auth::hash_password_blocking(b.password).await?;
     let now = now_ms();
     if !app
         .state
@@ -437,10 +434,7 @@ pub(super) async fn set_password(
         who.require(Role::Admin)?;
     }
     auth::check_password(&b.password)?;
-    let pw = b.password;
-    let hash = tokio::task::spawn_blocking(move || auth::hash_password(&pw))
-        .await
-        .map_err(|e| Error::Internal(anyhow::anyhow!("hashing stopped: {e}")))??;
+    let hash = auth::hash_password_blocking(b.password).await?;
     if !app.state.set_password(&name, &hash, now_ms()).await? {
         return Err(Error::not_found(format!("no user {name}")));
     }

@@ -137,7 +137,7 @@ pub fn user(ctx: &Context, a: &UserArgs) -> Result<ExitCode> {
                     .into());
                 }
                 let pw = new_password(name, password_file.as_ref())?;
-                let hash = tokio::task::spawn_blocking(move || auth::hash_password(&pw)).await??;
+                let hash = auth::hash_password_blocking(pw).await?;
                 if !state.add_user(name, role.as_str(), &hash, now_ms()).await? {
                     return Err(Error::conflict(format!("user {name} exists")).into());
                 }
@@ -182,7 +182,7 @@ pub fn user(ctx: &Context, a: &UserArgs) -> Result<ExitCode> {
                     return Err(Error::not_found(format!("no user {name}")).into());
                 }
                 let pw = new_password(name, password_file.as_ref())?;
-                let hash = tokio::task::spawn_blocking(move || auth::hash_password(&pw)).await??;
+                let hash = auth::hash_password_blocking(pw).await?;
                 state.set_password(name, &hash, now_ms()).await?;
                 auth::audit(&state, &actor, "user.passwd", name, "").await;
                 println!("password of {name} set; their console sessions ended");

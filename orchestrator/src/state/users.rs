@@ -1,5 +1,6 @@
-//! Users, API tokens, console sessions and the audit log, as stored. What
-//! they mean (roles, hashing, expiry) is `crate::auth`'s; this is only SQL.
+//! Users, API tokens, console sessions and the audit log, as stored: only
+//! SQL. What they mean (roles, hashing, expiry) is decided in the layer
+//! above, which imports this one; nothing here imports it.
 
 use super::State;
 use anyhow::{Context, Result};
