@@ -10,7 +10,7 @@ use crate::qemu::{self, LiveDisk};
 use chrono::{DateTime, Utc};
 use ferry_agent::Repository;
 use ferry_agent::retention::Policy;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, mpsc};
 use std::time::{Duration, Instant};
@@ -43,7 +43,8 @@ pub struct Options {
 }
 
 /// The state of one source, as a status file or an API shows it.
-#[derive(Debug, Clone, Serialize, Default)]
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+#[serde(default)]
 pub struct SourceStatus {
     pub source: String,
     pub last_point: Option<String>,

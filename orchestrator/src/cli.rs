@@ -62,6 +62,9 @@ pub enum Command {
     Backup(repo::BackupArgs),
     /// List recovery points.
     Points(repo::PointsArgs),
+    /// Protected sources: newest point, protection lag, backlog, errors and
+    /// RPO against the objectives of a runbook directory.
+    Sources(runbooks::SourcesArgs),
     /// Restore a recovery point to image files or devices.
     Restore(repo::RestoreArgs),
     /// Verify the repository's structure, and with --read-data every byte.
@@ -145,6 +148,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         Command::Protect(a) => protect::protect(ctx, a),
         Command::Backup(a) => repo::backup(ctx, a),
         Command::Points(a) => repo::points(ctx, a),
+        Command::Sources(a) => runbooks::sources(ctx, a),
         Command::Restore(a) => repo::restore(ctx, a),
         Command::Check(a) => repo::check(ctx, a),
         Command::Forget(a) => repo::forget(ctx, a),

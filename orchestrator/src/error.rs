@@ -39,6 +39,11 @@ pub enum Error {
     /// HTTP 429.
     #[error("{0}")]
     TooMany(String, u64),
+    /// Something this server needs is not set up (no repository given to
+    /// `ferry serve`): the operator's to fix, said plainly. Exit code 1, HTTP
+    /// 503.
+    #[error("{0}")]
+    Unavailable(String),
     /// The repository or the data plane said no.
     #[error(transparent)]
     Repository(#[from] ferry_agent::Error),
@@ -95,7 +100,7 @@ impl Error {
             | Error::Forbidden(_)
             | Error::TooMany(..) => 2,
             Error::Repository(e) if e.is_usage() => 2,
-            Error::Repository(_) | Error::Internal(_) => 1,
+            Error::Repository(_) | Error::Internal(_) | Error::Unavailable(_) => 1,
         }
     }
 
@@ -113,6 +118,7 @@ impl Error {
             // The repository cannot be read as configured on the server:
             // the server's configuration, not the client's request.
             Error::Repository(_) => 502,
+            Error::Unavailable(_) => 503,
             Error::Internal(_) => 500,
         }
     }

@@ -598,12 +598,19 @@ impl Runner {
                 }
                 last_renew = now_ms();
             }
+            // Until a task ends, this process queues a command (an approval
+            // through the API), or the next poll for other processes' commands.
+            let changed = self.state.changed();
             let done = if self.tasks.is_empty() {
-                tokio::time::sleep(Duration::from_millis(200)).await;
+                tokio::select! {
+                    () = changed => {}
+                    () = tokio::time::sleep(Duration::from_millis(200)) => {}
+                }
                 None
             } else {
                 tokio::select! {
                     d = self.tasks.join_next() => d,
+                    () = changed => None,
                     () = tokio::time::sleep(Duration::from_millis(200)) => None,
                 }
             };

@@ -7,8 +7,10 @@
 //! ```text
 //! commands (the CLI bodies)  api (router, DTOs)
 //!             \               /
-//!          control           auth     (run control: create, queue, drive;
-//!                                      auth: users, roles, tokens, sessions)
+//!          control   auth   inventory (run control: create, queue, drive;
+//!                                      auth: users, roles, tokens, sessions;
+//!                                      inventory: sources, points, repository
+//!                                      health, the runbook directory: read-only)
 //!                     |
 //!                    exec             (the executor of one run)
 //!              /      |       \
@@ -33,6 +35,7 @@ pub mod error;
 pub mod exec;
 pub mod forecast;
 pub mod fsutil;
+pub mod inventory;
 pub mod redact;
 pub mod report;
 pub mod state;

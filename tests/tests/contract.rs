@@ -43,11 +43,42 @@ impl Drop for Serve {
 fn the_live_api_keeps_its_openapi_contract() {
     let Some(st) = schemathesis() else { return };
     let home = tempfile::tempdir().unwrap();
+    // A repository with a point and a runbook directory, so the console's
+    // views answer from real data rather than "not configured".
+    let repo = home.path().join("repo");
+    let books = home.path().join("runbooks");
+    std::fs::create_dir(&books).unwrap();
+    std::fs::write(
+        books.join("disk.yaml"),
+        "name: disk\nobjectives: { rpo: 1h }\nsteps:\n  - id: d\n    uses: volume.restore\n    with: { point: web@latest }\n",
+    )
+    .unwrap();
+    let disk = home.path().join("web.img");
+    std::fs::write(&disk, vec![7u8; 1 << 20]).unwrap();
+    let ferry = |args: &[&str]| {
+        let out = Command::new(common::ferry_bin())
+            .args(args)
+            .env("FERRY_HOME", home.path())
+            .env("FERRY_REPO", &repo)
+            .env("FERRY_PASSWORD", "contract test passphrase")
+            .env_remove("FERRY_STATE")
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "ferry {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    ferry(&["init"]);
+    ferry(&["backup", "--source", "web", disk.to_str().unwrap()]);
     let mut child = Command::new(common::ferry_bin())
-        .args(["--json", "serve", "--listen", "127.0.0.1:0"])
+        .args(["--json", "serve", "--listen", "127.0.0.1:0", "--runbooks"])
+        .arg(&books)
         .env("FERRY_HOME", home.path())
+        .env("FERRY_REPO", &repo)
+        .env("FERRY_PASSWORD", "contract test passphrase")
         .env_remove("FERRY_STATE")
-        .env_remove("FERRY_REPO")
         .env_remove("FERRY_API_TOKEN")
         .stdout(Stdio::piped())
         .stderr(Stdio::null())

@@ -273,6 +273,18 @@ fn live_vm_protection_loses_no_write_and_catches_up_after_failures() {
     assert_eq!(s["cycles_ok"], 4);
     assert_eq!(s["last_point"], lines[3]["point"]);
     assert!(s["lag_secs"].as_f64().unwrap() >= 0.0);
+    // The same status reached the state, where the console and /metrics read it.
+    let sources = env.json(&["sources"]);
+    let vm = sources
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["source"] == "vm")
+        .unwrap_or_else(|| panic!("{sources}"));
+    assert_eq!(vm["protection"]["cycles_ok"], 4, "{vm}");
+    assert_eq!(vm["protection"]["stale"], false, "{vm}");
+    assert_eq!(vm["last_point"], lines[3]["point"], "{vm}");
+    assert_eq!(vm["points"], 4, "{vm}");
 
     // A cycle that fails after its cut keeps its bitmaps; the next one merges them.
     let (lines, ok) = protect(&env, &qemu, "b", 3, Some(2));

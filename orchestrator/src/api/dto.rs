@@ -37,7 +37,7 @@ pub enum RunStatus {
 }
 
 impl RunStatus {
-    fn parse(s: &str) -> RunStatus {
+    pub fn parse(s: &str) -> RunStatus {
         match s {
             "succeeded" => RunStatus::Succeeded,
             "failed" => RunStatus::Failed,
@@ -149,8 +149,14 @@ impl From<Verified> for VerifiedPoint {
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct StartRun {
-    /// The runbook's YAML text.
-    pub runbook: String,
+    /// The runbook's YAML text; or give `path`.
+    #[serde(default)]
+    pub runbook: Option<String>,
+    /// A runbook of the server's runbook directory (`GET /api/runbooks`),
+    /// by file name, instead of `runbook`: the run records the checkout's
+    /// git commit.
+    #[serde(default)]
+    pub path: Option<String>,
     /// A name for it in diagnostics and reports (default `api.yaml`).
     #[serde(default)]
     pub file: Option<String>,
@@ -219,4 +225,112 @@ pub struct ApiError {
 #[derive(Debug, Serialize, ToSchema)]
 pub struct Health {
     pub ok: bool,
+}
+
+/// A runbook of the server's runbook directory, in brief.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct RunbookSummary {
+    /// Its file name in the directory.
+    pub file: String,
+    /// Its `name`, when it parses.
+    pub name: Option<String>,
+    pub description: Option<String>,
+    /// Valid against every target this server has.
+    pub valid: bool,
+    pub problems: usize,
+    /// The checkout's commit, `COMMIT-dirty` when the file has changes.
+    pub commit: Option<String>,
+    pub rto_objective_secs: Option<f64>,
+    pub rpo_objective_secs: Option<f64>,
+    /// Its targets, by name (the first is the default).
+    pub targets: Vec<String>,
+    pub steps: usize,
+    /// The sources its restores read.
+    pub sources: Vec<String>,
+}
+
+/// The runbook directory.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct RunbookList {
+    pub directory: String,
+    /// `git rev-parse HEAD` of the checkout, if it is one.
+    pub commit: Option<String>,
+    pub runbooks: Vec<RunbookSummary>,
+    /// Files left out, and why.
+    pub skipped: Vec<String>,
+}
+
+/// A param a runbook takes.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct RunbookParam {
+    pub name: String,
+    #[serde(rename = "type")]
+    pub ty: String,
+    pub default: Option<serde_json::Value>,
+    pub description: Option<String>,
+}
+
+/// A step of a runbook's DAG.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct GraphStep {
+    pub id: String,
+    pub name: Option<String>,
+    pub uses: String,
+    /// The target it runs on (the default target unless it names one).
+    pub target: String,
+    /// The steps it waits for.
+    pub needs: Vec<String>,
+    /// Its column when drawn left to right: one more than the latest of its needs.
+    pub wave: usize,
+    pub line: usize,
+    /// A gate a person approves.
+    pub approval: bool,
+    /// A check (verifies, creates nothing).
+    pub check: bool,
+    /// Repeated per item of a list.
+    pub for_each: bool,
+}
+
+/// One runbook of the directory, in full.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct RunbookDetail {
+    pub summary: RunbookSummary,
+    /// The YAML text.
+    pub text: String,
+    /// Every problem, each at its line (empty when valid).
+    pub diagnostics: Vec<Diagnostic>,
+    pub params: Vec<RunbookParam>,
+    pub graph: Vec<GraphStep>,
+}
+
+impl From<&ferry_engine::Diagnostic> for Diagnostic {
+    fn from(d: &ferry_engine::Diagnostic) -> Diagnostic {
+        Diagnostic {
+            file: d.file.clone(),
+            line: d.line,
+            column: d.column,
+            message: d.message.clone(),
+            hint: d.hint.clone(),
+        }
+    }
+}
+
+/// A finished drill's measurements against its objectives.
+#[derive(Clone, Debug, Serialize, ToSchema)]
+pub struct Drill {
+    pub run: String,
+    pub runbook: String,
+    pub target: Option<String>,
+    pub created_ms: i64,
+    pub status: RunStatus,
+    pub rto_secs: Option<f64>,
+    pub rto_objective_secs: Option<f64>,
+    pub rto_met: Option<bool>,
+    /// The oldest restored point's age when the drill started.
+    pub rpo_secs: Option<f64>,
+    pub rpo_objective_secs: Option<f64>,
+    /// Whether every restored point met its objective.
+    pub rpo_met: Option<bool>,
+    pub checks_passed: usize,
+    pub checks_failed: usize,
 }

@@ -11,6 +11,7 @@
 //! something failed and where to look (the server's log), never internals.
 
 pub mod dto;
+pub mod inventory;
 pub mod users;
 
 use crate::auth::{Identity, Role};
@@ -48,6 +49,46 @@ pub struct AppState {
     pub registry: Arc<Registry>,
     /// Ferry's home (work directories of runs started here).
     pub home: std::path::PathBuf,
+    /// The runbook directory (`ferry serve --runbooks`), if any.
+    pub runbooks: Option<std::path::PathBuf>,
+    /// Sources, points and repository health, cached between requests.
+    pub inventory: Arc<crate::inventory::Inventory>,
+    pub metrics: Arc<inventory::Metrics>,
+    /// Finished drills' measurements by run id (a finished drill's report
+    /// does not change), so the history does not replay every log each time.
+    drills: Arc<tokio::sync::Mutex<std::collections::HashMap<String, dto::Drill>>>,
+}
+
+impl AppState {
+    /// A server's state: `token` is its own (admin) token.
+    pub fn new(
+        state: State,
+        repo: Option<String>,
+        password: Option<Password>,
+        token: String,
+        home: std::path::PathBuf,
+        runbooks: Option<std::path::PathBuf>,
+    ) -> AppState {
+        let ctx = crate::context::Context::for_server(
+            repo.clone(),
+            password.clone(),
+            Some(&state.location),
+            home.clone(),
+        );
+        AppState {
+            state,
+            repo,
+            password,
+            token: Arc::new(token),
+            limiter: Arc::new(crate::auth::LoginLimiter::default()),
+            registry: Arc::new(Registry::builtin()),
+            home,
+            runbooks,
+            inventory: Arc::new(crate::inventory::Inventory::new(ctx)),
+            metrics: Arc::default(),
+            drills: Arc::default(),
+        }
+    }
 }
 
 impl AppState {
@@ -77,8 +118,8 @@ pub const MAX_BODY_BYTES: usize = 4 << 20;
 #[derive(OpenApi)]
 #[openapi(
     info(title = "Ferry API", description = "Runs, drills, reports and their live events; users, tokens and the audit log. Authenticate with `Authorization: Bearer TOKEN` (the server's own token, an admin, is in FERRY_HOME/api-token or FERRY_API_TOKEN; users' tokens come from `ferry token create` or POST /api/tokens), or with the session cookie POST /api/login sets, sending the CSRF token it returns in `X-CSRF-Token` on every request but GET. Roles: viewers read; operators also start, approve, cancel and roll back runs; admins also manage users."),
-    paths(health, list_runs, start_run, get_run, run_events, run_report, approve, cancel, rollback, stream, verified, plan, users::login, users::logout, users::me, users::list_users, users::add_user, users::remove_user, users::set_role, users::set_password, users::list_tokens, users::create_token, users::revoke_token, users::audit_log),
-    components(schemas(Run, dto::RunMode, dto::RunStatus, LogEntry, VerifiedPoint, crate::report::Report, crate::report::StepReport, crate::report::PointReport, crate::report::CriticalStep, StartRun, Approve, PlanRequest, PlanResponse, ApiError, dto::Diagnostic, dto::Health, ReportFormat, Role, users::Login, users::Me, users::User, users::NewUser, users::SetRole, users::SetPassword, users::Token, users::NewToken, users::CreatedToken, crate::state::users::AuditEntry)),
+    paths(health, drills, inventory::list_sources, inventory::source_points, inventory::repository, inventory::list_runbooks, inventory::get_runbook, inventory::metrics, list_runs, start_run, get_run, run_events, run_report, approve, cancel, rollback, stream, verified, plan, users::login, users::logout, users::me, users::list_users, users::add_user, users::remove_user, users::set_role, users::set_password, users::list_tokens, users::create_token, users::revoke_token, users::audit_log),
+    components(schemas(dto::Drill, crate::inventory::Source, crate::inventory::Point, crate::inventory::PointDisk, crate::inventory::VerifiedBy, crate::inventory::Protection, crate::inventory::RpoStatus, crate::inventory::Repository, crate::inventory::Check, crate::inventory::Coverage, dto::RunbookList, dto::RunbookSummary, dto::RunbookDetail, dto::RunbookParam, dto::GraphStep, Run, dto::RunMode, dto::RunStatus, LogEntry, VerifiedPoint, crate::report::Report, crate::report::StepReport, crate::report::PointReport, crate::report::CriticalStep, StartRun, Approve, PlanRequest, PlanResponse, ApiError, dto::Diagnostic, dto::Health, ReportFormat, Role, users::Login, users::Me, users::User, users::NewUser, users::SetRole, users::SetPassword, users::Token, users::NewToken, users::CreatedToken, crate::state::users::AuditEntry)),
     modifiers(&BearerAuth)
 )]
 struct ApiDoc;
@@ -119,6 +160,16 @@ pub fn router(app: AppState) -> Router {
         .route("/api/runs/{id}/rollback", post(rollback))
         .route("/api/runs/{id}/stream", get(stream))
         .route("/api/verified", get(verified))
+        .route("/api/drills", get(drills))
+        .route("/api/sources", get(inventory::list_sources))
+        .route(
+            "/api/sources/{source}/points",
+            get(inventory::source_points),
+        )
+        .route("/api/repository", get(inventory::repository))
+        .route("/api/runbooks", get(inventory::list_runbooks))
+        .route("/api/runbooks/{file}", get(inventory::get_runbook))
+        .route("/metrics", get(inventory::metrics))
         .route("/api/plan", post(plan))
         .route("/api/logout", post(users::logout))
         .route("/api/me", get(users::me))
@@ -154,6 +205,10 @@ pub fn router(app: AppState) -> Router {
         ))
         .route("/api/health", get(health))
         .route("/api/login", post(users::login))
+        .route_layer(axum::middleware::from_fn_with_state(
+            app.clone(),
+            inventory::track,
+        ))
         .fallback(|| async {
             error_response(
                 StatusCode::NOT_FOUND,
@@ -179,7 +234,7 @@ impl IntoResponse for Error {
     fn into_response(self) -> Response {
         let status =
             StatusCode::from_u16(self.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-        if status.is_server_error() {
+        if status.is_server_error() && !matches!(self, Error::Unavailable(_)) {
             // The details go to the server's log, not to the client.
             let reference = crate::sys::random_hex(4);
             tracing::error!(
@@ -193,17 +248,7 @@ impl IntoResponse for Error {
             );
         }
         let diagnostics = match &self {
-            Error::Invalid(d) => Some(
-                d.0.iter()
-                    .map(|d| dto::Diagnostic {
-                        file: d.file.clone(),
-                        line: d.line,
-                        column: d.column,
-                        message: d.message.clone(),
-                        hint: d.hint.clone(),
-                    })
-                    .collect(),
-            ),
+            Error::Invalid(d) => Some(d.0.iter().map(dto::Diagnostic::from).collect()),
             _ => None,
         };
         let error = match &self {
@@ -328,11 +373,13 @@ async fn list_runs(Ax(app): Ax<AppState>) -> ApiResult<Json<Vec<Run>>> {
     (status = 400, body = ApiError, description = "The body is not JSON, or a param is wrong"),
     (status = 401, body = ApiError, description = "No or wrong credentials"),
     (status = 403, body = ApiError, description = "Not an operator or admin, or a session request without its CSRF token"),
+    (status = 404, body = ApiError, description = "`path` names no runbook of the runbook directory"),
     (status = 409, body = ApiError, description = "A run with that id exists"),
     (status = 413, body = ApiError, description = "The runbook is too large"),
     (status = 415, body = ApiError, description = "The body is not application/json"),
-    (status = 422, body = ApiError, description = "The runbook has problems (each with its line and column) or the body lacks a field"),
-    (status = 500, body = ApiError, description = "The server failed; its log says why")))]
+    (status = 422, body = ApiError, description = "The runbook has problems (each with its line and column), or the body gives neither or both of `runbook` and `path`"),
+    (status = 500, body = ApiError, description = "The server failed; its log says why"),
+    (status = 503, body = ApiError, description = "`path` was given but the server has no runbook directory")))]
 async fn start_run(
     Ax(app): Ax<AppState>,
     Extension(who): Extension<Identity>,
@@ -340,10 +387,34 @@ async fn start_run(
 ) -> ApiResult<(StatusCode, Json<Run>)> {
     who.require(Role::Operator)?;
     let ctx = app.context();
+    let (file, text, git_commit) = match (body.runbook, body.path) {
+        (Some(text), None) => (body.file.unwrap_or_else(|| "api.yaml".into()), text, None),
+        (None, Some(path)) => {
+            let dir = inventory::runbook_dir(&app)?;
+            let registry = app.registry.clone();
+            let (e, commit) = tokio::task::spawn_blocking(move || {
+                crate::inventory::runbooks::read(&registry, &dir, &path)
+            })
+            .await
+            .map_err(|e| Error::Internal(anyhow::anyhow!("reading a runbook stopped: {e}")))??;
+            (e.file, e.text, commit)
+        }
+        _ => {
+            return Err(Error::Invalid(ferry_engine::Diagnostics(vec![
+                ferry_engine::Diagnostic {
+                    file: "request".into(),
+                    line: 1,
+                    column: 1,
+                    message: "give the runbook's text in `runbook` or a runbook of the server's directory in `path`, not both".into(),
+                    hint: None,
+                },
+            ])));
+        }
+    };
     let new = NewRun {
-        file: body.file.unwrap_or_else(|| "api.yaml".into()),
-        text: body.runbook,
-        git_commit: None,
+        file,
+        text,
+        git_commit,
         params: body.params,
         target: body.target,
         mode: body.mode.into(),
@@ -532,6 +603,8 @@ async fn stream(Ax(app): Ax<AppState>, Path(id): Path<String>) -> ApiResult<Resp
     tokio::spawn(async move {
         let mut seq = -1;
         loop {
+            // Armed before the read: an append in between still wakes us.
+            let changed = app.state.changed();
             let Ok(batch) = app.state.events_after(&run.id, seq).await else {
                 break;
             };
@@ -572,6 +645,7 @@ async fn stream(Ax(app): Ax<AppState>, Path(id): Path<String>) -> ApiResult<Resp
             // event. (`closed` is cancel-safe.)
             tokio::select! {
                 () = tx.closed() => return,
+                () = changed => {}
                 () = tokio::time::sleep(Duration::from_millis(200)) => {}
             }
         }
@@ -579,6 +653,74 @@ async fn stream(Ax(app): Ax<AppState>, Path(id): Path<String>) -> ApiResult<Resp
     Ok(Sse::new(tokio_stream::wrappers::ReceiverStream::new(rx))
         .keep_alive(KeepAlive::default())
         .into_response())
+}
+
+#[derive(Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+struct DrillQuery {
+    /// Only drills of the runbook with this `name`.
+    runbook: Option<String>,
+    /// At most this many, newest first (1 to 1000; default 200).
+    limit: Option<i64>,
+}
+
+#[utoipa::path(get, path = "/api/drills", params(DrillQuery), responses(
+    (status = 200, body = Vec<dto::Drill>, description = "Finished drills, newest first, with RTO and RPO against their objectives"),
+    (status = 400, body = ApiError, description = "A limit out of range"),
+    (status = 401, body = ApiError, description = "No or wrong credentials"),
+    (status = 500, body = ApiError, description = "The server failed; its log says why")))]
+async fn drills(
+    Ax(app): Ax<AppState>,
+    query: Result<Query<DrillQuery>, axum::extract::rejection::QueryRejection>,
+) -> ApiResult<Json<Vec<dto::Drill>>> {
+    let Query(q) =
+        query.map_err(|e| Error::usage(format!("{}; limit is a whole number", e.body_text())))?;
+    let limit = q.limit.unwrap_or(200);
+    if !(1..=1000).contains(&limit) {
+        return Err(Error::usage("limit is from 1 to 1000"));
+    }
+    let runs = app.state.finished_runs("drill", limit).await?;
+    let mut out = Vec::with_capacity(runs.len());
+    for run in runs {
+        if q.runbook.as_ref().is_some_and(|r| *r != run.runbook) {
+            continue;
+        }
+        if let Some(d) = app.drills.lock().await.get(&run.id) {
+            out.push(d.clone());
+            continue;
+        }
+        let r = match control::report_of(&app.state, &run).await {
+            Ok(r) => r,
+            Err(e) => {
+                // One unreadable log does not hide the others.
+                tracing::warn!(run = %run.id, "drill history skips a run: {}", crate::error::chain(&e));
+                continue;
+            }
+        };
+        let rpo = r.points.iter().map(|p| p.rpo_secs).reduce(f64::max);
+        let d = dto::Drill {
+            run: run.id.clone(),
+            runbook: run.runbook.clone(),
+            target: run.target.clone(),
+            created_ms: run.created_ms,
+            status: dto::RunStatus::parse(&run.status),
+            rto_secs: r.rto_secs,
+            rto_objective_secs: r.rto_objective_secs,
+            rto_met: r.rto_met,
+            rpo_secs: rpo,
+            rpo_objective_secs: r
+                .points
+                .iter()
+                .filter_map(|p| p.objective_secs)
+                .reduce(f64::min),
+            rpo_met: r.points.iter().filter_map(|p| p.met).reduce(|a, b| a && b),
+            checks_passed: r.checks_passed,
+            checks_failed: r.checks_failed,
+        };
+        app.drills.lock().await.insert(run.id, d.clone());
+        out.push(d);
+    }
+    Ok(Json(out))
 }
 
 #[utoipa::path(get, path = "/api/verified", responses(

@@ -20,15 +20,14 @@ impl Api {
         let url = format!("sqlite://{}", dir.path().join("state.db").display());
         let state = State::open(&url).await.unwrap();
         Api {
-            app: AppState {
+            app: AppState::new(
                 state,
-                repo: None,
-                password: None,
-                token: Arc::new(TOKEN.into()),
-                limiter: Arc::new(crate::auth::LoginLimiter::default()),
-                registry: Arc::new(Registry::builtin()),
-                home: dir.path().to_path_buf(),
-            },
+                None,
+                None,
+                TOKEN.into(),
+                dir.path().to_path_buf(),
+                None,
+            ),
             _dir: dir,
         }
     }
@@ -775,4 +774,324 @@ async fn passwords_are_stored_as_argon2id_and_the_last_admin_stays() {
         )
         .await;
     assert_eq!(s, StatusCode::NOT_FOUND);
+}
+
+/// A repository with points of two sources, a runbook directory (a git
+/// checkout) that sets an RPO on them, protection status as `ferry protect`
+/// writes it, a drill's verification and a check: what the console shows.
+#[tokio::test(flavor = "multi_thread")]
+async fn sources_points_repository_runbooks_drills_and_metrics() {
+    use chrono::{Duration as Age, Utc};
+    let dir = tempfile::tempdir().unwrap();
+    let repo_dir = dir.path().join("repo");
+    let pw = b"correct horse battery staple".to_vec();
+    let disk = dir.path().join("disk0");
+    // The data plane's store blocks on its own runtime: off the test's.
+    let ids = std::thread::scope(|scope| {
+        scope
+            .spawn(|| {
+                let mut ids = std::collections::BTreeMap::new();
+                let store =
+                    ferry_connectors::store::open(repo_dir.to_str().unwrap(), true).unwrap();
+                let repo = ferry_agent::Repository::init(store, &pw, Default::default()).unwrap();
+                let backup = |source: &str, fill: u8, age_mins: i64| {
+                    std::fs::write(&disk, vec![fill; 3 << 20]).unwrap();
+                    let opts = ferry_agent::backup::BackupOptions {
+                        source: source.into(),
+                        disks: vec![ferry_agent::backup::DiskSpec::from_path(&disk)],
+                        consistency: None,
+                        time: Some(Utc::now() - Age::minutes(age_mins)),
+                    };
+                    ferry_agent::backup::backup(&repo, &opts, &Default::default())
+                        .unwrap()
+                        .point
+                };
+                ids.insert("web-old", backup("web", 1, 30));
+                ids.insert("web-new", backup("web", 2, 1));
+                ids.insert("db", backup("db", 3, 120));
+                ids
+            })
+            .join()
+            .unwrap()
+    });
+    let books = dir.path().join("runbooks");
+    std::fs::create_dir(&books).unwrap();
+    std::fs::write(
+        books.join("stack.yaml"),
+        "name: stack\nobjectives: { rto: 5m, rpo: 1h }\nparams:\n  web: { type: point, default: web@latest }\nsteps:\n  - id: web-disk\n    uses: volume.restore\n    with: { point: \"${{ params.web }}\" }\n  - id: db-disk\n    uses: volume.restore\n    with: { point: db@latest }\n  - id: ready\n    uses: approval\n    needs: [web-disk, db-disk]\n",
+    )
+    .unwrap();
+    std::fs::write(
+        books.join("quick.yaml"),
+        "name: quick\nsteps:\n  - id: pause\n    uses: wait\n    with: { duration: 100ms }\n",
+    )
+    .unwrap();
+    std::fs::write(
+        books.join("broken.yaml"),
+        "name: broken\nsteps:\n  - id: a\n    uses: no.such.action\n",
+    )
+    .unwrap();
+    let git = |args: &[&str]| {
+        let ok = std::process::Command::new("git")
+            .arg("-C")
+            .arg(&books)
+            .args(["-c", "user.name=t", "-c", "user.email=t@t"])
+            .args(args)
+            .output()
+            .unwrap()
+            .status
+            .success();
+        assert!(ok, "git {args:?}");
+    };
+    git(&["init", "-q"]);
+    git(&["add", "."]);
+    git(&["commit", "-q", "-m", "runbooks"]);
+
+    let url = format!("sqlite://{}", dir.path().join("state.db").display());
+    let state = State::open(&url).await.unwrap();
+    let now = Utc::now();
+    let status = |src: &str, cut_secs: i64, err: Option<&str>| {
+        serde_json::json!({"source": src, "last_cut": now - Age::seconds(cut_secs), "backlog_bytes": 4096,
+            "throughput_bytes_per_sec": 1e6, "last_cycle_secs": 0.5, "cycles_ok": 7, "cycles_failed": u64::from(err.is_some()),
+            "last_error": err, "last_point": null, "lag_secs": null, "last_mode": "incremental"})
+        .to_string()
+    };
+    state
+        .put_protection(&[
+            crate::state::health::ProtectionRow {
+                source: "web".into(),
+                repo: "r".into(),
+                reporter: "host:1".into(),
+                updated_ms: now.timestamp_millis(),
+                status: status("web", 5, None),
+            },
+            crate::state::health::ProtectionRow {
+                source: "ghost".into(),
+                repo: "r".into(),
+                reporter: "host:2".into(),
+                updated_ms: (now - Age::minutes(10)).timestamp_millis(),
+                status: status(
+                    "ghost",
+                    900,
+                    Some("QMP socket /run/q.sock: connection refused"),
+                ),
+            },
+        ])
+        .await
+        .unwrap();
+    state
+        .mark_verified(&crate::state::Verified {
+            repo: "r".into(),
+            point: ids["web-old"].clone(),
+            source: "web".into(),
+            point_time: String::new(),
+            run_id: "drill-1".into(),
+            at_ms: now.timestamp_millis(),
+        })
+        .await
+        .unwrap();
+    state
+        .record_check(&crate::state::health::CheckRow {
+            id: "c1".into(),
+            repo: crate::inventory::repo_key(repo_dir.to_str().unwrap()),
+            at_ms: now.timestamp_millis(),
+            ok: true,
+            read_data: true,
+            points: 3,
+            packs: 1,
+            chunks: 3,
+            bytes_read: 100,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let api = Api {
+        app: AppState::new(
+            state,
+            Some(repo_dir.display().to_string()),
+            Some(Password::new(pw)),
+            TOKEN.into(),
+            dir.path().to_path_buf(),
+            Some(books.clone()),
+        ),
+        _dir: tempfile::tempdir().unwrap(),
+    };
+
+    let (s, src) = api.call(Method::GET, "/api/sources", None).await;
+    assert_eq!(s, StatusCode::OK, "{src}");
+    let names: Vec<_> = src
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x["source"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["db", "ghost", "web"]);
+    let (db, ghost, web) = (&src[0], &src[1], &src[2]);
+    assert_eq!(web["points"], 2);
+    assert_eq!(web["last_point"], ids["web-new"]);
+    assert_eq!(web["rpo_objective_secs"], 3600.0);
+    assert_eq!(web["rpo_objective_runbook"], "stack");
+    assert_eq!(web["rpo_status"], "ok");
+    assert_eq!(web["bytes_protected"], 3 << 20);
+    assert_eq!(web["last_verified"]["run_id"], "drill-1");
+    let lag = web["protection"]["lag_secs"].as_f64().unwrap();
+    assert!((5.0..60.0).contains(&lag), "{lag}");
+    assert_eq!(web["protection"]["stale"], false);
+    // Two hours old against a one-hour objective.
+    assert_eq!(db["rpo_status"], "breach");
+    assert!(
+        db["alerts"][0]
+            .as_str()
+            .unwrap()
+            .contains("RPO of runbook stack"),
+        "{db}"
+    );
+    // Protection that stopped reporting, with its last error, and no point.
+    assert_eq!(ghost["points"], 0);
+    assert_eq!(ghost["protection"]["stale"], true);
+    let alerts = ghost["alerts"].to_string();
+    assert!(
+        alerts.contains("no recovery point yet")
+            && alerts.contains("has not reported")
+            && alerts.contains("connection refused"),
+        "{alerts}"
+    );
+
+    let (s, pts) = api.call(Method::GET, "/api/sources/web/points", None).await;
+    assert_eq!(s, StatusCode::OK, "{pts}");
+    assert_eq!(pts[0]["id"], ids["web-new"]);
+    assert_eq!(pts[1]["verified_by"][0]["run_id"], "drill-1");
+    assert_eq!(pts[0]["verified_by"].as_array().unwrap().len(), 0);
+    assert_eq!(pts[0]["disks"][0]["size"], 3 << 20);
+    assert_eq!(pts[0]["disks"][0]["digest"].as_str().unwrap().len(), 64);
+    let (s, _) = api
+        .call(Method::GET, "/api/sources/nope/points", None)
+        .await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+
+    let (s, r) = api.call(Method::GET, "/api/repository", None).await;
+    assert_eq!(s, StatusCode::OK, "{r}");
+    assert_eq!(r["points"], 3);
+    assert_eq!(r["coverage"]["points_verified"], 1);
+    assert_eq!(r["coverage"]["bytes_verified"], 3 << 20);
+    assert_eq!(r["checks"][0]["ok"], true);
+    // 9 MiB of one-byte fills compress to almost nothing.
+    assert!(r["reduction"].as_f64().unwrap() > 10.0, "{r}");
+
+    let (s, l) = api.call(Method::GET, "/api/runbooks", None).await;
+    assert_eq!(s, StatusCode::OK, "{l}");
+    let head = l["commit"].as_str().unwrap().to_owned();
+    assert_eq!(head.len(), 40);
+    let files: Vec<_> = l["runbooks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| (r["file"].as_str().unwrap(), r["valid"].as_bool().unwrap()))
+        .collect();
+    assert_eq!(
+        files,
+        [
+            ("broken.yaml", false),
+            ("quick.yaml", true),
+            ("stack.yaml", true)
+        ]
+    );
+    assert_eq!(
+        l["runbooks"][2]["sources"],
+        serde_json::json!(["db", "web"])
+    );
+    let (s, b) = api
+        .call(Method::GET, "/api/runbooks/broken.yaml", None)
+        .await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(b["diagnostics"][0]["line"], 4, "{b}");
+    let (s, d) = api
+        .call(Method::GET, "/api/runbooks/stack.yaml", None)
+        .await;
+    assert_eq!(s, StatusCode::OK);
+    let waves: Vec<_> = d["graph"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|g| (g["id"].as_str().unwrap(), g["wave"].as_u64().unwrap()))
+        .collect();
+    assert_eq!(waves, [("web-disk", 0), ("db-disk", 0), ("ready", 1)]);
+    assert_eq!(d["graph"][2]["approval"], true);
+    for bad in ["..%2Fstate.db", "notes.txt", "nope.yaml"] {
+        let (s, _) = api
+            .call(Method::GET, &format!("/api/runbooks/{bad}"), None)
+            .await;
+        assert_eq!(s, StatusCode::NOT_FOUND, "{bad}");
+    }
+
+    // A drill started from the directory by name records its commit, and
+    // the drill history measures it.
+    let (s, run) = api
+        .call(
+            Method::POST,
+            "/api/runs",
+            Some(serde_json::json!({"path": "quick.yaml", "mode": "drill"})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::ACCEPTED, "{run}");
+    assert_eq!(run["git_commit"], head.as_str());
+    let id = run["id"].as_str().unwrap().to_owned();
+    let mut drills = serde_json::Value::Null;
+    for _ in 0..200 {
+        (_, drills) = api.call(Method::GET, "/api/drills", None).await;
+        if drills.as_array().is_some_and(|d| !d.is_empty()) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(drills[0]["run"], id.as_str(), "{drills}");
+    assert_eq!(drills[0]["status"], "succeeded");
+    assert!(drills[0]["rto_secs"].as_f64().unwrap() >= 0.1, "{drills}");
+    let (s, _) = api.call(Method::GET, "/api/drills?limit=0", None).await;
+    assert_eq!(s, StatusCode::BAD_REQUEST);
+    let (s, e) = api
+        .call(
+            Method::POST,
+            "/api/runs",
+            Some(serde_json::json!({"path": "quick.yaml", "runbook": GATE, "mode": "drill"})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY, "{e}");
+
+    let (s, m) = api.call(Method::GET, "/metrics", None).await;
+    assert_eq!(s, StatusCode::OK);
+    let m = m.as_str().unwrap().to_owned();
+    for want in [
+        "ferry_repository_up 1",
+        "ferry_source_points{source=\"web\"} 2",
+        "ferry_source_rpo_objective_seconds{source=\"db\"} 3600",
+        "ferry_runs{mode=\"drill\",status=\"succeeded\"} 1",
+        "ferry_api_request_duration_seconds_count{method=\"GET\",route=\"/api/sources\",status=\"200\"} 1",
+    ] {
+        assert!(m.contains(want), "{want} not in\n{m}");
+    }
+    assert!(m.contains("ferry_source_protection_lag_seconds{source=\"web\"}"));
+    // A stale report is not a live lag.
+    assert!(!m.contains("ferry_source_protection_lag_seconds{source=\"ghost\"}"));
+
+    // Without credentials, nothing.
+    let resp = router(api.app.clone())
+        .oneshot(Req::get("/metrics").body(HttpBody::empty()).unwrap())
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::UNAUTHORIZED);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn without_a_repository_or_runbooks_the_views_say_how_to_give_them() {
+    let api = Api::new().await;
+    let (s, e) = api.call(Method::GET, "/api/sources", None).await;
+    assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE);
+    assert!(e["error"].as_str().unwrap().contains("--repo"), "{e}");
+    let (s, e) = api.call(Method::GET, "/api/runbooks", None).await;
+    assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE);
+    assert!(e["error"].as_str().unwrap().contains("--runbooks"), "{e}");
+    let (s, m) = api.call(Method::GET, "/metrics", None).await;
+    assert_eq!(s, StatusCode::OK);
+    assert!(m.as_str().unwrap().contains("ferry_repository_up 0"));
 }

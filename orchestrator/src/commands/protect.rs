@@ -149,6 +149,10 @@ pub fn protect(ctx: &Context, a: &ProtectArgs) -> Result<ExitCode> {
                 write_status(path, &status.snapshot());
             });
         }
+        {
+            let (status, done) = (&status, &done);
+            s.spawn(move || report_to_state(ctx, status, done));
+        }
         s.spawn(|| {
             for u in rx {
                 print_update(ctx, &u);
@@ -221,6 +225,67 @@ fn print_update(ctx: &Context, u: &protect::Update) {
     }
     use std::io::Write as _;
     let _ = std::io::stdout().flush();
+}
+
+/// How often the status reaches the state (`GET /api/sources`, `/metrics`).
+const STATE_EVERY: Duration = Duration::from_secs(2);
+
+/// Writes every source's status to the state every [`STATE_EVERY`] until
+/// protection ends, then once more. The state is where the console and
+/// `/metrics` read it; a state that cannot be opened or written is warned
+/// about and never stops protection.
+fn report_to_state(ctx: &Context, status: &protect::Status, done: &AtomicBool) {
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            warn!(error = %e, "protection status not written to the state");
+            return;
+        }
+    };
+    let state = match rt.block_on(crate::state::State::open(&ctx.state_url)) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!(
+                "ferry: warning: protection status will not reach the state ({}): {}",
+                crate::redact::redact(&ctx.state_url),
+                crate::error::anyhow_chain(&e)
+            );
+            return;
+        }
+    };
+    let repo = crate::inventory::repo_key(ctx.repo.as_deref().unwrap_or_default());
+    let reporter = format!("{}:{}", crate::sys::hostname(), std::process::id());
+    let mut warned = false;
+    loop {
+        let last = done.load(Ordering::Relaxed);
+        let now = Utc::now().timestamp_millis();
+        let rows: Vec<_> = status
+            .snapshot()
+            .into_iter()
+            .map(|s| crate::state::health::ProtectionRow {
+                source: s.source.clone(),
+                repo: repo.clone(),
+                reporter: reporter.clone(),
+                updated_ms: now,
+                status: serde_json::to_string(&s).unwrap_or_default(),
+            })
+            .collect();
+        if let Err(e) = rt.block_on(state.put_protection(&rows))
+            && !std::mem::replace(&mut warned, true)
+        {
+            warn!(error = %crate::error::anyhow_chain(&e), "protection status not written to the state");
+        }
+        if last {
+            return;
+        }
+        let until = Instant::now() + STATE_EVERY;
+        while Instant::now() < until && !done.load(Ordering::Relaxed) {
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
 }
 
 fn write_status(path: &std::path::Path, sources: &[protect::SourceStatus]) {

@@ -910,6 +910,7 @@ pub fn check(ctx: &Context, a: &CheckArgs) -> Result<ExitCode> {
         &progress,
     )?;
     drop(bar);
+    record_check(ctx, &r);
     if ctx.json {
         print_json(&r)?;
     } else {
@@ -955,6 +956,44 @@ pub fn check(ctx: &Context, a: &CheckArgs) -> Result<ExitCode> {
     } else {
         ExitCode::from(1)
     })
+}
+
+/// Records a check's outcome in the state, where the console shows the
+/// repository's health. A state that cannot be written is warned about: the
+/// check's own answer (its output and exit code) stands either way.
+fn record_check(ctx: &Context, r: &ferry_agent::check::Report) {
+    let n = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+    let row = crate::state::health::CheckRow {
+        id: crate::control::new_run_id(),
+        repo: crate::inventory::repo_key(ctx.repo.as_deref().unwrap_or_default()),
+        at_ms: chrono::Utc::now().timestamp_millis(),
+        ok: r.ok,
+        read_data: r.read_data,
+        points: n(r.points),
+        packs: n(r.packs),
+        chunks: n(r.chunks),
+        bytes_read: n(r.bytes_read),
+        problems: n(r.problems.len() as u64),
+        damaged_points: n(r.damaged_points.len() as u64),
+    };
+    let written = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(anyhow::Error::from)
+        .and_then(|rt| {
+            rt.block_on(async {
+                crate::state::State::open(&ctx.state_url)
+                    .await?
+                    .record_check(&row)
+                    .await
+            })
+        });
+    if let Err(e) = written {
+        eprintln!(
+            "ferry: warning: the check's result was not recorded in the state: {}",
+            crate::error::anyhow_chain(&e)
+        );
+    }
 }
 
 /// One line of request counts, for every command that talks to the store.

@@ -471,6 +471,56 @@ pub fn verified(ctx: &Context) -> Result<ExitCode> {
     })
 }
 
+#[derive(Debug, Args)]
+pub struct SourcesArgs {
+    /// A directory of runbooks whose `objectives: rpo` the sources are
+    /// measured against (the sources each runbook's restores read).
+    #[arg(long, env = "FERRY_RUNBOOKS", value_name = "DIR")]
+    pub runbooks: Option<PathBuf>,
+}
+
+pub fn sources(ctx: &Context, a: &SourcesArgs) -> Result<ExitCode> {
+    ctx.password(false)?;
+    let objectives = match &a.runbooks {
+        Some(dir) => crate::inventory::runbooks::list(&Registry::builtin(), dir)?.rpo_objectives(),
+        None => Default::default(),
+    };
+    runtime()?.block_on(async {
+        let state = open_state(ctx).await?;
+        let inv = crate::inventory::Inventory::new(ctx.clone());
+        let sources = inv.sources(&state, &objectives).await?;
+        if ctx.json {
+            println!("{}", serde_json::to_string_pretty(&sources)?);
+            return Ok(ExitCode::SUCCESS);
+        }
+        println!(
+            "{:<20} {:>6} {:<20} {:>10} {:>10} {:>10}  status",
+            "source", "points", "newest (UTC)", "age", "lag", "objective"
+        );
+        let secs = |s: Option<f64>| s.map_or("-".to_owned(), |s| format!("{s:.0} s"));
+        for s in &sources {
+            println!(
+                "{:<20} {:>6} {:<20} {:>10} {:>10} {:>10}  {}",
+                s.source,
+                s.points,
+                s.last_point_time.map_or("-".to_owned(), |t| t
+                    .format("%Y-%m-%d %H:%M:%S")
+                    .to_string()),
+                secs(s.last_point_age_secs),
+                secs(s.protection.as_ref().and_then(|p| p.lag_secs)),
+                secs(s.rpo_objective_secs),
+                serde_json::to_value(s.rpo_status)?
+                    .as_str()
+                    .unwrap_or_default()
+            );
+            for alert in &s.alerts {
+                println!("  ! {alert}");
+            }
+        }
+        Ok(ExitCode::SUCCESS)
+    })
+}
+
 /// Who asks, as the run's log records it: the local user.
 fn who() -> String {
     crate::auth::cli_actor()

@@ -4,16 +4,18 @@
 use crate::api::{self, AppState};
 use crate::context::Context;
 use crate::state::State;
-use crate::targets::Registry;
 use anyhow::{Context as _, Result};
 use std::process::ExitCode;
-use std::sync::Arc;
 
 #[derive(Debug, clap::Args)]
 pub struct ServeArgs {
     /// Address to listen on.
     #[arg(long, default_value = "127.0.0.1:7480")]
     pub listen: String,
+    /// A directory of runbooks (normally a git checkout) the console and
+    /// `GET /api/runbooks` show, and runs may start from by name.
+    #[arg(long, env = "FERRY_RUNBOOKS", value_name = "DIR")]
+    pub runbooks: Option<std::path::PathBuf>,
 }
 
 pub fn print_openapi() -> Result<ExitCode> {
@@ -29,15 +31,23 @@ pub fn serve(ctx: &Context, a: &ServeArgs) -> Result<ExitCode> {
         .build()?;
     rt.block_on(async {
         let state = State::open(&ctx.state_url).await?;
-        let app = AppState {
-            state: state.clone(),
-            repo: ctx.repo.clone(),
+        if let Some(dir) = &a.runbooks
+            && !dir.is_dir()
+        {
+            return Err(crate::error::Error::usage(format!(
+                "--runbooks {}: not a directory",
+                dir.display()
+            ))
+            .into());
+        }
+        let app = AppState::new(
+            state.clone(),
+            ctx.repo.clone(),
             password,
-            token: Arc::new(api::load_or_create_token(&ctx.home)?),
-            limiter: Arc::new(crate::auth::LoginLimiter::default()),
-            registry: Arc::new(Registry::builtin()),
-            home: ctx.home.clone(),
-        };
+            api::load_or_create_token(&ctx.home)?,
+            ctx.home.clone(),
+            a.runbooks.clone(),
+        );
         // Continue runs whose process died. One that cannot even be planned
         // any more fails on its own; the server stays up.
         for run in crate::control::orphans(&state).await? {
@@ -56,7 +66,7 @@ pub fn serve(ctx: &Context, a: &ServeArgs) -> Result<ExitCode> {
             );
         } else {
             eprintln!(
-                "ferry serve: http://{addr}/api (state {}; token in {})",
+                "ferry serve: console http://{addr}/, API http://{addr}/api (state {}; token in {})",
                 state.location,
                 token_file.display()
             );
@@ -64,7 +74,9 @@ pub fn serve(ctx: &Context, a: &ServeArgs) -> Result<ExitCode> {
         // Each connection's address: the login rate limit counts per client.
         axum::serve(
             listener,
-            api::router(app).into_make_service_with_connect_info::<std::net::SocketAddr>(),
+            api::router(app)
+                .merge(ferry_web::router())
+                .into_make_service_with_connect_info::<std::net::SocketAddr>(),
         )
         .with_graceful_shutdown(async {
             let _ = tokio::signal::ctrl_c().await;

@@ -81,10 +81,15 @@ pub struct State {
     pool: AnyPool,
     /// Where it is, without credentials.
     pub location: String,
+    /// Woken whenever this process appends events or queues a command, so a
+    /// runner and the event streams of the same process act at once instead
+    /// of at their next poll (writes by other processes are still polled).
+    changed: std::sync::Arc<tokio::sync::Notify>,
 }
 
 pub use crate::redact::redact;
 
+pub mod health;
 pub mod users;
 
 impl State {
@@ -142,7 +147,11 @@ impl State {
             .connect(&url)
             .await
             .with_context(|| format!("cannot open the state database {location}"))?;
-        let state = State { pool, location };
+        let state = State {
+            pool,
+            location,
+            changed: std::sync::Arc::default(),
+        };
         state.migrate(sqlite_path.as_deref()).await?;
         Ok(state)
     }
@@ -272,12 +281,30 @@ impl State {
         rows.iter().map(State::row).collect()
     }
 
+    /// Finished runs of one mode (`drill`, `run`), newest first.
+    pub async fn finished_runs(&self, mode: &str, limit: i64) -> Result<Vec<RunRow>> {
+        let rows = sqlx::query(
+            "SELECT * FROM runs WHERE mode = $1 AND status <> 'running' ORDER BY created_ms DESC LIMIT $2",
+        )
+        .bind(mode)
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(State::row).collect()
+    }
+
     /// Runs not finished, oldest first.
     pub async fn unfinished(&self) -> Result<Vec<RunRow>> {
         let rows = sqlx::query("SELECT * FROM runs WHERE status = 'running' ORDER BY created_ms")
             .fetch_all(&self.pool)
             .await?;
         rows.iter().map(State::row).collect()
+    }
+
+    /// Resolves at the next append or queued command of this process.
+    /// Create it before reading what it guards, so nothing falls in between.
+    pub fn changed(&self) -> tokio::sync::futures::OwnedNotified {
+        self.changed.clone().notified_owned()
     }
 
     /// Appends events `first_seq..` in one transaction. Fails if another
@@ -299,6 +326,7 @@ impl State {
         tx.commit()
             .await
             .with_context(|| format!("cannot commit to the log of run {run}"))?;
+        self.changed.notify_waiters();
         Ok(())
     }
 
@@ -381,6 +409,7 @@ impl State {
             .bind(serde_json::to_string(cmd)?)
             .execute(&self.pool)
             .await?;
+        self.changed.notify_waiters();
         Ok(())
     }
 

@@ -64,7 +64,11 @@ impl Env {
 
     pub fn cmd(&self) -> Command {
         let mut c = Command::new(ferry_bin());
+        // Ferry's home (its state) inside the test's directory: `check` and
+        // `protect` record what they find there, never in the user's home.
         c.env("FERRY_REPO", &self.location)
+            .env("FERRY_HOME", self.dir.path().join("home"))
+            .env_remove("FERRY_STATE")
             .env("FERRY_PASSWORD", "correct horse")
             .env_remove("FERRY_PASSWORD_FILE")
             .env_remove("FERRY_LOG")
