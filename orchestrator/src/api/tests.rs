@@ -1095,3 +1095,41 @@ async fn without_a_repository_or_runbooks_the_views_say_how_to_give_them() {
     assert_eq!(s, StatusCode::OK);
     assert!(m.as_str().unwrap().contains("ferry_repository_up 0"));
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn guessing_ones_own_current_password_is_limited_like_logins() {
+    let api = Api::new().await;
+    let bob = As::token(&api.user_with_token("bob", "viewer").await);
+    let change = |current: &str| serde_json::json!({"current_password": current, "password": "bob's brand new password"});
+    for _ in 0..5 {
+        let (s, _, b) = api
+            .call_as(
+                &bob,
+                Method::PUT,
+                "/api/users/bob/password",
+                Some(change("a guess at it")),
+            )
+            .await;
+        assert_eq!(s, StatusCode::FORBIDDEN, "{b}");
+    }
+    // Even the right password waits now, and so does a login.
+    let (s, headers, b) = api
+        .call_as(
+            &bob,
+            Method::PUT,
+            "/api/users/bob/password",
+            Some(change("bob has a long password")),
+        )
+        .await;
+    assert_eq!(s, StatusCode::TOO_MANY_REQUESTS, "{b}");
+    assert!(headers.contains_key(header::RETRY_AFTER));
+    let (s, _, _) = api
+        .call_as(
+            &As::default(),
+            Method::POST,
+            "/api/login",
+            Some(serde_json::json!({"name": "bob", "password": "bob has a long password"})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::TOO_MANY_REQUESTS);
+}

@@ -416,7 +416,8 @@ pub(super) async fn set_role(
     (status = 204, description = "Set; the user's console sessions have ended"),
     (status = 401, body = ApiError, description = "No or wrong credentials"),
     (status = 403, body = ApiError, description = "Another user's password and not an admin, or a wrong current password"),
-    (status = 404, body = ApiError, description = "No such user")))]
+    (status = 404, body = ApiError, description = "No such user"),
+    (status = 429, body = ApiError, description = "Too many wrong current passwords for this user; Retry-After says when to try again")))]
 pub(super) async fn set_password(
     Ax(app): Ax<AppState>,
     Extension(who): Extension<Identity>,
@@ -424,12 +425,24 @@ pub(super) async fn set_password(
     Body(b): Body<SetPassword>,
 ) -> ApiResult<StatusCode> {
     if who.name == name {
+        // The same budget as logins: a stolen session cannot guess the
+        // current password faster than a login could.
+        let keys = [format!("user:{name}")];
+        if let Some(wait) = app.limiter.wait(&keys) {
+            return Err(Error::TooMany(
+                "too many wrong passwords; wait before trying again".into(),
+                wait.as_secs().max(1),
+            ));
+        }
         let current = b.current_password.as_deref().unwrap_or("");
         if auth::login(&app.state, &name, current).await?.is_none() {
+            app.limiter.failed(&keys);
+            auth::audit(&app.state, &name, "passwd.failed", &name, "").await;
             return Err(Error::Forbidden(
                 "give your current password in `current_password`".into(),
             ));
         }
+        app.limiter.succeeded(&keys);
     } else {
         who.require(Role::Admin)?;
     }
