@@ -9,20 +9,10 @@
 mod common;
 
 use common::*;
-use std::io::BufRead as _;
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 
 const PASSWORD: &str = "console test passphrase 7";
-
-struct Serve(Child);
-
-impl Drop for Serve {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 fn tools() -> PathBuf {
     PathBuf::from(std::env::var("FERRY_TOOLS").unwrap_or_else(|_| "/var/tmp/ferry-tools".into()))
@@ -137,20 +127,8 @@ fn viewers_operators_and_admins_use_the_console_in_chromium() {
         ]);
     }
 
-    let mut child = cmd()
-        .args(["--json", "serve", "--listen", "127.0.0.1:0", "--runbooks"])
-        .arg(&books)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    std::io::BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let _serve = Serve(child);
-    let info: serde_json::Value = serde_json::from_str(&line).unwrap();
-    let url = info["url"].as_str().unwrap().to_owned();
+    let server = serve(cmd(), &["--runbooks".as_ref(), books.as_os_str()]);
+    let url = server.url.clone();
 
     let shots = screens();
     let out = Command::new("node")

@@ -8,9 +8,8 @@
 
 mod common;
 
-use std::io::BufRead;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 
 fn schemathesis() -> Option<PathBuf> {
     let tools = std::env::var("FERRY_TOOLS").unwrap_or_else(|_| "/var/tmp/ferry-tools".into());
@@ -28,15 +27,6 @@ fn schemathesis() -> Option<PathBuf> {
         bin.display()
     );
     None
-}
-
-struct Serve(std::process::Child);
-
-impl Drop for Serve {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
 }
 
 #[test]
@@ -72,25 +62,14 @@ fn the_live_api_keeps_its_openapi_contract() {
     };
     ferry(&["init"]);
     ferry(&["backup", "--source", "web", disk.to_str().unwrap()]);
-    let mut child = Command::new(common::ferry_bin())
-        .args(["--json", "serve", "--listen", "127.0.0.1:0", "--runbooks"])
-        .arg(&books)
-        .env("FERRY_HOME", home.path())
+    let mut cmd = Command::new(common::ferry_bin());
+    cmd.env("FERRY_HOME", home.path())
         .env("FERRY_REPO", &repo)
         .env("FERRY_PASSWORD", "contract test passphrase")
         .env_remove("FERRY_STATE")
-        .env_remove("FERRY_API_TOKEN")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    std::io::BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let _serve = Serve(child);
-    let info: serde_json::Value = serde_json::from_str(&line).unwrap();
-    let url = info["url"].as_str().unwrap().to_owned();
+        .env_remove("FERRY_API_TOKEN");
+    let server = common::serve(cmd, &["--runbooks".as_ref(), books.as_os_str()]);
+    let url = server.url.clone();
     let token = std::fs::read_to_string(home.path().join("api-token")).unwrap();
     let doc = Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/openapi.json");
     let out = Command::new(st)

@@ -254,3 +254,43 @@ pub fn moto_env(moto: &servers::Moto) -> Env {
     ));
     e
 }
+
+/// A `ferry --json serve` started by [`serve`], stopped (by PID) when dropped.
+pub struct Served {
+    child: std::process::Child,
+    /// `http://127.0.0.1:PORT`, as the server printed it.
+    pub url: String,
+}
+
+impl Drop for Served {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Starts `cmd` (a `ferry` command set up by the caller) as `--json serve
+/// --listen 127.0.0.1:0 EXTRA...` and waits for the line with its URL.
+pub fn serve(mut cmd: Command, extra: &[&std::ffi::OsStr]) -> Served {
+    use std::io::BufRead as _;
+    let mut child = cmd
+        .args(["--json", "serve", "--listen", "127.0.0.1:0"])
+        .args(extra)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("ferry serve starts");
+    let mut line = String::new();
+    std::io::BufReader::new(child.stdout.take().expect("piped stdout"))
+        .read_line(&mut line)
+        .expect("ferry serve prints its address");
+    // Owned before parsing, so a bad line still stops the server.
+    let mut served = Served {
+        child,
+        url: String::new(),
+    };
+    let info: serde_json::Value =
+        serde_json::from_str(&line).unwrap_or_else(|e| panic!("ferry serve printed {line:?}: {e}"));
+    served.url = info["url"].as_str().expect("url").to_owned();
+    served
+}
