@@ -21,12 +21,19 @@ use ferry_orchestrator::targets::Registry;
 use std::path::Path;
 use std::time::Instant;
 
-const SOURCES: usize = 100;
-const POINTS: usize = 100;
-const RUNS: usize = 1000;
+/// Sources, points per source and drills: the full fixture, or a tenth of
+/// each with `CONSOLE_SCALE=small` (quick to build while working on a view;
+/// the figures in docs/performance.md are from the full one).
+fn scale() -> (usize, usize, usize) {
+    match std::env::var("CONSOLE_SCALE").as_deref() {
+        Ok("small") => (10, 10, 100),
+        _ => (100, 100, 1000),
+    }
+}
 const PASSWORD: &str = "bench console password 1";
 
 fn points(repo_dir: &Path, pw: &[u8], work: &Path) {
+    let (sources, points, _) = scale();
     let store = ferry_connectors::store::open(repo_dir.to_str().unwrap(), true).unwrap();
     let repo = ferry_agent::Repository::init(store, pw, Default::default()).unwrap();
     let now = chrono::Utc::now();
@@ -38,8 +45,8 @@ fn points(repo_dir: &Path, pw: &[u8], work: &Path) {
         .map(|i| (i.wrapping_mul(0x9E37_79B9) >> 13) as u8)
         .collect();
     std::fs::write(&disk, &data).unwrap();
-    for s in 0..SOURCES {
-        for p in 0..POINTS {
+    for s in 0..sources {
+        for p in 0..points {
             let opts = ferry_agent::backup::BackupOptions {
                 source: format!("vm-{s:03}"),
                 disks: vec![ferry_agent::backup::DiskSpec {
@@ -47,19 +54,19 @@ fn points(repo_dir: &Path, pw: &[u8], work: &Path) {
                     path: disk.clone(),
                 }],
                 consistency: None,
-                time: Some(now - chrono::Duration::minutes(((POINTS - p) * 15) as i64)),
+                time: Some(now - chrono::Duration::minutes(((points - p) * 15) as i64)),
             };
             ferry_agent::backup::backup(&repo, &opts, &Default::default()).unwrap();
         }
         if s % 10 == 9 {
-            eprintln!("  {} points", (s + 1) * POINTS);
+            eprintln!("  {} points", (s + 1) * points);
         }
     }
 }
 
 fn runbook(n: usize) -> String {
     let mut s = format!("name: app-{n}\nobjectives: {{ rto: 10m, rpo: 1h }}\nsteps:\n");
-    for k in 0..SOURCES / 10 {
+    for k in 0..10 {
         let src = n * 10 + k;
         s.push_str(&format!(
             "  - id: disk-{k}\n    uses: volume.restore\n    with: {{ point: vm-{src:03}@latest }}\n"
@@ -89,14 +96,15 @@ fn main() {
     std::fs::create_dir_all(&books).unwrap();
     std::fs::create_dir_all(&work).unwrap();
     let pw = PASSWORD.as_bytes().to_vec();
+    let (sources, points, runs) = scale();
     let t = Instant::now();
-    points(&repo_dir, &pw, &work);
+    self::points(&repo_dir, &pw, &work);
     eprintln!(
         "{} points written in {:.1} s",
-        SOURCES * POINTS,
+        sources * points,
         t.elapsed().as_secs_f64()
     );
-    for n in 0..SOURCES / 10 {
+    for n in 0..sources / 10 {
         std::fs::write(books.join(format!("app-{n}.yaml")), runbook(n)).unwrap();
     }
     std::fs::write(
@@ -127,7 +135,7 @@ fn main() {
         );
         let registry = Registry::builtin();
         let t = Instant::now();
-        for i in 0..RUNS {
+        for i in 0..runs {
             let run = control::create_run(
                 &state,
                 &ctx,
@@ -149,7 +157,7 @@ fn main() {
                 .await
                 .unwrap();
         }
-        eprintln!("{RUNS} drills run in {:.1} s", t.elapsed().as_secs_f64());
+        eprintln!("{runs} drills run in {:.1} s", t.elapsed().as_secs_f64());
         let app = AppState::new(
             state,
             Some(repo_dir.display().to_string()),
@@ -158,6 +166,9 @@ fn main() {
             dir.path().to_path_buf(),
             Some(books.clone()),
         );
+        // As `ferry serve` does at start, before anyone signs in.
+        let took = app.inventory.warm().await;
+        eprintln!("repository read at start in {:.1} s", took.as_secs_f64());
         let router = api::router(app).merge(ferry_web::router());
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();

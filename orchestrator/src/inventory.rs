@@ -280,6 +280,26 @@ impl Inventory {
         self.opener.ctx.repo.as_deref().map(crate::redact::redact)
     }
 
+    /// Lists the points and reads the statistics once, so the first person
+    /// to open the console does not wait for a repository of thousands of
+    /// points to be read (a server calls this at start, in the background).
+    /// Returns how long it took; a failure is only logged, since every view
+    /// reports it again when asked.
+    pub async fn warm(&self) -> Duration {
+        let t = Instant::now();
+        if self.opener.ctx.repo.is_none() {
+            return t.elapsed();
+        }
+        if let Err(e) = self.listing().await {
+            tracing::warn!("cannot list the repository's points: {e}");
+            return t.elapsed();
+        }
+        if let Err(e) = self.stats().await {
+            tracing::warn!("cannot read the repository's statistics: {e}");
+        }
+        t.elapsed()
+    }
+
     /// Every readable point (at most [`POINTS_TTL`] old) and the problems
     /// of those that cannot be read.
     async fn listing(&self) -> Result<(Arc<Vec<ferry_agent::point::Point>>, Arc<Vec<String>>)> {

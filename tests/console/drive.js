@@ -15,12 +15,14 @@ const password = process.env.PASSWORD;
 const shots = process.env.SHOTS;
 const out = { requests_elsewhere: [], console_errors: [] };
 
-async function browser() {
+async function browser(viewport) {
   const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'ferry-chromium-'));
   const ctx = await chromium.launchPersistentContext(dir, {
     executablePath: '/usr/bin/chromium',
     headless: true,
-    viewport: { width: 1360, height: 900 },
+    viewport: viewport || { width: 1360, height: 900 },
+    // A zone off UTC by a fraction of an hour: local times must show it.
+    timezoneId: 'Asia/Kolkata',
     args: ['--headless', '--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run',
       '--disable-background-networking', '--disable-component-update', '--disable-sync'],
   });
@@ -158,10 +160,91 @@ async function admin() {
   return r;
 }
 
+// Every page as an admin sees it (an admin sees them all), at 1280 px and
+// at 390 px, in light and in dark: what axe-core (WCAG 2 A and AA) finds,
+// how far a page scrolls sideways, whether the keyboard alone opens a
+// source and a run, and how times read.
+async function quality(run) {
+  const axe = fs.readFileSync(require.resolve('axe-core/axe.min.js'), 'utf8');
+  const pages = [['#/', 'dashboard'], ['#/sources/web', 'sourceView'], ['#/runbooks', 'runbooksView'],
+    ['#/runbooks/drill.yaml', 'runbookView'], ['#/runbooks/broken.yaml', 'runbookView'], ['#/runs', 'runsView'],
+    ['#/runs/' + run, 'runView'], ['#/drills', 'drillsView'], ['#/repository', 'repositoryView'],
+    ['#/users', 'usersView'], ['#/audit', 'auditView']];
+  const r = { violations: [], overflow: [], pages: pages.length };
+  for (const [width, scheme] of [[1280, 'light'], [1280, 'dark'], [390, 'light'], [390, 'dark']]) {
+    const { page, close } = await browser({ width, height: 860 });
+    await page.emulateMedia({ colorScheme: scheme });
+    await login(page, 'ada', password);
+    await page.waitForSelector('#sources tbody tr');
+    for (const [hash, name] of pages) {
+      await view(page, hash, name);
+      // Evaluated through the debugging protocol, which the page's CSP
+      // does not govern: the console itself never loads a script inline.
+      const found = await page.evaluate(async (src) => {
+        if (!window.axe) (0, eval)(src);
+        const res = await window.axe.run(document, { runOnly: { type: 'tag', values: ['wcag2a', 'wcag2aa', 'wcag21a', 'wcag21aa'] }, resultTypes: ['violations'] });
+        return res.violations.map((v) => ({ id: v.id, impact: v.impact, nodes: v.nodes.slice(0, 3).map((n) => n.target.join(' ') + ': ' + n.failureSummary.split('\n').slice(1, 2).join('')) }));
+      }, axe);
+      for (const v of found) r.violations.push({ page: hash, width, scheme, ...v });
+      // How far the page scrolls sideways, and the first element that sticks
+      // out of a parent that does not.
+      const wide = await page.evaluate(() => {
+        const px = document.documentElement.scrollWidth - window.innerWidth;
+        if (px <= 0) return null;
+        const out = (el) => el.getBoundingClientRect().right > window.innerWidth + 1;
+        const all = [...document.querySelectorAll('body *')];
+        const el = all.find((e) => out(e) && e.parentElement && !out(e.parentElement)) ||
+          all.reduce((a, e) => (!a || e.getBoundingClientRect().right > a.getBoundingClientRect().right ? e : a), null);
+        const name = el ? el.tagName.toLowerCase() + (el.id ? '#' + el.id : '') + (el.className && typeof el.className === 'string' ? '.' + el.className.split(' ').join('.') : '') : null;
+        // Text can stick out of a box that does not.
+        const walk = document.createTreeWalker(document.body, NodeFilter.SHOW_TEXT);
+        let text = null;
+        for (let t = walk.nextNode(); t && !text; t = walk.nextNode()) {
+          const range = document.createRange();
+          range.selectNodeContents(t);
+          if (range.getBoundingClientRect().right > window.innerWidth + 1) text = t.parentElement.tagName.toLowerCase() + '.' + t.parentElement.className + ': ' + t.textContent.slice(0, 60);
+        }
+        return { px, at: name, text };
+      });
+      if (wide) r.overflow.push({ page: hash, width, scheme, ...wide });
+      if (hash === '#/runs/' + run || hash === '#/') {
+        await page.screenshot({ path: path.join(shots, `quality-${width}-${scheme}-${name}.png`), fullPage: true });
+      }
+    }
+    if (width === 1280 && scheme === 'light') {
+      // The keyboard alone: Tab to the first source row, Enter opens it.
+      await view(page, '#/', 'dashboard');
+      for (let i = 0; i < 40; i++) {
+        await page.keyboard.press('Tab');
+        const at = await page.evaluate(() => document.activeElement?.dataset?.source || null);
+        if (at) {
+          await page.keyboard.press('Enter');
+          await page.waitForFunction(() => document.body.dataset.view === 'sourceView', null, { timeout: 10000 });
+          break;
+        }
+      }
+      r.keyboard_source = await page.evaluate(() => decodeURIComponent(location.hash.split('#/sources/')[1] || ''));
+      await view(page, '#/runs', 'runsView');
+      await page.focus('#main tbody tr');
+      await page.keyboard.press('Enter');
+      await page.waitForFunction(() => document.body.dataset.view === 'runView', null, { timeout: 10000 });
+      r.keyboard_run = await page.evaluate(() => decodeURIComponent(location.hash.split('#/runs/')[1] || ''));
+      const t = await page.$('#main time');
+      r.time_text = t ? (await t.textContent()).trim() : null;
+      r.time_title = t ? await t.getAttribute('title') : null;
+      r.time_datetime = t ? await t.getAttribute('datetime') : null;
+      r.browser_offset_min = await page.evaluate(() => new Date().getTimezoneOffset());
+    }
+    await close();
+  }
+  return r;
+}
+
 (async () => {
   out.viewer = await viewer();
   out.operator = await operator();
   out.admin = await admin();
+  out.quality = await quality(out.operator.run);
   process.stdout.write(JSON.stringify(out) + '\n');
 })().catch((e) => {
   process.stdout.write(JSON.stringify({ ...out, error: String(e && e.stack || e) }) + '\n');

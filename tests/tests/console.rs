@@ -241,6 +241,37 @@ fn viewers_operators_and_admins_use_the_console_in_chromium() {
     assert!(audit.contains(run) && audit.contains("omar"), "{audit}");
     assert_eq!(a["signed_out"], true);
 
+    // Quality a user notices, on every page, wide and narrow, light and dark.
+    let q = &r["quality"];
+    assert_eq!(
+        q["violations"],
+        serde_json::json!([]),
+        "accessibility: {}",
+        serde_json::to_string_pretty(&q["violations"]).unwrap()
+    );
+    assert_eq!(
+        q["overflow"],
+        serde_json::json!([]),
+        "pages wider than the window: {q}"
+    );
+    assert_eq!(
+        q["keyboard_source"], "db",
+        "Tab then Enter opens a source: {q}"
+    );
+    assert_eq!(q["keyboard_run"], run, "Tab then Enter opens a run: {q}");
+    // Times read in the browser's zone (UTC+05:30 here), UTC on hover.
+    let (text, title) = (
+        q["time_text"].as_str().unwrap(),
+        q["time_title"].as_str().unwrap(),
+    );
+    let parse = |s: &str| chrono::NaiveDateTime::parse_from_str(s, "%Y-%m-%d %H:%M:%S").unwrap();
+    assert!(title.ends_with(" UTC"), "{q}");
+    assert_eq!(
+        parse(text) - parse(title.trim_end_matches(" UTC")),
+        chrono::Duration::minutes(330),
+        "{q}"
+    );
+
     // The drill the operator ran verified the web point it restored.
     let verified = ok(&["--json", "verified"]);
     assert!(verified.contains(run), "{verified}");

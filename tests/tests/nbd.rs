@@ -479,44 +479,6 @@ fn serve_nbd_is_read_by_real_clients() {
     assert!(same_content(&r, &img));
 }
 
-/// A CA, a server certificate for 127.0.0.1 and a client certificate it
-/// signed, laid out as QEMU's `tls-creds-x509` and libnbd's `tls-certificates`
-/// read a client's directory (`ca-cert.pem`, `client-cert.pem`, `client-key.pem`),
-/// with the server's files beside them.
-fn make_pki(dir: &Path) {
-    use rcgen::{
-        BasicConstraints, CertificateParams, ExtendedKeyUsagePurpose, IsCa, KeyPair,
-        KeyUsagePurpose,
-    };
-    std::fs::create_dir_all(dir).unwrap();
-    let ca_key = KeyPair::generate().unwrap();
-    let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
-    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    ca.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
-    let ca = ca.self_signed(&ca_key).unwrap();
-    let leaf = |names: Vec<String>, usage| {
-        let key = KeyPair::generate().unwrap();
-        let mut p = CertificateParams::new(names).unwrap();
-        p.extended_key_usages = vec![usage];
-        let cert = p.signed_by(&key, &ca, &ca_key).unwrap();
-        (cert.pem(), key.serialize_pem())
-    };
-    let (sc, sk) = leaf(
-        vec!["localhost".into(), "127.0.0.1".into()],
-        ExtendedKeyUsagePurpose::ServerAuth,
-    );
-    let (cc, ck) = leaf(vec!["client".into()], ExtendedKeyUsagePurpose::ClientAuth);
-    for (name, pem) in [
-        ("ca-cert.pem", ca.pem()),
-        ("server-cert.pem", sc),
-        ("server-key.pem", sk),
-        ("client-cert.pem", cc),
-        ("client-key.pem", ck),
-    ] {
-        std::fs::write(dir.join(name), pem).unwrap();
-    }
-}
-
 #[test]
 fn serve_nbd_lets_in_only_who_it_should() {
     if !have("qemu-img") || !have("nbdinfo") {

@@ -1314,3 +1314,104 @@ fn users_and_tokens_from_the_command_line_act_with_their_roles_over_http() {
     let (code, _) = curl(&["-b", jar.to_str().unwrap(), &format!("{}/api/me", srv.url)]);
     assert_eq!(code, 401);
 }
+
+#[test]
+fn serve_speaks_https_with_secure_cookies_and_mutual_tls_when_asked() {
+    let o = Orch::new();
+    let pki = o.env.path("pki");
+    make_pki(&pki);
+    let file = |name: &str| pki.join(name).display().to_string();
+    let pw = o.env.path("pw");
+    std::fs::write(&pw, "a long enough password 42\n").unwrap();
+    o.ok(&[
+        "user",
+        "add",
+        "ada",
+        "--role",
+        "admin",
+        "--password-file",
+        pw.to_str().unwrap(),
+    ]);
+
+    // Credentials that cannot be read stop the server before it listens,
+    // naming the file.
+    let out = o.run(&[
+        "serve",
+        "--listen",
+        "127.0.0.1:0",
+        "--tls-cert",
+        &file("missing.pem"),
+        "--tls-key",
+        &file("server-key.pem"),
+    ]);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("missing.pem"), "{}", stderr(&out));
+    let out = o.run(&["serve", "--tls-cert", &file("server-cert.pem")]);
+    assert_eq!(out.status.code(), Some(2), "--tls-cert needs --tls-key");
+
+    let srv = serve(
+        o.cmd(),
+        &[
+            "--tls-cert".as_ref(),
+            file("server-cert.pem").as_ref(),
+            "--tls-key".as_ref(),
+            file("server-key.pem").as_ref(),
+        ],
+    );
+    assert!(srv.url.starts_with("https://127.0.0.1:"), "{}", srv.url);
+    let health = format!("{}/api/health", srv.url);
+    let ca = file("ca-cert.pem");
+    assert_eq!(curl(&["--cacert", &ca, &health]).0, 200);
+    // A client that does not trust the certificate, and plain HTTP, get nothing.
+    assert_eq!(curl(&[&health]).0, 0);
+    assert_eq!(curl(&[&health.replace("https://", "http://")]).0, 0);
+    // The console's session cookie is Secure over the server's own TLS.
+    let (code, headers) = curl(&[
+        "--cacert",
+        &ca,
+        "-D",
+        "-",
+        "-o",
+        "/dev/null",
+        "-H",
+        "Content-Type: application/json",
+        "-d",
+        r#"{"name":"ada","password":"a long enough password 42"}"#,
+        &format!("{}/api/login", srv.url),
+    ]);
+    assert_eq!(code, 200, "{headers}");
+    let cookie = headers
+        .lines()
+        .find(|l| l.to_ascii_lowercase().starts_with("set-cookie:"))
+        .unwrap_or_else(|| panic!("no cookie: {headers}"));
+    assert!(
+        cookie.contains("; Secure") && cookie.contains("HttpOnly"),
+        "{cookie}"
+    );
+    drop(srv);
+
+    // With a client CA, only clients holding a certificate it signed get in.
+    let srv = serve(
+        o.cmd(),
+        &[
+            "--tls-cert".as_ref(),
+            file("server-cert.pem").as_ref(),
+            "--tls-key".as_ref(),
+            file("server-key.pem").as_ref(),
+            "--tls-client-ca".as_ref(),
+            ca.as_ref(),
+        ],
+    );
+    let health = format!("{}/api/health", srv.url);
+    assert_eq!(curl(&["--cacert", &ca, &health]).0, 0);
+    let (code, _) = curl(&[
+        "--cacert",
+        &ca,
+        "--cert",
+        &file("client-cert.pem"),
+        "--key",
+        &file("client-key.pem"),
+        &health,
+    ]);
+    assert_eq!(code, 200);
+}

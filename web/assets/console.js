@@ -29,6 +29,17 @@ function build(ns, tag, attrs, kids) {
     if (k === null || k === undefined || k === false) continue;
     n.append(k instanceof Node ? k : document.createTextNode(String(k)));
   }
+  // Whatever a click opens, the keyboard opens too: a clickable row or
+  // chart mark takes the focus (Tab) and acts on Enter or Space.
+  // A table may scroll sideways on a narrow screen: the keyboard can too.
+  if (tag === 'table' && !('tabindex' in (attrs || {}))) n.setAttribute('tabindex', '0');
+  // (Marks that a table beside them repeats say `tabindex: -1`.)
+  if (typeof (attrs || {}).onclick === 'function' && !['a', 'button', 'input', 'select'].includes(tag) && !('tabindex' in attrs)) {
+    n.setAttribute('tabindex', '0');
+    n.addEventListener('keydown', (e) => {
+      if (e.target === n && (e.key === 'Enter' || e.key === ' ')) { e.preventDefault(); n.dispatchEvent(new MouseEvent('click', { bubbles: true })); }
+    });
+  }
   return n;
 }
 const h = (tag, attrs, ...kids) => build(null, tag, attrs, kids);
@@ -57,10 +68,18 @@ function secs(x) {
   if (x < 172800) return (x / 3600).toFixed(1) + ' h';
   return (x / 86400).toFixed(1) + ' d';
 }
-function when(t) {
+// Times read in the browser's zone; UTC is on hover (and in `datetime`).
+const pad2 = (n) => String(n).padStart(2, '0');
+function whenText(t) {
   if (t === null || t === undefined) return '–';
-  const d = typeof t === 'number' ? new Date(t) : new Date(t);
-  return isNaN(d) ? String(t) : d.toISOString().replace('T', ' ').slice(0, 19) + ' UTC';
+  const d = new Date(t);
+  return isNaN(d) ? String(t) : `${d.getFullYear()}-${pad2(d.getMonth() + 1)}-${pad2(d.getDate())} ${pad2(d.getHours())}:${pad2(d.getMinutes())}:${pad2(d.getSeconds())}`;
+}
+function when(t) {
+  const d = new Date(t);
+  if (t === null || t === undefined || isNaN(d)) return whenText(t);
+  const utc = d.toISOString();
+  return h('time', { datetime: utc, title: utc.replace('T', ' ').slice(0, 19) + ' UTC' }, whenText(t));
 }
 const money = (x) => (x === null || x === undefined) ? '–' : '$' + x.toFixed(x < 1 ? 4 : 2);
 const badge = (text, kind) => h('span', { class: 'badge b-' + (kind || text) }, text);
@@ -237,7 +256,7 @@ async function dashboardOnce() {
       tile(sources.length, 'sources'), tile(breach, 'past their RPO', breach ? 'bad' : null),
       tile(warn, 'near their RPO', warn ? 'warning' : null), tile(verified, 'verified by a drill'), tile(bytes(total), 'protected (newest points)')),
     sources.length === 0 ? h('div', { class: 'note' }, 'No recovery point yet. Back up a disk with `ferry backup` or protect a VM with `ferry protect`.') :
-      h('div', { class: 'scroll' }, h('table', { id: 'sources' },
+      h('div', { class: 'scroll', tabindex: 0 }, h('table', { id: 'sources' },
         h('thead', {}, h('tr', {}, ['Source', 'RPO', 'Status', 'Newest point', 'Points', 'Size', 'Protection', 'Last verified'].map((t) => h('th', { class: t === 'Points' || t === 'Size' ? 'num' : null }, t)))),
         h('tbody', {}, rows))));
 }
@@ -279,15 +298,15 @@ function timeline(points, onpick) {
   const t0 = Math.min(...ts), t1 = Math.max(...ts), span = Math.max(t1 - t0, 1);
   const x = (t) => pad + (W - 2 * pad) * (points.length === 1 ? 0.5 : (t - t0) / span);
   const kids = [s('line', { x1: pad, y1: 35, x2: W - pad, y2: 35, stroke: '#dde2e8', 'stroke-width': 2 }),
-    s('text', { x: pad, y: 62, 'font-size': 11, fill: '#5f6b7a' }, when(t0)),
-    s('text', { x: W - pad, y: 62, 'font-size': 11, fill: '#5f6b7a', 'text-anchor': 'end' }, when(t1))];
+    s('text', { x: pad, y: 62, 'font-size': 11, fill: '#5f6b7a' }, whenText(t0)),
+    s('text', { x: W - pad, y: 62, 'font-size': 11, fill: '#5f6b7a', 'text-anchor': 'end' }, whenText(t1))];
   points.forEach((p, i) => {
     const v = p.verified_by.length > 0;
     kids.push(s('circle', { cx: x(ts[i]), cy: 35, r: v ? 6 : 4, fill: v ? '#1e8e3e' : '#fff', stroke: v ? '#0d5c26' : '#1f4e79', 'stroke-width': 1.5,
-      class: 'point' + (v ? ' verified' : ''), style: 'cursor:pointer', onclick: () => onpick(p) },
-    s('title', {}, when(p.time) + ' · ' + short(p.id) + (v ? ' · verified' : ''))));
+      class: 'point' + (v ? ' verified' : ''), style: 'cursor:pointer', tabindex: -1, onclick: () => onpick(p) },
+    s('title', {}, whenText(p.time) + ' · ' + short(p.id) + (v ? ' · verified' : ''))));
   });
-  return h('div', { class: 'scroll' }, s('svg', { viewBox: `0 0 ${W} ${H}`, width: '100%', height: H, id: 'timeline' }, kids));
+  return h('div', { class: 'scroll', tabindex: 0 }, s('svg', { viewBox: `0 0 ${W} ${H}`, width: '100%', height: H, id: 'timeline' }, kids));
 }
 
 // ---- Runbooks ---------------------------------------------------------------
@@ -333,7 +352,7 @@ function dag(graph) {
   }
   const defs = s('defs', {}, s('marker', { id: 'arrow', viewBox: '0 0 10 10', refX: 9, refY: 5, markerWidth: 7, markerHeight: 7, orient: 'auto' },
     s('path', { d: 'M0 0 L10 5 L0 10 z', fill: '#9aa5b1' })));
-  return h('div', { class: 'scroll' }, s('svg', { id: 'dag', width: W, height: H, viewBox: `0 0 ${W} ${H}` }, defs, edges, nodes));
+  return h('div', { class: 'scroll', tabindex: 0, role: 'region', 'aria-label': 'Steps and their dependencies' }, s('svg', { id: 'dag', width: W, height: H, viewBox: `0 0 ${W} ${H}` }, defs, edges, nodes));
 }
 const clip = (t, n) => (t.length > n ? t.slice(0, n - 1) + '…' : t);
 
@@ -341,7 +360,7 @@ async function runbookView(file) {
   const r = await api('/api/runbooks/' + encodeURIComponent(file));
   const sum = r.summary;
   const bad = new Set(r.diagnostics.map((d) => d.line));
-  const code = h('div', { class: 'code mono', id: 'runbook-text' }, r.text.split('\n').map((line, i) =>
+  const code = h('div', { class: 'code mono', id: 'runbook-text', tabindex: 0, role: 'region', 'aria-label': 'The runbook' }, r.text.split('\n').map((line, i) =>
     h('div', { id: 'L' + (i + 1), class: bad.has(i + 1) ? 'bad' : null }, line || ' ')));
   const planOut = h('div', { id: 'plan' });
   const target = h('select', { id: 'target' }, sum.targets.map((t) => h('option', { value: t }, t)));
@@ -436,10 +455,34 @@ function gantt(report, elapsed) {
   return s('svg', { id: 'gantt', viewBox: `0 0 ${W} ${rows.length * RH + pad + 18}`, width: '100%' }, kids);
 }
 
+// One event of the run's log applied to the report on the page, as the
+// server's report reads it, so the page moves the moment the event arrives;
+// a fetch of the report shortly after settles whatever this cannot know
+// (the critical path, RTO, retries that are still pending).
+function applyEvent(r, entry, t0) {
+  const e = entry.event, at = (entry.at_ms - t0) / 1000;
+  const st = e.step ? r.steps.find((x) => x.id === e.step) : null;
+  if (e.type === 'run_finished') { r.status = e.status; return; }
+  if (!st) return;
+  switch (e.type) {
+    case 'step_started':
+      Object.assign(st, { status: 'running', start_secs: at + (e.delay_ms || 0) / 1000, end_secs: null, attempts: e.attempt, error: null }); break;
+    case 'approval_requested': Object.assign(st, { status: 'waiting', start_secs: at, end_secs: null }); break;
+    case 'step_succeeded': case 'approved': Object.assign(st, { status: 'succeeded', end_secs: at }); break;
+    case 'step_failed': Object.assign(st, { status: 'failed', end_secs: at, error: e.error }); break;
+    case 'step_skipped': Object.assign(st, { status: 'skipped' }); break;
+    case 'undo_succeeded': st.undo = 'undone'; break;
+    case 'undo_failed': st.undo = 'undo_failed'; break;
+    default:
+  }
+}
+
 async function runView(id) {
   const box = h('div');
   const log = h('div', { class: 'log mono small', id: 'events' });
-  let report = null, started = Date.now(), timer = null, source = null;
+  // `ahead`: events received that the report on hand may not hold yet; they
+  // are applied again to each report fetched without them.
+  let report = null, started = Date.now(), timer = null, source = null, frame = 0, ahead = [];
   const act = async (path, body) => {
     try { await api('/api/runs/' + id + '/' + path, { method: 'POST', body }); refresh(); } catch (e) { box.prepend(errorBox(e)); }
   };
@@ -450,7 +493,7 @@ async function runView(id) {
     put(box,
       h('h1', {}, h('a', { href: '#/runs' }, 'Runs'), ' / ', r.run),
       h('p', {}, h('strong', {}, r.runbook), ' · ', r.mode, ' · ', badge(r.status), ' · started ', when(r.started),
-        r.finished ? ' · finished ' + when(r.finished) : '', r.git_commit ? ' · commit ' + r.git_commit.slice(0, 12) : ''),
+        r.finished ? [' · finished ', when(r.finished)] : '', r.git_commit ? ' · commit ' + r.git_commit.slice(0, 12) : ''),
       can('operator') ? h('div', { class: 'row', id: 'actions' },
         waiting.map((w) => h('button', { class: 'primary', 'data-approve': w.id, onclick: () => act('approve', { step: w.id }) }, 'Approve ' + w.id)),
         running ? h('button', { id: 'cancel', onclick: () => confirm('Cancel this run? Running steps stop; a drill still tears down.') && act('cancel') }, 'Cancel') : null,
@@ -480,31 +523,40 @@ async function runView(id) {
   const refresh = async () => {
     timer = null;
     try {
-      report = await api('/api/runs/' + encodeURIComponent(id));
-      started = Date.parse(report.started) || started;
+      const r = await api('/api/runs/' + encodeURIComponent(id));
+      started = Date.parse(r.started) || started;
+      ahead = ahead.filter((entry) => entry.seq > r.last_seq);
+      for (const entry of ahead) applyEvent(r, entry, started);
+      report = r;
       render();
     } catch (e) { if (!(e instanceof ApiError && e.status === 401)) put(box, errorBox(e)); }
   };
-  const soon = () => { if (!timer) timer = setTimeout(refresh, 40); };
+  const soon = () => { if (!timer) timer = setTimeout(refresh, 250); };
   await refresh();
   mount(box);
   if (!report) return;
-  // Live: every event of the run, as it is written; the report is rebuilt
-  // by the server on each (a burst of events costs one fetch).
+  // Live: every event of the run, as it is written, moves the page at once;
+  // the server's report follows a moment later (a burst costs one fetch).
   source = new EventSource('/api/runs/' + encodeURIComponent(id) + '/stream');
   const onEvent = (ev) => {
     let entry;
     try { entry = JSON.parse(ev.data); } catch (_) { return; }
     const e = entry.event, who = e.by ? ' by ' + e.by : '';
-    log.prepend(h('div', {}, new Date(entry.at_ms).toISOString().slice(11, 23) + '  ' + e.type + (e.step ? ' ' + e.step : '') + who + (e.error ? ': ' + e.error : '') + (e.status ? ' ' + e.status : '')));
+    log.prepend(h('div', {}, whenText(entry.at_ms).slice(11) + '.' + String(entry.at_ms % 1000).padStart(3, '0') + '  ' + e.type + (e.step ? ' ' + e.step : '') + who + (e.error ? ': ' + e.error : '') + (e.status ? ' ' + e.status : '')));
     while (log.childNodes.length > 500) log.lastChild.remove();
+    if (report && entry.seq > (ahead.length ? ahead[ahead.length - 1].seq : report.last_seq)) {
+      ahead.push(entry);
+      applyEvent(report, entry, started);
+      // One redraw per frame, however many events a burst brings.
+      if (!frame) frame = requestAnimationFrame(() => { frame = 0; render(); });
+    }
     soon();
     if (e.type === 'run_finished') setTimeout(refresh, 400);
   };
   for (const t of EVENT_TYPES) source.addEventListener(t, onEvent);
   source.onerror = () => { if (report && report.status !== 'running') source.close(); };
   every(1000, () => { if (report && report.status === 'running') render(); });
-  disposers.push(() => { source.close(); if (timer) clearTimeout(timer); });
+  disposers.push(() => { source.close(); if (timer) clearTimeout(timer); if (frame) cancelAnimationFrame(frame); });
 }
 
 // ---- Drill history ----------------------------------------------------------
@@ -528,10 +580,10 @@ function chart(id, title, pts, objective) {
   const sorted = [...pts].sort((a, b) => a.t - b.t);
   kids.push(s('polyline', { points: sorted.map((p) => x(p.t) + ',' + y(p.v)).join(' '), fill: 'none', stroke: '#1f4e79', 'stroke-width': 1.5 }));
   for (const p of sorted) {
-    kids.push(s('circle', { cx: x(p.t), cy: y(p.v), r: 4, fill: p.ok ? '#1e8e3e' : '#c5221f', class: 'drill-point', style: 'cursor:pointer', onclick: () => { location.hash = '#/runs/' + p.run; } },
+    kids.push(s('circle', { cx: x(p.t), cy: y(p.v), r: 4, fill: p.ok ? '#1e8e3e' : '#c5221f', class: 'drill-point', style: 'cursor:pointer', tabindex: -1, onclick: () => { location.hash = '#/runs/' + p.run; } },
       s('title', {}, `${p.run}: ${secs(p.v)}`)));
   }
-  kids.push(s('text', { x: L, y: H - 8, 'font-size': 10, fill: '#5f6b7a' }, when(t0)), s('text', { x: W - 10, y: H - 8, 'font-size': 10, fill: '#5f6b7a', 'text-anchor': 'end' }, when(t1)));
+  kids.push(s('text', { x: L, y: H - 8, 'font-size': 10, fill: '#5f6b7a' }, whenText(t0)), s('text', { x: W - 10, y: H - 8, 'font-size': 10, fill: '#5f6b7a', 'text-anchor': 'end' }, whenText(t1)));
   return h('div', { class: 'panel' }, h('h2', {}, title), s('svg', { id, viewBox: `0 0 ${W} ${H}`, width: '100%' }, kids));
 }
 
@@ -576,7 +628,7 @@ async function repositoryView() {
         ' (' + pct(c.bytes_verified, c.bytes_total) + ') proved restorable by drills; the newest point of ' + c.sources_latest_verified + ' of ' + r.sources + ' sources.'),
       h('div', { style: 'height:10px;background:#eceff1;border-radius:5px;overflow:hidden' },
         h('div', { style: `height:10px;width:${c.bytes_total ? 100 * c.bytes_verified / c.bytes_total : 0}%;background:#1e8e3e` })),
-      h('p', { class: 'small muted' }, c.newest_verification_ms ? 'Newest verification ' + when(c.newest_verification_ms) : 'No drill has verified a point yet.')),
+      h('p', { class: 'small muted' }, c.newest_verification_ms ? ['Newest verification ', when(c.newest_verification_ms)] : 'No drill has verified a point yet.')),
     h('div', { class: 'panel', id: 'checks' }, h('h2', {}, 'Checks'),
       last ? h('p', {}, 'Last check ', when(last.at_ms), ': ', badge(last.ok ? 'no damage' : 'damage found', last.ok ? 'ok' : 'bad'), last.read_data ? ' (every byte read)' : ' (structure only; `ferry check --read-data` reads every byte)') :
         h('p', { class: 'muted' }, 'No check recorded. Run `ferry check` (and `--read-data` now and then).'),
@@ -585,7 +637,7 @@ async function repositoryView() {
           h('td', {}, k.read_data ? bytes(k.bytes_read) : 'structure only'), h('td', { class: 'num' }, k.points), h('td', { class: 'num' }, k.packs),
           h('td', { class: 'num' }, k.problems), h('td', { class: 'num' }, k.damaged_points))))) : null),
     r.unreadable.length ? h('div', { class: 'error' }, 'Unreadable points:\n' + r.unreadable.join('\n')) : null,
-    h('p', { class: 'small muted' }, 'Statistics read ' + when(r.stats_time) + ' (kept a minute).'));
+    h('p', { class: 'small muted' }, 'Statistics read ', when(r.stats_time), ' (kept a minute).'));
 }
 
 // ---- Users and audit ---------------------------------------------------------
@@ -600,7 +652,7 @@ async function usersView() {
   mount(h('h1', {}, 'Users'), out,
     h('table', { id: 'users' }, h('thead', {}, h('tr', {}, ['User', 'Role', 'Created', ''].map((t) => h('th', {}, t)))),
       h('tbody', {}, users.map((u) => {
-        const sel = h('select', { 'data-user': u.name, onchange: () => run(() => api('/api/users/' + encodeURIComponent(u.name) + '/role', { method: 'PUT', body: { role: sel.value } })) },
+        const sel = h('select', { 'data-user': u.name, 'aria-label': 'Role of ' + u.name, onchange: () => run(() => api('/api/users/' + encodeURIComponent(u.name) + '/role', { method: 'PUT', body: { role: sel.value } })) },
           ['viewer', 'operator', 'admin'].map((r) => h('option', { value: r, selected: r === u.role }, r)));
         return h('tr', {}, h('td', {}, u.name), h('td', {}, sel), h('td', {}, when(u.created_ms)),
           h('td', {}, h('button', { onclick: () => confirm('Remove ' + u.name + '? Their sessions and tokens end now.') && run(() => api('/api/users/' + encodeURIComponent(u.name), { method: 'DELETE' })) }, 'Remove')));

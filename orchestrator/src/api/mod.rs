@@ -334,6 +334,10 @@ pub fn load_or_create_token(home: &std::path::Path) -> anyhow::Result<String> {
     Ok(t)
 }
 
+/// In the extensions of a request that came over `ferry serve`'s own TLS.
+#[derive(Clone, Copy, Debug)]
+pub struct OverTls;
+
 /// Drives a run in the background until it ends (or this server stops).
 pub fn spawn_run(app: &AppState, run: crate::state::RunRow) {
     let app = app.clone();
@@ -590,25 +594,40 @@ async fn rollback(
 
 /// Every event of the run so far, then each new one as it is written; the
 /// stream ends after the run finishes, and stops polling as soon as the
-/// client goes away. Event names are the event types.
-#[utoipa::path(get, path = "/api/runs/{id}/stream", params(("id" = String, Path, description = "A run id or a unique prefix")), responses(
+/// client goes away. Event names are the event types, event ids their
+/// sequence numbers: a client that reconnects with `Last-Event-ID` (as a
+/// browser's `EventSource` does) gets only the events after it.
+#[utoipa::path(get, path = "/api/runs/{id}/stream", params(("id" = String, Path, description = "A run id or a unique prefix"), ("Last-Event-ID" = Option<i64>, Header, description = "Only the events after this sequence number")), responses(
     (status = 200, content_type = "text/event-stream", body = String, description = "Server-sent events, one per log entry"),
     (status = 400, body = ApiError, description = "The id matches several runs"),
     (status = 401, body = ApiError, description = "No or wrong credentials"),
     (status = 404, body = ApiError, description = "No such run"),
     (status = 500, body = ApiError, description = "The server failed; its log says why")))]
-async fn stream(Ax(app): Ax<AppState>, Path(id): Path<String>) -> ApiResult<Response> {
+async fn stream(
+    Ax(app): Ax<AppState>,
+    Path(id): Path<String>,
+    headers: axum::http::HeaderMap,
+) -> ApiResult<Response> {
     let run = app.state.find_run(&id).await?;
+    // An id that does not parse is ignored: the client gets the whole log.
+    let after = headers
+        .get("last-event-id")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<i64>().ok())
+        .filter(|n| *n >= 0)
+        .unwrap_or(-1);
     let (tx, rx) = tokio::sync::mpsc::channel::<Result<SseEvent, std::convert::Infallible>>(64);
     tokio::spawn(async move {
-        let mut seq = -1;
+        let mut seq = after;
+        // A client resuming after the run's last event gets nothing more.
+        let mut first = after >= 0;
         loop {
             // Armed before the read: an append in between still wakes us.
             let changed = app.state.changed();
             let Ok(batch) = app.state.events_after(&run.id, seq).await else {
                 break;
             };
-            let mut finished = false;
+            let mut finished = std::mem::take(&mut first) && batch.is_empty();
             for s in batch {
                 seq = s.seq;
                 let entry = LogEntry::from(s);
@@ -655,6 +674,9 @@ async fn stream(Ax(app): Ax<AppState>, Path(id): Path<String>) -> ApiResult<Resp
         .into_response())
 }
 
+/// How many drill summaries a server keeps (a few hundred bytes each).
+const DRILL_CACHE: usize = 10_000;
+
 #[derive(Deserialize, utoipa::IntoParams)]
 #[into_params(parameter_in = Query)]
 struct DrillQuery {
@@ -679,12 +701,12 @@ async fn drills(
     if !(1..=1000).contains(&limit) {
         return Err(Error::usage("limit is from 1 to 1000"));
     }
-    let runs = app.state.finished_runs("drill", limit).await?;
+    let runs = app
+        .state
+        .finished_runs("drill", q.runbook.as_deref(), limit)
+        .await?;
     let mut out = Vec::with_capacity(runs.len());
     for run in runs {
-        if q.runbook.as_ref().is_some_and(|r| *r != run.runbook) {
-            continue;
-        }
         if let Some(d) = app.drills.lock().await.get(&run.id) {
             out.push(d.clone());
             continue;
@@ -717,7 +739,12 @@ async fn drills(
             checks_passed: r.checks_passed,
             checks_failed: r.checks_failed,
         };
-        app.drills.lock().await.insert(run.id, d.clone());
+        let mut cache = app.drills.lock().await;
+        // Bounded: a server up for years of drills starts over now and then.
+        if cache.len() >= DRILL_CACHE {
+            cache.clear();
+        }
+        cache.insert(run.id, d.clone());
         out.push(d);
     }
     Ok(Json(out))

@@ -287,6 +287,92 @@ async fn closed_event_streams_stop_polling() {
     );
 }
 
+/// The whole body of a finished run's stream, asked with `Last-Event-ID`.
+async fn stream_after(api: &Api, id: &str, last: Option<&str>) -> String {
+    let mut b = Req::builder()
+        .uri(format!("/api/runs/{id}/stream"))
+        .header(header::AUTHORIZATION, format!("Bearer {TOKEN}"));
+    if let Some(l) = last {
+        b = b.header("last-event-id", l);
+    }
+    let resp = router(api.app.clone())
+        .oneshot(b.body(HttpBody::empty()).unwrap())
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    // The stream of a finished run ends by itself.
+    let body = tokio::time::timeout(Duration::from_secs(10), resp.into_body().collect())
+        .await
+        .expect("the stream of a finished run did not end")
+        .unwrap()
+        .to_bytes();
+    String::from_utf8(body.to_vec()).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_report_names_its_last_event_and_a_reconnecting_stream_resumes_after_it() {
+    let api = Api::new().await;
+    let (_, run) = api
+        .call(
+            Method::POST,
+            "/api/runs",
+            Some(serde_json::json!({"runbook": GATE, "mode": "run"})),
+        )
+        .await;
+    let id = run["id"].as_str().unwrap().to_owned();
+    let waiting = loop {
+        let (_, r) = api
+            .call(Method::GET, &format!("/api/runs/{id}"), None)
+            .await;
+        if r["steps"][0]["status"] == "waiting" {
+            break r;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let at_gate = waiting["last_seq"].as_i64().unwrap();
+    assert!(
+        at_gate >= 0,
+        "a report built from events names the last one"
+    );
+    api.call(
+        Method::POST,
+        &format!("/api/runs/{id}/approve"),
+        Some(serde_json::json!({"step": "ok"})),
+    )
+    .await;
+    let done = loop {
+        let (_, r) = api
+            .call(Method::GET, &format!("/api/runs/{id}"), None)
+            .await;
+        if r["status"] != "running" {
+            break r;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let last = done["last_seq"].as_i64().unwrap();
+    assert!(last > at_gate);
+
+    let all = stream_after(&api, &id, None).await;
+    assert!(all.contains("event: approval_requested"), "{all}");
+    assert!(all.contains("event: run_finished"), "{all}");
+    // Resumed after the gate: the approval and the end, not the request again.
+    let rest = stream_after(&api, &id, Some(&at_gate.to_string())).await;
+    assert!(!rest.contains("approval_requested"), "{rest}");
+    assert!(rest.contains("event: approved"), "{rest}");
+    assert!(rest.contains("event: run_finished"), "{rest}");
+    let ids: Vec<i64> = rest
+        .lines()
+        .filter_map(|l| l.strip_prefix("id: ")?.parse().ok())
+        .collect();
+    assert!(ids.iter().all(|&n| n > at_gate && n <= last), "{ids:?}");
+    // After the last event, the stream ends at once with nothing in it;
+    // an id that is not a number is ignored.
+    let none = stream_after(&api, &id, Some(&last.to_string())).await;
+    assert!(!none.contains("event:"), "{none}");
+    let junk = stream_after(&api, &id, Some("not-a-number")).await;
+    assert_eq!(junk, all);
+}
+
 #[test]
 fn weak_or_shared_token_files_are_refused_and_new_ones_are_private() {
     use std::os::unix::fs::PermissionsExt;
@@ -1049,6 +1135,28 @@ async fn sources_points_repository_runbooks_drills_and_metrics() {
     assert!(drills[0]["rto_secs"].as_f64().unwrap() >= 0.1, "{drills}");
     let (s, _) = api.call(Method::GET, "/api/drills?limit=0", None).await;
     assert_eq!(s, StatusCode::BAD_REQUEST);
+    // A newer drill of another runbook does not push quick's out of its
+    // own history: the runbook is chosen before the limit.
+    let (_, other) = api
+        .call(
+            Method::POST,
+            "/api/runs",
+            Some(serde_json::json!({"runbook": "name: other\nsteps:\n  - id: n\n    uses: noop\n", "mode": "drill"})),
+        )
+        .await;
+    for _ in 0..200 {
+        (_, drills) = api.call(Method::GET, "/api/drills", None).await;
+        if drills[0]["run"] == other["id"] {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(drills[0]["run"], other["id"], "{drills}");
+    let (_, quick) = api
+        .call(Method::GET, "/api/drills?runbook=quick&limit=1", None)
+        .await;
+    assert_eq!(quick.as_array().map(Vec::len), Some(1), "{quick}");
+    assert_eq!(quick[0]["run"], id.as_str(), "{quick}");
     let (s, e) = api
         .call(
             Method::POST,
@@ -1065,7 +1173,7 @@ async fn sources_points_repository_runbooks_drills_and_metrics() {
         "ferry_repository_up 1",
         "ferry_source_points{source=\"web\"} 2",
         "ferry_source_rpo_objective_seconds{source=\"db\"} 3600",
-        "ferry_runs{mode=\"drill\",status=\"succeeded\"} 1",
+        "ferry_runs{mode=\"drill\",status=\"succeeded\"} 2",
         "ferry_api_request_duration_seconds_count{method=\"GET\",route=\"/api/sources\",status=\"200\"} 1",
     ] {
         assert!(m.contains(want), "{want} not in\n{m}");

@@ -139,13 +139,14 @@ pub struct Me {
     pub csrf_token: Option<String>,
 }
 
-/// Whether the client reached us over TLS (through a proxy that says so):
-/// then the cookie is `Secure`.
-fn over_tls(headers: &HeaderMap) -> bool {
-    headers
-        .get("x-forwarded-proto")
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|p| p.eq_ignore_ascii_case("https"))
+/// Whether the client reached us over TLS (`ferry serve --tls-cert`, or a
+/// proxy that says so): then the cookie is `Secure`.
+fn over_tls(tls: Option<Extension<super::OverTls>>, headers: &HeaderMap) -> bool {
+    tls.is_some()
+        || headers
+            .get("x-forwarded-proto")
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|p| p.eq_ignore_ascii_case("https"))
 }
 
 fn session_cookie(value: &str, max_age_secs: i64, secure: bool) -> HeaderValue {
@@ -167,6 +168,7 @@ fn session_cookie(value: &str, max_age_secs: i64, secure: bool) -> HeaderValue {
 pub(super) async fn login(
     Ax(app): Ax<AppState>,
     peer: Option<Extension<ConnectInfo<SocketAddr>>>,
+    tls: Option<Extension<super::OverTls>>,
     headers: HeaderMap,
     Body(b): Body<Login>,
 ) -> ApiResult<Response> {
@@ -206,7 +208,7 @@ pub(super) async fn login(
     .into_response();
     resp.headers_mut().insert(
         header::SET_COOKIE,
-        session_cookie(&s.cookie, max_age, over_tls(&headers)),
+        session_cookie(&s.cookie, max_age, over_tls(tls, &headers)),
     );
     Ok(resp)
 }
@@ -219,6 +221,7 @@ pub(super) async fn logout(
     Ax(app): Ax<AppState>,
     Extension(who): Extension<Identity>,
     session: Option<Extension<Session>>,
+    tls: Option<Extension<super::OverTls>>,
     headers: HeaderMap,
 ) -> ApiResult<Response> {
     if let Some(Extension(s)) = session {
@@ -230,7 +233,7 @@ pub(super) async fn logout(
     let mut resp = StatusCode::NO_CONTENT.into_response();
     resp.headers_mut().insert(
         header::SET_COOKIE,
-        session_cookie("", 0, over_tls(&headers)),
+        session_cookie("", 0, over_tls(tls, &headers)),
     );
     Ok(resp)
 }

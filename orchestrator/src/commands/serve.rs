@@ -5,7 +5,12 @@ use crate::api::{self, AppState};
 use crate::context::Context;
 use crate::state::State;
 use anyhow::{Context as _, Result};
+use axum::Router;
+use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
 
 #[derive(Debug, clap::Args)]
 pub struct ServeArgs {
@@ -16,6 +21,17 @@ pub struct ServeArgs {
     /// `GET /api/runbooks` show, and runs may start from by name.
     #[arg(long, env = "FERRY_RUNBOOKS", value_name = "DIR")]
     pub runbooks: Option<std::path::PathBuf>,
+    /// Serve HTTPS with this certificate chain (PEM). Session cookies are
+    /// then `Secure`.
+    #[arg(long, value_name = "PEM", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// The private key of --tls-cert (PEM).
+    #[arg(long, value_name = "PEM", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// Accept only clients with a certificate this CA signed (PEM): mutual
+    /// TLS, on top of tokens and sessions.
+    #[arg(long, value_name = "PEM", requires = "tls_cert")]
+    pub tls_client_ca: Option<PathBuf>,
 }
 
 pub fn print_openapi() -> Result<ExitCode> {
@@ -25,6 +41,21 @@ pub fn print_openapi() -> Result<ExitCode> {
 
 pub fn serve(ctx: &Context, a: &ServeArgs) -> Result<ExitCode> {
     let password = ctx.password_if_any()?;
+    // Bad credentials stop the server before it listens, with the file named.
+    let tls = match (&a.tls_cert, &a.tls_key) {
+        (Some(cert), Some(key)) => {
+            let files = ferry_connectors::nbd::tls::TlsFiles {
+                cert: cert.clone(),
+                key: key.clone(),
+                ca: a.tls_client_ca.clone(),
+            };
+            let mut config = (*files.server_config()?).clone();
+            // The API speaks HTTP/1.1 (its event streams too).
+            config.alpn_protocols = vec![b"http/1.1".to_vec()];
+            Some(Arc::new(config))
+        }
+        _ => None,
+    };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(4)
         .enable_all()
@@ -54,34 +85,104 @@ pub fn serve(ctx: &Context, a: &ServeArgs) -> Result<ExitCode> {
             eprintln!("resuming {} {} of {}", run.mode, run.id, run.runbook);
             api::spawn_run(&app, run);
         }
+        let inventory = app.inventory.clone();
+        tokio::spawn(async move {
+            let took = inventory.warm().await;
+            tracing::info!("repository read in {:.1} s", took.as_secs_f64());
+        });
         let listener = tokio::net::TcpListener::bind(&a.listen)
             .await
             .with_context(|| format!("cannot listen on {}", a.listen))?;
         let addr = listener.local_addr()?;
+        if !addr.ip().is_loopback() && tls.is_none() {
+            eprintln!(
+                "ferry serve: warning: listening on {addr} without TLS: passwords, tokens and session cookies cross the network in clear; give --tls-cert and --tls-key, or put a TLS proxy in front"
+            );
+        }
+        let scheme = if tls.is_some() { "https" } else { "http" };
         let token_file = ctx.home.join("api-token");
         if ctx.json {
             println!(
                 "{}",
-                serde_json::json!({"url": format!("http://{addr}"), "token_file": token_file})
+                serde_json::json!({"url": format!("{scheme}://{addr}"), "token_file": token_file})
             );
         } else {
             eprintln!(
-                "ferry serve: console http://{addr}/, API http://{addr}/api (state {}; token in {})",
+                "ferry serve: console {scheme}://{addr}/, API {scheme}://{addr}/api (state {}; token in {})",
                 state.location,
                 token_file.display()
             );
         }
-        // Each connection's address: the login rate limit counts per client.
-        axum::serve(
-            listener,
-            api::router(app)
-                .merge(ferry_web::router())
-                .into_make_service_with_connect_info::<std::net::SocketAddr>(),
-        )
-        .with_graceful_shutdown(async {
-            let _ = tokio::signal::ctrl_c().await;
-        })
-        .await?;
+        let router = api::router(app).merge(ferry_web::router());
+        match tls {
+            Some(config) => serve_tls(listener, router, config).await,
+            // Each connection's address: the login rate limit counts per client.
+            None => axum::serve(
+                listener,
+                router.into_make_service_with_connect_info::<SocketAddr>(),
+            )
+            .with_graceful_shutdown(async {
+                let _ = tokio::signal::ctrl_c().await;
+            })
+            .await
+            .map_err(anyhow::Error::from),
+        }?;
         Ok(ExitCode::SUCCESS)
     })
+}
+
+/// How long a client may take to finish its TLS handshake.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// HTTPS: each connection's handshake, then HTTP/1.1 over it, with the
+/// client's address and the fact of TLS in every request's extensions (the
+/// login rate limit counts per address; the session cookie is `Secure`).
+/// Stops accepting at Ctrl-C.
+async fn serve_tls(
+    listener: tokio::net::TcpListener,
+    router: Router,
+    config: Arc<tokio_rustls::rustls::ServerConfig>,
+) -> Result<()> {
+    let acceptor = tokio_rustls::TlsAcceptor::from(config);
+    let stop = tokio::signal::ctrl_c();
+    tokio::pin!(stop);
+    loop {
+        let (tcp, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(c) => c,
+                // Out of descriptors, or a connection reset before accept:
+                // the server stays up.
+                Err(e) => {
+                    tracing::warn!("cannot accept a connection: {e}");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = &mut stop => return Ok(()),
+        };
+        let (acceptor, app) = (
+            acceptor.clone(),
+            router
+                .clone()
+                .layer(axum::Extension(axum::extract::ConnectInfo(peer)))
+                .layer(axum::Extension(api::OverTls)),
+        );
+        tokio::spawn(async move {
+            let stream = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                Ok(Ok(s)) => s,
+                Ok(Err(e)) => {
+                    tracing::debug!(%peer, "TLS handshake failed: {e}");
+                    return;
+                }
+                Err(_) => return,
+            };
+            let service = hyper_util::service::TowerToHyperService::new(app);
+            if let Err(e) = hyper::server::conn::http1::Builder::new()
+                .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                .await
+            {
+                tracing::debug!(%peer, "connection ended: {e}");
+            }
+        });
+    }
 }

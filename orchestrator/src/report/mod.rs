@@ -81,6 +81,10 @@ pub struct Report {
     /// measured.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub forecast: Option<crate::forecast::Measured>,
+    /// The sequence number of the newest event of the run's log this report
+    /// was built from (-1 for none): a client following
+    /// `/api/runs/{id}/stream` applies only the events after it.
+    pub last_seq: i64,
 }
 
 fn iso(ms: i64) -> String {
@@ -290,6 +294,7 @@ pub fn build(run: &RunRow, log: &[Stored], engine: &Engine) -> Report {
         checks_passed: passed,
         checks_failed: failed,
         forecast: None,
+        last_seq: log.last().map_or(-1, |s| s.seq),
     }
 }
 

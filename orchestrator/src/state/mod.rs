@@ -282,12 +282,27 @@ impl State {
     }
 
     /// Finished runs of one mode (`drill`, `run`), newest first.
-    pub async fn finished_runs(&self, mode: &str, limit: i64) -> Result<Vec<RunRow>> {
-        let rows = sqlx::query(
-            "SELECT * FROM runs WHERE mode = $1 AND status <> 'running' ORDER BY created_ms DESC LIMIT $2",
-        )
-        .bind(mode)
-        .bind(limit)
+    /// The newest `limit` finished runs of a mode, of one runbook (by name)
+    /// or of all.
+    pub async fn finished_runs(
+        &self,
+        mode: &str,
+        runbook: Option<&str>,
+        limit: i64,
+    ) -> Result<Vec<RunRow>> {
+        let rows = match runbook {
+            Some(name) => sqlx::query(
+                "SELECT * FROM runs WHERE mode = $1 AND status <> 'running' AND runbook = $2 ORDER BY created_ms DESC LIMIT $3",
+            )
+            .bind(mode)
+            .bind(name)
+            .bind(limit),
+            None => sqlx::query(
+                "SELECT * FROM runs WHERE mode = $1 AND status <> 'running' ORDER BY created_ms DESC LIMIT $2",
+            )
+            .bind(mode)
+            .bind(limit),
+        }
         .fetch_all(&self.pool)
         .await?;
         rows.iter().map(State::row).collect()

@@ -294,3 +294,47 @@ pub fn serve(mut cmd: Command, extra: &[&std::ffi::OsStr]) -> Served {
     served.url = info["url"].as_str().expect("url").to_owned();
     served
 }
+
+/// A CA, a server certificate for 127.0.0.1 and a client certificate it
+/// signed, laid out as QEMU's `tls-creds-x509` and libnbd's `tls-certificates`
+/// read a client's directory (`ca-cert.pem`, `client-cert.pem`, `client-key.pem`),
+/// with the server's files beside them.
+pub fn make_pki(dir: &Path) {
+    use rcgen::{
+        BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair,
+        KeyUsagePurpose,
+    };
+    std::fs::create_dir_all(dir).expect("pki directory");
+    let ca_key = KeyPair::generate().expect("rcgen");
+    let mut ca = CertificateParams::new(Vec::<String>::new()).expect("rcgen");
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    // Names of their own: with rcgen's default name on both, OpenSSL takes
+    // the leaf for a self-signed certificate.
+    ca.distinguished_name
+        .push(DnType::CommonName, "Ferry test CA");
+    ca.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+    let ca = ca.self_signed(&ca_key).expect("rcgen");
+    let leaf = |names: Vec<String>, usage| {
+        let key = KeyPair::generate().expect("rcgen");
+        let cn = names[0].clone();
+        let mut p = CertificateParams::new(names).expect("rcgen");
+        p.distinguished_name.push(DnType::CommonName, cn);
+        p.extended_key_usages = vec![usage];
+        let cert = p.signed_by(&key, &ca, &ca_key).expect("rcgen");
+        (cert.pem(), key.serialize_pem())
+    };
+    let (sc, sk) = leaf(
+        vec!["localhost".into(), "127.0.0.1".into()],
+        ExtendedKeyUsagePurpose::ServerAuth,
+    );
+    let (cc, ck) = leaf(vec!["client".into()], ExtendedKeyUsagePurpose::ClientAuth);
+    for (name, pem) in [
+        ("ca-cert.pem", ca.pem()),
+        ("server-cert.pem", sc),
+        ("server-key.pem", sk),
+        ("client-cert.pem", cc),
+        ("client-key.pem", ck),
+    ] {
+        std::fs::write(dir.join(name), pem).expect("pki file");
+    }
+}
