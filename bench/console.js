@@ -40,9 +40,9 @@ const median = (xs) => { const s = [...xs].sort((a, b) => a - b); return s[Math.
 
   const views = [
     ['protection (100 sources)', '#/', 'dashboard', '#sources tbody tr'],
-    ['points of one source (100)', '#/sources/vm-042', 'sourceView', '#timeline circle.point'],
+    ['points of one source (100)', '#/sources/' + (process.env.SOURCE || 'vm-042'), 'sourceView', '#timeline circle.point'],
     ['runbooks (11)', '#/runbooks', 'runbooksView', '#runbooks tbody tr'],
-    ['runbook with DAG', '#/runbooks/app-3.yaml', 'runbookView', '#dag g.node'],
+    ['runbook with DAG', '#/runbooks/' + (process.env.RUNBOOK || 'app-3.yaml'), 'runbookView', '#dag g.node'],
     ['runs (newest 200 of 1,000)', '#/runs', 'runsView', '#runs tbody tr'],
     ['drill history (200)', '#/drills', 'drillsView', '#rto-chart circle'],
     ['repository (10,000 points)', '#/repository', 'repositoryView', '#coverage'],

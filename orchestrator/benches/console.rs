@@ -189,6 +189,8 @@ fn main() {
         .env("URL", &url)
         .env("USER_NAME", "bench")
         .env("PASSWORD", PASSWORD)
+        .env("SOURCE", format!("vm-{:03}", sources * 42 / 100))
+        .env("RUNBOOK", format!("app-{}.yaml", sources / 30))
         .output()
         .unwrap();
     eprint!("{}", String::from_utf8_lossy(&out.stderr));

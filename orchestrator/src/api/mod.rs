@@ -661,11 +661,13 @@ async fn stream(
             }
             // Wait for the next poll, or for the client to go: a closed
             // stream must not keep polling the state until the run's next
-            // event. (`closed` is cancel-safe.)
+            // event. (`closed` is cancel-safe.) Appends of this process wake
+            // it at once; those of another (`ferry drill` in a terminal) are
+            // found by the poll, one indexed read every 100 ms per stream.
             tokio::select! {
                 () = tx.closed() => return,
                 () = changed => {}
-                () = tokio::time::sleep(Duration::from_millis(200)) => {}
+                () = tokio::time::sleep(Duration::from_millis(100)) => {}
             }
         }
     });
