@@ -3,7 +3,7 @@
 //! Conventions follow restic and borg: `-r/--repo` or `FERRY_REPO`,
 //! `FERRY_PASSWORD` or `--password-file`, `--json` on every listing.
 
-use crate::commands::{protect, repo, runbooks, serve, users};
+use crate::commands::{protect, repo, runbooks, schedules, serve, users};
 use crate::context::{Context, PasswordSource, default_home};
 use anyhow::Result;
 use clap::{Args, Parser, Subcommand};
@@ -122,6 +122,8 @@ pub enum Command {
     User(users::UserArgs),
     /// API tokens that act as a user, with the user's role.
     Token(users::TokenArgs),
+    /// Drills and repository checks `ferry serve` starts on a cron schedule.
+    Schedule(schedules::ScheduleArgs),
 }
 
 impl Global {
@@ -172,5 +174,6 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         Command::Openapi => serve::print_openapi(),
         Command::User(a) => users::user(ctx, a),
         Command::Token(a) => users::token(ctx, a),
+        Command::Schedule(a) => schedules::schedule(ctx, a),
     }
 }

@@ -420,6 +420,25 @@ impl Inventory {
 
 /// The key checks of a repository are recorded under: a path made absolute
 /// (so `-r repo` and `-r /abs/repo` agree), a URL without credentials.
+/// A check's outcome as the state keeps it (`repo_checks`), for the
+/// repository at `location`.
+pub fn check_row(id: &str, location: &str, r: &ferry_agent::check::Report) -> CheckRow {
+    let n = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+    CheckRow {
+        id: id.to_owned(),
+        repo: repo_key(location),
+        at_ms: Utc::now().timestamp_millis(),
+        ok: r.ok,
+        read_data: r.read_data,
+        points: n(r.points),
+        packs: n(r.packs),
+        chunks: n(r.chunks),
+        bytes_read: n(r.bytes_read),
+        problems: n(r.problems.len() as u64),
+        damaged_points: n(r.damaged_points.len() as u64),
+    }
+}
+
 pub fn repo_key(location: &str) -> String {
     if location.contains("://") {
         crate::redact::redact(location)

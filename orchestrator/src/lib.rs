@@ -38,6 +38,7 @@ pub mod fsutil;
 pub mod inventory;
 pub mod redact;
 pub mod report;
+pub mod schedule;
 pub mod state;
 pub mod step;
 pub mod sys;

@@ -98,8 +98,7 @@ fn kill_9_during_backups_leaves_a_valid_repository() {
             .spawn()
             .unwrap();
         // Somewhere between start-up and well past the end of the upload.
-        let delay =
-            Duration::from_micros(rng.below(incremental.as_micros() as u64 * 12 / 10 + 1));
+        let delay = Duration::from_micros(rng.below(incremental.as_micros() as u64 * 12 / 10 + 1));
         std::thread::sleep(delay);
         let _ = child.kill(); // SIGKILL
         let out = child.wait_with_output().unwrap();

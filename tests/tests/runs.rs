@@ -1415,3 +1415,75 @@ fn serve_speaks_https_with_secure_cookies_and_mutual_tls_when_asked() {
     ]);
     assert_eq!(code, 200);
 }
+
+#[test]
+fn schedules_are_managed_from_the_command_line() {
+    let o = Orch::new();
+    let out = o.ok(&[
+        "schedule",
+        "add",
+        "sunday-drill",
+        "--cron",
+        "0 3 * * 0",
+        "--drill",
+        "shop.yaml",
+    ]);
+    assert!(out.contains("next ") && out.contains("03:00 UTC"), "{out}");
+    o.ok(&[
+        "schedule",
+        "add",
+        "checks",
+        "--cron",
+        "*/30 * * * *",
+        "--check",
+        "--read-data",
+    ]);
+    let list = o.json(&["schedule", "list"]);
+    assert_eq!(list[0]["name"], "checks");
+    assert_eq!(
+        list[0]["job"],
+        serde_json::json!({"check": {"read_data": true}})
+    );
+    assert_eq!(
+        list[1]["job"],
+        serde_json::json!({"drill": {"path": "shop.yaml"}})
+    );
+    let next =
+        chrono::DateTime::from_timestamp_millis(list[1]["next_ms"].as_i64().unwrap()).unwrap();
+    assert_eq!(
+        chrono::Datelike::weekday(&next),
+        chrono::Weekday::Sun,
+        "fires on a Sunday (UTC): {next}"
+    );
+
+    // Mistakes are named, with what to do, and change nothing.
+    for (args, want) in [
+        (vec!["--cron", "0 3 * *", "--check"], "five fields"),
+        (vec!["--cron", "0 25 * * *", "--check"], "cron"),
+        (vec!["--cron", "0 3 * * *"], "--drill"),
+        (
+            vec!["--cron", "0 3 * * *", "--drill", "../etc/x.yaml"],
+            "no path",
+        ),
+    ] {
+        let mut a = vec!["schedule", "add", "bad"];
+        a.extend(args);
+        let out = o.run(&a);
+        assert_eq!(out.status.code(), Some(2), "{a:?}: {}", stderr(&out));
+        assert!(stderr(&out).contains(want), "{a:?}: {}", stderr(&out));
+    }
+    let out = o.run(&[
+        "schedule",
+        "add",
+        "checks",
+        "--cron",
+        "* * * * *",
+        "--check",
+    ]);
+    assert!(stderr(&out).contains("exists"), "{}", stderr(&out));
+    assert_eq!(o.json(&["schedule", "list"]).as_array().unwrap().len(), 2);
+
+    o.ok(&["schedule", "remove", "checks"]);
+    let out = o.run(&["schedule", "remove", "checks"]);
+    assert!(!out.status.success() && stderr(&out).contains("no schedule named checks"));
+}

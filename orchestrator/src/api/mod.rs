@@ -12,6 +12,7 @@
 
 pub mod dto;
 pub mod inventory;
+pub mod schedules;
 pub mod users;
 
 use crate::auth::{Identity, Role};
@@ -118,8 +119,8 @@ pub const MAX_BODY_BYTES: usize = 4 << 20;
 #[derive(OpenApi)]
 #[openapi(
     info(title = "Ferry API", description = "Runs, drills, reports and their live events; users, tokens and the audit log. Authenticate with `Authorization: Bearer TOKEN` (the server's own token, an admin, is in FERRY_HOME/api-token or FERRY_API_TOKEN; users' tokens come from `ferry token create` or POST /api/tokens), or with the session cookie POST /api/login sets, sending the CSRF token it returns in `X-CSRF-Token` on every request but GET. Roles: viewers read; operators also start, approve, cancel and roll back runs; admins also manage users."),
-    paths(health, drills, inventory::list_sources, inventory::source_points, inventory::repository, inventory::list_runbooks, inventory::get_runbook, inventory::metrics, list_runs, start_run, get_run, run_events, run_report, approve, cancel, rollback, stream, verified, plan, users::login, users::logout, users::me, users::list_users, users::add_user, users::remove_user, users::set_role, users::set_password, users::list_tokens, users::create_token, users::revoke_token, users::audit_log),
-    components(schemas(dto::Drill, crate::inventory::Source, crate::inventory::Point, crate::inventory::PointDisk, crate::inventory::VerifiedBy, crate::inventory::Protection, crate::inventory::RpoStatus, crate::inventory::Repository, crate::inventory::Check, crate::inventory::Coverage, dto::RunbookList, dto::RunbookSummary, dto::RunbookDetail, dto::RunbookParam, dto::GraphStep, Run, dto::RunMode, dto::RunStatus, LogEntry, VerifiedPoint, crate::report::Report, crate::report::StepReport, crate::report::PointReport, crate::report::CriticalStep, StartRun, Approve, PlanRequest, PlanResponse, ApiError, dto::Diagnostic, dto::Health, ReportFormat, Role, users::Login, users::Me, users::User, users::NewUser, users::SetRole, users::SetPassword, users::Token, users::NewToken, users::CreatedToken, crate::state::users::AuditEntry)),
+    paths(health, drills, inventory::list_sources, inventory::source_points, inventory::repository, inventory::list_runbooks, inventory::get_runbook, inventory::metrics, list_runs, start_run, get_run, run_events, run_report, approve, cancel, rollback, stream, verified, plan, users::login, users::logout, users::me, users::list_users, users::add_user, users::remove_user, users::set_role, users::set_password, users::list_tokens, users::create_token, users::revoke_token, users::audit_log, schedules::list, schedules::add, schedules::remove),
+    components(schemas(dto::Drill, crate::inventory::Source, crate::inventory::Point, crate::inventory::PointDisk, crate::inventory::VerifiedBy, crate::inventory::Protection, crate::inventory::RpoStatus, crate::inventory::Repository, crate::inventory::Check, crate::inventory::Coverage, dto::RunbookList, dto::RunbookSummary, dto::RunbookDetail, dto::RunbookParam, dto::GraphStep, Run, dto::RunMode, dto::RunStatus, LogEntry, VerifiedPoint, crate::report::Report, crate::report::StepReport, crate::report::PointReport, crate::report::CriticalStep, StartRun, Approve, PlanRequest, PlanResponse, ApiError, dto::Diagnostic, dto::Health, ReportFormat, Role, users::Login, users::Me, users::User, users::NewUser, users::SetRole, users::SetPassword, users::Token, users::NewToken, users::CreatedToken, crate::state::users::AuditEntry, crate::schedule::Schedule, crate::schedule::Job, schedules::NewSchedule)),
     modifiers(&BearerAuth)
 )]
 struct ApiDoc;
@@ -195,6 +196,11 @@ pub fn router(app: AppState) -> Router {
             axum::routing::delete(users::revoke_token),
         )
         .route("/api/audit", get(users::audit_log))
+        .route("/api/schedules", get(schedules::list).post(schedules::add))
+        .route(
+            "/api/schedules/{name}",
+            axum::routing::delete(schedules::remove),
+        )
         .route(
             "/api/openapi.json",
             get(|| async { ([(header::CONTENT_TYPE, "application/json")], openapi_json()) }),
@@ -390,19 +396,12 @@ async fn start_run(
     Body(body): Body<StartRun>,
 ) -> ApiResult<(StatusCode, Json<Run>)> {
     who.require(Role::Operator)?;
-    let ctx = app.context();
-    let (file, text, git_commit) = match (body.runbook, body.path) {
-        (Some(text), None) => (body.file.unwrap_or_else(|| "api.yaml".into()), text, None),
-        (None, Some(path)) => {
-            let dir = inventory::runbook_dir(&app)?;
-            let registry = app.registry.clone();
-            let (e, commit) = tokio::task::spawn_blocking(move || {
-                crate::inventory::runbooks::read(&registry, &dir, &path)
-            })
-            .await
-            .map_err(|e| Error::Internal(anyhow::anyhow!("reading a runbook stopped: {e}")))??;
-            (e.file, e.text, commit)
-        }
+    let runbook = match (body.runbook, body.path) {
+        (Some(text), None) => Runbook::Text {
+            file: body.file.unwrap_or_else(|| "api.yaml".into()),
+            text,
+        },
+        (None, Some(path)) => Runbook::Dir(path),
         _ => {
             return Err(Error::Invalid(ferry_engine::Diagnostics(vec![
                 ferry_engine::Diagnostic {
@@ -415,13 +414,57 @@ async fn start_run(
             ])));
         }
     };
+    let run = launch(
+        &app,
+        &who.name,
+        runbook,
+        body.params,
+        body.target,
+        body.mode.into(),
+    )
+    .await?;
+    Ok((StatusCode::ACCEPTED, Json(Run::from(run))))
+}
+
+/// Where a new run's runbook comes from.
+pub(crate) enum Runbook {
+    /// Sent with the request.
+    Text { file: String, text: String },
+    /// A file of the server's runbook directory (its git commit is recorded).
+    Dir(String),
+}
+
+/// Creates a run, audits it as `actor`'s `run.start`, and drives it in the
+/// background: what `POST /api/runs` and a firing schedule do.
+pub(crate) async fn launch(
+    app: &AppState,
+    actor: &str,
+    runbook: Runbook,
+    params: std::collections::BTreeMap<String, String>,
+    target: Option<String>,
+    mode: ferry_engine::Mode,
+) -> ApiResult<crate::state::RunRow> {
+    let ctx = app.context();
+    let (file, text, git_commit) = match runbook {
+        Runbook::Text { file, text } => (file, text, None),
+        Runbook::Dir(path) => {
+            let dir = inventory::runbook_dir(app)?;
+            let registry = app.registry.clone();
+            let (e, commit) = tokio::task::spawn_blocking(move || {
+                crate::inventory::runbooks::read(&registry, &dir, &path)
+            })
+            .await
+            .map_err(|e| Error::Internal(anyhow::anyhow!("reading a runbook stopped: {e}")))??;
+            (e.file, e.text, commit)
+        }
+    };
     let new = NewRun {
         file,
         text,
         git_commit,
-        params: body.params,
-        target: body.target,
-        mode: body.mode.into(),
+        params,
+        target,
+        mode,
         id: None,
         work_dir: None,
     };
@@ -437,14 +480,14 @@ async fn start_run(
     .map_err(|e| Error::Internal(anyhow::anyhow!("run creation stopped: {e}")))??;
     crate::auth::audit(
         &app.state,
-        &who.name,
+        actor,
         "run.start",
         &run.id,
         &format!("{} of {}", run.mode, run.runbook),
     )
     .await;
-    spawn_run(&app, run.clone());
-    Ok((StatusCode::ACCEPTED, Json(Run::from(run))))
+    spawn_run(app, run.clone());
+    Ok(run)
 }
 
 #[utoipa::path(get, path = "/api/runs/{id}", params(("id" = String, Path, description = "A run id or a unique prefix")), responses(

@@ -1188,6 +1188,54 @@ async fn sources_points_repository_runbooks_drills_and_metrics() {
         .await
         .unwrap();
     assert_eq!(resp.status(), StatusCode::UNAUTHORIZED);
+
+    // A scheduled check of the repository, with nobody watching, lands
+    // where `ferry check` does: in the repository view.
+    let (_, r) = api.call(Method::GET, "/api/repository", None).await;
+    let checks_before = r["checks"].as_array().unwrap().len();
+    let (s, e) = api
+        .call(
+            Method::POST,
+            "/api/schedules",
+            Some(serde_json::json!({"name": "weekly-check", "cron": "0 4 * * 0", "job": {"check": {"read_data": true}}})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "{e}");
+    let due = e["next_ms"].as_i64().unwrap();
+    let fired = schedules::fire_due(&api.app, due).await.unwrap();
+    assert_eq!(fired.len(), 1, "{fired:?}");
+    assert!(fired[0].1.ends_with("started"), "{fired:?}");
+    let mut outcome = String::new();
+    for _ in 0..400 {
+        let (_, list) = api.call(Method::GET, "/api/schedules", None).await;
+        outcome = list[0]["last_outcome"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned();
+        if outcome.ends_with("no damage") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(outcome.ends_with("no damage"), "{outcome}");
+    let (_, r) = api.call(Method::GET, "/api/repository", None).await;
+    let checks = r["checks"].as_array().unwrap();
+    assert_eq!(checks.len(), checks_before + 1, "{r}");
+    // Newest first: this one read the three points' data.
+    assert_eq!(
+        (
+            &checks[0]["read_data"],
+            &checks[0]["ok"],
+            &checks[0]["points"]
+        ),
+        (
+            &serde_json::json!(true),
+            &serde_json::json!(true),
+            &serde_json::json!(3)
+        ),
+        "{r}"
+    );
+    assert!(checks[0]["bytes_read"].as_i64() > Some(100), "{r}");
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -1240,4 +1288,181 @@ async fn guessing_ones_own_current_password_is_limited_like_logins() {
         )
         .await;
     assert_eq!(s, StatusCode::TOO_MANY_REQUESTS);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn schedules_fire_once_at_their_time_whoever_else_is_looking() {
+    let dir = tempfile::tempdir().unwrap();
+    let books = dir.path().join("runbooks");
+    std::fs::create_dir(&books).unwrap();
+    std::fs::write(
+        books.join("quick.yaml"),
+        "name: quick\nsteps:\n  - id: pause\n    uses: wait\n    with: { duration: 10ms }\n",
+    )
+    .unwrap();
+    let url = format!("sqlite://{}", dir.path().join("state.db").display());
+    let server = |state: State| {
+        AppState::new(
+            state,
+            None,
+            None,
+            TOKEN.into(),
+            dir.path().to_path_buf(),
+            Some(books.clone()),
+        )
+    };
+    let api = Api {
+        app: server(State::open(&url).await.unwrap()),
+        _dir: tempfile::tempdir().unwrap(),
+    };
+    // A second server on the same state, as after a failover of the server.
+    let other = server(State::open(&url).await.unwrap());
+
+    let add = |name: &str, cron: &str, job: serde_json::Value| serde_json::json!({"name": name, "cron": cron, "job": job});
+    let (s, nightly) = api
+        .call(
+            Method::POST,
+            "/api/schedules",
+            Some(add(
+                "nightly",
+                "0 3 * * *",
+                serde_json::json!({"drill": {"path": "quick.yaml"}}),
+            )),
+        )
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "{nightly}");
+    let due = nightly["next_ms"].as_i64().unwrap();
+    let at = chrono::DateTime::from_timestamp_millis(due).unwrap();
+    assert_eq!(at.format("%H:%M:%S").to_string(), "03:00:00");
+    assert!(due > chrono::Utc::now().timestamp_millis());
+    for (body, want) in [
+        (
+            add("bad", "61 * * * *", serde_json::json!({"check": {}})),
+            StatusCode::BAD_REQUEST,
+        ),
+        (
+            add("bad", "* * * *", serde_json::json!({"check": {}})),
+            StatusCode::BAD_REQUEST,
+        ),
+        (
+            add("bad/name", "* * * * *", serde_json::json!({"check": {}})),
+            StatusCode::BAD_REQUEST,
+        ),
+        (
+            add(
+                "bad",
+                "* * * * *",
+                serde_json::json!({"drill": {"path": "../x.yaml"}}),
+            ),
+            StatusCode::BAD_REQUEST,
+        ),
+        (
+            add("bad", "* * * * *", serde_json::json!({"backup": {}})),
+            StatusCode::UNPROCESSABLE_ENTITY,
+        ),
+        (
+            add("nightly", "* * * * *", serde_json::json!({"check": {}})),
+            StatusCode::CONFLICT,
+        ),
+    ] {
+        let (s, e) = api
+            .call(Method::POST, "/api/schedules", Some(body.clone()))
+            .await;
+        assert_eq!(s, want, "{body}: {e}");
+    }
+
+    // Not yet: nothing fires.
+    assert!(
+        schedules::fire_due(&api.app, due - 1)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    // At its time, on two servers at once: one run.
+    let (a, b) = tokio::join!(
+        schedules::fire_due(&api.app, due),
+        schedules::fire_due(&other, due)
+    );
+    let fired: Vec<_> = a.unwrap().into_iter().chain(b.unwrap()).collect();
+    assert_eq!(fired.len(), 1, "{fired:?}");
+    let (name, outcome) = &fired[0];
+    assert_eq!(name, "nightly");
+    let run = outcome.strip_prefix("run ").expect(outcome).to_owned();
+    let (_, r) = api
+        .call(Method::GET, &format!("/api/runs/{run}"), None)
+        .await;
+    assert_eq!(
+        (r["mode"].as_str(), r["runbook"].as_str()),
+        (Some("drill"), Some("quick"))
+    );
+    // The same time again: already fired.
+    assert!(schedules::fire_due(&api.app, due).await.unwrap().is_empty());
+    // Down for three days: one firing, not three, then the next 03:00.
+    let later = due + 3 * 86_400_000 + 3_600_000;
+    assert_eq!(schedules::fire_due(&api.app, later).await.unwrap().len(), 1);
+    let (_, list) = api.call(Method::GET, "/api/schedules", None).await;
+    assert_eq!(
+        list[0]["next_ms"].as_i64(),
+        Some(due + 4 * 86_400_000),
+        "{list}"
+    );
+    assert_eq!(list[0]["last_fired_ms"].as_i64(), Some(later));
+    assert!(
+        list[0]["last_outcome"]
+            .as_str()
+            .unwrap()
+            .starts_with("run "),
+        "{list}"
+    );
+
+    // What cannot start says why, on the schedule, and the schedule moves on.
+    for (name, job) in [
+        (
+            "gone",
+            serde_json::json!({"drill": {"path": "missing.yaml"}}),
+        ),
+        ("check", serde_json::json!({"check": {"read_data": true}})),
+    ] {
+        let (s, e) = api
+            .call(
+                Method::POST,
+                "/api/schedules",
+                Some(add(name, "*/5 * * * *", job)),
+            )
+            .await;
+        assert_eq!(s, StatusCode::CREATED, "{e}");
+    }
+    let soon = chrono::Utc::now().timestamp_millis() + 600_000;
+    let fired = schedules::fire_due(&api.app, soon).await.unwrap();
+    let outcome = |n: &str| fired.iter().find(|(f, _)| f == n).unwrap().1.clone();
+    assert!(
+        outcome("gone").contains("not started") && outcome("gone").contains("missing.yaml"),
+        "{fired:?}"
+    );
+    assert!(
+        outcome("check").contains("not started") && outcome("check").contains("no repository"),
+        "{fired:?}"
+    );
+    let (_, list) = api.call(Method::GET, "/api/schedules", None).await;
+    let names: Vec<_> = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["check", "gone", "nightly"]);
+    assert!(list[0]["next_ms"].as_i64().unwrap() > soon);
+
+    // The audit names who added it, and the schedule as who started the run.
+    let (_, audit) = api.call(Method::GET, "/api/audit", None).await;
+    let audit = audit.to_string();
+    assert!(
+        audit.contains("schedule.add") && audit.contains("schedule:nightly"),
+        "{audit}"
+    );
+
+    let (s, _) = api.call(Method::DELETE, "/api/schedules/gone", None).await;
+    assert_eq!(s, StatusCode::NO_CONTENT);
+    let (s, _) = api.call(Method::DELETE, "/api/schedules/gone", None).await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
 }

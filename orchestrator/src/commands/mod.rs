@@ -6,5 +6,6 @@ pub mod output;
 pub mod protect;
 pub mod repo;
 pub mod runbooks;
+pub mod schedules;
 pub mod serve;
 pub mod users;

@@ -962,20 +962,11 @@ pub fn check(ctx: &Context, a: &CheckArgs) -> Result<ExitCode> {
 /// repository's health. A state that cannot be written is warned about: the
 /// check's own answer (its output and exit code) stands either way.
 fn record_check(ctx: &Context, r: &ferry_agent::check::Report) {
-    let n = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
-    let row = crate::state::health::CheckRow {
-        id: crate::control::new_run_id(),
-        repo: crate::inventory::repo_key(ctx.repo.as_deref().unwrap_or_default()),
-        at_ms: chrono::Utc::now().timestamp_millis(),
-        ok: r.ok,
-        read_data: r.read_data,
-        points: n(r.points),
-        packs: n(r.packs),
-        chunks: n(r.chunks),
-        bytes_read: n(r.bytes_read),
-        problems: n(r.problems.len() as u64),
-        damaged_points: n(r.damaged_points.len() as u64),
-    };
+    let row = crate::inventory::check_row(
+        &crate::control::new_run_id(),
+        ctx.repo.as_deref().unwrap_or_default(),
+        r,
+    );
     let written = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

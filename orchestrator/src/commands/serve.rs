@@ -85,6 +85,8 @@ pub fn serve(ctx: &Context, a: &ServeArgs) -> Result<ExitCode> {
             eprintln!("resuming {} {} of {}", run.mode, run.id, run.runbook);
             api::spawn_run(&app, run);
         }
+        // Schedules fire from any server on this state; each firing once.
+        api::schedules::spawn_scheduler(&app);
         let inventory = app.inventory.clone();
         tokio::spawn(async move {
             let took = inventory.warm().await;

@@ -1,0 +1,170 @@
+//! Schedules over HTTP (`/api/schedules`), and what a firing does: a drill
+//! starts like `POST /api/runs` with the runbook's `path` (audited as
+//! `schedule:NAME`), a check runs against the server's repository and lands
+//! where `ferry check` records its outcome. `spawn_scheduler` fires what is
+//! due once a second; tests call [`fire_due`] with a time of their own.
+
+use super::{ApiResult, AppState, Body, Runbook};
+use crate::auth::{Identity, Role};
+use crate::error::Error;
+use crate::schedule::{self, Job, Schedule};
+use axum::Json;
+use axum::extract::{Path, State as Ax};
+use axum::http::StatusCode;
+use axum::{Extension, response::IntoResponse, response::Response};
+use serde::Deserialize;
+use std::time::Duration;
+
+/// A schedule to add.
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct NewSchedule {
+    /// 1 to 64 letters, digits, `.`, `_` and `-`.
+    pub name: String,
+    /// Five fields (minute hour day-of-month month day-of-week), in UTC.
+    pub cron: String,
+    pub job: Job,
+}
+
+#[utoipa::path(get, path = "/api/schedules", responses(
+    (status = 200, body = Vec<Schedule>, description = "Every schedule, by name, with when it fires next and what its last firing started"),
+    (status = 401, body = crate::api::ApiError, description = "No or wrong credentials"),
+    (status = 500, body = crate::api::ApiError, description = "The server failed; its log says why")))]
+pub(super) async fn list(Ax(app): Ax<AppState>) -> ApiResult<Json<Vec<Schedule>>> {
+    Ok(Json(schedule::list(&app.state).await?))
+}
+
+#[utoipa::path(post, path = "/api/schedules", request_body = NewSchedule, responses(
+    (status = 201, body = Schedule, description = "Added; it fires first at `next_ms`"),
+    (status = 400, body = crate::api::ApiError, description = "A bad name, cron expression or job"),
+    (status = 401, body = crate::api::ApiError, description = "No or wrong credentials"),
+    (status = 403, body = crate::api::ApiError, description = "Not an operator or admin, or a session request without its CSRF token"),
+    (status = 409, body = crate::api::ApiError, description = "A schedule of that name exists"),
+    (status = 415, body = crate::api::ApiError, description = "The body is not application/json"),
+    (status = 422, body = crate::api::ApiError, description = "The body lacks a field"),
+    (status = 500, body = crate::api::ApiError, description = "The server failed; its log says why")))]
+pub(super) async fn add(
+    Ax(app): Ax<AppState>,
+    Extension(who): Extension<Identity>,
+    Body(b): Body<NewSchedule>,
+) -> ApiResult<(StatusCode, Json<Schedule>)> {
+    who.require(Role::Operator)?;
+    let s = schedule::add(&app.state, &b.name, &b.cron, b.job, &who.name, now_ms()).await?;
+    Ok((StatusCode::CREATED, Json(s)))
+}
+
+#[utoipa::path(delete, path = "/api/schedules/{name}", params(("name" = String, Path, description = "The schedule's name")), responses(
+    (status = 204, description = "Removed"),
+    (status = 401, body = crate::api::ApiError, description = "No or wrong credentials"),
+    (status = 403, body = crate::api::ApiError, description = "Not an operator or admin, or a session request without its CSRF token"),
+    (status = 404, body = crate::api::ApiError, description = "No such schedule"),
+    (status = 500, body = crate::api::ApiError, description = "The server failed; its log says why")))]
+pub(super) async fn remove(
+    Ax(app): Ax<AppState>,
+    Extension(who): Extension<Identity>,
+    Path(name): Path<String>,
+) -> ApiResult<Response> {
+    who.require(Role::Operator)?;
+    schedule::remove(&app.state, &name, &who.name).await?;
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+fn now_ms() -> i64 {
+    chrono::Utc::now().timestamp_millis()
+}
+
+/// Fires every schedule due at `now_ms` and returns each one's name with
+/// what it started (`run ID`, `check ID`) or why it could not. A check runs
+/// in the background; its outcome is recorded when it ends.
+pub async fn fire_due(app: &AppState, now_ms: i64) -> crate::error::Result<Vec<(String, String)>> {
+    let mut out = Vec::new();
+    for s in schedule::claim_due(&app.state, now_ms).await? {
+        let actor = format!("schedule:{}", s.name);
+        let outcome = match &s.job {
+            Job::Drill { path, target } => super::launch(
+                app,
+                &actor,
+                Runbook::Dir(path.clone()),
+                Default::default(),
+                target.clone(),
+                ferry_engine::Mode::Drill,
+            )
+            .await
+            .map(|run| format!("run {}", run.id)),
+            Job::Check { read_data } => start_check(app, &s.name, *read_data),
+        };
+        let outcome = outcome.unwrap_or_else(|e| format!("not started: {e}"));
+        if outcome.starts_with("not started") {
+            tracing::warn!(schedule = %s.name, "{outcome}");
+        }
+        app.state.schedule_outcome(&s.name, &outcome).await?;
+        out.push((s.name, outcome));
+    }
+    Ok(out)
+}
+
+/// Checks the server's repository in the background; records the check
+/// where `ferry check` does, and its outcome on the schedule.
+fn start_check(app: &AppState, name: &str, read_data: bool) -> ApiResult<String> {
+    if app.repo.is_none() {
+        return Err(Error::Unavailable(
+            "this server has no repository: start `ferry serve` with -r/--repo and its password"
+                .into(),
+        ));
+    }
+    let id = crate::control::new_run_id();
+    let (app, name, check_id) = (app.clone(), name.to_owned(), id.clone());
+    tokio::spawn(async move {
+        let ctx = app.context();
+        let location = app.repo.clone().unwrap_or_default();
+        let report = tokio::task::spawn_blocking(move || {
+            let repo = ctx.open_repo(false)?;
+            let progress = ferry_agent::progress::Progress::default();
+            let r = ferry_agent::check::check(
+                &repo,
+                ferry_agent::check::CheckOptions { read_data },
+                &progress,
+            )?;
+            // The store owns a runtime: dropped here, off the async workers.
+            drop(repo);
+            Ok::<_, anyhow::Error>(r)
+        })
+        .await;
+        let outcome = match report {
+            Ok(Ok(r)) => {
+                let row = crate::inventory::check_row(&check_id, &location, &r);
+                if let Err(e) = app.state.record_check(&row).await {
+                    tracing::warn!("cannot record check {check_id}: {e:#}");
+                }
+                format!(
+                    "check {check_id}: {}",
+                    if r.ok { "no damage" } else { "damage found" }
+                )
+            }
+            Ok(Err(e)) => format!(
+                "check {check_id} failed: {}",
+                crate::error::chain(e.as_ref())
+            ),
+            Err(e) => format!("check {check_id} stopped: {e}"),
+        };
+        if let Err(e) = app.state.schedule_outcome(&name, &outcome).await {
+            tracing::warn!(schedule = %name, "cannot record the outcome: {e:#}");
+        }
+    });
+    Ok(format!("check {id} started"))
+}
+
+/// Fires due schedules once a second until the server stops.
+pub fn spawn_scheduler(app: &AppState) {
+    let app = app.clone();
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            if let Err(e) = fire_due(&app, now_ms()).await {
+                tracing::warn!("schedules: {e}");
+            }
+        }
+    });
+}
