@@ -24,6 +24,7 @@
 //! ```
 
 pub mod actions;
+pub mod alerts;
 pub mod api;
 pub mod auth;
 pub mod checks;

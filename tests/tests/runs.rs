@@ -1487,3 +1487,32 @@ fn schedules_are_managed_from_the_command_line() {
     let out = o.run(&["schedule", "remove", "checks"]);
     assert!(!out.status.success() && stderr(&out).contains("no schedule named checks"));
 }
+
+#[test]
+fn a_bad_alert_route_file_stops_the_server_before_it_listens() {
+    let o = Orch::new();
+    let books = o.env.path("books");
+    std::fs::create_dir_all(&books).unwrap();
+    let routes = o.env.path("routes.yaml");
+    std::fs::write(&routes, "routes:\n  - match: {}\n    runbook: a.yaml\n").unwrap();
+    let (b, r) = (books.to_str().unwrap(), routes.to_str().unwrap());
+    let out = o.run(&[
+        "serve",
+        "--listen",
+        "127.0.0.1:0",
+        "--runbooks",
+        b,
+        "--alert-routes",
+        r,
+    ]);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("routes.yaml") && stderr(&out).contains("matches every alert"),
+        "{}",
+        stderr(&out)
+    );
+    // Routes name runbooks of the directory: without one they mean nothing.
+    let out = o.run(&["serve", "--alert-routes", r]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(stderr(&out).contains("--runbooks"), "{}", stderr(&out));
+}

@@ -11,6 +11,7 @@
 //! something failed and where to look (the server's log), never internals.
 
 pub mod dto;
+pub mod hooks;
 pub mod inventory;
 pub mod schedules;
 pub mod users;
@@ -58,6 +59,8 @@ pub struct AppState {
     /// Finished drills' measurements by run id (a finished drill's report
     /// does not change), so the history does not replay every log each time.
     drills: Arc<tokio::sync::Mutex<std::collections::HashMap<String, dto::Drill>>>,
+    /// What Alertmanager's notifications start (`ferry serve --alert-routes`).
+    pub alert_routes: Option<Arc<crate::alerts::Routes>>,
 }
 
 impl AppState {
@@ -88,7 +91,15 @@ impl AppState {
             inventory: Arc::new(crate::inventory::Inventory::new(ctx)),
             metrics: Arc::default(),
             drills: Arc::default(),
+            alert_routes: None,
         }
+    }
+
+    /// With the routes Alertmanager's notifications follow.
+    #[must_use]
+    pub fn with_alert_routes(mut self, routes: crate::alerts::Routes) -> AppState {
+        self.alert_routes = Some(Arc::new(routes));
+        self
     }
 }
 
@@ -119,8 +130,8 @@ pub const MAX_BODY_BYTES: usize = 4 << 20;
 #[derive(OpenApi)]
 #[openapi(
     info(title = "Ferry API", description = "Runs, drills, reports and their live events; users, tokens and the audit log. Authenticate with `Authorization: Bearer TOKEN` (the server's own token, an admin, is in FERRY_HOME/api-token or FERRY_API_TOKEN; users' tokens come from `ferry token create` or POST /api/tokens), or with the session cookie POST /api/login sets, sending the CSRF token it returns in `X-CSRF-Token` on every request but GET. Roles: viewers read; operators also start, approve, cancel and roll back runs; admins also manage users."),
-    paths(health, drills, inventory::list_sources, inventory::source_points, inventory::repository, inventory::list_runbooks, inventory::get_runbook, inventory::metrics, list_runs, start_run, get_run, run_events, run_report, approve, cancel, rollback, stream, verified, plan, users::login, users::logout, users::me, users::list_users, users::add_user, users::remove_user, users::set_role, users::set_password, users::list_tokens, users::create_token, users::revoke_token, users::audit_log, schedules::list, schedules::add, schedules::remove),
-    components(schemas(dto::Drill, crate::inventory::Source, crate::inventory::Point, crate::inventory::PointDisk, crate::inventory::VerifiedBy, crate::inventory::Protection, crate::inventory::RpoStatus, crate::inventory::Repository, crate::inventory::Check, crate::inventory::Coverage, dto::RunbookList, dto::RunbookSummary, dto::RunbookDetail, dto::RunbookParam, dto::GraphStep, Run, dto::RunMode, dto::RunStatus, LogEntry, VerifiedPoint, crate::report::Report, crate::report::StepReport, crate::report::PointReport, crate::report::CriticalStep, StartRun, Approve, PlanRequest, PlanResponse, ApiError, dto::Diagnostic, dto::Health, ReportFormat, Role, users::Login, users::Me, users::User, users::NewUser, users::SetRole, users::SetPassword, users::Token, users::NewToken, users::CreatedToken, crate::state::users::AuditEntry, crate::schedule::Schedule, crate::schedule::Job, schedules::NewSchedule)),
+    paths(health, drills, inventory::list_sources, inventory::source_points, inventory::repository, inventory::list_runbooks, inventory::get_runbook, inventory::metrics, list_runs, start_run, get_run, run_events, run_report, approve, cancel, rollback, stream, verified, plan, users::login, users::logout, users::me, users::list_users, users::add_user, users::remove_user, users::set_role, users::set_password, users::list_tokens, users::create_token, users::revoke_token, users::audit_log, schedules::list, schedules::add, schedules::remove, hooks::alertmanager),
+    components(schemas(dto::Drill, crate::inventory::Source, crate::inventory::Point, crate::inventory::PointDisk, crate::inventory::VerifiedBy, crate::inventory::Protection, crate::inventory::RpoStatus, crate::inventory::Repository, crate::inventory::Check, crate::inventory::Coverage, dto::RunbookList, dto::RunbookSummary, dto::RunbookDetail, dto::RunbookParam, dto::GraphStep, Run, dto::RunMode, dto::RunStatus, LogEntry, VerifiedPoint, crate::report::Report, crate::report::StepReport, crate::report::PointReport, crate::report::CriticalStep, StartRun, Approve, PlanRequest, PlanResponse, ApiError, dto::Diagnostic, dto::Health, ReportFormat, Role, users::Login, users::Me, users::User, users::NewUser, users::SetRole, users::SetPassword, users::Token, users::NewToken, users::CreatedToken, crate::state::users::AuditEntry, crate::schedule::Schedule, crate::schedule::Job, schedules::NewSchedule, crate::alerts::Notification, crate::alerts::Outcome, crate::alerts::Action)),
     modifiers(&BearerAuth)
 )]
 struct ApiDoc;
@@ -196,6 +207,7 @@ pub fn router(app: AppState) -> Router {
             axum::routing::delete(users::revoke_token),
         )
         .route("/api/audit", get(users::audit_log))
+        .route("/api/hooks/alertmanager", post(hooks::alertmanager))
         .route("/api/schedules", get(schedules::list).post(schedules::add))
         .route(
             "/api/schedules/{name}",

@@ -1466,3 +1466,224 @@ async fn schedules_fire_once_at_their_time_whoever_else_is_looking() {
     let (s, _) = api.call(Method::DELETE, "/api/schedules/gone", None).await;
     assert_eq!(s, StatusCode::NOT_FOUND);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn alertmanager_starts_one_run_per_incident_into_an_approval_gate() {
+    let dir = tempfile::tempdir().unwrap();
+    let books = dir.path().join("runbooks");
+    std::fs::create_dir(&books).unwrap();
+    std::fs::write(
+        books.join("failover.yaml"),
+        "name: failover\nparams:\n  site: { default: none }\nsteps:\n  - id: confirm\n    uses: approval\n  - id: go\n    uses: noop\n    needs: confirm\n",
+    )
+    .unwrap();
+    std::fs::write(
+        books.join("ungated.yaml"),
+        "name: ungated\nsteps:\n  - id: go\n    uses: noop\n",
+    )
+    .unwrap();
+    let routes = crate::alerts::Routes::parse(
+        "routes.yaml",
+        "routes:\n  - match: { alertname: SiteDown, site: eu }\n    runbook: failover.yaml\n    params: { site: eu }\n  - match: { alertname: DiskSlow }\n    runbook: ungated.yaml\n  - match: { alertname: Drill }\n    runbook: ungated.yaml\n    mode: drill\n",
+    )
+    .unwrap();
+    let url = format!("sqlite://{}", dir.path().join("state.db").display());
+    let api = Api {
+        app: AppState::new(
+            State::open(&url).await.unwrap(),
+            None,
+            None,
+            TOKEN.into(),
+            dir.path().to_path_buf(),
+            Some(books.clone()),
+        )
+        .with_alert_routes(routes),
+        _dir: tempfile::tempdir().unwrap(),
+    };
+    let am = As::token(&api.user_with_token("alertmanager", "operator").await);
+    let viewer = As::token(&api.user_with_token("vera", "viewer").await);
+    let note = |key: &str, status: &str, labels: serde_json::Value| {
+        // As Alertmanager sends it, with fields Ferry does not read.
+        serde_json::json!({"version": "4", "groupKey": key, "status": status, "receiver": "ferry",
+            "groupLabels": {"alertname": labels["alertname"]}, "commonLabels": labels,
+            "commonAnnotations": {}, "externalURL": "http://am", "truncatedAlerts": 0,
+            "alerts": [{"status": status, "labels": labels, "annotations": {}, "startsAt": "2026-12-05T10:00:00Z",
+                "endsAt": "0001-01-01T00:00:00Z", "generatorURL": "", "fingerprint": "abc"}]})
+    };
+    let site_down =
+        serde_json::json!({"alertname": "SiteDown", "site": "eu", "severity": "critical"});
+    let hook = "/api/hooks/alertmanager";
+
+    // Only operators may start runs this way.
+    let (s, _, _) = api
+        .call_as(
+            &viewer,
+            Method::POST,
+            hook,
+            Some(note(
+                "{}:{alertname=\"SiteDown\"}",
+                "firing",
+                site_down.clone(),
+            )),
+        )
+        .await;
+    assert_eq!(s, StatusCode::FORBIDDEN);
+
+    // The first firing notification starts the run; it waits at its gate.
+    let key = "{}:{alertname=\"SiteDown\"}";
+    let (s, _, first) = api
+        .call_as(
+            &am,
+            Method::POST,
+            hook,
+            Some(note(key, "firing", site_down.clone())),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK, "{first}");
+    assert_eq!(first["action"], "started", "{first}");
+    let run = first["run"].as_str().unwrap().to_owned();
+    let mut report = serde_json::Value::Null;
+    for _ in 0..200 {
+        (_, report) = api
+            .call(Method::GET, &format!("/api/runs/{run}"), None)
+            .await;
+        if report["steps"][0]["status"] == "waiting" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(report["steps"][0]["status"], "waiting", "{report}");
+    assert_eq!(
+        (report["mode"].as_str(), report["params"]["site"].as_str()),
+        (Some("run"), Some("eu"))
+    );
+
+    // Repeats, even racing each other, start nothing more.
+    let (a, b) = tokio::join!(
+        api.call_as(
+            &am,
+            Method::POST,
+            hook,
+            Some(note(key, "firing", site_down.clone()))
+        ),
+        api.call_as(
+            &am,
+            Method::POST,
+            hook,
+            Some(note(key, "firing", site_down.clone()))
+        )
+    );
+    for (s, _, o) in [a, b] {
+        assert_eq!(s, StatusCode::OK);
+        assert_eq!(
+            (o["action"].as_str(), o["run"].as_str()),
+            (Some("already_started"), Some(run.as_str())),
+            "{o}"
+        );
+    }
+    // Resolved: closed, nothing started.
+    let (_, _, o) = api
+        .call_as(
+            &am,
+            Method::POST,
+            hook,
+            Some(note(key, "resolved", site_down.clone())),
+        )
+        .await;
+    assert_eq!(
+        (o["action"].as_str(), o["run"].as_str()),
+        (Some("resolved"), Some(run.as_str())),
+        "{o}"
+    );
+    let (_, _, o) = api
+        .call_as(
+            &am,
+            Method::POST,
+            hook,
+            Some(note(key, "resolved", site_down.clone())),
+        )
+        .await;
+    assert_eq!(o["action"], "resolved");
+    let (_, runs) = api.call(Method::GET, "/api/runs", None).await;
+    assert_eq!(runs.as_array().unwrap().len(), 1, "{runs}");
+    // The same group firing again later is a new incident.
+    let (_, _, again) = api
+        .call_as(
+            &am,
+            Method::POST,
+            hook,
+            Some(note(key, "firing", site_down.clone())),
+        )
+        .await;
+    assert_eq!(again["action"], "started", "{again}");
+    assert_ne!(again["run"], first["run"]);
+
+    // No route: nothing. A failover with no gate: refused, and no incident
+    // kept, so a retry after the fix starts it. A drill needs no gate.
+    let (s, _, o) = api
+        .call_as(
+            &am,
+            Method::POST,
+            hook,
+            Some(note(
+                "k2",
+                "firing",
+                serde_json::json!({"alertname": "Other"}),
+            )),
+        )
+        .await;
+    assert_eq!(
+        (s, o["action"].as_str()),
+        (StatusCode::OK, Some("ignored")),
+        "{o}"
+    );
+    let slow = serde_json::json!({"alertname": "DiskSlow"});
+    for _ in 0..2 {
+        let (s, _, e) = api
+            .call_as(
+                &am,
+                Method::POST,
+                hook,
+                Some(note("k3", "firing", slow.clone())),
+            )
+            .await;
+        assert_eq!(s, StatusCode::CONFLICT, "{e}");
+        assert!(e["error"].as_str().unwrap().contains("approval"), "{e}");
+    }
+    let (_, _, o) = api
+        .call_as(
+            &am,
+            Method::POST,
+            hook,
+            Some(note(
+                "k4",
+                "firing",
+                serde_json::json!({"alertname": "Drill"}),
+            )),
+        )
+        .await;
+    assert_eq!(o["action"], "started", "{o}");
+
+    // Not a notification: refused.
+    for bad in [
+        serde_json::json!({"status": "firing"}),
+        serde_json::json!({"groupKey": "", "status": "firing"}),
+        serde_json::json!({"groupKey": "k", "status": "exploded"}),
+    ] {
+        let (s, _, _) = api
+            .call_as(&am, Method::POST, hook, Some(bad.clone()))
+            .await;
+        assert!(
+            s == StatusCode::BAD_REQUEST || s == StatusCode::UNPROCESSABLE_ENTITY,
+            "{bad}: {s}"
+        );
+    }
+
+    // The audit names the token's user for each start, and the incidents.
+    let (_, audit) = api.call(Method::GET, "/api/audit", None).await;
+    let audit = audit.to_string();
+    assert!(
+        audit.contains("alert.fired") && audit.contains("alert.resolved"),
+        "{audit}"
+    );
+}

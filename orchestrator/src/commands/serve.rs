@@ -32,6 +32,16 @@ pub struct ServeArgs {
     /// TLS, on top of tokens and sessions.
     #[arg(long, value_name = "PEM", requires = "tls_cert")]
     pub tls_client_ca: Option<PathBuf>,
+    /// Alertmanager routes: which alert labels start which runbook of
+    /// --runbooks, through `POST /api/hooks/alertmanager` (YAML; see
+    /// ARCHITECTURE.md).
+    #[arg(
+        long,
+        env = "FERRY_ALERT_ROUTES",
+        value_name = "FILE",
+        requires = "runbooks"
+    )]
+    pub alert_routes: Option<PathBuf>,
 }
 
 pub fn print_openapi() -> Result<ExitCode> {
@@ -71,7 +81,7 @@ pub fn serve(ctx: &Context, a: &ServeArgs) -> Result<ExitCode> {
             ))
             .into());
         }
-        let app = AppState::new(
+        let mut app = AppState::new(
             state.clone(),
             ctx.repo.clone(),
             password,
@@ -79,6 +89,9 @@ pub fn serve(ctx: &Context, a: &ServeArgs) -> Result<ExitCode> {
             ctx.home.clone(),
             a.runbooks.clone(),
         );
+        if let Some(file) = &a.alert_routes {
+            app = app.with_alert_routes(crate::alerts::Routes::load(file)?);
+        }
         // Continue runs whose process died. One that cannot even be planned
         // any more fails on its own; the server stays up.
         for run in crate::control::orphans(&state).await? {

@@ -90,6 +90,7 @@ pub struct State {
 pub use crate::redact::redact;
 
 pub mod health;
+pub mod incidents;
 pub mod schedules;
 pub mod users;
 
