@@ -150,6 +150,15 @@ async function admin() {
   await page.waitForFunction(() => [...document.querySelectorAll('#users tbody tr')].some((x) => x.firstChild.textContent === 'auditor'));
   r.users_after = await page.$$eval('#users tbody tr', (rows) => rows.map((x) => x.firstChild.textContent));
   await page.screenshot({ path: path.join(shots, 'admin-users.png'), fullPage: true });
+  // A drill every Sunday, added from the page.
+  await view(page, '#/schedules', 'schedulesView');
+  await page.fill('#new-schedule', 'weekly');
+  await page.fill('#new-cron', '0 3 * * 0');
+  await page.selectOption('#new-job', 'drill:drill.yaml');
+  await page.click('#add-schedule');
+  await page.waitForSelector('tr[data-schedule="weekly"]');
+  r.schedule = (await page.textContent('tr[data-schedule="weekly"]')).trim();
+  await page.screenshot({ path: path.join(shots, 'admin-schedules.png'), fullPage: true });
   await view(page, '#/audit', 'auditView');
   r.audit = await page.$$eval('#audit tbody tr', (rows) => rows.map((x) => [...x.children].map((c) => c.textContent)));
   await page.screenshot({ path: path.join(shots, 'admin-audit.png'), fullPage: true });
@@ -168,7 +177,7 @@ async function quality(run) {
   const axe = fs.readFileSync(require.resolve('axe-core/axe.min.js'), 'utf8');
   const pages = [['#/', 'dashboard'], ['#/sources/web', 'sourceView'], ['#/runbooks', 'runbooksView'],
     ['#/runbooks/drill.yaml', 'runbookView'], ['#/runbooks/broken.yaml', 'runbookView'], ['#/runs', 'runsView'],
-    ['#/runs/' + run, 'runView'], ['#/drills', 'drillsView'], ['#/repository', 'repositoryView'],
+    ['#/runs/' + run, 'runView'], ['#/drills', 'drillsView'], ['#/schedules', 'schedulesView'], ['#/repository', 'repositoryView'],
     ['#/users', 'usersView'], ['#/audit', 'auditView']];
   const r = { violations: [], overflow: [], pages: pages.length };
   for (const [width, scheme] of [[1280, 'light'], [1280, 'dark'], [390, 'light'], [390, 'dark']]) {

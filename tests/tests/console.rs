@@ -172,6 +172,7 @@ fn viewers_operators_and_admins_use_the_console_in_chromium() {
             "Runbooks",
             "Runs",
             "Drill history",
+            "Schedules",
             "Repository"
         ])
     );
@@ -239,6 +240,20 @@ fn viewers_operators_and_admins_use_the_console_in_chromium() {
         assert!(audit.contains(want), "{want} not in {audit}");
     }
     assert!(audit.contains(run) && audit.contains("omar"), "{audit}");
+    // The schedule added on the page is the server's.
+    let sched = a["schedule"].as_str().unwrap();
+    assert!(
+        sched.contains("drill drill.yaml") && sched.contains("0 3 * * 0"),
+        "{sched}"
+    );
+    let list: serde_json::Value =
+        serde_json::from_str(&ok(&["--json", "schedule", "list"])).unwrap();
+    assert_eq!(
+        list[0]["job"],
+        serde_json::json!({"drill": {"path": "drill.yaml"}}),
+        "{list}"
+    );
+    assert!(audit.contains("schedule.add"), "{audit}");
     assert_eq!(a["signed_out"], true);
 
     // Quality a user notices, on every page, wide and narrow, light and dark.

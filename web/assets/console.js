@@ -149,7 +149,7 @@ function every(ms, f) {
 
 const NAV = [
   ['#/', 'Protection', 'viewer'], ['#/runbooks', 'Runbooks', 'viewer'], ['#/runs', 'Runs', 'viewer'],
-  ['#/drills', 'Drill history', 'viewer'], ['#/repository', 'Repository', 'viewer'],
+  ['#/drills', 'Drill history', 'viewer'], ['#/schedules', 'Schedules', 'viewer'], ['#/repository', 'Repository', 'viewer'],
   ['#/audit', 'Audit log', 'operator'], ['#/users', 'Users', 'admin'],
 ];
 
@@ -642,6 +642,43 @@ async function repositoryView() {
 
 // ---- Users and audit ---------------------------------------------------------
 
+// ---- Schedules ----------------------------------------------------------------
+
+const jobText = (j) => j.drill ? 'drill ' + j.drill.path + (j.drill.target ? ' on ' + j.drill.target : '') : 'check' + (j.check && j.check.read_data ? ' (every byte)' : '');
+
+// What a firing started: a run links to it.
+function outcome(o) {
+  if (!o) return '–';
+  const m = /^run (\S+)$/.exec(o);
+  return m ? h('a', { href: '#/runs/' + encodeURIComponent(m[1]) }, 'run ' + m[1]) : o;
+}
+
+async function schedulesView() {
+  const [list, books] = await Promise.all([api('/api/schedules'), can('operator') ? api('/api/runbooks').catch(() => null) : null]);
+  const out = h('div');
+  const run = async (f) => { try { await f(); await load(schedulesView); } catch (e) { put(out, errorBox(e)); } };
+  const form = () => {
+    const name = h('input', { id: 'new-schedule', placeholder: 'weekly-drill' });
+    const cron = h('input', { id: 'new-cron', placeholder: '0 3 * * 0', class: 'mono' });
+    // Only runbooks that validate can drill.
+    const files = books && books.runbooks ? books.runbooks.filter((b) => b.valid).map((b) => b.file) : [];
+    const what = h('select', { id: 'new-job' }, files.map((f) => h('option', { value: 'drill:' + f }, 'drill ' + f)),
+      h('option', { value: 'check' }, 'check the repository'), h('option', { value: 'check-data' }, 'check, reading every byte'));
+    const job = () => what.value.startsWith('drill:') ? { drill: { path: what.value.slice(6) } } : { check: { read_data: what.value === 'check-data' } };
+    return h('div', { class: 'panel' }, h('h2', {}, 'Add a schedule'),
+      h('div', { class: 'row' }, h('label', {}, 'Name', name), h('label', {}, 'When (cron, UTC)', cron), h('label', {}, 'What', what),
+        h('button', { class: 'primary', id: 'add-schedule', onclick: () => run(() => api('/api/schedules', { method: 'POST', body: { name: name.value, cron: cron.value, job: job() } })) }, 'Add')),
+      h('p', { class: 'small muted' }, 'Five fields in UTC: minute hour day-of-month month day-of-week. "0 3 * * 0" is 03:00 every Sunday. The server starts each firing once, with nobody watching; drills tear down after themselves.'));
+  };
+  mount(h('h1', {}, 'Schedules'), out,
+    list.length ? h('table', { id: 'schedules' }, h('thead', {}, h('tr', {}, ['Schedule', 'When (UTC)', 'What', 'Next', 'Last fired', 'Last outcome', ''].map((t) => h('th', {}, t)))),
+      h('tbody', {}, list.map((x) => h('tr', { 'data-schedule': x.name }, h('td', {}, x.name), h('td', { class: 'mono' }, x.cron), h('td', {}, jobText(x.job)),
+        h('td', {}, when(x.next_ms)), h('td', {}, x.last_fired_ms ? when(x.last_fired_ms) : 'never'), h('td', { class: 'small' }, outcome(x.last_outcome)),
+        h('td', {}, can('operator') ? h('button', { 'aria-label': 'Remove ' + x.name, onclick: () => confirm('Remove the schedule ' + x.name + '?') && run(() => api('/api/schedules/' + encodeURIComponent(x.name), { method: 'DELETE' })) }, 'Remove') : ''))))) :
+      h('p', { class: 'muted' }, 'No schedules. Drills and checks can run on a schedule, with nobody watching.'),
+    can('operator') ? form() : null);
+}
+
 async function usersView() {
   const [users, tokens] = await Promise.all([api('/api/users'), api('/api/tokens')]);
   const out = h('div');
@@ -684,6 +721,7 @@ const ROUTES = [
   [/^#\/runs$/, runsView],
   [/^#\/runs\/(.+)$/, runView],
   [/^#\/drills$/, drillsView],
+  [/^#\/schedules$/, schedulesView],
   [/^#\/repository$/, repositoryView],
   [/^#\/users$/, usersView],
   [/^#\/audit$/, auditView],
