@@ -61,6 +61,8 @@ pub struct AppState {
     drills: Arc<tokio::sync::Mutex<std::collections::HashMap<String, dto::Drill>>>,
     /// What Alertmanager's notifications start (`ferry serve --alert-routes`).
     pub alert_routes: Option<Arc<crate::alerts::Routes>>,
+    /// Schedules whose check is running in this server.
+    busy_checks: Arc<std::sync::Mutex<std::collections::HashSet<String>>>,
 }
 
 impl AppState {
@@ -92,6 +94,7 @@ impl AppState {
             metrics: Arc::default(),
             drills: Arc::default(),
             alert_routes: None,
+            busy_checks: Arc::default(),
         }
     }
 

@@ -80,6 +80,15 @@ pub async fn fire_due(app: &AppState, now_ms: i64) -> crate::error::Result<Vec<(
     let mut out = Vec::new();
     for s in schedule::claim_due(&app.state, now_ms).await? {
         let actor = format!("schedule:{}", s.name);
+        // A firing does not pile onto the last one while it still runs (a
+        // drill every 10 minutes that takes 20, a check of a large
+        // repository every hour).
+        if let Some(busy) = still_running(app, &s).await? {
+            tracing::info!(schedule = %s.name, "{busy}");
+            app.state.schedule_outcome(&s.name, &busy).await?;
+            out.push((s.name, busy));
+            continue;
+        }
         let outcome = match &s.job {
             Job::Drill { path, target } => super::launch(
                 app,
@@ -103,6 +112,39 @@ pub async fn fire_due(app: &AppState, now_ms: i64) -> crate::error::Result<Vec<(
     Ok(out)
 }
 
+/// Why this firing of `s` is skipped, if the last one still runs: its drill
+/// (found by the run id its outcome names, in the state, so it holds across
+/// restarts) or its check (in this server's memory: a check dies with it).
+async fn still_running(app: &AppState, s: &Schedule) -> crate::error::Result<Option<String>> {
+    if let Job::Check { .. } = s.job {
+        let busy = app
+            .busy_checks
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .contains(&s.name);
+        return Ok(
+            busy.then(|| "skipped: the last check of this schedule is still running".to_owned())
+        );
+    }
+    let Some(run) = s.last_outcome.as_deref().and_then(last_run) else {
+        return Ok(None);
+    };
+    let running = app
+        .state
+        .run(run)
+        .await?
+        .is_some_and(|r| r.status == "running");
+    Ok(running.then(|| format!("skipped: run {run} of this schedule is still running")))
+}
+
+/// The run a schedule's outcome names (`run ID`, or a skip because of it).
+fn last_run(outcome: &str) -> Option<&str> {
+    let rest = outcome
+        .strip_prefix("run ")
+        .or_else(|| outcome.strip_prefix("skipped: run "))?;
+    rest.split_whitespace().next()
+}
+
 /// Checks the server's repository in the background; records the check
 /// where `ferry check` does, and its outcome on the schedule.
 fn start_check(app: &AppState, name: &str, read_data: bool) -> ApiResult<String> {
@@ -114,7 +156,13 @@ fn start_check(app: &AppState, name: &str, read_data: bool) -> ApiResult<String>
     }
     let id = crate::control::new_run_id();
     let (app, name, check_id) = (app.clone(), name.to_owned(), id.clone());
+    app.busy_checks
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .insert(name.clone());
     tokio::spawn(async move {
+        // Not busy any more when this task ends, however it ends.
+        let _busy = Busy(app.busy_checks.clone(), name.clone());
         let ctx = app.context();
         let location = app.repo.clone().unwrap_or_default();
         let report = tokio::task::spawn_blocking(move || {
@@ -152,6 +200,21 @@ fn start_check(app: &AppState, name: &str, read_data: bool) -> ApiResult<String>
         }
     });
     Ok(format!("check {id} started"))
+}
+
+/// Takes a schedule off the busy list when dropped.
+struct Busy(
+    std::sync::Arc<std::sync::Mutex<std::collections::HashSet<String>>>,
+    String,
+);
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .remove(&self.1);
+    }
 }
 
 /// Fires due schedules once a second until the server stops.

@@ -1300,6 +1300,11 @@ async fn schedules_fire_once_at_their_time_whoever_else_is_looking() {
         "name: quick\nsteps:\n  - id: pause\n    uses: wait\n    with: { duration: 10ms }\n",
     )
     .unwrap();
+    std::fs::write(
+        books.join("gated.yaml"),
+        "name: gated\nsteps:\n  - id: ok\n    uses: approval\n",
+    )
+    .unwrap();
     let url = format!("sqlite://{}", dir.path().join("state.db").display());
     let server = |state: State| {
         AppState::new(
@@ -1397,6 +1402,14 @@ async fn schedules_fire_once_at_their_time_whoever_else_is_looking() {
     );
     // The same time again: already fired.
     assert!(schedules::fire_due(&api.app, due).await.unwrap().is_empty());
+    // (The drill ends first: a firing waits for the last one to end.)
+    for _ in 0..200 {
+        let (_, r) = api.call(Method::GET, &format!("/api/runs/{run}"), None).await;
+        if r["status"] != "running" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     // Down for three days: one firing, not three, then the next 03:00.
     let later = due + 3 * 86_400_000 + 3_600_000;
     assert_eq!(schedules::fire_due(&api.app, later).await.unwrap().len(), 1);
@@ -1465,6 +1478,93 @@ async fn schedules_fire_once_at_their_time_whoever_else_is_looking() {
     assert_eq!(s, StatusCode::NO_CONTENT);
     let (s, _) = api.call(Method::DELETE, "/api/schedules/gone", None).await;
     assert_eq!(s, StatusCode::NOT_FOUND);
+    let (s, _) = api
+        .call(Method::DELETE, "/api/schedules/nightly", None)
+        .await;
+    assert_eq!(s, StatusCode::NO_CONTENT);
+
+    // A firing does not pile onto the last one while it runs: a drill
+    // waiting at its gate holds the next firing back, until it ends.
+    let (_, g) = api
+        .call(
+            Method::POST,
+            "/api/schedules",
+            Some(add(
+                "gated",
+                "*/10 * * * *",
+                serde_json::json!({"drill": {"path": "gated.yaml"}}),
+            )),
+        )
+        .await;
+    let t1 = g["next_ms"].as_i64().unwrap();
+    let fired = schedules::fire_due(&api.app, t1).await.unwrap();
+    let first = fired.iter().find(|(n, _)| n == "gated").unwrap().1.clone();
+    let first = first.strip_prefix("run ").expect(&first).to_owned();
+    let t2 = t1 + 600_000;
+    let fired = schedules::fire_due(&api.app, t2).await.unwrap();
+    let skipped = &fired.iter().find(|(n, _)| n == "gated").unwrap().1;
+    assert!(
+        skipped.starts_with("skipped") && skipped.contains(&first),
+        "{fired:?}"
+    );
+    let (_, runs) = api.call(Method::GET, "/api/runs", None).await;
+    let gated = |runs: &serde_json::Value| {
+        runs.as_array()
+            .unwrap()
+            .iter()
+            .filter(|r| r["runbook"] == "gated")
+            .count()
+    };
+    assert_eq!(gated(&runs), 1, "{runs}");
+    // Still held back on the next firing (the skip names the same run).
+    let fired = schedules::fire_due(&api.app, t2 + 600_000).await.unwrap();
+    assert!(
+        fired
+            .iter()
+            .any(|(n, o)| n == "gated" && o.contains(&first)),
+        "{fired:?}"
+    );
+    api.call(
+        Method::POST,
+        &format!("/api/runs/{first}/approve"),
+        Some(serde_json::json!({"step": "ok"})),
+    )
+    .await;
+    for _ in 0..200 {
+        let (_, r) = api
+            .call(Method::GET, &format!("/api/runs/{first}"), None)
+            .await;
+        if r["status"] != "running" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let fired = schedules::fire_due(&api.app, t2 + 1_200_000).await.unwrap();
+    let next = &fired.iter().find(|(n, _)| n == "gated").unwrap().1;
+    assert!(
+        next.starts_with("run ") && !next.contains(&first),
+        "{fired:?}"
+    );
+    // A check still running in this server holds its schedule back too.
+    api.app.busy_checks.lock().unwrap().insert("check".into());
+    let later = t2 + 3_600_000;
+    let fired = schedules::fire_due(&api.app, later).await.unwrap();
+    assert!(
+        fired
+            .iter()
+            .any(|(n, o)| n == "check" && o.contains("still running")),
+        "{fired:?}"
+    );
+    api.app.busy_checks.lock().unwrap().clear();
+    let fired = schedules::fire_due(&api.app, later + 600_000)
+        .await
+        .unwrap();
+    assert!(
+        fired
+            .iter()
+            .any(|(n, o)| n == "check" && o.contains("no repository")),
+        "{fired:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
