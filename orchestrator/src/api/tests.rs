@@ -1404,7 +1404,9 @@ async fn schedules_fire_once_at_their_time_whoever_else_is_looking() {
     assert!(schedules::fire_due(&api.app, due).await.unwrap().is_empty());
     // (The drill ends first: a firing waits for the last one to end.)
     for _ in 0..200 {
-        let (_, r) = api.call(Method::GET, &format!("/api/runs/{run}"), None).await;
+        let (_, r) = api
+            .call(Method::GET, &format!("/api/runs/{run}"), None)
+            .await;
         if r["status"] != "running" {
             break;
         }
