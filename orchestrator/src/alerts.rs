@@ -96,9 +96,9 @@ impl Routes {
                     "{name}: route {n} matches every alert: give it at least one label in `match`"
                 )));
             }
-            if r.runbook.is_empty() || r.runbook.contains('/') || r.runbook.starts_with('.') {
+            if !crate::inventory::runbooks::valid_name(&r.runbook) {
                 return Err(Error::usage(format!(
-                    "{name}: route {n}: runbook {:?} must be a file of the server's runbook directory (no path)",
+                    "{name}: route {n}: runbook {:?} must be a file of the server's runbook directory (*.yaml or *.yml, no path)",
                     r.runbook
                 )));
             }
@@ -127,8 +127,6 @@ pub struct Notification {
     pub group_labels: BTreeMap<String, String>,
     #[serde(rename = "commonLabels", default)]
     pub common_labels: BTreeMap<String, String>,
-    #[serde(default)]
-    pub receiver: String,
 }
 
 impl Notification {

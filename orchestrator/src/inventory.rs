@@ -418,8 +418,6 @@ impl Inventory {
     }
 }
 
-/// The key checks of a repository are recorded under: a path made absolute
-/// (so `-r repo` and `-r /abs/repo` agree), a URL without credentials.
 /// A check's outcome as the state keeps it (`repo_checks`), for the
 /// repository at `location`.
 pub fn check_row(id: &str, location: &str, r: &ferry_agent::check::Report) -> CheckRow {
@@ -439,6 +437,8 @@ pub fn check_row(id: &str, location: &str, r: &ferry_agent::check::Report) -> Ch
     }
 }
 
+/// The key checks of a repository are recorded under: a path made absolute
+/// (so `-r repo` and `-r /abs/repo` agree), a URL without credentials.
 pub fn repo_key(location: &str) -> String {
     if location.contains("://") {
         crate::redact::redact(location)

@@ -40,10 +40,10 @@ impl Job {
     /// Refuses a job that can never run, whatever the server has.
     pub fn validate(&self) -> Result<()> {
         if let Job::Drill { path, .. } = self
-            && (path.is_empty() || path.contains('/') || path.starts_with('.'))
+            && !crate::inventory::runbooks::valid_name(path)
         {
             return Err(Error::usage(format!(
-                "drill {path:?}: name a runbook file of the server's runbook directory (no path)"
+                "drill {path:?}: name a runbook file of the server's runbook directory (*.yaml or *.yml, no path)"
             )));
         }
         Ok(())

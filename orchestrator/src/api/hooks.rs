@@ -36,17 +36,13 @@ pub(super) async fn alertmanager(
             "this server has no alert routes: start `ferry serve --alert-routes FILE`".into(),
         )
     })?;
-    let now = chrono::Utc::now().timestamp_millis();
+    let now = crate::exec::now_ms();
     if n.status == "resolved" {
         let closed = app.state.resolve_incident(&n.group_key, now).await?;
         if closed {
             crate::auth::audit(&app.state, &who.name, "alert.resolved", &n.group_key, "").await;
         }
-        let run = app
-            .state
-            .incident(&n.group_key)
-            .await?
-            .and_then(|i| i.run_id);
+        let run = app.state.incident_run_id(&n.group_key).await?;
         return Ok(Json(Outcome {
             action: Action::Resolved,
             run,
@@ -70,11 +66,7 @@ pub(super) async fn alertmanager(
         .open_incident(&n.group_key, &route.runbook, now)
         .await?
     {
-        let run = app
-            .state
-            .incident(&n.group_key)
-            .await?
-            .and_then(|i| i.run_id);
+        let run = app.state.incident_run_id(&n.group_key).await?;
         return Ok(Json(Outcome {
             action: Action::AlreadyStarted,
             run,
@@ -123,25 +115,18 @@ async fn start(
     n: &Notification,
     route: &crate::alerts::Route,
 ) -> ApiResult<String> {
-    let dir = super::inventory::runbook_dir(app)?;
-    if route.mode == Mode::Run && !route.unattended {
-        let (registry, file) = (app.registry.clone(), route.runbook.clone());
-        let (entry, _) = tokio::task::spawn_blocking(move || {
-            crate::inventory::runbooks::read(&registry, &dir, &file)
-        })
-        .await
-        .map_err(|e| Error::Internal(anyhow::anyhow!("reading a runbook stopped: {e}")))??;
-        if !crate::alerts::has_approval(&entry.file, &entry.text) {
-            return Err(Error::Conflict(format!(
-                "the alert route to {} would fail over with nobody confirming it: add an approval step to the runbook, or `unattended: true` to the route",
-                route.runbook
-            )));
-        }
+    // Read once: what is checked for a gate is what runs.
+    let (file, text, commit) = super::read_runbook(app, route.runbook.clone()).await?;
+    if route.mode == Mode::Run && !route.unattended && !crate::alerts::has_approval(&file, &text) {
+        return Err(Error::Conflict(format!(
+            "the alert route to {} would fail over with nobody confirming it: add an approval step to the runbook, or `unattended: true` to the route",
+            route.runbook
+        )));
     }
     let run = super::launch(
         app,
         &who.name,
-        Runbook::Dir(route.runbook.clone()),
+        Runbook::Read { file, text, commit },
         route.params.clone(),
         route.target.clone(),
         match route.mode {

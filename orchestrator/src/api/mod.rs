@@ -447,6 +447,28 @@ pub(crate) enum Runbook {
     Text { file: String, text: String },
     /// A file of the server's runbook directory (its git commit is recorded).
     Dir(String),
+    /// A file of the directory already read (`read_runbook`).
+    Read {
+        file: String,
+        text: String,
+        commit: Option<String>,
+    },
+}
+
+/// Reads a runbook of the server's directory: its file name, its text and
+/// the checkout's commit.
+pub(crate) async fn read_runbook(
+    app: &AppState,
+    path: String,
+) -> ApiResult<(String, String, Option<String>)> {
+    let dir = inventory::runbook_dir(app)?;
+    let registry = app.registry.clone();
+    let (e, commit) = tokio::task::spawn_blocking(move || {
+        crate::inventory::runbooks::read(&registry, &dir, &path)
+    })
+    .await
+    .map_err(|e| Error::Internal(anyhow::anyhow!("reading a runbook stopped: {e}")))??;
+    Ok((e.file, e.text, commit))
 }
 
 /// Creates a run, audits it as `actor`'s `run.start`, and drives it in the
@@ -462,16 +484,8 @@ pub(crate) async fn launch(
     let ctx = app.context();
     let (file, text, git_commit) = match runbook {
         Runbook::Text { file, text } => (file, text, None),
-        Runbook::Dir(path) => {
-            let dir = inventory::runbook_dir(app)?;
-            let registry = app.registry.clone();
-            let (e, commit) = tokio::task::spawn_blocking(move || {
-                crate::inventory::runbooks::read(&registry, &dir, &path)
-            })
-            .await
-            .map_err(|e| Error::Internal(anyhow::anyhow!("reading a runbook stopped: {e}")))??;
-            (e.file, e.text, commit)
-        }
+        Runbook::Dir(path) => read_runbook(app, path).await?,
+        Runbook::Read { file, text, commit } => (file, text, commit),
     };
     let new = NewRun {
         file,

@@ -7,6 +7,7 @@
 use super::{ApiResult, AppState, Body, Runbook};
 use crate::auth::{Identity, Role};
 use crate::error::Error;
+use crate::exec::now_ms;
 use crate::schedule::{self, Job, Schedule};
 use axum::Json;
 use axum::extract::{Path, State as Ax};
@@ -69,10 +70,6 @@ pub(super) async fn remove(
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 
-fn now_ms() -> i64 {
-    chrono::Utc::now().timestamp_millis()
-}
-
 /// Fires every schedule due at `now_ms` and returns each one's name with
 /// what it started (`run ID`, `check ID`) or why it could not. A check runs
 /// in the background; its outcome is recorded when it ends.
@@ -89,7 +86,7 @@ pub async fn fire_due(app: &AppState, now_ms: i64) -> crate::error::Result<Vec<(
             out.push((s.name, busy));
             continue;
         }
-        let outcome = match &s.job {
+        let started = match &s.job {
             Job::Drill { path, target } => super::launch(
                 app,
                 &actor,
@@ -102,10 +99,10 @@ pub async fn fire_due(app: &AppState, now_ms: i64) -> crate::error::Result<Vec<(
             .map(|run| format!("run {}", run.id)),
             Job::Check { read_data } => start_check(app, &s.name, *read_data),
         };
-        let outcome = outcome.unwrap_or_else(|e| format!("not started: {e}"));
-        if outcome.starts_with("not started") {
-            tracing::warn!(schedule = %s.name, "{outcome}");
-        }
+        let outcome = started.unwrap_or_else(|e| {
+            tracing::warn!(schedule = %s.name, "not started: {e}");
+            format!("not started: {e}")
+        });
         app.state.schedule_outcome(&s.name, &outcome).await?;
         out.push((s.name, outcome));
     }

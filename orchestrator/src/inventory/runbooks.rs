@@ -74,7 +74,9 @@ impl Listing {
 }
 
 /// Whether `name` may name a runbook of the directory.
-fn valid_name(name: &str) -> bool {
+/// Whether `name` can be a runbook of the directory: a `*.yaml` or `*.yml`
+/// file name, not hidden, no path.
+pub(crate) fn valid_name(name: &str) -> bool {
     !name.is_empty()
         && !name.starts_with('.')
         && !name.contains(['/', '\\', '\0'])

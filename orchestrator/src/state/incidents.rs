@@ -1,19 +1,9 @@
-//! Incidents from Alertmanager, as stored: only SQL. What starts one is
-//! `crate::alerts`'s.
+//! Incidents from Alertmanager, as stored: only SQL. What opens one is
+//! decided above the state, by the alert routes.
 
 use super::State;
 use anyhow::Result;
 use sqlx::Row;
-
-/// An alert group that started (or is starting) a run.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct IncidentRow {
-    pub group_key: String,
-    pub runbook: String,
-    pub opened_ms: i64,
-    pub run_id: Option<String>,
-    pub resolved_ms: Option<i64>,
-}
 
 impl State {
     /// Opens an incident for `group_key` unless one is open: true if this
@@ -65,20 +55,12 @@ impl State {
         Ok(done.rows_affected() == 1)
     }
 
-    pub async fn incident(&self, group_key: &str) -> Result<Option<IncidentRow>> {
-        let row = sqlx::query("SELECT * FROM incidents WHERE group_key = $1")
+    /// The run an incident started, if it has one.
+    pub async fn incident_run_id(&self, group_key: &str) -> Result<Option<String>> {
+        let row = sqlx::query("SELECT run_id FROM incidents WHERE group_key = $1")
             .bind(group_key)
             .fetch_optional(&self.pool)
             .await?;
-        row.map(|r| {
-            Ok(IncidentRow {
-                group_key: r.try_get("group_key")?,
-                runbook: r.try_get("runbook")?,
-                opened_ms: r.try_get("opened_ms")?,
-                run_id: r.try_get("run_id")?,
-                resolved_ms: r.try_get("resolved_ms")?,
-            })
-        })
-        .transpose()
+        Ok(row.map(|r| r.try_get("run_id")).transpose()?.flatten())
     }
 }

@@ -1,5 +1,5 @@
-//! Schedules, as stored: only SQL. What a schedule means (its cron
-//! expression, its job) is `crate::schedule`'s.
+//! Schedules, as stored: only SQL. Their cron expressions and jobs are
+//! opaque text here; the schedule service above the state reads them.
 
 use super::State;
 use anyhow::Result;
