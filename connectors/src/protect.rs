@@ -1,12 +1,12 @@
-//! Continuous protection as a library service: each live disk gets a
-//! protection cycle ([`qemu::cycle`]) every interval, retention after each
+//! Continuous protection as a library service: each live VM gets a
+//! protection cycle ([`qemu::cycle`], all its disks cut together) every interval, retention after each
 //! committed point, and a status (lag, backlog, throughput, last error) kept
 //! current. Front ends (`ferry protect`, a daemon) watch it through the
 //! [`Update`] stream and the [`Status`] snapshot, and stop it by cancelling.
 //! A failed cycle is reported and retried at the next interval; protection
 //! never stops on its own.
 
-use crate::qemu::{self, LiveDisk};
+use crate::qemu::{self, LiveVm};
 use chrono::{DateTime, Utc};
 use ferry_agent::Repository;
 use ferry_agent::retention::Policy;
@@ -16,27 +16,25 @@ use std::sync::{Mutex, mpsc};
 use std::time::{Duration, Instant};
 use tracing::{info, warn};
 
-/// One protected disk: the source it is recorded as, and where to find it.
+/// One protected VM: the source it is recorded as, and its disks.
 #[derive(Clone, Debug)]
 pub struct Protected {
     pub source: String,
-    /// The disk's name in the points.
-    pub disk_name: String,
-    pub disk: LiveDisk,
+    pub vm: LiveVm,
 }
 
 /// What the service runs.
 #[derive(Debug)]
 pub struct Options {
-    pub disks: Vec<Protected>,
-    /// Between the starts of two cycles of a disk.
+    pub vms: Vec<Protected>,
+    /// Between the starts of two cycles of a VM.
     pub interval: Duration,
-    /// Stop after this many cycles per disk.
+    /// Stop after this many cycles per VM.
     pub cycles: Option<u64>,
     /// Stop at this instant.
     pub deadline: Option<Instant>,
-    /// A shell command run while each view is exported (FERRY_NBD_URL,
-    /// FERRY_SOURCE and FERRY_CYCLE set).
+    /// A shell command run while each view is exported, once per disk
+    /// (FERRY_NBD_URL, FERRY_SOURCE, FERRY_DISK and FERRY_CYCLE set).
     pub hook: Option<String>,
     /// Retention applied to the source after each committed point.
     pub retention: Policy,
@@ -61,6 +59,9 @@ pub struct SourceStatus {
     pub cycles_ok: u64,
     pub cycles_failed: u64,
     pub last_error: Option<String>,
+    /// How often the reporter promises a new status (an agent: its
+    /// interval); readers call it silent after three. None: every 2 s.
+    pub report_every_secs: Option<f64>,
 }
 
 /// The status of every source, updated as cycles end.
@@ -107,7 +108,7 @@ pub enum Update {
     },
 }
 
-/// Runs protection until every disk has had its cycles, the deadline
+/// Runs protection until every VM has had its cycles, the deadline
 /// passes, or `cancel` is set (checked between cycles and while waiting for
 /// the next one, at least every 100 ms). Updates go to `updates` (bounded: a
 /// slow reader slows the cycles, it does not grow memory; a reader that went
@@ -120,7 +121,7 @@ pub fn run(
     cancel: &AtomicBool,
 ) -> Vec<SourceStatus> {
     *status.0.lock().unwrap_or_else(|e| e.into_inner()) = opts
-        .disks
+        .vms
         .iter()
         .map(|d| SourceStatus {
             source: d.source.clone(),
@@ -133,7 +134,7 @@ pub fn run(
             || opts.deadline.is_some_and(|d| Instant::now() >= d)
     };
     std::thread::scope(|s| {
-        for (i, vm) in opts.disks.iter().enumerate() {
+        for (i, vm) in opts.vms.iter().enumerate() {
             s.spawn(move || {
                 let mut n = 0u64;
                 while !stopped(n) {
@@ -168,11 +169,12 @@ fn one_cycle(
 ) -> Update {
     let hook = opts.hook.as_ref().map(|cmd| {
         let (cmd, source) = (cmd.clone(), vm.source.clone());
-        move |url: &str| -> ferry_agent::Result<()> {
+        move |disk: &str, url: &str| -> ferry_agent::Result<()> {
             let st = std::process::Command::new("sh")
                 .args(["-c", &cmd])
                 .env("FERRY_NBD_URL", url)
                 .env("FERRY_SOURCE", &source)
+                .env("FERRY_DISK", disk)
                 .env("FERRY_CYCLE", n.to_string())
                 .status()
                 .map_err(|e| ferry_agent::Error::InvalidInput(format!("--hook: {e}")))?;
@@ -186,7 +188,7 @@ fn one_cycle(
         }
     });
     let hook_ref = hook.as_ref().map(|h| h as &qemu::Hook);
-    let r = qemu::cycle(repo, &vm.source, &vm.disk_name, &vm.disk, hook_ref);
+    let r = qemu::cycle(repo, &vm.source, &vm.vm, hook_ref);
     let secs = started.elapsed().as_secs_f64();
     {
         let mut st = status.0.lock().unwrap_or_else(|e| e.into_inner());
@@ -267,12 +269,14 @@ mod tests {
         .unwrap();
         let dir = tempfile::tempdir().unwrap();
         let opts = Options {
-            disks: vec![Protected {
+            vms: vec![Protected {
                 source: "gone".into(),
-                disk_name: "vda".into(),
-                disk: LiveDisk {
+                vm: LiveVm {
                     qmp: dir.path().join("no-such.qmp"),
-                    node: "disk0".into(),
+                    disks: vec![qemu::VmDisk {
+                        node: "disk0".into(),
+                        name: "vda".into(),
+                    }],
                     work_dir: PathBuf::from(dir.path()),
                 },
             }],

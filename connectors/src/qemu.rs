@@ -305,13 +305,23 @@ fn generation(name: &str) -> Option<u64> {
     name.strip_prefix(BITMAP_PREFIX)?.parse().ok()
 }
 
-/// One VM disk to protect.
-#[derive(Debug, Clone)]
-pub struct LiveDisk {
-    /// The QMP socket of the running VM.
-    pub qmp: PathBuf,
+/// One disk of a VM to protect.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VmDisk {
     /// The block node of the disk (`-blockdev ...,node-name=NODE`).
     pub node: String,
+    /// The disk's name in the points.
+    pub name: String,
+}
+
+/// A running VM to protect: every disk listed is cut at the same instant, in
+/// one QMP `transaction`, and committed in one point (a consistency group).
+#[derive(Debug, Clone)]
+pub struct LiveVm {
+    /// The QMP socket of the running VM.
+    pub qmp: PathBuf,
+    /// The disks, in the order the points list them.
+    pub disks: Vec<VmDisk>,
     /// Where fleecing images and the NBD socket go (a local directory).
     pub work_dir: PathBuf,
 }
@@ -320,11 +330,12 @@ pub struct LiveDisk {
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct CycleReport {
     pub summary: Summary,
-    /// When the point-in-time view was cut.
+    /// When the point-in-time view of every disk was cut.
     pub cut: DateTime<Utc>,
-    /// Incremental through the bitmap chain, or a full read and why.
+    /// Incremental through the bitmap chain, or a full read and why (per
+    /// disk, `NAME: MODE; ...`, when the VM has more than one).
     pub mode: String,
-    /// Bytes written since the cut (the new bitmap's count) when the point committed.
+    /// Bytes written since the cut (the new bitmaps' counts) when the point committed.
     pub backlog_bytes: u64,
 }
 
@@ -418,118 +429,34 @@ fn clean_up_stale(q: &mut Qmp, work_dir: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Runs while a view is exported, with its NBD URL.
-pub type Hook = dyn Fn(&str) -> Result<()>;
+/// Runs while the views are exported, once per disk, with the disk's name and
+/// its view's NBD URL.
+pub type Hook = dyn Fn(&str, &str) -> Result<()>;
 
-/// Run one protection cycle of `disk` into `repo` as source `source`; `hook`
-/// runs while the view is exported (with its NBD URL), before the backup reads it.
-pub fn cycle(
-    repo: &Repository,
-    source: &str,
-    disk_name: &str,
-    disk: &LiveDisk,
-    hook: Option<&Hook>,
-) -> Result<CycleReport> {
-    let mut q = Qmp::connect(&disk.qmp)?;
-    let node = disk.node.as_str();
-    clean_up_stale(&mut q, &disk.work_dir)?;
-    let bitmaps = q.bitmaps(node)?;
-    let ours: Vec<&Bitmap> = bitmaps
-        .iter()
-        .filter(|b| generation(&b.name).is_some())
-        .collect();
-    let next_gen = ours
-        .iter()
-        .filter_map(|b| generation(&b.name))
-        .max()
-        .map_or(1, |g| g + 1);
-    let next = format!("{BITMAP_PREFIX}{next_gen}");
+/// How one disk takes part in a cycle, decided before the cut.
+struct DiskPlan<'a> {
+    disk: &'a VmDisk,
+    /// Ferry's bitmaps on the node before the cut (dropped after the commit).
+    ours: Vec<String>,
+    /// The bitmap that starts at the cut and the point records as `tracking`.
+    next: String,
+    /// The bitmaps the change map is read from, oldest first, or why the
+    /// disk is read whole.
+    chain: std::result::Result<Vec<Bitmap>, String>,
+    size: u64,
+    fleece_file: PathBuf,
+    fleece_node: String,
+    job: String,
+    export_id: String,
+}
 
-    // Does the bitmap chain continue the latest point of this source?
-    let parent = repo
-        .points()?
-        .0
-        .into_iter()
-        .rfind(|p| p.meta.source == source);
-    let tracked = parent.as_ref().and_then(|p| {
-        p.meta
-            .disks
-            .iter()
-            .find(|d| d.name == disk_name)
-            .and_then(|d| d.tracking.clone())
-    });
-    let chain: std::result::Result<Vec<&Bitmap>, String> = match &tracked {
-        None if parent.is_none() => Err("first point of this source".into()),
-        None => Err("the latest point recorded no bitmap".into()),
-        Some(t) => match generation(t) {
-            None => Err(format!(
-                "the latest point's tracker {t:?} is not a ferry bitmap"
-            )),
-            Some(g) => {
-                let mut chain: Vec<&Bitmap> = ours
-                    .iter()
-                    .copied()
-                    .filter(|b| generation(&b.name).is_some_and(|x| x >= g))
-                    .collect();
-                chain.sort_by_key(|b| generation(&b.name));
-                if chain.first().is_none_or(|b| b.name != *t) {
-                    Err(format!(
-                        "bitmap {t} is gone (QEMU restarted or crashed since the latest point?)"
-                    ))
-                } else if let Some(b) = chain.iter().find(|b| b.inconsistent) {
-                    Err(format!(
-                        "bitmap {} is inconsistent (QEMU stopped without saving it)",
-                        b.name
-                    ))
-                } else if chain.last().is_some_and(|b| !b.recording) {
-                    Err("no bitmap is recording writes".into())
-                } else {
-                    Ok(chain)
-                }
-            }
-        },
-    };
-    let size = q.node_size(node)?;
-
-    // The fleecing image and the export's socket.
-    std::fs::create_dir_all(&disk.work_dir).map_err(|e| Error::Target {
-        path: disk.work_dir.clone(),
-        source: e,
-    })?;
-    let tag = format!("{}-{next_gen}", std::process::id());
-    let fleece_file = disk.work_dir.join(format!("fleece-{tag}.qcow2"));
-    let sock = disk.work_dir.join(format!("nbd-{tag}.sock"));
-    let status = std::process::Command::new("qemu-img")
-        .args(["create", "-q", "-f", "qcow2"])
-        .arg(&fleece_file)
-        .arg(size.to_string())
-        .status()
-        .map_err(|e| qmp_io(&disk.qmp, "running qemu-img create", e))?;
-    if !status.success() {
-        return Err(qmp_err(
-            &disk.qmp,
-            "qemu-img create of the fleecing image failed",
-        ));
-    }
-    let fleece_node = format!("ferry-fleece-{tag}");
-    let job = format!("ferry-job-{tag}");
-    let export_id = format!("ferry-exp-{tag}");
-    let mut stage = 0u8;
-    let result = (|| -> Result<(CycleReport, Vec<String>)> {
-        q.execute(
-            "blockdev-add",
-            // The fleecing image lives for one cycle: never flush it to disk
-            // (flushes stall the guest's writes; bench/protect.sh).
-            json!({"driver": "qcow2", "node-name": fleece_node, "discard": "unmap",
-                   "cache": {"no-flush": true},
-                   "file": {"driver": "file", "filename": fleece_file}, "backing": node}),
-        )?;
-        stage = 1;
-        // The cut: the next bitmap starts, the current one freezes (with any
-        // leftovers of failed cycles merged into it), the view starts.
-        let mut actions = vec![json!({"type": "block-dirty-bitmap-add",
-            "data": {"node": node, "name": next, "granularity": 4096, "persistent": true}})];
-        let (frozen, mode) = match &chain {
+impl DiskPlan<'_> {
+    /// The cut's actions for this disk, the frozen bitmap and the mode.
+    fn cut_actions(&self, actions: &mut Vec<Value>) -> (Option<String>, String) {
+        let node = &self.disk.node;
+        actions.push(json!({"type": "block-dirty-bitmap-add",
+            "data": {"node": node, "name": self.next, "granularity": 4096, "persistent": true}}));
+        match &self.chain {
             Ok(c) => {
                 let cur = c.last().expect("a recording bitmap");
                 actions.push(json!({"type": "block-dirty-bitmap-disable", "data": {"node": node, "name": cur.name}}));
@@ -550,93 +477,271 @@ pub fn cycle(
                 (Some(cur.name.clone()), mode)
             }
             Err(why) => (None, format!("full read: {why}")),
-        };
-        actions.push(json!({"type": "blockdev-backup",
-            "data": {"job-id": job, "device": node, "target": fleece_node, "sync": "none"}}));
+        }
+    }
+}
+
+/// Whether the bitmaps on a disk continue the chain its latest point recorded
+/// (`tracked`): the bitmaps to read the change map from, or why not.
+fn chain_of(
+    ours: &[Bitmap],
+    has_parent: bool,
+    tracked: Option<&str>,
+) -> std::result::Result<Vec<Bitmap>, String> {
+    let t = match tracked {
+        None if !has_parent => return Err("first point of this source".into()),
+        None => return Err("the latest point recorded no bitmap for this disk".into()),
+        Some(t) => t,
+    };
+    let g = generation(t)
+        .ok_or_else(|| format!("the latest point's tracker {t:?} is not a ferry bitmap"))?;
+    let mut chain: Vec<Bitmap> = ours
+        .iter()
+        .filter(|b| generation(&b.name).is_some_and(|x| x >= g))
+        .cloned()
+        .collect();
+    chain.sort_by_key(|b| generation(&b.name));
+    if chain.first().is_none_or(|b| b.name != t) {
+        Err(format!(
+            "bitmap {t} is gone (QEMU restarted or crashed since the latest point?)"
+        ))
+    } else if let Some(b) = chain.iter().find(|b| b.inconsistent) {
+        Err(format!(
+            "bitmap {} is inconsistent (QEMU stopped without saving it)",
+            b.name
+        ))
+    } else if chain.last().is_some_and(|b| !b.recording) {
+        Err("no bitmap is recording writes".into())
+    } else {
+        Ok(chain)
+    }
+}
+
+/// Run one protection cycle of `vm` into `repo` as source `source`: every
+/// disk of the VM is cut in the same QMP transaction and committed in one
+/// point, so a write that spans disks is in the point on all of them or on
+/// none. `hook` runs while the views are exported, before the backup reads them.
+pub fn cycle(
+    repo: &Repository,
+    source: &str,
+    vm: &LiveVm,
+    hook: Option<&Hook>,
+) -> Result<CycleReport> {
+    if vm.disks.is_empty() {
+        return Err(Error::InvalidInput(format!("{source}: no disk to protect")));
+    }
+    for (i, d) in vm.disks.iter().enumerate() {
+        if let Some(o) = vm.disks[..i]
+            .iter()
+            .find(|o| o.node == d.node || o.name == d.name)
+        {
+            return Err(Error::InvalidInput(format!(
+                "{source}: disks {:?} (node {}) and {:?} (node {}) clash; give each disk its own node and name",
+                o.name, o.node, d.name, d.node
+            )));
+        }
+    }
+    let mut q = Qmp::connect(&vm.qmp)?;
+    clean_up_stale(&mut q, &vm.work_dir)?;
+
+    // Does each disk's bitmap chain continue the latest point of this source?
+    let parent = repo
+        .points()?
+        .0
+        .into_iter()
+        .rfind(|p| p.meta.source == source);
+    std::fs::create_dir_all(&vm.work_dir).map_err(|e| Error::Target {
+        path: vm.work_dir.clone(),
+        source: e,
+    })?;
+    let pid = std::process::id();
+    let mut plans = Vec::with_capacity(vm.disks.len());
+    for (i, disk) in vm.disks.iter().enumerate() {
+        let bitmaps = q.bitmaps(&disk.node)?;
+        let ours: Vec<Bitmap> = bitmaps
+            .into_iter()
+            .filter(|b| generation(&b.name).is_some())
+            .collect();
+        let next_gen = ours
+            .iter()
+            .filter_map(|b| generation(&b.name))
+            .max()
+            .map_or(1, |g| g + 1);
+        let tracked = parent.as_ref().and_then(|p| {
+            p.meta
+                .disks
+                .iter()
+                .find(|d| d.name == disk.name)
+                .and_then(|d| d.tracking.clone())
+        });
+        let chain = chain_of(&ours, parent.is_some(), tracked.as_deref());
+        let tag = format!("{pid}-{next_gen}-{i}");
+        plans.push(DiskPlan {
+            disk,
+            ours: ours.into_iter().map(|b| b.name).collect(),
+            next: format!("{BITMAP_PREFIX}{next_gen}"),
+            chain,
+            size: q.node_size(&disk.node)?,
+            fleece_file: vm.work_dir.join(format!("fleece-{tag}.qcow2")),
+            fleece_node: format!("ferry-fleece-{tag}"),
+            job: format!("ferry-job-{tag}"),
+            export_id: format!("ferry-exp-{tag}"),
+        });
+    }
+    let sock = vm
+        .work_dir
+        .join(format!("nbd-{pid}-{}.sock", plans[0].next));
+
+    // What was set up, so the teardown undoes exactly that.
+    let mut fleeces: Vec<&DiskPlan<'_>> = Vec::new();
+    let mut cut_done = false;
+    let mut server = false;
+    let mut exports: Vec<&str> = Vec::new();
+    let result = (|| -> Result<CycleReport> {
+        for p in &plans {
+            let status = std::process::Command::new("qemu-img")
+                .args(["create", "-q", "-f", "qcow2"])
+                .arg(&p.fleece_file)
+                .arg(p.size.to_string())
+                .status()
+                .map_err(|e| qmp_io(&vm.qmp, "running qemu-img create", e))?;
+            if !status.success() {
+                return Err(qmp_err(
+                    &vm.qmp,
+                    "qemu-img create of the fleecing image failed",
+                ));
+            }
+            q.execute(
+                "blockdev-add",
+                // The fleecing image lives for one cycle: never flush it to disk
+                // (flushes stall the guest's writes; bench/protect.sh).
+                json!({"driver": "qcow2", "node-name": p.fleece_node, "discard": "unmap",
+                       "cache": {"no-flush": true},
+                       "file": {"driver": "file", "filename": p.fleece_file},
+                       "backing": p.disk.node}),
+            )?;
+            fleeces.push(p);
+        }
+        // The cut, one transaction for every disk: the next bitmaps start, the
+        // current ones freeze (with any leftovers of failed cycles merged into
+        // them), the views start.
+        let mut actions = Vec::new();
+        let mut frozen = Vec::with_capacity(plans.len());
+        for p in &plans {
+            frozen.push(p.cut_actions(&mut actions));
+        }
+        for p in &plans {
+            actions.push(json!({"type": "blockdev-backup",
+                "data": {"job-id": p.job, "device": p.disk.node, "target": p.fleece_node, "sync": "none"}}));
+        }
         q.execute("transaction", json!({"actions": actions}))?;
         let cut = Utc::now();
-        stage = 2;
-        if frozen.is_none() {
-            warn!(source, disk = disk_name, %mode, "reading the whole disk");
+        cut_done = true;
+        for (p, (f, mode)) in plans.iter().zip(&frozen) {
+            if f.is_none() {
+                warn!(source, disk = %p.disk.name, %mode, "reading the whole disk");
+            }
         }
         q.execute(
             "nbd-server-start",
             json!({"addr": {"type": "unix", "data": {"path": sock}}}),
         )?;
-        stage = 3;
-        let mut export = json!({"type": "nbd", "id": export_id, "node-name": fleece_node,
-                                "name": disk_name, "writable": false});
-        if let Some(f) = &frozen {
-            export["bitmaps"] = json!([f]);
+        server = true;
+        let mut srcs = Vec::with_capacity(plans.len());
+        for (p, (f, _)) in plans.iter().zip(&frozen) {
+            let mut export = json!({"type": "nbd", "id": p.export_id, "node-name": p.fleece_node,
+                                    "name": p.disk.name, "writable": false});
+            if let Some(f) = f {
+                export["bitmaps"] = json!([f]);
+            }
+            q.execute("block-export-add", export)?;
+            exports.push(&p.export_id);
+            let url = NbdUrl {
+                addr: Addr::Unix(sock.clone()),
+                export: p.disk.name.clone(),
+                bitmap: f.clone(),
+            };
+            if let Some(h) = hook {
+                h(&p.disk.name, &url.to_string())?;
+            }
+            srcs.push(ViewSource {
+                inner: NbdSource::open(&url)?,
+                tracking: p.next.clone(),
+                use_changes: f.is_some(),
+            });
         }
-        q.execute("block-export-add", export)?;
-        stage = 4;
-        let url = NbdUrl {
-            addr: Addr::Unix(sock.clone()),
-            export: disk_name.to_string(),
-            bitmap: frozen.clone(),
-        };
-        if let Some(h) = hook {
-            h(&url.to_string())?;
-        }
-        let src = ViewSource {
-            inner: NbdSource::open(&url)?,
-            tracking: next.clone(),
-            use_changes: frozen.is_some(),
-        };
         let opts = BackupOptions {
             source: source.to_string(),
-            disks: vec![DiskSpec {
-                name: disk_name.to_string(),
-                path: PathBuf::from(format!("qmp:{}#{node}", disk.qmp.display())),
-            }],
+            disks: plans
+                .iter()
+                .map(|p| DiskSpec {
+                    name: p.disk.name.clone(),
+                    path: PathBuf::from(format!("qmp:{}#{}", vm.qmp.display(), p.disk.node)),
+                })
+                .collect(),
             consistency: None,
             time: Some(cut),
         };
+        let refs: Vec<&dyn BlockSource> = srcs.iter().map(|s| s as &dyn BlockSource).collect();
         let summary =
-            ferry_agent::backup::backup_sources(repo, &opts, &[&src], &Progress::default())?;
-        drop(src);
-        let backlog = q
-            .bitmaps(node)?
-            .iter()
-            .find(|b| b.name == next)
-            .map_or(0, |b| b.count);
-        // Committed: every bitmap before the new one may go.
-        let done: Vec<String> = ours.iter().map(|b| b.name.clone()).collect();
-        Ok((
-            CycleReport {
-                summary,
-                cut,
-                mode,
-                backlog_bytes: backlog,
-            },
-            done,
-        ))
+            ferry_agent::backup::backup_sources(repo, &opts, &refs, &Progress::default())?;
+        drop(srcs);
+        let mut backlog = 0;
+        for p in &plans {
+            backlog += q
+                .bitmaps(&p.disk.node)?
+                .iter()
+                .find(|b| b.name == p.next)
+                .map_or(0, |b| b.count);
+        }
+        let mode = if plans.len() == 1 {
+            frozen[0].1.clone()
+        } else {
+            plans
+                .iter()
+                .zip(&frozen)
+                .map(|(p, (_, m))| format!("{}: {m}", p.disk.name))
+                .collect::<Vec<_>>()
+                .join("; ")
+        };
+        Ok(CycleReport {
+            summary,
+            cut,
+            mode,
+            backlog_bytes: backlog,
+        })
     })();
 
-    // Tear the view down whatever happened; the bitmaps stay unless committed.
-    if stage >= 4 {
-        q.remove_export(&export_id);
+    // Tear the views down whatever happened; the bitmaps stay unless committed.
+    for id in exports {
+        q.remove_export(id);
     }
-    if stage >= 3 {
+    if server {
         let _ = q.execute("nbd-server-stop", json!({}));
     }
-    if stage >= 2 {
-        q.cancel_job(&job);
+    if cut_done {
+        for p in &plans {
+            q.cancel_job(&p.job);
+        }
     }
-    if stage >= 1 {
-        let _ = q.execute("blockdev-del", json!({"node-name": fleece_node}));
+    for p in fleeces {
+        let _ = q.execute("blockdev-del", json!({"node-name": p.fleece_node}));
     }
-    let _ = std::fs::remove_file(&fleece_file);
+    for p in &plans {
+        let _ = std::fs::remove_file(&p.fleece_file);
+    }
     let _ = std::fs::remove_file(&sock);
 
-    let (report, done) = result?;
-    for name in done {
-        if let Err(e) = q.execute(
-            "block-dirty-bitmap-remove",
-            json!({"node": node, "name": name}),
-        ) {
-            warn!(bitmap = %name, error = %e, "could not drop an old bitmap; the next cycle drops it");
+    let report = result?;
+    // Committed: every bitmap before the new ones may go.
+    for p in &plans {
+        for name in &p.ours {
+            if let Err(e) = q.execute(
+                "block-dirty-bitmap-remove",
+                json!({"node": p.disk.node, "name": name}),
+            ) {
+                warn!(bitmap = %name, error = %e, "could not drop an old bitmap; the next cycle drops it");
+            }
         }
     }
     info!(

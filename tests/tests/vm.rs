@@ -466,3 +466,164 @@ fn a_vm_runs_from_a_served_recovery_point() {
     // A killed server leaves its private directory behind.
     let _ = std::fs::remove_dir_all(Path::new(socket).parent().unwrap());
 }
+
+/// The sequence number in block 0 of a disk the pair writer wrote.
+fn pair_seq(path: &Path) -> u64 {
+    use std::io::Read as _;
+    let mut line = [0u8; 64];
+    std::fs::File::open(path)
+        .unwrap()
+        .read_exact(&mut line)
+        .unwrap();
+    let s = String::from_utf8_lossy(&line);
+    if line.iter().all(|&b| b == 0) {
+        return 0;
+    }
+    s.strip_prefix("FERRYPAIR seq=")
+        .and_then(|r| r.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("{} block 0 is not a pair line: {s:?}", path.display()))
+}
+
+/// Two disks of one VM are one consistency group: each cycle cuts both in one
+/// QMP transaction and commits one point, so the guest's pair writer (block 0
+/// of vda, then block 0 of vdb, same sequence number) is seen in every point
+/// with vda's number equal to vdb's or one ahead, never further apart. Before,
+/// two `--vm` entries on one socket ran as two sources whose cycles tore down
+/// each other's exports.
+#[test]
+fn two_disks_of_one_vm_are_cut_at_one_instant() {
+    let Some(guest) = guest() else { return };
+    let env = Env::new();
+    env.init();
+    let mut drive = Vec::new();
+    for (i, name) in ["a", "b"].iter().enumerate() {
+        let disk = env.path(&format!("{name}.qcow2"));
+        let st = Command::new("qemu-img")
+            .args(["create", "-q", "-f", "qcow2"])
+            .arg(&disk)
+            .arg("16M")
+            .status()
+            .unwrap();
+        assert!(st.success());
+        drive.push(format!(
+            "driver=file,filename={},node-name=file{i}",
+            disk.display()
+        ));
+        drive.push(format!("driver=qcow2,file=file{i},node-name=disk{i}"));
+    }
+    let qemu = Qemu::boot(
+        &env,
+        &guest,
+        "pair",
+        "ferry.mode=pair ferry.rate=300",
+        &drive,
+        &["-device".into(), "virtio-blk-pci,drive=disk1".into()],
+    );
+    qemu.wait_serial("ferry-pair: t=2", Duration::from_secs(90));
+
+    let sock = qemu.qmp.display().to_string();
+    let hook = format!(
+        "qemu-img convert -f raw -O raw \"$FERRY_NBD_URL\" {}/truth-$FERRY_CYCLE-$FERRY_DISK.raw",
+        env.dir.path().display()
+    );
+    let out = env.run(&[
+        "--json",
+        "protect",
+        "--vm",
+        &format!("db={sock},node=disk0,disk=vda"),
+        "--vm",
+        &format!("db={sock},node=disk1,disk=vdb"),
+        "--interval",
+        "1s",
+        "--cycles",
+        "4",
+        "--work-dir",
+        env.path("work").to_str().unwrap(),
+        "--hook",
+        &hook,
+    ]);
+    let lines: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert!(
+        out.status.success(),
+        "{lines:?}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(lines.len(), 4, "{lines:?}");
+    let first = lines[0]["mode"].as_str().unwrap();
+    assert!(
+        first.starts_with("vda: full read: first point") && first.contains("; vdb: full read"),
+        "{first}"
+    );
+    let mut seqs = Vec::new();
+    for l in &lines {
+        let cycle = &l["cycle"];
+        if cycle.as_u64() > Some(1) {
+            let mode = l["mode"].as_str().unwrap();
+            assert!(
+                mode.starts_with("vda: incremental") && mode.contains("; vdb: incremental"),
+                "{mode}"
+            );
+        }
+        let point = l["point"].as_str().unwrap();
+        let points = env.json(&["points", "--source", "db"]);
+        let shown = points
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["id"] == point)
+            .unwrap_or_else(|| panic!("{points}"));
+        let disks: Vec<&str> = shown["disks"]
+            .as_array()
+            .unwrap_or_else(|| panic!("{shown}"))
+            .iter()
+            .map(|d| d["name"].as_str().unwrap())
+            .collect();
+        assert_eq!(disks, ["vda", "vdb"], "one point holds both disks");
+        let mut seq = Vec::new();
+        for disk in ["vda", "vdb"] {
+            let out = env.path(&format!("restored-{cycle}-{disk}.raw"));
+            env.ok(&[
+                "restore",
+                point,
+                "--disk",
+                disk,
+                "--to",
+                out.to_str().unwrap(),
+            ]);
+            let truth = env.path(&format!("truth-{cycle}-{disk}.raw"));
+            assert!(
+                same_content(&out, &truth),
+                "cycle {cycle}: {disk} differs from the guest's view at the cut"
+            );
+            seq.push(pair_seq(&out));
+        }
+        let (a, b) = (seq[0], seq[1]);
+        assert!(
+            a > 0 && (a == b || a == b + 1),
+            "cycle {cycle}: vda holds pair {a} and vdb pair {b}: the disks were not cut at one instant"
+        );
+        seqs.push(a);
+    }
+    assert!(
+        seqs.windows(2).all(|w| w[0] < w[1]),
+        "the writer kept writing between cycles: {seqs:?}"
+    );
+    // One name on two sockets, or two names on one socket, is refused up front.
+    let out = env.run(&[
+        "protect",
+        "--vm",
+        &format!("db={sock},node=disk0"),
+        "--vm",
+        &format!("web={sock},node=disk1"),
+        "--cycles",
+        "1",
+    ]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("the disks of one VM take one NAME"), "{err}");
+    env.ok(&["check", "--read-data"]);
+}

@@ -1,6 +1,6 @@
 //! `ferry protect`: a front end over `ferry_connectors::protect`, the
 //! continuous protection service. Every interval, each VM gets one cycle
-//! (see `ferry_connectors::qemu`); a status
+//! (see `ferry_connectors::qemu`) that cuts all its disks at one instant; a status
 //! file, rewritten every second, says for each source its lag (RPO: the age of
 //! the newest committed point's instant), the backlog (bytes written since that
 //! instant, from the recording bitmap) and the throughput. A failed cycle is
@@ -17,7 +17,7 @@ use clap::Args;
 use tracing::warn;
 
 use ferry_connectors::protect;
-use ferry_connectors::qemu::LiveDisk;
+use ferry_connectors::qemu::{LiveVm, VmDisk};
 
 use super::output::bytes;
 use crate::context::Context;
@@ -25,8 +25,10 @@ use crate::error::Error;
 
 #[derive(Debug, Args)]
 pub struct ProtectArgs {
-    /// A VM to protect: NAME=QMP_SOCKET[,node=NODE][,disk=DISK]. NODE is the disk's
+    /// A VM disk to protect: NAME=QMP_SOCKET[,node=NODE][,disk=DISK]. NODE is the disk's
     /// block node (default disk0); DISK its name in the points (default NODE).
+    /// Repeat with the same NAME and socket for each disk of a VM: its disks
+    /// are cut in one transaction and kept in one point.
     #[arg(long = "vm", required = true, value_name = "SPEC")]
     pub vms: Vec<String>,
     /// Time between the starts of two cycles of a VM (e.g. 1s, 30s, 5m).
@@ -44,8 +46,9 @@ pub struct ProtectArgs {
     /// Where fleecing images and export sockets go.
     #[arg(long, default_value = "/var/tmp/ferry-protect")]
     pub work_dir: PathBuf,
-    /// Run this shell command while each point-in-time view is exported, with
-    /// FERRY_NBD_URL, FERRY_SOURCE and FERRY_CYCLE set (e.g. to verify or copy it).
+    /// Run this shell command while each point-in-time view is exported (once per
+    /// disk), with FERRY_NBD_URL, FERRY_SOURCE, FERRY_DISK and FERRY_CYCLE set
+    /// (e.g. to verify or copy it).
     #[arg(long)]
     pub hook: Option<String>,
     /// Retention, applied to the source after every cycle (e.g. --keep-within 1h --keep-hourly 24).
@@ -67,13 +70,14 @@ fn parse_duration(s: &str) -> Result<Duration> {
     Ok(Duration::from_millis(ms))
 }
 
-struct Vm {
+/// One `--vm` entry: a disk of a VM.
+struct Entry {
     name: String,
-    disk_name: String,
-    disk: LiveDisk,
+    qmp: PathBuf,
+    disk: VmDisk,
 }
 
-fn parse_vm(spec: &str, work_dir: &std::path::Path) -> Result<Vm> {
+fn parse_vm(spec: &str) -> Result<Entry> {
     let bad = || {
         Error::Usage(format!(
             "--vm {spec:?}: expected NAME=QMP_SOCKET[,node=NODE][,disk=DISK]"
@@ -93,15 +97,66 @@ fn parse_vm(spec: &str, work_dir: &std::path::Path) -> Result<Vm> {
     if name.is_empty() || name.contains(['@', '/']) {
         return Err(bad().into());
     }
-    Ok(Vm {
+    Ok(Entry {
         name: name.to_string(),
-        disk_name: disk.unwrap_or_else(|| node.clone()),
-        disk: LiveDisk {
-            qmp: PathBuf::from(sock),
+        qmp: PathBuf::from(sock),
+        disk: VmDisk {
+            name: disk.unwrap_or_else(|| node.clone()),
             node,
-            work_dir: work_dir.join(name),
         },
     })
+}
+
+/// Groups the `--vm` entries into VMs: entries with one NAME are the disks of
+/// one VM, cut together. One QMP socket is one VM, so two names on one
+/// socket, one name on two sockets, or one disk twice are refused: cycles of
+/// one VM from two threads would tear down each other's exports.
+fn group(specs: &[String], work_dir: &std::path::Path) -> Result<Vec<protect::Protected>> {
+    let mut vms: Vec<protect::Protected> = Vec::new();
+    for spec in specs {
+        let e = parse_vm(spec)?;
+        if let Some(other) = vms.iter().find(|v| v.vm.qmp == e.qmp && v.source != e.name) {
+            return Err(Error::usage(format!(
+                "--vm {spec:?}: the socket {} is already protected as {:?}; the disks of one VM take one NAME",
+                e.qmp.display(),
+                other.source
+            ))
+            .into());
+        }
+        match vms.iter_mut().find(|v| v.source == e.name) {
+            Some(v) => {
+                if v.vm.qmp != e.qmp {
+                    return Err(Error::usage(format!(
+                        "--vm {spec:?}: {:?} is already the VM at {}; one NAME is one VM",
+                        e.name,
+                        v.vm.qmp.display()
+                    ))
+                    .into());
+                }
+                if v.vm
+                    .disks
+                    .iter()
+                    .any(|d| d.node == e.disk.node || d.name == e.disk.name)
+                {
+                    return Err(Error::usage(format!(
+                        "--vm {spec:?}: {:?} already has node {} or disk {}; give each disk its own node= and disk=",
+                        e.name, e.disk.node, e.disk.name
+                    ))
+                    .into());
+                }
+                v.vm.disks.push(e.disk);
+            }
+            None => vms.push(protect::Protected {
+                vm: LiveVm {
+                    qmp: e.qmp,
+                    disks: vec![e.disk],
+                    work_dir: work_dir.join(&e.name),
+                },
+                source: e.name,
+            }),
+        }
+    }
+    Ok(vms)
 }
 
 pub fn protect(ctx: &Context, a: &ProtectArgs) -> Result<ExitCode> {
@@ -112,20 +167,8 @@ pub fn protect(ctx: &Context, a: &ProtectArgs) -> Result<ExitCode> {
         .map(parse_duration)
         .transpose()?
         .map(|d| Instant::now() + d);
-    let vms: Vec<Vm> = a
-        .vms
-        .iter()
-        .map(|s| parse_vm(s, &a.work_dir))
-        .collect::<Result<_>>()?;
     let opts = protect::Options {
-        disks: vms
-            .into_iter()
-            .map(|v| protect::Protected {
-                source: v.name,
-                disk_name: v.disk_name,
-                disk: v.disk,
-            })
-            .collect(),
+        vms: group(&a.vms, &a.work_dir)?,
         interval,
         cycles: a.cycles,
         deadline,
@@ -311,18 +354,43 @@ mod tests {
                 && parse_duration("x").is_err()
                 && parse_duration("3 fortnights later").is_err()
         );
-        let vm = parse_vm("web=/run/q.sock,node=drive0", std::path::Path::new("/w")).unwrap();
+        let w = std::path::Path::new("/w");
+        let vms = group(&["web=/run/q.sock,node=drive0".into()], w).unwrap();
+        assert_eq!(vms.len(), 1);
+        let d = &vms[0].vm.disks[0];
         assert_eq!(
-            (
-                vm.name.as_str(),
-                vm.disk.node.as_str(),
-                vm.disk_name.as_str()
-            ),
+            (vms[0].source.as_str(), d.node.as_str(), d.name.as_str()),
             ("web", "drive0", "drive0")
         );
-        assert_eq!(vm.disk.work_dir, PathBuf::from("/w/web"));
+        assert_eq!(vms[0].vm.work_dir, PathBuf::from("/w/web"));
         for bad in ["web", "web=", "a/b=/s", "web=/s,colour=red"] {
-            assert!(parse_vm(bad, std::path::Path::new("/w")).is_err(), "{bad}");
+            assert!(group(&[bad.into()], w).is_err(), "{bad}");
+        }
+        // The disks of one VM are one source, cut together.
+        let vms = group(
+            &[
+                "db=/q.sock,node=disk0,disk=vda".into(),
+                "web=/w.sock".into(),
+                "db=/q.sock,node=disk1,disk=vdb".into(),
+            ],
+            w,
+        )
+        .unwrap();
+        assert_eq!(vms.len(), 2);
+        let names: Vec<&str> = vms[0].vm.disks.iter().map(|d| d.name.as_str()).collect();
+        assert_eq!((vms[0].source.as_str(), names), ("db", vec!["vda", "vdb"]));
+        // One socket is one VM; one disk once.
+        for clash in [
+            ["db=/q.sock,node=disk0", "other=/q.sock,node=disk1"],
+            ["db=/q.sock,node=disk0", "db=/elsewhere.sock,node=disk1"],
+            ["db=/q.sock,node=disk0", "db=/q.sock,node=disk0,disk=x"],
+            [
+                "db=/q.sock,node=disk0,disk=a",
+                "db=/q.sock,node=disk1,disk=a",
+            ],
+        ] {
+            let e = group(&clash.map(String::from), w).unwrap_err().to_string();
+            assert!(e.contains("--vm"), "{clash:?}: {e}");
         }
     }
 }
