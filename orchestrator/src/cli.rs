@@ -3,7 +3,7 @@
 //! Conventions follow restic and borg: `-r/--repo` or `FERRY_REPO`,
 //! `FERRY_PASSWORD` or `--password-file`, `--json` on every listing.
 
-use crate::commands::{protect, repo, runbooks, schedules, serve, users};
+use crate::commands::{agents, protect, repo, runbooks, schedules, serve, users};
 use crate::context::{Context, PasswordSource, default_home};
 use anyhow::Result;
 use clap::{Args, Parser, Subcommand};
@@ -124,6 +124,11 @@ pub enum Command {
     Token(users::TokenArgs),
     /// Drills and repository checks `ferry serve` starts on a cron schedule.
     Schedule(schedules::ScheduleArgs),
+    /// One-time tokens that enroll a `ferry-agent` inside a machine.
+    #[command(name = "agent-token")]
+    AgentToken(agents::AgentTokenArgs),
+    /// The enrolled `ferry-agent`s: list, revoke.
+    Agents(agents::AgentsArgs),
 }
 
 impl Global {
@@ -175,5 +180,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         Command::User(a) => users::user(ctx, a),
         Command::Token(a) => users::token(ctx, a),
         Command::Schedule(a) => schedules::schedule(ctx, a),
+        Command::AgentToken(a) => agents::agent_token(ctx, a),
+        Command::Agents(a) => agents::agents(ctx, a),
     }
 }

@@ -496,7 +496,11 @@ fn protection_view(row: &crate::state::health::ProtectionRow, now: DateTime<Utc>
     Protection {
         reporter: row.reporter.clone(),
         updated_ms: row.updated_ms,
-        stale: now.timestamp_millis() - row.updated_ms > STALE_AFTER_MS,
+        // An agent reports once per cycle: silent after three of them.
+        stale: now.timestamp_millis() - row.updated_ms
+            > s.report_every_secs.map_or(STALE_AFTER_MS, |e| {
+                (e.max(s.last_cycle_secs) * 3000.0) as i64
+            }),
         lag_secs: s
             .last_cut
             .map(|c| (now - c).num_milliseconds().max(0) as f64 / 1000.0),

@@ -7,6 +7,8 @@
 //! ```text
 //! commands (the CLI bodies)  api (router, DTOs)
 //!             \               /
+//!       schedule   alerts   fleet    (cron schedules; alert routes; agents)
+//!             \       |      /
 //!          control   auth   inventory (run control: create, queue, drive;
 //!                                      auth: users, roles, tokens, sessions;
 //!                                      inventory: sources, points, repository
@@ -34,6 +36,7 @@ pub mod context;
 pub mod control;
 pub mod error;
 pub mod exec;
+pub mod fleet;
 pub mod forecast;
 pub mod fsutil;
 pub mod inventory;

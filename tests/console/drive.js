@@ -159,6 +159,15 @@ async function admin() {
   await page.waitForSelector('tr[data-schedule="weekly"]');
   r.schedule = (await page.textContent('tr[data-schedule="weekly"]')).trim();
   await page.screenshot({ path: path.join(shots, 'admin-schedules.png'), fullPage: true });
+  // A machine to enroll: a one-time token made on the page.
+  await view(page, '#/agents', 'agentsView');
+  r.agents = await page.$$eval('#agents tbody tr', (rows) => rows.map((x) => x.dataset.agent));
+  await page.fill('#enroll-source', 'db-2');
+  await page.fill('#enroll-device', '/dev/vdb');
+  await page.click('#create-enroll-token');
+  await page.waitForSelector('#enroll-token pre');
+  r.enroll = (await page.textContent('#enroll-token pre')).trim();
+  await page.screenshot({ path: path.join(shots, 'admin-agents.png'), fullPage: true });
   await view(page, '#/audit', 'auditView');
   r.audit = await page.$$eval('#audit tbody tr', (rows) => rows.map((x) => [...x.children].map((c) => c.textContent)));
   await page.screenshot({ path: path.join(shots, 'admin-audit.png'), fullPage: true });
@@ -177,8 +186,8 @@ async function quality(run) {
   const axe = fs.readFileSync(require.resolve('axe-core/axe.min.js'), 'utf8');
   const pages = [['#/', 'dashboard'], ['#/sources/web', 'sourceView'], ['#/runbooks', 'runbooksView'],
     ['#/runbooks/drill.yaml', 'runbookView'], ['#/runbooks/broken.yaml', 'runbookView'], ['#/runs', 'runsView'],
-    ['#/runs/' + run, 'runView'], ['#/drills', 'drillsView'], ['#/schedules', 'schedulesView'], ['#/repository', 'repositoryView'],
-    ['#/users', 'usersView'], ['#/audit', 'auditView']];
+    ['#/runs/' + run, 'runView'], ['#/drills', 'drillsView'], ['#/schedules', 'schedulesView'], ['#/agents', 'agentsView'],
+    ['#/repository', 'repositoryView'], ['#/users', 'usersView'], ['#/audit', 'auditView']];
   const r = { violations: [], overflow: [], pages: pages.length };
   for (const [width, scheme] of [[1280, 'light'], [1280, 'dark'], [390, 'light'], [390, 'dark']]) {
     const { page, close } = await browser({ width, height: 860 });

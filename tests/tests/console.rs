@@ -129,6 +129,23 @@ fn viewers_operators_and_admins_use_the_console_in_chromium() {
 
     let server = serve(cmd(), &["--runbooks".as_ref(), books.as_os_str()]);
     let url = server.url.clone();
+    // An agent enrolled, so the agents page has a row to show.
+    let token = ok(&[
+        "agent-token",
+        "create",
+        "--source",
+        "db",
+        "--device",
+        db.to_str().unwrap(),
+    ]);
+    let agent_config = env.path("agent.toml");
+    let enrolled = Command::new(ferry_bin().with_file_name("ferry-agent"))
+        .arg("--config")
+        .arg(&agent_config)
+        .args(["enroll", "--server", &url, "--token", token.trim()])
+        .output()
+        .unwrap();
+    assert!(enrolled.status.success(), "{}", stderr(&enrolled));
 
     let shots = screens();
     let out = Command::new("node")
@@ -173,6 +190,7 @@ fn viewers_operators_and_admins_use_the_console_in_chromium() {
             "Runs",
             "Drill history",
             "Schedules",
+            "Agents",
             "Repository"
         ])
     );
@@ -254,6 +272,17 @@ fn viewers_operators_and_admins_use_the_console_in_chromium() {
         "{list}"
     );
     assert!(audit.contains("schedule.add"), "{audit}");
+    // The agent enrolled from the command line is listed; a token made on the
+    // page is one `ferry-agent enroll` takes, for this server.
+    assert_eq!(a["agents"].as_array().map(Vec::len), Some(1), "{a}");
+    let enroll = a["enroll"].as_str().unwrap();
+    assert!(
+        enroll.starts_with(&format!(
+            "ferry-agent enroll --server {url} --token fenroll_"
+        )),
+        "{enroll}"
+    );
+    assert!(audit.contains("agent-token.create"), "{audit}");
     assert_eq!(a["signed_out"], true);
 
     // Quality a user notices, on every page, wide and narrow, light and dark.

@@ -149,7 +149,7 @@ function every(ms, f) {
 
 const NAV = [
   ['#/', 'Protection', 'viewer'], ['#/runbooks', 'Runbooks', 'viewer'], ['#/runs', 'Runs', 'viewer'],
-  ['#/drills', 'Drill history', 'viewer'], ['#/schedules', 'Schedules', 'viewer'], ['#/repository', 'Repository', 'viewer'],
+  ['#/drills', 'Drill history', 'viewer'], ['#/schedules', 'Schedules', 'viewer'], ['#/agents', 'Agents', 'viewer'], ['#/repository', 'Repository', 'viewer'],
   ['#/audit', 'Audit log', 'operator'], ['#/users', 'Users', 'admin'],
 ];
 
@@ -679,6 +679,55 @@ async function schedulesView() {
     can('operator') ? form() : null);
 }
 
+// ---- Agents -------------------------------------------------------------------
+
+// An agent's health in a word: revoked, silent (three intervals unheard), failing or ok.
+function agentHealth(a) {
+  if (a.revoked_ms) return badge('revoked', 'unknown');
+  if (a.silent) return badge('silent', 'bad');
+  if (!a.last_seen_ms) return badge('not heard from yet', 'unknown');
+  if (a.status && a.status.last_error) return badge('failing', 'bad');
+  return badge('ok', 'ok');
+}
+
+async function agentsView() {
+  const list = await api('/api/agents');
+  const out = h('div');
+  const run = async (f) => { try { await f(); } catch (e) { put(out, errorBox(e)); } };
+  const form = () => {
+    const source = h('input', { id: 'enroll-source', placeholder: 'host name' });
+    const device = h('input', { id: 'enroll-device', class: 'mono', placeholder: '/dev/vdb (every disk)' });
+    const interval = h('input', { id: 'enroll-interval', type: 'number', min: '1', placeholder: '60' });
+    const expires = h('select', { id: 'enroll-expires' }, ['1h', '1d', '7d'].map((e) => h('option', { value: e }, e)));
+    const create = () => run(async () => {
+      const policy = {};
+      if (source.value) policy.source = source.value;
+      if (device.value) policy.devices = [device.value];
+      if (interval.value) policy.interval_secs = Number(interval.value);
+      const t = await api('/api/agent-tokens', { method: 'POST', body: { expires: expires.value, policy } });
+      put(out, h('div', { class: 'note', id: 'enroll-token' }, 'Shown once; it enrolls one machine until ', when(t.expires_ms), ':',
+        h('pre', { class: 'mono' }, 'ferry-agent enroll --server ' + location.origin + ' --token ' + t.token)));
+    });
+    return h('div', { class: 'panel' }, h('h2', {}, 'Enroll a machine'),
+      h('div', { class: 'row' }, h('label', {}, 'Source', source), h('label', {}, 'Device', device), h('label', {}, 'Every (s)', interval),
+        h('label', {}, 'Token valid for', expires), h('button', { class: 'primary', id: 'create-enroll-token', onclick: create }, 'Make a token')),
+      h('p', { class: 'small muted' }, 'The agent keeps the repository password on its machine; the server never sends it a secret.'));
+  };
+  const devices = (a) => (a.status && a.status.devices.length ? a.status.devices : a.policy.devices.map((p) => ({ path: p })))
+    .map((d) => h('div', { class: 'small' }, h('span', { class: 'mono' }, d.path), d.mode ? [' ', badge(d.mode), ' ', h('span', { class: 'muted' }, d.mode_reason)] : ''));
+  mount(h('h1', {}, 'Agents'), out,
+    list.length ? h('div', { class: 'scroll', tabindex: '0', role: 'region', 'aria-label': 'Agents' }, h('table', { id: 'agents' },
+      h('thead', {}, h('tr', {}, ['Agent', 'Host', 'Source', 'Devices', 'Every', 'Last seen', 'Lag', 'Health', 'Last error', ''].map((t) => h('th', {}, t)))),
+      h('tbody', {}, list.map((a) => h('tr', { 'data-agent': a.id }, h('td', { class: 'mono' }, a.id), h('td', {}, a.hostname),
+        h('td', {}, h('a', { href: '#/sources/' + encodeURIComponent(a.policy.source) }, a.policy.source)), h('td', {}, devices(a)),
+        h('td', { class: 'num' }, a.policy.interval_secs + ' s'), h('td', {}, a.last_seen_ms ? when(a.last_seen_ms) : 'never'),
+        h('td', { class: 'num' }, a.status && a.status.lag_secs != null ? secs(a.status.lag_secs) : '–'), h('td', {}, agentHealth(a)),
+        h('td', { class: 'small' }, (a.status && a.status.last_error) || ''),
+        h('td', {}, can('operator') && !a.revoked_ms ? h('button', { 'aria-label': 'Revoke ' + a.id, onclick: () => confirm('Revoke agent ' + a.id + ' on ' + a.hostname + '? It stops at its next poll.') && run(async () => { await api('/api/agents/' + encodeURIComponent(a.id), { method: 'DELETE' }); await load(agentsView); }) }, 'Revoke') : '')))))) :
+      h('p', { class: 'muted' }, 'No agents. Machines no hypervisor can read from outside run ferry-agent, enrolled with a one-time token.'),
+    can('operator') ? form() : null);
+}
+
 async function usersView() {
   const [users, tokens] = await Promise.all([api('/api/users'), api('/api/tokens')]);
   const out = h('div');
@@ -722,6 +771,7 @@ const ROUTES = [
   [/^#\/runs\/(.+)$/, runView],
   [/^#\/drills$/, drillsView],
   [/^#\/schedules$/, schedulesView],
+  [/^#\/agents$/, agentsView],
   [/^#\/repository$/, repositoryView],
   [/^#\/users$/, usersView],
   [/^#\/audit$/, auditView],

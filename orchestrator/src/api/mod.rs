@@ -10,6 +10,7 @@
 //! status and body is in the OpenAPI document; 5xx bodies say only that
 //! something failed and where to look (the server's log), never internals.
 
+pub mod agents;
 pub mod dto;
 pub mod hooks;
 pub mod inventory;
@@ -133,8 +134,8 @@ pub const MAX_BODY_BYTES: usize = 4 << 20;
 #[derive(OpenApi)]
 #[openapi(
     info(title = "Ferry API", description = "Runs, drills, reports and their live events; users, tokens and the audit log. Authenticate with `Authorization: Bearer TOKEN` (the server's own token, an admin, is in FERRY_HOME/api-token or FERRY_API_TOKEN; users' tokens come from `ferry token create` or POST /api/tokens), or with the session cookie POST /api/login sets, sending the CSRF token it returns in `X-CSRF-Token` on every request but GET. Roles: viewers read; operators also start, approve, cancel and roll back runs; admins also manage users."),
-    paths(health, drills, inventory::list_sources, inventory::source_points, inventory::repository, inventory::list_runbooks, inventory::get_runbook, inventory::metrics, list_runs, start_run, get_run, run_events, run_report, approve, cancel, rollback, stream, verified, plan, users::login, users::logout, users::me, users::list_users, users::add_user, users::remove_user, users::set_role, users::set_password, users::list_tokens, users::create_token, users::revoke_token, users::audit_log, schedules::list, schedules::add, schedules::remove, hooks::alertmanager),
-    components(schemas(dto::Drill, crate::inventory::Source, crate::inventory::Point, crate::inventory::PointDisk, crate::inventory::VerifiedBy, crate::inventory::Protection, crate::inventory::RpoStatus, crate::inventory::Repository, crate::inventory::Check, crate::inventory::Coverage, dto::RunbookList, dto::RunbookSummary, dto::RunbookDetail, dto::RunbookParam, dto::GraphStep, Run, dto::RunMode, dto::RunStatus, LogEntry, VerifiedPoint, crate::report::Report, crate::report::StepReport, crate::report::PointReport, crate::report::CriticalStep, StartRun, Approve, PlanRequest, PlanResponse, ApiError, dto::Diagnostic, dto::Health, ReportFormat, Role, users::Login, users::Me, users::User, users::NewUser, users::SetRole, users::SetPassword, users::Token, users::NewToken, users::CreatedToken, crate::state::users::AuditEntry, crate::schedule::Schedule, crate::schedule::Job, schedules::NewSchedule, crate::alerts::Notification, crate::alerts::Outcome, crate::alerts::Action)),
+    paths(health, drills, inventory::list_sources, inventory::source_points, inventory::repository, inventory::list_runbooks, inventory::get_runbook, inventory::metrics, list_runs, start_run, get_run, run_events, run_report, approve, cancel, rollback, stream, verified, plan, users::login, users::logout, users::me, users::list_users, users::add_user, users::remove_user, users::set_role, users::set_password, users::list_tokens, users::create_token, users::revoke_token, users::audit_log, schedules::list, schedules::add, schedules::remove, hooks::alertmanager, agents::create_token, agents::list, agents::revoke, agents::set_policy, agents::enroll, agents::agent_policy, agents::agent_status),
+    components(schemas(dto::Drill, crate::inventory::Source, crate::inventory::Point, crate::inventory::PointDisk, crate::inventory::VerifiedBy, crate::inventory::Protection, crate::inventory::RpoStatus, crate::inventory::Repository, crate::inventory::Check, crate::inventory::Coverage, dto::RunbookList, dto::RunbookSummary, dto::RunbookDetail, dto::RunbookParam, dto::GraphStep, Run, dto::RunMode, dto::RunStatus, LogEntry, VerifiedPoint, crate::report::Report, crate::report::StepReport, crate::report::PointReport, crate::report::CriticalStep, StartRun, Approve, PlanRequest, PlanResponse, ApiError, dto::Diagnostic, dto::Health, ReportFormat, Role, users::Login, users::Me, users::User, users::NewUser, users::SetRole, users::SetPassword, users::Token, users::NewToken, users::CreatedToken, crate::state::users::AuditEntry, crate::schedule::Schedule, crate::schedule::Job, schedules::NewSchedule, crate::alerts::Notification, crate::alerts::Outcome, crate::alerts::Action, crate::fleet::Agent, crate::fleet::PolicyTemplate, crate::fleet::NewEnrollToken, agents::NewAgentToken)),
     modifiers(&BearerAuth)
 )]
 struct ApiDoc;
@@ -147,6 +148,11 @@ impl utoipa::Modify for BearerAuth {
         let components = api.components.get_or_insert_with(Default::default);
         components.add_security_scheme(
             "bearer",
+            SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
+        );
+        // An agent's own credential (`fagent_ID_SECRET`), good only on /api/agent/*.
+        components.add_security_scheme(
+            "agent",
             SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
         );
         api.security = Some(vec![utoipa::openapi::security::SecurityRequirement::new(
@@ -216,6 +222,13 @@ pub fn router(app: AppState) -> Router {
             "/api/schedules/{name}",
             axum::routing::delete(schedules::remove),
         )
+        .route("/api/agent-tokens", post(agents::create_token))
+        .route("/api/agents", get(agents::list))
+        .route("/api/agents/{id}", axum::routing::delete(agents::revoke))
+        .route(
+            "/api/agents/{id}/policy",
+            axum::routing::put(agents::set_policy),
+        )
         .route(
             "/api/openapi.json",
             get(|| async { ([(header::CONTENT_TYPE, "application/json")], openapi_json()) }),
@@ -226,6 +239,10 @@ pub fn router(app: AppState) -> Router {
         ))
         .route("/api/health", get(health))
         .route("/api/login", post(users::login))
+        // Agents authenticate with their own credentials, not as users.
+        .route("/api/agents/enroll", post(agents::enroll))
+        .route("/api/agent/policy", get(agents::agent_policy))
+        .route("/api/agent/status", post(agents::agent_status))
         .route_layer(axum::middleware::from_fn_with_state(
             app.clone(),
             inventory::track,

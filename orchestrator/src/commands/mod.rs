@@ -2,6 +2,7 @@
 //! arguments and runs them over a [`Context`](crate::context::Context);
 //! `cli` (the command line, outermost) picks which.
 
+pub mod agents;
 pub mod output;
 pub mod protect;
 pub mod repo;

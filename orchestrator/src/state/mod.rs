@@ -89,6 +89,7 @@ pub struct State {
 
 pub use crate::redact::redact;
 
+pub mod agents;
 pub mod health;
 pub mod incidents;
 pub mod schedules;

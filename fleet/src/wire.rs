@@ -1,0 +1,117 @@
+//! What `ferry-agent` and `ferry serve` say to each other, as JSON over
+//! HTTP(S): enrollment with a one-time token, the policy the agent polls, the
+//! status it pushes. Both ends build on these types, so the protocol has one
+//! definition.
+//!
+//! The agent authenticates with its own credential
+//! (`Authorization: Bearer fagent_ID_SECRET`), given once at enrollment and
+//! stored by the server only as a hash. Nothing here carries a repository
+//! password or cloud credentials: the agent gets those from its own machine
+//! (its config file's `password_file` or `FERRY_PASSWORD`; the object store's
+//! usual credential chain), never from the server.
+
+use serde::{Deserialize, Serialize};
+
+/// Every agent credential starts with this.
+pub const CREDENTIAL_PREFIX: &str = "fagent_";
+/// Every enrollment token starts with this.
+pub const ENROLL_PREFIX: &str = "fenroll_";
+/// The shortest interval a policy may ask for.
+pub const MIN_INTERVAL_SECS: u64 = 1;
+/// An agent that has not been heard from for this many intervals is silent.
+pub const SILENT_AFTER_INTERVALS: u64 = 3;
+
+/// A block device or image file the machine has.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Device {
+    pub path: String,
+    pub size: u64,
+}
+
+/// `POST /api/agents/enroll`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct EnrollRequest {
+    /// The one-time token from `ferry agent-token create`.
+    pub token: String,
+    pub hostname: String,
+    /// Stable across restarts (`/etc/machine-id`).
+    pub machine_id: String,
+    pub devices: Vec<Device>,
+}
+
+/// The answer to an enrollment: who the agent is and what it does.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Enrolled {
+    pub agent_id: String,
+    /// The agent's own credential; shown this once.
+    pub credential: String,
+    pub policy: Policy,
+}
+
+/// What an agent protects, how often and where to. The server keeps one per
+/// agent; the agent polls it each interval and applies changes at once.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Policy {
+    /// The source its points are recorded as.
+    pub source: String,
+    /// The devices (paths on the machine) cut into each point, in order.
+    pub devices: Vec<String>,
+    /// Between the starts of two cycles.
+    pub interval_secs: u64,
+    /// The repository's location (a directory, `s3://...`, ...); the password
+    /// and the store's credentials come from the agent's machine.
+    pub repository: String,
+    /// Keep this many newest points of the source (retention after each cycle).
+    #[serde(default)]
+    pub keep_last: Option<u32>,
+}
+
+/// How a device's changes are found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Mode {
+    /// Read the whole device each cycle and find unchanged chunks by id.
+    Scan,
+    /// Changed blocks from a dm-era target under the device.
+    DmEra,
+}
+
+/// One device's protection, as the agent last saw it.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct DeviceStatus {
+    pub path: String,
+    /// Its name in the points.
+    pub disk: String,
+    pub mode: Option<Mode>,
+    /// Why this mode (e.g. "an image file: no device-mapper under it").
+    pub mode_reason: String,
+    pub bytes_read: u64,
+}
+
+/// `POST /api/agent/status`: what the agent pushes after every cycle.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct AgentStatus {
+    pub version: String,
+    pub cycles_ok: u64,
+    pub cycles_failed: u64,
+    pub last_point: Option<String>,
+    /// The instant the newest committed point captured (RFC 3339).
+    pub last_cut: Option<chrono::DateTime<chrono::Utc>>,
+    /// Seconds from that instant to the commit: the RPO the agent achieved.
+    pub lag_secs: Option<f64>,
+    /// The consistency the last point recorded (`crash`, `fuzzy`, ...).
+    pub consistency: Option<String>,
+    pub last_cycle_secs: f64,
+    pub throughput_bytes_per_sec: f64,
+    pub stored_bytes: u64,
+    pub last_error: Option<String>,
+    pub devices: Vec<DeviceStatus>,
+}
+
+/// An error body from the server (`{"error": "..."}`).
+#[derive(Debug, Clone, Deserialize)]
+pub struct ApiError {
+    pub error: String,
+}

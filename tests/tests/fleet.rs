@@ -1,0 +1,268 @@
+//! The fleet: `ferry-agent` enrolled with a real `ferry serve` by one-time
+//! tokens, protecting an image file in its fallback mode (read, find
+//! unchanged chunks by id), reporting to the server, going silent, and
+//! stopping when revoked.
+
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use common::*;
+
+fn agent_bin() -> PathBuf {
+    let bin = ferry_bin().with_file_name("ferry-agent");
+    assert!(
+        bin.exists(),
+        "{} is missing: run `cargo build -p ferry-fleet` first (scripts/test does)",
+        bin.display()
+    );
+    bin
+}
+
+/// `ferry-agent --config CONFIG ARGS...` with nothing of the test's
+/// environment but what an agent's machine has: PATH and the repository
+/// password.
+fn agent(config: &Path, args: &[&str]) -> Output {
+    Command::new(agent_bin())
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap())
+        .env("FERRY_PASSWORD", "correct horse")
+        .arg("--config")
+        .arg(config)
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+fn curl(args: &[&str]) -> (u16, String) {
+    let out = Command::new("curl")
+        .args(["-sS", "-m", "30", "-w", "\n%{http_code}"])
+        .args(args)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (body, code) = text.rsplit_once('\n').unwrap_or(("", "0"));
+    (code.trim().parse().unwrap_or(0), body.to_owned())
+}
+
+#[test]
+fn an_agent_enrolls_protects_an_image_and_stops_when_revoked() {
+    let env = Env::new();
+    env.init();
+    let img = env.path("disk.img");
+    make_image(&img, 16 << 20, 7);
+    // The server holds cloud credentials; none of them may reach an agent.
+    let mut cmd = env.cmd();
+    cmd.env("AWS_ACCESS_KEY_ID", "AKIAFERRYSERVERONLY")
+        .env("AWS_SECRET_ACCESS_KEY", "server-secret-never-for-agents");
+    let server = serve(cmd, &[]);
+    let api_token = std::fs::read_to_string(env.path("home/api-token")).unwrap();
+    let auth = format!("Authorization: Bearer {}", api_token.trim());
+    let make_token = |expires: &str| -> String {
+        let t = env.json(&[
+            "agent-token",
+            "create",
+            "--expires",
+            expires,
+            "--source",
+            "web-1",
+            "--device",
+            img.to_str().unwrap(),
+            "--interval",
+            "1s",
+            "--keep-last",
+            "20",
+        ]);
+        t["token"].as_str().unwrap().to_owned()
+    };
+    let config = env.path("agent/agent.toml");
+    let cfg = config.to_str().unwrap();
+    let enroll = |config: &Path, token: &str| {
+        agent(
+            config,
+            &["enroll", "--server", &server.url, "--token", token],
+        )
+    };
+
+    // Wrong, expired and reused tokens fail, each saying so, and write nothing.
+    let out = enroll(&config, "fenroll_0123_456789");
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr(&out).contains("unknown enrollment token"),
+        "{}",
+        stderr(&out)
+    );
+    let expired = make_token("1s");
+    std::thread::sleep(std::time::Duration::from_millis(1300));
+    let out = enroll(&config, &expired);
+    assert!(stderr(&out).contains("expired at"), "{}", stderr(&out));
+    assert!(!config.exists());
+
+    let token = make_token("1h");
+    let out = enroll(&config, &token);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        said.contains("enrolled as agent") && said.contains("web-1"),
+        "{said}"
+    );
+    use std::os::unix::fs::PermissionsExt as _;
+    assert_eq!(
+        std::fs::metadata(&config).unwrap().permissions().mode() & 0o777,
+        0o600,
+        "the config holds the agent's credential"
+    );
+    let other = env.path("agent/other.toml");
+    let out = enroll(&other, &token);
+    assert!(
+        stderr(&out).contains("was used already"),
+        "{}",
+        stderr(&out)
+    );
+    // Enrolling the same machine twice needs --force.
+    let out = enroll(&config, &make_token("1h"));
+    assert!(stderr(&out).contains("--force"), "{}", stderr(&out));
+
+    // What the agent holds: its server, id and credential, the policy; no
+    // repository password and none of the server's cloud credentials.
+    let mut held = std::fs::read_to_string(&config).unwrap();
+    held += &std::fs::read_to_string(format!("{cfg}.policy.json")).unwrap();
+    let status = agent(&config, &["status"]);
+    held += &String::from_utf8_lossy(&status.stdout);
+    assert!(
+        held.contains("fagent_") && held.contains(img.to_str().unwrap()),
+        "{held}"
+    );
+    for secret in [
+        "AKIAFERRYSERVERONLY",
+        "server-secret",
+        "correct horse",
+        "AWS_",
+    ] {
+        assert!(
+            !held.contains(secret),
+            "the agent was given {secret:?}: {held}"
+        );
+    }
+
+    // Three runs of one cycle each, the image changed in between: each
+    // point restores to the image as it was, the chain goes on across
+    // restarts, and an unchanged chunk is never stored twice.
+    let mut points = Vec::new();
+    for round in 0..3u64 {
+        if round > 0 {
+            scatter_writes(&img, 8, round);
+        }
+        let out = agent(&config, &["run", "--cycles", "1"]);
+        assert!(out.status.success(), "{}", stderr(&out));
+        let st: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(st["cycles_ok"], 1, "{st}");
+        assert_eq!(st["devices"][0]["mode"], "scan", "{st}");
+        assert!(
+            st["devices"][0]["mode_reason"]
+                .as_str()
+                .unwrap()
+                .contains("image file"),
+            "{st}"
+        );
+        // The whole image but its holes is read each cycle (fallback mode).
+        let read = st["devices"][0]["bytes_read"].as_u64().unwrap();
+        assert!((8 << 20..=16 << 20).contains(&read), "{st}");
+        if round > 0 {
+            assert!(
+                st["stored_bytes"].as_u64().unwrap() < 2 << 20,
+                "8 scattered writes stored {} bytes",
+                st["stored_bytes"]
+            );
+        }
+        let point = st["last_point"].as_str().unwrap().to_owned();
+        let restored = env.path(&format!("restored-{round}.img"));
+        env.ok(&[
+            "restore",
+            &point,
+            "--disk",
+            "disk.img",
+            "--to",
+            restored.to_str().unwrap(),
+        ]);
+        assert!(same_content(&restored, &img), "round {round}");
+        points.push(point);
+    }
+    let listed = env.json(&["points", "--source", "web-1"]);
+    let parents: Vec<&serde_json::Value> = listed
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| &p["parent"])
+        .collect();
+    assert_eq!(parents[1], points[0].as_str(), "{listed}");
+    assert_eq!(parents[2], points[1].as_str(), "{listed}");
+
+    // The server shows the agent and its source's protection.
+    let (code, body) = curl(&["-H", &auth, &format!("{}/api/agents", server.url)]);
+    assert_eq!(code, 200, "{body}");
+    let agents: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let a = &agents[0];
+    let id = a["id"].as_str().unwrap().to_owned();
+    assert_eq!(a["policy"]["source"], "web-1");
+    assert_eq!(a["status"]["last_point"], points[2].as_str(), "{a}");
+    assert_eq!(a["status"]["devices"][0]["mode"], "scan");
+    assert!(a["status"]["lag_secs"].as_f64().is_some(), "{a}");
+    assert!(
+        !body.contains("fagent_") && !body.contains("secret_hash"),
+        "{body}"
+    );
+    let (_, body) = curl(&["-H", &auth, &format!("{}/api/sources", server.url)]);
+    let sources: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let web = sources
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["source"] == "web-1")
+        .unwrap_or_else(|| panic!("{sources}"));
+    assert!(
+        web["protection"]["reporter"]
+            .as_str()
+            .unwrap()
+            .starts_with(&format!("agent {id}")),
+        "{web}"
+    );
+    // An agent's credential is good for its own endpoints only.
+    let cred = held
+        .lines()
+        .find_map(|l| l.strip_prefix("credential = "))
+        .unwrap()
+        .trim_matches('"')
+        .to_owned();
+    let (code, _) = curl(&[
+        "-H",
+        &format!("Authorization: Bearer {cred}"),
+        &format!("{}/api/agents", server.url),
+    ]);
+    assert_eq!(code, 401);
+
+    // Silent after three intervals (1 s each): the agent and its source say so.
+    std::thread::sleep(std::time::Duration::from_millis(3500));
+    let listed = env.json(&["agents", "list"]);
+    assert_eq!(listed[0]["silent"], true, "{listed}");
+    let (_, body) = curl(&["-H", &auth, &format!("{}/api/sources", server.url)]);
+    assert!(body.contains("has not reported for"), "{body}");
+
+    // Revoked: the next poll is refused and the agent stops (exit 3).
+    env.ok(&["agents", "revoke", &id]);
+    let out = agent(&config, &["run"]);
+    assert_eq!(out.status.code(), Some(3), "{}", stderr(&out));
+    assert!(stderr(&out).contains("revoked"), "{}", stderr(&out));
+    let listed = env.json(&["agents", "list"]);
+    assert_eq!(listed[0]["silent"], false, "a revoked agent is not silent");
+    // The audit log has the enrollment and the revocation.
+    let (_, audit) = curl(&["-H", &auth, &format!("{}/api/audit", server.url)]);
+    assert!(
+        audit.contains("agent.enroll") && audit.contains("agent.revoke"),
+        "{audit}"
+    );
+    env.ok(&["check", "--read-data"]);
+}
