@@ -29,6 +29,7 @@ pub mod actions;
 pub mod alerts;
 pub mod api;
 pub mod auth;
+pub mod backups;
 pub mod checks;
 pub mod cli;
 pub mod commands;

@@ -1,5 +1,6 @@
-//! Schedules: drills and repository checks that `ferry serve` starts at the
-//! times a cron expression names (five fields, UTC), with nobody watching.
+//! Schedules: drills, repository checks and backups that `ferry serve`
+//! starts at the times a cron expression names (five fields, UTC), with
+//! nobody watching.
 //!
 //! A schedule stores when it fires next. A server's scheduler asks every
 //! second which schedules are due ([`claim_due`]) and claims each firing by
@@ -34,19 +35,43 @@ pub enum Job {
         #[serde(default)]
         read_data: bool,
     },
+    /// A backup into the server's repository of disks the server's machine
+    /// reads (absolute paths of image files or devices, or `nbd://` URLs),
+    /// as `ferry backup --source SOURCE DISK...`. Only admins add these: the
+    /// server reads whatever its user may.
+    Backup { source: String, disks: Vec<String> },
 }
 
 impl Job {
     /// Refuses a job that can never run, whatever the server has.
     pub fn validate(&self) -> Result<()> {
-        if let Job::Drill { path, .. } = self
-            && !crate::inventory::runbooks::valid_name(path)
-        {
-            return Err(Error::usage(format!(
-                "drill {path:?}: name a runbook file of the server's runbook directory (*.yaml or *.yml, no path)"
-            )));
+        match self {
+            Job::Drill { path, .. } if !crate::inventory::runbooks::valid_name(path) => {
+                Err(Error::usage(format!(
+                    "drill {path:?}: name a runbook file of the server's runbook directory (*.yaml or *.yml, no path)"
+                )))
+            }
+            Job::Backup { source, disks } => {
+                if source.is_empty() || source.len() > 128 || source.contains(['@', '/']) {
+                    return Err(Error::usage(format!(
+                        "backup source {source:?}: 1 to 128 characters, without '@' or '/'"
+                    )));
+                }
+                if disks.is_empty() || disks.len() > 64 {
+                    return Err(Error::usage("a backup names 1 to 64 disks"));
+                }
+                match disks.iter().find_map(|d| crate::backups::disk_problem(d)) {
+                    Some(p) => Err(Error::usage(format!("backup: {p}"))),
+                    None => Ok(()),
+                }
+            }
+            _ => Ok(()),
         }
-        Ok(())
+    }
+
+    /// Whether only admins may schedule it.
+    pub fn admin_only(&self) -> bool {
+        matches!(self, Job::Backup { .. })
     }
 
     /// In words, for lists and the audit log.
@@ -59,6 +84,7 @@ impl Job {
             } => format!("drill {path} on {t}"),
             Job::Check { read_data: false } => "check".into(),
             Job::Check { read_data: true } => "check --read-data".into(),
+            Job::Backup { source, disks } => format!("backup {source} of {}", disks.join(" ")),
         }
     }
 }

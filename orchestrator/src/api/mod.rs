@@ -62,8 +62,8 @@ pub struct AppState {
     drills: Arc<tokio::sync::Mutex<std::collections::HashMap<String, dto::Drill>>>,
     /// What Alertmanager's notifications start (`ferry serve --alert-routes`).
     pub alert_routes: Option<Arc<crate::alerts::Routes>>,
-    /// Schedules whose check is running in this server.
-    busy_checks: Arc<std::sync::Mutex<std::collections::HashSet<String>>>,
+    /// Schedules whose check or backup is running in this server.
+    busy_jobs: Arc<std::sync::Mutex<std::collections::HashSet<String>>>,
 }
 
 impl AppState {
@@ -95,7 +95,7 @@ impl AppState {
             metrics: Arc::default(),
             drills: Arc::default(),
             alert_routes: None,
-            busy_checks: Arc::default(),
+            busy_jobs: Arc::default(),
         }
     }
 

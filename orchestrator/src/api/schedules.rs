@@ -1,7 +1,8 @@
 //! Schedules over HTTP (`/api/schedules`), and what a firing does: a drill
 //! starts like `POST /api/runs` with the runbook's `path` (audited as
 //! `schedule:NAME`), a check runs against the server's repository and lands
-//! where `ferry check` records its outcome. `spawn_scheduler` fires what is
+//! where `ferry check` records its outcome, a backup (admins only) reads the
+//! server machine's disks into its repository. `spawn_scheduler` fires what is
 //! due once a second; tests call [`fire_due`] with a time of their own.
 
 use super::{ApiResult, AppState, Body, Runbook};
@@ -39,7 +40,7 @@ pub(super) async fn list(Ax(app): Ax<AppState>) -> ApiResult<Json<Vec<Schedule>>
     (status = 201, body = Schedule, description = "Added; it fires first at `next_ms`"),
     (status = 400, body = crate::api::ApiError, description = "A bad name, cron expression or job"),
     (status = 401, body = crate::api::ApiError, description = "No or wrong credentials"),
-    (status = 403, body = crate::api::ApiError, description = "Not an operator or admin, or a session request without its CSRF token"),
+    (status = 403, body = crate::api::ApiError, description = "Not an operator or admin (an admin for a backup), or a session request without its CSRF token"),
     (status = 409, body = crate::api::ApiError, description = "A schedule of that name exists"),
     (status = 415, body = crate::api::ApiError, description = "The body is not application/json"),
     (status = 422, body = crate::api::ApiError, description = "The body lacks a field"),
@@ -49,7 +50,11 @@ pub(super) async fn add(
     Extension(who): Extension<Identity>,
     Body(b): Body<NewSchedule>,
 ) -> ApiResult<(StatusCode, Json<Schedule>)> {
-    who.require(Role::Operator)?;
+    who.require(if b.job.admin_only() {
+        Role::Admin
+    } else {
+        Role::Operator
+    })?;
     let s = schedule::add(&app.state, &b.name, &b.cron, b.job, &who.name, now_ms()).await?;
     Ok((StatusCode::CREATED, Json(s)))
 }
@@ -98,6 +103,7 @@ pub async fn fire_due(app: &AppState, now_ms: i64) -> crate::error::Result<Vec<(
             .await
             .map(|run| format!("run {}", run.id)),
             Job::Check { read_data } => start_check(app, &s.name, *read_data),
+            Job::Backup { source, disks } => start_backup(app, &s.name, source, disks),
         };
         let outcome = started.unwrap_or_else(|e| {
             tracing::warn!(schedule = %s.name, "not started: {e}");
@@ -113,14 +119,19 @@ pub async fn fire_due(app: &AppState, now_ms: i64) -> crate::error::Result<Vec<(
 /// (found by the run id its outcome names, in the state, so it holds across
 /// restarts) or its check (in this server's memory: a check dies with it).
 async fn still_running(app: &AppState, s: &Schedule) -> crate::error::Result<Option<String>> {
-    if let Job::Check { .. } = s.job {
+    if let Job::Check { .. } | Job::Backup { .. } = s.job {
         let busy = app
-            .busy_checks
+            .busy_jobs
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .contains(&s.name);
+        let what = if let Job::Check { .. } = s.job {
+            "check"
+        } else {
+            "backup"
+        };
         return Ok(
-            busy.then(|| "skipped: the last check of this schedule is still running".to_owned())
+            busy.then(|| format!("skipped: the last {what} of this schedule is still running"))
         );
     }
     let Some(run) = s.last_outcome.as_deref().and_then(last_run) else {
@@ -142,9 +153,15 @@ fn last_run(outcome: &str) -> Option<&str> {
     rest.split_whitespace().next()
 }
 
-/// Checks the server's repository in the background; records the check
-/// where `ferry check` does, and its outcome on the schedule.
-fn start_check(app: &AppState, name: &str, read_data: bool) -> ApiResult<String> {
+/// Runs `work` on the server's repository on a blocking thread, the
+/// schedule marked busy meanwhile; its outcome (or failure, prefixed with
+/// `what ID`) lands on the schedule.
+fn start_job(
+    app: &AppState,
+    name: &str,
+    what: &'static str,
+    work: impl FnOnce(&ferry_agent::Repository, &str) -> anyhow::Result<String> + Send + 'static,
+) -> ApiResult<String> {
     if app.repo.is_none() {
         return Err(Error::Unavailable(
             "this server has no repository: start `ferry serve` with -r/--repo and its password"
@@ -152,51 +169,69 @@ fn start_check(app: &AppState, name: &str, read_data: bool) -> ApiResult<String>
         ));
     }
     let id = crate::control::new_run_id();
-    let (app, name, check_id) = (app.clone(), name.to_owned(), id.clone());
-    app.busy_checks
+    let (app, name, job_id) = (app.clone(), name.to_owned(), id.clone());
+    app.busy_jobs
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner)
         .insert(name.clone());
     tokio::spawn(async move {
         // Not busy any more when this task ends, however it ends.
-        let _busy = Busy(app.busy_checks.clone(), name.clone());
+        let _busy = Busy(app.busy_jobs.clone(), name.clone());
         let ctx = app.context();
-        let location = app.repo.clone().unwrap_or_default();
-        let report = tokio::task::spawn_blocking(move || {
+        let for_work = job_id.clone();
+        let done = tokio::task::spawn_blocking(move || {
             let repo = ctx.open_repo(false)?;
-            let progress = ferry_agent::progress::Progress::default();
-            let r = ferry_agent::check::check(
-                &repo,
-                ferry_agent::check::CheckOptions { read_data },
-                &progress,
-            )?;
+            let r = work(&repo, &for_work);
             // The store owns a runtime: dropped here, off the async workers.
             drop(repo);
-            Ok::<_, anyhow::Error>(r)
+            r
         })
         .await;
-        let outcome = match report {
-            Ok(Ok(r)) => {
-                let row = crate::inventory::check_row(&check_id, &location, &r);
-                if let Err(e) = app.state.record_check(&row).await {
-                    tracing::warn!("cannot record check {check_id}: {e:#}");
-                }
-                format!(
-                    "check {check_id}: {}",
-                    if r.ok { "no damage" } else { "damage found" }
-                )
-            }
+        let outcome = match done {
+            Ok(Ok(said)) => format!("{what} {job_id}: {said}"),
             Ok(Err(e)) => format!(
-                "check {check_id} failed: {}",
+                "{what} {job_id} failed: {}",
                 crate::error::chain(e.as_ref())
             ),
-            Err(e) => format!("check {check_id} stopped: {e}"),
+            Err(e) => format!("{what} {job_id} stopped: {e}"),
         };
         if let Err(e) = app.state.schedule_outcome(&name, &outcome).await {
             tracing::warn!(schedule = %name, "cannot record the outcome: {e:#}");
         }
     });
-    Ok(format!("check {id} started"))
+    Ok(format!("{what} {id} started"))
+}
+
+/// Checks the server's repository in the background; records the check
+/// where `ferry check` does, and its outcome on the schedule.
+fn start_check(app: &AppState, name: &str, read_data: bool) -> ApiResult<String> {
+    let (state, location) = (app.state.clone(), app.repo.clone().unwrap_or_default());
+    let rt = tokio::runtime::Handle::current();
+    start_job(app, name, "check", move |repo, id| {
+        let progress = ferry_agent::progress::Progress::default();
+        let r = ferry_agent::check::check(
+            repo,
+            ferry_agent::check::CheckOptions { read_data },
+            &progress,
+        )?;
+        let row = crate::inventory::check_row(id, &location, &r);
+        if let Err(e) = rt.block_on(state.record_check(&row)) {
+            tracing::warn!("cannot record check {}: {e:#}", row.id);
+        }
+        Ok(if r.ok { "no damage" } else { "damage found" }.to_owned())
+    })
+}
+
+/// Backs up `disks` as `source` into the server's repository in the background.
+fn start_backup(app: &AppState, name: &str, source: &str, disks: &[String]) -> ApiResult<String> {
+    let (source, disks) = (source.to_owned(), disks.to_vec());
+    start_job(app, name, "backup", move |repo, _| {
+        let s = crate::backups::backup(repo, &source, &disks)?;
+        Ok(format!(
+            "point {} (read {} bytes, stored {})",
+            s.point, s.bytes_read, s.stored_bytes
+        ))
+    })
 }
 
 /// Takes a schedule off the busy list when dropped.

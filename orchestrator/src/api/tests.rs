@@ -1548,7 +1548,7 @@ async fn schedules_fire_once_at_their_time_whoever_else_is_looking() {
         "{fired:?}"
     );
     // A check still running in this server holds its schedule back too.
-    api.app.busy_checks.lock().unwrap().insert("check".into());
+    api.app.busy_jobs.lock().unwrap().insert("check".into());
     let later = t2 + 3_600_000;
     let fired = schedules::fire_due(&api.app, later).await.unwrap();
     assert!(
@@ -1557,7 +1557,7 @@ async fn schedules_fire_once_at_their_time_whoever_else_is_looking() {
             .any(|(n, o)| n == "check" && o.contains("still running")),
         "{fired:?}"
     );
-    api.app.busy_checks.lock().unwrap().clear();
+    api.app.busy_jobs.lock().unwrap().clear();
     let fired = schedules::fire_due(&api.app, later + 600_000)
         .await
         .unwrap();
@@ -1788,4 +1788,85 @@ async fn alertmanager_starts_one_run_per_incident_into_an_approval_gate() {
         audit.contains("alert.fired") && audit.contains("alert.resolved"),
         "{audit}"
     );
+}
+
+/// A scheduled backup is an admin's to add (the server reads whatever its
+/// user may), fires at its time, and its point lands in the repository; a
+/// relative path or an empty disk list is refused when it is added.
+#[tokio::test(flavor = "multi_thread")]
+async fn scheduled_backups_are_admins_and_land_in_the_repository() {
+    let dir = tempfile::tempdir().unwrap();
+    let repo_dir = dir.path().join("repo");
+    let disk = dir.path().join("nas.img");
+    std::fs::write(&disk, vec![7u8; 2 << 20]).unwrap();
+    let pw = b"correct horse battery staple".to_vec();
+    {
+        let (repo_dir, pw) = (repo_dir.clone(), pw.clone());
+        std::thread::spawn(move || {
+            let store = ferry_connectors::store::open(repo_dir.to_str().unwrap(), true).unwrap();
+            ferry_agent::Repository::init(store, &pw, Default::default()).unwrap();
+        })
+        .join()
+        .unwrap();
+    }
+    let url = format!("sqlite://{}", dir.path().join("state.db").display());
+    let api = Api {
+        app: AppState::new(
+            State::open(&url).await.unwrap(),
+            Some(repo_dir.display().to_string()),
+            Some(Password::new(pw)),
+            TOKEN.into(),
+            dir.path().to_path_buf(),
+            None,
+        ),
+        _dir: tempfile::tempdir().unwrap(),
+    };
+    let job = |disks: serde_json::Value| {
+        serde_json::json!({"name": "nas", "cron": "0 1 * * *",
+            "job": {"backup": {"source": "nas", "disks": disks}}})
+    };
+    let good = job(serde_json::json!([disk.display().to_string()]));
+    let operator = api.user_with_token("olga", "operator").await;
+    let (s, _, e) = api
+        .call_as(
+            &As::token(&operator),
+            Method::POST,
+            "/api/schedules",
+            Some(good.clone()),
+        )
+        .await;
+    assert_eq!(s, StatusCode::FORBIDDEN, "{e}");
+    for bad in [serde_json::json!([]), serde_json::json!(["nas.img"])] {
+        let (s, e) = api
+            .call(Method::POST, "/api/schedules", Some(job(bad)))
+            .await;
+        assert_eq!(s, StatusCode::BAD_REQUEST, "{e}");
+    }
+    let (s, added) = api.call(Method::POST, "/api/schedules", Some(good)).await;
+    assert_eq!(s, StatusCode::CREATED, "{added}");
+    let due = added["next_ms"].as_i64().unwrap();
+    let fired = schedules::fire_due(&api.app, due).await.unwrap();
+    assert!(
+        fired[0].1.starts_with("backup ") && fired[0].1.ends_with(" started"),
+        "{fired:?}"
+    );
+    // It runs in the background; its outcome names the point.
+    let mut outcome = String::new();
+    for _ in 0..500 {
+        let (_, list) = api.call(Method::GET, "/api/schedules", None).await;
+        outcome = list[0]["last_outcome"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned();
+        if outcome.contains("point") || outcome.contains("failed") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(outcome.contains(": point "), "{outcome}");
+    let (_, points) = api.call(Method::GET, "/api/sources/nas/points", None).await;
+    let id = points[0]["id"]
+        .as_str()
+        .unwrap_or_else(|| panic!("{points}"));
+    assert!(outcome.contains(id), "{outcome} names {id}");
 }

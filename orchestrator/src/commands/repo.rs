@@ -15,8 +15,7 @@ use ferry_agent::point::Consistency;
 use ferry_agent::progress::Progress;
 use ferry_agent::repo::{InitOptions, Repository};
 use ferry_agent::restore::RestoreOptions;
-use ferry_agent::source::{BlockSource, FileSource};
-use ferry_connectors::nbd::{NbdSource, NbdUrl};
+use ferry_agent::source::BlockSource;
 
 use super::output::{self, Bar, bytes};
 use crate::context::Context;
@@ -354,20 +353,9 @@ pub fn backup(ctx: &Context, a: &BackupArgs) -> Result<ExitCode> {
             taken = taken.or(src.start_time);
             sources.push(Box::new(src));
             specs.push(spec);
-        } else if NbdUrl::is_nbd(d) {
-            let url = NbdUrl::parse(d).map_err(ferry_agent::Error::InvalidInput)?;
-            let name = match url.export.rsplit('/').next() {
-                Some(n) if !n.is_empty() => n.to_string(),
-                _ => format!("disk{i}"),
-            };
-            sources.push(Box::new(NbdSource::open(&url)?));
-            specs.push(DiskSpec {
-                name,
-                path: PathBuf::from(url.to_string()),
-            });
         } else {
-            let spec = DiskSpec::from_path(d);
-            sources.push(Box::new(FileSource::open(&spec.path)?));
+            let (spec, src) = crate::backups::open_disk(d, i)?;
+            sources.push(src);
             specs.push(spec);
         }
     }

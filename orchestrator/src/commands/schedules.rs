@@ -1,5 +1,5 @@
-//! `ferry schedule add|list|remove`: drills and repository checks that a
-//! running `ferry serve` on the same state starts at the times a cron
+//! `ferry schedule add|list|remove`: drills, repository checks and backups
+//! that a running `ferry serve` on the same state starts at the times a cron
 //! expression names (UTC). Each change goes to the audit log as `USER (cli)`.
 
 use crate::auth;
@@ -21,7 +21,7 @@ pub struct ScheduleArgs {
 pub enum ScheduleCommand {
     /// Add a schedule: a drill of a runbook of the server's runbook
     /// directory, or a check of its repository.
-    #[command(group(clap::ArgGroup::new("job").required(true).args(["drill", "check"])))]
+    #[command(group(clap::ArgGroup::new("job").required(true).args(["drill", "check", "backup"])))]
     Add {
         name: String,
         /// Five fields, in UTC: minute hour day-of-month month day-of-week
@@ -40,6 +40,13 @@ pub enum ScheduleCommand {
         /// With --check: read and verify every byte.
         #[arg(long, requires = "check")]
         read_data: bool,
+        /// Back up, as this source, the --disk paths the server's machine
+        /// reads (an image file, a device, an nbd:// URL) into its repository.
+        #[arg(long, value_name = "SOURCE", requires = "disks")]
+        backup: Option<String>,
+        /// With --backup: a disk (repeat for several, one point holds them all).
+        #[arg(long = "disk", value_name = "PATH", requires = "backup")]
+        disks: Vec<String>,
     },
     /// List schedules, when each fires next and what it last started.
     List,
@@ -67,13 +74,19 @@ pub fn schedule(ctx: &Context, a: &ScheduleArgs) -> Result<ExitCode> {
                     target,
                     check: _,
                     read_data,
+                    backup,
+                    disks,
                 } => {
-                    let job = match drill {
-                        Some(path) => Job::Drill {
+                    let job = match (drill, backup) {
+                        (Some(path), _) => Job::Drill {
                             path: path.clone(),
                             target: target.clone(),
                         },
-                        None => Job::Check {
+                        (None, Some(source)) => Job::Backup {
+                            source: source.clone(),
+                            disks: disks.clone(),
+                        },
+                        (None, None) => Job::Check {
                             read_data: *read_data,
                         },
                     };
