@@ -8,6 +8,8 @@
 //! credential = "fagent_3f0c9a1be2d4_..."
 //! # ca_cert = "/etc/ferry/ca.pem"        # the server's CA, if not a public one
 //! # password_file = "/etc/ferry/repo-password"   # else FERRY_PASSWORD
+//! # pre_cut = "fsfreeze -f /srv/db"     # the point is labelled app when it succeeds
+//! # post_cut = "fsfreeze -u /srv/db"
 //! ```
 //!
 //! Beside it, `NAME.policy.json` caches the last policy the server gave, so an
@@ -37,6 +39,17 @@ pub struct Config {
     /// The repository password's file (else `FERRY_PASSWORD`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub password_file: Option<PathBuf>,
+    /// A shell command run before each cycle reads the devices (e.g.
+    /// `fsfreeze -f /srv/db` or a database's flush and lock). When it
+    /// succeeds the point is labelled `app`; when it fails the cycle goes on
+    /// and the point keeps the label its read earns (`crash` or `fuzzy`).
+    /// Hooks live here, on the machine, never in the server's policy: a
+    /// server must not be able to run commands on its agents.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pre_cut: Option<String>,
+    /// Run after the read whenever `pre_cut` ran (e.g. `fsfreeze -u /srv/db`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub post_cut: Option<String>,
 }
 
 impl Config {
@@ -143,6 +156,8 @@ mod tests {
             credential: "fagent_abc_s3cret".into(),
             ca_cert: None,
             password_file: Some("/etc/ferry/pw".into()),
+            pre_cut: Some("sync".into()),
+            post_cut: None,
         };
         cfg.save(&path).unwrap();
         use std::os::unix::fs::PermissionsExt as _;

@@ -304,6 +304,8 @@ pub fn enroll(
         credential: enrolled.credential.clone(),
         ca_cert,
         password_file,
+        pre_cut: None,
+        post_cut: None,
     }
     .save(config_path)?;
     Config::save_policy(config_path, &enrolled.policy)?;
@@ -406,6 +408,8 @@ fn cycle(
             }
         })
         .collect();
+    let mut hook_error = None;
+    let mut post_error = None;
     let r = (|| -> Result<ferry_agent::backup::Summary> {
         if p.devices.is_empty() {
             bail!("the policy names no device; set one on the server");
@@ -423,6 +427,24 @@ fn cycle(
         let Some(r) = repo.as_ref() else {
             bail!("no repository");
         };
+        // The application's hooks around the read: a point is `app` only
+        // when the pre hook succeeded; the post hook runs whenever it ran.
+        let frozen = match &cfg.pre_cut {
+            None => false,
+            Some(cmd) => match hook(cmd, "pre_cut", &p.source) {
+                Ok(()) => true,
+                Err(e) => {
+                    warn!(error = %e, "the point will not be application-consistent");
+                    hook_error = Some(e);
+                    false
+                }
+            },
+        };
+        let thaw = Thaw {
+            cmd: cfg.post_cut.as_deref().filter(|_| cfg.pre_cut.is_some()),
+            source: &p.source,
+            failed: &mut post_error,
+        };
         let opts = BackupOptions {
             source: p.source.clone(),
             disks: p
@@ -433,10 +455,12 @@ fn cycle(
                     path: PathBuf::from(d),
                 })
                 .collect(),
-            consistency: None,
+            consistency: frozen.then_some(ferry_agent::point::Consistency::App),
             time: Some(cut),
         };
-        let summary = ferry_agent::backup::backup(&r.repo, &opts, &Progress::default())?;
+        let summary = ferry_agent::backup::backup(&r.repo, &opts, &Progress::default());
+        drop(thaw);
+        let summary = summary?;
         if let Some(k) = p.keep_last.filter(|k| *k > 0) {
             let keep = ferry_agent::retention::Policy {
                 last: Some(k),
@@ -450,6 +474,7 @@ fn cycle(
         Ok(summary)
     })();
     let secs = started.elapsed().as_secs_f64();
+    status.hook_error = hook_error.or(post_error);
     match r {
         Ok(s) => {
             let lag = (Utc::now() - cut).num_milliseconds() as f64 / 1000.0;
@@ -475,6 +500,43 @@ fn cycle(
             status.cycles_failed += 1;
             status.last_cycle_secs = secs;
             status.last_error = Some(format!("{e:#}"));
+        }
+    }
+}
+
+/// Runs a hook of the agent's config with `sh -c`, FERRY_SOURCE and
+/// FERRY_HOOK set; its failure in words.
+fn hook(cmd: &str, which: &str, source: &str) -> std::result::Result<(), String> {
+    let out = std::process::Command::new("sh")
+        .args(["-c", cmd])
+        .env("FERRY_SOURCE", source)
+        .env("FERRY_HOOK", which)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .map_err(|e| format!("{which}: cannot run sh: {e}"))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        let err = String::from_utf8_lossy(&out.stderr);
+        let err: String = err.trim().chars().take(500).collect();
+        Err(format!("{which} `{cmd}` exited with {}: {err}", out.status))
+    }
+}
+
+/// Runs the post-cut hook when dropped: after the read, whatever happened.
+struct Thaw<'a> {
+    cmd: Option<&'a str>,
+    source: &'a str,
+    failed: &'a mut Option<String>,
+}
+
+impl Drop for Thaw<'_> {
+    fn drop(&mut self) {
+        if let Some(cmd) = self.cmd
+            && let Err(e) = hook(cmd, "post_cut", self.source)
+        {
+            warn!(error = %e, "post_cut hook failed");
+            *self.failed = Some(e);
         }
     }
 }

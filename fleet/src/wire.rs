@@ -107,6 +107,9 @@ pub struct AgentStatus {
     pub throughput_bytes_per_sec: f64,
     pub stored_bytes: u64,
     pub last_error: Option<String>,
+    /// The last cycle's hook failure (`pre_cut` or `post_cut` of the agent's
+    /// config), if any; a failed pre hook leaves the point crash-consistent.
+    pub hook_error: Option<String>,
     pub devices: Vec<DeviceStatus>,
 }
 

@@ -244,6 +244,53 @@ fn an_agent_enrolls_protects_an_image_and_stops_when_revoked() {
     ]);
     assert_eq!(code, 401);
 
+    // The machine's own hooks around the read: the point is app-consistent
+    // when the pre hook succeeds, and the post hook always follows it.
+    let log = env.path("hooks.log");
+    let base = std::fs::read_to_string(&config).unwrap();
+    let with_hooks = |pre: &str| {
+        std::fs::write(
+            &config,
+            format!(
+                "{base}pre_cut = \"{pre}\"\npost_cut = \"echo post $FERRY_SOURCE >> {}\"\n",
+                log.display()
+            ),
+        )
+        .unwrap();
+    };
+    with_hooks(&format!("echo pre $FERRY_SOURCE >> {}", log.display()));
+    let out = agent(&config, &["run", "--cycles", "1"]);
+    let st: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(st["consistency"], "app", "{st}");
+    assert_eq!(
+        std::fs::read_to_string(&log).unwrap(),
+        "pre web-1\npost web-1\n"
+    );
+    with_hooks("echo cannot freeze >&2; exit 3");
+    let out = agent(&config, &["run", "--cycles", "1"]);
+    let st: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_ne!(st["consistency"], "app", "{st}");
+    assert_eq!(
+        st["cycles_ok"], 1,
+        "a failed freeze does not cost the point: {st}"
+    );
+    assert!(
+        st["hook_error"].as_str().unwrap().contains("cannot freeze"),
+        "{st}"
+    );
+    let listed = env.json(&["points", "--source", "web-1"]);
+    let labels: Vec<&str> = listed
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["consistency"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        labels.iter().filter(|c| **c == "app").count(),
+        1,
+        "{labels:?}"
+    );
+
     // Silent after three intervals (1 s each): the agent and its source say so.
     std::thread::sleep(std::time::Duration::from_millis(3500));
     let listed = env.json(&["agents", "list"]);

@@ -722,7 +722,7 @@ async function agentsView() {
         h('td', {}, h('a', { href: '#/sources/' + encodeURIComponent(a.policy.source) }, a.policy.source)), h('td', {}, devices(a)),
         h('td', { class: 'num' }, a.policy.interval_secs + ' s'), h('td', {}, a.last_seen_ms ? when(a.last_seen_ms) : 'never'),
         h('td', { class: 'num' }, a.status && a.status.lag_secs != null ? secs(a.status.lag_secs) : '–'), h('td', {}, agentHealth(a)),
-        h('td', { class: 'small' }, (a.status && a.status.last_error) || ''),
+        h('td', { class: 'small' }, (a.status && (a.status.last_error || a.status.hook_error)) || ''),
         h('td', {}, can('operator') && !a.revoked_ms ? h('button', { 'aria-label': 'Revoke ' + a.id, onclick: () => confirm('Revoke agent ' + a.id + ' on ' + a.hostname + '? It stops at its next poll.') && run(async () => { await api('/api/agents/' + encodeURIComponent(a.id), { method: 'DELETE' }); await load(agentsView); }) }, 'Revoke') : '')))))) :
       h('p', { class: 'muted' }, 'No agents. Machines no hypervisor can read from outside run ferry-agent, enrolled with a one-time token.'),
     can('operator') ? form() : null);
