@@ -38,6 +38,10 @@ pub struct Options {
     pub hook: Option<String>,
     /// Retention applied to the source after each committed point.
     pub retention: Policy,
+    /// Cut every VM at one instant each interval ([`qemu::cut_together`]:
+    /// all paused, all cut, all resumed), for the machines of one
+    /// application; each VM still makes its own point.
+    pub together: bool,
 }
 
 /// The state of one source, as a status file or an API shows it.
@@ -99,6 +103,10 @@ pub enum Update {
         /// Bytes the change map marked (None for a full read).
         changed_bytes: Option<u64>,
         stored_bytes: u64,
+        /// With `together`: how long the VMs were paused for the cut, and
+        /// the first cut to the last (seconds).
+        group_pause_secs: Option<f64>,
+        group_skew_secs: Option<f64>,
     },
     /// A cycle failed; the next one catches up.
     Failed {
@@ -133,24 +141,50 @@ pub fn run(
             || opts.cycles.is_some_and(|c| n >= c)
             || opts.deadline.is_some_and(|d| Instant::now() >= d)
     };
+    // Wait for the next interval, but notice a cancel promptly.
+    let pace = |started: Instant| {
+        while let Some(rest) = opts.interval.checked_sub(started.elapsed()) {
+            if cancel.load(Ordering::Relaxed) {
+                break;
+            }
+            std::thread::sleep(rest.min(Duration::from_millis(100)));
+        }
+    };
+    let send = |u: Update| {
+        if let Some(tx) = updates {
+            let _ = tx.send(u);
+        }
+    };
+    if opts.together {
+        let mut n = 0u64;
+        while !stopped(n) {
+            n += 1;
+            let started = Instant::now();
+            group_round(repo, opts, n, started, status, &send);
+            pace(started);
+        }
+        return status.snapshot();
+    }
     std::thread::scope(|s| {
         for (i, vm) in opts.vms.iter().enumerate() {
+            let (send, pace) = (&send, &pace);
             s.spawn(move || {
                 let mut n = 0u64;
                 while !stopped(n) {
                     n += 1;
                     let started = Instant::now();
-                    let update = one_cycle(repo, opts, vm, n, started, i, status);
-                    if let Some(tx) = updates {
-                        let _ = tx.send(update);
-                    }
-                    // Wait for the next interval, but notice a cancel promptly.
-                    while let Some(rest) = opts.interval.checked_sub(started.elapsed()) {
-                        if cancel.load(Ordering::Relaxed) {
-                            break;
-                        }
-                        std::thread::sleep(rest.min(Duration::from_millis(100)));
-                    }
+                    send(one_cycle(
+                        repo,
+                        opts,
+                        vm,
+                        n,
+                        started,
+                        i,
+                        status,
+                        None,
+                        |h| qemu::cycle(repo, &vm.source, &vm.vm, h),
+                    ));
+                    pace(started);
                 }
             });
         }
@@ -158,6 +192,72 @@ pub fn run(
     status.snapshot()
 }
 
+/// One round of a group: every VM prepared, all cut at one instant, then
+/// each finished on its own thread. A VM that cannot be prepared or cut
+/// fails its cycle; the others go on.
+fn group_round(
+    repo: &Repository,
+    opts: &Options,
+    n: u64,
+    started: Instant,
+    status: &Status,
+    send: &(dyn Fn(Update) + Sync),
+) {
+    let mut cycles = Vec::new();
+    let mut which = Vec::new();
+    for (i, vm) in opts.vms.iter().enumerate() {
+        match qemu::prepare(repo, &vm.source, &vm.vm) {
+            Ok(c) => {
+                cycles.push(c);
+                which.push(i);
+            }
+            Err(e) => send(one_cycle(
+                repo,
+                opts,
+                vm,
+                n,
+                started,
+                i,
+                status,
+                None,
+                |_| Err(e),
+            )),
+        }
+    }
+    let (cuts, group) = qemu::cut_together(&mut cycles);
+    if let Some(g) = group {
+        info!(
+            round = n,
+            paused_ms = g.paused.as_secs_f64() * 1000.0,
+            skew_ms = g.skew.as_secs_f64() * 1000.0,
+            "cut together"
+        );
+    }
+    std::thread::scope(|s| {
+        for ((c, cut), i) in cycles.into_iter().zip(cuts).zip(which) {
+            let vm = &opts.vms[i];
+            s.spawn(move || {
+                send(one_cycle(
+                    repo,
+                    opts,
+                    vm,
+                    n,
+                    started,
+                    i,
+                    status,
+                    group,
+                    |h| {
+                        cut?;
+                        c.finish(repo, h)
+                    },
+                ));
+            });
+        }
+    });
+}
+
+/// Runs one cycle (`run`, given the hook) and records and reports it.
+#[allow(clippy::too_many_arguments)]
 fn one_cycle(
     repo: &Repository,
     opts: &Options,
@@ -166,6 +266,8 @@ fn one_cycle(
     started: Instant,
     i: usize,
     status: &Status,
+    group: Option<qemu::GroupCut>,
+    run: impl FnOnce(Option<&qemu::Hook>) -> ferry_agent::Result<qemu::CycleReport>,
 ) -> Update {
     let hook = opts.hook.as_ref().map(|cmd| {
         let (cmd, source) = (cmd.clone(), vm.source.clone());
@@ -188,7 +290,7 @@ fn one_cycle(
         }
     });
     let hook_ref = hook.as_ref().map(|h| h as &qemu::Hook);
-    let r = qemu::cycle(repo, &vm.source, &vm.vm, hook_ref);
+    let r = run(hook_ref);
     let secs = started.elapsed().as_secs_f64();
     {
         let mut st = status.0.lock().unwrap_or_else(|e| e.into_inner());
@@ -232,6 +334,8 @@ fn one_cycle(
                 bytes_read: rep.summary.bytes_read,
                 changed_bytes: rep.summary.changed_bytes,
                 stored_bytes: rep.summary.stored_bytes,
+                group_pause_secs: group.map(|g| g.paused.as_secs_f64()),
+                group_skew_secs: group.map(|g| g.skew.as_secs_f64()),
             }
         }
         Err(e) => {
@@ -285,6 +389,7 @@ mod tests {
             deadline: None,
             hook: None,
             retention: Policy::default(),
+            together: false,
         };
         let status = Status::default();
         let cancel = AtomicBool::new(false);

@@ -417,6 +417,16 @@ fn clean_up_stale(q: &mut Qmp, work_dir: &Path) -> Result<()> {
         warn!(node = %n, "removing a fleecing node a killed cycle left");
         let _ = q.execute("blockdev-del", json!({"node-name": n}));
     }
+    // A group cut killed while the VMs were paused: resume this one.
+    let mark = work_dir.join(PAUSE_MARK);
+    if mark.exists() {
+        let running = q.execute("query-status", json!({}))?["running"] == json!(true);
+        if !running {
+            warn!("resuming a VM a killed group cut left paused");
+            q.execute("cont", json!({}))?;
+        }
+        let _ = std::fs::remove_file(&mark);
+    }
     // Fleecing images and sockets no node uses any more.
     if let Ok(entries) = std::fs::read_dir(work_dir) {
         for e in entries.flatten() {
@@ -517,16 +527,34 @@ fn chain_of(
     }
 }
 
-/// Run one protection cycle of `vm` into `repo` as source `source`: every
-/// disk of the VM is cut in the same QMP transaction and committed in one
-/// point, so a write that spans disks is in the point on all of them or on
-/// none. `hook` runs while the views are exported, before the backup reads them.
-pub fn cycle(
-    repo: &Repository,
-    source: &str,
-    vm: &LiveVm,
-    hook: Option<&Hook>,
-) -> Result<CycleReport> {
+/// A disk at the cut: the bitmap frozen for its change map (none for a full
+/// read), and the mode in words.
+type Frozen = (Option<String>, String);
+
+/// One protection cycle of a VM, in three steps so that several VMs can be
+/// cut at one instant ([`cut_together`]): [`prepare`] (the fleecing images
+/// attached, nothing frozen yet), [`Cycle::cut`] (the transaction), and
+/// [`Cycle::finish`] (export, backup, commit). Whatever it set up in the VM
+/// is torn down when it is dropped, however it ends; the bitmaps stay unless
+/// the point was committed.
+pub struct Cycle<'a> {
+    source: String,
+    vm: &'a LiveVm,
+    q: Qmp,
+    plans: Vec<DiskPlan<'a>>,
+    sock: PathBuf,
+    /// Fleecing nodes attached (the first N plans').
+    attached: usize,
+    /// The cut's instant, and per disk the frozen bitmap and the mode.
+    cut: Option<(DateTime<Utc>, Vec<Frozen>)>,
+    server: bool,
+    exports: Vec<String>,
+}
+
+/// Prepares a cycle of `vm` as `source`: connects, removes what a killed
+/// cycle left, decides per disk whether its bitmap chain continues the
+/// latest point, and attaches a fleecing image to every disk.
+pub fn prepare<'a>(repo: &Repository, source: &str, vm: &'a LiveVm) -> Result<Cycle<'a>> {
     if vm.disks.is_empty() {
         return Err(Error::InvalidInput(format!("{source}: no disk to protect")));
     }
@@ -591,92 +619,120 @@ pub fn cycle(
     let sock = vm
         .work_dir
         .join(format!("nbd-{pid}-{}.sock", plans[0].next));
-
-    // What was set up, so the teardown undoes exactly that.
-    let mut fleeces: Vec<&DiskPlan<'_>> = Vec::new();
-    let mut cut_done = false;
-    let mut server = false;
-    let mut exports: Vec<&str> = Vec::new();
-    let result = (|| -> Result<CycleReport> {
-        for p in &plans {
-            let status = std::process::Command::new("qemu-img")
-                .args(["create", "-q", "-f", "qcow2"])
-                .arg(&p.fleece_file)
-                .arg(p.size.to_string())
-                .status()
-                .map_err(|e| qmp_io(&vm.qmp, "running qemu-img create", e))?;
-            if !status.success() {
-                return Err(qmp_err(
-                    &vm.qmp,
-                    "qemu-img create of the fleecing image failed",
-                ));
-            }
-            q.execute(
-                "blockdev-add",
-                // The fleecing image lives for one cycle: never flush it to disk
-                // (flushes stall the guest's writes; bench/protect.sh).
-                json!({"driver": "qcow2", "node-name": p.fleece_node, "discard": "unmap",
-                       "cache": {"no-flush": true},
-                       "file": {"driver": "file", "filename": p.fleece_file},
-                       "backing": p.disk.node}),
-            )?;
-            fleeces.push(p);
+    let mut c = Cycle {
+        source: source.to_owned(),
+        vm,
+        q,
+        plans,
+        sock,
+        attached: 0,
+        cut: None,
+        server: false,
+        exports: Vec::new(),
+    };
+    for i in 0..c.plans.len() {
+        let p = &c.plans[i];
+        let status = std::process::Command::new("qemu-img")
+            .args(["create", "-q", "-f", "qcow2"])
+            .arg(&p.fleece_file)
+            .arg(p.size.to_string())
+            .status()
+            .map_err(|e| qmp_io(&vm.qmp, "running qemu-img create", e))?;
+        if !status.success() {
+            return Err(qmp_err(
+                &vm.qmp,
+                "qemu-img create of the fleecing image failed",
+            ));
         }
-        // The cut, one transaction for every disk: the next bitmaps start, the
-        // current ones freeze (with any leftovers of failed cycles merged into
-        // them), the views start.
+        let args =
+            // The fleecing image lives for one cycle: never flush it to disk
+            // (flushes stall the guest's writes; bench/protect.sh).
+            json!({"driver": "qcow2", "node-name": p.fleece_node, "discard": "unmap",
+                   "cache": {"no-flush": true},
+                   "file": {"driver": "file", "filename": p.fleece_file},
+                   "backing": p.disk.node});
+        c.q.execute("blockdev-add", args)?;
+        c.attached = i + 1;
+    }
+    Ok(c)
+}
+
+impl Cycle<'_> {
+    /// The cut, one transaction for every disk: the next bitmaps start, the
+    /// current ones freeze (with any leftovers of failed cycles merged into
+    /// them), the views start. Returns its instant.
+    pub fn cut(&mut self) -> Result<DateTime<Utc>> {
         let mut actions = Vec::new();
-        let mut frozen = Vec::with_capacity(plans.len());
-        for p in &plans {
+        let mut frozen = Vec::with_capacity(self.plans.len());
+        for p in &self.plans {
             frozen.push(p.cut_actions(&mut actions));
         }
-        for p in &plans {
+        for p in &self.plans {
             actions.push(json!({"type": "blockdev-backup",
                 "data": {"job-id": p.job, "device": p.disk.node, "target": p.fleece_node, "sync": "none"}}));
         }
-        q.execute("transaction", json!({"actions": actions}))?;
-        let cut = Utc::now();
-        cut_done = true;
-        for (p, (f, mode)) in plans.iter().zip(&frozen) {
+        self.q.execute("transaction", json!({"actions": actions}))?;
+        let at = Utc::now();
+        self.cut = Some((at, frozen));
+        Ok(at)
+    }
+
+    /// Whether the VM runs (QMP `query-status`).
+    fn running(&mut self) -> Result<bool> {
+        Ok(self.q.execute("query-status", json!({}))?["running"] == json!(true))
+    }
+
+    /// Exports the views, backs them up into one point and commits it; the
+    /// old bitmaps are dropped only then.
+    pub fn finish(mut self, repo: &Repository, hook: Option<&Hook>) -> Result<CycleReport> {
+        let (cut, frozen) = self
+            .cut
+            .clone()
+            .ok_or_else(|| Error::InvalidInput("a cycle finished before its cut".into()))?;
+        let source = self.source.clone();
+        for (p, (f, mode)) in self.plans.iter().zip(&frozen) {
             if f.is_none() {
                 warn!(source, disk = %p.disk.name, %mode, "reading the whole disk");
             }
         }
-        q.execute(
+        self.q.execute(
             "nbd-server-start",
-            json!({"addr": {"type": "unix", "data": {"path": sock}}}),
+            json!({"addr": {"type": "unix", "data": {"path": self.sock}}}),
         )?;
-        server = true;
-        let mut srcs = Vec::with_capacity(plans.len());
-        for (p, (f, _)) in plans.iter().zip(&frozen) {
+        self.server = true;
+        let mut srcs = Vec::with_capacity(self.plans.len());
+        for (i, (f, _)) in frozen.iter().enumerate() {
+            let p = &self.plans[i];
             let mut export = json!({"type": "nbd", "id": p.export_id, "node-name": p.fleece_node,
                                     "name": p.disk.name, "writable": false});
             if let Some(f) = f {
                 export["bitmaps"] = json!([f]);
             }
-            q.execute("block-export-add", export)?;
-            exports.push(&p.export_id);
+            let (id, name, next) = (p.export_id.clone(), p.disk.name.clone(), p.next.clone());
+            self.q.execute("block-export-add", export)?;
+            self.exports.push(id);
             let url = NbdUrl {
-                addr: Addr::Unix(sock.clone()),
-                export: p.disk.name.clone(),
+                addr: Addr::Unix(self.sock.clone()),
+                export: name.clone(),
                 bitmap: f.clone(),
             };
             if let Some(h) = hook {
-                h(&p.disk.name, &url.to_string())?;
+                h(&name, &url.to_string())?;
             }
             srcs.push(ViewSource {
                 inner: NbdSource::open(&url)?,
-                tracking: p.next.clone(),
+                tracking: next,
                 use_changes: f.is_some(),
             });
         }
         let opts = BackupOptions {
-            source: source.to_string(),
-            disks: plans
+            source: source.clone(),
+            disks: self
+                .plans
                 .iter()
                 .map(|p| DiskSpec {
                     name: p.disk.name.clone(),
-                    path: PathBuf::from(format!("qmp:{}#{}", vm.qmp.display(), p.disk.node)),
+                    path: PathBuf::from(format!("qmp:{}#{}", self.vm.qmp.display(), p.disk.node)),
                 })
                 .collect(),
             consistency: None,
@@ -687,70 +743,176 @@ pub fn cycle(
             ferry_agent::backup::backup_sources(repo, &opts, &refs, &Progress::default())?;
         drop(srcs);
         let mut backlog = 0;
-        for p in &plans {
-            backlog += q
-                .bitmaps(&p.disk.node)?
+        for i in 0..self.plans.len() {
+            let (node, next) = (self.plans[i].disk.node.clone(), self.plans[i].next.clone());
+            backlog += self
+                .q
+                .bitmaps(&node)?
                 .iter()
-                .find(|b| b.name == p.next)
+                .find(|b| b.name == next)
                 .map_or(0, |b| b.count);
         }
-        let mode = if plans.len() == 1 {
+        let mode = if self.plans.len() == 1 {
             frozen[0].1.clone()
         } else {
-            plans
+            self.plans
                 .iter()
                 .zip(&frozen)
                 .map(|(p, (_, m))| format!("{}: {m}", p.disk.name))
                 .collect::<Vec<_>>()
                 .join("; ")
         };
-        Ok(CycleReport {
+        self.teardown();
+        // Committed: every bitmap before the new ones may go.
+        for i in 0..self.plans.len() {
+            let node = self.plans[i].disk.node.clone();
+            for name in self.plans[i].ours.clone() {
+                if let Err(e) = self.q.execute(
+                    "block-dirty-bitmap-remove",
+                    json!({"node": node, "name": name}),
+                ) {
+                    warn!(bitmap = %name, error = %e, "could not drop an old bitmap; the next cycle drops it");
+                }
+            }
+        }
+        let report = CycleReport {
             summary,
             cut,
             mode,
             backlog_bytes: backlog,
-        })
-    })();
+        };
+        info!(
+            source,
+            point = %report.summary.point,
+            mode = %report.mode,
+            read = report.summary.bytes_read,
+            stored = report.summary.stored_bytes,
+            "cycle committed"
+        );
+        Ok(report)
+    }
 
-    // Tear the views down whatever happened; the bitmaps stay unless committed.
-    for id in exports {
-        q.remove_export(id);
+    /// Removes the views (exports, server, jobs, fleecing nodes and files);
+    /// idempotent.
+    fn teardown(&mut self) {
+        for id in std::mem::take(&mut self.exports) {
+            self.q.remove_export(&id);
+        }
+        if std::mem::take(&mut self.server) {
+            let _ = self.q.execute("nbd-server-stop", json!({}));
+        }
+        if self.cut.is_some() {
+            for p in &self.plans {
+                self.q.cancel_job(&p.job);
+            }
+        }
+        for p in &self.plans[..std::mem::take(&mut self.attached)] {
+            let _ = self
+                .q
+                .execute("blockdev-del", json!({"node-name": p.fleece_node}));
+        }
+        for p in &self.plans {
+            let _ = std::fs::remove_file(&p.fleece_file);
+        }
+        let _ = std::fs::remove_file(&self.sock);
     }
-    if server {
-        let _ = q.execute("nbd-server-stop", json!({}));
+}
+
+impl Drop for Cycle<'_> {
+    fn drop(&mut self) {
+        self.teardown();
     }
-    if cut_done {
-        for p in &plans {
-            q.cancel_job(&p.job);
+}
+
+/// Run one protection cycle of `vm` into `repo` as source `source`: every
+/// disk of the VM is cut in the same QMP transaction and committed in one
+/// point, so a write that spans disks is in the point on all of them or on
+/// none. `hook` runs while the views are exported, before the backup reads them.
+pub fn cycle(
+    repo: &Repository,
+    source: &str,
+    vm: &LiveVm,
+    hook: Option<&Hook>,
+) -> Result<CycleReport> {
+    let mut c = prepare(repo, source, vm)?;
+    c.cut()?;
+    c.finish(repo, hook)
+}
+
+/// How several VMs were cut together.
+#[derive(Debug, Clone, Copy)]
+pub struct GroupCut {
+    /// How long the VMs were paused (first `stop` to last `cont`).
+    pub paused: Duration,
+    /// The first cut to the last.
+    pub skew: Duration,
+}
+
+/// Cuts several prepared VMs at one instant: every running VM is paused
+/// (QMP `stop`), each is cut, and every VM paused here is resumed, whatever
+/// happened. No guest runs between the first cut and the last, so a write
+/// one machine makes after hearing from another is never in the second's
+/// point without the first's. A file in each VM's work directory marks it
+/// paused by Ferry until it is resumed, so a cycle after a `kill -9` in the
+/// window resumes it ([`prepare`] does). Returns each cut's result, in order.
+pub fn cut_together(cycles: &mut [Cycle<'_>]) -> (Vec<Result<DateTime<Utc>>>, Option<GroupCut>) {
+    let started = Instant::now();
+    let mut paused = vec![false; cycles.len()];
+    for (i, c) in cycles.iter_mut().enumerate() {
+        match c.running() {
+            Ok(true) => {
+                let mark = c.vm.work_dir.join(PAUSE_MARK);
+                if std::fs::write(&mark, std::process::id().to_string()).is_ok()
+                    && c.q.execute("stop", json!({})).is_ok()
+                {
+                    paused[i] = true;
+                } else {
+                    let _ = std::fs::remove_file(&mark);
+                }
+            }
+            Ok(false) => {}
+            Err(e) => warn!(source = %c.source, error = %e, "cannot tell whether the VM runs"),
         }
     }
-    for p in fleeces {
-        let _ = q.execute("blockdev-del", json!({"node-name": p.fleece_node}));
+    // Tests widen the window between two cuts (FERRY_TEST_GROUP_CUT_GAP_MS)
+    // to show that the pause, not luck, keeps the guests from moving on.
+    let gap = std::env::var("FERRY_TEST_GROUP_CUT_GAP_MS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .map(Duration::from_millis);
+    let mut cuts = Vec::with_capacity(cycles.len());
+    for (i, c) in cycles.iter_mut().enumerate() {
+        if let Some(g) = gap.filter(|_| i > 0) {
+            std::thread::sleep(g);
+        }
+        cuts.push(c.cut());
     }
-    for p in &plans {
-        let _ = std::fs::remove_file(&p.fleece_file);
-    }
-    let _ = std::fs::remove_file(&sock);
-
-    let report = result?;
-    // Committed: every bitmap before the new ones may go.
-    for p in &plans {
-        for name in &p.ours {
-            if let Err(e) = q.execute(
-                "block-dirty-bitmap-remove",
-                json!({"node": p.disk.node, "name": name}),
-            ) {
-                warn!(bitmap = %name, error = %e, "could not drop an old bitmap; the next cycle drops it");
+    let cut_done = started.elapsed();
+    for (i, c) in cycles.iter_mut().enumerate() {
+        if paused[i] {
+            match c.q.execute("cont", json!({})) {
+                Ok(_) => {
+                    let _ = std::fs::remove_file(c.vm.work_dir.join(PAUSE_MARK));
+                }
+                Err(e) => {
+                    warn!(source = %c.source, error = %e, "could not resume the VM; the next cycle tries again")
+                }
             }
         }
     }
-    info!(
-        source,
-        point = %report.summary.point,
-        mode = %report.mode,
-        read = report.summary.bytes_read,
-        stored = report.summary.stored_bytes,
-        "cycle committed"
-    );
-    Ok(report)
+    let times: Vec<DateTime<Utc>> = cuts
+        .iter()
+        .filter_map(|c| c.as_ref().ok().copied())
+        .collect();
+    let group = match (times.iter().min(), times.iter().max()) {
+        (Some(a), Some(b)) => Some(GroupCut {
+            paused: started.elapsed().max(cut_done),
+            skew: (*b - *a).to_std().unwrap_or_default(),
+        }),
+        _ => None,
+    };
+    (cuts, group)
 }
+
+/// Marks a VM that a group cut paused, until it resumes it.
+const PAUSE_MARK: &str = "paused-by-ferry";

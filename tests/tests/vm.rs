@@ -627,3 +627,145 @@ fn two_disks_of_one_vm_are_cut_at_one_instant() {
     assert!(err.contains("the disks of one VM take one NAME"), "{err}");
     env.ok(&["check", "--read-data"]);
 }
+
+/// Two VMs of one application are cut at one instant with `--together`:
+/// VM a writes a number to its disk and only then sends it (its second
+/// serial port, copied by this test to b's), and b writes each number it
+/// receives. In every round b's point may lag a's but never holds a number
+/// a's point does not: both were paused before either was cut. Each round
+/// reports how long the VMs were paused.
+#[test]
+fn vms_of_one_application_are_cut_together() {
+    use std::io::{Read as _, Write as _};
+    use std::os::unix::net::UnixStream;
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let Some(guest) = guest() else { return };
+    let env = Env::new();
+    env.init();
+    let boot = |tag: &str, mode: &str| {
+        let disk = env.path(&format!("{tag}.qcow2"));
+        let st = Command::new("qemu-img")
+            .args(["create", "-q", "-f", "qcow2"])
+            .arg(&disk)
+            .arg("16M")
+            .status()
+            .unwrap();
+        assert!(st.success());
+        let tty = env.path(&format!("{tag}.tty"));
+        let q = Qemu::boot(
+            &env,
+            &guest,
+            tag,
+            &format!("ferry.mode={mode} ferry.rate=200"),
+            &[
+                format!("driver=file,filename={},node-name=file0", disk.display()),
+                "driver=qcow2,file=file0,node-name=disk0".into(),
+            ],
+            &[
+                "-serial".into(),
+                format!("unix:{},server=on,wait=off", tty.display()),
+            ],
+        );
+        (q, tty)
+    };
+    let (a, a_tty) = boot("a", "relay-send");
+    let (b, b_tty) = boot("b", "relay-recv");
+    let stop = Arc::new(AtomicBool::new(false));
+    let relay = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let connect = |p: &Path| {
+                for _ in 0..300 {
+                    if let Ok(s) = UnixStream::connect(p) {
+                        return s;
+                    }
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+                panic!("no serial socket at {}", p.display());
+            };
+            let (mut from, mut to) = (connect(&a_tty), connect(&b_tty));
+            from.set_read_timeout(Some(Duration::from_millis(100)))
+                .unwrap();
+            let mut buf = [0u8; 4096];
+            while !stop.load(Ordering::Relaxed) {
+                match from.read(&mut buf) {
+                    Ok(0) => break,
+                    Ok(n) => to.write_all(&buf[..n]).unwrap(),
+                    Err(_) => {}
+                }
+            }
+        })
+    };
+    a.wait_serial("ferry-pair: t=2 sent", Duration::from_secs(90));
+    b.wait_serial("received=", Duration::from_secs(90));
+
+    let hook = format!(
+        "qemu-img convert -f raw -O raw \"$FERRY_NBD_URL\" {}/truth-$FERRY_SOURCE-$FERRY_CYCLE.raw",
+        env.dir.path().display()
+    );
+    // 300 ms between the two cuts: b would receive some 60 numbers meanwhile
+    // if it were not paused (without the pause this test fails).
+    let out = env
+        .cmd()
+        .env("FERRY_TEST_GROUP_CUT_GAP_MS", "300")
+        .args([
+            "--json",
+            "protect",
+            "--together",
+            "--vm",
+            &format!("a={}", a.qmp.display()),
+            "--vm",
+            &format!("b={}", b.qmp.display()),
+            "--interval",
+            "1s",
+            "--cycles",
+            "3",
+            "--work-dir",
+            env.path("work").to_str().unwrap(),
+            "--hook",
+            &hook,
+        ])
+        .output()
+        .unwrap();
+    stop.store(true, Ordering::Relaxed);
+    relay.join().unwrap();
+    let lines: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert!(
+        out.status.success(),
+        "{lines:?}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(lines.len(), 6, "{lines:?}");
+    let mut last = 0;
+    for cycle in 1..=3u64 {
+        let mut seq = std::collections::BTreeMap::new();
+        for l in lines.iter().filter(|l| l["cycle"] == cycle) {
+            let source = l["source"].as_str().unwrap();
+            let pause = l["group_pause_secs"].as_f64().unwrap();
+            let skew = l["group_skew_secs"].as_f64().unwrap();
+            assert!(pause < 2.0 && (0.3..=pause).contains(&skew), "{l}");
+            let restored = env.path(&format!("restored-{source}-{cycle}.raw"));
+            env.ok(&[
+                "restore",
+                l["point"].as_str().unwrap(),
+                "--to",
+                restored.to_str().unwrap(),
+            ]);
+            let truth = env.path(&format!("truth-{source}-{cycle}.raw"));
+            assert!(same_content(&restored, &truth), "{source} cycle {cycle}");
+            seq.insert(source.to_owned(), pair_seq(&restored));
+        }
+        let (sa, sb) = (seq["a"], seq["b"]);
+        assert!(
+            sb > 0 && sb <= sa,
+            "round {cycle}: b holds {sb}, which a (at {sa}) had not written yet: the VMs were not cut at one instant"
+        );
+        assert!(sa > last, "a kept writing: {sa} after {last}");
+        last = sa;
+    }
+    drop((a, b));
+}

@@ -51,6 +51,12 @@ pub struct ProtectArgs {
     /// (e.g. to verify or copy it).
     #[arg(long)]
     pub hook: Option<String>,
+    /// Cut every VM at one instant each interval (the machines of one
+    /// application): all are paused, cut and resumed together, and each
+    /// cycle reports the pause and the skew between the first cut and the
+    /// last. Each VM still makes its own point.
+    #[arg(long)]
+    pub together: bool,
     /// Retention, applied to the source after every cycle (e.g. --keep-within 1h --keep-hourly 24).
     #[command(flatten)]
     pub keep: super::repo::KeepArgs,
@@ -174,6 +180,7 @@ pub fn protect(ctx: &Context, a: &ProtectArgs) -> Result<ExitCode> {
         deadline,
         hook: a.hook.clone(),
         retention: a.keep.policy()?,
+        together: a.together,
     };
     let repo = ctx.open_repo(true)?;
     let status = protect::Status::default();
@@ -229,6 +236,8 @@ fn print_update(ctx: &Context, u: &protect::Update) {
             bytes_read,
             changed_bytes,
             stored_bytes,
+            group_pause_secs,
+            group_skew_secs,
         } => {
             if ctx.json {
                 println!(
@@ -240,11 +249,21 @@ fn print_update(ctx: &Context, u: &protect::Update) {
                         "bytes_read": bytes_read,
                         "changed_bytes": changed_bytes,
                         "stored_bytes": stored_bytes,
+                        "group_pause_secs": group_pause_secs,
+                        "group_skew_secs": group_skew_secs,
                     })
                 );
             } else if !ctx.quiet {
+                let group = match (group_pause_secs, group_skew_secs) {
+                    (Some(p), Some(k)) => format!(
+                        ", cut with the group (paused {:.0} ms, skew {:.1} ms)",
+                        p * 1000.0,
+                        k * 1000.0
+                    ),
+                    _ => String::new(),
+                };
                 println!(
-                    "{source} cycle {cycle}: point {} ({mode}), read {}, stored {}, {cycle_secs:.2} s, lag {lag_secs:.1} s",
+                    "{source} cycle {cycle}: point {} ({mode}), read {}, stored {}, {cycle_secs:.2} s, lag {lag_secs:.1} s{group}",
                     &point[..8.min(point.len())],
                     bytes(*bytes_read),
                     bytes(*stored_bytes),
