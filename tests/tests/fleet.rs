@@ -297,6 +297,11 @@ fn an_agent_enrolls_protects_an_image_and_stops_when_revoked() {
     assert_eq!(listed[0]["silent"], true, "{listed}");
     let (_, body) = curl(&["-H", &auth, &format!("{}/api/sources", server.url)]);
     assert!(body.contains("has not reported for"), "{body}");
+    let (_, metrics) = curl(&["-H", &auth, &format!("{}/metrics", server.url)]);
+    assert!(
+        metrics.contains(&format!("ferry_agent_silent{{agent=\"{id}\"")) && metrics.contains("} 1"),
+        "{metrics}"
+    );
 
     // Revoked: the next poll is refused and the agent stops (exit 3).
     env.ok(&["agents", "revoke", &id]);
@@ -312,4 +317,66 @@ fn an_agent_enrolls_protects_an_image_and_stops_when_revoked() {
         "{audit}"
     );
     env.ok(&["check", "--read-data"]);
+}
+
+/// `kill -9` of the agent at random moments of its cycles, with the image
+/// changing between runs: the repository stays valid, and the next run
+/// commits a point that restores to the image.
+#[test]
+fn a_killed_agent_leaves_a_valid_repository_and_goes_on() {
+    let env = Env::new();
+    env.init();
+    let img = env.path("big.img");
+    make_image(&img, 96 << 20, 11);
+    let server = serve(env.cmd(), &[]);
+    let token = env.json(&[
+        "agent-token",
+        "create",
+        "--source",
+        "k",
+        "--device",
+        img.to_str().unwrap(),
+        "--interval",
+        "1s",
+    ])["token"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let config = env.path("agent.toml");
+    let out = agent(
+        &config,
+        &["enroll", "--server", &server.url, "--token", &token],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let mut rng = Rng(5);
+    for round in 0..6u64 {
+        scatter_writes(&img, 64, round + 1);
+        let mut child = Command::new(agent_bin())
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap())
+            .env("FERRY_PASSWORD", "correct horse")
+            .arg("--config")
+            .arg(&config)
+            .arg("run")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(100 + rng.below(1500)));
+        child.kill().unwrap();
+        child.wait().unwrap();
+    }
+    env.ok(&["check", "--read-data"]);
+    let out = agent(&config, &["run", "--cycles", "1"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let st: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let restored = env.path("restored.img");
+    env.ok(&[
+        "restore",
+        st["last_point"].as_str().unwrap(),
+        "--to",
+        restored.to_str().unwrap(),
+    ]);
+    assert!(same_content(&restored, &img));
+    env.ok(&["check"]);
 }

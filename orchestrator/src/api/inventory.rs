@@ -64,6 +64,12 @@ struct SourceLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct AgentLabels {
+    agent: String,
+    host: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct RunLabels {
     mode: String,
     status: String,
@@ -368,6 +374,34 @@ pub(super) async fn metrics(Ax(app): Ax<AppState>) -> ApiResult<Response> {
         "runs",
         "Runs by mode and status (running, succeeded, failed, cancelled, rolled_back)",
         runs,
+    );
+    // Enrolled agents that are not revoked: silent ones (three intervals
+    // unheard) and how long since each was heard from.
+    let silent: Family<AgentLabels, Gauge> = Family::default();
+    let seen: Family<AgentLabels, Gauge<f64, std::sync::atomic::AtomicU64>> = Family::default();
+    let now = crate::exec::now_ms();
+    for a in crate::fleet::list(&app.state, now).await? {
+        if a.revoked_ms.is_some() {
+            continue;
+        }
+        let l = AgentLabels {
+            agent: a.id,
+            host: a.hostname,
+        };
+        silent.get_or_create(&l).set(i64::from(a.silent));
+        let last = a.last_seen_ms.unwrap_or(a.enrolled_ms);
+        seen.get_or_create(&l)
+            .set((now - last).max(0) as f64 / 1000.0);
+    }
+    reg.register(
+        "agent_silent",
+        "1 when the agent has not been heard from for three of its intervals",
+        silent,
+    );
+    reg.register(
+        "agent_last_seen_age_seconds",
+        "Seconds since the agent last polled or reported (since enrollment if never)",
+        seen,
     );
     reg.register(
         "api_request_duration_seconds",
