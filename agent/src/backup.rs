@@ -81,6 +81,8 @@ pub struct Summary {
     pub disk_bytes: u64,
     /// Bytes actually read (holes are skipped).
     pub bytes_read: u64,
+    /// Bytes read of each disk, in the order of the options' disks.
+    pub disk_bytes_read: Vec<u64>,
     /// Chunks and bytes that were new to the repository.
     pub new_chunks: u64,
     pub new_bytes: u64,
@@ -149,12 +151,22 @@ struct Shared {
     error: Mutex<Option<Error>>,
     uploaded: Mutex<Vec<PackRecord>>,
     bytes_read: AtomicU64,
+    /// The same, per disk (in the order of the options' disks).
+    disk_read: Vec<AtomicU64>,
     new_chunks: AtomicU64,
     new_bytes: AtomicU64,
     stored_bytes: AtomicU64,
 }
 
 impl Shared {
+    /// `n` bytes of disk `d` were read.
+    fn read(&self, d: usize, n: u64) {
+        self.bytes_read.fetch_add(n, Ordering::Relaxed);
+        if let Some(c) = self.disk_read.get(d) {
+            c.fetch_add(n, Ordering::Relaxed);
+        }
+    }
+
     fn fail(&self, e: Error) {
         let mut slot = self.error.lock().expect("error slot");
         if slot.is_none() {
@@ -293,7 +305,10 @@ pub fn backup_sources(
         .reduce(|a, b| a + b);
 
     let workers = std::thread::available_parallelism().map_or(2, |n| n.get());
-    let shared = Shared::default();
+    let shared = Shared {
+        disk_read: disks.iter().map(|_| AtomicU64::new(0)).collect(),
+        ..Shared::default()
+    };
     let chunker = repo.config.chunker;
     let piece = match chunker {
         crate::chunker::Chunker::Fixed { size } => (size as u64).min(PIECE),
@@ -618,6 +633,11 @@ pub fn backup_sources(
         consistency,
         disk_bytes: disks.iter().map(|d| d.size).sum(),
         bytes_read: shared.bytes_read.load(Ordering::Relaxed),
+        disk_bytes_read: shared
+            .disk_read
+            .iter()
+            .map(|n| n.load(Ordering::Relaxed))
+            .collect(),
         new_chunks: shared.new_chunks.load(Ordering::Relaxed),
         new_bytes: shared.new_bytes.load(Ordering::Relaxed),
         stored_bytes: shared.stored_bytes.load(Ordering::Relaxed),
@@ -765,7 +785,7 @@ fn read_full(
             };
             buf.resize(len, 0);
             src.read_exact_at(&mut buf, off)?;
-            shared.bytes_read.fetch_add(len as u64, Ordering::Relaxed);
+            shared.read(d, len as u64);
             Some(buf)
         } else {
             None
@@ -885,7 +905,7 @@ fn read_changes(
         let changed: u64 = reqs.iter().map(|r| r.1.len() as u64).sum();
         src.read_many(&mut reqs)?;
         drop(reqs);
-        shared.bytes_read.fetch_add(changed, Ordering::Relaxed);
+        shared.read(d, changed);
         for (k, p) in plans.into_iter().enumerate() {
             let off = start + k as u64 * seg_size;
             let len = (end - off).min(seg_size);
@@ -898,7 +918,7 @@ fn read_changes(
                     };
                     buf.resize(len as usize, 0);
                     src.read_exact_at(&mut buf, off)?;
-                    shared.bytes_read.fetch_add(len, Ordering::Relaxed);
+                    shared.read(d, len);
                     Work::Full(Some(buf))
                 }
             };

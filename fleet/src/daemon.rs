@@ -488,11 +488,8 @@ fn cycle(
             status.throughput_bytes_per_sec = s.bytes_read as f64 / secs.max(1e-6);
             status.stored_bytes = s.stored_bytes;
             status.last_error = None;
-            // The summary counts bytes read over all disks; with one disk
-            // that is the disk's. Per-disk counts need the data plane to
-            // report them (it does not yet), so several disks share the total.
-            if let [d] = status.devices.as_mut_slice() {
-                d.bytes_read = s.bytes_read;
+            for (d, n) in status.devices.iter_mut().zip(&s.disk_bytes_read) {
+                d.bytes_read = *n;
             }
         }
         Err(e) => {

@@ -380,3 +380,57 @@ fn a_killed_agent_leaves_a_valid_repository_and_goes_on() {
     assert!(same_content(&restored, &img));
     env.ok(&["check"]);
 }
+
+/// A machine of two devices: one point holds both, and the status counts
+/// what was read of each.
+#[test]
+fn an_agent_reports_each_device_of_a_machine() {
+    let env = Env::new();
+    env.init();
+    let (a, b) = (env.path("a.img"), env.path("b.img"));
+    make_image(&a, 8 << 20, 21);
+    std::fs::write(&b, vec![9u8; 3 << 20]).unwrap();
+    let server = serve(env.cmd(), &[]);
+    let t = env.json(&[
+        "agent-token",
+        "create",
+        "--source",
+        "two",
+        "--device",
+        a.to_str().unwrap(),
+        "--device",
+        b.to_str().unwrap(),
+    ]);
+    let config = env.path("agent.toml");
+    let out = agent(
+        &config,
+        &[
+            "enroll",
+            "--server",
+            &server.url,
+            "--token",
+            t["token"].as_str().unwrap(),
+        ],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let out = agent(&config, &["run", "--cycles", "1"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let st: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let read: Vec<u64> = st["devices"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d["bytes_read"].as_u64().unwrap())
+        .collect();
+    assert_eq!(read.len(), 2, "{st}");
+    assert!((4 << 20..=8 << 20).contains(&read[0]), "{st}");
+    assert_eq!(read[1], 3 << 20, "{st}");
+    let points = env.json(&["points", "--source", "two"]);
+    let disks: Vec<&str> = points[0]["disks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(disks, ["a.img", "b.img"]);
+}
