@@ -150,8 +150,7 @@ const PIECE: u64 = 64 * 1024;
 struct Shared {
     error: Mutex<Option<Error>>,
     uploaded: Mutex<Vec<PackRecord>>,
-    bytes_read: AtomicU64,
-    /// The same, per disk (in the order of the options' disks).
+    /// Bytes read per disk (in the order of the options' disks).
     disk_read: Vec<AtomicU64>,
     new_chunks: AtomicU64,
     new_bytes: AtomicU64,
@@ -161,10 +160,7 @@ struct Shared {
 impl Shared {
     /// `n` bytes of disk `d` were read.
     fn read(&self, d: usize, n: u64) {
-        self.bytes_read.fetch_add(n, Ordering::Relaxed);
-        if let Some(c) = self.disk_read.get(d) {
-            c.fetch_add(n, Ordering::Relaxed);
-        }
+        self.disk_read[d].fetch_add(n, Ordering::Relaxed);
     }
 
     fn fail(&self, e: Error) {
@@ -626,18 +622,19 @@ pub fn backup_sources(
     lock.ensure_fresh()?;
     repo.put_object(&point::object_name(&id), obj)?;
     drop(lock);
+    let disk_bytes_read: Vec<u64> = shared
+        .disk_read
+        .iter()
+        .map(|n| n.load(Ordering::Relaxed))
+        .collect();
     let summary = Summary {
         point: id,
         source: opts.source.clone(),
         parent,
         consistency,
         disk_bytes: disks.iter().map(|d| d.size).sum(),
-        bytes_read: shared.bytes_read.load(Ordering::Relaxed),
-        disk_bytes_read: shared
-            .disk_read
-            .iter()
-            .map(|n| n.load(Ordering::Relaxed))
-            .collect(),
+        bytes_read: disk_bytes_read.iter().sum(),
+        disk_bytes_read,
         new_chunks: shared.new_chunks.load(Ordering::Relaxed),
         new_bytes: shared.new_bytes.load(Ordering::Relaxed),
         stored_bytes: shared.stored_bytes.load(Ordering::Relaxed),

@@ -362,7 +362,8 @@ pub fn random_hex(n: usize) -> String {
     hex::encode(b)
 }
 
-pub(crate) fn hostname() -> String {
+/// This machine's host name, as points record it.
+pub fn hostname() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|s| s.trim().to_string())
         .unwrap_or_else(|_| "unknown".into())

@@ -176,10 +176,8 @@ pub fn run(
                     send(one_cycle(
                         repo,
                         opts,
-                        vm,
-                        n,
-                        started,
                         i,
+                        Round { n, started },
                         status,
                         None,
                         |h| qemu::cycle(repo, &vm.source, &vm.vm, h),
@@ -214,10 +212,8 @@ fn group_round(
             Err(e) => send(one_cycle(
                 repo,
                 opts,
-                vm,
-                n,
-                started,
                 i,
+                Round { n, started },
                 status,
                 None,
                 |_| Err(e),
@@ -235,15 +231,12 @@ fn group_round(
     }
     std::thread::scope(|s| {
         for ((c, cut), i) in cycles.into_iter().zip(cuts).zip(which) {
-            let vm = &opts.vms[i];
             s.spawn(move || {
                 send(one_cycle(
                     repo,
                     opts,
-                    vm,
-                    n,
-                    started,
                     i,
+                    Round { n, started },
                     status,
                     group,
                     |h| {
@@ -256,19 +249,24 @@ fn group_round(
     });
 }
 
-/// Runs one cycle (`run`, given the hook) and records and reports it.
-#[allow(clippy::too_many_arguments)]
+/// Which cycle of a VM, and when it started.
+#[derive(Clone, Copy)]
+struct Round {
+    n: u64,
+    started: Instant,
+}
+
+/// Runs one cycle of VM `i` (`run`, given the hook) and records and reports it.
 fn one_cycle(
     repo: &Repository,
     opts: &Options,
-    vm: &Protected,
-    n: u64,
-    started: Instant,
     i: usize,
+    Round { n, started }: Round,
     status: &Status,
     group: Option<qemu::GroupCut>,
     run: impl FnOnce(Option<&qemu::Hook>) -> ferry_agent::Result<qemu::CycleReport>,
 ) -> Update {
+    let vm = &opts.vms[i];
     let hook = opts.hook.as_ref().map(|cmd| {
         let (cmd, source) = (cmd.clone(), vm.source.clone());
         move |disk: &str, url: &str| -> ferry_agent::Result<()> {

@@ -887,7 +887,6 @@ pub fn cut_together(cycles: &mut [Cycle<'_>]) -> (Vec<Result<DateTime<Utc>>>, Op
         }
         cuts.push(c.cut());
     }
-    let cut_done = started.elapsed();
     for (i, c) in cycles.iter_mut().enumerate() {
         if paused[i] {
             match c.q.execute("cont", json!({})) {
@@ -906,7 +905,7 @@ pub fn cut_together(cycles: &mut [Cycle<'_>]) -> (Vec<Result<DateTime<Utc>>>, Op
         .collect();
     let group = match (times.iter().min(), times.iter().max()) {
         (Some(a), Some(b)) => Some(GroupCut {
-            paused: started.elapsed().max(cut_done),
+            paused: started.elapsed(),
             skew: (*b - *a).to_std().unwrap_or_default(),
         }),
         _ => None,

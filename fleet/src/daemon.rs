@@ -169,25 +169,9 @@ pub fn machine_id(config: &Path) -> Result<String> {
     if let Ok(s) = std::fs::read_to_string(&p) {
         return Ok(s.trim().to_string());
     }
-    let id = format!("{:032x}", rand_u128()?);
+    let id = ferry_agent::crypto::random_hex(16);
     config::write_private(&p, id.as_bytes())?;
     Ok(id)
-}
-
-fn rand_u128() -> Result<u128> {
-    use std::io::Read as _;
-    let mut b = [0u8; 16];
-    std::fs::File::open("/dev/urandom")
-        .and_then(|mut f| f.read_exact(&mut b))
-        .map_err(|e| anyhow!("the system's random generator failed: {e}"))?;
-    Ok(u128::from_le_bytes(b))
-}
-
-pub fn hostname() -> String {
-    rustix::system::uname()
-        .nodename()
-        .to_string_lossy()
-        .into_owned()
 }
 
 /// The machine's whole disks (`/sys/block`, without loop, RAM, optical and
@@ -293,7 +277,7 @@ pub fn enroll(
     let client = Client::new(server, ca_cert.as_deref(), None)?;
     let req = EnrollRequest {
         token: token.to_string(),
-        hostname: hostname(),
+        hostname: ferry_agent::crypto::hostname(),
         machine_id: machine_id(config_path)?,
         devices: devices(extra)?,
     };

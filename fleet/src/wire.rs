@@ -76,6 +76,16 @@ pub enum Mode {
     DmEra,
 }
 
+impl Mode {
+    /// As it is written in JSON.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Mode::Scan => "scan",
+            Mode::DmEra => "dm-era",
+        }
+    }
+}
+
 /// One device's protection, as the agent last saw it.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(default)]

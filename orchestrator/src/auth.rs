@@ -205,6 +205,35 @@ pub async fn login(state: &State, name: &str, password: &str) -> anyhow::Result<
     })
 }
 
+/// A new credential `PREFIXID_SECRET` (API tokens, agents' enrollment
+/// tokens and credentials): what to give its holder (shown once), its id,
+/// and the hash of its secret to store.
+pub struct Minted {
+    pub credential: String,
+    pub id: String,
+    pub secret_hash: String,
+}
+
+pub fn mint(prefix: &str) -> anyhow::Result<Minted> {
+    let id = crate::sys::random_hex(6);
+    let secret = hex::encode(crate::sys::random_bytes(24)?);
+    Ok(Minted {
+        credential: format!("{prefix}{id}_{secret}"),
+        secret_hash: secret_hash(&secret),
+        id,
+    })
+}
+
+/// The id and secret of a credential minted with `prefix`.
+pub fn split_credential<'a>(credential: &'a str, prefix: &str) -> Option<(&'a str, &'a str)> {
+    credential.strip_prefix(prefix)?.split_once('_')
+}
+
+/// Whether `secret` hashes to `stored`, compared in constant time.
+pub fn secret_matches(secret: &str, stored: &str) -> bool {
+    same(secret_hash(secret).as_bytes(), stored.as_bytes())
+}
+
 /// A new API token for `user`: what to give its holder (shown once) and what
 /// to store.
 pub fn new_token(
@@ -213,16 +242,14 @@ pub fn new_token(
     now_ms: i64,
     expires_ms: Option<i64>,
 ) -> anyhow::Result<(String, TokenRow)> {
-    let id = crate::sys::random_hex(6);
-    let secret = hex::encode(crate::sys::random_bytes(24)?);
-    let token = format!("{TOKEN_PREFIX}{id}_{secret}");
+    let m = mint(TOKEN_PREFIX)?;
     Ok((
-        token,
+        m.credential,
         TokenRow {
-            id,
+            id: m.id,
             user: user.to_owned(),
             label: label.to_owned(),
-            secret_hash: secret_hash(&secret),
+            secret_hash: m.secret_hash,
             created_ms: now_ms,
             expires_ms,
             last_used_ms: None,
@@ -238,18 +265,13 @@ pub async fn token_identity(
     token: &str,
     now_ms: i64,
 ) -> anyhow::Result<Option<Identity>> {
-    let Some((id, secret)) = token
-        .strip_prefix(TOKEN_PREFIX)
-        .and_then(|t| t.split_once('_'))
-    else {
+    let Some((id, secret)) = split_credential(token, TOKEN_PREFIX) else {
         return Ok(None);
     };
     let Some(row) = state.token(id).await? else {
         return Ok(None);
     };
-    if !same(secret_hash(secret).as_bytes(), row.secret_hash.as_bytes())
-        || row.expires_ms.is_some_and(|e| e <= now_ms)
-    {
+    if !secret_matches(secret, &row.secret_hash) || row.expires_ms.is_some_and(|e| e <= now_ms) {
         return Ok(None);
     }
     let Some(user) = state.user(&row.user).await? else {

@@ -33,6 +33,17 @@ pub fn open_disk(d: &str, i: usize) -> ferry_agent::Result<(DiskSpec, Box<dyn Bl
     }
 }
 
+/// A source name the control plane accepts from a request: what a point may
+/// be called (no `@` or `/`), at most 128 characters, nothing unprintable.
+pub fn check_source(s: &str) -> crate::error::Result<()> {
+    if s.is_empty() || s.len() > 128 || s.contains(['@', '/']) || s.chars().any(char::is_control) {
+        return Err(crate::error::Error::usage(format!(
+            "source {s:?}: 1 to 128 characters, without '@' or '/'"
+        )));
+    }
+    Ok(())
+}
+
 /// Why a scheduled backup could never read `d`, if it could not: the server
 /// resolves nothing against a working directory, so paths are absolute.
 pub fn disk_problem(d: &str) -> Option<String> {

@@ -10,7 +10,7 @@
 //! its own endpoints (`/api/agent/*`), never the users' API. The server never
 //! sends an agent a repository password or cloud credentials.
 
-use crate::auth::{audit, same, secret_hash};
+use crate::auth::{audit, mint, secret_matches, split_credential};
 use crate::error::{Error, Result};
 use crate::state::State;
 use crate::state::agents::{AgentRow, EnrollTokenRow};
@@ -54,7 +54,7 @@ const MAX_KEEP_LAST: u32 = 1_000_000;
 impl PolicyTemplate {
     fn check(&self) -> Result<()> {
         if let Some(s) = &self.source {
-            check_source(s)?;
+            crate::backups::check_source(s)?;
         }
         if self
             .interval_secs
@@ -83,15 +83,6 @@ impl PolicyTemplate {
     }
 }
 
-fn check_source(s: &str) -> Result<()> {
-    if s.is_empty() || s.len() > 128 || s.contains(['@', '/']) || s.chars().any(char::is_control) {
-        return Err(Error::usage(format!(
-            "source {s:?}: 1 to 128 characters, without '@' or '/'"
-        )));
-    }
-    Ok(())
-}
-
 /// A token made: what to give the machine (shown once) and its record.
 #[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct NewEnrollToken {
@@ -114,11 +105,11 @@ pub async fn create_token(
         return Err(Error::usage("an enrollment token lives 1 ms to 30 days"));
     }
     policy.check()?;
-    let id = crate::sys::random_hex(6);
-    let secret = hex::encode(crate::sys::random_bytes(24).map_err(Error::Internal)?);
+    let m = mint(ENROLL_PREFIX).map_err(Error::Internal)?;
+    let id = m.id;
     let row = EnrollTokenRow {
         id: id.clone(),
-        secret_hash: secret_hash(&secret),
+        secret_hash: m.secret_hash,
         created_by: actor.to_owned(),
         created_ms: now_ms,
         expires_ms: now_ms + ttl,
@@ -136,18 +127,15 @@ pub async fn create_token(
     )
     .await;
     Ok(NewEnrollToken {
-        token: format!("{ENROLL_PREFIX}{id}_{secret}"),
+        token: m.credential,
         id,
         expires_ms: row.expires_ms,
         policy,
     })
 }
 
-fn split_secret<'a>(s: &'a str, prefix: &str) -> Option<(&'a str, &'a str)> {
-    s.strip_prefix(prefix)?.split_once('_')
-}
-
-fn when(ms: i64) -> String {
+/// A time for messages and lists.
+pub(crate) fn when(ms: i64) -> String {
     chrono::DateTime::from_timestamp_millis(ms).map_or_else(
         || ms.to_string(),
         |t| t.format("%Y-%m-%d %H:%M:%S UTC").to_string(),
@@ -185,9 +173,9 @@ pub async fn enroll(
                 .into(),
         )
     };
-    let (id, secret) = split_secret(&req.token, ENROLL_PREFIX).ok_or_else(unknown)?;
+    let (id, secret) = split_credential(&req.token, ENROLL_PREFIX).ok_or_else(unknown)?;
     let t = state.enroll_token(id).await?.ok_or_else(unknown)?;
-    if !same(secret_hash(secret).as_bytes(), t.secret_hash.as_bytes()) {
+    if !secret_matches(secret, &t.secret_hash) {
         return Err(unknown());
     }
     if let (Some(at), Some(by)) = (t.used_ms, &t.used_by) {
@@ -244,19 +232,19 @@ pub async fn enroll(
         repository,
         keep_last: tpl.keep_last,
     };
-    let agent_id = crate::sys::random_hex(6);
+    let cred = mint(CREDENTIAL_PREFIX).map_err(Error::Internal)?;
+    let agent_id = cred.id;
     if !state.use_enroll_token(id, &agent_id, now_ms).await? {
         return Err(Error::Unauthenticated(format!(
             "enrollment token {id} was used already; a token enrolls one machine: create another with `ferry agent-token create`"
         )));
     }
-    let secret = hex::encode(crate::sys::random_bytes(24).map_err(Error::Internal)?);
     state
         .add_agent(&AgentRow {
             id: agent_id.clone(),
             hostname: req.hostname.clone(),
             machine_id: req.machine_id.clone(),
-            secret_hash: secret_hash(&secret),
+            secret_hash: cred.secret_hash,
             devices: to_json(&req.devices)?,
             policy: to_json(&policy)?,
             enrolled_ms: now_ms,
@@ -277,7 +265,7 @@ pub async fn enroll(
     .await;
     Ok(Enrolled {
         agent_id: agent_id.clone(),
-        credential: format!("{CREDENTIAL_PREFIX}{agent_id}_{secret}"),
+        credential: cred.credential,
         policy,
     })
 }
@@ -292,9 +280,9 @@ fn to_json<T: Serialize>(v: &T) -> Result<String> {
 pub async fn authenticate(state: &State, credential: &str) -> Result<AgentRow> {
     let unknown =
         || Error::Unauthenticated("unknown agent credential; enroll the agent again".into());
-    let (id, secret) = split_secret(credential, CREDENTIAL_PREFIX).ok_or_else(unknown)?;
+    let (id, secret) = split_credential(credential, CREDENTIAL_PREFIX).ok_or_else(unknown)?;
     let a = state.agent(id).await?.ok_or_else(unknown)?;
-    if !same(secret_hash(secret).as_bytes(), a.secret_hash.as_bytes()) {
+    if !secret_matches(secret, &a.secret_hash) {
         return Err(unknown());
     }
     if let Some(at) = a.revoked_ms {
@@ -332,12 +320,7 @@ pub async fn push_status(
         .devices
         .iter()
         .map(|d| {
-            let m = d.mode.map_or("unknown".into(), |m| {
-                serde_json::to_value(m)
-                    .ok()
-                    .and_then(|v| v.as_str().map(str::to_owned))
-                    .unwrap_or_default()
-            });
+            let m = d.mode.map_or("unknown", ferry_fleet::wire::Mode::as_str);
             format!("{}: {m} ({})", d.disk, d.mode_reason)
         })
         .collect::<Vec<_>>()
@@ -390,14 +373,13 @@ pub struct Agent {
 }
 
 fn view(a: AgentRow, now_ms: i64) -> Agent {
-    let policy: Policy = serde_json::from_str(&a.policy).unwrap_or(Policy {
+    let mut policy: Policy = serde_json::from_str(&a.policy).unwrap_or(Policy {
         source: String::new(),
         devices: Vec::new(),
         interval_secs: DEFAULT_INTERVAL_SECS,
         repository: String::new(),
         keep_last: None,
     });
-    let mut policy = policy;
     // Shown to viewers: no password may ride along in a location or an error.
     policy.repository = crate::redact::redact(&policy.repository);
     let mut status: Option<AgentStatus> = a

@@ -52,11 +52,7 @@ impl Job {
                 )))
             }
             Job::Backup { source, disks } => {
-                if source.is_empty() || source.len() > 128 || source.contains(['@', '/']) {
-                    return Err(Error::usage(format!(
-                        "backup source {source:?}: 1 to 128 characters, without '@' or '/'"
-                    )));
-                }
+                crate::backups::check_source(source)?;
                 if disks.is_empty() || disks.len() > 64 {
                     return Err(Error::usage("a backup names 1 to 64 disks"));
                 }

@@ -25,27 +25,19 @@ fn agent_bin() -> PathBuf {
 /// `ferry-agent --config CONFIG ARGS...` with nothing of the test's
 /// environment but what an agent's machine has: PATH and the repository
 /// password.
-fn agent(config: &Path, args: &[&str]) -> Output {
-    Command::new(agent_bin())
-        .env_clear()
+fn agent_cmd(config: &Path, args: &[&str]) -> Command {
+    let mut c = Command::new(agent_bin());
+    c.env_clear()
         .env("PATH", std::env::var("PATH").unwrap())
         .env("FERRY_PASSWORD", "correct horse")
         .arg("--config")
         .arg(config)
-        .args(args)
-        .output()
-        .unwrap()
+        .args(args);
+    c
 }
 
-fn curl(args: &[&str]) -> (u16, String) {
-    let out = Command::new("curl")
-        .args(["-sS", "-m", "30", "-w", "\n%{http_code}"])
-        .args(args)
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    let (body, code) = text.rsplit_once('\n').unwrap_or(("", "0"));
-    (code.trim().parse().unwrap_or(0), body.to_owned())
+fn agent(config: &Path, args: &[&str]) -> Output {
+    agent_cmd(config, args).output().unwrap()
 }
 
 #[test]
@@ -351,13 +343,7 @@ fn a_killed_agent_leaves_a_valid_repository_and_goes_on() {
     let mut rng = Rng(5);
     for round in 0..6u64 {
         scatter_writes(&img, 64, round + 1);
-        let mut child = Command::new(agent_bin())
-            .env_clear()
-            .env("PATH", std::env::var("PATH").unwrap())
-            .env("FERRY_PASSWORD", "correct horse")
-            .arg("--config")
-            .arg(&config)
-            .arg("run")
+        let mut child = agent_cmd(&config, &["run"])
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())
             .spawn()

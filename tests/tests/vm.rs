@@ -166,6 +166,19 @@ impl Drop for Qemu {
     }
 }
 
+/// A new empty qcow2 image `name` of `size` (e.g. `16M`) in the test's directory.
+fn blank_qcow2(env: &Env, name: &str, size: &str) -> PathBuf {
+    let disk = env.path(name);
+    let st = Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2"])
+        .arg(&disk)
+        .arg(size)
+        .status()
+        .unwrap();
+    assert!(st.success(), "qemu-img create {}", disk.display());
+    disk
+}
+
 /// Run `ferry protect` for `cycles` cycles; the JSON line of every cycle. The
 /// hook copies each frozen view with qemu-img to `truth-<run>-<cycle>.raw`.
 fn protect(
@@ -231,14 +244,7 @@ fn live_vm_protection_loses_no_write_and_catches_up_after_failures() {
     let Some(guest) = guest() else { return };
     let env = Env::new();
     env.init();
-    let disk = env.path("vm.qcow2");
-    let st = Command::new("qemu-img")
-        .args(["create", "-q", "-f", "qcow2"])
-        .arg(&disk)
-        .arg("128M")
-        .status()
-        .unwrap();
-    assert!(st.success());
+    let disk = blank_qcow2(&env, "vm.qcow2", "128M");
     let qemu = Qemu::boot_writer(&env, &guest, &disk, 400);
 
     // Four cycles while the guest writes 1.6 MB/s: a full read, then bitmaps.
@@ -498,14 +504,7 @@ fn two_disks_of_one_vm_are_cut_at_one_instant() {
     env.init();
     let mut drive = Vec::new();
     for (i, name) in ["a", "b"].iter().enumerate() {
-        let disk = env.path(&format!("{name}.qcow2"));
-        let st = Command::new("qemu-img")
-            .args(["create", "-q", "-f", "qcow2"])
-            .arg(&disk)
-            .arg("16M")
-            .status()
-            .unwrap();
-        assert!(st.success());
+        let disk = blank_qcow2(&env, &format!("{name}.qcow2"), "16M");
         drive.push(format!(
             "driver=file,filename={},node-name=file{i}",
             disk.display()
@@ -644,14 +643,7 @@ fn vms_of_one_application_are_cut_together() {
     let env = Env::new();
     env.init();
     let boot = |tag: &str, mode: &str| {
-        let disk = env.path(&format!("{tag}.qcow2"));
-        let st = Command::new("qemu-img")
-            .args(["create", "-q", "-f", "qcow2"])
-            .arg(&disk)
-            .arg("16M")
-            .status()
-            .unwrap();
-        assert!(st.success());
+        let disk = blank_qcow2(&env, &format!("{tag}.qcow2"), "16M");
         let tty = env.path(&format!("{tag}.tty"));
         let q = Qemu::boot(
             &env,

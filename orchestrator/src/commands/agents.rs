@@ -5,7 +5,7 @@
 use crate::auth;
 use crate::context::Context;
 use crate::exec::now_ms;
-use crate::fleet::{self, PolicyTemplate};
+use crate::fleet::{self, PolicyTemplate, when};
 use crate::state::State;
 use anyhow::Result;
 use clap::{Args, Subcommand};
@@ -52,12 +52,6 @@ pub enum AgentsCommand {
     List,
     /// Revoke an agent: its next poll is refused and it stops.
     Revoke { id: String },
-}
-
-fn when(ms: i64) -> String {
-    chrono::DateTime::from_timestamp_millis(ms)
-        .map(|t| t.format("%Y-%m-%d %H:%M:%S UTC").to_string())
-        .unwrap_or_else(|| ms.to_string())
 }
 
 fn block_on<F: std::future::Future<Output = Result<ExitCode>>>(f: F) -> Result<ExitCode> {
