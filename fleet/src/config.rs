@@ -10,6 +10,16 @@
 //! # password_file = "/etc/ferry/repo-password"   # else FERRY_PASSWORD
 //! # pre_cut = "fsfreeze -f /srv/db"     # the point is labelled app when it succeeds
 //! # post_cut = "fsfreeze -u /srv/db"
+//!
+//! # dm-era change tracking for a device-mapper device (an LVM volume): the
+//! # agent puts an era target under it live and reads only the blocks written
+//! # since the last point, through a snapshot. Both extra devices are
+//! # overwritten: give empty volumes.
+//! # [[dm_era]]
+//! # device = "/dev/vg0/data"
+//! # metadata = "/dev/vg0/data_era"     # at least 4 MiB
+//! # cow = "/dev/vg0/data_cow"          # holds what is overwritten during a cycle's read
+//! # block_kib = 64                     # tracking granularity
 //! ```
 //!
 //! Beside it, `NAME.policy.json` caches the last policy the server gave, so an
@@ -47,9 +57,52 @@ pub struct Config {
     /// server must not be able to run commands on its agents.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pre_cut: Option<String>,
-    /// Run after the read whenever `pre_cut` ran (e.g. `fsfreeze -u /srv/db`).
+    /// Run whenever `pre_cut` ran (e.g. `fsfreeze -u /srv/db`): as soon as
+    /// the snapshots exist when every device runs in dm-era mode (the
+    /// application is held for the cut only), else after the read.
+    /// `FERRY_VIEWS` names the snapshots (the devices as they were at the
+    /// cut).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub post_cut: Option<String>,
+    /// Devices tracked with dm-era. Like the hooks, this is the machine's
+    /// decision, never the server's: it names devices the agent overwrites.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub dm_era: Vec<EraConfig>,
+}
+
+/// A device tracked by dm-era, with the two devices that takes.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct EraConfig {
+    /// The device protected (a device-mapper device: an LVM volume).
+    pub device: PathBuf,
+    /// The era target's metadata (at least 4 MiB; overwritten).
+    pub metadata: PathBuf,
+    /// The snapshot's copy-on-write store during a cycle's read: it must hold
+    /// what the machine overwrites while a cycle reads (overwritten).
+    pub cow: PathBuf,
+    /// The tracking granularity in KiB (a power of two, default 64).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub block_kib: Option<u32>,
+}
+
+impl Config {
+    /// The dm-era entry of a device of the policy, matched by path or by
+    /// the block device both paths name (`/dev/vg0/data` is
+    /// `/dev/mapper/vg0-data`).
+    pub fn era_for(&self, device: &str) -> Option<&EraConfig> {
+        use std::os::unix::fs::{FileTypeExt as _, MetadataExt as _};
+        let rdev = |p: &Path| {
+            std::fs::metadata(p)
+                .ok()
+                .filter(|m| m.file_type().is_block_device())
+                .map(|m| m.rdev())
+        };
+        let same = |a: &Path, b: &Path| a == b || rdev(a).is_some_and(|x| rdev(b) == Some(x));
+        self.dm_era
+            .iter()
+            .find(|e| same(&e.device, Path::new(device)))
+    }
 }
 
 impl Config {
@@ -158,6 +211,12 @@ mod tests {
             password_file: Some("/etc/ferry/pw".into()),
             pre_cut: Some("sync".into()),
             post_cut: None,
+            dm_era: vec![EraConfig {
+                device: "/dev/vg0/data".into(),
+                metadata: "/dev/vg0/meta".into(),
+                cow: "/dev/vg0/cow".into(),
+                block_kib: None,
+            }],
         };
         cfg.save(&path).unwrap();
         use std::os::unix::fs::PermissionsExt as _;

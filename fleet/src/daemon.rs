@@ -6,11 +6,14 @@
 //! status. A server that refuses the agent's credential (it was revoked)
 //! stops the agent: that is how an operator takes a machine out of the fleet.
 //!
-//! Change tracking: every device runs in [`Mode::Scan`] today: each cycle
-//! reads the device (skipping holes of image files) and stores only chunks the
-//! repository does not have, finding unchanged ones by id, as `ferry backup`
-//! does. dm-era tracking under device-mapper devices is designed
-//! (DESIGN.md) but not built; the mode and its reason say so per device.
+//! Change tracking, per device: a device-mapper device (an LVM volume) with a
+//! `[[dm_era]]` entry in the agent's config runs in [`Mode::DmEra`] (see
+//! [`crate::era`]): the cut is a dm-snapshot taken with an era checkpoint,
+//! and only the blocks the era target saw written since the last point are
+//! read. Every other device runs in [`Mode::Scan`]: each cycle reads it
+//! (skipping holes of image files) and stores only chunks the repository does
+//! not have, finding unchanged ones by id, as `ferry backup` does. Each
+//! device's status says which mode it runs in and why.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -23,8 +26,10 @@ use tracing::{info, warn};
 use ferry_agent::Repository;
 use ferry_agent::backup::{BackupOptions, DiskSpec};
 use ferry_agent::progress::Progress;
+use ferry_agent::source::{BlockSource, ChangeMap, FileSource};
 
 use crate::config::{self, Config};
+use crate::era::{self, Tracked};
 use crate::wire::{
     AgentStatus, ApiError, Device, DeviceStatus, EnrollRequest, Enrolled, Mode, Policy,
 };
@@ -95,7 +100,9 @@ impl Client {
             b = b.add_root_certificate(cert);
         }
         Ok(Client {
-            http: b.build()?,
+            http: b.build().context(
+                "cannot set up HTTPS: install the system's CA certificates (package ca-certificates), or give the server's CA with --ca-cert",
+            )?,
             server,
             credential,
         })
@@ -216,8 +223,8 @@ pub fn devices(extra: &[PathBuf]) -> Result<Vec<Device>> {
     Ok(out)
 }
 
-/// How a device's changes are found, and why.
-pub fn mode_of(path: &Path) -> (Mode, String) {
+/// How a device's changes are found, and why, before a cycle tries.
+pub fn mode_of(cfg: &Config, path: &Path) -> (Mode, String) {
     use std::os::unix::fs::FileTypeExt as _;
     let Ok(meta) = std::fs::metadata(path) else {
         return (Mode::Scan, format!("{} cannot be examined", path.display()));
@@ -230,13 +237,29 @@ pub fn mode_of(path: &Path) -> (Mode, String) {
         );
     }
     if meta.file_type().is_block_device() {
-        use std::os::unix::fs::MetadataExt as _;
-        let rdev = meta.rdev();
-        let (maj, min) = (rustix::fs::major(rdev), rustix::fs::minor(rdev));
-        if Path::new(&format!("/sys/dev/block/{maj}:{min}/dm")).exists() {
+        let is_dm = crate::era::DevNum::of(path).is_ok_and(|d| d.dm_name().is_some());
+        if is_dm && let Some(e) = cfg.era_for(&path.to_string_lossy()) {
+            if let Some(why) = crate::era::tools_missing() {
+                return (
+                    Mode::Scan,
+                    format!(
+                        "a device-mapper device configured for dm-era, but {why}: each cycle reads it whole"
+                    ),
+                );
+            }
+            return (
+                Mode::DmEra,
+                format!(
+                    "dm-era under the device at {} KiB blocks (metadata {}), read through a dm-snapshot: each cycle reads only the blocks written since the last point",
+                    e.block_kib.unwrap_or(crate::era::DEFAULT_BLOCK_KIB),
+                    e.metadata.display()
+                ),
+            );
+        }
+        if is_dm {
             return (
                 Mode::Scan,
-                "a device-mapper device, but dm-era tracking is not built yet: each cycle reads it whole and finds unchanged chunks by id"
+                "a device-mapper device without a [[dm_era]] entry in the agent's config (it needs a metadata and a copy-on-write device): each cycle reads it whole and finds unchanged chunks by id"
                     .into(),
             );
         }
@@ -290,6 +313,7 @@ pub fn enroll(
         password_file,
         pre_cut: None,
         post_cut: None,
+        dm_era: Vec::new(),
     }
     .save(config_path)?;
     Config::save_policy(config_path, &enrolled.policy)?;
@@ -324,6 +348,7 @@ pub fn run(config_path: &Path, opts: &RunOptions, stop: &AtomicBool) -> Result<A
     };
     let mut policy = Config::load_policy(config_path);
     let mut repo: Option<OpenRepo> = None;
+    let mut eras = Eras::default();
     let mut n = 0u64;
     loop {
         let started = Instant::now();
@@ -347,7 +372,7 @@ pub fn run(config_path: &Path, opts: &RunOptions, stop: &AtomicBool) -> Result<A
         });
         if let Some(p) = &policy {
             n += 1;
-            cycle(&cfg, p, &mut repo, &mut status, started);
+            cycle(&cfg, p, &mut repo, &mut eras, &mut status, started);
             match client.push(&status) {
                 Ok(()) => {}
                 Err(ServerError::Refused(m)) => return Err(Stopped(m).into()),
@@ -369,29 +394,36 @@ pub fn run(config_path: &Path, opts: &RunOptions, stop: &AtomicBool) -> Result<A
     }
 }
 
+/// The dm-era targets the agent set up or adopted, by device path: kept
+/// between cycles (a cycle that fails forgets them, and the next adopts them
+/// again from what the kernel holds).
+type Eras = std::collections::HashMap<String, Tracked>;
+
 /// One cycle: every device of the policy into one point; `status` updated.
 fn cycle(
     cfg: &Config,
     p: &Policy,
     repo: &mut Option<OpenRepo>,
+    known: &mut Eras,
     status: &mut AgentStatus,
     started: Instant,
 ) {
-    let cut = Utc::now();
+    let mut cut = Utc::now();
     status.devices = p
         .devices
         .iter()
         .map(|d| {
-            let (mode, mode_reason) = mode_of(Path::new(d));
+            let (mode, mode_reason) = mode_of(cfg, Path::new(d));
             DeviceStatus {
                 path: d.clone(),
                 disk: disk_name(d),
                 mode: Some(mode),
                 mode_reason,
-                bytes_read: 0,
+                ..Default::default()
             }
         })
         .collect();
+    status.pause_secs = None;
     let mut hook_error = None;
     let mut post_error = None;
     let r = (|| -> Result<ferry_agent::backup::Summary> {
@@ -411,11 +443,38 @@ fn cycle(
         let Some(r) = repo.as_ref() else {
             bail!("no repository");
         };
-        // The application's hooks around the read: a point is `app` only
+        // dm-era under the devices configured for it (inserted live the
+        // first time, adopted afterwards). One that cannot be set up is read
+        // whole this cycle rather than not protected.
+        let mut tracked: Vec<Option<Tracked>> = Vec::with_capacity(p.devices.len());
+        for (d, st) in p.devices.iter().zip(status.devices.iter_mut()) {
+            let t = match cfg.era_for(d).filter(|_| st.mode == Some(Mode::DmEra)) {
+                None => None,
+                Some(_) if known.contains_key(d) => known.get(d).cloned(),
+                Some(e) => match Tracked::attach(e) {
+                    Ok(t) => {
+                        let mut kept = t.clone();
+                        kept.inserted = false;
+                        known.insert(d.clone(), kept);
+                        Some(t)
+                    }
+                    Err(e) => {
+                        warn!(device = %d, error = %format!("{e:#}"), "dm-era cannot be set up: reading the device whole");
+                        st.mode = Some(Mode::Scan);
+                        st.mode_reason = format!(
+                            "dm-era cannot be set up ({e:#}): this cycle reads the device whole"
+                        );
+                        None
+                    }
+                },
+            };
+            tracked.push(t);
+        }
+        // The application's hooks around the cut: a point is `app` only
         // when the pre hook succeeded; the post hook runs whenever it ran.
         let frozen = match &cfg.pre_cut {
             None => false,
-            Some(cmd) => match hook(cmd, "pre_cut", &p.source) {
+            Some(cmd) => match hook(cmd, "pre_cut", &p.source, &[]) {
                 Ok(()) => true,
                 Err(e) => {
                     warn!(error = %e, "the point will not be application-consistent");
@@ -424,11 +483,88 @@ fn cycle(
                 }
             },
         };
-        let thaw = Thaw {
+        let mut thaw = Thaw {
             cmd: cfg.post_cut.as_deref().filter(|_| cfg.pre_cut.is_some()),
             source: &p.source,
+            views: Vec::new(),
             failed: &mut post_error,
         };
+        let eras: Vec<Tracked> = tracked.iter().flatten().cloned().collect();
+        cut = Utc::now();
+        let (cuts, pause) = if eras.is_empty() {
+            (Vec::new(), None)
+        } else {
+            let (c, d) = era::cut(&eras)?;
+            (c, Some(d))
+        };
+        let _uncut = Uncut(&eras);
+        status.pause_secs = pause.map(|d| d.as_secs_f64());
+        thaw.views = cuts.iter().map(|c| c.view.display().to_string()).collect();
+        // When every device is held by a snapshot, the application may go on
+        // at once: the read sees the instant of the cut.
+        let thaw = if tracked.iter().all(Option::is_some) {
+            drop(thaw);
+            None
+        } else {
+            Some(thaw)
+        };
+        let parent = r
+            .repo
+            .points()?
+            .0
+            .into_iter()
+            .rfind(|pt| pt.meta.source == p.source);
+        let mut cuts = cuts.into_iter();
+        let mut sources: Vec<Box<dyn BlockSource>> = Vec::with_capacity(p.devices.len());
+        for ((d, t), st) in p
+            .devices
+            .iter()
+            .zip(&tracked)
+            .zip(status.devices.iter_mut())
+        {
+            let Some(t) = t else {
+                sources.push(Box::new(FileSource::open(Path::new(d))?));
+                continue;
+            };
+            let c = cuts.next().ok_or_else(|| anyhow!("no cut for {d}"))?;
+            let view = FileSource::open(&c.view)?;
+            let size = view.size()?;
+            // The parent's token says from which era this read starts, if
+            // the chain is unbroken.
+            let token = parent.as_ref().and_then(|pt| {
+                pt.meta
+                    .disks
+                    .iter()
+                    .find(|m| m.name == st.disk && m.size == size)
+                    .and_then(|m| m.tracking.clone())
+            });
+            let since = token.as_deref().and_then(|tok| t.since(tok));
+            let changes = match (since, token) {
+                (Some(since), Some(tok)) => {
+                    let ranges = t.written_since(since)?;
+                    st.changed_bytes = Some(ranges.iter().map(|(a, b)| b - a).sum());
+                    Some(ChangeMap {
+                        tracker: tok,
+                        ranges,
+                    })
+                }
+                _ => {
+                    t.drop_metadata_snap();
+                    let why = if t.inserted {
+                        "the era target was just put under the device (first cycle, or the machine restarted): this cycle reads it whole"
+                    } else {
+                        "the last point was not tracked by this era target: this cycle reads the device whole"
+                    };
+                    st.mode_reason = format!("{}; {why}", st.mode_reason);
+                    None
+                }
+            };
+            sources.push(Box::new(EraView {
+                file: view,
+                changes,
+                tracking: t.token(c.era),
+            }));
+        }
         let opts = BackupOptions {
             source: p.source.clone(),
             disks: p
@@ -442,7 +578,9 @@ fn cycle(
             consistency: frozen.then_some(ferry_agent::point::Consistency::App),
             time: Some(cut),
         };
-        let summary = ferry_agent::backup::backup(&r.repo, &opts, &Progress::default());
+        let refs: Vec<&dyn BlockSource> = sources.iter().map(|s| s.as_ref()).collect();
+        let summary =
+            ferry_agent::backup::backup_sources(&r.repo, &opts, &refs, &Progress::default());
         drop(thaw);
         let summary = summary?;
         if let Some(k) = p.keep_last.filter(|k| *k > 0) {
@@ -478,6 +616,7 @@ fn cycle(
         }
         Err(e) => {
             warn!(error = %format!("{e:#}"), "cycle failed; the next one catches up");
+            known.clear();
             status.cycles_failed += 1;
             status.last_cycle_secs = secs;
             status.last_error = Some(format!("{e:#}"));
@@ -485,13 +624,56 @@ fn cycle(
     }
 }
 
+/// Ends the cuts of a cycle when dropped, whatever happened.
+struct Uncut<'a>(&'a [Tracked]);
+
+impl Drop for Uncut<'_> {
+    fn drop(&mut self) {
+        for t in self.0 {
+            if let Err(e) = era::uncut(t) {
+                warn!(device = %t.name, error = %format!("{e:#}"), "the cycle's snapshot could not be removed; the next cycle retries");
+            }
+        }
+    }
+}
+
+/// A device as a dm-snapshot holds it at the cut, with the blocks its era
+/// target saw written since the parent point.
+struct EraView {
+    file: FileSource,
+    changes: Option<ChangeMap>,
+    tracking: String,
+}
+
+impl BlockSource for EraView {
+    fn size(&self) -> ferry_agent::Result<u64> {
+        self.file.size()
+    }
+    fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> ferry_agent::Result<()> {
+        self.file.read_exact_at(buf, offset)
+    }
+    fn read_many(&self, reqs: &mut [(u64, &mut [u8])]) -> ferry_agent::Result<()> {
+        self.file.read_many(reqs)
+    }
+    fn change_map(&self) -> ferry_agent::Result<Option<ChangeMap>> {
+        Ok(self.changes.clone())
+    }
+    fn tracking(&self) -> Option<String> {
+        Some(self.tracking.clone())
+    }
+}
+
 /// Runs a hook of the agent's config with `sh -c`, FERRY_SOURCE and
-/// FERRY_HOOK set; its failure in words.
-fn hook(cmd: &str, which: &str, source: &str) -> std::result::Result<(), String> {
+/// FERRY_HOOK set, and FERRY_VIEWS: the snapshots of the dm-era devices
+/// (space-separated nodes) the cycle will read, for a post_cut hook that
+/// wants to look at the instant of the cut (fsck it, copy it). Its failure
+/// in words.
+fn hook(cmd: &str, which: &str, source: &str, views: &[String]) -> std::result::Result<(), String> {
     let out = std::process::Command::new("sh")
         .args(["-c", cmd])
         .env("FERRY_SOURCE", source)
         .env("FERRY_HOOK", which)
+        .env("FERRY_VIEWS", views.join(" "))
         .stdin(std::process::Stdio::null())
         .output()
         .map_err(|e| format!("{which}: cannot run sh: {e}"))?;
@@ -508,13 +690,14 @@ fn hook(cmd: &str, which: &str, source: &str) -> std::result::Result<(), String>
 struct Thaw<'a> {
     cmd: Option<&'a str>,
     source: &'a str,
+    views: Vec<String>,
     failed: &'a mut Option<String>,
 }
 
 impl Drop for Thaw<'_> {
     fn drop(&mut self) {
         if let Some(cmd) = self.cmd
-            && let Err(e) = hook(cmd, "post_cut", self.source)
+            && let Err(e) = hook(cmd, "post_cut", self.source, &self.views)
         {
             warn!(error = %e, "post_cut hook failed");
             *self.failed = Some(e);

@@ -12,4 +12,5 @@
 
 pub mod config;
 pub mod daemon;
+pub mod era;
 pub mod wire;

@@ -97,6 +97,10 @@ pub struct DeviceStatus {
     /// Why this mode (e.g. "an image file: no device-mapper under it").
     pub mode_reason: String,
     pub bytes_read: u64,
+    /// Bytes the change tracker (dm-era) marked as written since the last
+    /// point, which is what an incremental cycle reads; absent when the
+    /// cycle read the device whole.
+    pub changed_bytes: Option<u64>,
 }
 
 /// `POST /api/agent/status`: what the agent pushes after every cycle.
@@ -116,6 +120,9 @@ pub struct AgentStatus {
     pub last_cycle_secs: f64,
     pub throughput_bytes_per_sec: f64,
     pub stored_bytes: u64,
+    /// How long the last cut held the dm-era devices suspended (their file
+    /// systems frozen); absent when no device runs in dm-era mode.
+    pub pause_secs: Option<f64>,
     pub last_error: Option<String>,
     /// The last cycle's hook failure (`pre_cut` or `post_cut` of the agent's
     /// config), if any; a failed pre hook leaves the point crash-consistent.

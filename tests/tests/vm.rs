@@ -16,37 +16,6 @@ use std::time::{Duration, Instant};
 use common::servers::free_port;
 use common::*;
 
-/// The guest kernel and initrd, built once per machine by scripts/make-guest.
-fn guest() -> Option<PathBuf> {
-    let have = Command::new("sh")
-        .args(["-c", "command -v qemu-system-x86_64 && ls /boot/vmlinuz-*"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success());
-    if !have {
-        eprintln!(
-            "skipped: qemu-system-x86_64 or a kernel is missing (scripts/setup-vm installs them)"
-        );
-        assert_ne!(
-            std::env::var("CI").as_deref(),
-            Ok("true"),
-            "CI must have QEMU and a kernel"
-        );
-        return None;
-    }
-    let dir = PathBuf::from("/var/tmp/ferry-tools/guest");
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/make-guest");
-    let st = Command::new("bash")
-        .arg(&script)
-        .arg(&dir)
-        .stdout(Stdio::null())
-        .status()
-        .unwrap();
-    assert!(st.success(), "scripts/make-guest failed");
-    Some(dir)
-}
-
 /// A QEMU process, killed by PID on drop.
 struct Qemu {
     pid: u32,

@@ -351,3 +351,34 @@ pub fn make_pki(dir: &Path) {
         std::fs::write(dir.join(name), pem).expect("pki file");
     }
 }
+
+/// The guest kernel and initrd, built once per machine by scripts/make-guest.
+pub fn guest() -> Option<PathBuf> {
+    let have = std::process::Command::new("sh")
+        .args(["-c", "command -v qemu-system-x86_64 && ls /boot/vmlinuz-*"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !have {
+        eprintln!(
+            "skipped: qemu-system-x86_64 or a kernel is missing (scripts/setup-vm installs them)"
+        );
+        assert_ne!(
+            std::env::var("CI").as_deref(),
+            Ok("true"),
+            "CI must have QEMU and a kernel"
+        );
+        return None;
+    }
+    let dir = PathBuf::from("/var/tmp/ferry-tools/guest");
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/make-guest");
+    let st = std::process::Command::new("bash")
+        .arg(&script)
+        .arg(&dir)
+        .stdout(std::process::Stdio::null())
+        .status()
+        .expect("run scripts/make-guest");
+    assert!(st.success(), "scripts/make-guest failed");
+    Some(dir)
+}
