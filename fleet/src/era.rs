@@ -288,6 +288,27 @@ impl Tracked {
         Ok(t)
     }
 
+    /// The configured device with the agent's layers under it, if they are
+    /// there (nothing is inserted).
+    pub fn existing(cfg: &EraConfig) -> Result<Option<Tracked>> {
+        let dev = DevNum::of(&cfg.device)?;
+        let Some(name) = dev.dm_name() else {
+            return Ok(None);
+        };
+        let mut t = Tracked {
+            era_name: format!("ferry-era-{name}"),
+            name,
+            sectors: dev.sectors()?,
+            era_dev: dev,
+            instance: String::new(),
+            block: 0,
+            metadata: cfg.metadata.clone(),
+            cow: DevNum::of(&cfg.cow)?,
+            inserted: false,
+        };
+        Ok(t.adopt()?.then_some(t))
+    }
+
     fn orig_name(&self) -> String {
         format!("ferry-orig-{}", self.name)
     }
@@ -484,7 +505,7 @@ impl Tracked {
 
     /// Removes the agent's layers and gives the device its original table
     /// back (before a resize or a deactivation by LVM).
-    pub fn release(&self) -> Result<()> {
+    fn release(&self) -> Result<()> {
         let orig = self.orig_name();
         let original = dmsetup(&["table", &orig])?;
         let mut s = Suspended::new();
@@ -497,6 +518,18 @@ impl Tracked {
             }
         }
         Ok(())
+    }
+}
+
+/// Takes the agent's layers out from under the configured device; false when
+/// there were none.
+pub fn release(cfg: &EraConfig) -> Result<bool> {
+    if let Some(why) = tools_missing() {
+        bail!("{why}");
+    }
+    match Tracked::existing(cfg)? {
+        Some(t) => t.release().map(|()| true),
+        None => Ok(false),
     }
 }
 

@@ -54,6 +54,14 @@ enum Command {
     },
     /// What this agent is and what it was last told to do (no secrets).
     Status,
+    /// Take the agent's dm-era layers out from under a device (before LVM
+    /// resizes or deactivates it): the device gets its original table back.
+    /// The next cycle puts them back and reads the device whole once. Stop
+    /// the agent first.
+    Release {
+        /// The device, as its `[[dm_era]]` entry names it.
+        device: PathBuf,
+    },
 }
 
 fn main() -> ExitCode {
@@ -98,6 +106,24 @@ fn main() -> ExitCode {
                 println!("{}", serde_json::to_string(&s).unwrap_or_default());
             })
         }
+        Command::Release { device } => Config::load(&cli.config).and_then(|c| {
+            let e = c.era_for(&device.to_string_lossy()).ok_or_else(|| {
+                anyhow::anyhow!(
+                    "{} has no [[dm_era]] entry in {}",
+                    device.display(),
+                    cli.config.display()
+                )
+            })?;
+            if ferry_fleet::era::release(e)? {
+                println!(
+                    "released {}: it has its original table again",
+                    device.display()
+                );
+            } else {
+                println!("{} has no dm-era layers under it", device.display());
+            }
+            Ok(())
+        }),
         Command::Status => Config::load(&cli.config).map(|c| {
             let policy = Config::load_policy(&cli.config);
             println!(

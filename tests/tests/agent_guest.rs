@@ -4,9 +4,10 @@
 //! under an LVM volume live while a writer runs, and streams points into S3
 //! (moto on the host). Every point restores byte-identical to the snapshot
 //! of its cut (copied by the agent's own post_cut hook), an incremental
-//! cycle reads exactly the blocks its era target reported, and a kill -9 of
+//! cycle reads exactly the blocks its era target reported, a kill -9 of
 //! the agent and an unclean reset of the guest both end in a valid chain
-//! and a correct next point.
+//! and a correct next point, and `ferry-agent release` gives the volume its
+//! own table back.
 
 #![allow(clippy::unwrap_used)]
 
@@ -150,6 +151,9 @@ struct Setup {
     cow_mib: u64,
     block_kib: u32,
     interval: &'static str,
+    /// The truth hook: the first 8 cuts of the first boot copied to the
+    /// third disk (a full copy of the volume each, so not for benchmarks).
+    truth: bool,
     /// The shell the guest runs once enrolled and configured (the agent's
     /// config is /etc/ferry/agent.toml; `$boots` counts the boots).
     tail: String,
@@ -245,9 +249,8 @@ echo "ferry-test: table $(dmsetup table vg0-data)"
 if [ ! -f /etc/ferry/agent.toml ]; then
   ferry-agent --config /etc/ferry/agent.toml enroll --server http://10.0.2.2:{server_port} \
     --token {token} --device /dev/vg0/data --password-file /ferry/pw || exit 1
+  [ {truth} = true ] && printf 'pre_cut = "sync"\npost_cut = "/ferry/truth.sh"\n' >>/etc/ferry/agent.toml
   cat >>/etc/ferry/agent.toml <<'END'
-pre_cut = "sync"
-post_cut = "/ferry/truth.sh"
 
 [[dm_era]]
 device = "/dev/vg0/data"
@@ -260,6 +263,7 @@ fi
 "#,
             moto = moto.port,
             tail = setup.tail,
+            truth = setup.truth,
         );
         let layer = agent_layer(env.dir.path(), &run_sh, lv_mib);
         let initrd = env.path("initrd");
@@ -275,7 +279,7 @@ fi
         for (p, mib) in [
             (&pv, lv_mib + cow_mib + 16),
             (&state, 16),
-            (&truth, 8 * lv_mib),
+            (&truth, if setup.truth { 8 * lv_mib } else { 1 }),
         ] {
             std::fs::File::create(p)
                 .unwrap()
@@ -365,6 +369,8 @@ fn an_agent_in_a_guest_tracks_an_lvm_volume_with_dm_era() {
 fi
 ferry-agent --config /etc/ferry/agent.toml run --cycles 1 >/dev/null
 echo "ferry-test: boot 2 rc=$?"
+ferry-agent --config /etc/ferry/agent.toml release /dev/vg0/data
+echo "ferry-test: released: $(dmsetup table vg0-data), layers left: $(dmsetup ls | grep -c ferry-)"
 umount /etc/ferry
 echo "ferry-test: boot 2 done""#;
     let Some(lab) = Lab::start(&Setup {
@@ -372,6 +378,7 @@ echo "ferry-test: boot 2 done""#;
         cow_mib: 32,
         block_kib: 64,
         interval: "2s",
+        truth: true,
         tail: tail.into(),
     }) else {
         return;
@@ -493,6 +500,11 @@ echo "ferry-test: boot 2 done""#;
         .rev()
         .find_map(|l| l.split("ferry-test: table ").nth(1))
         .unwrap();
+    // And `ferry-agent release` gave the volume its own table back.
+    assert!(
+        log.contains(&format!("ferry-test: released: {table}, layers left: 0")),
+        "{log}"
+    );
     let offset: u64 = table.split_whitespace().nth(4).unwrap().parse().unwrap();
     let got = restore(&last, 99);
     assert!(
@@ -512,6 +524,8 @@ struct Phase {
     stored: u64,
     cpu_share: f64,
     writes: u64,
+    /// How long the writer ran.
+    secs: f64,
 }
 
 fn percentile(v: &mut [f64], p: f64) -> f64 {
@@ -562,7 +576,7 @@ impl Phase {
             self.cpu_share * 100.0,
             percentile(&mut read, 0.5) / 1048576.0,
             percentile(&mut pauses, 0.5) * 1000.0,
-            written as f64 / 1e6 / BENCH_SECS as f64,
+            written as f64 / 1e6 / self.secs.max(1.0),
             if written > 0 {
                 format!("{:.2}", self.stored as f64 / written as f64)
             } else {
@@ -591,12 +605,18 @@ fn bench_agent_in_guest() {
     let rate = var("FERRY_BENCH_RATE", 2500);
     let lv_mib = var("FERRY_BENCH_LV_MIB", 1024);
     // Each phase starts once the agent's first full read is done; the CPU
-    // it costs is its utime+stime over the phase (guest clock ticks).
+    // it costs is its utime+stime over the phase with its children's
+    // (dmsetup, era_invalidate), in guest clock ticks.
     let tail = format!(
-        r#"ferry-agent --config /etc/ferry/agent.toml run >/dev/null 2>/tmp/agent.log &
+        r#"ferry-writer /dev/vg0/data {rate} random 0 0 base >/tmp/base.log &
+w=$!
+sleep 20
+kill $w
+echo "ferry-bench: baseline $(tail -n1 /tmp/base.log)"
+ferry-agent --config /etc/ferry/agent.toml run >/dev/null 2>/tmp/agent.log &
 a=$!
 while ! grep -q protected /tmp/agent.log; do sleep 1; done
-cpu() {{ set -- $(cat /proc/$a/stat); echo $(( ${{14}} + ${{15}} )); }}
+cpu() {{ set -- $(cat /proc/$a/stat); echo $(( ${{14}} + ${{15}} + ${{16}} + ${{17}} )); }}
 up() {{ cut -d' ' -f1 /proc/uptime; }}
 echo "ferry-bench: idle start $(cpu) $(up)"
 sleep {BENCH_SECS}
@@ -605,8 +625,13 @@ ferry-writer /dev/vg0/data {rate} random 0 0 bench >/tmp/writer.log &
 w=$!
 echo "ferry-bench: writes start $(cpu) $(up)"
 sleep {BENCH_SECS}
-echo "ferry-bench: writes end $(cpu) $(up) $(tail -n1 /tmp/writer.log)"
 kill $w
+echo "ferry-bench: writes stop $(tail -n1 /tmp/writer.log)"
+# Until two points were cut after the last write: the backlog is stored.
+n=$(grep -c protected /tmp/agent.log)
+while [ "$(grep -c protected /tmp/agent.log)" -lt $((n + 2)) ]; do sleep 1; done
+echo "ferry-bench: writes end $(cpu) $(up)"
+grep -v 'pack uploaded' /tmp/agent.log | tail -n 20
 echo "ferry-bench: done""#
     );
     let Some(lab) = Lab::start(&Setup {
@@ -614,6 +639,7 @@ echo "ferry-bench: done""#
         cow_mib: 512,
         block_kib,
         interval: "1s",
+        truth: false,
         tail,
     }) else {
         return;
@@ -654,15 +680,37 @@ echo "ferry-bench: done""#
             .map(|v| v.parse().unwrap())
             .collect()
     };
-    let writes: u64 = log
-        .lines()
-        .find(|l| l.contains("ferry-bench: writes end"))
-        .and_then(|l| l.split("writes=").nth(1))
-        .and_then(|w| w.split_whitespace().next())
-        .and_then(|w| w.parse().ok())
-        .unwrap_or(0);
+    // ferry-writer's last heartbeat: "ferry-writer: t=S writes=N".
+    let writer = |mark: &str| -> (f64, u64) {
+        let l = log
+            .lines()
+            .find(|l| l.contains(&format!("ferry-bench: {mark}")))
+            .unwrap_or_default();
+        let field = |k: &str| {
+            l.split(k)
+                .nth(1)
+                .and_then(|w| w.split_whitespace().next())
+                .and_then(|w| w.parse::<f64>().ok())
+                .unwrap_or(0.0)
+        };
+        (field("t="), field("writes=") as u64)
+    };
+    let (base_t, base_n) = writer("baseline");
+    let (writes_t, writes) = writer("writes stop");
+    eprintln!(
+        "writer alone on the volume: {:.0} writes/s; under protection: {:.0} writes/s",
+        base_n as f64 / base_t.max(1.0),
+        writes as f64 / writes_t.max(1.0)
+    );
+    let last = lab.status().unwrap_or_default();
+    eprintln!(
+        "agent: {} cycles ok, {} failed, last error {}",
+        last["cycles_ok"], last["cycles_failed"], last["last_error"]
+    );
     println!(
-        "\nera blocks {block_kib} KiB, LV {lv_mib} MiB, writer {rate}/s of random 4 KiB, interval 1 s\n"
+        "\nera blocks {block_kib} KiB, LV {lv_mib} MiB, writer asked for {rate}/s of random 4 KiB (alone on the volume it made {:.0}/s; under protection {:.0}/s), interval 1 s\n",
+        base_n as f64 / base_t.max(1.0),
+        writes as f64 / writes_t.max(1.0)
     );
     println!(
         "| phase | points | cycle s (median) | RPO p50 s | RPO p95 s | RPO max s | agent CPU (one core) | read per cycle (median) | pause (median) | written | stored per byte written |"
@@ -705,6 +753,7 @@ echo "ferry-bench: done""#
                 .sum(),
             cpu_share: (e[0] - s[0]) / 100.0 / (e[1] - s[1]),
             writes: if name == "writes" { writes } else { 0 },
+            secs: if name == "writes" { writes_t } else { 1.0 },
         };
         println!("{}", phase.row());
     }
