@@ -182,11 +182,9 @@ pub fn tools_missing() -> Option<String> {
     None
 }
 
-/// One line of a device-mapper table.
+/// One line of a device-mapper table, without its start and length.
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct TableLine {
-    start: u64,
-    len: u64,
     target: String,
     args: Vec<String>,
 }
@@ -196,12 +194,12 @@ fn table(name: &str) -> Result<Vec<TableLine>> {
     text.lines()
         .filter(|l| !l.trim().is_empty())
         .map(|l| {
-            let mut w = l.split_whitespace();
-            let bad = || anyhow!("device-mapper table of {name}: cannot read {l:?}");
+            let mut w = l.split_whitespace().skip(2);
+            let target = w
+                .next()
+                .ok_or_else(|| anyhow!("device-mapper table of {name}: cannot read {l:?}"))?;
             Ok(TableLine {
-                start: w.next().and_then(|s| s.parse().ok()).ok_or_else(bad)?,
-                len: w.next().and_then(|s| s.parse().ok()).ok_or_else(bad)?,
-                target: w.next().ok_or_else(bad)?.to_string(),
+                target: target.to_string(),
                 args: w.map(str::to_string).collect(),
             })
         })
@@ -233,6 +231,24 @@ impl Tracked {
     /// there already (then it is adopted, and a cut an interrupted agent left
     /// behind is undone).
     pub fn attach(cfg: &EraConfig) -> Result<Tracked> {
+        let (mut t, meta_dev) = Tracked::configured(cfg)?;
+        if t.adopt()? {
+            return Ok(t);
+        }
+        t.insert(meta_dev)?;
+        Ok(t)
+    }
+
+    /// The configured device with the agent's layers under it, if they are
+    /// there (nothing is inserted).
+    pub fn existing(cfg: &EraConfig) -> Result<Option<Tracked>> {
+        let (mut t, _) = Tracked::configured(cfg)?;
+        Ok(t.adopt()?.then_some(t))
+    }
+
+    /// The entry checked (tools, devices, sizes) and its names, before
+    /// anything is looked up or changed; with the metadata device.
+    fn configured(cfg: &EraConfig) -> Result<(Tracked, DevNum)> {
         if let Some(why) = tools_missing() {
             bail!("{why}");
         }
@@ -269,11 +285,10 @@ impl Tracked {
                 MIN_METADATA_BYTES >> 20
             );
         }
-        let sectors = dev.sectors()?;
-        let mut t = Tracked {
+        let t = Tracked {
             era_name: format!("ferry-era-{name}"),
             name,
-            sectors,
+            sectors: dev.sectors()?,
             era_dev: dev,
             instance: String::new(),
             block: u64::from(block_kib) * 1024,
@@ -281,32 +296,22 @@ impl Tracked {
             cow,
             inserted: false,
         };
-        if t.adopt()? {
-            return Ok(t);
-        }
-        t.insert(meta_dev)?;
-        Ok(t)
+        Ok((t, meta_dev))
     }
 
-    /// The configured device with the agent's layers under it, if they are
-    /// there (nothing is inserted).
-    pub fn existing(cfg: &EraConfig) -> Result<Option<Tracked>> {
-        let dev = DevNum::of(&cfg.device)?;
-        let Some(name) = dev.dm_name() else {
-            return Ok(None);
-        };
-        let mut t = Tracked {
-            era_name: format!("ferry-era-{name}"),
-            name,
-            sectors: dev.sectors()?,
-            era_dev: dev,
-            instance: String::new(),
-            block: 0,
-            metadata: cfg.metadata.clone(),
-            cow: DevNum::of(&cfg.cow)?,
-            inserted: false,
-        };
-        Ok(t.adopt()?.then_some(t))
+    /// Sends a message to the era target (`checkpoint`, ...).
+    fn message(&self, msg: &str) -> Result<String> {
+        dmsetup(&["message", &self.era_name, "0", msg])
+    }
+
+    /// Removes the agent's layers that exist, topmost first.
+    fn remove_layers(&self) -> Result<()> {
+        for n in [self.snap_name(), self.era_name.clone(), self.orig_name()] {
+            if find(&n).is_some() {
+                dmsetup(&["remove", &n]).with_context(|| format!("removing {n}"))?;
+            }
+        }
+        Ok(())
     }
 
     fn orig_name(&self) -> String {
@@ -373,7 +378,7 @@ impl Tracked {
         }
         // A metadata snapshot an interrupted cycle held.
         if self.status()?.1 {
-            dmsetup(&["message", &self.era_name, "0", "drop_metadata_snap"])?;
+            self.message("drop_metadata_snap")?;
         }
         Ok(true)
     }
@@ -384,11 +389,7 @@ impl Tracked {
     fn insert(&mut self, meta_dev: DevNum) -> Result<()> {
         let started = Instant::now();
         // Layers a failed insertion left behind: the device does not use them.
-        for n in [self.snap_name(), self.era_name.clone(), self.orig_name()] {
-            if find(&n).is_some() {
-                dmsetup(&["remove", &n]).with_context(|| format!("removing the leftover {n}"))?;
-            }
-        }
+        self.remove_layers()?;
         let original = dmsetup(&["table", &self.name])?;
         if original.trim().is_empty() {
             bail!("{} has no table (not active?)", self.name);
@@ -398,11 +399,6 @@ impl Tracked {
         self.instance = ferry_agent::crypto::random_hex(8);
         let orig = self.orig_name();
         dmsetup(&["create", &orig, "--table", original.trim()])?;
-        let undo = |names: &[&str]| {
-            for n in names {
-                let _ = dmsetup(&["remove", n]);
-            }
-        };
         let orig_dev = find(&orig).ok_or_else(|| anyhow!("{orig} was created but is not there"))?;
         let uuid = format!("{UUID_PREFIX}{}", self.instance);
         let era_table = format!(
@@ -418,7 +414,7 @@ impl Tracked {
             "--table",
             &era_table,
         ]) {
-            undo(&[&orig]);
+            let _ = self.remove_layers();
             return Err(e);
         }
         self.era_dev = find(&self.era_name)
@@ -432,7 +428,7 @@ impl Tracked {
             // Back to the original table before the layers go.
             let _ = dmsetup(&["load", &self.name, "--table", original.trim()]);
             drop(s);
-            undo(&[&self.era_name, &orig]);
+            let _ = self.remove_layers();
             return Err(e.context(format!("putting dm-era under {}", self.name)));
         }
         self.inserted = true;
@@ -477,7 +473,7 @@ impl Tracked {
                 &meta,
             ],
         );
-        let dropped = dmsetup(&["message", &self.era_name, "0", "drop_metadata_snap"]);
+        let dropped = self.message("drop_metadata_snap");
         let blocks = parse_blocks(&out?)?;
         dropped?;
         let size = self.sectors * 512;
@@ -498,7 +494,7 @@ impl Tracked {
     /// Drops the metadata snapshot the cut took, when the cycle reads the
     /// device whole and does not need it.
     pub fn drop_metadata_snap(&self) {
-        if let Err(e) = dmsetup(&["message", &self.era_name, "0", "drop_metadata_snap"]) {
+        if let Err(e) = self.message("drop_metadata_snap") {
             warn!(device = %self.name, error = %format!("{e:#}"), "the era metadata snapshot could not be dropped; the next cut retries");
         }
     }
@@ -506,27 +502,18 @@ impl Tracked {
     /// Removes the agent's layers and gives the device its original table
     /// back (before a resize or a deactivation by LVM).
     fn release(&self) -> Result<()> {
-        let orig = self.orig_name();
-        let original = dmsetup(&["table", &orig])?;
+        let original = dmsetup(&["table", &self.orig_name()])?;
         let mut s = Suspended::new();
         s.suspend(&self.name, false)?;
         dmsetup(&["load", &self.name, "--table", original.trim()])?;
         s.resume_all()?;
-        for n in [self.snap_name(), self.era_name.clone(), orig] {
-            if find(&n).is_some() {
-                dmsetup(&["remove", &n])?;
-            }
-        }
-        Ok(())
+        self.remove_layers()
     }
 }
 
 /// Takes the agent's layers out from under the configured device; false when
 /// there were none.
 pub fn release(cfg: &EraConfig) -> Result<bool> {
-    if let Some(why) = tools_missing() {
-        bail!("{why}");
-    }
     match Tracked::existing(cfg)? {
         Some(t) => t.release().map(|()| true),
         None => Ok(false),
@@ -639,7 +626,8 @@ impl Drop for Suspended {
 /// snapshot holding the device as it was.
 #[derive(Debug)]
 pub struct Cut {
-    /// The era current after the checkpoint: the writes after the cut.
+    /// The era current after the cut's metadata snapshot: the writes after
+    /// the cut are in it or later ones.
     pub era: u64,
     /// The snapshot's node, to read.
     pub view: PathBuf,
@@ -659,10 +647,10 @@ pub fn cut(devices: &[Tracked]) -> Result<(Vec<Cut>, Duration)> {
     let mut made: Vec<&Tracked> = Vec::new();
     let r = (|| -> Result<()> {
         for t in devices {
-            dmsetup(&["message", &t.era_name, "0", "checkpoint"])?;
+            t.message("checkpoint")?;
             // Taking the metadata snapshot starts an era of its own: the
             // writes after the cut are in the era current after it.
-            dmsetup(&["message", &t.era_name, "0", "take_metadata_snap"])?;
+            t.message("take_metadata_snap")?;
             let (era, _) = t.status()?;
             let snap = t.snap_name();
             let table = format!("0 {} snapshot {} {} N 8", t.sectors, t.era_dev, t.cow);
@@ -689,7 +677,7 @@ pub fn cut(devices: &[Tracked]) -> Result<(Vec<Cut>, Duration)> {
         drop(s);
         for t in made {
             let _ = dmsetup(&["remove", &t.snap_name()]);
-            let _ = dmsetup(&["message", &t.era_name, "0", "drop_metadata_snap"]);
+            let _ = t.message("drop_metadata_snap");
         }
         return Err(e.context("cutting the dm-era devices"));
     }

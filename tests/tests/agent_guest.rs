@@ -122,21 +122,6 @@ fn qmp(sock: &Path, cmd: &str) {
     }
 }
 
-fn wait_for(serial: &Path, what: &str, timeout: Duration) -> String {
-    let deadline = Instant::now() + timeout;
-    loop {
-        let log = std::fs::read_to_string(serial).unwrap_or_default();
-        if log.contains(what) {
-            return log;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the guest never printed {what:?}:\n{log}"
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
-}
-
 fn read_slice(path: &Path, offset: u64, len: u64) -> Vec<u8> {
     use std::os::unix::fs::FileExt as _;
     let f = std::fs::File::open(path).unwrap();
@@ -422,7 +407,7 @@ echo "ferry-test: boot 2 done""#;
     // An unclean reset: the device-mapper tables are gone, the writer's
     // last writes were tracked by nothing after the boot.
     qmp(&lab.qmp, "{\"execute\":\"system_reset\"}");
-    let log = wait_for(serial, "ferry-test: boot 2 done", Duration::from_secs(300));
+    let log = wait_serial(serial, "ferry-test: boot 2 done", Duration::from_secs(300));
     assert!(log.contains("ferry-test: boot 2 rc=0"), "{log}");
     let after_reset = lab.status().unwrap();
     let last = after_reset["last_point"].as_str().unwrap().to_owned();

@@ -97,18 +97,7 @@ impl Qemu {
     }
 
     fn wait_serial(&self, what: &str, timeout: Duration) {
-        let deadline = Instant::now() + timeout;
-        loop {
-            let log = std::fs::read_to_string(&self.serial).unwrap_or_default();
-            if log.contains(what) {
-                return;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "the guest never printed {what:?}:\n{log}"
-            );
-            std::thread::sleep(Duration::from_millis(200));
-        }
+        wait_serial(&self.serial, what, timeout);
     }
 
     fn kill(&self, signal: &str) {

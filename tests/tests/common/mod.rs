@@ -382,3 +382,19 @@ pub fn guest() -> Option<PathBuf> {
     assert!(st.success(), "scripts/make-guest failed");
     Some(dir)
 }
+
+/// Waits until the guest's serial log at `serial` holds `what`; the log.
+pub fn wait_serial(serial: &Path, what: &str, timeout: std::time::Duration) -> String {
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        let log = std::fs::read_to_string(serial).unwrap_or_default();
+        if log.contains(what) {
+            return log;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the guest never printed {what:?}:\n{log}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+}
