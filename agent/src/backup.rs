@@ -68,6 +68,8 @@ pub struct BackupOptions {
     /// When the disks' content was captured (a snapshot's instant); `None`
     /// records the time the point is committed.
     pub time: Option<chrono::DateTime<chrono::Utc>>,
+    /// The coordinated cut across machines this point belongs to, if any.
+    pub group: Option<crate::point::GroupCut>,
 }
 
 /// What a backup did.
@@ -617,6 +619,7 @@ pub fn backup_sources(
         host: crate::crypto::hostname(),
         chunker: repo.config.chunker,
         disks: disk_meta,
+        group: opts.group.clone(),
     };
     let (id, obj) = point::encode(&repo.key, &meta, &lists);
     lock.ensure_fresh()?;

@@ -149,6 +149,40 @@ pub struct Meta {
     pub host: String,
     pub chunker: Chunker,
     pub disks: Vec<DiskMeta>,
+    /// The coordinated cut across machines this point was taken in, if its
+    /// agent belongs to a consistency group.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group: Option<GroupCut>,
+}
+
+/// One coordinated cut of a consistency group: every member's agent held its
+/// machine's writes (dm-era devices suspended, or its `pre_cut` hook's freeze)
+/// until the server saw all of them held, and only then cut. No member can
+/// have written anything that depends on a write another member's point
+/// lacks, so the members' points restore to one moment, as a database and
+/// its application need.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GroupCut {
+    /// The group's name (the agents' policy `group`).
+    pub name: String,
+    /// This cut's id, the same in every member's point.
+    pub round: String,
+    /// The sources the server expected: every agent of the group that was
+    /// not revoked or silent when the round opened.
+    pub members: Vec<String>,
+    /// The sources that held their writes in time; a member missing from
+    /// here cut later, alone.
+    pub arrived: Vec<String>,
+    /// Between the first and the last arrival, as the server's clock saw
+    /// them: how long the first member's writes were held for the others.
+    pub skew_ms: f64,
+}
+
+impl GroupCut {
+    /// Every member held its writes in time.
+    pub fn complete(&self) -> bool {
+        self.members.iter().all(|m| self.arrived.contains(m))
+    }
 }
 
 /// A decoded recovery point: its metadata and, per disk, its chunk lists.
@@ -435,6 +469,7 @@ mod tests {
                 changes: None,
                 tracking: None,
             }],
+            group: None,
         }
     }
 

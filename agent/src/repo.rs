@@ -401,11 +401,21 @@ impl Repository {
         Ok((ok, bad))
     }
 
-    /// Resolve `ID`, an unambiguous id prefix, `SOURCE@latest` or `SOURCE@TIME`
-    /// (the newest point at or before TIME, RFC 3339 or `YYYY-MM-DD[ HH:MM[:SS]]` UTC).
+    /// Resolve `ID`, an unambiguous id prefix, `SOURCE@latest`, `SOURCE@TIME`
+    /// (the newest point at or before TIME, RFC 3339 or `YYYY-MM-DD[ HH:MM[:SS]]` UTC)
+    /// or `SOURCE@group-latest`: the newest point of a complete coordinated
+    /// cut (see [`crate::point::GroupCut`]) that every member of the group has
+    /// a point of, so that each member's `@group-latest` names the same cut.
     pub fn resolve(&self, reference: &str) -> Result<Point> {
         if let Some((source, when)) = reference.split_once('@') {
             let (points, _) = self.points()?;
+            if when == GROUP_LATEST {
+                return group_latest(&points, source).cloned().ok_or_else(|| {
+                    Error::PointNotFound(format!(
+                        "source {source:?} has no point of a complete group cut that every member of its group has a point of; `ferry points --source {source}` shows each point's group"
+                    ))
+                });
+            }
             let mut of_source = points.into_iter().filter(|p| p.meta.source == source);
             let found = if when == "latest" {
                 of_source.next_back()
@@ -421,7 +431,7 @@ impl Repository {
         }
         if reference.len() < 4 || !reference.bytes().all(|b| b.is_ascii_hexdigit()) {
             return Err(Error::PointNotFound(format!(
-                "{reference:?} is not a recovery point: give an id (at least 4 hex digits), SOURCE@latest or SOURCE@TIME"
+                "{reference:?} is not a recovery point: give an id (at least 4 hex digits), SOURCE@latest, SOURCE@TIME or SOURCE@group-latest"
             )));
         }
         let reference = reference.to_ascii_lowercase();
@@ -445,6 +455,30 @@ impl Repository {
     pub(crate) fn put_object(&self, name: &str, bytes: Vec<u8>) -> Result<()> {
         self.store.put(name, Bytes::from(bytes))
     }
+}
+
+/// `SOURCE@group-latest`: see [`Repository::resolve`].
+pub const GROUP_LATEST: &str = "group-latest";
+
+/// The newest of `points` (sorted by time) of `source` taken in a complete
+/// group cut that every member of the group has a point of.
+pub fn group_latest<'a>(points: &'a [Point], source: &str) -> Option<&'a Point> {
+    let in_round = |src: &str, g: &crate::point::GroupCut| {
+        points.iter().any(|q| {
+            q.meta.source == src
+                && q.meta
+                    .group
+                    .as_ref()
+                    .is_some_and(|h| h.name == g.name && h.round == g.round)
+        })
+    };
+    points.iter().rev().find(|p| {
+        p.meta.source == source
+            && p.meta
+                .group
+                .as_ref()
+                .is_some_and(|g| g.complete() && g.members.iter().all(|m| in_round(m, g)))
+    })
 }
 
 /// The largest `config` object accepted: its JSON is a few hundred bytes.

@@ -33,6 +33,7 @@ pub(crate) fn vm_backup() -> BackupOptions {
         disks: vec![DiskSpec::from_path("/dev/vda")],
         consistency: None,
         time: None,
+        group: None,
     }
 }
 

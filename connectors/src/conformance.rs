@@ -185,6 +185,7 @@ mod tests {
             disks: vec![DiskSpec::from_path("/dev/vda")],
             consistency: None,
             time: None,
+            group: None,
         };
         let s = backup_sources(
             &repo,

@@ -737,6 +737,7 @@ impl Cycle<'_> {
                 .collect(),
             consistency: None,
             time: Some(cut),
+            group: None,
         };
         let refs: Vec<&dyn BlockSource> = srcs.iter().map(|s| s as &dyn BlockSource).collect();
         let summary =

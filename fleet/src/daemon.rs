@@ -31,11 +31,15 @@ use ferry_agent::source::{BlockSource, ChangeMap, FileSource};
 use crate::config::{self, Config};
 use crate::era::{self, Tracked};
 use crate::wire::{
-    AgentStatus, ApiError, Device, DeviceStatus, EnrollRequest, Enrolled, Mode, Policy,
+    AgentStatus, ApiError, Device, DeviceStatus, EnrollRequest, Enrolled, GROUP_WAIT_MS, GroupCut,
+    Mode, Policy,
 };
 
 /// How long one request to the server may take.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+/// What a group cut may take beyond the server's wait: the agent holds its
+/// writes for the whole request, so it gives up soon after the server would.
+const CUT_MARGIN: Duration = Duration::from_secs(3);
 
 /// Why the server would not talk to the agent.
 #[derive(Debug)]
@@ -154,6 +158,19 @@ impl Client {
     pub fn policy(&self) -> Result<Policy, ServerError> {
         let url = format!("{}/api/agent/policy", self.server);
         self.call(self.http.get(url), "policy")
+    }
+
+    /// Waits with the rest of the agent's consistency group (the agent holds
+    /// its writes meanwhile); the round, once every member arrived or the
+    /// server stopped waiting.
+    pub fn cut(&self) -> Result<GroupCut, ServerError> {
+        let url = format!("{}/api/agent/cut", self.server);
+        let req = self
+            .http
+            .post(url)
+            .json(&serde_json::json!({}))
+            .timeout(Duration::from_millis(GROUP_WAIT_MS) + CUT_MARGIN);
+        self.call(req, "group cut")
     }
 
     pub fn push(&self, status: &AgentStatus) -> Result<(), ServerError> {
@@ -370,9 +387,22 @@ pub fn run(config_path: &Path, opts: &RunOptions, stop: &AtomicBool) -> Result<A
         let interval = policy.as_ref().map_or(Duration::from_secs(10), |p| {
             Duration::from_secs(p.interval_secs.max(1))
         });
+        let grouped = policy.as_ref().is_some_and(|p| p.group.is_some());
+        if grouped {
+            // A group's members start their cycles at the same wall-clock
+            // instants, so they reach the barrier together.
+            let until = Instant::now() + until_aligned(interval);
+            while let Some(rest) = until.checked_duration_since(Instant::now()) {
+                if stop.load(Ordering::Relaxed) {
+                    return Ok(status);
+                }
+                std::thread::sleep(rest.min(Duration::from_millis(100)));
+            }
+        }
+        let started = if grouped { Instant::now() } else { started };
         if let Some(p) = &policy {
             n += 1;
-            cycle(&cfg, p, &mut repo, &mut eras, &mut status, started);
+            cycle(&cfg, &client, p, &mut repo, &mut eras, &mut status, started);
             match client.push(&status) {
                 Ok(()) => {}
                 Err(ServerError::Refused(m)) => return Err(Stopped(m).into()),
@@ -382,7 +412,7 @@ pub fn run(config_path: &Path, opts: &RunOptions, stop: &AtomicBool) -> Result<A
         if opts.cycles.is_some_and(|c| n >= c) {
             return Ok(status);
         }
-        while let Some(rest) = interval.checked_sub(started.elapsed()) {
+        while let Some(rest) = interval.checked_sub(started.elapsed()).filter(|_| !grouped) {
             if stop.load(Ordering::Relaxed) {
                 return Ok(status);
             }
@@ -394,6 +424,19 @@ pub fn run(config_path: &Path, opts: &RunOptions, stop: &AtomicBool) -> Result<A
     }
 }
 
+/// From now to the next multiple of `interval` since the Unix epoch: where
+/// every member of a group starts its cycle, whatever its clock's offset
+/// from the others' (the barrier makes the cut exact; this only makes the
+/// wait for it short).
+fn until_aligned(interval: Duration) -> Duration {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_millis();
+    let every = interval.as_millis().max(1);
+    Duration::from_millis((every - now % every) as u64)
+}
+
 /// The dm-era targets the agent set up or adopted, by device path: kept
 /// between cycles (a cycle that fails forgets them, and the next adopts them
 /// again from what the kernel holds).
@@ -402,6 +445,7 @@ type Eras = std::collections::HashMap<String, Tracked>;
 /// One cycle: every device of the policy into one point; `status` updated.
 fn cycle(
     cfg: &Config,
+    client: &Client,
     p: &Policy,
     repo: &mut Option<OpenRepo>,
     known: &mut Eras,
@@ -424,6 +468,10 @@ fn cycle(
         })
         .collect();
     status.pause_secs = None;
+    status.group_cut = None;
+    status.group_error = None;
+    let mut group_cut = None;
+    let mut group_error = None;
     let mut hook_error = None;
     let mut post_error = None;
     let r = (|| -> Result<ferry_agent::backup::Summary> {
@@ -490,11 +538,26 @@ fn cycle(
             failed: &mut post_error,
         };
         let eras: Vec<Tracked> = tracked.iter().flatten().cloned().collect();
+        // A consistency group's barrier, while this machine's writes are
+        // held (its dm-era devices suspended, or its pre_cut hook's freeze):
+        // no member lets writes go before every member holds them.
+        let mut barrier = || {
+            if p.group.is_some() {
+                match client.cut() {
+                    Ok(g) => group_cut = Some(g),
+                    Err(e) => {
+                        warn!(error = %e, "cutting without the group");
+                        group_error = Some(format!("cut without the group: {e}"));
+                    }
+                }
+            }
+        };
         cut = Utc::now();
         let (cuts, pause) = if eras.is_empty() {
+            barrier();
             (Vec::new(), None)
         } else {
-            let (c, d) = era::cut(&eras)?;
+            let (c, d) = era::cut(&eras, barrier)?;
             (c, Some(d))
         };
         let _uncut = Uncut(&eras);
@@ -577,6 +640,7 @@ fn cycle(
                 .collect(),
             consistency: frozen.then_some(ferry_agent::point::Consistency::App),
             time: Some(cut),
+            group: group_cut.clone(),
         };
         let refs: Vec<&dyn BlockSource> = sources.iter().map(|s| s.as_ref()).collect();
         let summary =
@@ -597,6 +661,8 @@ fn cycle(
     })();
     let secs = started.elapsed().as_secs_f64();
     status.hook_error = hook_error.or(post_error);
+    status.group_cut = group_cut;
+    status.group_error = group_error;
     match r {
         Ok(s) => {
             let lag = (Utc::now() - cut).num_milliseconds() as f64 / 1000.0;

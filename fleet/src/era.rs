@@ -635,9 +635,10 @@ pub struct Cut {
 
 /// Cuts every tracked device at one instant: all are suspended together
 /// (file systems frozen), each era target checkpointed and its metadata
-/// snapshotted, each device given a snapshot, and all resumed. Returns the
-/// cuts and how long the devices were suspended.
-pub fn cut(devices: &[Tracked]) -> Result<(Vec<Cut>, Duration)> {
+/// snapshotted, each device given a snapshot, `held` called (a consistency
+/// group's barrier: every member holds its writes until all do), and all
+/// resumed. Returns the cuts and how long the devices were suspended.
+pub fn cut(devices: &[Tracked], held: impl FnOnce()) -> Result<(Vec<Cut>, Duration)> {
     let mut s = Suspended::new();
     for t in devices {
         s.suspend(&t.name, false)?;
@@ -681,6 +682,7 @@ pub fn cut(devices: &[Tracked]) -> Result<(Vec<Cut>, Duration)> {
         }
         return Err(e.context("cutting the dm-era devices"));
     }
+    held();
     s.resume_all()?;
     Ok((cuts, paused.elapsed()))
 }

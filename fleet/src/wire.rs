@@ -64,7 +64,23 @@ pub struct Policy {
     /// Keep this many newest points of the source (retention after each cycle).
     #[serde(default)]
     pub keep_last: Option<u32>,
+    /// The consistency group this machine cuts with: agents of one group
+    /// cut together (`POST /api/agent/cut`), at the same wall-clock
+    /// multiples of the interval, so an application's machines restore to
+    /// one moment (`SOURCE@group-latest`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group: Option<String>,
 }
+
+/// How long the server holds a group's round open for members that have not
+/// arrived: arrived members keep their writes held that long at most, then
+/// cut without the others.
+pub const GROUP_WAIT_MS: u64 = 2_000;
+
+/// `POST /api/agent/cut`: the agent has held its writes and waits for the
+/// rest of its group. The answer is the round ([`GroupCut`]) once every
+/// member arrived, or when [`GROUP_WAIT_MS`] passed.
+pub use ferry_agent::point::GroupCut;
 
 /// How a device's changes are found.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -127,6 +143,11 @@ pub struct AgentStatus {
     /// The last cycle's hook failure (`pre_cut` or `post_cut` of the agent's
     /// config), if any; a failed pre hook leaves the point crash-consistent.
     pub hook_error: Option<String>,
+    /// The last cycle's coordinated cut with its group: who arrived, the skew.
+    pub group_cut: Option<GroupCut>,
+    /// Why the last cycle cut without its group (the server could not be
+    /// reached, or the agent's writes could not be held), if it did.
+    pub group_error: Option<String>,
     pub devices: Vec<DeviceStatus>,
 }
 

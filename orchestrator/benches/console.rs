@@ -55,6 +55,7 @@ fn points(repo_dir: &Path, pw: &[u8], work: &Path) {
                 }],
                 consistency: None,
                 time: Some(now - chrono::Duration::minutes(((points - p) * 15) as i64)),
+                group: None,
             };
             ferry_agent::backup::backup(&repo, &opts, &Default::default()).unwrap();
         }

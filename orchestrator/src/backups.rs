@@ -76,6 +76,7 @@ pub fn backup(
         disks: specs,
         consistency: None,
         time: None,
+        group: None,
     };
     let refs: Vec<&dyn BlockSource> = sources.iter().map(AsRef::as_ref).collect();
     ferry_agent::backup::backup_sources(repo, &opts, &refs, &Default::default())

@@ -44,6 +44,9 @@ pub struct PolicyTemplate {
     pub repository: Option<String>,
     #[schema(maximum = 1_000_000)]
     pub keep_last: Option<u32>,
+    /// The consistency group the agent cuts with (`""` takes it out of its
+    /// group).
+    pub group: Option<String>,
 }
 
 /// The longest interval a policy may ask for: 30 days.
@@ -63,6 +66,13 @@ impl PolicyTemplate {
             return Err(Error::usage(format!(
                 "the interval must be {MIN_INTERVAL_SECS} s to 30 days"
             )));
+        }
+        if let Some(g) = self.group.as_deref().filter(|g| !g.is_empty()) {
+            crate::backups::check_source(g).map_err(|_| {
+                Error::usage(format!(
+                    "group {g:?}: 1 to 128 characters, without '@' or '/'"
+                ))
+            })?;
         }
         if self.keep_last.is_some_and(|k| k > MAX_KEEP_LAST) {
             return Err(Error::usage(format!(
@@ -231,6 +241,7 @@ pub async fn enroll(
         interval_secs: tpl.interval_secs.unwrap_or(DEFAULT_INTERVAL_SECS),
         repository,
         keep_last: tpl.keep_last,
+        group: tpl.group.clone().filter(|g| !g.is_empty()),
     };
     let cred = mint(CREDENTIAL_PREFIX).map_err(Error::Internal)?;
     let agent_id = cred.id;
@@ -379,6 +390,7 @@ fn view(a: AgentRow, now_ms: i64) -> Agent {
         interval_secs: DEFAULT_INTERVAL_SECS,
         repository: String::new(),
         keep_last: None,
+        group: None,
     });
     // Shown to viewers: no password may ride along in a location or an error.
     policy.repository = crate::redact::redact(&policy.repository);
@@ -459,6 +471,9 @@ pub async fn set_policy(
     }
     if tpl.keep_last.is_some() {
         p.keep_last = tpl.keep_last;
+    }
+    if let Some(g) = tpl.group {
+        p.group = Some(g).filter(|g| !g.is_empty());
     }
     if !state.set_agent_policy(id, &to_json(&p)?).await? {
         return Err(Error::Conflict(format!("agent {id} is revoked")));

@@ -66,6 +66,9 @@ pub struct Point {
     pub size: u64,
     pub data_bytes: u64,
     pub disks: Vec<PointDisk>,
+    /// The coordinated cut across machines it was taken in, if any.
+    #[schema(value_type = Option<Object>)]
+    pub group: Option<ferry_agent::point::GroupCut>,
     /// Drills that proved this point, newest first.
     pub verified_by: Vec<VerifiedBy>,
 }
@@ -481,6 +484,7 @@ fn point_view(p: &ferry_agent::point::Point, verified: &BTreeMap<&str, Vec<Verif
         size: p.meta.disks.iter().map(|d| d.size).sum(),
         data_bytes: p.meta.disks.iter().map(|d| d.data_bytes).sum(),
         disks: p.meta.disks.iter().map(disk_view).collect(),
+        group: p.meta.group.clone(),
         verified_by: verified.get(p.id.as_str()).cloned().unwrap_or_default(),
     }
 }

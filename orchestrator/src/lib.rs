@@ -40,6 +40,7 @@ pub mod exec;
 pub mod fleet;
 pub mod forecast;
 pub mod fsutil;
+pub mod groups;
 pub mod inventory;
 pub mod redact;
 pub mod report;

@@ -7,7 +7,9 @@
 //! cycle reads exactly the blocks its era target reported, a kill -9 of
 //! the agent and an unclean reset of the guest both end in a valid chain
 //! and a correct next point, and `ferry-agent release` gives the volume its
-//! own table back.
+//! own table back. An agent on the host is in the guest agent's consistency
+//! group: the two meet at the server's barrier while the guest's volume is
+//! suspended.
 
 #![allow(clippy::unwrap_used)]
 
@@ -136,6 +138,8 @@ struct Setup {
     cow_mib: u64,
     block_kib: u32,
     interval: &'static str,
+    /// The consistency group of the guest's agent, if any.
+    group: Option<&'static str>,
     /// The truth hook: the first 8 cuts of the first boot copied to the
     /// third disk (a full copy of the volume each, so not for benchmarks).
     truth: bool,
@@ -183,7 +187,7 @@ impl Lab {
         let server = serve(env.cmd(), &[]);
         let api = std::fs::read_to_string(env.path("home/api-token")).unwrap();
         let auth = format!("Authorization: Bearer {}", api.trim());
-        let token = env.json(&[
+        let mut args = vec![
             "agent-token",
             "create",
             "--source",
@@ -192,10 +196,11 @@ impl Lab {
             "/dev/vg0/data",
             "--interval",
             setup.interval,
-        ])["token"]
-            .as_str()
-            .unwrap()
-            .to_owned();
+        ];
+        if let Some(g) = setup.group {
+            args.extend(["--group", g]);
+        }
+        let token = env.json(&args)["token"].as_str().unwrap().to_owned();
         let server_port = server
             .url
             .rsplit(':')
@@ -322,14 +327,18 @@ fi
         })
     }
 
-    /// The agent's last status as the server shows it.
+    /// The guest agent's last status (source db-1) as the server shows it.
     fn status(&self) -> Option<serde_json::Value> {
         let (code, body) = curl(&["-H", &self.auth, &format!("{}/api/agents", self.server.url)]);
         if code != 200 {
             return None;
         }
         let agents: serde_json::Value = serde_json::from_str(&body).ok()?;
-        agents.get(0).map(|a| a["status"].clone())
+        agents
+            .as_array()?
+            .iter()
+            .find(|a| a["policy"]["source"] == "db-1")
+            .map(|a| a["status"].clone())
     }
 
     fn log(&self) -> String {
@@ -363,12 +372,16 @@ echo "ferry-test: boot 2 done""#;
         cow_mib: 32,
         block_kib: 64,
         interval: "2s",
+        group: Some("shop"),
         truth: true,
         tail: tail.into(),
     }) else {
         return;
     };
     let (env, serial, truth, pv) = (&lab.env, &lab.serial, &lab.truth, &lab.pv);
+    // A second machine of the application, on the host: an agent in scan
+    // mode in the guest's consistency group, so the two cut together.
+    let _host_agent = host_member(env, &lab.server, "app-1", "shop");
 
     // The statuses the agent pushes, by point, as the server shows them.
     let mut seen: BTreeMap<String, serde_json::Value> = BTreeMap::new();
@@ -479,6 +492,42 @@ echo "ferry-test: boot 2 done""#;
         "only {matched} points had a snapshot to compare"
     );
 
+    // The guest's dm-era cuts and the host's scan cuts met at the server's
+    // barrier while the guest's volume was suspended.
+    let db = env.json(&["points", "--source", "db-1"]);
+    let app = env.json(&["points", "--source", "app-1"]);
+    let together: Vec<&serde_json::Value> = db
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|p| {
+            p["group"]["arrived"]
+                .as_array()
+                .is_some_and(|a| a.len() == 2)
+        })
+        .collect();
+    assert!(together.len() >= 3, "{db}");
+    for p in &together {
+        let g = &p["group"];
+        assert!(
+            app.as_array()
+                .unwrap()
+                .iter()
+                .any(|q| q["group"]["round"] == g["round"]),
+            "the host's point of round {} is missing",
+            g["round"]
+        );
+        assert!(g["skew_ms"].as_f64().unwrap() < 2000.0, "{g}");
+    }
+    env.ok(&[
+        "restore",
+        "db-1@group-latest",
+        "--disk",
+        "data",
+        "--to",
+        env.path("g.raw").to_str().unwrap(),
+    ]);
+
     // The point after the reset holds the volume as the reset left it.
     let table = log
         .lines()
@@ -497,6 +546,65 @@ echo "ferry-test: boot 2 done""#;
         "the point after the reset differs from the volume"
     );
     env.ok(&["check"]);
+}
+
+/// A process killed when dropped.
+struct Reaped(std::process::Child);
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// An agent on the host protecting a small image as `source`, in `group`,
+/// at the guest's interval, running until dropped.
+fn host_member(env: &Env, server: &Served, source: &str, group: &str) -> Reaped {
+    let img = env.path(&format!("{source}.img"));
+    make_image(&img, 4 << 20, 3);
+    let token = env.json(&[
+        "agent-token",
+        "create",
+        "--source",
+        source,
+        "--device",
+        img.to_str().unwrap(),
+        "--interval",
+        "2s",
+        "--group",
+        group,
+    ])["token"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let config = env.path(&format!("{source}.toml"));
+    // The repository's password and the object store's endpoint and
+    // credentials, as ferry itself gets them.
+    let agent = || {
+        let mut c = Command::new(ferry_bin().with_file_name("ferry-agent"));
+        for (k, v) in env.cmd().get_envs() {
+            match v {
+                Some(v) => c.env(k, v),
+                None => c.env_remove(k),
+            };
+        }
+        c.arg("--config").arg(&config);
+        c
+    };
+    let out = agent()
+        .args(["enroll", "--server", &server.url, "--token", &token])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    Reaped(
+        agent()
+            .arg("run")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    )
 }
 
 /// One phase of the benchmark, from the points the agent made in it.
@@ -624,6 +732,7 @@ echo "ferry-bench: done""#
         cow_mib: 512,
         block_kib,
         interval: "1s",
+        group: None,
         truth: false,
         tail,
     }) else {

@@ -420,3 +420,247 @@ fn an_agent_reports_each_device_of_a_machine() {
         .collect();
     assert_eq!(disks, ["a.img", "b.img"]);
 }
+
+/// A process killed when the test ends, however it ends.
+struct Reaped(std::process::Child);
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// The 8-byte counter at the start of a restored disk.
+fn counter(path: &Path) -> u64 {
+    use std::io::Read as _;
+    let mut b = [0u8; 8];
+    std::fs::File::open(path)
+        .unwrap()
+        .read_exact(&mut b)
+        .unwrap();
+    u64::from_le_bytes(b)
+}
+
+/// Two machines of one application in one consistency group. The database
+/// machine's writer counts up on its disk; the application machine's writer
+/// copies what the database has written onto its own disk, so its counter
+/// is never ahead of the database's, and a pair of points of one moment
+/// must show the same. Each agent's hooks freeze its machine's writer
+/// (SIGSTOP); the application's freeze is slow (300 ms), so an agent that
+/// did not wait for the other would thaw the database long before the
+/// application's cut, and the application's point would be ahead.
+#[test]
+fn a_group_of_agents_cuts_its_machines_at_one_moment() {
+    let env = Env::new();
+    env.init();
+    let (db, app, progress) = (
+        env.path("db.img"),
+        env.path("app.img"),
+        env.path("progress"),
+    );
+    for f in [&db, &app] {
+        std::fs::File::create(f).unwrap().set_len(4 << 20).unwrap();
+    }
+    std::fs::write(&progress, [0u8; 8]).unwrap();
+    let server = serve(env.cmd(), &[]);
+    let writer = |script: String| {
+        Reaped(
+            Command::new("python3")
+                .args(["-c", &script])
+                .spawn()
+                .unwrap(),
+        )
+    };
+    let (db_s, app_s, prog_s) = (db.display(), app.display(), progress.display());
+    let db_writer = writer(format!(
+        "import os,struct,time\nd=os.open('{db_s}',os.O_WRONLY)\np=os.open('{prog_s}',os.O_WRONLY)\nn=0\nwhile True:\n n+=1\n os.pwrite(d,struct.pack('<Q',n),0)\n os.pwrite(d,b'x'*4096,(n%900+1)*4096)\n os.pwrite(p,struct.pack('<Q',n),0)\n time.sleep(0.0005)\n"
+    ));
+    let app_writer = writer(format!(
+        "import os,struct,time\nd=os.open('{app_s}',os.O_WRONLY)\np=os.open('{prog_s}',os.O_RDONLY)\nwhile True:\n v=os.pread(p,8,0)\n os.pwrite(d,v,0)\n time.sleep(0.0005)\n"
+    ));
+    let freeze = |pid: u32, delay: &str| {
+        format!(
+            "pre_cut = \"sleep {delay}; kill -STOP {pid}; while [ $(cut -d' ' -f3 /proc/{pid}/stat) != T ]; do sleep 0.002; done\"\npost_cut = \"kill -CONT {pid}\"\n"
+        )
+    };
+    let mut configs = Vec::new();
+    for (source, img, hooks) in [
+        ("db", &db, freeze(db_writer.0.id(), "0")),
+        ("app", &app, freeze(app_writer.0.id(), "0.3")),
+    ] {
+        let t = env.json(&[
+            "agent-token",
+            "create",
+            "--source",
+            source,
+            "--device",
+            img.to_str().unwrap(),
+            "--interval",
+            "1s",
+            "--group",
+            "shop",
+        ]);
+        let config = env.path(&format!("{source}.toml"));
+        let out = agent(
+            &config,
+            &[
+                "enroll",
+                "--server",
+                &server.url,
+                "--token",
+                t["token"].as_str().unwrap(),
+            ],
+        );
+        assert!(out.status.success(), "{}", stderr(&out));
+        let base = std::fs::read_to_string(&config).unwrap();
+        std::fs::write(&config, format!("{hooks}{base}")).unwrap();
+        configs.push(config);
+    }
+    let run_all = |configs: &[&PathBuf], cycles: &str| -> Vec<serde_json::Value> {
+        let children: Vec<_> = configs
+            .iter()
+            .map(|c| {
+                agent_cmd(c, &["run", "--cycles", cycles])
+                    .stdout(std::process::Stdio::piped())
+                    .stderr(std::process::Stdio::piped())
+                    .spawn()
+                    .unwrap()
+            })
+            .collect();
+        children
+            .into_iter()
+            .map(|c| {
+                let out = c.wait_with_output().unwrap();
+                assert!(out.status.success(), "{}", stderr(&out));
+                serde_json::from_slice(&out.stdout).unwrap()
+            })
+            .collect()
+    };
+    let st = run_all(&[&configs[0], &configs[1]], "5");
+    for s in &st {
+        assert_eq!(s["cycles_ok"], 5, "{s}");
+        assert_eq!(s["consistency"], "app", "{s}");
+        assert!(s["group_error"].is_null(), "{s}");
+    }
+
+    // Pairs of points by round: the application is never ahead.
+    let points = env.json(&["points"]);
+    let points = points.as_array().unwrap();
+    let of = |source: &str| -> Vec<&serde_json::Value> {
+        points.iter().filter(|p| p["source"] == source).collect()
+    };
+    let mut rounds = Vec::new();
+    for p in of("db") {
+        let g = &p["group"];
+        assert_eq!(g["name"], "shop", "{p}");
+        let Some(q) = of("app")
+            .into_iter()
+            .find(|q| q["group"]["round"] == g["round"])
+        else {
+            continue;
+        };
+        assert_eq!(q["group"], *g, "both points record one round");
+        let complete = g["arrived"].as_array().unwrap().len() == 2;
+        let mut values = Vec::new();
+        for pt in [p, q] {
+            let to = env.path(&format!("r-{}.img", pt["id"].as_str().unwrap()));
+            env.ok(&[
+                "restore",
+                pt["id"].as_str().unwrap(),
+                "--to",
+                to.to_str().unwrap(),
+            ]);
+            values.push(counter(&to));
+        }
+        let skew = g["skew_ms"].as_f64().unwrap();
+        eprintln!(
+            "round {}: db {} app {} skew {skew} ms",
+            g["round"], values[0], values[1]
+        );
+        if complete {
+            assert!(
+                values[1] <= values[0],
+                "the application's point is ahead of the database's: {values:?} in {g}"
+            );
+            // The application's freeze takes 300 ms: the database waited.
+            assert!((250.0..2000.0).contains(&skew), "{g}");
+        }
+        rounds.push((complete, values[0], p["id"].clone(), q["id"].clone()));
+    }
+    assert!(
+        rounds.iter().filter(|r| r.0).count() >= 4,
+        "most cuts have both machines: {rounds:?}"
+    );
+    assert!(
+        rounds.windows(2).all(|w| w[0].1 < w[1].1),
+        "the writers ran between cuts: {rounds:?}"
+    );
+
+    // The server reports each group's cuts and their skew.
+    let api_token = std::fs::read_to_string(env.path("home/api-token")).unwrap();
+    let auth = format!("Authorization: Bearer {}", api_token.trim());
+    let (code, body) = curl(&["-H", &auth, &format!("{}/api/groups", server.url)]);
+    assert_eq!(code, 200, "{body}");
+    let groups: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(groups[0]["name"], "shop", "{groups}");
+    assert_eq!(
+        groups[0]["members"],
+        serde_json::json!(["app", "db"]),
+        "{groups}"
+    );
+    assert!(
+        groups[0]["complete_rounds"].as_u64().unwrap() >= 4,
+        "{groups}"
+    );
+    assert!(
+        groups[0]["skew_ms_p50"].as_f64().unwrap() >= 250.0,
+        "{groups}"
+    );
+    let last_db = || {
+        let p = env.json(&["points", "--source", "db"]);
+        p.as_array().unwrap().last().unwrap()["id"].clone()
+    };
+    let before = last_db();
+    let both = rounds.iter().rfind(|r| r.0).unwrap();
+
+    // The application machine stops: the database's cuts wait for it no
+    // longer than the server's 2 s, and are marked incomplete.
+    let st = run_all(&[&configs[0]], "2");
+    let cut = &st[0]["group_cut"];
+    assert_eq!(cut["arrived"], serde_json::json!(["db"]), "{}", st[0]);
+    assert_eq!(cut["members"].as_array().unwrap().len(), 2, "{}", st[0]);
+    assert!(
+        st[0]["last_cycle_secs"].as_f64().unwrap() < 4.0,
+        "{}",
+        st[0]
+    );
+    let listed = env.ok(&["points", "--source", "db"]);
+    assert!(listed.contains("INCOMPLETE"), "{listed}");
+
+    // `@group-latest` names, for each member, the newest cut both have.
+    for (source, id) in [("db", &both.2), ("app", &both.3)] {
+        let (group, direct) = (
+            env.path(&format!("g-{source}.img")),
+            env.path(&format!("d-{source}.img")),
+        );
+        env.ok(&[
+            "restore",
+            &format!("{source}@group-latest"),
+            "--to",
+            group.to_str().unwrap(),
+        ]);
+        env.ok(&[
+            "restore",
+            id.as_str().unwrap(),
+            "--to",
+            direct.to_str().unwrap(),
+        ]);
+        assert!(
+            same_content(&group, &direct),
+            "{source}@group-latest is the last cut both machines made"
+        );
+    }
+    assert_ne!(last_db(), before, "the database went on alone");
+    drop((db_writer, app_writer));
+}

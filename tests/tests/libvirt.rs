@@ -370,6 +370,7 @@ fn a_domain_is_adopted_backed_up_incrementally_through_checkpoints_and_torn_down
         }],
         consistency: None,
         time: None,
+        group: None,
     };
     let full = lv.backup_begin(&name, "vda", "cp1", None).unwrap();
     assert!(full.bitmap_context().is_none());

@@ -715,11 +715,18 @@ async function agentsView() {
   };
   const devices = (a) => (a.status && a.status.devices.length ? a.status.devices : a.policy.devices.map((p) => ({ path: p })))
     .map((d) => h('div', { class: 'small' }, h('span', { class: 'mono' }, d.path), d.mode ? [' ', badge(d.mode), ' ', h('span', { class: 'muted' }, d.mode_reason)] : ''));
+  const group = (a) => {
+    if (!a.policy.group) return '–';
+    const c = a.status && a.status.group_cut;
+    const last = c ? (c.arrived.length === c.members.length ? 'cut with all ' + c.members.length + ', skew ' + Math.round(c.skew_ms) + ' ms'
+      : 'last cut INCOMPLETE: ' + c.arrived.length + ' of ' + c.members.length) : (a.status && a.status.group_error) || 'no cut yet';
+    return h('div', {}, h('span', { class: 'mono' }, a.policy.group), h('div', { class: 'small muted' }, last));
+  };
   mount(h('h1', {}, 'Agents'), out,
     list.length ? h('div', { class: 'scroll', tabindex: '0', role: 'region', 'aria-label': 'Agents' }, h('table', { id: 'agents' },
-      h('thead', {}, h('tr', {}, ['Agent', 'Host', 'Source', 'Devices', 'Every', 'Last seen', 'Lag', 'Health', 'Last error', ''].map((t) => h('th', {}, t)))),
+      h('thead', {}, h('tr', {}, ['Agent', 'Host', 'Source', 'Devices', 'Group', 'Every', 'Last seen', 'Lag', 'Health', 'Last error', ''].map((t) => h('th', {}, t)))),
       h('tbody', {}, list.map((a) => h('tr', { 'data-agent': a.id }, h('td', { class: 'mono' }, a.id), h('td', {}, a.hostname),
-        h('td', {}, h('a', { href: '#/sources/' + encodeURIComponent(a.policy.source) }, a.policy.source)), h('td', {}, devices(a)),
+        h('td', {}, h('a', { href: '#/sources/' + encodeURIComponent(a.policy.source) }, a.policy.source)), h('td', {}, devices(a)), h('td', {}, group(a)),
         h('td', { class: 'num' }, a.policy.interval_secs + ' s'), h('td', {}, a.last_seen_ms ? when(a.last_seen_ms) : 'never'),
         h('td', { class: 'num' }, a.status && a.status.lag_secs != null ? secs(a.status.lag_secs) : '–'), h('td', {}, agentHealth(a)),
         h('td', { class: 'small' }, (a.status && (a.status.last_error || a.status.hook_error)) || ''),

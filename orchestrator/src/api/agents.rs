@@ -1,8 +1,9 @@
 //! The fleet over HTTP. Users (by role) create enrollment tokens, list,
 //! re-police and revoke agents under `/api/agents`; agents enroll with a
 //! token (`POST /api/agents/enroll`) and then use their own credential on
-//! `/api/agent/policy` and `/api/agent/status`, which accept nothing else.
-//! The logic is [`crate::fleet`].
+//! `/api/agent/policy`, `/api/agent/status` and `/api/agent/cut` (a
+//! consistency group's barrier), which accept nothing else. The logic is
+//! [`crate::fleet`] and [`crate::groups`].
 
 use super::{ApiResult, AppState, Body};
 use crate::auth::{Identity, Role};
@@ -13,7 +14,7 @@ use axum::extract::{Path, State as Ax};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
-use ferry_fleet::wire::{AgentStatus, EnrollRequest, Enrolled, Policy};
+use ferry_fleet::wire::{AgentStatus, EnrollRequest, Enrolled, GroupCut, Policy};
 use serde::Deserialize;
 
 /// A token to make.
@@ -158,4 +159,36 @@ pub(super) async fn agent_status(
     let a = agent_of(&app, &headers).await?;
     fleet::push_status(&app.state, &a, &b, now_ms()).await?;
     Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+#[utoipa::path(post, path = "/api/agent/cut", request_body = Object, responses(
+    (status = 200, body = Object, description = "The group's round: every member arrived (`arrived` equals `members`), or the server stopped waiting for the missing after 2 s; `skew_ms` is the spread of arrivals"),
+    (status = 400, body = crate::api::ApiError, description = "The body is not JSON"),
+    (status = 401, body = crate::api::ApiError, description = "No or an unknown agent credential"),
+    (status = 403, body = crate::api::ApiError, description = "The agent was revoked: it must stop"),
+    (status = 409, body = crate::api::ApiError, description = "The agent's policy names no group"),
+    (status = 413, body = crate::api::ApiError, description = "A body over the server's limit"),
+    (status = 415, body = crate::api::ApiError, description = "The body is not application/json"),
+    (status = 422, body = crate::api::ApiError, description = "The body is not a JSON object"),
+    (status = 500, body = crate::api::ApiError, description = "The server failed; its log says why")),
+    security(("agent" = [])))]
+pub(super) async fn agent_cut(
+    Ax(app): Ax<AppState>,
+    headers: HeaderMap,
+    Body(_empty): Body<serde_json::Map<String, serde_json::Value>>,
+) -> ApiResult<Json<GroupCut>> {
+    let a = agent_of(&app, &headers).await?;
+    Ok(Json(
+        crate::groups::arrive(&app.groups, &app.state, &a, now_ms()).await?,
+    ))
+}
+
+#[utoipa::path(get, path = "/api/groups", responses(
+    (status = 200, body = Vec<crate::groups::GroupView>, description = "Every consistency group the agents' policies name: its members, and its recent coordinated cuts with their skew"),
+    (status = 401, body = crate::api::ApiError, description = "No or wrong credentials"),
+    (status = 500, body = crate::api::ApiError, description = "The server failed; its log says why")))]
+pub(super) async fn groups(
+    Ax(app): Ax<AppState>,
+) -> ApiResult<Json<Vec<crate::groups::GroupView>>> {
+    Ok(Json(app.groups.list(&app.state, now_ms()).await?))
 }

@@ -64,6 +64,8 @@ pub struct AppState {
     pub alert_routes: Option<Arc<crate::alerts::Routes>>,
     /// Schedules whose check or backup is running in this server.
     busy_jobs: Arc<std::sync::Mutex<std::collections::HashSet<String>>>,
+    /// The agents' consistency groups: open rounds and recent ones.
+    pub groups: Arc<crate::groups::Groups>,
 }
 
 impl AppState {
@@ -96,6 +98,7 @@ impl AppState {
             drills: Arc::default(),
             alert_routes: None,
             busy_jobs: Arc::default(),
+            groups: Arc::default(),
         }
     }
 
@@ -134,8 +137,8 @@ pub const MAX_BODY_BYTES: usize = 4 << 20;
 #[derive(OpenApi)]
 #[openapi(
     info(title = "Ferry API", description = "Runs, drills, reports and their live events; users, tokens and the audit log. Authenticate with `Authorization: Bearer TOKEN` (the server's own token, an admin, is in FERRY_HOME/api-token or FERRY_API_TOKEN; users' tokens come from `ferry token create` or POST /api/tokens), or with the session cookie POST /api/login sets, sending the CSRF token it returns in `X-CSRF-Token` on every request but GET. Roles: viewers read; operators also start, approve, cancel and roll back runs; admins also manage users."),
-    paths(health, drills, inventory::list_sources, inventory::source_points, inventory::repository, inventory::list_runbooks, inventory::get_runbook, inventory::metrics, list_runs, start_run, get_run, run_events, run_report, approve, cancel, rollback, stream, verified, plan, users::login, users::logout, users::me, users::list_users, users::add_user, users::remove_user, users::set_role, users::set_password, users::list_tokens, users::create_token, users::revoke_token, users::audit_log, schedules::list, schedules::add, schedules::remove, hooks::alertmanager, agents::create_token, agents::list, agents::revoke, agents::set_policy, agents::enroll, agents::agent_policy, agents::agent_status),
-    components(schemas(dto::Drill, crate::inventory::Source, crate::inventory::Point, crate::inventory::PointDisk, crate::inventory::VerifiedBy, crate::inventory::Protection, crate::inventory::RpoStatus, crate::inventory::Repository, crate::inventory::Check, crate::inventory::Coverage, dto::RunbookList, dto::RunbookSummary, dto::RunbookDetail, dto::RunbookParam, dto::GraphStep, Run, dto::RunMode, dto::RunStatus, LogEntry, VerifiedPoint, crate::report::Report, crate::report::StepReport, crate::report::PointReport, crate::report::CriticalStep, StartRun, Approve, PlanRequest, PlanResponse, ApiError, dto::Diagnostic, dto::Health, ReportFormat, Role, users::Login, users::Me, users::User, users::NewUser, users::SetRole, users::SetPassword, users::Token, users::NewToken, users::CreatedToken, crate::state::users::AuditEntry, crate::schedule::Schedule, crate::schedule::Job, schedules::NewSchedule, crate::alerts::Notification, crate::alerts::Outcome, crate::alerts::Action, crate::fleet::Agent, crate::fleet::PolicyTemplate, crate::fleet::NewEnrollToken, agents::NewAgentToken)),
+    paths(health, drills, inventory::list_sources, inventory::source_points, inventory::repository, inventory::list_runbooks, inventory::get_runbook, inventory::metrics, list_runs, start_run, get_run, run_events, run_report, approve, cancel, rollback, stream, verified, plan, users::login, users::logout, users::me, users::list_users, users::add_user, users::remove_user, users::set_role, users::set_password, users::list_tokens, users::create_token, users::revoke_token, users::audit_log, schedules::list, schedules::add, schedules::remove, hooks::alertmanager, agents::create_token, agents::list, agents::revoke, agents::set_policy, agents::enroll, agents::agent_policy, agents::agent_status, agents::agent_cut, agents::groups),
+    components(schemas(dto::Drill, crate::inventory::Source, crate::inventory::Point, crate::inventory::PointDisk, crate::inventory::VerifiedBy, crate::inventory::Protection, crate::inventory::RpoStatus, crate::inventory::Repository, crate::inventory::Check, crate::inventory::Coverage, dto::RunbookList, dto::RunbookSummary, dto::RunbookDetail, dto::RunbookParam, dto::GraphStep, Run, dto::RunMode, dto::RunStatus, LogEntry, VerifiedPoint, crate::report::Report, crate::report::StepReport, crate::report::PointReport, crate::report::CriticalStep, StartRun, Approve, PlanRequest, PlanResponse, ApiError, dto::Diagnostic, dto::Health, ReportFormat, Role, users::Login, users::Me, users::User, users::NewUser, users::SetRole, users::SetPassword, users::Token, users::NewToken, users::CreatedToken, crate::state::users::AuditEntry, crate::schedule::Schedule, crate::schedule::Job, schedules::NewSchedule, crate::alerts::Notification, crate::alerts::Outcome, crate::alerts::Action, crate::fleet::Agent, crate::fleet::PolicyTemplate, crate::fleet::NewEnrollToken, agents::NewAgentToken, crate::groups::GroupView, crate::groups::Closed)),
     modifiers(&BearerAuth)
 )]
 struct ApiDoc;
@@ -224,6 +227,7 @@ pub fn router(app: AppState) -> Router {
         )
         .route("/api/agent-tokens", post(agents::create_token))
         .route("/api/agents", get(agents::list))
+        .route("/api/groups", get(agents::groups))
         .route("/api/agents/{id}", axum::routing::delete(agents::revoke))
         .route(
             "/api/agents/{id}/policy",
@@ -243,6 +247,7 @@ pub fn router(app: AppState) -> Router {
         .route("/api/agents/enroll", post(agents::enroll))
         .route("/api/agent/policy", get(agents::agent_policy))
         .route("/api/agent/status", post(agents::agent_status))
+        .route("/api/agent/cut", post(agents::agent_cut))
         .route_layer(axum::middleware::from_fn_with_state(
             app.clone(),
             inventory::track,

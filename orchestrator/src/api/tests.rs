@@ -887,6 +887,7 @@ async fn sources_points_repository_runbooks_drills_and_metrics() {
                         disks: vec![ferry_agent::backup::DiskSpec::from_path(&disk)],
                         consistency: None,
                         time: Some(Utc::now() - Age::minutes(age_mins)),
+                        group: None,
                     };
                     ferry_agent::backup::backup(&repo, &opts, &Default::default())
                         .unwrap()

@@ -368,6 +368,7 @@ pub fn backup(ctx: &Context, a: &BackupArgs) -> Result<ExitCode> {
             ConsistencyArg::Fuzzy => Consistency::Fuzzy,
         }),
         time: taken,
+        group: None,
     };
     let progress = Arc::new(Progress::default());
     let bar = Bar::start(progress.clone(), "backup", !ctx.quiet && !ctx.json);
@@ -443,7 +444,7 @@ pub fn points(ctx: &Context, a: &PointsArgs) -> Result<ExitCode> {
                     "id": p.id, "source": p.meta.source, "time": p.meta.time,
                     "parent": p.meta.parent, "consistency": p.meta.consistency,
                     "host": p.meta.host, "tool_version": p.meta.tool_version,
-                    "disks": p.meta.disks,
+                    "disks": p.meta.disks, "group": p.meta.group,
                 })
             })
             .collect();
@@ -466,6 +467,22 @@ pub fn points(ctx: &Context, a: &PointsArgs) -> Result<ExitCode> {
             bytes(size),
             names.join(", ")
         );
+        if let Some(g) = &p.meta.group {
+            println!(
+                "{:<10} group {} cut {}: {} of {} members, skew {:.0} ms{}",
+                "",
+                g.name,
+                g.round,
+                g.arrived.len(),
+                g.members.len(),
+                g.skew_ms,
+                if g.complete() {
+                    ""
+                } else {
+                    " (INCOMPLETE: not one moment with the missing)"
+                }
+            );
+        }
     }
     println!("{} recovery point(s)", points.len());
     Ok(ExitCode::SUCCESS)
