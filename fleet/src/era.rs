@@ -32,11 +32,11 @@
 //! leaves the target in the kernel: the next cycle reads the blocks written
 //! since the last committed point, and a cut the kill interrupted is undone.
 //!
-//! The work is done by `dmsetup` (libdevmapper's tool, with
-//! `--noudevsync` so it also works without udev) and `era_invalidate` (from
-//! thin-provisioning-tools); devices are named to them by `MAJOR:MINOR`, and
-//! read through `/dev/dm-N`, which the kernel's devtmpfs makes whether or
-//! not udev runs.
+//! Device-mapper is driven by ioctls from the agent's process ([`crate::dm`]);
+//! the era metadata is read by `era_invalidate` (from
+//! thin-provisioning-tools). Devices are named by `MAJOR:MINOR` and read
+//! through `/dev/dm-N`, which the kernel's devtmpfs makes whether or not
+//! udev runs.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -46,6 +46,7 @@ use anyhow::{Context as _, Result, anyhow, bail};
 use tracing::{info, warn};
 
 use crate::config::EraConfig;
+use crate::dm;
 
 /// The era block when the config does not say: the data plane's chunk.
 pub const DEFAULT_BLOCK_KIB: u32 = 64;
@@ -136,11 +137,6 @@ fn find(name: &str) -> Option<DevNum> {
     })
 }
 
-/// Runs `dmsetup ARGS`; its output, or what it said went wrong.
-fn dmsetup(args: &[&str]) -> Result<String> {
-    run("dmsetup", &[&["--noudevsync"], args].concat())
-}
-
 fn run(prog: &str, args: &[&str]) -> Result<String> {
     let out = Command::new(prog)
         .args(args)
@@ -162,24 +158,27 @@ fn run(prog: &str, args: &[&str]) -> Result<String> {
 }
 
 fn tools_hint() -> &'static str {
-    "dm-era tracking needs dmsetup (package dmsetup) and era_invalidate (package thin-provisioning-tools)"
+    "dm-era tracking needs era_invalidate (package thin-provisioning-tools)"
 }
 
-/// Whether the tools dm-era tracking runs are on the PATH.
+/// Whether what dm-era tracking needs is missing: device-mapper's control
+/// node, and `era_invalidate` on the PATH.
 pub fn tools_missing() -> Option<String> {
-    for t in ["dmsetup", "era_invalidate"] {
-        let found = std::env::var_os("PATH").is_some_and(|p| {
-            std::env::split_paths(&p).any(|d| {
-                use std::os::unix::fs::PermissionsExt as _;
-                std::fs::metadata(d.join(t))
-                    .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
-            })
-        });
-        if !found {
-            return Some(format!("{t} is not installed: {}", tools_hint()));
-        }
+    if !Path::new(dm::CONTROL).exists() {
+        return Some(format!(
+            "{} is missing: load the dm_mod module",
+            dm::CONTROL
+        ));
     }
-    None
+    let t = "era_invalidate";
+    let found = std::env::var_os("PATH").is_some_and(|p| {
+        std::env::split_paths(&p).any(|d| {
+            use std::os::unix::fs::PermissionsExt as _;
+            std::fs::metadata(d.join(t))
+                .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+        })
+    });
+    (!found).then(|| format!("{t} is not installed: {}", tools_hint()))
 }
 
 /// One line of a device-mapper table, without its start and length.
@@ -190,7 +189,7 @@ struct TableLine {
 }
 
 fn table(name: &str) -> Result<Vec<TableLine>> {
-    let text = dmsetup(&["table", name])?;
+    let text = dm::table(name)?;
     text.lines()
         .filter(|l| !l.trim().is_empty())
         .map(|l| {
@@ -300,15 +299,15 @@ impl Tracked {
     }
 
     /// Sends a message to the era target (`checkpoint`, ...).
-    fn message(&self, msg: &str) -> Result<String> {
-        dmsetup(&["message", &self.era_name, "0", msg])
+    fn message(&self, msg: &str) -> Result<()> {
+        dm::message(&self.era_name, msg)
     }
 
     /// Removes the agent's layers that exist, topmost first.
     fn remove_layers(&self) -> Result<()> {
         for n in [self.snap_name(), self.era_name.clone(), self.orig_name()] {
             if find(&n).is_some() {
-                dmsetup(&["remove", &n]).with_context(|| format!("removing {n}"))?;
+                dm::remove(&n)?;
             }
         }
         Ok(())
@@ -365,7 +364,7 @@ impl Tracked {
                 warn!(device = %self.name, "undoing a cut an interrupted agent left behind");
                 let mut s = Suspended::new();
                 s.suspend(&self.name, true)?;
-                dmsetup(&["load", &self.name, "--table", &self.linear()])?;
+                dm::load(&self.name, &self.linear())?;
                 s.resume_all()?;
             }
             other => bail!(
@@ -374,7 +373,7 @@ impl Tracked {
             ),
         }
         if find(&self.snap_name()).is_some() {
-            dmsetup(&["remove", &self.snap_name()])?;
+            dm::remove(&self.snap_name())?;
         }
         // A metadata snapshot an interrupted cycle held.
         if self.status()?.1 {
@@ -390,7 +389,7 @@ impl Tracked {
         let started = Instant::now();
         // Layers a failed insertion left behind: the device does not use them.
         self.remove_layers()?;
-        let original = dmsetup(&["table", &self.name])?;
+        let original = dm::table(&self.name)?;
         if original.trim().is_empty() {
             bail!("{} has no table (not active?)", self.name);
         }
@@ -398,7 +397,7 @@ impl Tracked {
         wipe_superblock(&self.metadata)?;
         self.instance = ferry_agent::crypto::random_hex(8);
         let orig = self.orig_name();
-        dmsetup(&["create", &orig, "--table", original.trim()])?;
+        dm::create(&orig, None, &original)?;
         let orig_dev = find(&orig).ok_or_else(|| anyhow!("{orig} was created but is not there"))?;
         let uuid = format!("{UUID_PREFIX}{}", self.instance);
         let era_table = format!(
@@ -406,14 +405,7 @@ impl Tracked {
             self.sectors,
             self.block / 512
         );
-        if let Err(e) = dmsetup(&[
-            "create",
-            &self.era_name,
-            "--uuid",
-            &uuid,
-            "--table",
-            &era_table,
-        ]) {
+        if let Err(e) = dm::create(&self.era_name, Some(&uuid), &era_table) {
             let _ = self.remove_layers();
             return Err(e);
         }
@@ -422,11 +414,11 @@ impl Tracked {
         let mut s = Suspended::new();
         let swapped = s
             .suspend(&self.name, false)
-            .and_then(|()| dmsetup(&["load", &self.name, "--table", &self.linear()]))
-            .and_then(|_| s.resume_all());
+            .and_then(|()| dm::load(&self.name, &self.linear()))
+            .and_then(|()| s.resume_all());
         if let Err(e) = swapped {
             // Back to the original table before the layers go.
-            let _ = dmsetup(&["load", &self.name, "--table", original.trim()]);
+            let _ = dm::load(&self.name, &original);
             drop(s);
             let _ = self.remove_layers();
             return Err(e.context(format!("putting dm-era under {}", self.name)));
@@ -451,7 +443,7 @@ impl Tracked {
 
     fn status(&self) -> Result<(u64, bool)> {
         // "0 SECTORS era <meta block> <used>/<total> <current era> <held root|->"
-        let s = dmsetup(&["status", &self.era_name])?;
+        let s = dm::status(&self.era_name)?;
         let w: Vec<&str> = s.split_whitespace().collect();
         let era = w
             .get(5)
@@ -502,10 +494,10 @@ impl Tracked {
     /// Removes the agent's layers and gives the device its original table
     /// back (before a resize or a deactivation by LVM).
     fn release(&self) -> Result<()> {
-        let original = dmsetup(&["table", &self.orig_name()])?;
+        let original = dm::table(&self.orig_name())?;
         let mut s = Suspended::new();
         s.suspend(&self.name, false)?;
-        dmsetup(&["load", &self.name, "--table", original.trim()])?;
+        dm::load(&self.name, &original)?;
         s.resume_all()?;
         self.remove_layers()
     }
@@ -593,12 +585,7 @@ impl Suspended {
 
     /// Suspends `name`; `nolockfs` skips freezing the file system on it.
     fn suspend(&mut self, name: &str, nolockfs: bool) -> Result<()> {
-        let mut args = vec!["suspend"];
-        if nolockfs {
-            args.push("--nolockfs");
-        }
-        args.push(name);
-        dmsetup(&args)?;
+        dm::suspend(name, nolockfs)?;
         self.names.push(name.to_string());
         Ok(())
     }
@@ -606,7 +593,7 @@ impl Suspended {
     fn resume_all(&mut self) -> Result<()> {
         let mut first = None;
         for n in std::mem::take(&mut self.names) {
-            if let Err(e) = dmsetup(&["resume", &n]) {
+            if let Err(e) = dm::resume(&n) {
                 first.get_or_insert(e);
             }
         }
@@ -617,7 +604,7 @@ impl Suspended {
 impl Drop for Suspended {
     fn drop(&mut self) {
         if let Err(e) = self.resume_all() {
-            warn!(error = %format!("{e:#}"), "a device could not be resumed: resume it with `dmsetup resume`");
+            warn!(error = %format!("{e:#}"), "a device could not be resumed: resume it with `dmsetup resume NAME`");
         }
     }
 }
@@ -655,14 +642,12 @@ pub fn cut(devices: &[Tracked], held: impl FnOnce()) -> Result<(Vec<Cut>, Durati
             let (era, _) = t.status()?;
             let snap = t.snap_name();
             let table = format!("0 {} snapshot {} {} N 8", t.sectors, t.era_dev, t.cow);
-            dmsetup(&["create", &snap, "--table", &table])?;
+            dm::create(&snap, None, &table)?;
             made.push(t);
-            dmsetup(&[
-                "load",
+            dm::load(
                 &t.name,
-                "--table",
                 &format!("0 {} snapshot-origin {}", t.sectors, t.era_dev),
-            ])?;
+            )?;
             let view = find(&snap)
                 .ok_or_else(|| anyhow!("{snap} was created but is not there"))?
                 .node()?;
@@ -673,11 +658,11 @@ pub fn cut(devices: &[Tracked], held: impl FnOnce()) -> Result<(Vec<Cut>, Durati
     if let Err(e) = r {
         // Back to the plain era mapping; the snapshots go once resumed.
         for t in &made {
-            let _ = dmsetup(&["load", &t.name, "--table", &t.linear()]);
+            let _ = dm::load(&t.name, &t.linear());
         }
         drop(s);
         for t in made {
-            let _ = dmsetup(&["remove", &t.snap_name()]);
+            let _ = dm::remove(&t.snap_name());
             let _ = t.message("drop_metadata_snap");
         }
         return Err(e.context("cutting the dm-era devices"));
@@ -692,9 +677,9 @@ pub fn cut(devices: &[Tracked], held: impl FnOnce()) -> Result<(Vec<Cut>, Durati
 pub fn uncut(t: &Tracked) -> Result<()> {
     let mut s = Suspended::new();
     s.suspend(&t.name, true)?;
-    dmsetup(&["load", &t.name, "--table", &t.linear()])?;
+    dm::load(&t.name, &t.linear())?;
     s.resume_all()?;
-    dmsetup(&["remove", &t.snap_name()])?;
+    dm::remove(&t.snap_name())?;
     Ok(())
 }
 

@@ -12,5 +12,6 @@
 
 pub mod config;
 pub mod daemon;
+pub mod dm;
 pub mod era;
 pub mod wire;
