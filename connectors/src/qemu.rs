@@ -392,7 +392,16 @@ fn clean_up_stale(q: &mut Qmp, work_dir: &Path) -> Result<()> {
         warn!(export = %id, "removing an export a killed cycle left");
         q.remove_export(id);
     }
-    if !stale.is_empty() {
+    // The NBD server a killed cycle started, with or without exports (a
+    // kill between nbd-server-start and the first export leaves none, and
+    // every later start would fail with "already running"). Its socket in
+    // the work directory, which only Ferry's cycles use, says it was ours.
+    let own_socket = std::fs::read_dir(work_dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .any(|e| e.file_name().to_string_lossy().starts_with("nbd-"));
+    if !stale.is_empty() || own_socket {
         let _ = q.execute("nbd-server-stop", json!({}));
     }
     let jobs = q.execute("query-block-jobs", json!({}))?;
