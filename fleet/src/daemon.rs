@@ -391,12 +391,8 @@ pub fn run(config_path: &Path, opts: &RunOptions, stop: &AtomicBool) -> Result<A
         if grouped {
             // A group's members start their cycles at the same wall-clock
             // instants, so they reach the barrier together.
-            let until = Instant::now() + until_aligned(interval);
-            while let Some(rest) = until.checked_duration_since(Instant::now()) {
-                if stop.load(Ordering::Relaxed) {
-                    return Ok(status);
-                }
-                std::thread::sleep(rest.min(Duration::from_millis(100)));
+            if !sleep_until(Instant::now() + until_aligned(interval), stop) {
+                return Ok(status);
             }
         }
         let started = if grouped { Instant::now() } else { started };
@@ -412,16 +408,25 @@ pub fn run(config_path: &Path, opts: &RunOptions, stop: &AtomicBool) -> Result<A
         if opts.cycles.is_some_and(|c| n >= c) {
             return Ok(status);
         }
-        while let Some(rest) = interval.checked_sub(started.elapsed()).filter(|_| !grouped) {
-            if stop.load(Ordering::Relaxed) {
-                return Ok(status);
-            }
-            std::thread::sleep(rest.min(Duration::from_millis(100)));
+        if !grouped && !sleep_until(started + interval, stop) {
+            return Ok(status);
         }
         if stop.load(Ordering::Relaxed) {
             return Ok(status);
         }
     }
+}
+
+/// Sleeps until `until`, waking every 100 ms to see whether the agent is
+/// asked to stop; false if it is.
+fn sleep_until(until: Instant, stop: &AtomicBool) -> bool {
+    while let Some(rest) = until.checked_duration_since(Instant::now()) {
+        if stop.load(Ordering::Relaxed) {
+            return false;
+        }
+        std::thread::sleep(rest.min(Duration::from_millis(100)));
+    }
+    true
 }
 
 /// From now to the next multiple of `interval` since the Unix epoch: where

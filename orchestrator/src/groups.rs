@@ -172,31 +172,26 @@ impl Groups {
             }
             (id, rx, deadline)
         };
-        let waited = tokio::time::timeout_at(deadline, rx.wait_for(Option::is_some)).await;
-        if let Ok(Ok(cut)) = waited
-            && let Some(cut) = cut.clone()
-        {
+        let waited = tokio::time::timeout_at(deadline, rx.wait_for(Option::is_some))
+            .await
+            .ok()
+            .and_then(|r| r.ok().and_then(|cut| cut.clone()));
+        if let Some(cut) = waited {
             return cut;
         }
         // Time is up: close the round without those missing (unless another
-        // waiter just did).
-        let mut all = self.inner.lock().expect("groups");
-        let g = all.entry(group.to_string()).or_default();
-        if g.open.as_ref().is_some_and(|r| r.id == id) {
-            g.close(group, crate::exec::now_ms());
+        // waiter or a later arrival just did). Closing sends the cut on the
+        // round's channel, which keeps it after the round is gone.
+        {
+            let mut all = self.inner.lock().expect("groups");
+            let g = all.entry(group.to_string()).or_default();
+            if g.open.as_ref().is_some_and(|r| r.id == id) {
+                g.close(group, crate::exec::now_ms());
+            }
         }
-        g.history
-            .iter()
-            .rev()
-            .find(|c| c.cut.round == id)
-            .map(|c| c.cut.clone())
-            .unwrap_or_else(|| GroupCut {
-                name: group.to_string(),
-                round: id,
-                members: vec![source.to_string()],
-                arrived: vec![source.to_string()],
-                skew_ms: 0.0,
-            })
+        rx.borrow()
+            .clone()
+            .expect("a round is closed only by sending its cut")
     }
 
     /// Every group the agents' policies name, with its rounds.

@@ -548,16 +548,6 @@ echo "ferry-test: boot 2 done""#;
     env.ok(&["check"]);
 }
 
-/// A process killed when dropped.
-struct Reaped(std::process::Child);
-
-impl Drop for Reaped {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 /// An agent on the host protecting a small image as `source`, in `group`,
 /// at the guest's interval, running until dropped.
 fn host_member(env: &Env, server: &Served, source: &str, group: &str) -> Reaped {

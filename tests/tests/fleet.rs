@@ -40,6 +40,12 @@ fn agent(config: &Path, args: &[&str]) -> Output {
     agent_cmd(config, args).output().unwrap()
 }
 
+/// Enrolls the agent of `config` with the server at `url`, insisting on success.
+fn enroll(config: &Path, url: &str, token: &str) {
+    let out = agent(config, &["enroll", "--server", url, "--token", token]);
+    assert!(out.status.success(), "{}", stderr(&out));
+}
+
 #[test]
 fn an_agent_enrolls_protects_an_image_and_stops_when_revoked() {
     let env = Env::new();
@@ -72,7 +78,7 @@ fn an_agent_enrolls_protects_an_image_and_stops_when_revoked() {
     };
     let config = env.path("agent/agent.toml");
     let cfg = config.to_str().unwrap();
-    let enroll = |config: &Path, token: &str| {
+    let try_enroll = |config: &Path, token: &str| {
         agent(
             config,
             &["enroll", "--server", &server.url, "--token", token],
@@ -80,7 +86,7 @@ fn an_agent_enrolls_protects_an_image_and_stops_when_revoked() {
     };
 
     // Wrong, expired and reused tokens fail, each saying so, and write nothing.
-    let out = enroll(&config, "fenroll_0123_456789");
+    let out = try_enroll(&config, "fenroll_0123_456789");
     assert_eq!(out.status.code(), Some(1));
     assert!(
         stderr(&out).contains("unknown enrollment token"),
@@ -89,12 +95,12 @@ fn an_agent_enrolls_protects_an_image_and_stops_when_revoked() {
     );
     let expired = make_token("1s");
     std::thread::sleep(std::time::Duration::from_millis(1300));
-    let out = enroll(&config, &expired);
+    let out = try_enroll(&config, &expired);
     assert!(stderr(&out).contains("expired at"), "{}", stderr(&out));
     assert!(!config.exists());
 
     let token = make_token("1h");
-    let out = enroll(&config, &token);
+    let out = try_enroll(&config, &token);
     assert!(out.status.success(), "{}", stderr(&out));
     let said = String::from_utf8_lossy(&out.stdout);
     assert!(
@@ -108,14 +114,14 @@ fn an_agent_enrolls_protects_an_image_and_stops_when_revoked() {
         "the config holds the agent's credential"
     );
     let other = env.path("agent/other.toml");
-    let out = enroll(&other, &token);
+    let out = try_enroll(&other, &token);
     assert!(
         stderr(&out).contains("was used already"),
         "{}",
         stderr(&out)
     );
     // Enrolling the same machine twice needs --force.
-    let out = enroll(&config, &make_token("1h"));
+    let out = try_enroll(&config, &make_token("1h"));
     assert!(stderr(&out).contains("--force"), "{}", stderr(&out));
 
     // What the agent holds: its server, id and credential, the policy; no
@@ -335,11 +341,7 @@ fn a_killed_agent_leaves_a_valid_repository_and_goes_on() {
         .unwrap()
         .to_owned();
     let config = env.path("agent.toml");
-    let out = agent(
-        &config,
-        &["enroll", "--server", &server.url, "--token", &token],
-    );
-    assert!(out.status.success(), "{}", stderr(&out));
+    enroll(&config, &server.url, &token);
     let mut rng = Rng(5);
     for round in 0..6u64 {
         scatter_writes(&img, 64, round + 1);
@@ -388,17 +390,7 @@ fn an_agent_reports_each_device_of_a_machine() {
         b.to_str().unwrap(),
     ]);
     let config = env.path("agent.toml");
-    let out = agent(
-        &config,
-        &[
-            "enroll",
-            "--server",
-            &server.url,
-            "--token",
-            t["token"].as_str().unwrap(),
-        ],
-    );
-    assert!(out.status.success(), "{}", stderr(&out));
+    enroll(&config, &server.url, t["token"].as_str().unwrap());
     let out = agent(&config, &["run", "--cycles", "1"]);
     assert!(out.status.success(), "{}", stderr(&out));
     let st: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
@@ -419,16 +411,6 @@ fn an_agent_reports_each_device_of_a_machine() {
         .map(|d| d["name"].as_str().unwrap())
         .collect();
     assert_eq!(disks, ["a.img", "b.img"]);
-}
-
-/// A process killed when the test ends, however it ends.
-struct Reaped(std::process::Child);
-
-impl Drop for Reaped {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
 }
 
 /// The 8-byte counter at the start of a restored disk.
@@ -502,17 +484,7 @@ fn a_group_of_agents_cuts_its_machines_at_one_moment() {
             "shop",
         ]);
         let config = env.path(&format!("{source}.toml"));
-        let out = agent(
-            &config,
-            &[
-                "enroll",
-                "--server",
-                &server.url,
-                "--token",
-                t["token"].as_str().unwrap(),
-            ],
-        );
-        assert!(out.status.success(), "{}", stderr(&out));
+        enroll(&config, &server.url, t["token"].as_str().unwrap());
         let base = std::fs::read_to_string(&config).unwrap();
         std::fs::write(&config, format!("{hooks}{base}")).unwrap();
         configs.push(config);

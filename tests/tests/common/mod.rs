@@ -282,6 +282,16 @@ impl Drop for Served {
     }
 }
 
+/// A child process killed and reaped when dropped, however the test ends.
+pub struct Reaped(pub std::process::Child);
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// Starts `cmd` (a `ferry` command set up by the caller) as `--json serve
 /// --listen 127.0.0.1:0 EXTRA...` and waits for the line with its URL.
 pub fn serve(mut cmd: Command, extra: &[&std::ffi::OsStr]) -> Served {
