@@ -21,7 +21,7 @@ use std::collections::{BTreeMap, HashSet};
 use std::path::PathBuf;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use crossbeam_channel::bounded;
 use serde::Serialize;
@@ -100,6 +100,10 @@ pub struct Summary {
     pub changed_bytes: Option<u64>,
     pub duration_secs: f64,
     pub requests: crate::store::Requests,
+    /// In a replicated repository: how long writes waited for their quorum,
+    /// and what each replica was still writing when the point was committed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub replication: Option<crate::replica::WriteStats>,
 }
 
 struct Segment {
@@ -625,6 +629,15 @@ pub fn backup_sources(
     lock.ensure_fresh()?;
     repo.put_object(&point::object_name(&id), obj)?;
     drop(lock);
+    let replication = repo.store.replicas().map(|set| {
+        let stats = set.write_stats();
+        // A moment for the slower replicas; what they still write is recorded
+        // for repair (and goes on in the background while this process lives).
+        set.settle(
+            (started.elapsed() / 20).clamp(Duration::from_millis(50), Duration::from_secs(10)),
+        );
+        stats
+    });
     let disk_bytes_read: Vec<u64> = shared
         .disk_read
         .iter()
@@ -647,6 +660,7 @@ pub fn backup_sources(
         changed_bytes,
         duration_secs: started.elapsed().as_secs_f64(),
         requests: repo.store.requests(),
+        replication,
     };
     info!(point = %summary.point, source = %summary.source, new_bytes = summary.new_bytes, "recovery point committed");
     Ok(summary)

@@ -54,6 +54,10 @@ pub struct Report {
     pub unindexed_packs: Vec<String>,
     pub requests: crate::store::Requests,
     pub duration_secs: f64,
+    /// Each replica's state, for a replicated repository: reachable, and what it
+    /// lacks that the others hold (`ferry repair` gives it).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub replicas: Option<crate::replica::RepairReport>,
 }
 
 pub fn check(repo: &Repository, opts: CheckOptions, progress: &Progress) -> Result<Report> {
@@ -215,8 +219,18 @@ pub fn check(repo: &Repository, opts: CheckOptions, progress: &Progress) -> Resu
         }
     }
 
+    let replicas = match repo.store.replicas() {
+        Some(set) => Some(set.repair(crate::replica::RepairOptions {
+            dry_run: true,
+            read_data: opts.read_data,
+        })?),
+        None => None,
+    };
     Ok(Report {
-        ok: problems.is_empty() && damaged_points.is_empty(),
+        ok: problems.is_empty()
+            && damaged_points.is_empty()
+            && replicas.as_ref().is_none_or(|r| r.in_sync()),
+        replicas,
         read_data: opts.read_data,
         points: point_count,
         packs: pack_names.len() as u64,
@@ -434,6 +448,7 @@ mod tests {
             target: to.clone(),
             disk: None,
             overwrite: true,
+            delta: false,
         };
         let err = restore(&repo, &hostile, &opts, &Progress::default()).unwrap_err();
         assert!(err.to_string().contains("\"../x\""), "{err}");

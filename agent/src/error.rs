@@ -120,6 +120,17 @@ pub enum Error {
         source: Box<object_store::Error>,
     },
 
+    /// A write reached fewer replicas than the repository's write quorum.
+    #[error(
+        "{object} was stored by {stored} of the {needed} replicas the repository's write quorum needs: {detail}; nothing that depends on it was committed: bring a replica back (or check its credentials) and run this again"
+    )]
+    Quorum {
+        object: String,
+        stored: usize,
+        needed: usize,
+        detail: String,
+    },
+
     /// The store refused to delete an object version that is under Object Lock.
     #[error("{object} is under Object Lock{}; it stays until then ({source})", until.map(|u| format!(" until {}", u.format("%Y-%m-%d %H:%M UTC"))).unwrap_or_default())]
     Locked {
@@ -147,6 +158,8 @@ impl Error {
         match self {
             Error::Store { source, .. } => crate::retry::retry_of(source),
             Error::Unreachable { source, .. } => crate::retry::retry_of(source),
+            // A replica may come back: the next try may reach the quorum.
+            Error::Quorum { .. } => Retry::Transient,
             // Another process may finish what it is doing (a lock, a racing prune)
             // but not without the user: these are answers, not hiccups.
             Error::NoRepository { .. }

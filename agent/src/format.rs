@@ -29,6 +29,7 @@ pub enum Kind {
     Point = 5,
     Lock = 6,
     Trash = 7,
+    Replica = 8,
 }
 
 impl Kind {
@@ -41,6 +42,7 @@ impl Kind {
             Kind::Point => "recovery point",
             Kind::Lock => "lock",
             Kind::Trash => "prune record",
+            Kind::Replica => "replica record",
         }
     }
 }

@@ -19,6 +19,7 @@ pub mod pack;
 pub mod point;
 pub mod progress;
 pub mod prune;
+pub mod replica;
 pub mod repo;
 pub mod restore;
 pub mod retention;

@@ -209,6 +209,11 @@ pub fn forget(
     explicit: &[String],
     dry_run: bool,
 ) -> Result<ForgetReport> {
+    // A point forgotten on some replicas only would come back in the union
+    // of their listings.
+    if let (Some(set), false) = (repo.store.replicas(), dry_run) {
+        set.require_all("forget")?;
+    }
     if !explicit.is_empty() {
         if !policy.is_empty() {
             return Err(Error::InvalidInput(
@@ -484,6 +489,11 @@ fn invalid_packs(
 }
 
 fn prune_at(repo: &Repository, opts: PruneOptions, now: DateTime<Utc>) -> Result<PruneReport> {
+    // Prune condemns what no point in the union of the replicas uses, and
+    // deletes it from every replica: it needs all of them.
+    if let (Some(set), false) = (repo.store.replicas(), opts.dry_run) {
+        set.require_all("prune")?;
+    }
     let own = Lock::acquire(repo, "prune", true)?;
     let mut report = PruneReport {
         dry_run: opts.dry_run,
@@ -1029,6 +1039,7 @@ mod tests {
             target: dir.path().join("vda"),
             disk: None,
             overwrite: false,
+            delta: false,
         };
         crate::restore::restore(&repo, &p, &opts, &Progress::default()).unwrap();
         assert_eq!(std::fs::read(dir.path().join("vda")).unwrap(), disk);

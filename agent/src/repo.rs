@@ -17,6 +17,7 @@ use crate::crypto::{KdfParams, KeyFile, MasterKey, random_hex};
 use crate::error::{Error, Result};
 use crate::format::{self, Kind};
 use crate::point::{self, Point};
+use crate::replica::{ReplicaConfig, ReplicaSet, ReplicaSpec};
 use crate::store::{LockPolicy, Store};
 
 /// Settings fixed when the repository is created.
@@ -31,6 +32,10 @@ pub struct Config {
     /// Object Lock retention given to every object written (S3 only).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub lock: Option<LockPolicy>,
+    /// The replicas of a replicated repository (each with its own lock), the
+    /// same in every replica's config.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replicas: Option<ReplicaConfig>,
 }
 
 /// Options for `init`.
@@ -40,6 +45,11 @@ pub struct InitOptions {
     pub compression_level: i32,
     pub kdf: KdfParams,
     pub lock: Option<LockPolicy>,
+    /// More replicas beside the store `init` is given (which is the first).
+    pub replicas: Vec<Store>,
+    /// Replicas that must hold an object before a write succeeds (a majority
+    /// when `None`).
+    pub write_quorum: Option<usize>,
 }
 
 impl Default for InitOptions {
@@ -49,6 +59,8 @@ impl Default for InitOptions {
             compression_level: DEFAULT_COMPRESSION_LEVEL,
             kdf: KdfParams::default(),
             lock: None,
+            replicas: Vec::new(),
+            write_quorum: None,
         }
     }
 }
@@ -108,42 +120,89 @@ impl Repository {
                 opts.compression_level
             )));
         }
-        if store.exists("config")? {
-            return Err(Error::AlreadyExists {
-                location: store.location().to_string(),
-            });
-        }
-        if let Some(lock) = opts.lock {
-            if lock.days == 0 {
-                return Err(Error::InvalidInput(
-                    "an Object Lock retention must be at least 1 day".into(),
-                ));
+        let mut stores = vec![store];
+        stores.extend(opts.replicas);
+        for st in &stores {
+            if st.exists("config")? {
+                return Err(Error::AlreadyExists {
+                    location: st.location().to_string(),
+                });
             }
-            let enabled = match store.versioned() {
-                Some(v) => store
+        }
+        if let Some(lock) = opts.lock
+            && lock.days == 0
+        {
+            return Err(Error::InvalidInput(
+                "an Object Lock retention must be at least 1 day".into(),
+            ));
+        }
+        // Object Lock where the store has it; a single store must have it.
+        let mut locks = Vec::with_capacity(stores.len());
+        for st in &stores {
+            let enabled = match (opts.lock, st.versioned()) {
+                (Some(_), Some(v)) => st
                     .block_on(v.lock_enabled())
                     .map_err(|e| Error::store("bucket lock configuration", e))?,
-                None => false,
+                _ => false,
             };
-            if !enabled {
-                return Err(Error::InvalidInput(format!(
-                    "{} cannot keep immutable recovery points: its bucket does not have S3 Object Lock enabled; create the bucket with Object Lock (aws s3api create-bucket --object-lock-enabled-for-bucket) or init without --object-lock",
-                    store.location()
-                )));
-            }
+            locks.push(opts.lock.filter(|_| enabled));
         }
-        let store = store.with_lock(opts.lock);
+        if opts.lock.is_some() && locks.iter().all(Option::is_none) {
+            return Err(Error::InvalidInput(format!(
+                "{} cannot keep immutable recovery points: its bucket does not have S3 Object Lock enabled; create the bucket with Object Lock (aws s3api create-bucket --object-lock-enabled-for-bucket) or init without --object-lock",
+                stores
+                    .iter()
+                    .map(Store::location)
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )));
+        }
+        let replicas = if stores.len() > 1 {
+            let n = stores.len();
+            let rc = ReplicaConfig {
+                write_quorum: opts.write_quorum.unwrap_or(n / 2 + 1),
+                replicas: stores
+                    .iter()
+                    .zip(&locks)
+                    .map(|(st, lock)| ReplicaSpec {
+                        id: random_hex(8),
+                        location: st.location().to_string(),
+                        lock: *lock,
+                    })
+                    .collect(),
+            };
+            rc.validate()?;
+            Some(rc)
+        } else {
+            if opts.write_quorum.is_some_and(|q| q != 1) {
+                return Err(Error::InvalidInput(
+                    "a write quorum needs replicas (--replica)".into(),
+                ));
+            }
+            None
+        };
+        let stores: Vec<Store> = stores
+            .into_iter()
+            .zip(&locks)
+            .map(|(st, lock)| st.with_lock(*lock))
+            .collect();
         let key = MasterKey::generate();
         let key_file = key.wrap(password, opts.kdf)?;
         let mut obj = format::header(Kind::Key).to_vec();
         obj.extend_from_slice(&serde_json::to_vec_pretty(&key_file).expect("key file serialises"));
-        store.put(&format!("keys/{}", random_hex(16)), obj.into())?;
+        let key_name = format!("keys/{}", random_hex(16));
+        let key_obj = Bytes::from(obj);
+        // Keys on every replica first, then the config on every replica.
+        for st in &stores {
+            st.put(&key_name, key_obj.clone())?;
+        }
         let config = Config {
             id: random_hex(16),
             created: Utc::now(),
             chunker: opts.chunker,
             compression_level: opts.compression_level,
-            lock: opts.lock,
+            lock: if replicas.is_some() { None } else { locks[0] },
+            replicas,
         };
         let header = format::header(Kind::Config);
         let mut obj = header.to_vec();
@@ -152,7 +211,19 @@ impl Repository {
             &serde_json::to_vec(&config).expect("config serialises"),
             &mut obj,
         );
-        store.put("config", obj.into())?;
+        let config_obj = Bytes::from(obj);
+        for st in &stores {
+            st.put("config", config_obj.clone())?;
+        }
+        let store = match &config.replicas {
+            Some(rc) => {
+                let first = stores[0].clone();
+                let location = first.location().to_string();
+                let set = ReplicaSet::new(rc.clone(), stores, key.clone(), &config_obj, None)?;
+                Store::replicated(&first, set, location)
+            }
+            None => stores.into_iter().next().expect("one store"),
+        };
         Ok(Repository {
             store,
             key,
@@ -232,7 +303,10 @@ impl Repository {
                 );
             }
             let warnings = warn_skipped(&skipped);
-            let store = store.with_lock(config.lock);
+            let store = match &config.replicas {
+                Some(rc) => open_replicas(&store, rc, &key, &config_obj)?,
+                None => store.with_lock(config.lock),
+            };
             return Ok(Repository {
                 store,
                 key,
@@ -483,6 +557,55 @@ pub fn group_latest<'a>(points: &'a [Point], source: &str) -> Option<&'a Point> 
 
 /// The largest `config` object accepted: its JSON is a few hundred bytes.
 pub const MAX_CONFIG_OBJECT: u64 = 64 << 10;
+
+/// The store of a replicated repository opened through `store`, one of its
+/// replicas: the others are opened by the locations the config records.
+fn open_replicas(
+    store: &Store,
+    rc: &ReplicaConfig,
+    key: &MasterKey,
+    config_obj: &Bytes,
+) -> Result<Store> {
+    rc.validate()
+        .map_err(|e| Error::corrupt("config", e.to_string()))?;
+    let mut stores = Vec::with_capacity(rc.replicas.len());
+    for spec in &rc.replicas {
+        if same_place(&spec.location, store.location()) {
+            stores.push(store.clone());
+            continue;
+        }
+        let opener = store.opener().ok_or_else(|| {
+            Error::InvalidInput(format!(
+                "the repository at {} is replicated, and this program cannot open its replica {}",
+                store.location(),
+                spec.location
+            ))
+        })?;
+        stores.push(opener(&spec.location)?);
+    }
+    let set = ReplicaSet::new(
+        rc.clone(),
+        stores,
+        key.clone(),
+        config_obj,
+        store.read_replica(),
+    )?;
+    Ok(Store::replicated(store, set, store.location()))
+}
+
+/// Whether two locations name the same store (directories by their real path).
+fn same_place(a: &str, b: &str) -> bool {
+    if a == b {
+        return true;
+    }
+    if a.contains("://") || b.contains("://") || a.contains(':') && !a.starts_with('/') {
+        return false;
+    }
+    match (std::fs::canonicalize(a), std::fs::canonicalize(b)) {
+        (Ok(x), Ok(y)) => x == y,
+        _ => false,
+    }
+}
 /// The largest key file accepted: its JSON is about 500 bytes.
 pub const MAX_KEY_FILE: u64 = 64 << 10;
 

@@ -34,6 +34,9 @@ pub struct RestoreOptions {
     pub disk: Option<String>,
     /// Replace existing files instead of refusing.
     pub overwrite: bool,
+    /// Write over existing disks in place, fetching and writing only the
+    /// chunks that differ from what is there (failback, re-sync after a drill).
+    pub delta: bool,
 }
 
 /// What a restore did.
@@ -55,6 +58,8 @@ pub struct RestoredDisk {
     pub path: PathBuf,
     pub size: u64,
     pub resumed: bool,
+    /// Restored over an existing disk in place (`--delta`).
+    pub delta: bool,
 }
 
 /// Chunk lists restored together (1 GiB of disk): enough jobs to keep every
@@ -157,7 +162,11 @@ pub fn restore(
         } else {
             opts.target.clone()
         };
-        let out = FileSink::open(&final_path, meta.size, opts.overwrite, !target_is_dir)?;
+        let out = if opts.delta {
+            FileSink::open_delta(&final_path, meta.size, !target_is_dir)?
+        } else {
+            FileSink::open(&final_path, meta.size, opts.overwrite, !target_is_dir)?
+        };
         info!(disk = %meta.name, to = %final_path.display(), resumed = out.resumed(), "restoring");
         let stats = restore_disk(repo, &index, point, d, &out, progress)?;
         summary.bytes_written += stats.0;
@@ -167,7 +176,8 @@ pub fn restore(
             name: meta.name.clone(),
             path: final_path.clone(),
             size: meta.size,
-            resumed: out.resumed(),
+            resumed: out.resumed() && !out.is_delta(),
+            delta: out.is_delta(),
         });
         out.finish()?;
     }
@@ -609,6 +619,7 @@ mod tests {
             target: target.clone(),
             disk: None,
             overwrite: false,
+            delta: false,
         };
 
         let cancelled = Progress::default();
@@ -644,6 +655,7 @@ mod tests {
             target: target.clone(),
             disk: None,
             overwrite: false,
+            delta: false,
         };
         // A partial from an older ferry, readable by everyone, is tightened too.
         let partial = dir.path().join("vda.raw.ferry-partial");
@@ -674,6 +686,7 @@ mod tests {
             target: to.clone(),
             disk: None,
             overwrite: true,
+            delta: false,
         };
         // A link at the final path inside the directory is removed with
         // --overwrite, never written through.

@@ -165,9 +165,56 @@ pub struct FileSink {
     final_path: PathBuf,
     is_device: bool,
     resumed: bool,
+    /// Written in place over an existing disk (`restore --delta`): what is
+    /// there already is read and kept where it matches.
+    delta: bool,
 }
 
 impl FileSink {
+    /// A delta restore onto an existing image file or block device: written in
+    /// place, after reading each chunk's place and keeping what already
+    /// matches, so only what differs is fetched and written. A file that is not
+    /// there is restored whole, as [`FileSink::open`] does. An existing file
+    /// must be a regular file of this user with one name (never written
+    /// through a link), and is cut or grown to the disk's size.
+    pub fn open_delta(path: &Path, size: u64, follow: bool) -> Result<FileSink> {
+        let meta = if follow {
+            std::fs::metadata(path)
+        } else {
+            std::fs::symlink_metadata(path)
+        };
+        match meta {
+            Err(_) => FileSink::open(path, size, false, follow),
+            Ok(m) if m.file_type().is_block_device() => {
+                let mut sink = FileSink::open(path, size, false, true)?;
+                sink.resumed = true;
+                sink.delta = true;
+                Ok(sink)
+            }
+            Ok(_) => {
+                let file = open_partial(path)?;
+                file.set_len(size).map_err(|source| Error::Target {
+                    path: path.to_path_buf(),
+                    source,
+                })?;
+                Ok(FileSink {
+                    file,
+                    size,
+                    path: path.to_path_buf(),
+                    final_path: path.to_path_buf(),
+                    is_device: false,
+                    resumed: true,
+                    delta: true,
+                })
+            }
+        }
+    }
+
+    /// Whether this sink writes over an existing disk in place.
+    pub fn is_delta(&self) -> bool {
+        self.delta
+    }
+
     /// `follow`: whether a link at `final_path` may lead to a block device. Only
     /// for a target the user named (`/dev/disk/by-id/...` is a link); inside a
     /// target directory, a link there is a file like any other and never followed.
@@ -208,6 +255,7 @@ impl FileSink {
                 final_path: final_path.to_path_buf(),
                 is_device: true,
                 resumed: false,
+                delta: false,
             });
         }
         // `symlink_metadata`: a link at the final path is itself "something there",
@@ -234,6 +282,7 @@ impl FileSink {
             final_path: final_path.to_path_buf(),
             is_device: false,
             resumed,
+            delta: false,
         })
     }
 
@@ -276,9 +325,27 @@ impl FileSink {
             }
         }
         let zeros = vec![0u8; len.min(4 << 20) as usize];
+        // Over an existing device, only what is not zero already is written.
+        let mut seen = if self.delta {
+            vec![0u8; zeros.len()]
+        } else {
+            Vec::new()
+        };
         let mut at = offset;
         while at < offset + len {
             let n = (offset + len - at).min(zeros.len() as u64) as usize;
+            if self.delta {
+                self.file
+                    .read_exact_at(&mut seen[..n], at)
+                    .map_err(|source| Error::Target {
+                        path: self.path.clone(),
+                        source,
+                    })?;
+                if crate::source::is_zero(&seen[..n]) {
+                    at += n as u64;
+                    continue;
+                }
+            }
             self.write(&zeros[..n], at)?;
             at += n as u64;
         }
@@ -291,7 +358,7 @@ impl FileSink {
             source,
         };
         self.file.sync_all().map_err(err)?;
-        if !self.is_device {
+        if !self.is_device && self.path != self.final_path {
             std::fs::rename(&self.path, &self.final_path).map_err(err)?;
         }
         Ok(())

@@ -32,6 +32,7 @@ use object_store::{
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result, Retry};
+use crate::replica::ReplicaSet;
 pub use crate::retry::{NoAnswer, ServerAnswer, ShortBody, TimedOut, retry_of};
 
 /// Objects at least this large are uploaded in parts. Packs (about 16 MiB) stay
@@ -232,7 +233,17 @@ pub struct Store {
     /// (hidden by a delete marker or overwritten), with the version read instead
     /// (see [`Store::recover_original`]).
     pinned: Arc<std::sync::Mutex<std::collections::HashMap<String, String>>>,
+    /// The replicas behind this store, for a replicated repository: every
+    /// data method goes to them (see `replica.rs`).
+    replicas: Option<Arc<ReplicaSet>>,
+    /// Opens another store by location (the replicas a config names).
+    opener: Option<Opener>,
+    /// Read a replicated repository from this replica alone (id or location).
+    read_replica: Option<String>,
 }
+
+/// Opens a store from a location as the user typed it.
+pub type Opener = Arc<dyn Fn(&str) -> Result<Store> + Send + Sync>;
 
 impl std::fmt::Debug for Store {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -296,7 +307,55 @@ impl Store {
             storage_class: None,
             immutable: None,
             pinned: Arc::default(),
+            replicas: None,
+            opener: None,
+            read_replica: None,
         }
+    }
+
+    /// The store of a replicated repository: `first` is one of its replicas,
+    /// whose runtime it shares; every data method goes to the set.
+    pub fn replicated(first: &Store, set: ReplicaSet, location: impl Into<String>) -> Store {
+        Store {
+            inner: first.inner.clone(),
+            rt: first.rt.clone(),
+            location: location.into(),
+            counters: Arc::default(),
+            retry: first.retry,
+            versioned: None,
+            lock: None,
+            storage_class: None,
+            immutable: first.immutable.clone(),
+            pinned: Arc::default(),
+            replicas: Some(Arc::new(set)),
+            opener: first.opener.clone(),
+            read_replica: first.read_replica.clone(),
+        }
+    }
+
+    /// The replicas behind this store, when the repository is replicated.
+    pub fn replicas(&self) -> Option<&Arc<ReplicaSet>> {
+        self.replicas.as_ref()
+    }
+
+    /// How to open the other replicas a repository's config names.
+    pub fn with_opener(mut self, opener: Opener) -> Self {
+        self.opener = Some(opener);
+        self
+    }
+
+    pub fn opener(&self) -> Option<&Opener> {
+        self.opener.as_ref()
+    }
+
+    /// Read a replicated repository from one replica alone (its id or location).
+    pub fn with_read_replica(mut self, replica: Option<String>) -> Self {
+        self.read_replica = replica;
+        self
+    }
+
+    pub fn read_replica(&self) -> Option<&str> {
+        self.read_replica.as_deref()
     }
 
     /// An in-memory store, for tests.
@@ -352,6 +411,20 @@ impl Store {
     }
 
     pub fn requests(&self) -> Requests {
+        if let Some(set) = &self.replicas {
+            let mut sum = Requests::default();
+            for (_, st) in set.stores() {
+                let r = st.requests();
+                sum.puts += r.puts;
+                sum.gets += r.gets;
+                sum.lists += r.lists;
+                sum.deletes += r.deletes;
+                sum.retries += r.retries;
+                sum.bytes_up += r.bytes_up;
+                sum.bytes_down += r.bytes_down;
+            }
+            return sum;
+        }
         let c = &self.counters;
         Requests {
             puts: c.puts.load(Ordering::Relaxed),
@@ -426,7 +499,10 @@ impl Store {
         {
             return Ok(b.clone());
         }
-        let bytes = self.get_through(name)?;
+        let bytes = match &self.replicas {
+            Some(set) => set.get(name)?,
+            None => self.get_through(name)?,
+        };
         if let Some(c) = cacheable {
             c.lock()
                 .expect("object cache")
@@ -532,6 +608,10 @@ impl Store {
     /// name is the hash of the bytes Ferry wrote) and read it from then on.
     /// True when reads of `name` go to its original version (found now or before).
     pub fn recover_original(&self, name: &str) -> Result<bool> {
+        if let Some(set) = &self.replicas {
+            // Another replica's copy, or this replica's original version.
+            return set.avoid(name);
+        }
         if self.versioned.is_none() {
             return Ok(false);
         }
@@ -616,6 +696,11 @@ impl Store {
         // On a versioned store, a content-addressed object read through
         // tampering exactly as `get` reads it (see `get_through`).
         let bytes = match (self.versioned.is_some(), content_hash(name)) {
+            _ if self.replicas.is_some() => self
+                .replicas
+                .as_ref()
+                .expect("replicas")
+                .get_bounded(name, max)?,
             (true, Some(hash)) => match self.pinned_version(name) {
                 Some(version) => self.get_version(name, &version)?,
                 None => match self.fetch_bounded(name, max) {
@@ -696,6 +781,9 @@ impl Store {
     /// When the store last wrote an object, by the store's clock (not this
     /// host's), or `None` when there is no such object.
     pub fn modified(&self, name: &str) -> Result<Option<DateTime<Utc>>> {
+        if let Some(set) = &self.replicas {
+            return set.modified(name);
+        }
         self.counters.gets.fetch_add(1, Ordering::Relaxed);
         let path = Path::from(name);
         match self.retrying(name, || self.inner.head(&path)) {
@@ -706,6 +794,9 @@ impl Store {
     }
 
     pub fn get_range(&self, name: &str, range: Range<u64>) -> Result<Bytes> {
+        if let Some(set) = &self.replicas {
+            return set.get_range(name, range);
+        }
         if self.versioned.is_some() {
             if let Some(version) = self.pinned_version(name) {
                 return self.get_version_range(name, &version, range);
@@ -794,6 +885,9 @@ impl Store {
     /// own bookkeeping, which it must be able to delete) is written with
     /// the repository's retention.
     pub fn put(&self, name: &str, data: Bytes) -> Result<()> {
+        if let Some(set) = &self.replicas {
+            return set.put(name, data);
+        }
         self.put_inner(name, data).map_err(|e| match e {
             // A write cannot miss its object: the bucket or container is missing.
             Error::Missing { .. } => Error::InvalidInput(format!(
@@ -817,6 +911,7 @@ impl Store {
         if let (Some(lock), Some(v)) = (self.lock, &self.versioned)
             && !name.starts_with("locks/")
             && !name.starts_with("trash/")
+            && !name.starts_with("replicas/")
         {
             let retention = Retention {
                 mode: lock.mode,
@@ -859,6 +954,9 @@ impl Store {
 
     /// The size of an object, or `None` when there is none.
     pub fn size(&self, name: &str) -> Result<Option<u64>> {
+        if let Some(set) = &self.replicas {
+            return set.size(name);
+        }
         self.counters.gets.fetch_add(1, Ordering::Relaxed);
         let path = Path::from(name);
         match self.retrying(name, || self.inner.head(&path)) {
@@ -870,6 +968,9 @@ impl Store {
 
     /// Every object under `prefix`, with its size.
     pub fn list(&self, prefix: &str) -> Result<Vec<(String, u64)>> {
+        if let Some(set) = &self.replicas {
+            return set.list(prefix);
+        }
         self.counters.lists.fetch_add(1, Ordering::Relaxed);
         let path = Path::from(prefix);
         let metas: Vec<_> = self
@@ -898,6 +999,9 @@ impl Store {
 
     /// Every object under `prefix`, with its size and last modification time.
     pub fn list_modified(&self, prefix: &str) -> Result<Vec<(String, u64, DateTime<Utc>)>> {
+        if let Some(set) = &self.replicas {
+            return set.list_modified(prefix);
+        }
         self.counters.lists.fetch_add(1, Ordering::Relaxed);
         let path = Path::from(prefix);
         let metas: Vec<_> = self
@@ -918,6 +1022,9 @@ impl Store {
     /// under Object Lock is refused by the store and reported as [`Error::Locked`].
     /// Deleting what is already gone succeeds.
     pub fn delete(&self, name: &str) -> Result<()> {
+        if let Some(set) = &self.replicas {
+            return set.delete(name);
+        }
         self.pinned.lock().expect("pinned versions").remove(name);
         if let Some(v) = &self.versioned {
             // Servers without versioning (some S3-compatibles) do not list
@@ -1042,7 +1149,7 @@ impl Store {
 
 /// The hash a content-addressed object's name promises (points, index objects
 /// and packs are named by the BLAKE3 hash of their bytes), in hex.
-fn content_hash(name: &str) -> Option<String> {
+pub(crate) fn content_hash(name: &str) -> Option<String> {
     let h = name
         .strip_prefix("points/")
         .or_else(|| name.strip_prefix("index/"))
@@ -1398,6 +1505,7 @@ mod tests {
             target: target.clone(),
             disk: None,
             overwrite: false,
+            delta: false,
         };
         crate::restore::restore(&repo, &p, &opts, &Progress::default()).unwrap();
         assert_eq!(std::fs::read(&target).unwrap(), data);

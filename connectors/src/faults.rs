@@ -72,11 +72,13 @@ pub struct FaultSpec {
     pub hang: Duration,
     /// After this many requests every request fails with a reset (an outage).
     pub outage_after: Option<u64>,
+    /// Only stores whose location contains this (one replica of several).
+    pub at: Option<String>,
 }
 
 impl FaultSpec {
     /// Parse `rate=0.05 seed=7 kinds=error+slowdown+reset+partial+lost+hang
-    /// latency=2ms put-latency=1s range-latency=1s hang=3s outage-after=100` (every field optional; spaces or
+    /// latency=2ms put-latency=1s range-latency=1s hang=3s outage-after=100 at=LOCATION-PART` (every field optional; spaces or
     /// commas between fields).
     pub fn parse(s: &str) -> Result<FaultSpec, String> {
         let mut spec = FaultSpec {
@@ -94,6 +96,7 @@ impl FaultSpec {
             range_latency: Duration::ZERO,
             hang: Duration::from_secs(3),
             outage_after: None,
+            at: None,
         };
         let dur = |v: &str| -> Result<Duration, String> {
             let (num, unit) = v.split_at(v.find(|c: char| c.is_alphabetic()).unwrap_or(v.len()));
@@ -130,6 +133,7 @@ impl FaultSpec {
                 "outage-after" => {
                     spec.outage_after = Some(v.parse().map_err(|_| format!("bad count {v:?}"))?)
                 }
+                "at" => spec.at = Some(v.to_string()),
                 _ => return Err(format!("FERRY_FAULTS: unknown field {k:?}")),
             }
         }

@@ -24,14 +24,34 @@ use crate::faults::{FaultSpec, Faulty};
 pub fn open(location: &str, create: bool) -> Result<Store> {
     let (inner, versioned) = open_inner(location, create)?;
     let inner = match std::env::var("FERRY_FAULTS") {
-        Ok(spec) if !spec.is_empty() => {
-            let spec = FaultSpec::parse(&spec).map_err(Error::InvalidInput)?;
-            tracing::warn!(?spec, "injecting store faults (FERRY_FAULTS)");
-            Arc::new(Faulty::new(inner, spec)) as Arc<dyn ObjectStore>
+        Ok(specs) if !specs.is_empty() => {
+            // Several specs, separated by `;`: the last one whose `at` matches
+            // this location applies (one per replica, say).
+            let mut chosen = None;
+            for spec in specs.split(';').filter(|s| !s.trim().is_empty()) {
+                let spec = FaultSpec::parse(spec).map_err(Error::InvalidInput)?;
+                if spec
+                    .at
+                    .as_ref()
+                    .is_none_or(|at| location.contains(at.as_str()))
+                {
+                    chosen = Some(spec);
+                }
+            }
+            match chosen {
+                Some(spec) => {
+                    tracing::warn!(?spec, location, "injecting store faults (FERRY_FAULTS)");
+                    Arc::new(Faulty::new(inner, spec)) as Arc<dyn ObjectStore>
+                }
+                None => inner,
+            }
         }
         _ => inner,
     };
-    let mut store = Store::new(inner, location).with_retry(retry_policy()?);
+    let mut store = Store::new(inner, location)
+        .with_retry(retry_policy()?)
+        // The other replicas of a replicated repository, as its config names them.
+        .with_opener(Arc::new(|location: &str| open(location, false)));
     if let Some(v) = versioned {
         store = store.with_versioned(v);
     }

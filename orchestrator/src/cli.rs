@@ -49,6 +49,12 @@ pub struct Global {
     /// Orchestrator state: sqlite://PATH or postgres://USER@HOST/DB (default: sqlite in FERRY_HOME, ~/.config/ferry).
     #[arg(long, env = "FERRY_STATE", global = true, hide_env_values = true)]
     pub state: Option<String>,
+    /// Read a replicated repository from this replica alone (its id or
+    /// location, as `ferry check` lists them), e.g. to restore from the one
+    /// cloud left, or to prove that one replica alone restores every point.
+    /// Nothing is written but locks.
+    #[arg(long, env = "FERRY_READ_REPLICA", global = true)]
+    pub read_replica: Option<String>,
     /// More logging (-v info, -vv debug); FERRY_LOG overrides.
     #[arg(short, long, action = clap::ArgAction::Count, global = true)]
     pub verbose: u8,
@@ -69,6 +75,9 @@ pub enum Command {
     Restore(repo::RestoreArgs),
     /// Verify the repository's structure, and with --read-data every byte.
     Check(repo::CheckArgs),
+    /// Give each replica of a replicated repository what it lacks: the objects
+    /// its records list, and whatever the others' listings hold that it does not.
+    Repair(repo::RepairArgs),
     /// Remove recovery points a retention policy does not keep (per source).
     Forget(repo::ForgetArgs),
     /// Reclaim the space of data no recovery point uses; safe while backups run.
@@ -142,6 +151,7 @@ impl Global {
         );
         ctx.json = self.json;
         ctx.quiet = self.quiet;
+        ctx.read_replica = self.read_replica.clone();
         ctx
     }
 }
@@ -158,6 +168,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         Command::Sources(a) => runbooks::sources(ctx, a),
         Command::Restore(a) => repo::restore(ctx, a),
         Command::Check(a) => repo::check(ctx, a),
+        Command::Repair(a) => repo::repair(ctx, a),
         Command::Forget(a) => repo::forget(ctx, a),
         Command::Prune(a) => repo::prune(ctx, a),
         Command::Stats(a) => repo::stats(ctx, a),

@@ -76,6 +76,8 @@ pub struct Context {
     pub json: bool,
     /// No progress bars or chatter.
     pub quiet: bool,
+    /// Read a replicated repository from this replica alone (`--read-replica`).
+    pub read_replica: Option<String>,
     /// The password, once read.
     password: Mutex<Option<Password>>,
 }
@@ -115,6 +117,7 @@ impl Clone for Context {
             home: self.home.clone(),
             json: self.json,
             quiet: self.quiet,
+            read_replica: self.read_replica.clone(),
             password: Mutex::new(
                 self.password
                     .lock()
@@ -154,6 +157,7 @@ impl Context {
             home,
             json: false,
             quiet: false,
+            read_replica: None,
             password: Mutex::new(None),
         }
     }
@@ -202,10 +206,10 @@ impl Context {
 
     /// Opens the store at the repository location.
     pub fn store(&self, create: bool) -> anyhow::Result<ferry_agent::Store> {
-        Ok(ferry_connectors::store::open(
-            self.repo_location()?,
-            create,
-        )?)
+        Ok(
+            ferry_connectors::store::open(self.repo_location()?, create)?
+                .with_read_replica(self.read_replica.clone()),
+        )
     }
 
     /// Opens the repository; `long_lived` keeps the immutable objects it reads

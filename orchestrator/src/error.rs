@@ -148,7 +148,7 @@ pub fn class_of(e: &ferry_agent::Error) -> ferry_engine::runbook::ErrorClass {
         // changed under us, a full target disk: another try may find it
         // better.
         // A store's answer: the data plane's own retry policy decides.
-        E::Store { .. } | E::Unreachable { .. } => match e.retry() {
+        E::Store { .. } | E::Unreachable { .. } | E::Quorum { .. } => match e.retry() {
             ferry_agent::error::Retry::Transient => Transient,
             ferry_agent::error::Retry::Never => Permanent,
         },

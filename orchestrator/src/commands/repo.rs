@@ -209,6 +209,27 @@ pub struct InitArgs {
     /// Days each object stays locked after it is written (or last extended by prune).
     #[arg(long, default_value_t = 30, requires = "object_lock")]
     pub lock_days: u32,
+    /// Another replica of the repository (repeat for each): a directory, s3://,
+    /// gs:// or az:// location, ideally in another cloud. The repository (-r)
+    /// is the first replica; each replica's config records them all, so any of
+    /// them opens the whole set.
+    #[arg(long = "replica", value_name = "LOCATION")]
+    pub replicas: Vec<String>,
+    /// Replicas that must hold an object before a write succeeds (default: a
+    /// majority). What the others miss is recorded and given by `ferry repair`.
+    #[arg(long, requires = "replicas")]
+    pub write_quorum: Option<usize>,
+}
+
+#[derive(Debug, Args)]
+pub struct RepairArgs {
+    /// Report what each replica lacks; copy nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Also read every pack, index object and point on every replica and
+    /// rewrite the ones whose bytes do not match their name.
+    #[arg(long)]
+    pub read_data: bool,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -269,6 +290,12 @@ pub struct RestoreArgs {
     /// Replace existing image files.
     #[arg(long)]
     pub overwrite: bool,
+    /// Restore over an existing disk (an image file or a block device) in
+    /// place: every chunk's place is read and hashed, and only the chunks
+    /// that differ are fetched and written (failback, re-sync after a drill).
+    /// A target that is not there is restored whole.
+    #[arg(long, conflicts_with = "overwrite")]
+    pub delta: bool,
 }
 
 #[derive(Debug, Args)]
@@ -301,7 +328,11 @@ pub fn init(ctx: &Context, a: &InitArgs) -> Result<ExitCode> {
         },
     };
     let location = ctx.repo_location()?;
-    let store = ferry_connectors::store::open(location, true)?;
+    let store = ferry_connectors::store::open(&replica_location(location), true)?;
+    let mut replicas = Vec::new();
+    for r in &a.replicas {
+        replicas.push(ferry_connectors::store::open(&replica_location(r), true)?);
+    }
     let pw = ctx.password(true)?;
     ferry_agent::crypto::check_new_password(pw.bytes())?;
     let repo = Repository::init(
@@ -317,6 +348,8 @@ pub fn init(ctx: &Context, a: &InitArgs) -> Result<ExitCode> {
                 },
                 days: a.lock_days,
             }),
+            replicas,
+            write_quorum: a.write_quorum,
             ..InitOptions::default()
         },
     )?;
@@ -335,6 +368,24 @@ pub fn init(ctx: &Context, a: &InitArgs) -> Result<ExitCode> {
                 l.mode.as_str(),
                 l.days
             );
+        }
+        if let Some(rc) = &repo.config().replicas {
+            println!(
+                "{} replicas; a write succeeds when {} hold it:",
+                rc.replicas.len(),
+                rc.write_quorum
+            );
+            for r in &rc.replicas {
+                println!(
+                    "  {} {}{}",
+                    r.id,
+                    r.location,
+                    match r.lock {
+                        Some(l) => format!(" (Object Lock {}, {} days)", l.mode.as_str(), l.days),
+                        None => String::new(),
+                    }
+                );
+            }
         }
         println!("keep the password safe: without it the data cannot be read");
     }
@@ -639,6 +690,7 @@ pub fn restore(ctx: &Context, a: &RestoreArgs) -> Result<ExitCode> {
             target: a.to.clone(),
             disk: a.disk.clone(),
             overwrite: a.overwrite,
+            delta: a.delta,
         },
         &progress,
     )?;
@@ -652,7 +704,13 @@ pub fn restore(ctx: &Context, a: &RestoreArgs) -> Result<ExitCode> {
                 d.name,
                 bytes(d.size),
                 d.path.display(),
-                if d.resumed { " (resumed)" } else { "" }
+                if d.resumed {
+                    " (resumed)"
+                } else if d.delta {
+                    " (in place: only what differed)"
+                } else {
+                    ""
+                }
             );
         }
         println!(
@@ -903,6 +961,93 @@ fn restore_ebs(ctx: &Context, a: &RestoreArgs, rest: &str) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// A replica's location as the config records it: a directory by its absolute
+/// path, so that any working directory opens it again.
+fn replica_location(location: &str) -> String {
+    if location.contains("://") || location.starts_with("memory:") {
+        return location.to_string();
+    }
+    std::path::absolute(location)
+        .map(|p| p.display().to_string())
+        .unwrap_or_else(|_| location.to_string())
+}
+
+/// Print each replica's state (check and repair).
+fn print_replicas(r: &ferry_agent::replica::RepairReport, repaired: bool) {
+    println!(
+        "{} replicas, write quorum {}; {} object(s) compared, {} record(s) of missed objects",
+        r.replicas.len(),
+        r.write_quorum,
+        r.objects,
+        r.records
+    );
+    for s in &r.replicas {
+        let state = if !s.reachable {
+            format!("UNREACHABLE: {}", s.error.as_deref().unwrap_or("no answer"))
+        } else if repaired {
+            format!(
+                "{} missing, {} recorded, {} damaged; copied {} object(s), {}{}",
+                s.missing,
+                s.recorded,
+                s.damaged,
+                s.copied,
+                bytes(s.copied_bytes),
+                if s.failed > 0 {
+                    format!("; {} could not be repaired", s.failed)
+                } else {
+                    String::new()
+                }
+            )
+        } else if s.missing + s.damaged + s.recorded_damaged == 0 {
+            if s.recorded > 0 {
+                format!(
+                    "in sync ({} recorded object(s) arrived since; `ferry repair` removes the records)",
+                    s.recorded
+                )
+            } else {
+                "in sync".to_string()
+            }
+        } else {
+            format!(
+                "BEHIND: {} missing, {} damaged ({} recorded); run `ferry repair`",
+                s.missing,
+                s.damaged + s.recorded_damaged,
+                s.recorded
+            )
+        };
+        println!("  replica {} {}: {state}", s.id, s.location);
+    }
+}
+
+pub fn repair(ctx: &Context, a: &RepairArgs) -> Result<ExitCode> {
+    let repo = ctx.open_repo(false)?;
+    let Some(set) = repo.store().replicas() else {
+        return Err(Error::Usage(format!(
+            "the repository at {} has no replicas: nothing to repair (create one with `ferry init --replica LOCATION ...`)",
+            ctx.repo_location()?
+        ))
+        .into());
+    };
+    let r = set.repair(ferry_agent::replica::RepairOptions {
+        dry_run: a.dry_run,
+        read_data: a.read_data,
+    })?;
+    let ok = r.replicas.iter().all(|s| s.reachable && s.failed == 0) && (!a.dry_run || r.in_sync());
+    if ctx.json {
+        print_json(&r)?;
+    } else {
+        print_replicas(&r, !a.dry_run);
+        if r.records_removed > 0 {
+            println!("removed {} record(s) now fulfilled", r.records_removed);
+        }
+    }
+    Ok(if ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
+}
+
 pub fn check(ctx: &Context, a: &CheckArgs) -> Result<ExitCode> {
     let repo = ctx.open_repo(false)?;
     let progress = Arc::new(Progress::default());
@@ -950,6 +1095,9 @@ pub fn check(ctx: &Context, a: &CheckArgs) -> Result<ExitCode> {
                 "note: {} pack(s) left by an interrupted backup are not indexed yet; the next backup indexes and reuses them",
                 r.unindexed_packs.len()
             );
+        }
+        if let Some(rep) = &r.replicas {
+            print_replicas(rep, false);
         }
         if r.ok {
             println!("no damage found");

@@ -285,6 +285,7 @@ pub(super) fn restore_to_file(
                 target: raw.to_path_buf(),
                 disk: Some(meta.name.clone()),
                 overwrite: false,
+                delta: false,
             },
             progress,
         )
