@@ -13,6 +13,7 @@
 # and files added to the repo.  A Markdown report goes to stdout and --out.
 #
 # Usage: bench/run.sh [--quick] [--tools "restic borg borg-fixed ferry"] [--out FILE]
+#        bench/run.sh --base-only   (make the cached base image, print its path)
 # Env:   SIZE_MIB (2048), FERRY_BENCH_DIR (/var/tmp/ferry-bench), FERRY_BIN,
 #        CARGO_TARGET_DIR (/var/tmp/ferry-target), FERRY_INIT_ARGS, KEEP_REPOS=1
 set -euo pipefail
@@ -30,7 +31,8 @@ while [[ $# -gt 0 ]]; do
     --quick) SIZE_MIB=256; shift ;;
     --tools) TOOLS=$2; shift 2 ;;
     --out) OUT=$2; shift 2 ;;
-    -h|--help) sed -n '2,17p' "$0"; exit 0 ;;
+    --base-only) BASE_ONLY=1; shift ;;
+    -h|--help) sed -n '2,18p' "$0"; exit 0 ;;
     *) echo "unknown argument: $1" >&2; exit 2 ;;
   esac
 done
@@ -331,6 +333,7 @@ report() {
 
 # ---------------------------------------------------------------- main
 main() {
+  if [[ ${BASE_ONLY:-} == 1 ]]; then make_base; echo "$BASE"; return 0; fi
   install_peers
   rm -rf "$RUN"; mkdir -p "$LOGS" "$RUN/repos"
   has ferry && resolve_ferry

@@ -577,7 +577,7 @@ impl Worker<'_> {
                     if !run.is_empty()
                         && (run_start + run.len() as u64 != o || run.len() >= WRITE_BATCH)
                     {
-                        out.write_at(run, run_start)?;
+                        write_run(out, run, run_start, written)?;
                         run.clear();
                     }
                     if run.is_empty() {
@@ -585,15 +585,28 @@ impl Worker<'_> {
                     }
                     run.extend_from_slice(piece);
                 }
-                written.fetch_add(plain.len() as u64, Ordering::Relaxed);
+                if !out.in_place() {
+                    written.fetch_add(plain.len() as u64, Ordering::Relaxed);
+                }
                 progress.add_done(plain.len() as u64);
             }
             fetched.fetch_add(1, Ordering::Relaxed);
         }
         if !run.is_empty() {
-            out.write_at(run, run_start)?;
+            write_run(out, run, run_start, written)?;
         }
         Ok(())
+    }
+}
+
+/// Write a run of restored bytes; over an existing disk, only the blocks that
+/// differ, counted as they are written.
+fn write_run(out: &dyn BlockSink, run: &[u8], at: u64, written: &AtomicU64) -> Result<()> {
+    if out.in_place() {
+        written.fetch_add(out.write_differing(run, at)?, Ordering::Relaxed);
+        Ok(())
+    } else {
+        out.write_at(run, at)
     }
 }
 

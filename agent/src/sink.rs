@@ -34,6 +34,17 @@ pub trait BlockSink: Send + Sync {
     /// Everything is written: make it durable, and visible under its final
     /// name (a renamed file, a completed snapshot).
     fn finish(&self) -> Result<()>;
+    /// It is an existing disk written in place (`restore --delta`): writes go
+    /// through [`BlockSink::write_differing`].
+    fn in_place(&self) -> bool {
+        false
+    }
+    /// Write `buf` at `offset`, leaving alone the 4 KiB blocks that already
+    /// hold those bytes; returns the bytes written.
+    fn write_differing(&self, buf: &[u8], offset: u64) -> Result<u64> {
+        self.write_at(buf, offset)?;
+        Ok(buf.len() as u64)
+    }
 }
 
 impl BlockSink for FileSink {
@@ -68,6 +79,45 @@ impl BlockSink for FileSink {
     }
     fn finish(&self) -> Result<()> {
         self.complete()
+    }
+    fn in_place(&self) -> bool {
+        self.delta
+    }
+    fn write_differing(&self, buf: &[u8], offset: u64) -> Result<u64> {
+        if !self.delta {
+            self.write(buf, offset)?;
+            return Ok(buf.len() as u64);
+        }
+        let mut there = vec![0u8; buf.len()];
+        self.file
+            .read_exact_at(&mut there, offset)
+            .map_err(|source| Error::Target {
+                path: self.path.clone(),
+                source,
+            })?;
+        // Runs of differing 4 KiB blocks, each written with one call.
+        const BLOCK: usize = 4096;
+        let mut written = 0u64;
+        let mut run: Option<usize> = None;
+        let mut at = 0;
+        while at <= buf.len() {
+            let end = (at + BLOCK).min(buf.len());
+            let differs = at < buf.len() && buf[at..end] != there[at..end];
+            match (differs, run) {
+                (true, None) => run = Some(at),
+                (false, Some(start)) => {
+                    self.write(&buf[start..at], offset + start as u64)?;
+                    written += (at - start) as u64;
+                    run = None;
+                }
+                _ => {}
+            }
+            if at == buf.len() {
+                break;
+            }
+            at = end;
+        }
+        Ok(written)
     }
 }
 
