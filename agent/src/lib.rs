@@ -9,6 +9,7 @@ pub mod check;
 pub mod chunker;
 #[cfg(any(test, feature = "conformance"))]
 pub mod conformance;
+pub mod copy;
 pub mod crypto;
 pub mod error;
 pub mod format;

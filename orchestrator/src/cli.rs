@@ -75,6 +75,9 @@ pub enum Command {
     Restore(repo::RestoreArgs),
     /// Verify the repository's structure, and with --read-data every byte.
     Check(repo::CheckArgs),
+    /// Copy recovery points, with their data, into another repository (another
+    /// cloud, an offline copy), re-encrypted under its own password; resumable.
+    Copy(repo::CopyArgs),
     /// Give each replica of a replicated repository what it lacks: the objects
     /// its records list, and whatever the others' listings hold that it does not.
     Repair(repo::RepairArgs),
@@ -169,6 +172,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         Command::Restore(a) => repo::restore(ctx, a),
         Command::Check(a) => repo::check(ctx, a),
         Command::Repair(a) => repo::repair(ctx, a),
+        Command::Copy(a) => repo::copy(ctx, a),
         Command::Forget(a) => repo::forget(ctx, a),
         Command::Prune(a) => repo::prune(ctx, a),
         Command::Stats(a) => repo::stats(ctx, a),

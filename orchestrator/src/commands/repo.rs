@@ -18,7 +18,7 @@ use ferry_agent::restore::RestoreOptions;
 use ferry_agent::source::BlockSource;
 
 use super::output::{self, Bar, bytes};
-use crate::context::Context;
+use crate::context::{Context, PasswordSource};
 use crate::error::Error;
 
 #[derive(Debug, Args)]
@@ -219,6 +219,22 @@ pub struct InitArgs {
     /// majority). What the others miss is recorded and given by `ferry repair`.
     #[arg(long, requires = "replicas")]
     pub write_quorum: Option<usize>,
+}
+
+#[derive(Debug, Args)]
+pub struct CopyArgs {
+    /// The destination repository (create it first with `ferry -r LOCATION init`);
+    /// its own password and keys: the data is re-encrypted and deduplicated there.
+    #[arg(long = "to", value_name = "LOCATION")]
+    pub to: String,
+    /// The destination's password file (else FERRY_TO_PASSWORD, else a prompt).
+    #[arg(long, env = "FERRY_TO_PASSWORD_FILE")]
+    pub to_password_file: Option<PathBuf>,
+    /// Only this source's points.
+    #[arg(long)]
+    pub source: Option<String>,
+    /// Points to copy (ids, prefixes, SOURCE@latest, SOURCE@TIME); all when none.
+    pub points: Vec<String>,
 }
 
 #[derive(Debug, Args)]
@@ -1017,6 +1033,88 @@ fn print_replicas(r: &ferry_agent::replica::RepairReport, repaired: bool) {
         };
         println!("  replica {} {}: {state}", s.id, s.location);
     }
+}
+
+pub fn copy(ctx: &Context, a: &CopyArgs) -> Result<ExitCode> {
+    let src = ctx.open_repo(false)?;
+    let dest_password = match &a.to_password_file {
+        Some(f) => PasswordSource::File(f.clone()),
+        None => match std::env::var_os("FERRY_TO_PASSWORD") {
+            Some(v) => {
+                use std::os::unix::ffi::OsStrExt;
+                PasswordSource::Env(v.as_bytes().to_vec())
+            }
+            None => PasswordSource::Prompt,
+        },
+    };
+    let dctx = Context::new(
+        Some(a.to.clone()),
+        dest_password,
+        Some(&ctx.state_url),
+        ctx.home.clone(),
+    );
+    let dst = dctx.open_repo(false).map_err(|e| {
+        e.context(format!(
+            "cannot open the destination repository {} (create it with `ferry -r {} init`; its password comes from --to-password-file or FERRY_TO_PASSWORD)",
+            a.to, a.to
+        ))
+    })?;
+    if dst.config().id == src.config().id {
+        return Err(Error::Usage(format!(
+            "{} is the repository being copied (or a replica of it)",
+            a.to
+        ))
+        .into());
+    }
+    let points: Vec<_> = if a.points.is_empty() {
+        src.points()?.0
+    } else {
+        a.points
+            .iter()
+            .map(|r| src.resolve(r))
+            .collect::<Result<_, _>>()?
+    };
+    let points: Vec<_> = points
+        .into_iter()
+        .filter(|p| a.source.as_ref().is_none_or(|s| &p.meta.source == s))
+        .collect();
+    let progress = Arc::new(Progress::default());
+    let bar = Bar::start(progress.clone(), "copy", !ctx.quiet && !ctx.json);
+    let r = ferry_agent::copy::copy(&src, &dst, &points, &progress)?;
+    drop(bar);
+    if ctx.json {
+        print_json(&r)?;
+    } else {
+        for c in &r.points {
+            println!(
+                "{} {} at {} -> {}{}",
+                &c.from[..8],
+                c.source,
+                c.time.format("%Y-%m-%d %H:%M:%S UTC"),
+                &c.to[..8],
+                if c.already {
+                    " (copied before)".to_string()
+                } else {
+                    format!(
+                        ": read {}{}, {} new",
+                        bytes(c.bytes_read),
+                        if c.incremental {
+                            " (the difference from the previous point)"
+                        } else {
+                            ""
+                        },
+                        bytes(c.new_bytes)
+                    )
+                }
+            );
+        }
+        println!(
+            "copied {} point(s) in {:.1} s",
+            r.points.len(),
+            r.duration_secs
+        );
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 pub fn repair(ctx: &Context, a: &RepairArgs) -> Result<ExitCode> {
