@@ -122,7 +122,7 @@ pub enum Error {
 
     /// A write reached fewer replicas than the repository's write quorum.
     #[error(
-        "{object} was stored by {stored} of the {needed} replicas the repository's write quorum needs: {detail}; nothing that depends on it was committed: bring a replica back (or check its credentials) and run this again"
+        "{object} cannot reach the {needed} replicas the repository's write quorum needs ({stored} had stored it when the others failed): {detail}; nothing that depends on it was committed: bring a replica back (or check its credentials) and run this again"
     )]
     Quorum {
         object: String,

@@ -353,6 +353,12 @@ impl std::fmt::Debug for ReplicaSet {
     }
 }
 
+thread_local! {
+    /// The set (by address), object and replica of this thread's last read, for
+    /// [`ReplicaSet::avoid`].
+    static SERVED: std::cell::RefCell<Option<(usize, String, usize)>> = const { std::cell::RefCell::new(None) };
+}
+
 /// Whether a missed object is worth recording: locks come and go, records are
 /// about the others.
 fn recordable(name: &str) -> bool {
@@ -513,6 +519,8 @@ impl ReplicaSet {
             match op(&r.store) {
                 Ok(v) if sound(&v) => {
                     r.went_well(started.elapsed());
+                    let me = self as *const ReplicaSet as usize;
+                    SERVED.with(|s| *s.borrow_mut() = Some((me, name.to_string(), i)));
                     // What the others lacked, they are given by repair.
                     for (j, damaged) in lacking {
                         if damaged {
@@ -609,9 +617,28 @@ impl ReplicaSet {
     /// no other replica is left to try. A versioned replica first tries its
     /// object's original version, as a single store does.
     pub fn avoid(&self, name: &str) -> Result<bool> {
-        let Some(&i) = self.read_order(name).first() else {
+        // The replica that served this thread's last read of `name`: other
+        // threads may have moved reads of it elsewhere meanwhile, and blaming
+        // the replica reads go to now would blame a sound one.
+        let me = self as *const ReplicaSet as usize;
+        let served = SERVED.with(|s| {
+            s.borrow()
+                .as_ref()
+                .filter(|(set, n, _)| *set == me && n == name)
+                .map(|(_, _, i)| *i)
+        });
+        let Some(i) = served.or_else(|| self.read_order(name).first().copied()) else {
             return Ok(false);
         };
+        let already = self
+            .avoided
+            .lock()
+            .expect("avoided replicas")
+            .get(name)
+            .is_some_and(|set| set.contains(&i));
+        if already {
+            return Ok(!self.read_order(name).is_empty());
+        }
         if self.replicas[i].store.recover_original(name)? {
             return Ok(true);
         }
@@ -1143,18 +1170,36 @@ impl ReplicaSet {
                 report.replicas.push(state);
                 continue;
             }
-            for name in &wanted {
-                match self.copy_to(i, name) {
-                    Ok(bytes) => {
-                        state.copied += 1;
-                        state.copied_bytes += bytes;
-                    }
-                    Err(e) => {
-                        state.failed += 1;
-                        tracing::warn!(object = %name, replica = %r.spec.location, error = %e, "could not repair");
-                    }
+            // A few copies at once: each is a GET from one store and a PUT to another.
+            let names: Vec<&str> = wanted.iter().copied().collect();
+            let next = AtomicU64::new(0);
+            let outcome: Mutex<(usize, u64, usize)> = Mutex::default();
+            std::thread::scope(|sc| {
+                for _ in 0..WRITERS_PER_REPLICA {
+                    sc.spawn(|| {
+                        while let Some(name) =
+                            names.get(next.fetch_add(1, Ordering::Relaxed) as usize)
+                        {
+                            let copied = self.copy_to(i, name);
+                            let mut o = outcome.lock().expect("repair outcome");
+                            match copied {
+                                Ok(bytes) => {
+                                    o.0 += 1;
+                                    o.1 += bytes;
+                                }
+                                Err(e) => {
+                                    o.2 += 1;
+                                    tracing::warn!(object = %name, replica = %r.spec.location, error = %e, "could not repair");
+                                }
+                            }
+                        }
+                    });
                 }
-            }
+            });
+            let (copied, copied_bytes, failed) = outcome.into_inner().expect("repair outcome");
+            state.copied = copied;
+            state.copied_bytes = copied_bytes;
+            state.failed = failed;
             if state.failed == 0 {
                 // Everything its records list is there now: drop them everywhere.
                 for (name, _) in records.iter().filter(|(_, rec)| rec.replica == r.spec.id) {
@@ -1362,11 +1407,13 @@ mod tests {
             &Progress::default(),
         )
         .unwrap_err();
+        // The store that works may or may not have answered when the two
+        // that fail made the quorum impossible.
         assert!(
             matches!(
                 err,
                 Error::Quorum {
-                    stored: 1,
+                    stored: 0 | 1,
                     needed: 2,
                     ..
                 }

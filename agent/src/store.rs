@@ -1063,6 +1063,12 @@ impl Store {
     }
 
     fn need_versioned(&self, what: &str) -> Result<&Arc<dyn Versioned>> {
+        if self.replicas.is_some() {
+            return Err(Error::InvalidInput(format!(
+                "{what} acts on one store, and {} is a replicated repository: not available on replicated repositories yet",
+                self.location
+            )));
+        }
         self.versioned.as_ref().ok_or_else(|| {
             Error::InvalidInput(format!(
                 "{what} needs a store with versioning (an S3 bucket); {} has none",

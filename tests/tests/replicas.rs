@@ -208,7 +208,7 @@ fn a_failing_replica_is_recorded_repaired_and_then_restores_alone() {
     assert!(!o.status.success());
     let err = common::stderr(&o);
     assert!(
-        err.contains("of the 2 replicas the repository's write quorum needs"),
+        err.contains("cannot reach the 2 replicas the repository's write quorum needs"),
         "{err}"
     );
     let listed = env.json(&["points"]);
