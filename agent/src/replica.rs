@@ -580,36 +580,29 @@ impl ReplicaSet {
         self.read(name, |s| s.get_range(name, range.clone()), |_| true)
     }
 
-    pub fn size(&self, name: &str) -> Result<Option<u64>> {
-        match self.read(
-            name,
-            |s| {
-                s.size(name)?.ok_or(Error::Missing {
-                    object: name.to_string(),
-                })
-            },
-            |_| true,
-        ) {
-            Ok(size) => Ok(Some(size)),
+    /// What `op` says of `name` on the best replica that has it, or `None`
+    /// when none has it.
+    fn optional<T>(
+        &self,
+        name: &str,
+        op: impl Fn(&Store) -> Result<Option<T>>,
+    ) -> Result<Option<T>> {
+        let missing = || Error::Missing {
+            object: name.to_string(),
+        };
+        match self.read(name, |s| op(s)?.ok_or_else(missing), |_| true) {
+            Ok(v) => Ok(Some(v)),
             Err(Error::Missing { .. }) => Ok(None),
             Err(e) => Err(e),
         }
     }
 
+    pub fn size(&self, name: &str) -> Result<Option<u64>> {
+        self.optional(name, |s| s.size(name))
+    }
+
     pub fn modified(&self, name: &str) -> Result<Option<DateTime<Utc>>> {
-        match self.read(
-            name,
-            |s| {
-                s.modified(name)?.ok_or(Error::Missing {
-                    object: name.to_string(),
-                })
-            },
-            |_| true,
-        ) {
-            Ok(t) => Ok(Some(t)),
-            Err(Error::Missing { .. }) => Ok(None),
-            Err(e) => Err(e),
-        }
+        self.optional(name, |s| s.modified(name))
     }
 
     /// A blob read from `name` did not authenticate: read it from another

@@ -55,25 +55,41 @@ fn points_copy_to_another_cloud_under_another_password_and_resume_after_a_kill()
         c
     };
 
-    // Killed in the middle, then run again until it finishes.
+    // Killed early (while it reads or writes the first points), then run
+    // again: it finishes what the killed run left.
     let mut rng = Rng(0xc0fe);
-    let mut child = copy_cmd()
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    std::thread::sleep(Duration::from_millis(300 + rng.below(700)));
-    let _ = child.kill();
-    let _ = child.wait();
+    common::kill_after(&mut copy_cmd(), Duration::from_millis(50 + rng.below(400)));
     let o = copy_cmd().output().unwrap();
     assert!(o.status.success(), "{}", common::stderr(&o));
     let r: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
-    let copied = r["points"].as_array().unwrap();
+    let copied = r["points"].as_array().unwrap().clone();
     assert_eq!(copied.len(), 3, "{r}");
-    // After the first, each point was read as its difference from the one before.
-    let last = &copied[2];
-    assert_eq!(last["incremental"], true, "{r}");
-    assert!(last["bytes_read"].as_u64().unwrap() < 16 * MIB, "{r}");
+
+    // A new point is copied as its difference from the one copied before.
+    scatter_writes(&disk, 60, 7);
+    let id = env.backup("db", &[&disk])["point"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let snap = env.path("want-3.img");
+    std::fs::copy(&disk, &snap).unwrap();
+    want.push((id.clone(), snap));
+    let o = copy_cmd().output().unwrap();
+    assert!(o.status.success(), "{}", common::stderr(&o));
+    let r: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let mut copied = copied;
+    let fresh: Vec<_> = r["points"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|c| c["already"] == false)
+        .cloned()
+        .collect();
+    assert_eq!(fresh.len(), 1, "{r}");
+    assert_eq!(fresh[0]["from"], id.as_str(), "{r}");
+    assert_eq!(fresh[0]["incremental"], true, "{r}");
+    assert!(fresh[0]["bytes_read"].as_u64().unwrap() < 16 * MIB, "{r}");
+    copied.push(fresh[0].clone());
 
     // Each copy restores, from the destination alone, to its point's image,
     // and carries the point's source and time.

@@ -282,32 +282,21 @@ fn kills_during_writes_and_repairs_leave_every_replica_valid() {
     for round in 0..6u64 {
         scatter_writes(&disk, 30, round + 100);
         // A backup killed at a random moment, then one that completes.
-        let mut child = slow
-            .cmd()
-            .args(["backup", "--source", "vm", disk.to_str().unwrap()])
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .unwrap();
-        std::thread::sleep(Duration::from_millis(100 + rng.below(1500)));
-        let _ = child.kill();
-        let _ = child.wait();
+        common::kill_after(
+            slow.cmd()
+                .args(["backup", "--source", "vm", disk.to_str().unwrap()]),
+            Duration::from_millis(100 + rng.below(1500)),
+        );
         let b = slow.backup("vm", &[&disk]);
         let snap = env.path(&format!("want-{round}.img"));
         std::fs::copy(&disk, &snap).unwrap();
         points.push((b["point"].as_str().unwrap().to_string(), snap));
         // A repair killed at a random moment, every other round.
         if round % 2 == 0 {
-            let mut child = env
-                .cmd()
-                .arg("repair")
-                .stdout(std::process::Stdio::null())
-                .stderr(std::process::Stdio::null())
-                .spawn()
-                .unwrap();
-            std::thread::sleep(Duration::from_millis(50 + rng.below(800)));
-            let _ = child.kill();
-            let _ = child.wait();
+            common::kill_after(
+                env.cmd().arg("repair"),
+                Duration::from_millis(50 + rng.below(800)),
+            );
         }
         // Whatever was killed, the repository as a whole checks clean.
         let check = env.json_allow_fail(&["check"]);

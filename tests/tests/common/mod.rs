@@ -282,6 +282,19 @@ impl Drop for Served {
     }
 }
 
+/// Start `cmd` with its output discarded, kill it (SIGKILL) after `after`,
+/// and reap it: a crash at a moment of the test's choosing.
+pub fn kill_after(cmd: &mut Command, after: std::time::Duration) {
+    let mut child = cmd
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("the command starts");
+    std::thread::sleep(after);
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
 /// A child process killed and reaped when dropped, however the test ends.
 pub struct Reaped(pub std::process::Child);
 
