@@ -35,7 +35,7 @@ BENCH_DIR=${FERRY_BENCH_DIR:-/var/tmp/ferry-bench}
 RUN="$BENCH_DIR/delta"
 TARGET=${CARGO_TARGET_DIR:-/var/tmp/ferry-target}
 FERRY=${FERRY_BIN:-$TARGET/release/ferry}
-export FERRY_PASSWORD=bench-password FERRY_HOME="$RUN/home"
+export FERRY_PASSWORD=bench-password FERRY_HOME="$RUN/home" FERRY_LOG=error
 unset FERRY_REPO FERRY_FAULTS FERRY_READ_REPLICA
 
 log() { printf '[delta %(%H:%M:%S)T] %s\n' -1 "$*" >&2; }

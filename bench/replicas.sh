@@ -39,7 +39,7 @@ BENCH_DIR=${FERRY_BENCH_DIR:-/var/tmp/ferry-bench}
 RUN="$BENCH_DIR/replicas"
 TARGET=${CARGO_TARGET_DIR:-/var/tmp/ferry-target}
 FERRY=${FERRY_BIN:-$TARGET/release/ferry}
-export FERRY_PASSWORD=bench-password FERRY_HOME="$RUN/home"
+export FERRY_PASSWORD=bench-password FERRY_HOME="$RUN/home" FERRY_LOG=error
 unset FERRY_REPO FERRY_FAULTS FERRY_READ_REPLICA
 
 log() { printf '[replicas %(%H:%M:%S)T] %s\n' -1 "$*" >&2; }
@@ -129,7 +129,7 @@ start=$(date +%s.%N)
 end=$(date +%s.%N)
 REPAIR=$(echo "$end - $start" | bc)
 start=$(date +%s.%N)
-FERRY_FAULTS="latency=0ms; latency=20ms at=/slow" "$FERRY" -q -r "$RUN/three/a" restore bench@latest --to "$RUN/restored.img"
+FERRY_FAULTS="latency=0ms; latency=20ms at=/slow" "$FERRY" -q -r "$RUN/three/a" restore bench@latest --to "$RUN/restored.img" >/dev/null
 end=$(date +%s.%N)
 RESTORE=$(echo "$end - $start" | bc)
 cmp "$DISK" "$RUN/restored.img" || { log "restore differs"; exit 1; }
@@ -149,7 +149,7 @@ mkdir -p "$(dirname "$OUT")"
   echo "| write wait p99 (ms) | $P99_2 | $P99_3 | $(ratio "$P99_3" "$P99_2") |"
   echo
   echo "After the last three-replica backup, objects each replica lacked: $behind (a, b, slow);"
-  echo "\`ferry repair\` took ${REPAIR} s without delays; a restore from the set (slow replica 20 ms per request) took ${RESTORE} s and matched the image."
+  echo "\`ferry repair\` took $(printf %.2f "$REPAIR") s without delays; a restore from the set (slow replica 20 ms per request) took $(printf %.2f "$RESTORE") s and matched the image."
   echo
   echo "Rounds (wall s, p50 ms, p99 ms): two: ${TWO[*]}; three: ${THREE[*]}."
 } | tee "$OUT"
