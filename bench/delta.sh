@@ -7,6 +7,9 @@
 #   delta   a copy of the image with 1% of it rewritten as scattered 4 KiB
 #           blocks (bench/helpers.py writes, a new seed each round), then
 #           `ferry restore --delta` of the point over it
+#   base    failback: that changed copy backed up as a second point (not
+#           timed), then restored over a pristine copy of the image with
+#           `--delta --base FIRST-POINT`: what the points share is not read
 # Both outputs are compared with the image (cmp). Reported: wall times and
 # their ratio (goal of issue 17: delta >= 10x faster), and the delta's bytes
 # written, chunks fetched and bytes read from the repository against the
@@ -56,7 +59,8 @@ REPO="$RUN/repo"
 log "backed up $BASE"
 
 now() { date +%s.%N; }
-declare -a FULL DELTA WRITTEN FETCHED DOWN CHANGED
+BASE_POINT=$("$FERRY" -q --json -r "$REPO" points | python3 -c 'import json,sys; print(json.load(sys.stdin)[-1]["id"])')
+declare -a FULL DELTA WRITTEN FETCHED DOWN CHANGED BASED BASED_SKIP BASED_FETCHED
 for round in $(seq 1 "$ROUNDS"); do
   for which in full delta; do
     [[ $((round % 2)) == 0 ]] && which=$([[ $which == full ]] && echo delta || echo full)
@@ -79,6 +83,20 @@ for round in $(seq 1 "$ROUNDS"); do
       read -r w f d < <(python3 -c 'import json,sys; s=json.load(open(sys.argv[1])); print(s["bytes_written"], s["chunks_fetched"], s["requests"]["bytes_down"])' "$RUN/delta.json")
       WRITTEN+=("$w"); FETCHED+=("$f"); DOWN+=("$d"); CHANGED+=("$changed")
       log "round $round delta: ${DELTA[-1]} s, wrote $w of $changed changed bytes, fetched $f chunks"
+      # Failback: the changed disk is the newer point; a pristine copy holds the base.
+      cp --sparse=always "$BASE" "$RUN/delta.img"
+      python3 "$BENCH_ROOT/helpers.py" writes "$RUN/delta.img" scattered "$((round + 40))" >/dev/null
+      newer=$("$FERRY" -q --json -r "$REPO" backup --source "bench-$round" "$RUN/delta.img" | python3 -c 'import json,sys; print(json.load(sys.stdin)["point"])')
+      mv "$RUN/delta.img" "$RUN/newer.img"
+      cp --sparse=always "$BASE" "$RUN/delta.img"
+      sync; t0=$(now)
+      "$FERRY" -q --json -r "$REPO" restore "$newer" --to "$RUN/delta.img" --delta --base "$BASE_POINT" > "$RUN/based.json"
+      t1=$(now)
+      cmp "$RUN/newer.img" "$RUN/delta.img" || { log "delta --base restore differs"; exit 1; }
+      BASED+=("$(echo "$t1 - $t0" | bc)")
+      read -r sk fe < <(python3 -c 'import json,sys; s=json.load(open(sys.argv[1])); print(s["bytes_skipped"], s["chunks_fetched"])' "$RUN/based.json")
+      BASED_SKIP+=("$sk"); BASED_FETCHED+=("$fe")
+      log "round $round base:  ${BASED[-1]} s, skipped $sk bytes, fetched $fe chunks"
     fi
   done
 done
@@ -87,6 +105,7 @@ median() { printf '%s\n' "$@" | sort -n | awk '{a[NR]=$1} END {print (NR % 2) ? 
 F=$(median "${FULL[@]}"); D=$(median "${DELTA[@]}")
 W=$(median "${WRITTEN[@]}"); C=$(median "${CHANGED[@]}")
 FE=$(median "${FETCHED[@]}"); DN=$(median "${DOWN[@]}")
+B=$(median "${BASED[@]}"); BS=$(median "${BASED_SKIP[@]}"); BF=$(median "${BASED_FETCHED[@]}")
 mib() { python3 -c "print(f'{$1 / 1048576:.1f}')"; }
 mkdir -p "$(dirname "$OUT")"
 {
@@ -97,8 +116,11 @@ mkdir -p "$(dirname "$OUT")"
   echo "| | full restore | delta restore (1% scattered 4 KiB writes) | full / delta |"
   echo "|---|---|---|---|"
   echo "| wall time (s) | $F | $D | $(python3 -c "print(f'{$F / $D:.1f}')")x |"
+  echo "| failback: --delta --base (s) | $F | $B | $(python3 -c "print(f'{$F / $B:.1f}')")x |"
   echo
   echo "Delta: $(mib "$W") MiB written for $(mib "$C") MiB changed ($(python3 -c "print(f'{$W / $C:.2f}')")x), $FE chunks fetched ($(mib "$DN") MiB read from the repository)."
   echo
-  echo "Rounds (s): full ${FULL[*]}; delta ${DELTA[*]}."
+  echo "With --base: $(mib "$BS") MiB known equal to the base and neither read nor written, $BF chunks fetched."
+  echo
+  echo "Rounds (s): full ${FULL[*]}; delta ${DELTA[*]}; delta --base ${BASED[*]}."
 } | tee "$OUT"

@@ -449,6 +449,7 @@ mod tests {
             disk: None,
             overwrite: true,
             delta: false,
+            base: None,
         };
         let err = restore(&repo, &hostile, &opts, &Progress::default()).unwrap_err();
         assert!(err.to_string().contains("\"../x\""), "{err}");

@@ -28,7 +28,7 @@ use crate::backup::{BackupOptions, DiskSpec, backup_sources};
 use crate::error::{Error, Result};
 use crate::index::Index;
 use crate::instant::DiskReader;
-use crate::point::{self, Extent, Point};
+use crate::point::{self, Point};
 use crate::progress::Progress;
 use crate::repo::Repository;
 use crate::source::{BlockSource, ChangeMap};
@@ -110,43 +110,6 @@ impl BlockSource for PointDisk {
     }
 }
 
-/// Where the extents of two versions of a disk differ: sorted `[start, end)`
-/// ranges. Extents are equal when they name the same chunk (or both are
-/// zeros) from the same place in it.
-fn differences(base: u64, old: &[Extent], new: &[Extent]) -> Vec<(u64, u64)> {
-    let mut out: Vec<(u64, u64)> = Vec::new();
-    let (mut i, mut j) = (0, 0);
-    // Where each current extent starts, and how far into it we are.
-    let (mut oi, mut nj) = (0u64, 0u64);
-    let mut at = base;
-    while i < old.len() && j < new.len() {
-        let (a, b) = (&old[i], &new[j]);
-        let left_a = u64::from(a.len) - oi;
-        let left_b = u64::from(b.len) - nj;
-        let n = left_a.min(left_b);
-        let same =
-            a.id == b.id && (a.id.is_none() || u64::from(a.skip) + oi == u64::from(b.skip) + nj);
-        if !same {
-            match out.last_mut() {
-                Some(last) if last.1 == at => last.1 = at + n,
-                _ => out.push((at, at + n)),
-            }
-        }
-        at += n;
-        oi += n;
-        nj += n;
-        if oi == u64::from(a.len) {
-            i += 1;
-            oi = 0;
-        }
-        if nj == u64::from(b.len) {
-            j += 1;
-            nj = 0;
-        }
-    }
-    out
-}
-
 /// The change map of `cur`'s disk `d` against `prev`'s disk of the same name
 /// and size: the ranges whose chunks differ. `None` when there is no such disk.
 fn change_map(
@@ -173,7 +136,7 @@ fn change_map(
         let (start, span) = point::list_span(meta.size, k);
         let old = src.load_list(index, a, span)?;
         let new = src.load_list(index, b, span)?;
-        for r in differences(start, &old, &new) {
+        for r in point::differing_ranges(start, &old, &new) {
             match ranges.last_mut() {
                 Some((_, end)) if *end == r.0 => *end = r.1,
                 _ => ranges.push(r),
@@ -313,6 +276,7 @@ pub fn copy(
 mod tests {
     use super::*;
     use crate::crypto::ChunkId;
+    use crate::point::Extent;
     use crate::sink::MemSink;
 
     fn id(n: u8) -> Option<ChunkId> {
@@ -331,11 +295,14 @@ mod tests {
             e(40, id(2), 0),
             e(60, id(2), 40),
         ];
-        assert_eq!(differences(1000, &old, &new), vec![(1120, 1150)]);
+        assert_eq!(
+            point::differing_ranges(1000, &old, &new),
+            vec![(1120, 1150)]
+        );
         // A slice from another place in the chunk differs.
         let moved = [e(100, id(1), 0), e(50, None, 0), e(100, id(2), 4)];
-        assert_eq!(differences(0, &old, &moved), vec![(150, 250)]);
-        assert!(differences(0, &old, &old).is_empty());
+        assert_eq!(point::differing_ranges(0, &old, &moved), vec![(150, 250)]);
+        assert!(point::differing_ranges(0, &old, &old).is_empty());
     }
 
     #[test]

@@ -446,6 +446,43 @@ fn decode_body(name: &str, body: &[u8]) -> Result<(Meta, Vec<Vec<ListId>>)> {
     Ok((meta, lists))
 }
 
+/// Where the extents of two versions of a disk differ: sorted `[start, end)`
+/// ranges. Extents are equal when they name the same chunk (or both are
+/// zeros) from the same place in it.
+pub fn differing_ranges(base: u64, old: &[Extent], new: &[Extent]) -> Vec<(u64, u64)> {
+    let mut out: Vec<(u64, u64)> = Vec::new();
+    let (mut i, mut j) = (0, 0);
+    // Where each current extent starts, and how far into it we are.
+    let (mut oi, mut nj) = (0u64, 0u64);
+    let mut at = base;
+    while i < old.len() && j < new.len() {
+        let (a, b) = (&old[i], &new[j]);
+        let left_a = u64::from(a.len) - oi;
+        let left_b = u64::from(b.len) - nj;
+        let n = left_a.min(left_b);
+        let same =
+            a.id == b.id && (a.id.is_none() || u64::from(a.skip) + oi == u64::from(b.skip) + nj);
+        if !same {
+            match out.last_mut() {
+                Some(last) if last.1 == at => last.1 = at + n,
+                _ => out.push((at, at + n)),
+            }
+        }
+        at += n;
+        oi += n;
+        nj += n;
+        if oi == u64::from(a.len) {
+            i += 1;
+            oi = 0;
+        }
+        if nj == u64::from(b.len) {
+            j += 1;
+            nj = 0;
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

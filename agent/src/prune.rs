@@ -1040,6 +1040,7 @@ mod tests {
             disk: None,
             overwrite: false,
             delta: false,
+            base: None,
         };
         crate::restore::restore(&repo, &p, &opts, &Progress::default()).unwrap();
         assert_eq!(std::fs::read(dir.path().join("vda")).unwrap(), disk);

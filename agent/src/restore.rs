@@ -37,6 +37,11 @@ pub struct RestoreOptions {
     /// Write over existing disks in place, fetching and writing only the
     /// chunks that differ from what is there (failback, re-sync after a drill).
     pub delta: bool,
+    /// With `delta`: the point the existing disks hold (they were restored
+    /// from it, or backed up as it, and nothing has written to them since).
+    /// What it shares with the point being restored is neither read nor
+    /// written; a sample of its chunks is checked on the disk first.
+    pub base: Option<Point>,
 }
 
 /// What a restore did.
@@ -47,6 +52,9 @@ pub struct Summary {
     pub bytes_written: u64,
     /// Chunks found already in place in a partial restore and kept.
     pub chunks_kept: u64,
+    /// Bytes the base point shares with this one (`--base`): neither read
+    /// nor written.
+    pub bytes_skipped: u64,
     pub chunks_fetched: u64,
     pub duration_secs: f64,
     pub requests: crate::store::Requests,
@@ -148,6 +156,7 @@ pub fn restore(
         disks: Vec::new(),
         bytes_written: 0,
         chunks_kept: 0,
+        bytes_skipped: 0,
         chunks_fetched: 0,
         duration_secs: 0.0,
         requests: Default::default(),
@@ -162,16 +171,42 @@ pub fn restore(
         } else {
             opts.target.clone()
         };
+        if let (Some(b), true) = (&opts.base, opts.delta) {
+            // Checked before the disk is opened (which sizes a file to the point).
+            base_disk(b, &meta.name, meta.size)?;
+            if let Ok(m) = std::fs::metadata(&final_path)
+                && m.is_file()
+                && m.len() != meta.size
+            {
+                return Err(Error::InvalidInput(format!(
+                    "{} holds {} bytes, so it does not hold point {} ({} bytes): nothing was written; restore with --delta alone",
+                    final_path.display(),
+                    m.len(),
+                    b.short_id(),
+                    meta.size
+                )));
+            }
+        }
         let out = if opts.delta {
             FileSink::open_delta(&final_path, meta.size, !target_is_dir)?
         } else {
             FileSink::open(&final_path, meta.size, opts.overwrite, !target_is_dir)?
         };
         info!(disk = %meta.name, to = %final_path.display(), resumed = out.resumed(), "restoring");
-        let stats = restore_disk(repo, &index, point, d, &out, progress)?;
+        // The base's lists of this disk, when the disk holds the base.
+        let base_lists = match (&opts.base, out.is_delta()) {
+            (Some(b), true) => {
+                let lists = base_disk(b, &meta.name, meta.size)?;
+                verify_base(repo, &index, b, lists, meta.size, &out, &final_path)?;
+                Some(lists)
+            }
+            _ => None,
+        };
+        let stats = restore_disk(repo, &index, point, d, &out, base_lists, progress)?;
         summary.bytes_written += stats.0;
         summary.chunks_kept += stats.1;
         summary.chunks_fetched += stats.2;
+        summary.bytes_skipped += stats.3;
         summary.disks.push(RestoredDisk {
             name: meta.name.clone(),
             path: final_path.clone(),
@@ -231,8 +266,8 @@ pub fn restore_into(
     }
     let (index, _) = crate::prune::readable_index(repo)?;
     progress.add_total(meta.size);
-    let (bytes_written, chunks_kept, chunks_fetched) =
-        restore_disk(repo, &index, point, disk, sink, progress)?;
+    let (bytes_written, chunks_kept, chunks_fetched, _) =
+        restore_disk(repo, &index, point, disk, sink, None, progress)?;
     sink.finish()?;
     Ok(DiskStats {
         bytes_written,
@@ -252,64 +287,186 @@ fn cancelled(progress: &Progress) -> Result<()> {
     Ok(())
 }
 
-/// Restore one disk; returns (bytes written, chunks kept, chunks fetched).
+/// The chunk lists of the base point's disk `name`, which must have `size`.
+fn base_disk<'a>(base: &'a Point, name: &str, size: u64) -> Result<&'a [point::ListId]> {
+    let i = base
+        .meta
+        .disks
+        .iter()
+        .position(|m| m.name == name && m.size == size)
+        .ok_or_else(|| {
+            Error::InvalidInput(format!(
+                "the base point {} has no disk {name:?} of {size} bytes: restore without --base, which compares every chunk",
+                base.short_id()
+            ))
+        })?;
+    Ok(&base.lists[i])
+}
+
+/// Chunks of the base point checked on the disk before it is trusted.
+const BASE_SAMPLES: usize = 32;
+
+/// Check that the disk holds the base point, on a sample of its chunks spread
+/// over the disk: a disk that was written since (or never held it) would be
+/// left half-restored by a restore that trusts it.
+fn verify_base(
+    repo: &Repository,
+    index: &index::Index,
+    base: &Point,
+    lists: &[point::ListId],
+    size: u64,
+    out: &dyn BlockSink,
+    path: &std::path::Path,
+) -> Result<()> {
+    let spans = lists.len();
+    let mut buf = Vec::new();
+    let mut checked = 0;
+    for n in 0..BASE_SAMPLES.min(spans) {
+        let k = n * spans / BASE_SAMPLES.min(spans);
+        let (start, span) = point::list_span(size, k);
+        let mut off = start;
+        for e in repo.load_list(index, &lists[k], span)? {
+            let whole = e.id.and_then(|id| index.get(&id)).map(|l| l.raw_len);
+            if let (Some(id), 0, Some(raw)) = (e.id, e.skip, whole)
+                && raw == e.len
+            {
+                buf.resize(e.len as usize, 0);
+                out.read_at(&mut buf, off)?;
+                if repo.key.chunk_id(&buf) != id {
+                    return Err(Error::InvalidInput(format!(
+                        "{} does not hold point {} (the chunk at byte {off} differs; was it written since?): nothing was written; restore with --delta alone, which compares every chunk",
+                        path.display(),
+                        base.short_id()
+                    )));
+                }
+                checked += 1;
+                break;
+            }
+            off += u64::from(e.len);
+        }
+    }
+    tracing::debug!(checked, "the disk holds the base point");
+    Ok(())
+}
+
+/// Restore one disk; returns (bytes written, chunks kept, chunks fetched,
+/// bytes skipped). With `base` (the lists of the point the disk holds), spans
+/// and extents the two points share are neither read nor written.
 fn restore_disk(
     repo: &Repository,
     index: &index::Index,
     point: &Point,
     disk: usize,
     out: &dyn BlockSink,
+    base: Option<&[point::ListId]>,
     progress: &Progress,
-) -> Result<(u64, u64, u64)> {
+) -> Result<(u64, u64, u64, u64)> {
     let meta = &point.meta.disks[disk];
-    let mut totals = (0, 0, 0);
-    // A batch of lists at a time, so memory does not grow with the disk.
+    let mut totals = (0, 0, 0, 0);
+    let load = |lid: &point::ListId, k: usize| -> Result<Vec<point::Extent>> {
+        let (start, span) = point::list_span(meta.size, k);
+        repo.load_list(index, lid, span).map_err(|e| match e {
+            Error::Missing { ref object } | Error::Corrupt { ref object, .. }
+                if object.starts_with("chunk list") =>
+            {
+                Error::DamagedChunk {
+                    chunk: lid.to_hex(),
+                    disk: meta.name.clone(),
+                    offset: start,
+                    detail: format!("it is the chunk list of the {span} bytes from here, and {e}"),
+                }
+            }
+            e => e,
+        })
+    };
+    // A batch of lists at a time, so memory does not grow with the disk; a
+    // span the base shares ends a run of extents, restored on its own.
     for (b, batch) in point.lists[disk].chunks(LISTS_PER_BATCH).enumerate() {
         let first = b * LISTS_PER_BATCH;
-        let (base, _) = point::list_span(meta.size, first);
+        let mut run: Option<u64> = None;
         let mut extents = Vec::new();
+        let mut same = Vec::new();
+        let flush = |run: &mut Option<u64>,
+                     extents: &mut Vec<point::Extent>,
+                     same: &mut Vec<bool>|
+         -> Result<(u64, u64, u64, u64)> {
+            let t = match run.take() {
+                Some(at) => {
+                    restore_extents(repo, index, &meta.name, at, extents, same, out, progress)?
+                }
+                None => (0, 0, 0, 0),
+            };
+            extents.clear();
+            same.clear();
+            Ok(t)
+        };
+        let add = |totals: &mut (u64, u64, u64, u64), t: (u64, u64, u64, u64)| {
+            *totals = (
+                totals.0 + t.0,
+                totals.1 + t.1,
+                totals.2 + t.2,
+                totals.3 + t.3,
+            );
+        };
         for (k, lid) in batch.iter().enumerate() {
             cancelled(progress)?;
-            let (start, span) = point::list_span(meta.size, first + k);
-            let list = repo.load_list(index, lid, span).map_err(|e| match e {
-                Error::Missing { ref object } | Error::Corrupt { ref object, .. }
-                    if object.starts_with("chunk list") =>
-                {
-                    Error::DamagedChunk {
-                        chunk: lid.to_hex(),
-                        disk: meta.name.clone(),
-                        offset: start,
-                        detail: format!(
-                            "it is the chunk list of the {} bytes from here, and {e}",
-                            span
-                        ),
-                    }
-                }
-                e => e,
-            })?;
+            let k = first + k;
+            let (start, span) = point::list_span(meta.size, k);
+            let base_lid = base.and_then(|b| b.get(k));
+            if base_lid == Some(lid) {
+                add(&mut totals, flush(&mut run, &mut extents, &mut same)?);
+                progress.add_done(span);
+                totals.3 += span;
+                continue;
+            }
+            let list = load(lid, k)?;
+            let differ = match base_lid {
+                Some(old) => Some(point::differing_ranges(start, &load(old, k)?, &list)),
+                None => None,
+            };
+            let mut at = start;
+            for e in &list {
+                let end = at + u64::from(e.len);
+                same.push(differ.as_ref().is_some_and(|d| {
+                    // Equal unless a differing range overlaps [at, end).
+                    let i = d.partition_point(|r| r.1 <= at);
+                    d.get(i).is_none_or(|r| r.0 >= end)
+                }));
+                at = end;
+            }
+            run.get_or_insert(start);
             extents.extend(list);
         }
-        let t = restore_extents(repo, index, &meta.name, base, &extents, out, progress)?;
-        totals = (totals.0 + t.0, totals.1 + t.1, totals.2 + t.2);
+        add(&mut totals, flush(&mut run, &mut extents, &mut same)?);
     }
     Ok(totals)
 }
 
 /// Restore a run of extents starting at disk offset `base`; returns (bytes
 /// written, chunks kept, chunks fetched).
+#[allow(clippy::too_many_arguments)]
 fn restore_extents(
     repo: &Repository,
     index: &index::Index,
     name: &str,
     base: u64,
     extents: &[point::Extent],
+    same: &[bool],
     out: &dyn BlockSink,
     progress: &Progress,
-) -> Result<(u64, u64, u64)> {
+) -> Result<(u64, u64, u64, u64)> {
     // Where every chunk goes (whole, or a slice of it); zero runs are handled here.
     let mut wanted: IdMap<Vec<Place>> = IdMap::default();
     let mut off = base;
-    for e in extents {
+    let mut skipped = 0u64;
+    for (i, e) in extents.iter().enumerate() {
+        if same.get(i).copied().unwrap_or(false) {
+            // The disk holds the base point, which has this extent here.
+            progress.add_done(e.len as u64);
+            skipped += e.len as u64;
+            off += e.len as u64;
+            continue;
+        }
         match e.id {
             None => {
                 out.zero(off, e.len as u64)?;
@@ -458,7 +615,7 @@ fn restore_extents(
     if let Some(e) = failure.into_inner().expect("failure slot") {
         return Err(e);
     }
-    Ok((written.into_inner(), kept, fetched.into_inner()))
+    Ok((written.into_inner(), kept, fetched.into_inner(), skipped))
 }
 
 /// One restore thread: what it shares with the others, and the buffers it reuses
@@ -633,6 +790,7 @@ mod tests {
             disk: None,
             overwrite: false,
             delta: false,
+            base: None,
         };
 
         let cancelled = Progress::default();
@@ -669,6 +827,7 @@ mod tests {
             disk: None,
             overwrite: false,
             delta: false,
+            base: None,
         };
         // A partial from an older ferry, readable by everyone, is tightened too.
         let partial = dir.path().join("vda.raw.ferry-partial");
@@ -700,6 +859,7 @@ mod tests {
             disk: None,
             overwrite: true,
             delta: false,
+            base: None,
         };
         // A link at the final path inside the directory is removed with
         // --overwrite, never written through.

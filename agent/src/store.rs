@@ -1512,6 +1512,7 @@ mod tests {
             disk: None,
             overwrite: false,
             delta: false,
+            base: None,
         };
         crate::restore::restore(&repo, &p, &opts, &Progress::default()).unwrap();
         assert_eq!(std::fs::read(&target).unwrap(), data);

@@ -132,3 +132,81 @@ fn delta_restore_never_writes_through_a_link() {
     ]);
     assert_eq!(o.status.code(), Some(2));
 }
+
+/// Failback's engine: the original disk still holds the point it was last
+/// backed up as; the recovered machine's newer point is restored over it,
+/// and what the two points share is neither read nor written.
+#[test]
+fn delta_restore_from_a_base_point_touches_only_what_the_points_do_not_share() {
+    let env = Env::new();
+    env.init();
+    for d in ["site-a", "site-b", "site-c"] {
+        std::fs::create_dir(env.path(d)).unwrap();
+    }
+    let original = env.path("site-a/disk.img");
+    make_image(&original, 64 * MIB, 9);
+    let before = env.backup("vm", &[&original])["point"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    // Failed over: the recovered copy runs elsewhere and changes.
+    let recovered = env.path("site-b/disk.img");
+    env.ok(&["restore", &before, "--to", recovered.to_str().unwrap()]);
+    scatter_writes(&recovered, 164, 12);
+    let after = env.backup("vm", &[&recovered])["point"]
+        .as_str()
+        .unwrap()
+        .to_string();
+
+    let s = env.json(&[
+        "restore",
+        &after,
+        "--to",
+        original.to_str().unwrap(),
+        "--delta",
+        "--base",
+        &before,
+    ]);
+    assert!(
+        same_content(&original, &recovered),
+        "failback did not bring the changes home"
+    );
+    let skipped = s["bytes_skipped"].as_u64().unwrap();
+    assert!(
+        skipped > 40 * MIB,
+        "only {skipped} bytes were known equal: {s}"
+    );
+    assert!(s["chunks_fetched"].as_u64().unwrap() <= 164, "{s}");
+    assert!(s["bytes_written"].as_u64().unwrap() <= 164 * 4096, "{s}");
+
+    // A disk that does not hold the base is refused before anything is written.
+    let other = env.path("site-c/disk.img");
+    env.ok(&["restore", &before, "--to", other.to_str().unwrap()]);
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&other)
+        .unwrap();
+    f.write_all_at(&[0xee; 4096], 0).unwrap();
+    drop(f);
+    let snapshot = std::fs::read(&other).unwrap();
+    let o = env.run(&[
+        "restore",
+        &after,
+        "--to",
+        other.to_str().unwrap(),
+        "--delta",
+        "--base",
+        &before,
+    ]);
+    assert_eq!(o.status.code(), Some(2), "{}", common::stderr(&o));
+    assert!(
+        common::stderr(&o).contains("does not hold point"),
+        "{}",
+        common::stderr(&o)
+    );
+    assert_eq!(
+        std::fs::read(&other).unwrap(),
+        snapshot,
+        "a refused restore wrote"
+    );
+}

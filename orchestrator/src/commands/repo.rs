@@ -312,6 +312,12 @@ pub struct RestoreArgs {
     /// A target that is not there is restored whole.
     #[arg(long, conflicts_with = "overwrite")]
     pub delta: bool,
+    /// With --delta: the recovery point the existing disk holds (it was
+    /// restored from it, or backed up as it, and has not run since, like the
+    /// original disks at failback). What the two points share is neither read
+    /// nor written; a sample of the base's chunks is checked on the disk first.
+    #[arg(long, requires = "delta", value_name = "POINT")]
+    pub base: Option<String>,
 }
 
 #[derive(Debug, Args)]
@@ -697,6 +703,10 @@ pub fn restore(ctx: &Context, a: &RestoreArgs) -> Result<ExitCode> {
     }
     let repo = ctx.open_repo(false)?;
     let point = repo.resolve(&a.point)?;
+    let base = match &a.base {
+        Some(b) => Some(repo.resolve(b)?),
+        None => None,
+    };
     let progress = Arc::new(Progress::default());
     let bar = Bar::start(progress.clone(), "restore", !ctx.quiet && !ctx.json);
     let s = ferry_agent::restore::restore(
@@ -707,6 +717,7 @@ pub fn restore(ctx: &Context, a: &RestoreArgs) -> Result<ExitCode> {
             disk: a.disk.clone(),
             overwrite: a.overwrite,
             delta: a.delta,
+            base,
         },
         &progress,
     )?;
@@ -737,6 +748,12 @@ pub fn restore(ctx: &Context, a: &RestoreArgs) -> Result<ExitCode> {
             s.chunks_kept,
             s.duration_secs
         );
+        if s.bytes_skipped > 0 {
+            println!(
+                "  {} the disk shares with the base point were neither read nor written",
+                bytes(s.bytes_skipped)
+            );
+        }
         print_requests(&s.requests);
     }
     Ok(ExitCode::SUCCESS)

@@ -286,6 +286,7 @@ pub(super) fn restore_to_file(
                 disk: Some(meta.name.clone()),
                 overwrite: false,
                 delta: false,
+                base: None,
             },
             progress,
         )
