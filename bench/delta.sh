@@ -67,7 +67,7 @@ for round in $(seq 1 "$ROUNDS"); do
     if [[ $which == full ]]; then
       rm -f "$RUN/full.img"
       sync; t0=$(now)
-      "$FERRY" -q -r "$REPO" restore bench@latest --to "$RUN/full.img" >/dev/null
+      "$FERRY" -q -r "$REPO" restore "$BASE_POINT" --to "$RUN/full.img" >/dev/null
       t1=$(now)
       cmp "$BASE" "$RUN/full.img" || { log "full restore differs"; exit 1; }
       FULL+=("$(echo "$t1 - $t0" | bc)")
@@ -76,7 +76,7 @@ for round in $(seq 1 "$ROUNDS"); do
       cp --sparse=always "$BASE" "$RUN/delta.img"
       changed=$(python3 "$BENCH_ROOT/helpers.py" writes "$RUN/delta.img" scattered "$((round + 40))")
       sync; t0=$(now)
-      "$FERRY" -q --json -r "$REPO" restore bench@latest --to "$RUN/delta.img" --delta > "$RUN/delta.json"
+      "$FERRY" -q --json -r "$REPO" restore "$BASE_POINT" --to "$RUN/delta.img" --delta > "$RUN/delta.json"
       t1=$(now)
       cmp "$BASE" "$RUN/delta.img" || { log "delta restore differs"; exit 1; }
       DELTA+=("$(echo "$t1 - $t0" | bc)")
@@ -84,15 +84,17 @@ for round in $(seq 1 "$ROUNDS"); do
       WRITTEN+=("$w"); FETCHED+=("$f"); DOWN+=("$d"); CHANGED+=("$changed")
       log "round $round delta: ${DELTA[-1]} s, wrote $w of $changed changed bytes, fetched $f chunks"
       # Failback: the changed disk is the newer point; a pristine copy holds the base.
-      cp --sparse=always "$BASE" "$RUN/delta.img"
-      python3 "$BENCH_ROOT/helpers.py" writes "$RUN/delta.img" scattered "$((round + 40))" >/dev/null
-      newer=$("$FERRY" -q --json -r "$REPO" backup --source "bench-$round" "$RUN/delta.img" | python3 -c 'import json,sys; print(json.load(sys.stdin)["point"])')
-      mv "$RUN/delta.img" "$RUN/newer.img"
+      # (Under the base image's file name: disks are matched by name.)
+      mkdir -p "$RUN/newer"
+      NEWER="$RUN/newer/$(basename "$BASE")"
+      cp --sparse=always "$BASE" "$NEWER"
+      python3 "$BENCH_ROOT/helpers.py" writes "$NEWER" scattered "$((round + 40))" >/dev/null
+      newer=$("$FERRY" -q --json -r "$REPO" backup --source bench "$NEWER" | python3 -c 'import json,sys; print(json.load(sys.stdin)["point"])')
       cp --sparse=always "$BASE" "$RUN/delta.img"
       sync; t0=$(now)
       "$FERRY" -q --json -r "$REPO" restore "$newer" --to "$RUN/delta.img" --delta --base "$BASE_POINT" > "$RUN/based.json"
       t1=$(now)
-      cmp "$RUN/newer.img" "$RUN/delta.img" || { log "delta --base restore differs"; exit 1; }
+      cmp "$NEWER" "$RUN/delta.img" || { log "delta --base restore differs"; exit 1; }
       BASED+=("$(echo "$t1 - $t0" | bc)")
       read -r sk fe < <(python3 -c 'import json,sys; s=json.load(open(sys.argv[1])); print(s["bytes_skipped"], s["chunks_fetched"])' "$RUN/based.json")
       BASED_SKIP+=("$sk"); BASED_FETCHED+=("$fe")
