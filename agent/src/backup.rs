@@ -629,7 +629,7 @@ pub fn backup_sources(
     lock.ensure_fresh()?;
     repo.put_object(&point::object_name(&id), obj)?;
     drop(lock);
-    let replication = repo.store.replicas().map(|set| {
+    let replication = crate::replica::of(&repo.store).map(|set| {
         let stats = set.write_stats();
         // A moment for the slower replicas; what they still write is recorded
         // for repair (and goes on in the background while this process lives).

@@ -219,7 +219,7 @@ pub fn check(repo: &Repository, opts: CheckOptions, progress: &Progress) -> Resu
         }
     }
 
-    let replicas = match repo.store.replicas() {
+    let replicas = match crate::replica::of(&repo.store) {
         Some(set) => Some(set.repair(crate::replica::RepairOptions {
             dry_run: true,
             read_data: opts.read_data,

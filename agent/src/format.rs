@@ -47,6 +47,9 @@ impl Kind {
     }
 }
 
+/// The largest `config` object accepted: its JSON is a few hundred bytes.
+pub const MAX_CONFIG_OBJECT: u64 = 64 << 10;
+
 /// The 8-byte header for an object of this kind at the current version.
 pub fn header(kind: Kind) -> [u8; HEADER_LEN] {
     let mut h = [0u8; HEADER_LEN];

@@ -211,7 +211,7 @@ pub fn forget(
 ) -> Result<ForgetReport> {
     // A point forgotten on some replicas only would come back in the union
     // of their listings.
-    if let (Some(set), false) = (repo.store.replicas(), dry_run) {
+    if let (Some(set), false) = (crate::replica::of(&repo.store), dry_run) {
         set.require_all("forget")?;
     }
     if !explicit.is_empty() {
@@ -491,7 +491,7 @@ fn invalid_packs(
 fn prune_at(repo: &Repository, opts: PruneOptions, now: DateTime<Utc>) -> Result<PruneReport> {
     // Prune condemns what no point in the union of the replicas uses, and
     // deletes it from every replica: it needs all of them.
-    if let (Some(set), false) = (repo.store.replicas(), opts.dry_run) {
+    if let (Some(set), false) = (crate::replica::of(&repo.store), opts.dry_run) {
         set.require_all("prune")?;
     }
     let own = Lock::acquire(repo, "prune", true)?;

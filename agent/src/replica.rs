@@ -41,7 +41,7 @@ use serde::{Deserialize, Serialize};
 use crate::crypto::{MasterKey, random_hex};
 use crate::error::{Error, Result, Retry};
 use crate::format::{self, Kind};
-use crate::store::{LockPolicy, Store, content_hash};
+use crate::store::{LockPolicy, Replicas, Requests, Store, content_hash};
 
 /// The most replicas a repository may have.
 pub const MAX_REPLICAS: usize = 7;
@@ -414,7 +414,7 @@ impl ReplicaSet {
                         if skip {
                             return None;
                         }
-                        match st.get_bounded("config", crate::repo::MAX_CONFIG_OBJECT) {
+                        match st.get_bounded("config", format::MAX_CONFIG_OBJECT) {
                             Ok(b) if b == *config_object => None,
                             Ok(_) => Some(format!(
                                 "{} holds another repository's config: it is not used; give it this repository's objects with `ferry repair` after moving them aside",
@@ -462,15 +462,6 @@ impl ReplicaSet {
             alone,
             waits: Mutex::default(),
         })
-    }
-
-    pub fn config(&self) -> &ReplicaConfig {
-        &self.config
-    }
-
-    /// Each replica's store, in the config's order.
-    pub fn stores(&self) -> impl Iterator<Item = (&ReplicaSpec, &Store)> {
-        self.replicas.iter().map(|r| (&r.spec, &r.store))
     }
 
     /// Replicas reads may use, in order of preference for `name`.
@@ -568,18 +559,6 @@ impl ReplicaSet {
         }
     }
 
-    pub fn get(&self, name: &str) -> Result<Bytes> {
-        self.read(name, |s| s.get(name), |b| sound(name, b))
-    }
-
-    pub fn get_bounded(&self, name: &str, max: u64) -> Result<Bytes> {
-        self.read(name, |s| s.get_bounded(name, max), |b| sound(name, b))
-    }
-
-    pub fn get_range(&self, name: &str, range: std::ops::Range<u64>) -> Result<Bytes> {
-        self.read(name, |s| s.get_range(name, range.clone()), |_| true)
-    }
-
     /// What `op` says of `name` on the best replica that has it, or `None`
     /// when none has it.
     fn optional<T>(
@@ -595,59 +574,6 @@ impl ReplicaSet {
             Err(Error::Missing { .. }) => Ok(None),
             Err(e) => Err(e),
         }
-    }
-
-    pub fn size(&self, name: &str) -> Result<Option<u64>> {
-        self.optional(name, |s| s.size(name))
-    }
-
-    pub fn modified(&self, name: &str) -> Result<Option<DateTime<Utc>>> {
-        self.optional(name, |s| s.modified(name))
-    }
-
-    /// A blob read from `name` did not authenticate: read it from another
-    /// replica from now on, and have repair rewrite this one's copy. False when
-    /// no other replica is left to try. A versioned replica first tries its
-    /// object's original version, as a single store does.
-    pub fn avoid(&self, name: &str) -> Result<bool> {
-        // The replica that served this thread's last read of `name`: other
-        // threads may have moved reads of it elsewhere meanwhile, and blaming
-        // the replica reads go to now would blame a sound one.
-        let me = self as *const ReplicaSet as usize;
-        let served = SERVED.with(|s| {
-            s.borrow()
-                .as_ref()
-                .filter(|(set, n, _)| *set == me && n == name)
-                .map(|(_, _, i)| *i)
-        });
-        let Some(i) = served.or_else(|| self.read_order(name).first().copied()) else {
-            return Ok(false);
-        };
-        let already = self
-            .avoided
-            .lock()
-            .expect("avoided replicas")
-            .get(name)
-            .is_some_and(|set| set.contains(&i));
-        if already {
-            return Ok(!self.read_order(name).is_empty());
-        }
-        if self.replicas[i].store.recover_original(name)? {
-            return Ok(true);
-        }
-        tracing::warn!(
-            object = name,
-            "{name} on replica {} holds damaged data: read from another replica, and noted for repair",
-            self.replicas[i].spec.location
-        );
-        self.avoided
-            .lock()
-            .expect("avoided replicas")
-            .entry(name.to_string())
-            .or_default()
-            .insert(i);
-        self.note_damaged(i, name);
-        Ok(!self.read_order(name).is_empty())
     }
 
     /// Each replica's listing (`None` for one that did not answer, with why).
@@ -726,14 +652,6 @@ impl ReplicaSet {
         Ok(all.into_values().collect())
     }
 
-    pub fn list(&self, prefix: &str) -> Result<Vec<(String, u64)>> {
-        self.union(prefix, |s| s.list(prefix), |(n, _)| n)
-    }
-
-    pub fn list_modified(&self, prefix: &str) -> Result<Vec<(String, u64, DateTime<Utc>)>> {
-        self.union(prefix, |s| s.list_modified(prefix), |(n, _, _)| n)
-    }
-
     /// Every replica answers, or the operation (prune, forget) must not start.
     pub fn require_all(&self, operation: &str) -> Result<()> {
         if self.alone.is_some() {
@@ -763,35 +681,6 @@ impl ReplicaSet {
         Error::InvalidInput(format!(
             "{operation} writes to the repository, and it was opened with one replica alone (--read-replica), for reading; run it without --read-replica"
         ))
-    }
-
-    /// Remove an object from every replica; fails naming a replica that could
-    /// not. A lock is gone when one replica removed it (the others' copies
-    /// are stale by the rules of `lock.rs` once its process has ended).
-    pub fn delete(&self, name: &str) -> Result<()> {
-        let lock = name.starts_with("locks/");
-        if self.alone.is_some() && !lock {
-            return Err(self.read_only("deleting objects"));
-        }
-        let mut first = None;
-        let mut removed = 0;
-        for (i, r) in self.replicas.iter().enumerate() {
-            if r.refused.is_some() || self.alone.is_some_and(|a| a != i) {
-                continue;
-            }
-            match r.store.delete(name) {
-                Ok(()) => removed += 1,
-                Err(e) => {
-                    r.went_wrong(&e);
-                    first.get_or_insert(e);
-                }
-            }
-        }
-        match first {
-            Some(_) if lock && removed > 0 => Ok(()),
-            Some(e) => Err(e),
-            None => Ok(()),
-        }
     }
 
     fn writer(&self, i: usize) -> &crossbeam_channel::Sender<Job> {
@@ -831,95 +720,6 @@ impl ReplicaSet {
             }
             tx
         })
-    }
-
-    /// Store `data` under `name` on every replica; returns when the write
-    /// quorum holds it. The others go on in the background.
-    pub fn put(&self, name: &str, data: Bytes) -> Result<()> {
-        // Locks need one replica: they only hold off prune, which needs every
-        // replica anyway, and a restore from the one replica left must be able
-        // to take one.
-        let lock = name.starts_with("locks/");
-        if self.alone.is_some() && !lock {
-            return Err(self.read_only(&format!("writing {name}")));
-        }
-        if name.starts_with("points/") {
-            // What the point's own objects missed is on record before the point is.
-            self.record_missed(false);
-        }
-        let started = Instant::now();
-        let ticket = Arc::new(Ticket::default());
-        let targets: Vec<usize> = (0..self.replicas.len())
-            .filter(|i| self.alone.is_none_or(|a| a == *i))
-            .collect();
-        let n = targets.len();
-        for &i in &targets {
-            let r = &self.replicas[i];
-            let len = data.len() as u64;
-            let queued = r.backlog.load(Ordering::Relaxed);
-            let skip = match &r.refused {
-                Some(why) => Some(why.clone()),
-                None if queued > 0 && queued + len > BACKLOG_BYTES => Some(format!(
-                    "{} is {} MiB behind the others; the object is recorded for repair",
-                    r.spec.location,
-                    queued >> 20
-                )),
-                None => None,
-            };
-            if let Some(why) = skip {
-                self.note_missed(i, name);
-                ticket.finish(Err(why));
-                continue;
-            }
-            r.backlog.fetch_add(len, Ordering::Relaxed);
-            r.in_flight
-                .lock()
-                .expect("in flight")
-                .insert(name.to_string());
-            let job = Job {
-                name: name.to_string(),
-                data: data.clone(),
-                ticket: ticket.clone(),
-            };
-            if self.writer(i).send(job).is_err() {
-                r.backlog.fetch_sub(len, Ordering::Relaxed);
-                self.note_missed(i, name);
-                ticket.finish(Err(format!("{}: its writers stopped", r.spec.location)));
-            }
-        }
-        let quorum = if lock { 1 } else { self.config.write_quorum };
-        let mut st = ticket.state.lock().expect("ticket");
-        while st.stored < quorum && n - st.failed >= quorum {
-            st = ticket.done.wait(st).expect("ticket");
-        }
-        let outcome = if st.stored >= quorum {
-            Ok(())
-        } else {
-            Err(Error::Quorum {
-                object: name.to_string(),
-                stored: st.stored,
-                needed: quorum,
-                detail: st.errors.join("; "),
-            })
-        };
-        drop(st);
-        let mut waits = self.waits.lock().expect("write waits");
-        if waits.len() < LATENCY_SAMPLES {
-            waits.push(started.elapsed().as_micros() as u64);
-        }
-        drop(waits);
-        if self
-            .missed
-            .lock()
-            .expect("missed objects")
-            .iter()
-            .map(BTreeSet::len)
-            .sum::<usize>()
-            >= RECORD_EVERY
-        {
-            self.record_missed(false);
-        }
-        outcome
     }
 
     /// What writes cost so far.
@@ -1238,6 +1038,225 @@ impl ReplicaSet {
     }
 }
 
+/// The replicas behind a [`Store`]: every data method of a replicated
+/// repository's store comes here.
+impl Replicas for ReplicaSet {
+    fn get(&self, name: &str) -> Result<Bytes> {
+        self.read(name, |s| s.get(name), |b| sound(name, b))
+    }
+
+    fn get_bounded(&self, name: &str, max: u64) -> Result<Bytes> {
+        self.read(name, |s| s.get_bounded(name, max), |b| sound(name, b))
+    }
+
+    fn get_range(&self, name: &str, range: std::ops::Range<u64>) -> Result<Bytes> {
+        self.read(name, |s| s.get_range(name, range.clone()), |_| true)
+    }
+
+    fn size(&self, name: &str) -> Result<Option<u64>> {
+        self.optional(name, |s| s.size(name))
+    }
+
+    fn modified(&self, name: &str) -> Result<Option<DateTime<Utc>>> {
+        self.optional(name, |s| s.modified(name))
+    }
+
+    /// A blob read from `name` did not authenticate: read it from another
+    /// replica from now on, and have repair rewrite this one's copy. False when
+    /// no other replica is left to try. A versioned replica first tries its
+    /// object's original version, as a single store does.
+    fn avoid(&self, name: &str) -> Result<bool> {
+        // The replica that served this thread's last read of `name`: other
+        // threads may have moved reads of it elsewhere meanwhile, and blaming
+        // the replica reads go to now would blame a sound one.
+        let me = self as *const ReplicaSet as usize;
+        let served = SERVED.with(|s| {
+            s.borrow()
+                .as_ref()
+                .filter(|(set, n, _)| *set == me && n == name)
+                .map(|(_, _, i)| *i)
+        });
+        let Some(i) = served.or_else(|| self.read_order(name).first().copied()) else {
+            return Ok(false);
+        };
+        let already = self
+            .avoided
+            .lock()
+            .expect("avoided replicas")
+            .get(name)
+            .is_some_and(|set| set.contains(&i));
+        if already {
+            return Ok(!self.read_order(name).is_empty());
+        }
+        if self.replicas[i].store.recover_original(name)? {
+            return Ok(true);
+        }
+        tracing::warn!(
+            object = name,
+            "{name} on replica {} holds damaged data: read from another replica, and noted for repair",
+            self.replicas[i].spec.location
+        );
+        self.avoided
+            .lock()
+            .expect("avoided replicas")
+            .entry(name.to_string())
+            .or_default()
+            .insert(i);
+        self.note_damaged(i, name);
+        Ok(!self.read_order(name).is_empty())
+    }
+
+    fn list(&self, prefix: &str) -> Result<Vec<(String, u64)>> {
+        self.union(prefix, |s| s.list(prefix), |(n, _)| n)
+    }
+
+    fn list_modified(&self, prefix: &str) -> Result<Vec<(String, u64, DateTime<Utc>)>> {
+        self.union(prefix, |s| s.list_modified(prefix), |(n, _, _)| n)
+    }
+
+    /// Remove an object from every replica; fails naming a replica that could
+    /// not. A lock is gone when one replica removed it (the others' copies
+    /// are stale by the rules of `lock.rs` once its process has ended).
+    fn delete(&self, name: &str) -> Result<()> {
+        let lock = name.starts_with("locks/");
+        if self.alone.is_some() && !lock {
+            return Err(self.read_only("deleting objects"));
+        }
+        let mut first = None;
+        let mut removed = 0;
+        for (i, r) in self.replicas.iter().enumerate() {
+            if r.refused.is_some() || self.alone.is_some_and(|a| a != i) {
+                continue;
+            }
+            match r.store.delete(name) {
+                Ok(()) => removed += 1,
+                Err(e) => {
+                    r.went_wrong(&e);
+                    first.get_or_insert(e);
+                }
+            }
+        }
+        match first {
+            Some(_) if lock && removed > 0 => Ok(()),
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+
+    /// Store `data` under `name` on every replica; returns when the write
+    /// quorum holds it. The others go on in the background.
+    fn put(&self, name: &str, data: Bytes) -> Result<()> {
+        // Locks need one replica: they only hold off prune, which needs every
+        // replica anyway, and a restore from the one replica left must be able
+        // to take one.
+        let lock = name.starts_with("locks/");
+        if self.alone.is_some() && !lock {
+            return Err(self.read_only(&format!("writing {name}")));
+        }
+        if name.starts_with("points/") {
+            // What the point's own objects missed is on record before the point is.
+            self.record_missed(false);
+        }
+        let started = Instant::now();
+        let ticket = Arc::new(Ticket::default());
+        let targets: Vec<usize> = (0..self.replicas.len())
+            .filter(|i| self.alone.is_none_or(|a| a == *i))
+            .collect();
+        let n = targets.len();
+        for &i in &targets {
+            let r = &self.replicas[i];
+            let len = data.len() as u64;
+            let queued = r.backlog.load(Ordering::Relaxed);
+            let skip = match &r.refused {
+                Some(why) => Some(why.clone()),
+                None if queued > 0 && queued + len > BACKLOG_BYTES => Some(format!(
+                    "{} is {} MiB behind the others; the object is recorded for repair",
+                    r.spec.location,
+                    queued >> 20
+                )),
+                None => None,
+            };
+            if let Some(why) = skip {
+                self.note_missed(i, name);
+                ticket.finish(Err(why));
+                continue;
+            }
+            r.backlog.fetch_add(len, Ordering::Relaxed);
+            r.in_flight
+                .lock()
+                .expect("in flight")
+                .insert(name.to_string());
+            let job = Job {
+                name: name.to_string(),
+                data: data.clone(),
+                ticket: ticket.clone(),
+            };
+            if self.writer(i).send(job).is_err() {
+                r.backlog.fetch_sub(len, Ordering::Relaxed);
+                self.note_missed(i, name);
+                ticket.finish(Err(format!("{}: its writers stopped", r.spec.location)));
+            }
+        }
+        let quorum = if lock { 1 } else { self.config.write_quorum };
+        let mut st = ticket.state.lock().expect("ticket");
+        while st.stored < quorum && n - st.failed >= quorum {
+            st = ticket.done.wait(st).expect("ticket");
+        }
+        let outcome = if st.stored >= quorum {
+            Ok(())
+        } else {
+            Err(Error::Quorum {
+                object: name.to_string(),
+                stored: st.stored,
+                needed: quorum,
+                detail: st.errors.join("; "),
+            })
+        };
+        drop(st);
+        let mut waits = self.waits.lock().expect("write waits");
+        if waits.len() < LATENCY_SAMPLES {
+            waits.push(started.elapsed().as_micros() as u64);
+        }
+        drop(waits);
+        if self
+            .missed
+            .lock()
+            .expect("missed objects")
+            .iter()
+            .map(BTreeSet::len)
+            .sum::<usize>()
+            >= RECORD_EVERY
+        {
+            self.record_missed(false);
+        }
+        outcome
+    }
+
+    fn requests(&self) -> Requests {
+        let mut sum = Requests::default();
+        for r in &self.replicas {
+            let q = r.store.requests();
+            sum.puts += q.puts;
+            sum.gets += q.gets;
+            sum.lists += q.lists;
+            sum.deletes += q.deletes;
+            sum.retries += q.retries;
+            sum.bytes_up += q.bytes_up;
+            sum.bytes_down += q.bytes_down;
+        }
+        sum
+    }
+
+    fn as_any(&self) -> &dyn std::any::Any {
+        self
+    }
+}
+
+/// The replica set behind `store`, when its repository is replicated.
+pub fn of(store: &Store) -> Option<&ReplicaSet> {
+    store.replicated_by()?.as_any().downcast_ref()
+}
+
 impl Drop for ReplicaSet {
     fn drop(&mut self) {
         // Best effort: what is known missed goes on record; what is still in
@@ -1348,7 +1367,7 @@ mod tests {
             let repo = t.open(&[2], None);
             let p = backup_bytes(&repo, &disk);
             // Repair cannot reach it yet: the records stay.
-            let set = repo.store.replicas().unwrap().clone();
+            let set = of(&repo.store).unwrap();
             let r = set.repair(RepairOptions::default()).unwrap();
             assert!(!r.replicas[2].reachable, "{r:?}");
             assert_eq!(r.records_removed, 0);
@@ -1356,7 +1375,7 @@ mod tests {
         };
         // Replica c lacks what it missed, and the records on a and b say so.
         let repo = t.open(&[], None);
-        let set = repo.store.replicas().unwrap().clone();
+        let set = of(&repo.store).unwrap();
         let dry = set
             .repair(RepairOptions {
                 dry_run: true,
@@ -1424,10 +1443,7 @@ mod tests {
         let disk = data(3, 2 << 20);
         let repo = t.open(&[], None);
         let point = backup_bytes(&repo, &disk).id;
-        repo.store
-            .replicas()
-            .unwrap()
-            .settle(Duration::from_secs(5));
+        of(&repo.store).unwrap().settle(Duration::from_secs(5));
         // Rot every pack of replica a, keeping its size.
         for (name, _) in t.stores[0].list("packs/").unwrap() {
             let mut b = t.stores[0].get(&name).unwrap().to_vec();
@@ -1437,7 +1453,7 @@ mod tests {
         }
         let repo = t.open(&[], None);
         assert_eq!(restore(&repo, &point, disk.len()), disk);
-        let set = repo.store.replicas().unwrap().clone();
+        let set = of(&repo.store).unwrap();
         let found = set
             .repair(RepairOptions {
                 dry_run: true,

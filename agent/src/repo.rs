@@ -19,6 +19,7 @@ use crate::format::{self, Kind};
 use crate::point::{self, Point};
 use crate::replica::{ReplicaConfig, ReplicaSet, ReplicaSpec};
 use crate::store::{LockPolicy, Store};
+use std::sync::Arc;
 
 /// Settings fixed when the repository is created.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -220,7 +221,7 @@ impl Repository {
                 let first = stores[0].clone();
                 let location = first.location().to_string();
                 let set = ReplicaSet::new(rc.clone(), stores, key.clone(), &config_obj, None)?;
-                Store::replicated(&first, set, location)
+                Store::replicated(&first, Arc::new(set), location)
             }
             None => stores.into_iter().next().expect("one store"),
         };
@@ -555,8 +556,9 @@ pub fn group_latest<'a>(points: &'a [Point], source: &str) -> Option<&'a Point> 
     })
 }
 
-/// The largest `config` object accepted: its JSON is a few hundred bytes.
-pub const MAX_CONFIG_OBJECT: u64 = 64 << 10;
+/// The largest `config` object accepted (defined with the envelope, which
+/// the replica layer reads too).
+pub use crate::format::MAX_CONFIG_OBJECT;
 
 /// The store of a replicated repository opened through `store`, one of its
 /// replicas: the others are opened by the locations the config records.
@@ -590,7 +592,7 @@ fn open_replicas(
         config_obj,
         store.read_replica(),
     )?;
-    Ok(Store::replicated(store, set, store.location()))
+    Ok(Store::replicated(store, Arc::new(set), store.location()))
 }
 
 /// Whether two locations name the same store (directories by their real path).

@@ -32,7 +32,6 @@ use object_store::{
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result, Retry};
-use crate::replica::ReplicaSet;
 pub use crate::retry::{NoAnswer, ServerAnswer, ShortBody, TimedOut, retry_of};
 
 /// Objects at least this large are uploaded in parts. Packs (about 16 MiB) stay
@@ -235,11 +234,32 @@ pub struct Store {
     pinned: Arc<std::sync::Mutex<std::collections::HashMap<String, String>>>,
     /// The replicas behind this store, for a replicated repository: every
     /// data method goes to them (see `replica.rs`).
-    replicas: Option<Arc<ReplicaSet>>,
+    replicas: Option<Arc<dyn Replicas>>,
     /// Opens another store by location (the replicas a config names).
     opener: Option<Opener>,
     /// Read a replicated repository from this replica alone (id or location).
     read_replica: Option<String>,
+}
+
+/// Where a replicated repository's store sends its data methods:
+/// `replica::ReplicaSet`, above this module (the store names no replica type;
+/// `replica::of` finds the set behind a store).
+pub trait Replicas: Send + Sync {
+    fn get(&self, name: &str) -> Result<Bytes>;
+    fn get_bounded(&self, name: &str, max: u64) -> Result<Bytes>;
+    fn get_range(&self, name: &str, range: Range<u64>) -> Result<Bytes>;
+    fn size(&self, name: &str) -> Result<Option<u64>>;
+    fn modified(&self, name: &str) -> Result<Option<DateTime<Utc>>>;
+    fn list(&self, prefix: &str) -> Result<Vec<(String, u64)>>;
+    fn list_modified(&self, prefix: &str) -> Result<Vec<(String, u64, DateTime<Utc>)>>;
+    fn put(&self, name: &str, data: Bytes) -> Result<()>;
+    fn delete(&self, name: &str) -> Result<()>;
+    /// A blob read from `name` did not authenticate: read it elsewhere from
+    /// now on; false when nowhere is left (see [`Store::recover_original`]).
+    fn avoid(&self, name: &str) -> Result<bool>;
+    /// Requests and bytes over every replica.
+    fn requests(&self) -> Requests;
+    fn as_any(&self) -> &dyn std::any::Any;
 }
 
 /// Opens a store from a location as the user typed it.
@@ -315,7 +335,7 @@ impl Store {
 
     /// The store of a replicated repository: `first` is one of its replicas,
     /// whose runtime it shares; every data method goes to the set.
-    pub fn replicated(first: &Store, set: ReplicaSet, location: impl Into<String>) -> Store {
+    pub fn replicated(first: &Store, set: Arc<dyn Replicas>, location: impl Into<String>) -> Store {
         Store {
             inner: first.inner.clone(),
             rt: first.rt.clone(),
@@ -327,14 +347,15 @@ impl Store {
             storage_class: None,
             immutable: first.immutable.clone(),
             pinned: Arc::default(),
-            replicas: Some(Arc::new(set)),
+            replicas: Some(set),
             opener: first.opener.clone(),
             read_replica: first.read_replica.clone(),
         }
     }
 
-    /// The replicas behind this store, when the repository is replicated.
-    pub fn replicas(&self) -> Option<&Arc<ReplicaSet>> {
+    /// The replicas behind this store, when the repository is replicated
+    /// (`replica::of` gives the set itself).
+    pub fn replicated_by(&self) -> Option<&Arc<dyn Replicas>> {
         self.replicas.as_ref()
     }
 
@@ -412,18 +433,7 @@ impl Store {
 
     pub fn requests(&self) -> Requests {
         if let Some(set) = &self.replicas {
-            let mut sum = Requests::default();
-            for (_, st) in set.stores() {
-                let r = st.requests();
-                sum.puts += r.puts;
-                sum.gets += r.gets;
-                sum.lists += r.lists;
-                sum.deletes += r.deletes;
-                sum.retries += r.retries;
-                sum.bytes_up += r.bytes_up;
-                sum.bytes_down += r.bytes_down;
-            }
-            return sum;
+            return set.requests();
         }
         let c = &self.counters;
         Requests {
@@ -693,14 +703,22 @@ impl Store {
         {
             return Ok(b.clone());
         }
-        // On a versioned store, a content-addressed object read through
-        // tampering exactly as `get` reads it (see `get_through`).
-        let bytes = match (self.versioned.is_some(), content_hash(name)) {
-            _ if self.replicas.is_some() => self
-                .replicas
-                .as_ref()
-                .expect("replicas")
-                .get_bounded(name, max)?,
+        let bytes = match &self.replicas {
+            Some(set) => set.get_bounded(name, max)?,
+            None => self.bounded_through(name, max)?,
+        };
+        if let Some(c) = cacheable {
+            c.lock()
+                .expect("object cache")
+                .insert(name.to_string(), bytes.clone());
+        }
+        Ok(bytes)
+    }
+
+    /// A bounded whole object; on a versioned store, a content-addressed one
+    /// read through tampering exactly as `get` reads it (see `get_through`).
+    fn bounded_through(&self, name: &str, max: u64) -> Result<Bytes> {
+        Ok(match (self.versioned.is_some(), content_hash(name)) {
             (true, Some(hash)) => match self.pinned_version(name) {
                 Some(version) => self.get_version(name, &version)?,
                 None => match self.fetch_bounded(name, max) {
@@ -727,13 +745,7 @@ impl Store {
                 },
             },
             _ => self.fetch_bounded(name, max)?,
-        };
-        if let Some(c) = cacheable {
-            c.lock()
-                .expect("object cache")
-                .insert(name.to_string(), bytes.clone());
-        }
-        Ok(bytes)
+        })
     }
 
     /// The bounded read itself: no cache, no read-through.

@@ -45,10 +45,15 @@ pub enum PasswordSource {
 impl PasswordSource {
     /// `--password-file` if given, else `FERRY_PASSWORD` if set, else a prompt.
     pub fn from_env(file: Option<PathBuf>) -> PasswordSource {
+        PasswordSource::from_file_or_var(file, "FERRY_PASSWORD")
+    }
+
+    /// `file` if given, else the variable `var` if set, else a prompt.
+    pub fn from_file_or_var(file: Option<PathBuf>, var: &str) -> PasswordSource {
         if let Some(f) = file {
             return PasswordSource::File(f);
         }
-        match std::env::var_os("FERRY_PASSWORD") {
+        match std::env::var_os(var) {
             Some(v) => {
                 use std::os::unix::ffi::OsStrExt;
                 PasswordSource::Env(v.as_bytes().to_vec())

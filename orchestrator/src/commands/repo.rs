@@ -1054,16 +1054,8 @@ fn print_replicas(r: &ferry_agent::replica::RepairReport, repaired: bool) {
 
 pub fn copy(ctx: &Context, a: &CopyArgs) -> Result<ExitCode> {
     let src = ctx.open_repo(false)?;
-    let dest_password = match &a.to_password_file {
-        Some(f) => PasswordSource::File(f.clone()),
-        None => match std::env::var_os("FERRY_TO_PASSWORD") {
-            Some(v) => {
-                use std::os::unix::ffi::OsStrExt;
-                PasswordSource::Env(v.as_bytes().to_vec())
-            }
-            None => PasswordSource::Prompt,
-        },
-    };
+    let dest_password =
+        PasswordSource::from_file_or_var(a.to_password_file.clone(), "FERRY_TO_PASSWORD");
     let dctx = Context::new(
         Some(a.to.clone()),
         dest_password,
@@ -1136,7 +1128,7 @@ pub fn copy(ctx: &Context, a: &CopyArgs) -> Result<ExitCode> {
 
 pub fn repair(ctx: &Context, a: &RepairArgs) -> Result<ExitCode> {
     let repo = ctx.open_repo(false)?;
-    let Some(set) = repo.store().replicas() else {
+    let Some(set) = ferry_agent::replica::of(repo.store()) else {
         return Err(Error::Usage(format!(
             "the repository at {} has no replicas: nothing to repair (create one with `ferry init --replica LOCATION ...`)",
             ctx.repo_location()?
