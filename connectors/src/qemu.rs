@@ -290,6 +290,17 @@ impl Qmp {
             .and_then(|n| n["image"]["virtual-size"].as_u64())
             .ok_or_else(|| qmp_err(&self.sock, format!("no size for node {node:?}")))
     }
+
+    /// The format driver of a block node (`qcow2`, `raw`, ...).
+    pub fn node_driver(&mut self, node: &str) -> Result<String> {
+        let nodes = self.execute("query-named-block-nodes", json!({"flat": true}))?;
+        nodes
+            .as_array()
+            .and_then(|a| a.iter().find(|n| n["node-name"] == node))
+            .and_then(|n| n["drv"].as_str())
+            .map(str::to_owned)
+            .ok_or_else(|| qmp_err(&self.sock, format!("no driver for node {node:?}")))
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -462,6 +473,10 @@ struct DiskPlan<'a> {
     /// The bitmaps the change map is read from, oldest first, or why the
     /// disk is read whole.
     chain: std::result::Result<Vec<Bitmap>, String>,
+    /// Bitmaps survive a restart of QEMU only in an image that can store
+    /// them (qcow2); on a raw image they live in QEMU's memory, and a
+    /// restarted QEMU means one full read.
+    persistent: bool,
     size: u64,
     fleece_file: PathBuf,
     fleece_node: String,
@@ -474,7 +489,7 @@ impl DiskPlan<'_> {
     fn cut_actions(&self, actions: &mut Vec<Value>) -> (Option<String>, String) {
         let node = &self.disk.node;
         actions.push(json!({"type": "block-dirty-bitmap-add",
-            "data": {"node": node, "name": self.next, "granularity": 4096, "persistent": true}}));
+            "data": {"node": node, "name": self.next, "granularity": 4096, "persistent": self.persistent}}));
         match &self.chain {
             Ok(c) => {
                 let cur = c.last().expect("a recording bitmap");
@@ -618,6 +633,7 @@ pub fn prepare<'a>(repo: &Repository, source: &str, vm: &'a LiveVm) -> Result<Cy
             ours: ours.into_iter().map(|b| b.name).collect(),
             next: format!("{BITMAP_PREFIX}{next_gen}"),
             chain,
+            persistent: q.node_driver(&disk.node)? == "qcow2",
             size: q.node_size(&disk.node)?,
             fleece_file: vm.work_dir.join(format!("fleece-{tag}.qcow2")),
             fleece_node: format!("ferry-fleece-{tag}"),

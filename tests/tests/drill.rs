@@ -9,44 +9,9 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::path::Path;
 
 use common::*;
-
-/// The stack's images and guest, built once per machine by scripts/make-stack.
-fn stack() -> Option<PathBuf> {
-    let have = Command::new("sh")
-        .args([
-            "-c",
-            "command -v qemu-system-x86_64 && command -v busybox && ls /boot/vmlinuz-*",
-        ])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success());
-    if !have {
-        eprintln!(
-            "skipped: qemu-system-x86_64, busybox or a kernel is missing (scripts/setup-vm installs them)"
-        );
-        assert_ne!(
-            std::env::var("CI").as_deref(),
-            Ok("true"),
-            "CI must have QEMU, busybox and a kernel"
-        );
-        return None;
-    }
-    let dir = PathBuf::from("/var/tmp/ferry-tools/stack");
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/make-stack");
-    let st = Command::new("bash")
-        .arg(&script)
-        .arg(&dir)
-        .stdout(Stdio::null())
-        .status()
-        .unwrap();
-    assert!(st.success(), "scripts/make-stack failed");
-    Some(dir)
-}
 
 #[test]
 fn drill_rebuilds_the_example_shop_verifies_it_and_tears_it_down() {

@@ -1505,3 +1505,39 @@ fn a_bad_alert_route_file_stops_the_server_before_it_listens() {
     assert_eq!(out.status.code(), Some(2));
     assert!(stderr(&out).contains("--runbooks"), "{}", stderr(&out));
 }
+
+#[test]
+fn the_report_measures_the_downtime_a_runbook_names_against_its_objective() {
+    let o = Orch::new();
+    let rb = o.write(
+        "down.yaml",
+        "name: down\nobjectives: { downtime: 10s }\ndowntime: { from: stop, to: [back, db-back] }\nsteps:\n  - id: before\n    uses: wait\n    with: { duration: 400ms }\n  - id: stop\n    uses: wait\n    needs: before\n    with: { duration: 300ms }\n  - id: back\n    uses: command.run\n    needs: stop\n    with: { run: \"sleep 0.2; exit ${CODE:-0}\", env: { CODE: \"${{ params.code }}\" } }\n  - id: db-back\n    uses: noop\n    needs: stop\nparams:\n  code: \"0\"\n",
+    );
+    let rb = rb.to_str().unwrap();
+    let rep = o.json(&["run", rb, "--id", "d1"]);
+    let down = rep["downtime_secs"].as_f64().unwrap();
+    let rto = rep["rto_secs"].as_f64().unwrap();
+    // From the start of `stop` to the end of the later of `back` and
+    // `db-back`: the 300 ms wait and the 200 ms command, not what came before.
+    assert!(
+        (0.5..rto - 0.35).contains(&down),
+        "downtime {down}, RTO {rto}"
+    );
+    assert_eq!(rep["downtime_objective_secs"], 10.0);
+    assert_eq!(rep["downtime_met"], true);
+    assert!(o.ok(&["report", "d1"]).contains("downtime"));
+    let junit = o.ok(&["report", "d1", "--format", "junit"]);
+    assert!(junit.contains("downtime objective"), "{junit}");
+
+    // The service never proven back: no downtime, the objective missed.
+    let out = o.run(&["--json", "run", rb, "--id", "d2", "--param", "code=1"]);
+    assert_eq!(out.status.code(), Some(1));
+    let rep: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(rep.get("downtime_secs").is_none(), "{rep:#}");
+    assert_eq!(rep["downtime_met"], false);
+    let junit = o.ok(&["report", "d2", "--format", "junit"]);
+    assert!(
+        junit.contains("the service was never proven back"),
+        "{junit}"
+    );
+}

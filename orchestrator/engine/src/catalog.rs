@@ -162,11 +162,21 @@ pub static ACTIONS: &[Action] = &[
                 Ty::String,
                 "repository (default: the run's -r/--repo)",
             ),
+            opt(
+                "to",
+                Ty::String,
+                "an existing disk to bring to the point in place (failback: the original machine's disk, local and libvirt): only the chunks that differ are fetched and only the 4 KiB blocks that differ are written; refused while a VM has it open; the undo leaves it",
+            ),
+            opt(
+                "base",
+                Ty::String,
+                "with `to`: a recovery point `to` is known to hold (the one its machine was last protected at): what the two points share is neither read nor written",
+            ),
         ],
         outputs: &[
             (
                 "path",
-                "the volume: an image file (local), a snapshot id (aws)",
+                "the volume: an image file (local), a snapshot id (aws); `to` when given",
             ),
             ("format", "raw or qcow2"),
             ("point", "the recovery point's id"),
@@ -177,11 +187,73 @@ pub static ACTIONS: &[Action] = &[
                 "seconds between the point and the start of the run",
             ),
             ("size", "disk size in bytes"),
+            (
+                "bytes_written",
+                "with `to`: bytes written to the disk (what differed)",
+            ),
+            (
+                "bytes_skipped",
+                "with `base`: bytes the two points share, neither read nor written",
+            ),
         ],
         creates: true,
         check: false,
         approval: false,
-        rules: &[],
+        rules: &[Rule::Requires("base", "to")],
+    },
+    Action {
+        name: "volume.backup",
+        doc: "Take a recovery point of a disk where the stack runs, so that failback or cutover carries its changes: an image file no VM has open, or a running VM's disk cut through QEMU (QMP), incrementally through its dirty bitmaps when `ferry protect` or an earlier backup left a chain (local).",
+        inputs: &[
+            req(
+                "source",
+                Ty::String,
+                "the source the point is kept under (the original machine's, so that SOURCE@latest is this point)",
+            ),
+            req(
+                "path",
+                Ty::String,
+                "the disk: an image file (a volume.restore output `path`)",
+            ),
+            opt(
+                "qmp",
+                Ty::String,
+                "the QMP socket of the running VM that has `path` open (an instance.launch output `qmp`): the disk is cut live",
+            ),
+            opt(
+                "pause",
+                Ty::Bool,
+                "with `qmp`: pause the VM before the cut and leave it paused, so that it writes nothing after the point (the final incremental); the undo resumes it",
+            ),
+            opt(
+                "disk",
+                Ty::String,
+                "the disk's name in the point (default: the name in the source's latest point when it has one disk, else the file name)",
+            ),
+            opt(
+                "repo",
+                Ty::String,
+                "repository (default: the run's -r/--repo)",
+            ),
+        ],
+        outputs: &[
+            ("point", "the new recovery point's id"),
+            ("source", "its source"),
+            ("disk", "the disk's name in the point"),
+            ("point_time", "the instant it holds (RFC 3339)"),
+            ("parent", "the point it is incremental to, if any"),
+            (
+                "mode",
+                "how the disk was read: incremental through a bitmap, or a full read and why",
+            ),
+            ("bytes_read", "bytes of the disk read"),
+            ("new_bytes", "bytes new to the repository"),
+            ("paused", "whether this step paused the VM"),
+        ],
+        creates: true,
+        check: false,
+        approval: false,
+        rules: &[Rule::Requires("pause", "qmp")],
     },
     Action {
         name: "volume.create",
@@ -273,6 +345,10 @@ pub static ACTIONS: &[Action] = &[
             (
                 "private_ip",
                 "its address on `network`, where the network's other instances reach it",
+            ),
+            (
+                "qmp",
+                "its QEMU's QMP socket (local): what `ferry protect --vm NAME=QMP` and volume.backup's `qmp` take",
             ),
         ],
         creates: true,

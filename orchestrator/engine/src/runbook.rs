@@ -118,6 +118,18 @@ pub struct Objectives {
     pub rto_secs: Option<f64>,
     /// Recovery point objective: the oldest acceptable recovery point, at the start of the run.
     pub rpo_secs: Option<f64>,
+    /// The longest acceptable outage, measured as the runbook's `downtime:` says.
+    #[serde(default)]
+    pub downtime_secs: Option<f64>,
+}
+
+/// Where a cutover or failback's outage starts and ends: from the earliest
+/// start of the `from` steps (the ones that stop the service) to the latest
+/// end of the `to` steps (the checks that prove it serves again).
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct Downtime {
+    pub from: Vec<String>,
+    pub to: Vec<String>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -221,6 +233,9 @@ pub struct Runbook {
     /// reaches a step, and these values are redacted from what is stored.
     #[serde(default)]
     pub secrets: Vec<String>,
+    /// What the report measures as the outage (`downtime:`), if anything.
+    #[serde(default)]
+    pub downtime: Option<Downtime>,
 }
 
 impl Runbook {
@@ -256,6 +271,7 @@ const TOP_KEYS: &[&str] = &[
     "targets",
     "on_failure",
     "secrets",
+    "downtime",
     "steps",
 ];
 const STEP_KEYS: &[&str] = &[
@@ -613,6 +629,7 @@ impl Validator<'_> {
         };
         let steps = self.steps(top, &params, &targets);
         let secrets = self.secrets(top);
+        let downtime = self.downtime(top, &steps, &objectives);
         // A step may read only a secret the runbook declares: a reviewer sees
         // every variable of the orchestrator a runbook can reach.
         for step in &steps {
@@ -635,6 +652,7 @@ impl Validator<'_> {
         }
         Runbook {
             secrets,
+            downtime,
             file: file.to_owned(),
             name,
             description,
@@ -768,7 +786,7 @@ impl Validator<'_> {
             );
             return Objectives::default();
         };
-        self.unknown_keys(map, &["rto", "rpo"], "objectives");
+        self.unknown_keys(map, &["rto", "rpo", "downtime"], "objectives");
         Objectives {
             rto_secs: self
                 .duration(map, "rto", "objectives")
@@ -776,7 +794,105 @@ impl Validator<'_> {
             rpo_secs: self
                 .duration(map, "rpo", "objectives")
                 .map(|ms| ms as f64 / 1000.0),
+            downtime_secs: self
+                .duration(map, "downtime", "objectives")
+                .map(|ms| ms as f64 / 1000.0),
         }
+    }
+
+    /// `downtime: { from: STEP|[STEPS], to: STEP|[STEPS] }`: the steps whose
+    /// start takes the service down and whose end proves it back.
+    fn downtime(
+        &mut self,
+        top: &MarkedMappingNode,
+        steps: &[Step],
+        objectives: &Objectives,
+    ) -> Option<Downtime> {
+        let Some(node) = top.get_node("downtime") else {
+            if objectives.downtime_secs.is_some()
+                && let Some(o) = top.get_node("objectives")
+            {
+                self.err(
+                    Pos::of(o.span()),
+                    "`objectives` has a `downtime` but the runbook does not say what the downtime is",
+                    Some("add `downtime: { from: STEP, to: STEP }`: the step that stops the service and the check that proves it back".into()),
+                );
+            }
+            return None;
+        };
+        let Some(map) = node.as_mapping() else {
+            self.err(
+                Pos::of(node.span()),
+                "`downtime` must be a mapping with `from` and `to`",
+                Some("e.g. `downtime: { from: stop-source, to: [orders] }`".into()),
+            );
+            return None;
+        };
+        self.unknown_keys(map, &["from", "to"], "downtime");
+        let ends = |key: &str, p: &mut Self| -> Vec<String> {
+            let Some(n) = map.get_node(key) else {
+                p.err(
+                    Pos::of(node.span()),
+                    format!("`downtime` has no `{key}`"),
+                    Some(if key == "from" {
+                        "name the step(s) that stop the service: the downtime starts when the first of them starts".into()
+                    } else {
+                        "name the check(s) that prove the service back: the downtime ends when the last of them ends".into()
+                    }),
+                );
+                return Vec::new();
+            };
+            let items: Vec<(String, Pos)> = match n {
+                Node::Scalar(s) => vec![(s.as_str().to_owned(), Pos::of(s.span()))],
+                Node::Sequence(seq) => seq
+                    .iter()
+                    .filter_map(|i| {
+                        i.as_scalar()
+                            .map(|s| (s.as_str().to_owned(), Pos::of(s.span())))
+                    })
+                    .collect(),
+                other => {
+                    p.err(
+                        Pos::of(other.span()),
+                        format!("`downtime.{key}` must be a step id or a list of them"),
+                        None,
+                    );
+                    Vec::new()
+                }
+            };
+            let mut out = Vec::new();
+            for (id, at) in items {
+                if steps.iter().any(|s| s.id == id) {
+                    out.push(id);
+                } else {
+                    let hint = p
+                        .hint(&id, steps.iter().map(|s| s.id.as_str()))
+                        .map(|s| format!("did you mean `{s}`?"));
+                    p.err(
+                        at,
+                        format!(
+                            "`downtime.{key}` names `{id}`, which is not a step of this runbook"
+                        ),
+                        hint,
+                    );
+                }
+            }
+            if out.is_empty()
+                && map
+                    .get_node(key)
+                    .is_some_and(|n| n.as_sequence().is_some_and(|s| s.is_empty()))
+            {
+                p.err(
+                    Pos::of(node.span()),
+                    format!("`downtime.{key}` is empty"),
+                    None,
+                );
+            }
+            out
+        };
+        let from = ends("from", self);
+        let to = ends("to", self);
+        (!from.is_empty() && !to.is_empty()).then_some(Downtime { from, to })
     }
 
     fn targets(&mut self, top: &MarkedMappingNode) -> Vec<Target> {

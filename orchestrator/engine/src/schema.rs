@@ -169,7 +169,17 @@ pub fn schema() -> Value {
             "objectives": {
                 "type": "object",
                 "additionalProperties": false,
-                "properties": {"rto": duration, "rpo": duration}
+                "properties": {"rto": duration, "rpo": duration, "downtime": duration}
+            },
+            "downtime": {
+                "type": "object",
+                "description": "What the report measures as the outage: from the first start of the `from` steps (those that stop the service) to the last end of the `to` steps (the checks that prove it back).",
+                "required": ["from", "to"],
+                "additionalProperties": false,
+                "properties": {
+                    "from": {"anyOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}, "minItems": 1}]},
+                    "to": {"anyOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}, "minItems": 1}]}
+                }
             },
             "targets": {
                 "type": "object",

@@ -25,8 +25,14 @@ fn every_example_runbook_validates_and_plans() {
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_default();
         let rb = ferry_engine::parse(&name, &text).unwrap_or_else(|d| panic!("{name}:\n{d}"));
-        let plan =
-            ferry_engine::plan(rb, &Default::default()).unwrap_or_else(|e| panic!("{name}: {e}"));
+        // What an operator must pass (a failback's sockets and disks), as a value.
+        let given = rb
+            .params
+            .iter()
+            .filter(|p| p.default.is_none())
+            .map(|p| (p.name.clone(), "/srv/example".to_owned()))
+            .collect();
+        let plan = ferry_engine::plan(rb, &given).unwrap_or_else(|e| panic!("{name}: {e}"));
         assert!(!plan.waves.is_empty(), "{name}");
     }
 }

@@ -29,6 +29,11 @@ pub struct StepReport {
     pub critical: bool,
     /// undone, undo_failed, or absent.
     pub undo: Option<String>,
+    /// What the step returned (secrets already replaced by `***`): the
+    /// instance's addresses, the volume's path, the point it made.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Object>)]
+    pub outputs: Option<serde_json::Map<String, Value>>,
 }
 
 #[derive(Clone, Debug, Serialize, utoipa::ToSchema)]
@@ -67,6 +72,15 @@ pub struct Report {
     pub rto_secs: Option<f64>,
     pub rto_objective_secs: Option<f64>,
     pub rto_met: Option<bool>,
+    /// The outage the runbook's `downtime:` names: from the first start of
+    /// its `from` steps to the last end of its `to` steps; absent until every
+    /// `to` step has passed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub downtime_secs: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub downtime_objective_secs: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub downtime_met: Option<bool>,
     pub points: Vec<PointReport>,
     pub steps: Vec<StepReport>,
     /// The chain of steps that set the RTO: the sum of their waits and
@@ -206,6 +220,7 @@ pub fn build(run: &RunRow, log: &[Stored], engine: &Engine) -> Report {
             error,
             critical: false,
             undo,
+            outputs: engine.outputs(i).cloned(),
         });
     }
     // RTO: every step succeeded or was skipped; it ends with the last step's end.
@@ -266,7 +281,28 @@ pub fn build(run: &RunRow, log: &[Stored], engine: &Engine) -> Report {
         })
         .collect();
     let rto_secs = rto_ms.map(|m| m as f64 / 1000.0);
+    let downtime_secs = plan.runbook.downtime.as_ref().and_then(|d| {
+        let of = |ids: &[String]| {
+            (0..n)
+                .filter(|&i| ids.contains(&plan.step_of(i).id))
+                .collect::<Vec<_>>()
+        };
+        let down = of(&d.from).into_iter().filter_map(|i| start[i]).min()?;
+        let to = of(&d.to);
+        let back = to
+            .iter()
+            .all(|&i| matches!(engine.state(i), ferry_engine::StepState::Succeeded))
+            .then(|| to.iter().filter_map(|&i| end[i]).max())??;
+        Some((back - down).max(0) as f64 / 1000.0)
+    });
     Report {
+        downtime_secs,
+        downtime_objective_secs: objectives.downtime_secs,
+        downtime_met: match (downtime_secs, objectives.downtime_secs) {
+            (Some(d), Some(o)) => Some(d <= o),
+            (None, Some(_)) if finished => Some(false),
+            _ => None,
+        },
         run: run.id.clone(),
         runbook: run.runbook.clone(),
         file: run.file.clone(),
@@ -338,6 +374,15 @@ body{{font:14px system-ui,sans-serif;margin:2em;color:#222}}table{{border-collap
         rto_o = fmt_secs(r.rto_objective_secs),
         rto_v = verdict(r.rto_met),
     );
+    if r.downtime_secs.is_some() || r.downtime_objective_secs.is_some() {
+        let _ = write!(
+            h,
+            "<tr><th>Downtime</th><td>{}</td><td>objective {}</td><td>{}</td><td class=muted>from the service stopped to the service proven back</td></tr>",
+            fmt_secs(r.downtime_secs),
+            fmt_secs(r.downtime_objective_secs),
+            verdict(r.downtime_met)
+        );
+    }
     for p in &r.points {
         let _ = write!(
             h,
@@ -488,7 +533,11 @@ pub fn junit(r: &Report) -> String {
     let bad = |s: &StepReport| !matches!(s.status.as_str(), "succeeded" | "skipped");
     let rto_case = r.rto_objective_secs.is_some();
     let rto_failed = rto_case && r.rto_met != Some(true);
-    let failures = r.steps.iter().filter(|s| bad(s)).count() + usize::from(rto_failed);
+    let down_case = r.downtime_objective_secs.is_some();
+    let down_failed = down_case && r.downtime_met != Some(true);
+    let failures = r.steps.iter().filter(|s| bad(s)).count()
+        + usize::from(rto_failed)
+        + usize::from(down_failed);
     let skipped = r.steps.iter().filter(|s| s.status == "skipped").count();
     let time = r
         .rto_secs
@@ -502,17 +551,21 @@ pub fn junit(r: &Report) -> String {
     ));
     let suite_name = xml_text(&format!("{} {}", r.mode, r.runbook));
     let started = xml_text(&r.started);
-    let _ = w.write_event(X::Start(BytesStart::new("testsuite").with_attributes([
-        ("name", suite_name.as_str()),
-        (
-            "tests",
-            (r.steps.len() + usize::from(rto_case)).to_string().as_str(),
-        ),
-        ("failures", failures.to_string().as_str()),
-        ("skipped", skipped.to_string().as_str()),
-        ("time", format!("{time:.3}").as_str()),
-        ("timestamp", started.as_str()),
-    ])));
+    let _ = w.write_event(X::Start(
+        BytesStart::new("testsuite").with_attributes([
+            ("name", suite_name.as_str()),
+            (
+                "tests",
+                (r.steps.len() + usize::from(rto_case) + usize::from(down_case))
+                    .to_string()
+                    .as_str(),
+            ),
+            ("failures", failures.to_string().as_str()),
+            ("skipped", skipped.to_string().as_str()),
+            ("time", format!("{time:.3}").as_str()),
+            ("timestamp", started.as_str()),
+        ]),
+    ));
     let classname = xml_text(&r.runbook);
     let mut case = |name: String, secs: f64, outcome: Option<(&str, String)>| {
         let name = xml_text(&name);
@@ -562,6 +615,21 @@ pub fn junit(r: &Report) -> String {
             None => Some(("failure", "the stack was never verified: no RTO".to_owned())),
         };
         case("RTO objective".into(), r.rto_secs.unwrap_or(0.0), outcome);
+    }
+    if let Some(obj) = r.downtime_objective_secs {
+        let outcome = match r.downtime_secs {
+            Some(d) if d <= obj => None,
+            Some(d) => Some(("failure", format!("downtime {d:.1} s exceeds {obj:.1} s"))),
+            None => Some((
+                "failure",
+                "the service was never proven back: no downtime".to_owned(),
+            )),
+        };
+        case(
+            "downtime objective".into(),
+            r.downtime_secs.unwrap_or(0.0),
+            outcome,
+        );
     }
     let _ = w.write_event(X::End(BytesEnd::new("testsuite")));
     let _ = w.write_event(X::End(BytesEnd::new("testsuites")));

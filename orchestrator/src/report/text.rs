@@ -30,6 +30,24 @@ pub fn text(r: &Report) -> String {
             let _ = writeln!(s, "  RTO not reached (the stack was not verified)");
         }
     }
+    match (r.downtime_secs, r.downtime_objective_secs) {
+        (Some(d), o) => {
+            let _ = writeln!(
+                s,
+                "  downtime {d:.2} s{}{}",
+                o.map(|o| format!(", objective {o:.0} s"))
+                    .unwrap_or_default(),
+                verdict(r.downtime_met)
+            );
+        }
+        (None, Some(_)) => {
+            let _ = writeln!(
+                s,
+                "  downtime not measured (the service was not proven back)"
+            );
+        }
+        (None, None) => {}
+    }
     for p in &r.points {
         let _ = writeln!(
             s,

@@ -346,6 +346,8 @@ impl Target for AwsTarget {
                 secs: 30.0,
                 ..Planned::default()
             },
+            // Not offered here: validation refuses it first.
+            TargetAction::VolumeBackup => Planned::default(),
             TargetAction::LoadBalancerCreate => {
                 let nlb = call.str("kind").as_deref() == Some("nlb")
                     || call
@@ -488,6 +490,11 @@ impl Volumes for AwsTarget {
     /// interrupted try from its journal in the work directory), and waits
     /// until the snapshot is complete.
     async fn restore(&self, cx: &StepCx, req: VolumeRestore) -> TargetResult<RestoredVolume> {
+        if req.to.is_some() {
+            return Err(ActionError::permanent(
+                "`to` (restoring onto an existing disk in place) is offered by the local and libvirt targets; on aws a point becomes a new EBS snapshot",
+            ));
+        }
         let aws = self.aws(&cx.place).await?;
         let ctx = cx.run.clone();
         let dir = ctx.work_dir.join(format!("{}.ebs", file_stem(&cx.node)));
@@ -544,6 +551,8 @@ impl Volumes for AwsTarget {
             point_time: point.meta.time.to_rfc3339(),
             rpo_secs: (ctx.started_ms - point.meta.time.timestamp_millis()) as f64 / 1000.0,
             size: meta.size,
+            bytes_written: None,
+            bytes_skipped: None,
         })
     }
 
@@ -660,6 +669,7 @@ impl Instances for AwsTarget {
             ports,
             console: None,
             private_ip: i.private_ip,
+            qmp: None,
         })
     }
 

@@ -437,6 +437,21 @@ impl Volumes for LibvirtTarget {
         {
             return Ok(out);
         }
+        if let Some(to) = &req.to {
+            if !local {
+                return Err(ActionError::permanent(format!(
+                    "`to` restores onto a disk of this machine; {} is another host",
+                    lv.uri()
+                )));
+            }
+            let out = super::local::restore_in_place(cx, &req, Path::new(to)).await?;
+            crate::fsutil::write_private(
+                &done,
+                serde_json::to_string(&out).unwrap_or_default().as_bytes(),
+            )
+            .map_err(|e| ActionError::permanent(format!("{}: {e}", done.display())))?;
+            return Ok(out);
+        }
         let tag = tag(cx)?;
         let stem = stem(&cx.node);
         let raw_name = tag.object_name(&format!("{stem}.raw")).map_err(fail)?;
@@ -818,6 +833,7 @@ impl Instances for LibvirtTarget {
             addr,
             console: Some(plan.console.to_string_lossy().into_owned()),
             private_ip,
+            qmp: None,
         })
     }
 

@@ -33,6 +33,10 @@ impl Target for Local {
         Some(self)
     }
 
+    fn backups(&self) -> Option<&dyn super::Backups> {
+        Some(self)
+    }
+
     fn networks(&self) -> Option<&dyn super::Networks> {
         Some(self)
     }
@@ -63,6 +67,12 @@ impl Target for Local {
             TargetAction::VolumeCreate => Planned {
                 resources: vec![file(VolumeCreate::parse(call).ok().map(|v| v.size_bytes))],
                 secs: 1.0,
+                once_cost: 0.0,
+            },
+            // A point in the repository (its storage is the repository's).
+            TargetAction::VolumeBackup => Planned {
+                resources: Vec::new(),
+                secs: 10.0,
                 once_cost: 0.0,
             },
             TargetAction::InstanceLaunch => {
@@ -167,6 +177,14 @@ impl Volumes for Local {
         {
             return Ok(out);
         }
+        if let Some(to) = &req.to {
+            let out = restore_in_place(cx, &req, Path::new(to)).await?;
+            write_atomic(
+                &done,
+                serde_json::to_string(&out).unwrap_or_default().as_bytes(),
+            )?;
+            return Ok(out);
+        }
         let raw = path_in(ctx, &cx.node, "raw");
         // One restore into a path at a time: a try that replaces a timed-out or
         // cancelled one waits for its thread to notice and stop.
@@ -262,6 +280,96 @@ impl Volumes for Local {
     }
 }
 
+/// `volume.restore` with `to`: brings an existing disk image to the point in
+/// place (a delta restore, resumable), once no VM has it open. What an
+/// interrupted try wrote is compared again by the next, so a retry is safe.
+pub(super) async fn restore_in_place(
+    cx: &StepCx,
+    req: &VolumeRestore,
+    to: &Path,
+) -> TargetResult<RestoredVolume> {
+    if !to.is_file() {
+        return Err(ActionError::permanent(format!(
+            "{}: `to` must be an existing disk image file",
+            to.display()
+        )));
+    }
+    refuse_if_open(to).await?;
+    let busy = Busy::claim(to.to_path_buf()).await;
+    let progress = Arc::new(ferry_agent::progress::Progress::default());
+    let _stop = CancelOnDrop(progress.clone());
+    let (ctx, req, to) = (cx.run.clone(), req.clone(), to.to_path_buf());
+    tokio::task::spawn_blocking(move || -> TargetResult<RestoredVolume> {
+        let _busy = busy;
+        let repo = ctx.open_repo_at(req.repo.as_deref())?;
+        let point = repo.resolve(&req.point).map_err(ActionError::from)?;
+        let base = req
+            .base
+            .as_deref()
+            .map(|b| repo.resolve(b))
+            .transpose()
+            .map_err(ActionError::from)?;
+        let disk = disk_index(&point, req.disk.as_deref())?;
+        let meta = &point.meta.disks[disk];
+        let summary = ferry_agent::restore::restore(
+            &repo,
+            &point,
+            &ferry_agent::restore::RestoreOptions {
+                target: to.clone(),
+                disk: Some(meta.name.clone()),
+                overwrite: false,
+                delta: true,
+                base,
+            },
+            &progress,
+        )
+        .map_err(ActionError::from)?;
+        Ok(RestoredVolume {
+            path: to.to_string_lossy().into_owned(),
+            format: DiskFormat::Raw,
+            point: point.id.clone(),
+            source: point.meta.source.clone(),
+            disk: meta.name.clone(),
+            point_time: point.meta.time.to_rfc3339(),
+            // A point taken during the run (a final incremental) lost nothing: 0.
+            rpo_secs: ((ctx.started_ms - point.meta.time.timestamp_millis()) as f64 / 1000.0)
+                .max(0.0),
+            size: meta.size,
+            bytes_written: Some(summary.bytes_written),
+            bytes_skipped: Some(summary.bytes_skipped),
+        })
+    })
+    .await
+    .map_err(|e| ActionError::transient(format!("restore task: {e}")))?
+}
+
+/// Refuses a disk image a running VM has open: QEMU holds a lock on the
+/// images it writes, which `qemu-img info` (without `-U`) runs into.
+/// Writing under a running guest would corrupt what it sees.
+pub(super) async fn refuse_if_open(path: &Path) -> TargetResult<()> {
+    let mut cmd = tokio::process::Command::new("qemu-img");
+    scrub_env(&mut cmd);
+    let out = cmd
+        .args(["info", "--output=json"])
+        .arg(path)
+        .stdin(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .output()
+        .await
+        .map_err(|e| {
+            ActionError::permanent(format!("cannot run qemu-img: {e} (run scripts/setup-vm)"))
+        })?;
+    let err = String::from_utf8_lossy(&out.stderr);
+    if !out.status.success() && err.contains("lock") {
+        return Err(ActionError::permanent(format!(
+            "{} is open in a running VM ({}); stop that VM first, or back it up live with `qmp`",
+            path.display(),
+            err.trim()
+        )));
+    }
+    Ok(())
+}
+
 /// Restores a point's disk to the raw image `raw` (unless an earlier try
 /// finished it there) and says what was restored: the blocking part of a
 /// restore into a file, shared by the targets whose volumes are files.
@@ -299,8 +407,11 @@ pub(super) fn restore_to_file(
         source: point.meta.source.clone(),
         disk: meta.name.clone(),
         point_time: point.meta.time.to_rfc3339(),
-        rpo_secs: (ctx.started_ms - point.meta.time.timestamp_millis()) as f64 / 1000.0,
+        // A point taken during the run (a final incremental) lost nothing: 0.
+        rpo_secs: ((ctx.started_ms - point.meta.time.timestamp_millis()) as f64 / 1000.0).max(0.0),
         size: meta.size,
+        bytes_written: None,
+        bytes_skipped: None,
     })
 }
 
@@ -388,6 +499,21 @@ fn free_port() -> Result<u16, ActionError> {
 }
 
 #[async_trait]
+impl super::Backups for Local {
+    async fn backup(
+        &self,
+        cx: &StepCx,
+        req: super::VolumeBackup,
+    ) -> TargetResult<super::BackedUpVolume> {
+        super::backup::backup(cx, req).await
+    }
+
+    async fn release(&self, cx: &StepCx) -> TargetResult<()> {
+        super::backup::release(cx).await
+    }
+}
+
+#[async_trait]
 impl Instances for Local {
     /// Boots a VM, or adopts the one an earlier try of the same step left
     /// running (found by its pid file and name).
@@ -407,6 +533,9 @@ impl Instances for Local {
         let pidfile = path_in(ctx, &cx.node, "pid");
         let console = path_in(ctx, &cx.node, "console");
         let plan_file = path_in(ctx, &cx.node, "launch.json");
+        // A unix socket's path is at most 107 bytes: a deeper work directory
+        // gets no QMP socket (the VM runs; it cannot be protected live).
+        let qmp = Some(path_in(ctx, &cx.node, "qmp")).filter(|p| p.as_os_str().len() < 100);
 
         let adopted: Option<BTreeMap<String, String>> = live_vm(&pidfile, &name)
             .and_then(|_| std::fs::read_to_string(&plan_file).ok())
@@ -431,6 +560,7 @@ impl Instances for Local {
                     name: &name,
                     node: &cx.node,
                     pidfile: &pidfile,
+                    qmp: qmp.as_deref(),
                     console: &console,
                     ports: &ports,
                     joined: joined.as_ref(),
@@ -480,6 +610,7 @@ impl Instances for Local {
             ports,
             console: Some(console.to_string_lossy().into_owned()),
             private_ip: joined.map(|j| j.ip.to_string()),
+            qmp: qmp.map(|q| q.to_string_lossy().into_owned()),
         })
     }
 
@@ -511,6 +642,8 @@ struct Guest<'a> {
     name: &'a str,
     node: &'a str,
     pidfile: &'a Path,
+    /// Its QMP socket: what `ferry protect` and `volume.backup` talk to.
+    qmp: Option<&'a Path>,
     console: &'a Path,
     ports: &'a BTreeMap<String, String>,
     joined: Option<&'a super::local_net::Joined>,
@@ -580,6 +713,16 @@ async fn boot(ctx: &Ctx, req: &InstanceLaunch, g: &Guest<'_>) -> Result<(), Acti
     .arg("-pidfile")
     .arg(pidfile)
     .arg("-daemonize");
+    if let Some(q) = g.qmp {
+        let _ = std::fs::remove_file(q);
+        cmd.arg("-qmp")
+            .arg(format!("unix:{},server=on,wait=off", q.display()));
+    } else {
+        tracing::warn!(
+            vm = name,
+            "the run's work directory is too deep for a QMP socket; the VM cannot be protected live"
+        );
+    }
     // What a cloud's metadata service would tell the guest: its network
     // settings and the runbook's user data (private files: user data may
     // hold what the guest needs to reach its peers).
@@ -610,17 +753,18 @@ async fn boot(ctx: &Ctx, req: &InstanceLaunch, g: &Guest<'_>) -> Result<(), Acti
         } else {
             "raw"
         };
+        // `disk0`, `disk1`, ...: the node names `ferry protect` takes by default.
         cmd.arg("-blockdev")
-            .arg(format!("driver=file,filename={disk},node-name=f{i}"));
+            .arg(format!("driver=file,filename={disk},node-name=file{i}"));
         cmd.arg("-blockdev")
-            .arg(format!("driver={format},file=f{i},node-name=d{i}"));
+            .arg(format!("driver={format},file=file{i},node-name=disk{i}"));
         let boot = if i == 0 && req.kernel.is_none() {
             ",bootindex=0"
         } else {
             ""
         };
         cmd.arg("-device")
-            .arg(format!("virtio-blk-pci,drive=d{i}{boot}"));
+            .arg(format!("virtio-blk-pci,drive=disk{i}{boot}"));
     }
     let out = cmd
         .stdin(std::process::Stdio::null())

@@ -11,6 +11,7 @@
 //! it twice, and a delete of something already gone succeeds.
 
 pub mod aws;
+mod backup;
 #[cfg(any(test, feature = "conformance"))]
 pub mod conformance;
 pub mod libvirt;
@@ -81,6 +82,7 @@ pub struct StepCx {
 pub enum TargetAction {
     VolumeRestore,
     VolumeCreate,
+    VolumeBackup,
     InstanceLaunch,
     InstanceStop,
     NetworkCreate,
@@ -93,6 +95,8 @@ pub enum TargetAction {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Resource {
     Volumes,
+    /// Recovery points taken where the stack runs (failback, cutover).
+    Backups,
     Instances,
     Networks,
     LoadBalancers,
@@ -104,6 +108,7 @@ impl TargetAction {
     pub const ALL: &[TargetAction] = &[
         TargetAction::VolumeRestore,
         TargetAction::VolumeCreate,
+        TargetAction::VolumeBackup,
         TargetAction::InstanceLaunch,
         TargetAction::InstanceStop,
         TargetAction::NetworkCreate,
@@ -116,6 +121,7 @@ impl TargetAction {
         match self {
             TargetAction::VolumeRestore => "volume.restore",
             TargetAction::VolumeCreate => "volume.create",
+            TargetAction::VolumeBackup => "volume.backup",
             TargetAction::InstanceLaunch => "instance.launch",
             TargetAction::InstanceStop => "instance.stop",
             TargetAction::NetworkCreate => "network.create",
@@ -132,6 +138,7 @@ impl TargetAction {
     pub fn resource(self) -> Resource {
         match self {
             TargetAction::VolumeRestore | TargetAction::VolumeCreate => Resource::Volumes,
+            TargetAction::VolumeBackup => Resource::Backups,
             TargetAction::InstanceLaunch | TargetAction::InstanceStop => Resource::Instances,
             TargetAction::NetworkCreate => Resource::Networks,
             TargetAction::LoadBalancerCreate => Resource::LoadBalancers,
@@ -178,17 +185,92 @@ pub struct VolumeRestore {
     pub format: DiskFormat,
     /// The repository, when not the run's.
     pub repo: Option<String>,
+    /// An existing disk to bring to the point in place (a delta restore),
+    /// instead of a new volume.
+    pub to: Option<String>,
+    /// With `to`: a point `to` is known to hold.
+    pub base: Option<String>,
 }
 
 impl VolumeRestore {
     pub fn parse(call: &Call) -> TargetResult<VolumeRestore> {
+        let to = call.str("to").filter(|d| !d.is_empty());
+        let base = call.str("base").filter(|d| !d.is_empty());
+        if base.is_some() && to.is_none() {
+            return Err(ActionError::permanent(
+                "`base` says what an existing disk holds; give that disk as `to`",
+            ));
+        }
+        let format = DiskFormat::parse(call)?;
+        if to.is_some() && format != DiskFormat::Raw {
+            return Err(ActionError::permanent(
+                "`to` restores onto an existing raw disk in place; `format` cannot change it",
+            ));
+        }
         Ok(VolumeRestore {
             point: call.need("point")?,
             disk: call.str("disk").filter(|d| !d.is_empty()),
-            format: DiskFormat::parse(call)?,
+            format,
+            repo: call.str("repo").filter(|r| !r.is_empty()),
+            to,
+            base,
+        })
+    }
+}
+
+/// `volume.backup`: a recovery point of a disk where the stack runs.
+#[derive(Clone, Debug)]
+pub struct VolumeBackup {
+    pub source: String,
+    /// The disk (an image file on the file targets).
+    pub path: String,
+    /// The QMP socket of the running VM that has `path` open.
+    pub qmp: Option<String>,
+    /// Pause the VM before the cut and leave it paused.
+    pub pause: bool,
+    /// The disk's name in the point.
+    pub disk: Option<String>,
+    pub repo: Option<String>,
+}
+
+impl VolumeBackup {
+    pub fn parse(call: &Call) -> TargetResult<VolumeBackup> {
+        let source = call.need("source")?;
+        if source.contains(['@', '/']) {
+            return Err(ActionError::permanent(format!(
+                "`source` {source:?} is a source name, without `@` or `/`"
+            )));
+        }
+        let qmp = call.str("qmp").filter(|q| !q.is_empty());
+        let pause = call.bool("pause").unwrap_or(false);
+        if pause && qmp.is_none() {
+            return Err(ActionError::permanent(
+                "`pause` pauses the VM the disk belongs to; give its QMP socket as `qmp`",
+            ));
+        }
+        Ok(VolumeBackup {
+            source,
+            path: call.need("path")?,
+            qmp,
+            pause,
+            disk: call.str("disk").filter(|d| !d.is_empty()),
             repo: call.str("repo").filter(|r| !r.is_empty()),
         })
     }
+}
+
+/// What `volume.backup` made.
+#[derive(Clone, Debug, Serialize, serde::Deserialize)]
+pub struct BackedUpVolume {
+    pub point: String,
+    pub source: String,
+    pub disk: String,
+    pub point_time: String,
+    pub parent: Option<String>,
+    pub mode: String,
+    pub bytes_read: u64,
+    pub new_bytes: u64,
+    pub paused: bool,
 }
 
 /// What `volume.restore` made.
@@ -203,6 +285,12 @@ pub struct RestoredVolume {
     pub point_time: String,
     pub rpo_secs: f64,
     pub size: u64,
+    /// In place (`to`): bytes written to the existing disk.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bytes_written: Option<u64>,
+    /// With `base`: bytes the two points share, neither read nor written.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bytes_skipped: Option<u64>,
 }
 
 /// `volume.create`: an empty volume.
@@ -350,6 +438,9 @@ pub struct LaunchedInstance {
     /// the network reach it.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub private_ip: Option<String>,
+    /// Its QMP socket, where the target has one (local).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub qmp: Option<String>,
 }
 
 /// `network.create`: a private network with subnets and firewall rules.
@@ -728,6 +819,19 @@ pub trait Volumes: Send + Sync {
     async fn delete(&self, cx: &StepCx) -> TargetResult<()>;
 }
 
+/// Recovery points taken where the stack runs: after a failover the
+/// recovered machines are protected where they run, and a failback or a
+/// cutover takes their final incremental.
+#[async_trait]
+pub trait Backups: Send + Sync {
+    /// Takes one point of the disk (an earlier try's finished point is
+    /// returned again).
+    async fn backup(&self, cx: &StepCx, req: VolumeBackup) -> TargetResult<BackedUpVolume>;
+    /// Undoes what `backup` did to the machine (resumes a VM it paused);
+    /// the point stays: it is data, not a resource of the run.
+    async fn release(&self, cx: &StepCx) -> TargetResult<()>;
+}
+
 /// Instances (VMs).
 #[async_trait]
 pub trait Instances: Send + Sync {
@@ -876,6 +980,9 @@ pub trait Target: Send + Sync {
     fn volumes(&self) -> Option<&dyn Volumes> {
         None
     }
+    fn backups(&self) -> Option<&dyn Backups> {
+        None
+    }
     fn instances(&self) -> Option<&dyn Instances> {
         None
     }
@@ -970,6 +1077,7 @@ pub fn gib(bytes: u64) -> u64 {
 pub fn offers(target: &dyn Target, resource: Resource) -> bool {
     match resource {
         Resource::Volumes => target.volumes().is_some(),
+        Resource::Backups => target.backups().is_some(),
         Resource::Instances => target.instances().is_some(),
         Resource::Networks => target.networks().is_some(),
         Resource::LoadBalancers => target.load_balancers().is_some(),
@@ -1013,6 +1121,10 @@ pub async fn perform(
             let req = VolumeCreate::parse(call)?;
             outputs(target.volumes().ok_or_else(no)?.create(cx, req).await?)
         }
+        TargetAction::VolumeBackup => {
+            let req = VolumeBackup::parse(call)?;
+            outputs(target.backups().ok_or_else(no)?.backup(cx, req).await?)
+        }
         TargetAction::InstanceLaunch => {
             let req = InstanceLaunch::parse(call)?;
             outputs(target.instances().ok_or_else(no)?.launch(cx, req).await?)
@@ -1055,6 +1167,7 @@ pub async fn undo(target: &dyn Target, action: TargetAction, cx: &StepCx) -> Tar
         TargetAction::VolumeRestore | TargetAction::VolumeCreate => {
             target.volumes().ok_or_else(no)?.delete(cx).await
         }
+        TargetAction::VolumeBackup => target.backups().ok_or_else(no)?.release(cx).await,
         TargetAction::InstanceLaunch => target.instances().ok_or_else(no)?.terminate(cx).await,
         TargetAction::NetworkCreate => target.networks().ok_or_else(no)?.delete(cx).await,
         TargetAction::LoadBalancerCreate => {

@@ -406,6 +406,42 @@ pub fn guest() -> Option<PathBuf> {
     Some(dir)
 }
 
+/// The example stack's images and guest, built once per machine by
+/// scripts/make-stack; `None` (the test skips) without QEMU, busybox or a
+/// kernel, which CI must have.
+pub fn stack() -> Option<PathBuf> {
+    let have = Command::new("sh")
+        .args([
+            "-c",
+            "command -v qemu-system-x86_64 && command -v busybox && ls /boot/vmlinuz-*",
+        ])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !have {
+        eprintln!(
+            "skipped: qemu-system-x86_64, busybox or a kernel is missing (scripts/setup-vm installs them)"
+        );
+        assert_ne!(
+            std::env::var("CI").as_deref(),
+            Ok("true"),
+            "CI must have QEMU, busybox and a kernel"
+        );
+        return None;
+    }
+    let dir = PathBuf::from("/var/tmp/ferry-tools/stack");
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/make-stack");
+    let st = Command::new("bash")
+        .arg(&script)
+        .arg(&dir)
+        .stdout(std::process::Stdio::null())
+        .status()
+        .expect("run scripts/make-stack");
+    assert!(st.success(), "scripts/make-stack failed");
+    Some(dir)
+}
+
 /// Waits until the guest's serial log at `serial` holds `what`; the log.
 pub fn wait_serial(serial: &Path, what: &str, timeout: std::time::Duration) -> String {
     let deadline = std::time::Instant::now() + timeout;
