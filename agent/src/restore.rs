@@ -202,7 +202,7 @@ pub fn restore(
             }
             _ => None,
         };
-        let stats = restore_disk(repo, &index, point, d, &out, base_lists, progress)?;
+        let stats = restore_disk(repo, &index, point, d, &out, base_lists, None, progress)?;
         summary.bytes_written += stats.0;
         summary.chunks_kept += stats.1;
         summary.chunks_fetched += stats.2;
@@ -227,6 +227,20 @@ pub struct DiskStats {
     pub bytes_written: u64,
     pub chunks_kept: u64,
     pub chunks_fetched: u64,
+    /// Bytes left alone because the disk already held them ([`Known`]).
+    pub bytes_skipped: u64,
+}
+
+/// What a sink's disk is known to hold, so that a restore into it leaves
+/// alone, without reading it, what already matches: the disk held `base`,
+/// and since then only `changed` was written (a dirty bitmap's ranges).
+/// What neither the changes nor the differences between `base` and the
+/// point touch is neither read nor written.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Known<'a> {
+    pub base: Option<&'a Point>,
+    /// Byte ranges `(start, end)`, sorted and not overlapping.
+    pub changed: Option<&'a [(u64, u64)]>,
 }
 
 /// Restores disk `disk` of `point` into any [`BlockSink`] (a file, a device,
@@ -237,6 +251,20 @@ pub fn restore_into(
     point: &Point,
     disk: usize,
     sink: &dyn BlockSink,
+    progress: &Progress,
+) -> Result<DiskStats> {
+    restore_into_known(repo, point, disk, sink, Known::default(), progress)
+}
+
+/// [`restore_into`] a sink whose disk is [`Known`] to hold a base point
+/// except for a change map: only what the map marks and what differs from
+/// the base is fetched and written, and nothing is read from the disk.
+pub fn restore_into_known(
+    repo: &Repository,
+    point: &Point,
+    disk: usize,
+    sink: &dyn BlockSink,
+    known: Known<'_>,
     progress: &Progress,
 ) -> Result<DiskStats> {
     let _lock = crate::lock::Lock::acquire(repo, "restore", false)?;
@@ -264,15 +292,33 @@ pub fn restore_into(
             meta.size
         )));
     }
+    let base = match (known.base, known.changed) {
+        (Some(b), Some(_)) => Some(base_disk(b, &meta.name, meta.size)?),
+        (None, None) => None,
+        _ => {
+            return Err(Error::InvalidInput(
+                "a base point says what a disk held only together with what was written to it since (a change map)".into(),
+            ));
+        }
+    };
     let (index, _) = crate::prune::readable_index(repo)?;
     progress.add_total(meta.size);
-    let (bytes_written, chunks_kept, chunks_fetched, _) =
-        restore_disk(repo, &index, point, disk, sink, None, progress)?;
+    let (bytes_written, chunks_kept, chunks_fetched, bytes_skipped) = restore_disk(
+        repo,
+        &index,
+        point,
+        disk,
+        sink,
+        base,
+        known.changed,
+        progress,
+    )?;
     sink.finish()?;
     Ok(DiskStats {
         bytes_written,
         chunks_kept,
         chunks_fetched,
+        bytes_skipped,
     })
 }
 
@@ -352,6 +398,10 @@ fn verify_base(
 /// Restore one disk; returns (bytes written, chunks kept, chunks fetched,
 /// bytes skipped). With `base` (the lists of the point the disk holds), spans
 /// and extents the two points share are neither read nor written.
+/// Restores one disk of a point into `out`; with `base` (the lists of a point
+/// the disk holds), what the two share is skipped, except where `changed`
+/// (what was written to the disk since) says the disk no longer holds it.
+#[allow(clippy::too_many_arguments)]
 fn restore_disk(
     repo: &Repository,
     index: &index::Index,
@@ -359,9 +409,17 @@ fn restore_disk(
     disk: usize,
     out: &dyn BlockSink,
     base: Option<&[point::ListId]>,
+    changed: Option<&[(u64, u64)]>,
     progress: &Progress,
 ) -> Result<(u64, u64, u64, u64)> {
     let meta = &point.meta.disks[disk];
+    // Whether the disk was written in [a, b) since it held the base.
+    let touched = |a: u64, b: u64| {
+        changed.is_some_and(|c| {
+            let i = c.partition_point(|r| r.1 <= a);
+            c.get(i).is_some_and(|r| r.0 < b)
+        })
+    };
     let mut totals = (0, 0, 0, 0);
     let load = |lid: &point::ListId, k: usize| -> Result<Vec<point::Extent>> {
         let (start, span) = point::list_span(meta.size, k);
@@ -413,7 +471,7 @@ fn restore_disk(
             let k = first + k;
             let (start, span) = point::list_span(meta.size, k);
             let base_lid = base.and_then(|b| b.get(k));
-            if base_lid == Some(lid) {
+            if base_lid == Some(lid) && !touched(start, start + span) {
                 add(&mut totals, flush(&mut run, &mut extents, &mut same)?);
                 progress.add_done(span);
                 totals.3 += span;
@@ -421,17 +479,21 @@ fn restore_disk(
             }
             let list = load(lid, k)?;
             let differ = match base_lid {
+                // The same list, written to since: only the changes differ.
+                Some(old) if old == lid => Some(Vec::new()),
                 Some(old) => Some(point::differing_ranges(start, &load(old, k)?, &list)),
                 None => None,
             };
             let mut at = start;
             for e in &list {
                 let end = at + u64::from(e.len);
-                same.push(differ.as_ref().is_some_and(|d| {
-                    // Equal unless a differing range overlaps [at, end).
-                    let i = d.partition_point(|r| r.1 <= at);
-                    d.get(i).is_none_or(|r| r.0 >= end)
-                }));
+                same.push(
+                    differ.as_ref().is_some_and(|d| {
+                        // Equal unless a differing range overlaps [at, end).
+                        let i = d.partition_point(|r| r.1 <= at);
+                        d.get(i).is_none_or(|r| r.0 >= end)
+                    }) && !touched(at, end),
+                );
                 at = end;
             }
             run.get_or_insert(start);

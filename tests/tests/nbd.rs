@@ -50,9 +50,21 @@ struct QemuNbd {
 impl QemuNbd {
     /// Export `image` (qcow2) read-only on a free port or a unix socket, with `bitmap`.
     fn start(image: &Path, bitmap: Option<&str>, socket: Option<&Path>) -> QemuNbd {
+        QemuNbd::start_with(image, bitmap, socket, true)
+    }
+
+    fn start_with(
+        image: &Path,
+        bitmap: Option<&str>,
+        socket: Option<&Path>,
+        read_only: bool,
+    ) -> QemuNbd {
         let pid_file = image.with_extension(format!("pid{}", free_port()));
         let mut c = Command::new("qemu-nbd");
-        c.args(["-r", "-f", "qcow2", "-t", "--fork", "-x", "vda"]);
+        if read_only {
+            c.arg("-r");
+        }
+        c.args(["-f", "qcow2", "-t", "--fork", "-x", "vda"]);
         c.arg(format!("--pid-file={}", pid_file.display()));
         if let Some(b) = bitmap {
             c.args(["-B", b]);
@@ -606,4 +618,93 @@ fn serve_nbd_lets_in_only_who_it_should() {
         !out.status.success(),
         "a client without a certificate got in"
     );
+}
+
+/// Failback onto a disk exported by `qemu-nbd`: the disk held point P1 when
+/// its dirty bitmap was created, then was written to (the machine ran on);
+/// point P2 is restored onto it with `--delta --base P1` through the bitmap,
+/// which writes what the bitmap marks and what differs between P1 and P2
+/// and reads nothing of the disk. Without the bitmap, `--delta` reads every
+/// block to compare it.
+#[test]
+fn delta_restore_onto_an_nbd_export_through_its_dirty_bitmap_reads_nothing() {
+    if !have("qemu-nbd") || !have("qemu-io") {
+        return;
+    }
+    let env = Env::new();
+    env.init();
+    const SIZE: u64 = 64 << 20;
+    let first = env.path("first.raw");
+    make_image(&first, SIZE, 17);
+    let p1 = env.backup("vm", &[&first])["point"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    // The second point: the source moved on elsewhere (0.1% scattered writes).
+    // (The same file name: a point names its disk after it.)
+    std::fs::create_dir(env.path("later")).unwrap();
+    let second = env.path("later/first.raw");
+    std::fs::copy(&first, &second).unwrap();
+    scatter_writes(&second, 16, 5);
+    let p2 = env.backup("vm", &[&second])["point"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    // The disk: P1, a bitmap from then on, and writes the machine made since.
+    let disk = env.path("disk.qcow2");
+    run(Command::new("qemu-img")
+        .args(["convert", "-f", "raw", "-O", "qcow2"])
+        .arg(&first)
+        .arg(&disk));
+    run(Command::new("qemu-img")
+        .args(["bitmap", "--add"])
+        .arg(&disk)
+        .arg("since-p1"));
+    let written: Vec<u64> = (0..12u64).map(|i| (i * 5 + 3) << 20).collect();
+    qemu_write(&env, &disk, &written, 9);
+
+    let sock = env.path("nbd.sock");
+    let nbd = QemuNbd::start_with(&disk, Some("since-p1"), Some(&sock), false);
+    let to = nbd.with_bitmap("since-p1");
+    // A bitmap alone is not enough: it says what changed since some point.
+    let out = env.run(&["restore", &p2, "--to", &to, "--delta"]);
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("--delta --base POINT"),
+        "{}",
+        stderr(&out)
+    );
+
+    let r = env.json(&["restore", &p2, "--to", &to, "--delta", "--base", &p1]);
+    eprintln!("through the bitmap: {r}");
+    assert_eq!(r["mode"], "bitmap");
+    assert_eq!(r["disk_bytes_read"], 0, "{r:#}");
+    assert!(r["changed_bytes"].as_u64().unwrap() >= 12 * 4096, "{r:#}");
+    let w = r["bytes_written"].as_u64().unwrap();
+    assert!(w > 0 && w < SIZE / 8, "wrote {w} bytes: {r:#}");
+    assert!(r["bytes_skipped"].as_u64().unwrap() > SIZE / 2, "{r:#}");
+    drop(nbd);
+    let got = env.path("got.raw");
+    raw_of(&disk, &got);
+    assert!(same_content(&got, &second), "the disk does not hold P2");
+
+    // Back to P1 without a bitmap: every block is read and compared, and
+    // only what differs is written.
+    let nbd = QemuNbd::start_with(&disk, None, Some(&sock), false);
+    let r = env.json(&["restore", &p1, "--to", &nbd.url, "--delta"]);
+    eprintln!("compared: {r}");
+    assert_eq!(r["mode"], "compare");
+    // (Every place of a data chunk; the image's zero runs are zeroed, not read.)
+    assert!(r["disk_bytes_read"].as_u64().unwrap() >= SIZE / 4, "{r:#}");
+    let w = r["bytes_written"].as_u64().unwrap();
+    assert!(w > 0 && w <= 16 * 4096 * 2, "wrote {w} bytes: {r:#}");
+    drop(nbd);
+    raw_of(&disk, &got);
+    assert!(same_content(&got, &first), "the disk does not hold P1");
+
+    // A read-only export is refused with the way out.
+    let nbd = QemuNbd::start_with(&disk, None, Some(&sock), true);
+    let out = env.run(&["restore", &p1, "--to", &nbd.url, "--delta"]);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("read-only"), "{}", stderr(&out));
 }

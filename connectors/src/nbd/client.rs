@@ -637,6 +637,161 @@ impl Client {
         Ok(out)
     }
 
+    /// Whether the server lets this client write (the export is not read-only).
+    pub fn writable(&self) -> bool {
+        self.info.flags & TFLAG_READ_ONLY == 0
+    }
+
+    /// Write `buf` at `offset`, with up to [`WINDOW`] requests in flight.
+    pub fn write_at(&mut self, buf: &[u8], offset: u64) -> Result<(), NbdError> {
+        self.check_write(offset, buf.len() as u64)?;
+        let step = self.request_size() as usize;
+        let cmds = buf.chunks(step).enumerate().map(|(i, part)| {
+            let off = offset + (i * step) as u64;
+            (CMD_WRITE, off, part.len() as u32, Some(part))
+        });
+        self.commands("writing", cmds)
+    }
+
+    /// Make `[offset, offset + len)` read as zeros: `NBD_CMD_WRITE_ZEROES`
+    /// where the server offers it, else written zeros.
+    pub fn write_zeroes(&mut self, offset: u64, len: u64) -> Result<(), NbdError> {
+        self.check_write(offset, len)?;
+        if self.info.flags & TFLAG_SEND_WRITE_ZEROES != 0 {
+            let step = u64::from(self.request_size());
+            let cmds = (0..len.div_ceil(step)).map(|i| {
+                let off = offset + i * step;
+                (
+                    CMD_WRITE_ZEROES,
+                    off,
+                    (len - i * step).min(step) as u32,
+                    None,
+                )
+            });
+            return self.commands("zeroing", cmds);
+        }
+        let zeros = vec![0u8; (self.request_size() as u64).min(len) as usize];
+        let mut at = 0;
+        while at < len {
+            let n = (len - at).min(zeros.len() as u64) as usize;
+            self.write_at(&zeros[..n], offset + at)?;
+            at += n as u64;
+        }
+        Ok(())
+    }
+
+    /// Ask the server to make what was written durable (`NBD_CMD_FLUSH`,
+    /// when it offers it).
+    pub fn flush(&mut self) -> Result<(), NbdError> {
+        if self.info.flags & TFLAG_SEND_FLUSH == 0 {
+            return Ok(());
+        }
+        self.commands("flushing", std::iter::once((CMD_FLUSH, 0, 0, None)))
+    }
+
+    fn check_write(&self, offset: u64, len: u64) -> Result<(), NbdError> {
+        if !self.writable() {
+            return Err(NbdError::Protocol {
+                server: self.label.clone(),
+                detail: "the export is read-only; export it writable (qemu-nbd without -r)".into(),
+            });
+        }
+        if offset.checked_add(len).is_none_or(|e| e > self.info.size) {
+            return Err(NbdError::OutOfRange {
+                server: self.label.clone(),
+                offset,
+                len,
+                size: self.info.size,
+            });
+        }
+        Ok(())
+    }
+
+    /// Sends commands that answer with no data (write, write zeroes, flush),
+    /// up to [`WINDOW`] in flight, and waits for every answer; the first
+    /// error the server reports is returned.
+    fn commands<'b>(
+        &mut self,
+        doing: &str,
+        cmds: impl Iterator<Item = (u16, u64, u32, Option<&'b [u8]>)>,
+    ) -> Result<(), NbdError> {
+        let mut cmds = cmds.peekable();
+        let mut pending: HashMap<u64, (u64, u32)> = HashMap::new();
+        let mut first_error: Option<NbdError> = None;
+        loop {
+            while pending.len() < WINDOW
+                && let Some((cmd, off, len, data)) = cmds.next()
+            {
+                let cookie = self.cookie();
+                let mut head = Vec::with_capacity(28);
+                encode_request(&mut head, 0, cmd, cookie, off, len);
+                self.wr.write_all(&head)?;
+                if let Some(d) = data {
+                    self.wr.write_all(d)?;
+                }
+                pending.insert(cookie, (off, len));
+            }
+            self.wr.flush()?;
+            if pending.is_empty() {
+                break;
+            }
+            let (cookie, done, errno, msg) = self.read_ack()?;
+            let Some(&(off, len)) = pending.get(&cookie) else {
+                return Err(self.proto(format!("a reply for unknown request {cookie}")));
+            };
+            if errno != 0 {
+                first_error.get_or_insert(NbdError::Server {
+                    server: self.label.clone(),
+                    errno,
+                    message: if msg.is_empty() {
+                        format!("{doing} {len} bytes at {off}")
+                    } else {
+                        msg
+                    },
+                });
+            }
+            if done {
+                pending.remove(&cookie);
+            }
+        }
+        match first_error {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+
+    /// One reply to a command that returns no data: its cookie, whether it is
+    /// the last chunk, and the error it reports (0 for none).
+    fn read_ack(&mut self) -> Result<(u64, bool, u32, String), NbdError> {
+        match read_u32(&mut self.rd)? {
+            SIMPLE_REPLY_MAGIC => {
+                let errno = read_u32(&mut self.rd)?;
+                let cookie = read_u64(&mut self.rd)?;
+                Ok((cookie, true, errno, String::new()))
+            }
+            STRUCTURED_REPLY_MAGIC => {
+                let flags = read_u16(&mut self.rd)?;
+                let kind = read_u16(&mut self.rd)?;
+                let cookie = read_u64(&mut self.rd)?;
+                let len = read_u32(&mut self.rd)?;
+                let body = read_bounded(&mut self.rd, len, MAX_OPTION_LEN, "a reply chunk")?;
+                let done = flags & REPLY_FLAG_DONE != 0;
+                match kind {
+                    REPLY_TYPE_NONE if body.is_empty() => Ok((cookie, done, 0, String::new())),
+                    REPLY_TYPE_ERROR | REPLY_TYPE_ERROR_OFFSET => {
+                        let (errno, msg) = parse_error(&body)
+                            .ok_or_else(|| self.proto("a malformed error chunk"))?;
+                        Ok((cookie, done, errno.max(1), msg))
+                    }
+                    k => Err(self.proto(format!(
+                        "unexpected reply chunk type {k} to a command without data"
+                    ))),
+                }
+            }
+            m => Err(self.proto(format!("bad reply magic {m:#x}"))),
+        }
+    }
+
     /// Say goodbye; the server closes the connection.
     pub fn disconnect(mut self) {
         let mut req = Vec::new();

@@ -11,6 +11,7 @@ pub mod listen;
 pub mod point_export;
 pub mod proto;
 pub mod server;
+pub mod sink;
 pub mod tls;
 
 use std::fmt;

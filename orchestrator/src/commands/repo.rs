@@ -294,10 +294,14 @@ pub struct PointsArgs {
 pub struct RestoreArgs {
     /// Recovery point: an id (or a unique prefix), SOURCE@latest, or SOURCE@TIME.
     pub point: String,
-    /// A directory (one file per disk), an image file, a block device, or
+    /// A directory (one file per disk), an image file, a block device,
     /// `ebs://[?region=NAME&endpoint=URL]`: a new EBS snapshot written
     /// through the EBS direct APIs (one disk; needs --disk when the point has
-    /// several). A killed restore to EBS resumes when run again.
+    /// several; a killed restore to EBS resumes when run again), or an
+    /// existing disk exported over NBD (`nbd://HOST:PORT/EXPORT`,
+    /// `nbd+unix:///EXPORT?socket=PATH`), written in place; with
+    /// `&bitmap=NAME` (its dirty bitmap since it held the --base point) the
+    /// restore reads nothing of the disk.
     #[arg(long = "to")]
     pub to: PathBuf,
     /// Restore only this disk.
@@ -701,6 +705,12 @@ pub fn restore(ctx: &Context, a: &RestoreArgs) -> Result<ExitCode> {
     if let Some(rest) = a.to.to_str().and_then(|t| t.strip_prefix("ebs://")) {
         return restore_ebs(ctx, a, rest);
     }
+    if let Some(to) =
+        a.to.to_str()
+            .filter(|t| ferry_connectors::nbd::NbdUrl::is_nbd(t))
+    {
+        return restore_nbd(ctx, a, to);
+    }
     let repo = ctx.open_repo(false)?;
     let point = repo.resolve(&a.point)?;
     let base = match &a.base {
@@ -870,6 +880,149 @@ fn ebs_source(
     ))
 }
 
+/// The disk `--disk` names, or the point's only one: for targets that hold
+/// one disk (`what`).
+fn one_disk(point: &ferry_agent::point::Point, disk: Option<&str>, what: &str) -> Result<usize> {
+    let names = || {
+        point
+            .meta
+            .disks
+            .iter()
+            .map(|x| x.name.as_str())
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    match disk {
+        Some(d) => Ok(point
+            .meta
+            .disks
+            .iter()
+            .position(|x| x.name == d)
+            .ok_or_else(|| {
+                Error::Usage(format!(
+                    "recovery point {} has no disk `{d}`; it has: {}",
+                    point.short_id(),
+                    names()
+                ))
+            })?),
+        None if point.meta.disks.len() == 1 => Ok(0),
+        None => Err(Error::Usage(format!(
+            "recovery point {} has {} disks and {what} holds one: name it with --disk",
+            point.short_id(),
+            point.meta.disks.len()
+        ))
+        .into()),
+    }
+}
+
+/// What `restore --to nbd://...` did.
+#[derive(serde::Serialize)]
+struct NbdRestore {
+    point: String,
+    disk: String,
+    to: String,
+    /// `bitmap` (the export's dirty bitmap and --base: nothing unchanged is
+    /// read), `compare` (--delta: every chunk's place read and compared) or
+    /// `full`.
+    mode: &'static str,
+    bytes_written: u64,
+    bytes_skipped: u64,
+    /// Bytes read from the export (the existing disk).
+    disk_bytes_read: u64,
+    /// Bytes the bitmap marks as written since the base.
+    changed_bytes: Option<u64>,
+    chunks_fetched: u64,
+    duration_secs: f64,
+}
+
+/// `restore --to nbd://...`: onto an existing disk exported over NBD (a VM's
+/// disk under `qemu-nbd`), in place. With `?bitmap=NAME` and `--base`, the
+/// bitmap is the disk's change map since it held the base: only what it
+/// marks and what differs between the base and the point is written, and
+/// nothing is read from the disk. With `--delta` alone every chunk's place is
+/// read and compared; without either, the whole disk is written.
+fn restore_nbd(ctx: &Context, a: &RestoreArgs, to: &str) -> Result<ExitCode> {
+    use ferry_connectors::nbd::{NbdUrl, sink::NbdSink};
+    let url = NbdUrl::parse(to).map_err(|e| Error::Usage(format!("--to {to}: {e}")))?;
+    let mode = match (url.bitmap.is_some(), a.delta, a.base.is_some()) {
+        (true, true, true) => "bitmap",
+        (true, _, false) | (true, false, _) => {
+            return Err(Error::usage(format!(
+                "--to {url}?bitmap=...: a dirty bitmap says what was written to the disk since it held a point; name that point with --delta --base POINT"
+            ))
+            .into());
+        }
+        (false, true, true) => {
+            return Err(Error::usage(format!(
+                "--to {url} --base: nothing says what was written to the disk since it held the base; give the export's dirty bitmap since then (?bitmap=NAME), or drop --base to compare every block"
+            ))
+            .into());
+        }
+        (false, true, false) => "compare",
+        (false, false, _) => "full",
+    };
+    let started = std::time::Instant::now();
+    let repo = ctx.open_repo(false)?;
+    let point = repo.resolve(&a.point)?;
+    let base = a.base.as_deref().map(|b| repo.resolve(b)).transpose()?;
+    let disk = one_disk(&point, a.disk.as_deref(), "an NBD export")?;
+    let changed = match mode {
+        "bitmap" => Some(NbdSink::dirty(&url)?),
+        _ => None,
+    };
+    let sink = NbdSink::open(&url, mode == "compare")?;
+    let progress = Arc::new(Progress::default());
+    let bar = Bar::start(progress.clone(), "restore", !ctx.quiet && !ctx.json);
+    let stats = ferry_agent::restore::restore_into_known(
+        &repo,
+        &point,
+        disk,
+        &sink,
+        ferry_agent::restore::Known {
+            base: base.as_ref(),
+            changed: changed.as_deref(),
+        },
+        &progress,
+    )?;
+    drop(bar);
+    let out = NbdRestore {
+        point: point.id.clone(),
+        disk: point.meta.disks[disk].name.clone(),
+        to: url.to_string(),
+        mode,
+        bytes_written: stats.bytes_written,
+        bytes_skipped: stats.bytes_skipped,
+        disk_bytes_read: sink.bytes_read(),
+        changed_bytes: changed.as_ref().map(|c| c.iter().map(|(s, e)| e - s).sum()),
+        chunks_fetched: stats.chunks_fetched,
+        duration_secs: started.elapsed().as_secs_f64(),
+    };
+    if ctx.json {
+        print_json(&out)?;
+    } else {
+        println!(
+            "restored {} of point {} onto {} in place ({})",
+            out.disk,
+            point.short_id(),
+            out.to,
+            match mode {
+                "bitmap" => "through the export's dirty bitmap: nothing unchanged was read",
+                "compare" => "every block compared: only what differed was written",
+                _ => "every block written",
+            }
+        );
+        println!(
+            "  wrote {}, read {} of the disk, {} chunk(s) fetched and verified, {} left alone, {:.2} s",
+            bytes(out.bytes_written),
+            bytes(out.disk_bytes_read),
+            out.chunks_fetched,
+            bytes(out.bytes_skipped),
+            out.duration_secs
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
 fn restore_ebs(ctx: &Context, a: &RestoreArgs, rest: &str) -> Result<ExitCode> {
     let (id, cfg, _) = parse_ebs_url(rest, &[])?;
     if !id.is_empty() {
@@ -881,35 +1034,7 @@ fn restore_ebs(ctx: &Context, a: &RestoreArgs, rest: &str) -> Result<ExitCode> {
     let started = std::time::Instant::now();
     let repo = ctx.open_repo(false)?;
     let point = repo.resolve(&a.point)?;
-    let disk = match &a.disk {
-        Some(d) => point
-            .meta
-            .disks
-            .iter()
-            .position(|x| &x.name == d)
-            .ok_or_else(|| {
-                Error::Usage(format!(
-                    "recovery point {} has no disk `{d}`; it has: {}",
-                    point.short_id(),
-                    point
-                        .meta
-                        .disks
-                        .iter()
-                        .map(|x| x.name.as_str())
-                        .collect::<Vec<_>>()
-                        .join(", ")
-                ))
-            })?,
-        None if point.meta.disks.len() == 1 => 0,
-        None => {
-            return Err(Error::Usage(format!(
-                "recovery point {} has {} disks and an EBS snapshot holds one: name it with --disk",
-                point.short_id(),
-                point.meta.disks.len()
-            ))
-            .into());
-        }
-    };
+    let disk = one_disk(&point, a.disk.as_deref(), "an EBS snapshot")?;
     let meta = point.meta.disks[disk].clone();
     // The journal that lets a killed restore resume: per point and disk,
     // private (the staging file beside it holds decrypted blocks in flight).
