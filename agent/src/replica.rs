@@ -652,6 +652,13 @@ impl ReplicaSet {
         Ok(all.into_values().collect())
     }
 
+    /// Each replica's id, location and store, in the config's order.
+    pub fn members(&self) -> impl Iterator<Item = (&str, &str, &Store)> {
+        self.replicas
+            .iter()
+            .map(|r| (r.spec.id.as_str(), r.spec.location.as_str(), &r.store))
+    }
+
     /// Every replica answers, or the operation (prune, forget) must not start.
     pub fn require_all(&self, operation: &str) -> Result<()> {
         if self.alone.is_some() {

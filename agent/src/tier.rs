@@ -7,6 +7,11 @@
 //! their bytes and names. A backup made later may still reuse a chunk held by a
 //! cold pack; a read of an archived object fails with a message naming it and
 //! what restoring it takes.
+//!
+//! In a replicated repository every replica that has storage classes (an
+//! S3 bucket) moves the same packs, each under its own Object Lock; a
+//! replica without them (a directory) keeps its copy where it is, and the
+//! report says so. Every replica must answer first, as for prune.
 
 use std::collections::HashSet;
 
@@ -29,7 +34,22 @@ pub struct TierReport {
     /// Packs a point newer than the cutoff uses: left where they are.
     pub kept: usize,
     pub dry_run: bool,
+    /// In a replicated repository: what each replica did.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub replicas: Vec<TierReplica>,
     pub requests: Requests,
+}
+
+/// One replica's part in a [`tier`].
+#[derive(Debug, Clone, Serialize)]
+pub struct TierReplica {
+    pub id: String,
+    pub location: String,
+    /// Its packs were moved (or would be, with `dry_run`).
+    pub moved: bool,
+    /// Why not, when it was not.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub why: Option<String>,
 }
 
 /// The ids of the packs whose blobs (chunks and chunk lists) the points use.
@@ -73,6 +93,10 @@ pub fn tier(
             "{class:?} is not a storage class name (e.g. STANDARD_IA, GLACIER_IR, GLACIER, STANDARD)"
         )));
     }
+    let set = crate::replica::of(&repo.store);
+    if let Some(set) = set {
+        set.require_all("tier")?;
+    }
     let _lock = crate::lock::Lock::acquire(repo, "tier", false)?;
     let (points, _) = repo.points()?;
     let (index, _) = crate::index::load(&repo.store, &repo.key)?;
@@ -87,16 +111,45 @@ pub fn tier(
         bytes: 0,
         kept: 0,
         dry_run,
+        replicas: Vec::new(),
         requests: Requests::default(),
     };
+    // Where the packs move: the store, or each replica that has classes.
+    let mut stores = Vec::new();
+    match set {
+        None => stores.push(&repo.store),
+        Some(set) => {
+            for (id, location, store) in set.members() {
+                let moved = store.versioned().is_some();
+                report.replicas.push(TierReplica {
+                    id: id.to_owned(),
+                    location: location.to_owned(),
+                    moved,
+                    why: (!moved).then(|| {
+                        "it has no storage classes (not an S3 bucket); its copy stays".to_owned()
+                    }),
+                });
+                if moved {
+                    stores.push(store);
+                }
+            }
+            if stores.is_empty() {
+                return Err(Error::InvalidInput(format!(
+                    "no replica of {} has storage classes (S3 buckets do)",
+                    repo.store.location()
+                )));
+            }
+        }
+    }
     let mut moving: Vec<u32> = cold_candidates.difference(&hot).copied().collect();
     moving.sort_unstable();
     report.kept = cold_candidates.intersection(&hot).count();
     for pos in moving {
         let (id, size) = index.pack(pos);
         if !dry_run {
-            repo.store
-                .set_storage_class(&pack::object_name(&id), class)?;
+            for store in &stores {
+                store.set_storage_class(&pack::object_name(&id), class)?;
+            }
         }
         report.packs += 1;
         report.bytes += size;

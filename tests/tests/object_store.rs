@@ -6,7 +6,7 @@
 mod common;
 
 use common::servers::{Azurite, Moto};
-use common::{Env, make_image, same_content, scatter_writes, stderr};
+use common::{Env, make_image, same_content, scatter_writes, stderr, utc_now};
 
 const MIB: u64 = 1 << 20;
 
@@ -281,7 +281,7 @@ fn older_packs_move_to_colder_storage_classes() {
     let old_image = env.path("old.img");
     std::fs::copy(&disk, &old_image).unwrap();
     std::thread::sleep(std::time::Duration::from_secs(2));
-    let cutoff = chrono_now();
+    let cutoff = utc_now();
     std::thread::sleep(std::time::Duration::from_secs(2));
     make_image(&disk, 16 * MIB, 52); // all new data: the new point shares no pack
     env.backup("vm", &[&disk]);
@@ -396,18 +396,6 @@ fn prune_leaves_locked_objects_and_a_later_prune_removes_them() {
     let out = env.path("b-restored.img");
     env.ok(&["restore", "b@latest", "--to", out.to_str().unwrap()]);
     assert!(same_content(&b, &out));
-}
-
-/// Now, as RFC 3339 UTC, from the system clock (the test crate has no chrono).
-fn chrono_now() -> String {
-    let out = std::process::Command::new("date")
-        .args(["-u", "+%Y-%m-%dT%H:%M:%SZ"])
-        .output()
-        .expect("date runs");
-    String::from_utf8(out.stdout)
-        .expect("utf-8")
-        .trim()
-        .to_string()
 }
 
 /// Issue 13 item 19: on a versioned bucket, an attacker with write access (and

@@ -8,7 +8,7 @@ mod common;
 use std::time::Duration;
 
 use common::servers::{Azurite, Moto};
-use common::{Env, Rng, make_image, same_content, scatter_writes};
+use common::{Env, Rng, make_image, same_content, scatter_writes, utc_now};
 
 const MIB: u64 = 1 << 20;
 
@@ -330,4 +330,60 @@ fn kills_during_writes_and_repairs_leave_every_replica_valid() {
     // The first, a middle and the last point from each replica alone.
     let pick = vec![points[0].clone(), points[3].clone(), points[5].clone()];
     each_replica_restores(env, &pick);
+}
+
+#[test]
+fn tier_moves_old_packs_on_every_replica_that_has_storage_classes() {
+    let Some(t) = three() else { return };
+    let env = &t.env;
+    let disk = env.path("disk.img");
+    make_image(&disk, 8 * MIB, 31);
+    let old = env.backup("vm", &[&disk])["point"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let old_image = env.path("old.img");
+    std::fs::copy(&disk, &old_image).unwrap();
+    std::thread::sleep(Duration::from_secs(2));
+    let cutoff = utc_now();
+    std::thread::sleep(Duration::from_secs(2));
+    make_image(&disk, 8 * MIB, 32); // all new data: the new point shares no pack
+    env.backup("vm", &[&disk]);
+    assert_eq!(env.json(&["check"])["ok"], true);
+
+    let moved = env.json(&["tier", "--before", &cutoff, "--class", "STANDARD_IA"]);
+    let packs = moved["packs"].as_u64().unwrap();
+    assert!(packs >= 1, "{moved}");
+    let replicas = moved["replicas"].as_array().unwrap();
+    assert_eq!(replicas.len(), 3, "{moved}");
+    let of = |loc: &str| {
+        replicas
+            .iter()
+            .find(|r| r["location"] == loc)
+            .unwrap_or_else(|| panic!("no replica {loc}: {moved}"))
+    };
+    assert_eq!(of(&t.s3)["moved"], true, "{moved}");
+    let dir = of(env.location.as_str());
+    assert_eq!(dir["moved"], false, "{moved}");
+    assert!(dir["why"].as_str().unwrap().contains("no storage classes"));
+    // The S3 replica holds exactly the old point's packs in the new class.
+    let classes = t._moto.python(
+        r#"
+        out = {}
+        for o in s3.list_objects_v2(Bucket='rep-s3', Prefix='r/packs/')['Contents']:
+            out[o['Key']] = o.get('StorageClass', 'STANDARD')
+        print(json.dumps(out))
+        "#,
+    );
+    let classes: serde_json::Map<String, serde_json::Value> =
+        serde_json::from_str(&classes).unwrap();
+    let cold = classes.values().filter(|c| *c == "STANDARD_IA").count() as u64;
+    assert_eq!(cold, packs, "{classes:?}");
+    assert!(classes.values().any(|c| *c == "STANDARD"), "{classes:?}");
+    // Both points still restore from every replica, and the set is in sync.
+    assert_eq!(env.json(&["check"])["ok"], true);
+    each_replica_restores(
+        env,
+        &[(old, old_image), ("vm@latest".to_string(), disk.clone())],
+    );
 }

@@ -1629,6 +1629,12 @@ pub fn tier(ctx: &Context, a: &TierArgs) -> Result<ExitCode> {
         r.class,
         r.kept
     );
+    for rep in &r.replicas {
+        match &rep.why {
+            None => println!("  replica {} ({}): moved", rep.id, rep.location),
+            Some(why) => println!("  replica {} ({}): {why}", rep.id, rep.location),
+        }
+    }
     print_requests(&r.requests);
     Ok(ExitCode::SUCCESS)
 }

@@ -442,6 +442,18 @@ pub fn stack() -> Option<PathBuf> {
     Some(dir)
 }
 
+/// Now, in UTC, to the second (`2026-12-06T10:00:00Z`), as `--before` takes it.
+pub fn utc_now() -> String {
+    let out = Command::new("date")
+        .args(["-u", "+%Y-%m-%dT%H:%M:%SZ"])
+        .output()
+        .expect("date runs");
+    String::from_utf8(out.stdout)
+        .expect("utf-8")
+        .trim()
+        .to_string()
+}
+
 /// Waits until the guest's serial log at `serial` holds `what`; the log.
 pub fn wait_serial(serial: &Path, what: &str, timeout: std::time::Duration) -> String {
     let deadline = std::time::Instant::now() + timeout;
