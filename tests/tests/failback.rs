@@ -25,6 +25,18 @@ fn runbook(name: &str) -> String {
         .to_string()
 }
 
+/// Rolls back the named runs when a test ends, passed or not: a failing
+/// assertion must not leave its VMs running (a finished rollback is a no-op).
+struct RollBack<'a>(&'a Env, &'static [&'static str]);
+
+impl Drop for RollBack<'_> {
+    fn drop(&mut self) {
+        for run in self.1.iter().rev() {
+            let _ = self.0.cmd().args(["rollback", run]).output();
+        }
+    }
+}
+
 /// `ferry --json ARGS` with the test's home; the report, whatever the exit.
 fn run_json(env: &Env, args: &[&str]) -> (bool, Value) {
     let out = env.cmd().arg("--json").args(args).output().unwrap();
@@ -127,6 +139,7 @@ fn failback_brings_the_orders_taken_after_a_failover_home_in_place() {
     env.init();
     let guest = format!("guest={}", stack.join("guest").display());
     let (web_disk, db_disk, web_orig, db_orig) = originals(&env, &stack);
+    let _cleanup = RollBack(&env, &["fo", "fb"]);
 
     // The disaster: the shop fails over (a run, not a drill: it stays up).
     let (ok, fo) = run_json(
@@ -244,6 +257,7 @@ fn cutover_pauses_the_source_carries_its_last_write_and_reports_the_downtime() {
     env.init();
     let guest = format!("guest={}", stack.join("guest").display());
     originals(&env, &stack);
+    let _cleanup = RollBack(&env, &["src", "cut"]);
 
     // The source site: the shop running (here on this machine's QEMU).
     let (ok, src) = run_json(
