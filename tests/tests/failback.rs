@@ -37,11 +37,17 @@ impl Drop for RollBack<'_> {
     }
 }
 
-/// `ferry --json ARGS` with the test's home; the report, whatever the exit.
-fn run_json(env: &Env, args: &[&str]) -> (bool, Value) {
-    let out = env.cmd().arg("--json").args(args).output().unwrap();
+/// `ferry --json run runbooks/NAME --param P... --id ID` with the test's
+/// home: whether it succeeded, and its report.
+fn run_runbook(env: &Env, name: &str, params: &[String], id: &str) -> (bool, Value) {
+    let mut cmd = env.cmd();
+    cmd.args(["--json", "run", &runbook(name)]);
+    for p in params {
+        cmd.args(["--param", p]);
+    }
+    let out = cmd.args(["--id", id]).output().unwrap();
     let rep: Value = serde_json::from_slice(&out.stdout)
-        .unwrap_or_else(|_| panic!("ferry {args:?}: {}", stderr(&out)));
+        .unwrap_or_else(|_| panic!("ferry run {name}: {}", stderr(&out)));
     (out.status.success(), rep)
 }
 
@@ -142,17 +148,7 @@ fn failback_brings_the_orders_taken_after_a_failover_home_in_place() {
     let _cleanup = RollBack(&env, &["fo", "fb"]);
 
     // The disaster: the shop fails over (a run, not a drill: it stays up).
-    let (ok, fo) = run_json(
-        &env,
-        &[
-            "run",
-            &runbook("mini-shop.yaml"),
-            "--param",
-            &guest,
-            "--id",
-            "fo",
-        ],
-    );
+    let (ok, fo) = run_runbook(&env, "mini-shop.yaml", std::slice::from_ref(&guest), "fo");
     assert!(ok, "{fo:#}");
     let recovered_db = out_str(&fo, "db", "addr");
     let recovered_web = out_str(&fo, "web", "addr");
@@ -179,14 +175,7 @@ fn failback_brings_the_orders_taken_after_a_failover_home_in_place() {
         guest.clone(),
         "expect=order-2002-late".to_owned(),
     ];
-    let mut args = vec!["run".to_owned(), runbook("mini-shop-failback.yaml")];
-    for p in &params {
-        args.push("--param".into());
-        args.push(p.clone());
-    }
-    args.extend(["--id".into(), "fb".into()]);
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let (ok, fb) = run_json(&env, &args);
+    let (ok, fb) = run_runbook(&env, "mini-shop-failback.yaml", &params, "fb");
     assert!(ok, "{fb:#}");
     assert_eq!(fb["status"], "succeeded");
 
@@ -260,17 +249,7 @@ fn cutover_pauses_the_source_carries_its_last_write_and_reports_the_downtime() {
     let _cleanup = RollBack(&env, &["src", "cut"]);
 
     // The source site: the shop running (here on this machine's QEMU).
-    let (ok, src) = run_json(
-        &env,
-        &[
-            "run",
-            &runbook("mini-shop.yaml"),
-            "--param",
-            &guest,
-            "--id",
-            "src",
-        ],
-    );
+    let (ok, src) = run_runbook(&env, "mini-shop.yaml", std::slice::from_ref(&guest), "src");
     assert!(ok, "{src:#}");
     let source_db = out_str(&src, "db", "addr");
     // Initial sync and incrementals while it serves, then its last order.
@@ -285,14 +264,7 @@ fn cutover_pauses_the_source_carries_its_last_write_and_reports_the_downtime() {
         guest.clone(),
         "expect=order-3001-last".to_owned(),
     ];
-    let mut args = vec!["run".to_owned(), runbook("mini-shop-cutover.yaml")];
-    for p in &params {
-        args.push("--param".into());
-        args.push(p.clone());
-    }
-    args.extend(["--id".into(), "cut".into()]);
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let (ok, cut) = run_json(&env, &args);
+    let (ok, cut) = run_runbook(&env, "mini-shop-cutover.yaml", &params, "cut");
     assert!(ok, "{cut:#}");
     assert_eq!(cut["checks_failed"], 0);
     let mode = out_str(&cut, "db-final", "mode");

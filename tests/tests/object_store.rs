@@ -297,16 +297,7 @@ fn older_packs_move_to_colder_storage_classes() {
     assert!(dry["packs"].as_u64().unwrap() >= 1, "{dry}");
     let moved = env.json(&["tier", "--before", &cutoff, "--class", "GLACIER"]);
     assert_eq!(moved["packs"], dry["packs"], "{moved}");
-    let classes = moto.python(
-        r#"
-        out = {}
-        for o in s3.list_objects_v2(Bucket='ferry-tiers', Prefix='r/packs/')['Contents']:
-            out[o['Key']] = o.get('StorageClass', 'STANDARD')
-        print(json.dumps(out))
-        "#,
-    );
-    let classes: serde_json::Map<String, serde_json::Value> =
-        serde_json::from_str(&classes).unwrap();
+    let classes = moto.storage_classes("ferry-tiers", "r/packs/");
     let cold = classes.values().filter(|c| *c == "GLACIER").count();
     assert_eq!(cold as u64, moved["packs"].as_u64().unwrap(), "{classes:?}");
     assert!(

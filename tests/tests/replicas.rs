@@ -367,16 +367,7 @@ fn tier_moves_old_packs_on_every_replica_that_has_storage_classes() {
     assert_eq!(dir["moved"], false, "{moved}");
     assert!(dir["why"].as_str().unwrap().contains("no storage classes"));
     // The S3 replica holds exactly the old point's packs in the new class.
-    let classes = t._moto.python(
-        r#"
-        out = {}
-        for o in s3.list_objects_v2(Bucket='rep-s3', Prefix='r/packs/')['Contents']:
-            out[o['Key']] = o.get('StorageClass', 'STANDARD')
-        print(json.dumps(out))
-        "#,
-    );
-    let classes: serde_json::Map<String, serde_json::Value> =
-        serde_json::from_str(&classes).unwrap();
+    let classes = t._moto.storage_classes("rep-s3", "r/packs/");
     let cold = classes.values().filter(|c| *c == "STANDARD_IA").count() as u64;
     assert_eq!(cold, packs, "{classes:?}");
     assert!(classes.values().any(|c| *c == "STANDARD"), "{classes:?}");

@@ -52,27 +52,6 @@ impl NbdSink {
         })
     }
 
-    /// The ranges the export's dirty bitmap marks as written: the change map
-    /// of the disk since its bitmap was created.
-    pub fn dirty(url: &NbdUrl) -> Result<Vec<(u64, u64)>> {
-        let label = url.to_string();
-        let ctx = url.bitmap_context().ok_or_else(|| {
-            Error::InvalidInput(format!("{label}: give the bitmap as ?bitmap=NAME"))
-        })?;
-        let mut client = Client::connect(url, std::slice::from_ref(&ctx))
-            .map_err(|e| e.into_source_error(&label))?;
-        let size = client.size();
-        let ranges = client
-            .block_status(&ctx, 0, size)
-            .map_err(|e| e.into_source_error(&label))?
-            .into_iter()
-            .filter(|&(_, _, f)| f & 1 != 0)
-            .map(|(a, b, _)| (a, b))
-            .collect();
-        client.disconnect();
-        Ok(ranges)
-    }
-
     /// Bytes read back from the disk so far.
     pub fn bytes_read(&self) -> u64 {
         self.read.load(Ordering::Relaxed)

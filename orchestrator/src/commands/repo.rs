@@ -942,7 +942,8 @@ struct NbdRestore {
 /// nothing is read from the disk. With `--delta` alone every chunk's place is
 /// read and compared; without either, the whole disk is written.
 fn restore_nbd(ctx: &Context, a: &RestoreArgs, to: &str) -> Result<ExitCode> {
-    use ferry_connectors::nbd::{NbdUrl, sink::NbdSink};
+    use ferry_agent::source::BlockSource;
+    use ferry_connectors::nbd::{NbdSource, NbdUrl, sink::NbdSink};
     let url = NbdUrl::parse(to).map_err(|e| Error::Usage(format!("--to {to}: {e}")))?;
     let mode = match (url.bitmap.is_some(), a.delta, a.base.is_some()) {
         (true, true, true) => "bitmap",
@@ -966,8 +967,9 @@ fn restore_nbd(ctx: &Context, a: &RestoreArgs, to: &str) -> Result<ExitCode> {
     let point = repo.resolve(&a.point)?;
     let base = a.base.as_deref().map(|b| repo.resolve(b)).transpose()?;
     let disk = one_disk(&point, a.disk.as_deref(), "an NBD export")?;
+    // The export's bitmap, read as a backup reads it: the disk's change map.
     let changed = match mode {
-        "bitmap" => Some(NbdSink::dirty(&url)?),
+        "bitmap" => NbdSource::open(&url)?.change_map()?.map(|m| m.ranges),
         _ => None,
     };
     let sink = NbdSink::open(&url, mode == "compare")?;

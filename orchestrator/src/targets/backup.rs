@@ -23,13 +23,9 @@ use serde_json::{Value, json};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-fn record(ctx: &Ctx, node: &str, what: &str) -> PathBuf {
-    ctx.work_dir.join(format!("{}.{what}", file_stem(node)))
-}
-
 /// Takes the point (or returns the one an earlier try of the step took).
 pub(super) async fn backup(cx: &StepCx, req: VolumeBackup) -> TargetResult<BackedUpVolume> {
-    let done = record(&cx.run, &cx.node, "backup.json");
+    let done = super::local::path_in(&cx.run, &cx.node, "backup.json");
     if let Ok(text) = std::fs::read_to_string(&done)
         && let Ok(out) = serde_json::from_str::<BackedUpVolume>(&text)
     {
@@ -99,12 +95,12 @@ fn take(
             if req.pause && running(&mut q)? {
                 // The marker first: an undo after a crash right after `stop`
                 // still knows to resume the VM.
-                let marker = record(ctx, node, "paused");
+                let marker = super::local::path_in(ctx, node, "paused");
                 crate::fsutil::write_private(&marker, sock.to_string_lossy().as_bytes())
                     .map_err(|e| ActionError::permanent(format!("{}: {e}", marker.display())))?;
                 q.execute("stop", json!({})).map_err(ActionError::from)?;
                 paused = true;
-            } else if std::fs::metadata(record(ctx, node, "paused")).is_ok() {
+            } else if std::fs::metadata(super::local::path_in(ctx, node, "paused")).is_ok() {
                 // An earlier try paused it.
                 paused = true;
             }
@@ -195,7 +191,7 @@ fn node_of(q: &mut Qmp, path: &Path) -> TargetResult<String> {
 
 /// Resumes the VM the step paused, if it did; a VM that is gone is fine.
 pub(super) async fn release(cx: &StepCx) -> TargetResult<()> {
-    let marker = record(&cx.run, &cx.node, "paused");
+    let marker = super::local::path_in(&cx.run, &cx.node, "paused");
     let Ok(sock) = std::fs::read_to_string(&marker) else {
         return Ok(());
     };

@@ -160,7 +160,8 @@ fn qemu() -> String {
     std::env::var("FERRY_QEMU").unwrap_or_else(|_| "qemu-system-x86_64".into())
 }
 
-fn path_in(ctx: &Ctx, node: &str, ext: &str) -> PathBuf {
+/// `WORK/NODE.EXT`: a file of one node in the run's work directory.
+pub(super) fn path_in(ctx: &Ctx, node: &str, ext: &str) -> PathBuf {
     ctx.work_dir.join(format!("{}.{ext}", file_stem(node)))
 }
 
@@ -301,43 +302,7 @@ pub(super) async fn restore_in_place(
     let (ctx, req, to) = (cx.run.clone(), req.clone(), to.to_path_buf());
     tokio::task::spawn_blocking(move || -> TargetResult<RestoredVolume> {
         let _busy = busy;
-        let repo = ctx.open_repo_at(req.repo.as_deref())?;
-        let point = repo.resolve(&req.point).map_err(ActionError::from)?;
-        let base = req
-            .base
-            .as_deref()
-            .map(|b| repo.resolve(b))
-            .transpose()
-            .map_err(ActionError::from)?;
-        let disk = disk_index(&point, req.disk.as_deref())?;
-        let meta = &point.meta.disks[disk];
-        let summary = ferry_agent::restore::restore(
-            &repo,
-            &point,
-            &ferry_agent::restore::RestoreOptions {
-                target: to.clone(),
-                disk: Some(meta.name.clone()),
-                overwrite: false,
-                delta: true,
-                base,
-            },
-            &progress,
-        )
-        .map_err(ActionError::from)?;
-        Ok(RestoredVolume {
-            path: to.to_string_lossy().into_owned(),
-            format: DiskFormat::Raw,
-            point: point.id.clone(),
-            source: point.meta.source.clone(),
-            disk: meta.name.clone(),
-            point_time: point.meta.time.to_rfc3339(),
-            // A point taken during the run (a final incremental) lost nothing: 0.
-            rpo_secs: ((ctx.started_ms - point.meta.time.timestamp_millis()) as f64 / 1000.0)
-                .max(0.0),
-            size: meta.size,
-            bytes_written: Some(summary.bytes_written),
-            bytes_skipped: Some(summary.bytes_skipped),
-        })
+        restore_to_file(&ctx, &req, &to, &progress)
     })
     .await
     .map_err(|e| ActionError::transient(format!("restore task: {e}")))?
@@ -370,38 +335,49 @@ pub(super) async fn refuse_if_open(path: &Path) -> TargetResult<()> {
     Ok(())
 }
 
-/// Restores a point's disk to the raw image `raw` (unless an earlier try
+/// Restores a point's disk to the raw image `path` (unless an earlier try
 /// finished it there) and says what was restored: the blocking part of a
-/// restore into a file, shared by the targets whose volumes are files.
+/// restore into a file, shared by the targets whose volumes are files. With
+/// `to` in the request, `path` is that existing disk, brought to the point in
+/// place (a delta restore, from `base` when given).
 pub(super) fn restore_to_file(
     ctx: &Ctx,
     req: &VolumeRestore,
-    raw: &Path,
+    path: &Path,
     progress: &ferry_agent::progress::Progress,
 ) -> TargetResult<RestoredVolume> {
     let repo = ctx.open_repo_at(req.repo.as_deref())?;
     let point = repo.resolve(&req.point).map_err(ActionError::from)?;
     let disk = disk_index(&point, req.disk.as_deref())?;
     let meta = &point.meta.disks[disk];
-    if !raw.exists() {
-        // A private file (0600) of this user; a target that lends it to
-        // another user (libvirt's QEMU) does so while a domain runs on it.
-        ferry_agent::restore::restore(
+    let in_place = req.to.is_some();
+    let mut summary = None;
+    if in_place || !path.exists() {
+        let base = req
+            .base
+            .as_deref()
+            .map(|b| repo.resolve(b))
+            .transpose()
+            .map_err(ActionError::from)?;
+        // A new file is private (0600) to this user; a target that lends it
+        // to another user (libvirt's QEMU) does so while a domain runs on it.
+        let s = ferry_agent::restore::restore(
             &repo,
             &point,
             &ferry_agent::restore::RestoreOptions {
-                target: raw.to_path_buf(),
+                target: path.to_path_buf(),
                 disk: Some(meta.name.clone()),
                 overwrite: false,
-                delta: false,
-                base: None,
+                delta: in_place,
+                base,
             },
             progress,
         )
         .map_err(ActionError::from)?;
+        summary = Some(s).filter(|_| in_place);
     }
     Ok(RestoredVolume {
-        path: raw.to_string_lossy().into_owned(),
+        path: path.to_string_lossy().into_owned(),
         format: DiskFormat::Raw,
         point: point.id.clone(),
         source: point.meta.source.clone(),
@@ -410,8 +386,8 @@ pub(super) fn restore_to_file(
         // A point taken during the run (a final incremental) lost nothing: 0.
         rpo_secs: ((ctx.started_ms - point.meta.time.timestamp_millis()) as f64 / 1000.0).max(0.0),
         size: meta.size,
-        bytes_written: None,
-        bytes_skipped: None,
+        bytes_written: summary.as_ref().map(|s| s.bytes_written),
+        bytes_skipped: summary.as_ref().map(|s| s.bytes_skipped),
     })
 }
 

@@ -375,71 +375,58 @@ pub fn make_pki(dir: &Path) {
     }
 }
 
-/// The guest kernel and initrd, built once per machine by scripts/make-guest.
-pub fn guest() -> Option<PathBuf> {
-    let have = std::process::Command::new("sh")
-        .args(["-c", "command -v qemu-system-x86_64 && ls /boot/vmlinuz-*"])
+/// `DIR` built (once per machine, cached) by `scripts/SCRIPT DIR`, when the
+/// machine has the tools `have` checks (a shell test); `None` (the test
+/// skips) otherwise, which CI must not see.
+fn built_by(script: &str, dir: &str, have: &str, tools: &str) -> Option<PathBuf> {
+    let ok = Command::new("sh")
+        .args(["-c", have])
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
         .status()
         .is_ok_and(|s| s.success());
-    if !have {
-        eprintln!(
-            "skipped: qemu-system-x86_64 or a kernel is missing (scripts/setup-vm installs them)"
-        );
+    if !ok {
+        eprintln!("skipped: {tools} missing (scripts/setup-vm installs them)");
         assert_ne!(
             std::env::var("CI").as_deref(),
             Ok("true"),
-            "CI must have QEMU and a kernel"
+            "CI must have {tools}"
         );
         return None;
     }
-    let dir = PathBuf::from("/var/tmp/ferry-tools/guest");
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/make-guest");
-    let st = std::process::Command::new("bash")
-        .arg(&script)
+    let dir = PathBuf::from(dir);
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../scripts")
+        .join(script);
+    let st = Command::new("bash")
+        .arg(&path)
         .arg(&dir)
         .stdout(std::process::Stdio::null())
         .status()
-        .expect("run scripts/make-guest");
-    assert!(st.success(), "scripts/make-guest failed");
+        .unwrap_or_else(|e| panic!("run scripts/{script}: {e}"));
+    assert!(st.success(), "scripts/{script} failed");
     Some(dir)
 }
 
+/// The guest kernel and initrd, built once per machine by scripts/make-guest.
+pub fn guest() -> Option<PathBuf> {
+    built_by(
+        "make-guest",
+        "/var/tmp/ferry-tools/guest",
+        "command -v qemu-system-x86_64 && ls /boot/vmlinuz-*",
+        "qemu-system-x86_64 or a kernel is",
+    )
+}
+
 /// The example stack's images and guest, built once per machine by
-/// scripts/make-stack; `None` (the test skips) without QEMU, busybox or a
-/// kernel, which CI must have.
+/// scripts/make-stack.
 pub fn stack() -> Option<PathBuf> {
-    let have = Command::new("sh")
-        .args([
-            "-c",
-            "command -v qemu-system-x86_64 && command -v busybox && ls /boot/vmlinuz-*",
-        ])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success());
-    if !have {
-        eprintln!(
-            "skipped: qemu-system-x86_64, busybox or a kernel is missing (scripts/setup-vm installs them)"
-        );
-        assert_ne!(
-            std::env::var("CI").as_deref(),
-            Ok("true"),
-            "CI must have QEMU, busybox and a kernel"
-        );
-        return None;
-    }
-    let dir = PathBuf::from("/var/tmp/ferry-tools/stack");
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/make-stack");
-    let st = Command::new("bash")
-        .arg(&script)
-        .arg(&dir)
-        .stdout(std::process::Stdio::null())
-        .status()
-        .expect("run scripts/make-stack");
-    assert!(st.success(), "scripts/make-stack failed");
-    Some(dir)
+    built_by(
+        "make-stack",
+        "/var/tmp/ferry-tools/stack",
+        "command -v qemu-system-x86_64 && command -v busybox && ls /boot/vmlinuz-*",
+        "qemu-system-x86_64, busybox or a kernel is",
+    )
 }
 
 /// Now, in UTC, to the second (`2026-12-06T10:00:00Z`), as `--before` takes it.

@@ -330,6 +330,24 @@ impl Moto {
         self.python_args(script, &[])
     }
 
+    /// The storage class of every object under `prefix` in `bucket`, by key.
+    pub fn storage_classes(
+        &self,
+        bucket: &str,
+        prefix: &str,
+    ) -> serde_json::Map<String, serde_json::Value> {
+        let out = self.python_args(
+            r#"
+            out = {}
+            for o in s3.list_objects_v2(Bucket=sys.argv[1], Prefix=sys.argv[2])['Contents']:
+                out[o['Key']] = o.get('StorageClass', 'STANDARD')
+            print(json.dumps(out))
+            "#,
+            &[bucket, prefix],
+        );
+        serde_json::from_str(&out).expect("storage classes as JSON")
+    }
+
     /// Like [`Moto::python`], with `sys.argv[1..]` set to `args`.
     pub fn python_args(&self, script: &str, args: &[&str]) -> String {
         s3_python(&self.endpoint, script, args)
