@@ -5,7 +5,7 @@
 # The disk is bench/run.sh's cached ext4 image (real files from /usr),
 # converted to qcow2 and served by qemu-nbd on 127.0.0.1:
 #   full      ferry backup of nbd://127.0.0.1:PORT/disk (qemu-nbd -r, no bitmap)
-#   writes    qemu-img bitmap --add -g 4096 disk.qcow2 bm0, then 1% of the disk
+#   writes    qemu-img bitmap --add -g GRANULARITY disk.qcow2 bm0, then 1% of the disk
 #             rewritten by qemu-io as 4 KiB blocks of random data at random
 #             4 KiB-aligned offsets (seeded)
 #   incr A    ferry backup of nbd://...?bitmap=bm0 (qemu-nbd -r -B bm0): only
@@ -13,6 +13,9 @@
 #   incr B    the same state without the change map, into a copy of the
 #             repository taken after the full backup (same parent point)
 #             Targets: time B / A >= 10; growth A / changed bytes <= 1.5
+#             at 4 KiB granularity, <= 2 at 64 KiB (the default of libvirt
+#             checkpoints and qemu-img: ferry compares each marked region with
+#             the parent's chunk and stores only the 4 KiB blocks that changed)
 #   peers     restic, borg (default chunker) and borg with fixed 4 MiB chunks
 #             on the raw image (qemu-img convert -O raw) before and after the
 #             same writes: repository growth / changed bytes
@@ -28,7 +31,8 @@
 # A Markdown report goes to stdout and --out.
 #
 # Usage: bench/nbd.sh [--quick] [--rounds N] [--out FILE]
-# Env:   SIZE_MIB (2048), ROUNDS (3), FERRY_BENCH_DIR (/var/tmp/ferry-bench),
+# Env:   SIZE_MIB (2048), ROUNDS (3), GRANULARITY (65536: the bitmap's bytes per
+#        bit), FERRY_BENCH_DIR (/var/tmp/ferry-bench),
 #        FERRY_BIN, CARGO_TARGET_DIR (/var/tmp/ferry-target), KEEP_REPOS=1
 set -euo pipefail
 
@@ -62,6 +66,8 @@ BASE="$CACHE/base-${SIZE_MIB}M.img"
 SEED_SELECT=20240601              # must match bench/run.sh: same image
 SEED_WRITES=1
 UNIT=4096
+GRANULARITY=${GRANULARITY:-65536}
+[[ $GRANULARITY =~ ^[0-9]+$ && $GRANULARITY -ge $UNIT ]] || { echo "GRANULARITY must be a number of bytes >= $UNIT" >&2; exit 2; }
 NWRITES=$(( (SIZE_BYTES / 100 + UNIT / 2) / UNIT ))   # 1% of the disk: 5243 for 2 GiB
 CHANGED=$((NWRITES * UNIT))
 EXPORT=disk BITMAP=bm0
@@ -404,7 +410,7 @@ ferry_backup() {
   measure "$step" "$FERRY_BIN" --json -r "$repo" backup --source bench "$url" || true
   R[$step,growth]=$(( $(repo_bytes "$repo") - b0 ))
   if ok "$step"; then
-    for k in bytes_read new_bytes stored_bytes changed_bytes disk_bytes; do
+    for k in bytes_read new_bytes stored_bytes changed_bytes unchanged_bytes disk_bytes; do
       R[$step,$k]=$(jget "$LOGS/$step.out" "$k")
     done
     R[$step,duration_secs]=$(fmt "$(jget "$LOGS/$step.out" duration_secs)" 2)
@@ -457,9 +463,9 @@ full_backups() {
 apply_writes() {
   local w="$RUN/writes"
   rm -rf "$w"; mkdir -p "$w"
-  qemu-img bitmap --add -g "$UNIT" "$QCOW" "$BITMAP"
+  qemu-img bitmap --add -g "$GRANULARITY" "$QCOW" "$BITMAP"
   python3 "$RUN/writes.py" "$w" "$SIZE_BYTES" "$NWRITES" "$UNIT" "$SEED_WRITES"
-  log "qemu-io: $NWRITES writes of $UNIT bytes into $QCOW (bitmap $BITMAP, granularity $UNIT)"
+  log "qemu-io: $NWRITES writes of $UNIT bytes into $QCOW (bitmap $BITMAP, granularity $GRANULARITY)"
   local t0=$EPOCHREALTIME
   qemu-io -t writeback -f qcow2 "$QCOW" <"$w/cmds" >"$LOGS/qemu-io.log" 2>&1 \
     || die "qemu-io failed (see $LOGS/qemu-io.log)"
@@ -498,7 +504,7 @@ incrementals() {
     if (( r > 1 )) && [[ ${KEEP_REPOS:-0} != 1 ]]; then rm -rf "$a" "$b"; fi
   done
   nbd_stop
-  summarize incr-a wall cpu rss growth bytes_read new_bytes stored_bytes changed_bytes duration_secs
+  summarize incr-a wall cpu rss growth bytes_read new_bytes stored_bytes changed_bytes unchanged_bytes duration_secs
   summarize incr-b wall cpu rss growth bytes_read new_bytes stored_bytes duration_secs
   summarize open wall cpu
   ok incr-a.1 || die "the bitmap incremental failed (see $LOGS/incr-a.1.err)"
@@ -609,7 +615,7 @@ report() {
   echo "- Disk: the cached bench/run.sh image ($BASE: ext4 of real files from /usr, apparent $(mib "$apparent") MiB," \
        "allocated $(mib "$alloc") MiB), \`qemu-img convert -O qcow2\`: qcow2 file $(mib "$QCOW_FILE_BYTES") MiB" \
        "($(mib "$QCOW_ALLOC") MiB allocated)"
-  echo "- Changes: \`qemu-img bitmap --add -g $UNIT disk.qcow2 $BITMAP\`, then $NWRITES writes of $UNIT bytes of random data" \
+  echo "- Changes: \`qemu-img bitmap --add -g $GRANULARITY disk.qcow2 $BITMAP\`, then $NWRITES writes of $UNIT bytes of random data" \
        "at distinct random $UNIT-aligned offsets (seed $SEED_WRITES) with one \`qemu-io\` ($WRITE_SECS s):" \
        "$(mib "$CHANGED") MiB changed ($CHANGED bytes, 1% of the disk); \`nbdinfo --map=qemu:dirty-bitmap:$BITMAP\`" \
        "marks $DIRTY bytes dirty"
@@ -655,7 +661,8 @@ report() {
          "$(cellm "$t-incr" growth) | $(ok "$t-incr" && div "${R[$t-incr,growth]}" "$CHANGED" || echo n/a) |"
   done
   echo
-  echo "Changed: $(mib "$CHANGED") MiB; ferry A's JSON \`changed_bytes\`: $(cellm incr-a changed_bytes) MiB." \
+  echo "Changed: $(mib "$CHANGED") MiB; ferry A's JSON \`changed_bytes\` (what the bitmap marks): $(cellm incr-a changed_bytes) MiB," \
+       "of which \`unchanged_bytes\` (compared equal to the parent's chunks, not stored): $(cellm incr-a unchanged_bytes) MiB." \
        "ferry's own \`duration_secs\` (without process start and opening the repository): A $(cell incr-a duration_secs) s, B $(cell incr-b duration_secs) s" \
        "(rounds: A $(rounds incr-a duration_secs); B $(rounds incr-b duration_secs))."
   echo "Growth rounds: A $(rounds incr-a growth) bytes; B $(rounds incr-b growth) bytes."
@@ -704,10 +711,14 @@ report() {
   echo "|---|---|:---:|"
   v="n/a"; [[ $tr != n/a ]] && v=$(verdict "$tr >= 10")
   echo "| incremental with the bitmap ≥ 10× faster than without (time B / A) | ${tr}× (${R[incr-b,wall]:-?} s against ${R[incr-a,wall]:-?} s; rounds: $per_t); ferry's own duration B/A $(ok incr-a incr-b && div "${R[incr-b,duration_secs]}" "${R[incr-a,duration_secs]}" || echo n/a)× | $v |"
-  v="n/a"; [[ $gr != n/a ]] && v=$(verdict "$gr <= 1.5")
+  # Issue 18: a bitmap coarser than the writes may mark 16× what changed; the
+  # growth goal is 2× there, 1.5× at the writes' own granularity.
+  local gmax=1.5
+  (( GRANULARITY > UNIT )) && gmax=2
+  v="n/a"; [[ $gr != n/a ]] && v=$(verdict "$gr <= $gmax")
   local peers_g="" 
   for t in "${PEERS[@]}"; do peers_g+="$t $(ok "$t-incr" && div "${R[$t-incr,growth]}" "$CHANGED" || echo n/a)×, "; done
-  echo "| repository growth of incremental A ≤ 1.5× the changed bytes | ${gr}× ($(cellm incr-a growth) MiB for $(mib "$CHANGED") MiB changed); peers: ${peers_g%, } | $v |"
+  echo "| repository growth of incremental A ≤ ${gmax}× the changed bytes (bitmap granularity $GRANULARITY bytes) | ${gr}× ($(cellm incr-a growth) MiB for $(mib "$CHANGED") MiB changed); peers: ${peers_g%, } | $v |"
   v="n/a"; [[ $nr != n/a ]] && v=$(verdict "$nr >= 0.5")
   echo "| NBD throughput ≥ 0.5 of the local restore's: the export read whole (nbdcopy → null:) against ferry restore → file | ${nrn} (ferry restore ${R[restore,wall]:-?} s, nbdcopy ${R[nbdcopy-null,wall]:-?} s) | $([[ $nrn != n/a ]] && verdict "$nrn >= 0.5" || echo n/a) |"
   echo "| the same, both into a file until on disk (nbdcopy → file, then sync) | ${nr} (ferry restore ${R[restore,wall]:-?} s, nbdcopy + sync ${R[nbdcopy-file,synced]:-?} s) | $v |"

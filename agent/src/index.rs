@@ -11,7 +11,7 @@
 //! Index objects are named `index/<BLAKE3 of the object>` and only ever added.
 //! In memory, the index costs about 56 bytes per unique chunk (see docs/performance.md).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::hash::{BuildHasherDefault, Hasher};
 
 use bytes::Bytes;
@@ -197,18 +197,77 @@ pub fn object_name(encoded: &[u8]) -> String {
 
 /// Load every index object into memory; damaged ones are returned, not fatal.
 pub fn load(store: &crate::store::Store, key: &MasterKey) -> Result<(Index, Vec<Error>)> {
-    load_without(store, key, &std::collections::HashSet::new())
+    load_without(store, key, &HashSet::new())
 }
 
 /// Like [`load`], leaving out the given packs (condemned by a prune).
 pub fn load_without(
     store: &crate::store::Store,
     key: &MasterKey,
-    exclude: &std::collections::HashSet<[u8; 32]>,
+    exclude: &HashSet<[u8; 32]>,
 ) -> Result<(Index, Vec<Error>)> {
-    let mut index = Index::default();
+    let (kept, damaged) = load_onto(store, key, exclude, None)?;
+    Ok((kept.index, damaged))
+}
+
+/// An index with the names of the index objects it was built from and the packs
+/// left out, kept between the backups of a long-lived process (`ferry protect`,
+/// the agent) so that each one reads only the index objects that are new since
+/// the last: a cycle's cost follows what changed, not the repository's history.
+#[derive(Default)]
+pub struct Kept {
+    pub index: Index,
+    names: HashSet<String>,
+    exclude: HashSet<[u8; 32]>,
+}
+
+impl std::fmt::Debug for Kept {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Kept")
+            .field("objects", &self.names.len())
+            .field("chunks", &self.index.chunk_count())
+            .finish()
+    }
+}
+
+impl Kept {
+    /// How many index objects this index was built from.
+    pub fn objects(&self) -> usize {
+        self.names.len()
+    }
+}
+
+/// The index of the index objects the store lists now, leaving out `exclude`.
+/// Built on `kept` when it still applies: the same packs are left out and every
+/// object it was built from is still listed (index objects are only ever added,
+/// except by prune, which also changes what is left out or removes objects);
+/// otherwise read whole.
+pub fn load_onto(
+    store: &crate::store::Store,
+    key: &MasterKey,
+    exclude: &HashSet<[u8; 32]>,
+    kept: Option<Kept>,
+) -> Result<(Kept, Vec<Error>)> {
+    let listed: Vec<String> = store.list("index/")?.into_iter().map(|(n, _)| n).collect();
+    let mut out = match kept {
+        Some(k)
+            if k.exclude == *exclude && {
+                let now: HashSet<&str> = listed.iter().map(String::as_str).collect();
+                k.names.iter().all(|n| now.contains(n.as_str()))
+            } =>
+        {
+            k
+        }
+        _ => Kept {
+            exclude: exclude.clone(),
+            ..Kept::default()
+        },
+    };
     let mut damaged = Vec::new();
-    for (name, _) in store.list("index/")? {
+    for name in listed {
+        if out.names.contains(&name) {
+            continue;
+        }
         let bytes: Bytes = match get(store, &name) {
             Ok(b) => b,
             Err(Error::Missing { .. }) => continue, // removed since the listing
@@ -217,13 +276,14 @@ pub fn load_without(
         match decode(key, &name, &bytes) {
             Ok(packs) => {
                 for p in packs.iter().filter(|p| !exclude.contains(&p.id)) {
-                    index.add_pack(p.id, p.size, &p.entries);
+                    out.index.add_pack(p.id, p.size, &p.entries);
                 }
+                out.names.insert(name);
             }
             Err(e) => damaged.push(e),
         }
     }
-    Ok((index, damaged))
+    Ok((out, damaged))
 }
 
 /// Blobs of one pack fetched with one ranged read.
@@ -298,6 +358,68 @@ mod tests {
         let mut idx = Index::default();
         idx.add_pack(back[0].id, back[0].size, &back[0].entries);
         assert_eq!(idx.get(&ChunkId([9; 32])).unwrap().raw_len, 200);
+    }
+
+    fn random(n: usize, seed: u64) -> Vec<u8> {
+        let mut x = seed | 1;
+        (0..n)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_kept_index_reads_only_the_index_objects_written_since() {
+        let repo = crate::testing::memory_repo();
+        let (store, key) = (&repo.store, &repo.key);
+        let none = HashSet::new();
+        let gets = || store.requests().gets;
+        let a = crate::testing::backup_bytes(&repo, &random(1 << 20, 1));
+        let (kept, damaged) = load_onto(store, key, &none, None).unwrap();
+        assert!(damaged.is_empty());
+        let first = kept.objects();
+        assert!(first >= 1);
+        let b = crate::testing::backup_bytes(&repo, &random(1 << 20, 2));
+
+        // Built on: only the new object is read, and both backups' chunks are in.
+        let before = gets();
+        let (kept, _) = load_onto(store, key, &none, Some(kept)).unwrap();
+        assert_eq!(gets() - before, (kept.objects() - first) as u64);
+        assert!(kept.objects() > first);
+        let (whole, _) = load(store, key).unwrap();
+        assert_eq!(kept.index.chunk_count(), whole.chunk_count());
+        for p in [&a, &b] {
+            assert!(
+                kept.index.contains(&p.lists[0][0]),
+                "the point's list is indexed"
+            );
+        }
+
+        // Nothing new: nothing read.
+        let before = gets();
+        let (kept, _) = load_onto(store, key, &none, Some(kept)).unwrap();
+        assert_eq!(gets(), before);
+
+        // Other packs left out (a prune condemned one): read whole, without it.
+        let (pack, _) = whole.packs().next().unwrap();
+        let exclude: HashSet<[u8; 32]> = [pack].into();
+        let objects = kept.objects();
+        let before = gets();
+        let (kept, _) = load_onto(store, key, &exclude, Some(kept)).unwrap();
+        assert_eq!(gets() - before, objects as u64);
+        assert!(!kept.index.has_pack(&pack));
+
+        // An object it was built from is gone (a prune replaced it): read whole.
+        let gone = store.list("index/").unwrap()[0].0.clone();
+        store.delete(&gone).unwrap();
+        let (kept, _) = load_onto(store, key, &exclude, Some(kept)).unwrap();
+        assert_eq!(kept.objects(), objects - 1);
+        let (fresh, _) = load_without(store, key, &exclude).unwrap();
+        assert_eq!(kept.index.chunk_count(), fresh.chunk_count());
     }
 
     proptest! {

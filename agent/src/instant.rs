@@ -9,10 +9,11 @@
 //! mostly hits the cache. Every chunk is authenticated and checked against its
 //! id before it is served.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
+use crate::cache::ChunkCache;
 use crate::crypto::ChunkId;
 use crate::error::{Error, Result};
 use crate::index::{Index, Location};
@@ -32,35 +33,6 @@ struct SpanMap {
     starts: Vec<u64>,
 }
 
-/// Decoded chunks, bounded by bytes, evicted oldest first.
-struct Cache {
-    map: HashMap<ChunkId, Arc<Vec<u8>>>,
-    order: VecDeque<ChunkId>,
-    bytes: usize,
-    budget: usize,
-}
-
-impl Cache {
-    fn get(&self, id: &ChunkId) -> Option<Arc<Vec<u8>>> {
-        self.map.get(id).cloned()
-    }
-    fn insert(&mut self, id: ChunkId, data: Arc<Vec<u8>>) {
-        if self.map.contains_key(&id) {
-            return;
-        }
-        self.bytes += data.len();
-        self.map.insert(id, data);
-        self.order.push_back(id);
-        while self.bytes > self.budget
-            && let Some(old) = self.order.pop_front()
-        {
-            if let Some(d) = self.map.remove(&old) {
-                self.bytes -= d.len();
-            }
-        }
-    }
-}
-
 /// What an instant restore fetched, for its report.
 #[derive(Debug, Default, Clone, Copy, serde::Serialize)]
 pub struct ReaderStats {
@@ -78,7 +50,7 @@ pub struct DiskReader {
     size: u64,
     disk: String,
     spans: Mutex<HashMap<usize, Arc<SpanMap>>>,
-    cache: Mutex<Cache>,
+    cache: Mutex<ChunkCache>,
     /// Chunks some thread is fetching; others needing one wait for it instead of
     /// fetching it again (clients send many neighbouring reads at once).
     inflight: Mutex<std::collections::HashSet<ChunkId>>,
@@ -107,12 +79,7 @@ impl DiskReader {
             size: meta.size,
             disk: meta.name.clone(),
             spans: Mutex::default(),
-            cache: Mutex::new(Cache {
-                map: HashMap::new(),
-                order: VecDeque::new(),
-                bytes: 0,
-                budget: cache_bytes.max(2 * READ_AHEAD as usize),
-            }),
+            cache: Mutex::new(ChunkCache::new(cache_bytes.max(2 * READ_AHEAD as usize))),
             inflight: Mutex::default(),
             fetched: std::sync::Condvar::new(),
             served: AtomicU64::new(0),

@@ -5,6 +5,7 @@
 //! it only reads sources and reads and writes its repository.
 
 pub mod backup;
+mod cache;
 pub mod check;
 pub mod chunker;
 #[cfg(any(test, feature = "conformance"))]

@@ -79,6 +79,12 @@ pub struct Repository {
     /// Points already read and verified: a point is never rewritten, so a
     /// long-lived process (`ferry protect`) reads each one once.
     points_read: std::sync::Arc<std::sync::Mutex<PointCache>>,
+    /// The index of the last backup, which the next one builds on (see
+    /// [`crate::index::Kept`]); shared by clones.
+    pub(crate) kept_index: std::sync::Arc<std::sync::Mutex<Option<crate::index::Kept>>>,
+    /// Chunks recently stored or read by incrementals through a change map, which
+    /// the next one compares its changed regions with (see `backup::Parent`).
+    pub(crate) recent: std::sync::Arc<std::sync::Mutex<crate::cache::ChunkCache>>,
     /// Key files skipped by `open`, with why.
     warnings: Vec<String>,
 }
@@ -108,6 +114,18 @@ impl PointCache {
             self.points.insert(p.id.clone(), p.clone());
         }
     }
+}
+
+/// What the chunks an incremental compares with may weigh: 64 MiB, or
+/// `FERRY_RECENT_CHUNKS_MIB` (0 turns the cache off).
+const RECENT_CHUNKS_BYTES: usize = 64 << 20;
+
+fn recent_chunks() -> std::sync::Arc<std::sync::Mutex<crate::cache::ChunkCache>> {
+    let budget = std::env::var("FERRY_RECENT_CHUNKS_MIB")
+        .ok()
+        .and_then(|v| v.parse::<usize>().ok())
+        .map_or(RECENT_CHUNKS_BYTES, |m| m << 20);
+    std::sync::Arc::new(std::sync::Mutex::new(crate::cache::ChunkCache::new(budget)))
 }
 
 impl Repository {
@@ -230,6 +248,8 @@ impl Repository {
             key,
             config,
             points_read: Default::default(),
+            kept_index: Default::default(),
+            recent: recent_chunks(),
             warnings: Vec::new(),
         })
     }
@@ -313,6 +333,8 @@ impl Repository {
                 key,
                 config,
                 points_read: Default::default(),
+                kept_index: Default::default(),
+                recent: recent_chunks(),
                 warnings,
             });
         }

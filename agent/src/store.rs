@@ -427,6 +427,15 @@ impl Store {
     }
 
     /// Where the repository lives, as the user named it.
+    /// Whether a read costs a network round trip: a cloud bucket, or a set of
+    /// replicas (which may include one).
+    pub fn is_remote(&self) -> bool {
+        self.replicas.is_some()
+            || ["s3://", "gs://", "az://", "azure://"]
+                .iter()
+                .any(|s| self.location.starts_with(s))
+    }
+
     pub fn location(&self) -> &str {
         &self.location
     }

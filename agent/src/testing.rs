@@ -10,13 +10,22 @@ use crate::store::Store;
 
 /// A repository in memory, with a key derivation cheap enough for tests.
 pub(crate) fn memory_repo() -> Repository {
+    memory_repo_named("memory:")
+}
+
+/// A repository in memory that calls itself `location` (`s3://...` makes it
+/// count as remote).
+pub(crate) fn memory_repo_named(location: &str) -> Repository {
     let kdf = KdfParams {
         memory_kib: 64,
         iterations: 1,
         ..KdfParams::default()
     };
     Repository::init(
-        Store::memory(),
+        Store::new(
+            std::sync::Arc::new(object_store::memory::InMemory::new()),
+            location,
+        ),
         b"pw",
         InitOptions {
             kdf,

@@ -182,7 +182,10 @@ pub fn protect(ctx: &Context, a: &ProtectArgs) -> Result<ExitCode> {
         retention: a.keep.policy()?,
         together: a.together,
     };
-    let repo = ctx.open_repo(true)?;
+    // Not the store's cache of index objects: each backup builds on the index
+    // the last one kept (`index::Kept`), and the repository remembers the points
+    // it read, so keeping every index object's bytes would only grow memory.
+    let repo = ctx.open_repo(false)?;
     let status = protect::Status::default();
     let cancel = AtomicBool::new(false);
     let done = AtomicBool::new(false);
