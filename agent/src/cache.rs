@@ -43,7 +43,6 @@ impl ChunkCache {
             }
         }
     }
-
 }
 
 impl std::fmt::Debug for ChunkCache {

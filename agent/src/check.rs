@@ -117,12 +117,12 @@ pub fn check(repo: &Repository, opts: CheckOptions, progress: &Progress) -> Resu
     if opts.read_data {
         let mut by_pack: BTreeMap<u32, Vec<BlobEntry>> = BTreeMap::new();
         for (id, loc) in index.chunks() {
-            by_pack.entry(loc.pack).or_default().push(BlobEntry {
-                id: *id,
-                offset: loc.offset,
-                length: loc.length,
-                raw_len: loc.raw_len,
-            });
+            by_pack.entry(loc.pack).or_default().push(loc.entry(*id));
+        }
+        // In pack order: a compression group's chunks are then opened in a row,
+        // the group decompressed once.
+        for entries in by_pack.values_mut() {
+            entries.sort_unstable_by_key(|e| (e.offset, e.inner));
         }
         progress.add_total(pack_names.iter().map(|p| p.2).sum());
         let found: Mutex<(Vec<Problem>, IdMap<String>)> = Mutex::default();
@@ -314,7 +314,7 @@ fn problem_of(e: Error) -> Problem {
             supported,
         } => Problem {
             object,
-            detail: format!("has format version {found}, this ferry reads {supported}"),
+            detail: format!("has format version {found}, this ferry reads 1 to {supported}"),
         },
         other => Problem {
             object: "repository".into(),

@@ -35,7 +35,7 @@ pub enum Error {
 
     /// An object was written by a format version this build does not read.
     #[error(
-        "{object} has format version {found}, but this ferry reads version {supported}; upgrade ferry to read this repository"
+        "{object} has format version {found}, but this ferry reads versions 1 to {supported}; upgrade ferry to read this repository"
     )]
     UnsupportedVersion {
         object: String,

@@ -15,7 +15,12 @@
 use crate::error::{Error, Result};
 
 pub const MAGIC: [u8; 4] = *b"FERY";
-pub const FORMAT_VERSION: u8 = 1;
+/// The version new objects are written with. Version 2 added compression groups
+/// (several chunks compressed together, docs/formats.md#compression-groups) to
+/// pack tables and index objects; every other body is as in version 1.
+pub const FORMAT_VERSION: u8 = 2;
+/// The oldest version this build reads.
+pub const OLDEST_VERSION: u8 = 1;
 pub const HEADER_LEN: usize = 8;
 
 /// What an object is.
@@ -52,15 +57,31 @@ pub const MAX_CONFIG_OBJECT: u64 = 64 << 10;
 
 /// The 8-byte header for an object of this kind at the current version.
 pub fn header(kind: Kind) -> [u8; HEADER_LEN] {
+    header_of(kind, FORMAT_VERSION)
+}
+
+/// The 8-byte header for an object of this kind at a given version.
+pub fn header_of(kind: Kind, version: u8) -> [u8; HEADER_LEN] {
     let mut h = [0u8; HEADER_LEN];
     h[..4].copy_from_slice(&MAGIC);
     h[4] = kind as u8;
-    h[5] = FORMAT_VERSION;
+    h[5] = version;
     h
 }
 
-/// Check an object's header and return its body.
+/// Check an object's header and return its body. A sealed body's AAD is the
+/// object's own header ([`aad`]), which names the version that wrote it.
 pub fn split<'a>(object: &str, kind: Kind, bytes: &'a [u8]) -> Result<&'a [u8]> {
+    split_versioned(object, kind, bytes).map(|(_, body)| body)
+}
+
+/// The header of an object [`split`] accepted: the AAD of its sealed body.
+pub fn aad(bytes: &[u8]) -> &[u8] {
+    &bytes[..HEADER_LEN]
+}
+
+/// [`split`], with the version the object was written in.
+pub fn split_versioned<'a>(object: &str, kind: Kind, bytes: &'a [u8]) -> Result<(u8, &'a [u8])> {
     if bytes.len() < HEADER_LEN {
         return Err(Error::corrupt(
             object,
@@ -79,14 +100,14 @@ pub fn split<'a>(object: &str, kind: Kind, bytes: &'a [u8]) -> Result<&'a [u8]> 
             format!("expected a {} object, found kind {}", kind.name(), bytes[4]),
         ));
     }
-    if bytes[5] != FORMAT_VERSION {
+    if !(OLDEST_VERSION..=FORMAT_VERSION).contains(&bytes[5]) {
         return Err(Error::UnsupportedVersion {
             object: object.to_string(),
             found: bytes[5],
             supported: FORMAT_VERSION,
         });
     }
-    Ok(&bytes[HEADER_LEN..])
+    Ok((bytes[5], &bytes[HEADER_LEN..]))
 }
 
 /// A cursor over untrusted bytes: every read is bounds-checked.
@@ -164,6 +185,11 @@ mod tests {
             split("x", Kind::Point, &obj),
             Err(Error::Corrupt { .. })
         ));
+        obj[5] = 1;
+        assert_eq!(
+            split_versioned("x", Kind::Index, &obj).unwrap(),
+            (1, &b"body"[..])
+        );
         obj[5] = 9;
         assert!(matches!(
             split("x", Kind::Index, &obj),

@@ -19,7 +19,7 @@ use bytes::Bytes;
 use crate::crypto::{ChunkId, MasterKey};
 use crate::error::{Error, Result};
 use crate::format::{self, Kind, Reader};
-use crate::pack::{BlobEntry, ENTRY_LEN};
+use crate::pack::BlobEntry;
 
 /// Chunk ids are already uniformly random: hash them by their first 8 bytes.
 #[derive(Default)]
@@ -48,6 +48,21 @@ pub struct Location {
     pub offset: u32,
     pub length: u32,
     pub raw_len: u32,
+    /// As [`BlobEntry::inner`]: the chunk's place in its compression group.
+    pub inner: u32,
+}
+
+impl Location {
+    /// The pack table entry of chunk `id` at this location.
+    pub fn entry(&self, id: ChunkId) -> BlobEntry {
+        BlobEntry {
+            id,
+            offset: self.offset,
+            length: self.length,
+            raw_len: self.raw_len,
+            inner: self.inner,
+        }
+    }
 }
 
 /// A pack known to the index.
@@ -112,6 +127,7 @@ impl Index {
                 offset: e.offset,
                 length: e.length,
                 raw_len: e.raw_len,
+                inner: e.inner,
             });
         }
     }
@@ -148,9 +164,9 @@ pub fn get(store: &crate::store::Store, name: &str) -> Result<Bytes> {
 
 /// Decode an index object.
 pub fn decode(key: &MasterKey, name: &str, bytes: &[u8]) -> Result<Vec<PackRecord>> {
-    let sealed = format::split(name, Kind::Index, bytes)?;
+    let (version, sealed) = format::split_versioned(name, Kind::Index, bytes)?;
     let compressed = key
-        .open(&format::header(Kind::Index), sealed)
+        .open(format::aad(bytes), sealed)
         .ok_or_else(|| Error::corrupt(name, "fails authentication"))?;
     let body = format::decompress_bounded(&compressed, MAX_INDEX_BODY)
         .ok_or_else(|| {
@@ -159,23 +175,26 @@ pub fn decode(key: &MasterKey, name: &str, bytes: &[u8]) -> Result<Vec<PackRecor
                 format!("cannot be decompressed into at most {MAX_INDEX_BODY} bytes, the most an index object holds"),
             )
         })?;
-    decode_body(name, &body)
+    decode_body(name, &body, version)
 }
 
-fn decode_body(name: &str, body: &[u8]) -> Result<Vec<PackRecord>> {
+fn decode_body(name: &str, body: &[u8], version: u8) -> Result<Vec<PackRecord>> {
     let bad = |what: &str| Error::corrupt(name, what.to_string());
     let mut r = Reader::new(body);
-    let n = r.count(44).ok_or_else(|| bad("pack count out of bounds"))?;
+    // A pack record is at least its id, size and count.
+    let n = r
+        .count(32 + 8 + 4)
+        .ok_or_else(|| bad("pack count out of bounds"))?;
     let mut packs = Vec::with_capacity(n);
     for _ in 0..n {
         let id = r.array32().ok_or_else(|| bad("short pack record"))?;
         let size = r.u64().ok_or_else(|| bad("short pack record"))?;
         let count = r
-            .count(ENTRY_LEN)
+            .count(BlobEntry::len_in(version))
             .ok_or_else(|| bad("entry count out of bounds"))?;
         let mut entries = Vec::with_capacity(count);
         for _ in 0..count {
-            let e = BlobEntry::decode(&mut r).ok_or_else(|| bad("short entry"))?;
+            let e = BlobEntry::decode(&mut r, version).ok_or_else(|| bad("short entry"))?;
             if (e.offset as usize) < format::HEADER_LEN || e.offset as u64 + e.length as u64 > size
             {
                 return Err(bad("entry points outside its pack"));
@@ -350,6 +369,7 @@ mod tests {
                 offset: 8,
                 length: 100,
                 raw_len: 200,
+                inner: 0,
             }],
         };
         let obj = encode(&key, std::slice::from_ref(&rec));
@@ -425,7 +445,8 @@ mod tests {
     proptest! {
         #[test]
         fn hostile_bodies_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..600)) {
-            let _ = decode_body("i", &bytes);
+            let _ = decode_body("i", &bytes, 1);
+            let _ = decode_body("i", &bytes, 2);
             let key = MasterKey::generate();
             let _ = decode(&key, "i", &bytes);
         }

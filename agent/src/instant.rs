@@ -17,7 +17,7 @@ use crate::cache::ChunkCache;
 use crate::crypto::ChunkId;
 use crate::error::{Error, Result};
 use crate::index::{Index, Location};
-use crate::pack::{self, BlobEntry};
+use crate::pack;
 use crate::point::{self, Extent, ListId, Point};
 use crate::repo::Repository;
 
@@ -268,12 +268,7 @@ impl DiskReader {
             .fetch_add(read.end - read.start, Ordering::Relaxed);
         for &(id, loc) in &read.blobs {
             let s = (loc.offset as u64 - read.start) as usize;
-            let entry = BlobEntry {
-                id,
-                offset: loc.offset,
-                length: loc.length,
-                raw_len: loc.raw_len,
-            };
+            let entry = loc.entry(id);
             let plain = opener
                 .open(&self.repo.key, &entry, &bytes[s..s + loc.length as usize])
                 .map_err(|d| Error::DamagedChunk {

@@ -167,7 +167,7 @@ fn decode(repo: &Repository, name: &str, bytes: &[u8]) -> Result<LockInfo> {
     let body = format::split(name, Kind::Lock, bytes)?;
     let json = repo
         .key
-        .open(&format::header(Kind::Lock), body)
+        .open(format::aad(bytes), body)
         .ok_or_else(|| Error::corrupt(name, "lock does not authenticate"))?;
     serde_json::from_slice(&json).map_err(|e| Error::corrupt(name, e.to_string()))
 }

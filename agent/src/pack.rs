@@ -2,26 +2,45 @@
 //!
 //! ```text
 //! struct Pack {
-//!     header:    Envelope,                // kind = Pack (3)
-//!     blobs:     [SealedBlob],            // nonce[12] || AES-256-GCM(zstd or raw chunk) || tag[16]
-//!     table:     Sealed<Table>,           // AAD = header; lists every blob
+//!     header:    Envelope,                // kind = Pack (3), version 2 (or 1)
+//!     blobs:     [SealedBlob],            // nonce[12] || AES-256-GCM(body) || tag[16]
+//!     table:     Sealed<Table>,           // AAD = header; lists every chunk
 //!     table_len: u32 LE,                  // length of the sealed table
 //!     magic:     [u8; 4] = b"FRYT",
 //! }
 //! struct Table { count: u32 LE, entries: [BlobEntry; count] }
-//! struct BlobEntry { id: [u8; 32], offset: u32 LE, length: u32 LE, raw_len: u32 LE }
+//! struct BlobEntry {                      // 48 bytes (version 1: 44, without `inner`)
+//!     id: [u8; 32], offset: u32 LE, length: u32 LE, raw_len: u32 LE,
+//!     inner: u32 LE,                      // GROUPED | offset in the group, or 0
+//! }
 //! ```
+//! A blob holds one chunk (compressed exactly when its opened length differs
+//! from `raw_len`), or, since version 2, a *compression group*: several chunks
+//! compressed together as one zstd frame, each listed with the group's offset
+//! and length and its own place inside the group's plaintext. Dedup stays per
+//! chunk; compressing runs of new chunks together is what brings a repository
+//! to the size of restic's, whose units are about 1 MiB.
 //! A pack's name is the BLAKE3 hash of its bytes, so `check --read-data` can tell a
-//! damaged pack from its name alone. A blob is compressed exactly when its opened
-//! length differs from `raw_len`. The table makes a pack self-describing: an index
-//! lost to a crash is rebuilt from it.
+//! damaged pack from its name alone. The table makes a pack self-describing: an
+//! index lost to a crash is rebuilt from it.
 
 use crate::crypto::{ChunkId, MasterKey, OVERHEAD};
 use crate::error::{Error, Result};
 use crate::format::{self, HEADER_LEN, Kind, Reader};
 
 pub const TRAILER_MAGIC: [u8; 4] = *b"FRYT";
-pub const ENTRY_LEN: usize = 44;
+/// A table entry of format version 2; version 1 entries are [`ENTRY_LEN_V1`].
+pub const ENTRY_LEN: usize = 48;
+pub const ENTRY_LEN_V1: usize = 44;
+/// `BlobEntry::inner` of a chunk in a compression group: this bit, and the
+/// chunk's offset in the group's plaintext.
+pub const GROUPED: u32 = 1 << 31;
+/// A compression group holds new chunks of one segment, in disk order, up to
+/// this many bytes of plaintext: zstd on 64 KiB units stored 10% more than
+/// restic's ~1 MiB units on the benchmark image (docs/performance.md).
+pub const GROUP_BYTES: usize = 1 << 20;
+/// Readers refuse a group that decompresses to more than this (a segment).
+pub const MAX_GROUP: usize = crate::chunker::SEGMENT_SIZE;
 /// Packs are cut near this size; a pack never exceeds 4 GiB (offsets are u32).
 pub const TARGET_PACK_SIZE: usize = 16 << 20;
 /// A sealed table larger than this is treated as damage, not allocated.
@@ -30,22 +49,36 @@ const MAX_TABLE: u64 = 64 << 20;
 /// table never exceeds [`MAX_WRITTEN_TABLE`]: highly compressible chunks would
 /// otherwise fill 16 MiB with hundreds of thousands of tiny blobs.
 pub const MAX_PACK_ENTRIES: usize = 16384;
-/// The largest table a pack of this version writes (704 KiB): 4 bytes of count,
-/// the entries, and the AEAD overhead.
-pub const MAX_WRITTEN_TABLE: u64 = (4 + ENTRY_LEN * MAX_PACK_ENTRIES + OVERHEAD) as u64;
+/// The most chunks one compression group holds: it is sealed once it reaches
+/// [`GROUP_BYTES`], and chunks are at least 4 KiB but for a segment's last.
+pub const MAX_GROUP_MEMBERS: usize = GROUP_BYTES / 4096 + 1;
+/// The largest table a pack of this version writes (about 780 KiB): 4 bytes of
+/// count, the entries (a pack is closed at its first blob past
+/// [`MAX_PACK_ENTRIES`], which may be a group), and the AEAD overhead.
+pub const MAX_WRITTEN_TABLE: u64 =
+    (4 + ENTRY_LEN * (MAX_PACK_ENTRIES + MAX_GROUP_MEMBERS) + OVERHEAD) as u64;
 /// The largest pack this version writes: a pack is closed at its first blob past
 /// [`TARGET_PACK_SIZE`], a blob is at most a sealed 4 MiB chunk, then the table
 /// and the 8-byte trailer.
 pub const MAX_WRITTEN_PACK: u64 =
     (TARGET_PACK_SIZE + crate::chunker::MAX_CHUNK + OVERHEAD + 8) as u64 + MAX_WRITTEN_TABLE;
 
+/// A chunk of a blob being packed: its id, its length and its place in its
+/// compression group (`inner` of [`BlobEntry`]).
+pub type Member = (ChunkId, u32, u32);
+
 /// Where one chunk sits inside its pack.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct BlobEntry {
     pub id: ChunkId,
+    /// The blob (the chunk's own, or its group's) in the pack.
     pub offset: u32,
     pub length: u32,
+    /// The chunk's length.
     pub raw_len: u32,
+    /// [`GROUPED`] and the chunk's offset in its group's plaintext, or 0 for a
+    /// blob of its own.
+    pub inner: u32,
 }
 
 impl BlobEntry {
@@ -54,15 +87,32 @@ impl BlobEntry {
         out.extend_from_slice(&self.offset.to_le_bytes());
         out.extend_from_slice(&self.length.to_le_bytes());
         out.extend_from_slice(&self.raw_len.to_le_bytes());
+        out.extend_from_slice(&self.inner.to_le_bytes());
     }
 
-    pub fn decode(r: &mut Reader<'_>) -> Option<Self> {
+    /// An entry as the given format version wrote it.
+    pub fn decode(r: &mut Reader<'_>, version: u8) -> Option<Self> {
         Some(BlobEntry {
             id: ChunkId(r.array32()?),
             offset: r.u32()?,
             length: r.u32()?,
             raw_len: r.u32()?,
+            inner: if version >= 2 { r.u32()? } else { 0 },
         })
+    }
+
+    /// The table entry length of a format version.
+    pub fn len_in(version: u8) -> usize {
+        if version >= 2 {
+            ENTRY_LEN
+        } else {
+            ENTRY_LEN_V1
+        }
+    }
+
+    /// Whether the chunk shares its blob with others (a compression group).
+    pub fn grouped(&self) -> bool {
+        self.inner & GROUPED != 0
     }
 }
 
@@ -121,14 +171,25 @@ impl PackWriter {
         self.buf.len() >= TARGET_PACK_SIZE || self.entries.len() >= MAX_PACK_ENTRIES
     }
 
-    /// Append an already sealed blob.
+    /// Append an already sealed blob of one chunk.
     pub fn add(&mut self, id: ChunkId, raw_len: u32, sealed: &[u8]) {
-        self.entries.push(BlobEntry {
-            id,
-            offset: self.buf.len() as u32,
-            length: sealed.len() as u32,
-            raw_len,
-        });
+        self.add_blob(&[(id, raw_len, 0)], sealed);
+    }
+
+    /// Append an already sealed blob: one chunk (`inner` 0), or a compression
+    /// group whose members are `(id, raw_len, inner)` with `inner` as in
+    /// [`BlobEntry::inner`].
+    pub fn add_blob(&mut self, members: &[Member], sealed: &[u8]) {
+        let offset = self.buf.len() as u32;
+        for &(id, raw_len, inner) in members {
+            self.entries.push(BlobEntry {
+                id,
+                offset,
+                length: sealed.len() as u32,
+                raw_len,
+                inner,
+            });
+        }
         self.buf.extend_from_slice(sealed);
     }
 
@@ -154,6 +215,7 @@ impl PackWriter {
 pub struct Sealer {
     compressor: zstd::bulk::Compressor<'static>,
     scratch: Vec<u8>,
+    group: Vec<u8>,
 }
 
 impl Sealer {
@@ -162,6 +224,7 @@ impl Sealer {
         Sealer {
             compressor: zstd::bulk::Compressor::new(level).expect("zstd level was validated"),
             scratch: Vec::new(),
+            group: Vec::new(),
         }
     }
 
@@ -181,6 +244,35 @@ impl Sealer {
         out
     }
 
+    /// Seal chunks as one compression group; `None` when compressing them
+    /// together does not save 1/32 (they are then sealed one by one, stored as
+    /// they are). The members' entries are `inner = GROUPED | offset`.
+    pub fn seal_group(&mut self, key: &MasterKey, chunks: &[&[u8]]) -> Option<Vec<u8>> {
+        let mut plain = std::mem::take(&mut self.group);
+        plain.clear();
+        for c in chunks {
+            plain.extend_from_slice(c);
+        }
+        let n = self.compress(&plain);
+        let out = match n {
+            Some(n) if n < plain.len() - plain.len() / 32 => {
+                let mut out = Vec::with_capacity(n + OVERHEAD);
+                key.seal_into(BLOB_AAD, &self.scratch[..n], &mut out);
+                Some(out)
+            }
+            _ => None,
+        };
+        self.group = plain;
+        out
+    }
+
+    /// Seal one chunk as it is, without trying to compress it.
+    pub fn seal_raw(&mut self, key: &MasterKey, plain: &[u8]) -> Vec<u8> {
+        let mut out = Vec::with_capacity(plain.len() + OVERHEAD);
+        key.seal_into(BLOB_AAD, plain, &mut out);
+        out
+    }
+
     fn compress(&mut self, data: &[u8]) -> Option<usize> {
         self.scratch.clear();
         self.scratch
@@ -194,11 +286,15 @@ impl Sealer {
 const BLOB_AAD: &[u8] = b"ferry blob v1";
 
 /// Opens, decompresses and verifies blobs, reusing its buffers and zstd context
-/// from one blob to the next (restore and check open millions of them).
+/// from one blob to the next (restore and check open millions of them). The
+/// last compression group it opened is kept, so the group's other chunks, which
+/// readers meet next (they read blobs in pack order), cost a slice and a hash.
 pub struct ChunkOpener {
     sealed: Vec<u8>,
     plain: Vec<u8>,
     decompressor: zstd::bulk::Decompressor<'static>,
+    /// The nonce and length of the group in `plain`, when it holds one.
+    group: Option<([u8; 12], usize)>,
 }
 
 impl Default for ChunkOpener {
@@ -207,6 +303,7 @@ impl Default for ChunkOpener {
             sealed: Vec::new(),
             plain: Vec::new(),
             decompressor: zstd::bulk::Decompressor::new().expect("zstd context"),
+            group: None,
         }
     }
 }
@@ -223,32 +320,81 @@ impl ChunkOpener {
         if raw_len > crate::chunker::MAX_CHUNK {
             return Err(format!("impossible chunk length {raw_len}"));
         }
-        self.sealed.clear();
-        self.sealed.extend_from_slice(sealed);
-        let body = key
-            .open_in_place(BLOB_AAD, &mut self.sealed)
-            .ok_or("authentication failed (the stored bytes were altered)")?;
-        let plain: &[u8] = if body.len() == raw_len {
-            body
+        let plain: &[u8] = if entry.grouped() {
+            self.open_group(key, entry, sealed)?
         } else {
-            match zstd::zstd_safe::get_frame_content_size(body) {
-                Ok(Some(n)) if n == raw_len as u64 => {}
-                _ => return Err("decompression failed (bad frame header)".into()),
-            }
-            self.plain.clear();
-            self.plain.reserve(raw_len);
-            match self
-                .decompressor
-                .decompress_to_buffer(body, &mut self.plain)
-            {
-                Ok(n) if n == raw_len => &self.plain,
-                _ => return Err("decompression failed".into()),
+            self.group = None;
+            self.sealed.clear();
+            self.sealed.extend_from_slice(sealed);
+            let body = key
+                .open_in_place(BLOB_AAD, &mut self.sealed)
+                .ok_or("authentication failed (the stored bytes were altered)")?;
+            if body.len() == raw_len {
+                body
+            } else {
+                match zstd::zstd_safe::get_frame_content_size(body) {
+                    Ok(Some(n)) if n == raw_len as u64 => {}
+                    _ => return Err("decompression failed (bad frame header)".into()),
+                }
+                self.plain.clear();
+                self.plain.reserve(raw_len);
+                match self
+                    .decompressor
+                    .decompress_to_buffer(body, &mut self.plain)
+                {
+                    Ok(n) if n == raw_len => &self.plain,
+                    _ => return Err("decompression failed".into()),
+                }
             }
         };
         if key.chunk_id(plain) != entry.id {
             return Err("content does not match its id".into());
         }
         Ok(plain)
+    }
+
+    /// The plaintext of the compression group the last [`ChunkOpener::open`]
+    /// read a chunk from, when it was a grouped chunk.
+    pub fn last_group(&self) -> Option<&[u8]> {
+        self.group.map(|_| self.plain.as_slice())
+    }
+
+    /// A grouped chunk's bytes: the group is opened and decompressed whole
+    /// (at most [`MAX_GROUP`] bytes), once for all its chunks read in a row.
+    fn open_group(
+        &mut self,
+        key: &MasterKey,
+        entry: &BlobEntry,
+        sealed: &[u8],
+    ) -> Result<&[u8], String> {
+        let nonce: Option<[u8; 12]> = sealed.get(..12).and_then(|n| n.try_into().ok());
+        let same = nonce.is_some_and(|n| self.group == Some((n, sealed.len())));
+        if !same {
+            self.group = None;
+            self.sealed.clear();
+            self.sealed.extend_from_slice(sealed);
+            let body = key
+                .open_in_place(BLOB_AAD, &mut self.sealed)
+                .ok_or("authentication failed (the stored bytes were altered)")?;
+            let size = match zstd::zstd_safe::get_frame_content_size(body) {
+                Ok(Some(n)) if n <= MAX_GROUP as u64 => n as usize,
+                _ => return Err("decompression failed (bad group frame header)".into()),
+            };
+            self.plain.clear();
+            self.plain.reserve(size);
+            match self
+                .decompressor
+                .decompress_to_buffer(body, &mut self.plain)
+            {
+                Ok(n) if n == size => {}
+                _ => return Err("decompression failed".into()),
+            }
+            self.group = nonce.map(|n| (n, sealed.len()));
+        }
+        let at = (entry.inner & !GROUPED) as usize;
+        self.plain
+            .get(at..at + entry.raw_len as usize)
+            .ok_or_else(|| "lies outside its compression group".to_string())
     }
 }
 
@@ -317,17 +463,20 @@ pub fn parse_table(
     sealed: &[u8],
     size: u64,
 ) -> Result<Vec<BlobEntry>> {
-    let table = key
-        .open(&format::header(Kind::Pack), sealed)
+    // A pack's header is not read (packs are read from their trailer): the
+    // table authenticates under the header of the version that wrote it.
+    let (version, table) = [format::FORMAT_VERSION, 1]
+        .into_iter()
+        .find_map(|v| Some((v, key.open(&format::header_of(Kind::Pack, v), sealed)?)))
         .ok_or_else(|| Error::corrupt(name, "pack table fails authentication"))?;
     let mut r = Reader::new(&table);
     let n = r
-        .count(ENTRY_LEN)
+        .count(BlobEntry::len_in(version))
         .ok_or_else(|| Error::corrupt(name, "pack table count out of bounds"))?;
     let mut entries = Vec::with_capacity(n);
     for _ in 0..n {
-        let e =
-            BlobEntry::decode(&mut r).ok_or_else(|| Error::corrupt(name, "short pack table"))?;
+        let e = BlobEntry::decode(&mut r, version)
+            .ok_or_else(|| Error::corrupt(name, "short pack table"))?;
         if (e.offset as u64) < HEADER_LEN as u64 || e.offset as u64 + e.length as u64 > size {
             return Err(Error::corrupt(
                 name,
@@ -375,6 +524,98 @@ mod tests {
         assert!(entries[0].length < 1000);
     }
 
+    #[test]
+    fn a_compression_group_is_read_chunk_by_chunk_and_checked() {
+        let key = MasterKey::generate();
+        let mut sealer = Sealer::new(2);
+        let chunks: Vec<Vec<u8>> = (0..4u32)
+            .map(|k| (0..20000u32).map(|i| ((i / 7 + k) % 13) as u8).collect())
+            .collect();
+        let refs: Vec<&[u8]> = chunks.iter().map(Vec::as_slice).collect();
+        let sealed = sealer.seal_group(&key, &refs).expect("compressible");
+        let mut members = Vec::new();
+        let mut at = 0u32;
+        for c in &chunks {
+            members.push((key.chunk_id(c), c.len() as u32, GROUPED | at));
+            at += c.len() as u32;
+        }
+        let mut w = PackWriter::new();
+        w.add(key.chunk_id(b"alone"), 5, &sealer.seal(&key, b"alone"));
+        w.add_blob(&members, &sealed);
+        let (id, bytes, entries) = w.finish(&key);
+        let store = crate::store::Store::memory();
+        let name = object_name(&id);
+        store.put(&name, bytes.clone().into()).unwrap();
+        assert_eq!(
+            read_table(&store, &key, &name, bytes.len() as u64).unwrap(),
+            entries
+        );
+        assert_eq!(entries.len(), 5);
+        let mut opener = ChunkOpener::default();
+        let blob = |e: &BlobEntry| &bytes[e.offset as usize..(e.offset + e.length) as usize];
+        assert_eq!(
+            opener.open(&key, &entries[0], blob(&entries[0])).unwrap(),
+            b"alone"
+        );
+        for (e, c) in entries[1..].iter().zip(&chunks) {
+            assert!(e.grouped());
+            assert_eq!(opener.open(&key, e, blob(e)).unwrap(), &c[..]);
+        }
+        // Out of order, and with a fresh opener, the same bytes.
+        assert_eq!(
+            ChunkOpener::default()
+                .open(&key, &entries[3], blob(&entries[3]))
+                .unwrap(),
+            &chunks[2][..]
+        );
+        // One group, stored once: 80 KB of plaintext in a few KB.
+        assert!(entries[1].length < 8000, "{}", entries[1].length);
+        // A member whose place lies outside the group, or whose id differs, fails.
+        let mut bad = entries[4];
+        bad.inner = GROUPED | 79_000;
+        assert!(ChunkOpener::default().open(&key, &bad, blob(&bad)).is_err());
+        let mut bad = entries[4];
+        bad.id = entries[3].id;
+        assert!(opener.open(&key, &bad, blob(&bad)).is_err());
+        // Incompressible chunks are not grouped.
+        let mut x = 0x9e37_79b9_7f4a_7c15u64;
+        let noise: Vec<u8> = (0..65536)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                (x >> 24) as u8
+            })
+            .collect();
+        assert!(
+            sealer
+                .seal_group(&key, &[&noise[..32768], &noise[32768..]])
+                .is_none()
+        );
+    }
+
+    #[test]
+    fn a_version_1_pack_table_is_still_read() {
+        let key = MasterKey::generate();
+        let mut table = 1u32.to_le_bytes().to_vec();
+        table.extend_from_slice(&[9u8; 32]);
+        for v in [8u32, 100, 200] {
+            table.extend_from_slice(&v.to_le_bytes());
+        }
+        let sealed = key.seal(&format::header_of(Kind::Pack, 1), &table);
+        let entries = parse_table(&key, "p", &sealed, 1000).unwrap();
+        assert_eq!(
+            entries,
+            vec![BlobEntry {
+                id: ChunkId([9; 32]),
+                offset: 8,
+                length: 100,
+                raw_len: 200,
+                inner: 0
+            }]
+        );
+    }
+
     proptest! {
         #[test]
         fn hostile_tables_and_blobs_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..512), raw_len in any::<u32>()) {
@@ -382,10 +623,12 @@ mod tests {
             let key = MasterKey::generate();
             let _ = parse_table(&key, "p", &bytes, 1 << 20);
             let _ = parse_table(&key, "p", &key.seal(&format::header(Kind::Pack), &bytes), 1 << 20);
-            let e = BlobEntry { id: ChunkId([0; 32]), offset: 8, length: bytes.len() as u32, raw_len };
-            let mut opener = ChunkOpener::default();
-            let _ = opener.open(&key, &e, &bytes);
-            let _ = opener.open(&key, &e, &key.seal(BLOB_AAD, &bytes));
+            for inner in [0, GROUPED, GROUPED | raw_len] {
+                let e = BlobEntry { id: ChunkId([0; 32]), offset: 8, length: bytes.len() as u32, raw_len, inner };
+                let mut opener = ChunkOpener::default();
+                let _ = opener.open(&key, &e, &bytes);
+                let _ = opener.open(&key, &e, &key.seal(BLOB_AAD, &bytes));
+            }
         }
     }
 }

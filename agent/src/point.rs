@@ -363,7 +363,7 @@ fn open_object(
 ) -> Result<Vec<u8>> {
     let sealed = format::split(name, kind, bytes)?;
     let compressed = key
-        .open(&format::header(kind), sealed)
+        .open(format::aad(bytes), sealed)
         .ok_or_else(|| Error::corrupt(name, "fails authentication"))?;
     format::decompress_bounded(&compressed, limit).ok_or_else(|| {
         Error::corrupt(

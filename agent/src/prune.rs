@@ -83,7 +83,7 @@ fn unseal<T: for<'de> Deserialize<'de>>(repo: &Repository, name: &str) -> Result
     let body = format::split(name, Kind::Trash, &bytes)?;
     let json = repo
         .key
-        .open(&format::header(Kind::Trash), body)
+        .open(format::aad(&bytes), body)
         .ok_or_else(|| Error::corrupt(name, "does not authenticate"))?;
     serde_json::from_slice(&json).map_err(|e| Error::corrupt(name, e.to_string()))
 }
@@ -621,8 +621,10 @@ fn prune_at(repo: &Repository, opts: PruneOptions, now: DateTime<Utc>) -> Result
     // Phase 1: condemn and repack.
     let locked_repo = repo.store.lock().is_some();
     let mut live_bytes: HashMap<u32, u64> = HashMap::new();
+    // A compression group is live when any of its chunks is, and counts once.
+    let mut live_blobs: HashSet<(u32, u32)> = HashSet::new();
     for (id, loc) in index.chunks() {
-        if live.contains(id) {
+        if live.contains(id) && live_blobs.insert((loc.pack, loc.offset)) {
             *live_bytes.entry(loc.pack).or_default() += u64::from(loc.length);
         }
     }
@@ -669,8 +671,12 @@ fn prune_at(repo: &Repository, opts: PruneOptions, now: DateTime<Utc>) -> Result
         let data = repo.store.get(&name)?;
         let rec = &records_by_pack[id];
         let mut ok = true;
-        let mut blobs = Vec::new();
-        for e in &rec.entries {
+        // Each live blob once, with its live chunks: a compression group is
+        // copied whole, as it is sealed, and keeps the entries still needed.
+        let mut blobs: Vec<(&[u8], Vec<pack::Member>)> = Vec::new();
+        let mut entries: Vec<&pack::BlobEntry> = rec.entries.iter().collect();
+        entries.sort_by_key(|e| (e.offset, e.inner));
+        for e in entries {
             if !live.contains(&e.id) || index.get(&e.id).is_none_or(|l| l.pack != *pos) {
                 continue;
             }
@@ -682,18 +688,24 @@ fn prune_at(repo: &Repository, opts: PruneOptions, now: DateTime<Utc>) -> Result
                 ok = false;
                 break;
             }
-            blobs.push((e, sealed));
+            let member = (e.id, e.raw_len, e.inner);
+            match blobs.last_mut() {
+                Some((last, members)) if e.grouped() && std::ptr::eq(*last, sealed) => {
+                    members.push(member)
+                }
+                _ => blobs.push((sealed, vec![member])),
+            }
         }
         if !ok {
             kept_after_all.insert(*id);
             continue;
         }
-        for (e, sealed) in blobs {
+        for (sealed, members) in blobs {
             if writer.full_before(sealed.len()) {
                 flush(std::mem::take(&mut writer), &mut new_records)?;
             }
-            writer.add(e.id, e.raw_len, sealed);
-            report.repacked_bytes += u64::from(e.length);
+            writer.add_blob(&members, sealed);
+            report.repacked_bytes += sealed.len() as u64;
         }
     }
     if !writer.is_empty() {

@@ -157,7 +157,7 @@ pub fn encode_record(key: &MasterKey, record: &MissingRecord) -> Vec<u8> {
 pub fn decode_record(key: &MasterKey, name: &str, bytes: &[u8]) -> Result<MissingRecord> {
     let body = format::split(name, Kind::Replica, bytes)?;
     let json = key
-        .open(&format::header(Kind::Replica), body)
+        .open(format::aad(bytes), body)
         .ok_or_else(|| Error::corrupt(name, "replica record does not authenticate"))?;
     serde_json::from_slice(&json).map_err(|e| Error::corrupt(name, e.to_string()))
 }

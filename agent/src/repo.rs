@@ -299,7 +299,7 @@ impl Repository {
                 }
             };
             opened += 1;
-            let Some(json) = key.open(&format::header(Kind::Config), sealed) else {
+            let Some(json) = key.open(format::aad(&config_obj), sealed) else {
                 continue; // a key that opens but is not this config's
             };
             let config: Config = serde_json::from_slice(&json)
@@ -444,12 +444,7 @@ impl Repository {
                 loc.offset as u64..loc.offset as u64 + loc.length as u64,
             )
             .map_err(|e| Error::corrupt(what, format!("{e}")))?;
-        let entry = crate::pack::BlobEntry {
-            id: *id,
-            offset: loc.offset,
-            length: loc.length,
-            raw_len: loc.raw_len,
-        };
+        let entry = loc.entry(*id);
         crate::pack::ChunkOpener::default()
             .open(&self.key, &entry, &sealed)
             .map(<[u8]>::to_vec)

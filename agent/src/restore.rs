@@ -19,7 +19,7 @@ use tracing::info;
 use crate::crypto::ChunkId;
 use crate::error::{Error, Result};
 use crate::index::{self, IdMap};
-use crate::pack::{self, BlobEntry};
+use crate::pack;
 use crate::point::{self, Point};
 use crate::progress::Progress;
 use crate::repo::Repository;
@@ -754,12 +754,7 @@ impl Worker<'_> {
         for (id, loc) in &job.blobs {
             let s = (loc.offset as u64 - job.start) as usize;
             let sealed = &bytes[s..s + loc.length as usize];
-            let entry = BlobEntry {
-                id: *id,
-                offset: loc.offset,
-                length: loc.length,
-                raw_len: loc.raw_len,
-            };
+            let entry = loc.entry(*id);
             let plain = opener
                 .open(&repo.key, &entry, sealed)
                 .map_err(|d| damaged(id, format!("in {name}: {d}")))?;

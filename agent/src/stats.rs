@@ -127,6 +127,7 @@ pub fn restore_reads(
 ) -> RestoreReads {
     let mut used_packs = HashSet::new();
     let mut seen = HashSet::new();
+    let mut blobs = HashSet::new();
     let mut bytes = 0u64;
     for &(p, d) in disks {
         let (Some(disk), Some(ids)) = (p.meta.disks.get(d), p.lists.get(d)) else {
@@ -143,7 +144,10 @@ pub fn restore_reads(
                         && seen.insert(x)
                     {
                         used_packs.insert(l.pack);
-                        bytes += u64::from(l.length);
+                        // A compression group is fetched once for all its chunks.
+                        if blobs.insert((l.pack, l.offset)) {
+                            bytes += u64::from(l.length);
+                        }
                     }
                 }
             }

@@ -57,3 +57,25 @@ pub(crate) fn backup_bytes(repo: &Repository, data: &[u8]) -> Point {
     .expect("a backup in memory");
     repo.load_point(&s.point).expect("the point just written")
 }
+
+/// Restores the one disk of `point` (the full restore path: ranged reads,
+/// parallel decoding) into a temporary file and returns its bytes.
+pub(crate) fn restore_bytes(repo: &Repository, point: &str) -> Vec<u8> {
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let target = dir.path().join("disk.img");
+    let p = repo.resolve(point).expect("the point");
+    crate::restore::restore(
+        repo,
+        &p,
+        &crate::restore::RestoreOptions {
+            target: target.clone(),
+            disk: None,
+            overwrite: false,
+            delta: false,
+            base: None,
+        },
+        &Progress::default(),
+    )
+    .expect("a restore");
+    std::fs::read(&target).expect("the restored disk")
+}

@@ -260,12 +260,12 @@ fn bad_input_gets_clear_errors_and_exit_codes() {
     // A repository written by a newer format version.
     let config = env.repo.join("config");
     let mut bytes = std::fs::read(&config).unwrap();
-    bytes[5] = 2;
+    bytes[5] = 3;
     std::fs::write(&config, &bytes).unwrap();
     let o = env.run(&["points"]);
     assert_eq!(o.status.code(), Some(1));
     assert!(
-        stderr(&o).contains("format version 2") && stderr(&o).contains("upgrade ferry"),
+        stderr(&o).contains("format version 3") && stderr(&o).contains("upgrade ferry"),
         "{}",
         stderr(&o)
     );
