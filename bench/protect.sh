@@ -200,7 +200,15 @@ def heartbeat():
         return (b"NA", b"NA")
 def na(v):
     return "NA" if v is None else str(v)
-print("t\tlag\tbacklog\tthroughput\tok\tfailed\tferry_cpu\tqemu_cpu\tguest_t\tguest_writes", flush=True)
+def rss(pid):  # resident KiB
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for l in f:
+                if l.startswith("VmRSS:"):
+                    return int(l.split()[1])
+    except (OSError, ValueError):
+        return None
+print("t\tlag\tbacklog\tthroughput\tok\tfailed\tferry_cpu\tqemu_cpu\tguest_t\tguest_writes\tferry_rss_kib", flush=True)
 k = 0
 while True:
     k += 1
@@ -220,7 +228,7 @@ while True:
         pass
     gt, gw = heartbeat()
     print("\t".join([f"{time.time():.3f}", na(lag), na(backlog), na(thr), na(ok), na(failed),
-                     na(fc), na(cpu(qpid)), gt.decode(), gw.decode()]), flush=True)
+                     na(fc), na(cpu(qpid)), gt.decode(), gw.decode(), na(rss(fpid))]), flush=True)
 PY
 SAMPLER_PID=$!
 
@@ -271,7 +279,7 @@ inc = [c for c in ok if not c["mode"].startswith("full read")]
 rows = []
 for l in open(smp_path).read().splitlines()[1:]:
     v = l.split("\t")
-    if len(v) == 10:
+    if len(v) == 11:
         rows.append(v)
 num = lambda s: None if s == "NA" else float(s)
 lags = [num(r[1]) for r in rows]
@@ -402,6 +410,30 @@ print(f"| Mean backlog at commit | {mib(mean([c['backlog_bytes'] for c in ok]) i
 print(f"| Ferry CPU (user+sys, incl. its qemu-img) | {f(ferry_cpu, 1)} s = {f(100 * ferry_cpu / wall, 0)} % of one core | self only {f(ferry_self, 1)} s; peak RSS {f(rss, 0)} MiB |")
 print(f"| QEMU CPU during protection | {f(qemu_cpu, 1)} s = {f(100 * qemu_cpu / qemu_span, 0)} % of one core | TCG guest + block layer, fleecing, NBD export |")
 print(f"| Repository size at end | {mib(repo_bytes)} | sum stored {mib(sum(c['stored_bytes'] for c in ok))} |")
+
+# A soak is flat when these do not drift: the run in up to 6 windows of at
+# least 5 minutes each, by each cycle's cut.
+nwin = max(1, min(6, int(wall // 300)))
+span = wall / nwin
+print()
+print("### Over time")
+print()
+print("| window | incremental cycles | cycle p50 / p95 s | stored per cycle | stored / guest-written | lag p95 s | ferry RSS max |")
+print("|---|---:|---:|---:|---:|---:|---:|")
+for w in range(nwin):
+    a, b = t_start + w * span, t_start + (w + 1) * span
+    cs = [c for c in inc if a <= ts(c["cut"]) < b]
+    secs = [c["cycle_secs"] for c in cs]
+    stored = sum(c["stored_bytes"] for c in cs)
+    rw = [r for r in rows if a <= float(r[0]) < b]
+    hb = [(float(r[0]), int(r[9])) for r in rw if r[9] != "NA"]
+    written = (hb[-1][1] - hb[0][1]) * 4096 if len(hb) >= 2 else 0
+    # the written bytes of the window's cycles, approximately: guest writes in the window
+    lag_w = [num(r[1]) for r in rw if num(r[1]) is not None]
+    rss_w = [int(r[10]) for r in rw if r[10] != "NA"]
+    print(f"| {w * span / 60:.0f}–{(w + 1) * span / 60:.0f} min | {len(cs)} | {f(pct(secs, 50))} / {f(pct(secs, 95))} | "
+          f"{mib(stored / len(cs)) if cs else 'n/a'} | {f(stored / written, 2) if written else 'n/a'} | "
+          f"{f(pct(lag_w, 95))} | {f(max(rss_w) / 1024, 0) + ' MiB' if rss_w else 'n/a'} |")
 PY
 }
 

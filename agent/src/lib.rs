@@ -8,6 +8,8 @@ pub mod backup;
 mod cache;
 pub mod check;
 pub mod chunker;
+#[cfg(test)]
+mod compat;
 #[cfg(any(test, feature = "conformance"))]
 pub mod conformance;
 pub mod copy;
