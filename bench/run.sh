@@ -12,9 +12,13 @@
 # Each step records wall/user/sys/peak RSS (GNU time), repo growth (du -sb)
 # and files added to the repo.  A Markdown report goes to stdout and --out.
 #
-# Usage: bench/run.sh [--quick] [--tools "restic borg borg-fixed ferry"] [--out FILE]
+# With ROUNDS > 1 the whole sequence runs ROUNDS times, every tool once per
+# round in turn (interleaved), and each figure is the median of the rounds;
+# the rounds of the full backup and the restore are listed beside them.
+#
+# Usage: bench/run.sh [--quick] [--rounds N] [--tools "restic borg borg-fixed ferry"] [--out FILE]
 #        bench/run.sh --base-only   (make the cached base image, print its path)
-# Env:   SIZE_MIB (2048), FERRY_BENCH_DIR (/var/tmp/ferry-bench), FERRY_BIN,
+# Env:   SIZE_MIB (2048), ROUNDS (1), FERRY_BENCH_DIR (/var/tmp/ferry-bench), FERRY_BIN,
 #        CARGO_TARGET_DIR (/var/tmp/ferry-target), FERRY_INIT_ARGS, KEEP_REPOS=1
 set -euo pipefail
 
@@ -26,9 +30,11 @@ HELPERS="$BENCH_ROOT/helpers.py"
 TOOLS="restic borg borg-fixed ferry"
 OUT="$BENCH_ROOT/results/latest.md"
 SIZE_MIB=${SIZE_MIB:-2048}
+ROUNDS=${ROUNDS:-1}
 while [[ $# -gt 0 ]]; do
   case $1 in
     --quick) SIZE_MIB=256; shift ;;
+    --rounds) ROUNDS=$2; shift 2 ;;
     --tools) TOOLS=$2; shift 2 ;;
     --out) OUT=$2; shift 2 ;;
     --base-only) BASE_ONLY=1; shift ;;
@@ -231,6 +237,36 @@ run_tool() {
   [[ ${KEEP_REPOS:-0} == 1 ]] || rm -rf "$repo"
 }
 
+# medians: every figure becomes the median of its rounds; a step is ok only
+# if it was ok in every round. ROUNDLIST[TOOL,STEP] lists the rounds' walls.
+declare -A ROUNDLIST=()
+medians() {
+  local k r v vals st
+  declare -A keys=()
+  for k in "${!ALL[@]}"; do keys[${k#*|}]=1; done
+  R=()
+  for k in "${!keys[@]}"; do
+    vals=()
+    for ((r = 1; r <= ROUNDS; r++)); do
+      v=${ALL[$r|$k]:-}
+      [[ -n $v ]] && vals+=("$v")
+    done
+    if [[ $k == *,status ]]; then
+      st=ok
+      for v in "${vals[@]}"; do [[ $v == ok ]] || st=$v; done
+      [[ ${#vals[@]} -eq $ROUNDS ]] || st=${st/ok/missing}
+      R[$k]=$st
+    elif [[ $k == *,ident ]]; then
+      st=yes
+      for v in "${vals[@]}"; do [[ $v == yes ]] || st=no; done
+      R[$k]=$st
+    else
+      R[$k]=$(printf '%s\n' "${vals[@]}" | sort -g | awk '{a[NR]=$1} END{ if (NR % 2) print a[(NR+1)/2]; else printf "%.2f", (a[NR/2]+a[NR/2+1])/2 }')
+      if [[ $k == *,wall ]]; then ROUNDLIST[${k%,wall}]=$(IFS=/; echo "${vals[*]}"); fi
+    fi
+  done
+}
+
 # ---------------------------------------------------------------- report
 cell() { # cell TOOL STEP METRIC
   local st=${R[$1,$2,status]:-missing}
@@ -284,6 +320,7 @@ report() {
   echo "- Tools:"
   for t in $TOOLS; do echo "  - \`$t\`: $(tool_desc "$t") — $(tool_version "$t")"; done
   echo
+  [[ $ROUNDS -gt 1 ]] && echo "- $ROUNDS interleaved rounds (every tool once per round, in the order above); every figure is the median of the rounds" && echo
   echo "Times in seconds; CPU = user+sys; RSS = peak resident set (GNU time);"
   echo "growth = repository size change (du -sb); objects = files added to the repository."
   local s t
@@ -320,6 +357,8 @@ report() {
     echo "$hdr"; echo "$sep"
     for s in "${STEPS[@]}" restore restore+sync; do
       local row="| $s |"
+      [[ $ROUNDS -gt 1 && $s == full ]] && row="| $s (ferry rounds ${ROUNDLIST[ferry,full]:-?} s) |"
+      [[ $ROUNDS -gt 1 && $s == restore ]] && row="| $s (ferry rounds ${ROUNDLIST[ferry,restore]:-?} s) |"
       for p in "${peers[@]}"; do
         local g="n/a"; [[ $s == restore* ]] || g=$(ratio ferry "$p" "$s" growth)
         row+=" $(ratio ferry "$p" "$s" wall) | $g |"
@@ -344,8 +383,15 @@ main() {
   fi
   make_base
   log "base image: apparent $(du -h --apparent-size "$BASE" | cut -f1), allocated $(du -h "$BASE" | cut -f1)"
-  local t
-  for t in $TOOLS; do run_tool "$t"; done
+  local t r k
+  declare -gA ALL=()
+  for ((r = 1; r <= ROUNDS; r++)); do
+    [[ $ROUNDS -gt 1 ]] && log "round $r of $ROUNDS"
+    for t in $TOOLS; do run_tool "$t"; done
+    for k in "${!R[@]}"; do ALL[$r|$k]=${R[$k]}; done
+    [[ $r -lt $ROUNDS ]] && R=()
+  done
+  [[ $ROUNDS -gt 1 ]] && medians
   mkdir -p "$(dirname "$OUT")"
   report | tee "$OUT"
   rm -f "$DISK"

@@ -423,6 +423,7 @@ pub fn backup_sources(
         repo,
         index,
         fetch: !repo.store.is_remote(),
+        keep_all: repo.store.is_remote(),
     };
     let incremental: Vec<bool> = disks.iter().map(|d| d.plan.is_some()).collect();
 
@@ -486,6 +487,7 @@ pub fn backup_sources(
                 let mut sealer = pack::Sealer::new(level);
                 let mut cuts = Vec::new();
                 let mut scratch = Vec::new();
+                let mut opener = pack::ChunkOpener::default();
                 for seg in seg_rx.iter() {
                     let mut out = SegResult {
                         disk: seg.disk,
@@ -534,7 +536,8 @@ pub fn backup_sources(
                             let mut batch = Batch::default();
                             for (rel, bytes) in &runs {
                                 let rel = *rel as u64;
-                                let diff = parent.differing(&base, rel, bytes, &mut scratch);
+                                let diff =
+                                    parent.differing(&base, rel, bytes, &mut scratch, &mut opener);
                                 let kept: u64 = diff.iter().map(|r| (r.1 - r.0) as u64).sum();
                                 shared
                                     .unchanged_bytes
@@ -834,11 +837,21 @@ struct Incremental {
 struct Parent<'a> {
     repo: &'a Repository,
     index: &'a Index,
+    /// Whether a miss is read from the repository (a local one).
     fetch: bool,
+    /// Whether every chunk stored or read is kept, not only groups: for a
+    /// remote repository, where the cache is the only way to compare. A local
+    /// one reads a chunk again for less than holding many small ones costs
+    /// (`ferry protect` stores thousands of 4 KiB pieces a second).
+    keep_all: bool,
 }
 
 impl Parent<'_> {
-    fn chunk(&self, id: &ChunkId) -> Option<std::sync::Arc<Vec<u8>>> {
+    fn chunk(
+        &self,
+        id: &ChunkId,
+        opener: &mut pack::ChunkOpener,
+    ) -> Option<std::sync::Arc<Vec<u8>>> {
         if let Some(c) = self.repo.recent.lock().expect("recent chunks").get(id) {
             return Some(c);
         }
@@ -878,7 +891,6 @@ impl Parent<'_> {
             )
             .map_err(|e| e.to_string())
             .and_then(|sealed| {
-                let mut opener = pack::ChunkOpener::default();
                 let c = opener
                     .open(&self.repo.key, &loc.entry(*id), &sealed)?
                     .to_vec();
@@ -887,10 +899,14 @@ impl Parent<'_> {
         match read {
             Ok((c, whole)) => {
                 let c = std::sync::Arc::new(c);
+                // A group's plaintext is worth keeping (its neighbours are likely
+                // next); a lone chunk of a local repository is cheaper to read
+                // again than to hold.
                 let mut recent = self.repo.recent.lock().expect("recent chunks");
                 match (group, whole) {
                     (Some(g), Some(whole)) => recent.insert(g, std::sync::Arc::new(whole)),
-                    _ => recent.insert(*id, c.clone()),
+                    _ if self.keep_all => recent.insert(*id, c.clone()),
+                    _ => {}
                 }
                 Some(c)
             }
@@ -905,6 +921,9 @@ impl Parent<'_> {
     /// Keep a chunk just stored (or found stored): the next incremental compares
     /// its changed regions with it.
     fn keep(&self, e: &Extent, bytes: &[u8]) {
+        if !self.keep_all {
+            return;
+        }
         if let Some(id) = e.id {
             let mut recent = self.repo.recent.lock().expect("recent chunks");
             if recent.get(&id).is_none() {
@@ -922,6 +941,7 @@ impl Parent<'_> {
         rel: u64,
         bytes: &[u8],
         scratch: &mut Vec<u8>,
+        opener: &mut pack::ChunkOpener,
     ) -> Vec<(usize, usize)> {
         let whole = vec![(0, bytes.len())];
         let block = CHANGE_ALIGN as usize;
@@ -937,7 +957,7 @@ impl Parent<'_> {
             match e.id {
                 None => scratch.resize(scratch.len() + e.len as usize, 0),
                 Some(id) => {
-                    let Some(c) = self.chunk(&id) else {
+                    let Some(c) = self.chunk(&id, opener) else {
                         return whole;
                     };
                     let Some(s) = c.get(e.skip as usize..(e.skip + e.len) as usize) else {
