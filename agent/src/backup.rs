@@ -422,8 +422,7 @@ pub fn backup_sources(
     let parent_bytes = Parent {
         repo,
         index,
-        fetch: !repo.store.is_remote(),
-        keep_all: repo.store.is_remote(),
+        remote: repo.store.is_remote(),
     };
     let incremental: Vec<bool> = disks.iter().map(|d| d.plan.is_some()).collect();
 
@@ -487,7 +486,7 @@ pub fn backup_sources(
                 let mut sealer = pack::Sealer::new(level);
                 let mut cuts = Vec::new();
                 let mut scratch = Vec::new();
-                let mut opener = pack::ChunkOpener::default();
+                let mut reads = ParentReads::default();
                 for seg in seg_rx.iter() {
                     let mut out = SegResult {
                         disk: seg.disk,
@@ -537,7 +536,7 @@ pub fn backup_sources(
                             for (rel, bytes) in &runs {
                                 let rel = *rel as u64;
                                 let diff =
-                                    parent.differing(&base, rel, bytes, &mut scratch, &mut opener);
+                                    parent.differing(&base, rel, bytes, &mut scratch, &mut reads);
                                 let kept: u64 = diff.iter().map(|r| (r.1 - r.0) as u64).sum();
                                 shared
                                     .unchanged_bytes
@@ -830,88 +829,59 @@ struct Incremental {
 /// change map coarser than the writes (libvirt checkpoints, `qemu-img bitmap`
 /// and dm-era default to 64 KiB) marks whole regions for 4 KiB writes.
 ///
-/// The parent's chunks come from the repository's cache of recently stored
-/// chunks, else from the repository itself when it is local. From a remote
-/// repository a miss is not fetched (a request per chunk costs more time than
-/// the bytes it saves) and the region is stored whole, as before.
+/// From a local repository the parent's chunks are read from their packs; each
+/// worker keeps its last read ([`ParentReads`]), so the next regions of the
+/// segment, which most likely fall in the same compression group, cost neither
+/// a read nor a decompression. From a remote repository a request per chunk
+/// costs more time than the bytes it saves: only the chunks recent
+/// incrementals stored are compared (`Repository::recent`), and a miss is
+/// stored whole, as before.
 struct Parent<'a> {
     repo: &'a Repository,
     index: &'a Index,
-    /// Whether a miss is read from the repository (a local one).
-    fetch: bool,
-    /// Whether every chunk stored or read is kept, not only groups: for a
-    /// remote repository, where the cache is the only way to compare. A local
-    /// one reads a chunk again for less than holding many small ones costs
-    /// (`ferry protect` stores thousands of 4 KiB pieces a second).
-    keep_all: bool,
+    remote: bool,
+}
+
+/// One worker's last read of a parent chunk's blob: its place (pack, offset)
+/// and sealed bytes, and the opener that keeps its group decompressed.
+#[derive(Default)]
+struct ParentReads {
+    opener: pack::ChunkOpener,
+    last: Option<((u32, u32), bytes::Bytes)>,
 }
 
 impl Parent<'_> {
-    fn chunk(
-        &self,
-        id: &ChunkId,
-        opener: &mut pack::ChunkOpener,
-    ) -> Option<std::sync::Arc<Vec<u8>>> {
-        if let Some(c) = self.repo.recent.lock().expect("recent chunks").get(id) {
-            return Some(c);
+    fn chunk(&self, id: &ChunkId, reads: &mut ParentReads) -> Option<std::sync::Arc<Vec<u8>>> {
+        if self.remote {
+            return self.repo.recent.lock().expect("recent chunks").get(id);
         }
         let loc = self.index.get(id)?;
-        // A chunk in a compression group: the group's plaintext is kept whole
-        // (under a key no chunk id can take), since the next changed regions
-        // of the segment most likely fall in the same group.
-        let group = (loc.inner & pack::GROUPED != 0).then(|| {
-            let mut k = [0u8; 32];
-            k[..8].copy_from_slice(b"group\0\0\0");
-            k[8..12].copy_from_slice(&loc.pack.to_le_bytes());
-            k[12..16].copy_from_slice(&loc.offset.to_le_bytes());
-            ChunkId(k)
-        });
-        let slice = |g: &[u8]| -> Option<std::sync::Arc<Vec<u8>>> {
-            let at = (loc.inner & !pack::GROUPED) as usize;
-            let c = g.get(at..at + loc.raw_len as usize)?;
-            (self.repo.key.chunk_id(c) == *id).then(|| std::sync::Arc::new(c.to_vec()))
-        };
-        if let Some(g) = group {
-            let kept = self.repo.recent.lock().expect("recent chunks").get(&g);
-            if let Some(bytes) = kept {
-                return slice(&bytes);
-            }
-        }
-        if !self.fetch {
-            return None;
-        }
-        let (pack_id, _) = self.index.pack(loc.pack);
-        let name = pack::object_name(&pack_id);
-        let read = self
-            .repo
-            .store
-            .get_range(
-                &name,
-                loc.offset as u64..loc.offset as u64 + loc.length as u64,
-            )
-            .map_err(|e| e.to_string())
-            .and_then(|sealed| {
-                let c = opener
-                    .open(&self.repo.key, &loc.entry(*id), &sealed)?
-                    .to_vec();
-                Ok((c, opener.last_group().map(<[u8]>::to_vec)))
-            });
-        match read {
-            Ok((c, whole)) => {
-                let c = std::sync::Arc::new(c);
-                // A group's plaintext is worth keeping (its neighbours are likely
-                // next); a lone chunk of a local repository is cheaper to read
-                // again than to hold.
-                let mut recent = self.repo.recent.lock().expect("recent chunks");
-                match (group, whole) {
-                    (Some(g), Some(whole)) => recent.insert(g, std::sync::Arc::new(whole)),
-                    _ if self.keep_all => recent.insert(*id, c.clone()),
-                    _ => {}
+        let at = (loc.pack, loc.offset);
+        let sealed = match &reads.last {
+            Some((place, sealed)) if *place == at => sealed.clone(),
+            _ => {
+                let (pack_id, _) = self.index.pack(loc.pack);
+                let range = loc.offset as u64..loc.offset as u64 + loc.length as u64;
+                match self
+                    .repo
+                    .store
+                    .get_range(&pack::object_name(&pack_id), range)
+                {
+                    Ok(b) => {
+                        reads.last = Some((at, b.clone()));
+                        b
+                    }
+                    Err(e) => {
+                        // Not fatal: the region is stored whole, which is always right.
+                        debug!(error = %e, "cannot compare a changed region with the parent");
+                        return None;
+                    }
                 }
-                Some(c)
             }
+        };
+        match reads.opener.open(&self.repo.key, &loc.entry(*id), &sealed) {
+            Ok(c) => Some(std::sync::Arc::new(c.to_vec())),
             Err(e) => {
-                // Not fatal: the region is stored whole, which is always right.
                 debug!(error = %e, "cannot compare a changed region with the parent");
                 None
             }
@@ -921,7 +891,7 @@ impl Parent<'_> {
     /// Keep a chunk just stored (or found stored): the next incremental compares
     /// its changed regions with it.
     fn keep(&self, e: &Extent, bytes: &[u8]) {
-        if !self.keep_all {
+        if !self.remote {
             return;
         }
         if let Some(id) = e.id {
@@ -941,7 +911,7 @@ impl Parent<'_> {
         rel: u64,
         bytes: &[u8],
         scratch: &mut Vec<u8>,
-        opener: &mut pack::ChunkOpener,
+        reads: &mut ParentReads,
     ) -> Vec<(usize, usize)> {
         let whole = vec![(0, bytes.len())];
         let block = CHANGE_ALIGN as usize;
@@ -957,7 +927,7 @@ impl Parent<'_> {
             match e.id {
                 None => scratch.resize(scratch.len() + e.len as usize, 0),
                 Some(id) => {
-                    let Some(c) = self.chunk(&id, opener) else {
+                    let Some(c) = self.chunk(&id, reads) else {
                         return whole;
                     };
                     let Some(s) = c.get(e.skip as usize..(e.skip + e.len) as usize) else {

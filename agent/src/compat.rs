@@ -27,6 +27,12 @@ fn copy_dir(from: &Path, to: &Path) {
     }
 }
 
+/// `check --read-data` of the whole repository finds nothing.
+fn check_clean(repo: &Repository) {
+    let report = check(repo, CheckOptions { read_data: true }, &Progress::default()).unwrap();
+    assert!(report.problems.is_empty(), "{:?}", report.problems);
+}
+
 #[test]
 fn a_version_1_repository_opens_restores_checks_and_takes_version_2_backups() {
     let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures");
@@ -46,13 +52,7 @@ fn a_version_1_repository_opens_restores_checks_and_takes_version_2_backups() {
     for (point, want) in &expected {
         assert_eq!(&digest(&restore_bytes(&repo, point)), want, "point {point}");
     }
-    let report = check(
-        &repo,
-        CheckOptions { read_data: true },
-        &Progress::default(),
-    )
-    .unwrap();
-    assert!(report.problems.is_empty(), "{:?}", report.problems);
+    check_clean(&repo);
 
     // A new backup of the latest content plus a change: version-2 objects
     // beside the version-1 ones, deduplicated against them.
@@ -92,13 +92,7 @@ fn a_version_1_repository_opens_restores_checks_and_takes_version_2_backups() {
         },
     )
     .unwrap();
-    let report = check(
-        &repo,
-        CheckOptions { read_data: true },
-        &Progress::default(),
-    )
-    .unwrap();
-    assert!(report.problems.is_empty(), "{:?}", report.problems);
+    check_clean(&repo);
     let (second, want) = expected.iter().nth(1).unwrap();
     assert_eq!(&digest(&restore_bytes(&repo, second)), want);
     assert_eq!(digest(&restore_bytes(&repo, &s.point)), digest(&data));

@@ -332,31 +332,16 @@ impl ChunkOpener {
             if body.len() == raw_len {
                 body
             } else {
-                match zstd::zstd_safe::get_frame_content_size(body) {
-                    Ok(Some(n)) if n == raw_len as u64 => {}
-                    _ => return Err("decompression failed (bad frame header)".into()),
-                }
-                self.plain.clear();
-                self.plain.reserve(raw_len);
-                match self
-                    .decompressor
-                    .decompress_to_buffer(body, &mut self.plain)
-                {
-                    Ok(n) if n == raw_len => &self.plain,
-                    _ => return Err("decompression failed".into()),
-                }
+                inflate(&mut self.decompressor, body, &mut self.plain, |n| {
+                    n == raw_len as u64
+                })?;
+                &self.plain
             }
         };
         if key.chunk_id(plain) != entry.id {
             return Err("content does not match its id".into());
         }
         Ok(plain)
-    }
-
-    /// The plaintext of the compression group the last [`ChunkOpener::open`]
-    /// read a chunk from, when it was a grouped chunk.
-    pub fn last_group(&self) -> Option<&[u8]> {
-        self.group.map(|_| self.plain.as_slice())
     }
 
     /// A grouped chunk's bytes: the group is opened and decompressed whole
@@ -376,25 +361,35 @@ impl ChunkOpener {
             let body = key
                 .open_in_place(BLOB_AAD, &mut self.sealed)
                 .ok_or("authentication failed (the stored bytes were altered)")?;
-            let size = match zstd::zstd_safe::get_frame_content_size(body) {
-                Ok(Some(n)) if n <= MAX_GROUP as u64 => n as usize,
-                _ => return Err("decompression failed (bad group frame header)".into()),
-            };
-            self.plain.clear();
-            self.plain.reserve(size);
-            match self
-                .decompressor
-                .decompress_to_buffer(body, &mut self.plain)
-            {
-                Ok(n) if n == size => {}
-                _ => return Err("decompression failed".into()),
-            }
+            inflate(&mut self.decompressor, body, &mut self.plain, |n| {
+                n <= MAX_GROUP as u64
+            })?;
             self.group = nonce.map(|n| (n, sealed.len()));
         }
         let at = (entry.inner & !GROUPED) as usize;
         self.plain
             .get(at..at + entry.raw_len as usize)
             .ok_or_else(|| "lies outside its compression group".to_string())
+    }
+}
+
+/// Decompress one zstd frame into `out`, refusing a frame whose header does not
+/// state a size that `fits` accepts, or that decompresses to another size.
+fn inflate(
+    decompressor: &mut zstd::bulk::Decompressor<'static>,
+    body: &[u8],
+    out: &mut Vec<u8>,
+    fits: impl Fn(u64) -> bool,
+) -> Result<(), String> {
+    let size = match zstd::zstd_safe::get_frame_content_size(body) {
+        Ok(Some(n)) if fits(n) => n as usize,
+        _ => return Err("decompression failed (bad frame header)".into()),
+    };
+    out.clear();
+    out.reserve(size);
+    match decompressor.decompress_to_buffer(body, out) {
+        Ok(n) if n == size => Ok(()),
+        _ => Err("decompression failed".into()),
     }
 }
 

@@ -673,7 +673,7 @@ fn prune_at(repo: &Repository, opts: PruneOptions, now: DateTime<Utc>) -> Result
         let mut ok = true;
         // Each live blob once, with its live chunks: a compression group is
         // copied whole, as it is sealed, and keeps the entries still needed.
-        let mut blobs: Vec<(&[u8], Vec<pack::Member>)> = Vec::new();
+        let mut blobs: Vec<(u32, &[u8], Vec<pack::Member>)> = Vec::new();
         let mut entries: Vec<&pack::BlobEntry> = rec.entries.iter().collect();
         entries.sort_by_key(|e| (e.offset, e.inner));
         for e in entries {
@@ -690,17 +690,17 @@ fn prune_at(repo: &Repository, opts: PruneOptions, now: DateTime<Utc>) -> Result
             }
             let member = (e.id, e.raw_len, e.inner);
             match blobs.last_mut() {
-                Some((last, members)) if e.grouped() && std::ptr::eq(*last, sealed) => {
+                Some((offset, _, members)) if e.grouped() && *offset == e.offset => {
                     members.push(member)
                 }
-                _ => blobs.push((sealed, vec![member])),
+                _ => blobs.push((e.offset, sealed, vec![member])),
             }
         }
         if !ok {
             kept_after_all.insert(*id);
             continue;
         }
-        for (sealed, members) in blobs {
+        for (_, sealed, members) in blobs {
             if writer.full_before(sealed.len()) {
                 flush(std::mem::take(&mut writer), &mut new_records)?;
             }
