@@ -36,6 +36,7 @@ use crate::point::{self, Consistency, DiskMeta, Extent, LIST_SPAN, ListId, Meta}
 use crate::progress::Progress;
 use crate::repo::Repository;
 use crate::source::{BlockSource, FileSource, is_zero};
+use crate::table::ChunkTable;
 
 /// One disk to back up.
 #[derive(Debug, Clone)]
@@ -417,7 +418,9 @@ pub fn backup_sources(
         crate::chunker::Chunker::Cdc { .. } => PIECE,
     };
     let level = repo.config.compression_level;
-    let pending: Mutex<HashSet<ChunkId>> = Mutex::default();
+    // The new chunks of this backup, so that each is stored once; on disk past
+    // a million, as the index is.
+    let pending: Mutex<ChunkTable> = Mutex::default();
     let index = &kept.index;
     let parent_bytes = Parent {
         repo,
@@ -504,8 +507,11 @@ pub fn backup_sources(
                             return (Extent::zeros(chunk.len() as u32), None);
                         }
                         let id = key.chunk_id(chunk);
-                        let new =
-                            !index.contains(&id) && pending.lock().expect("pending set").insert(id);
+                        let new = claim_new(index, pending, id).unwrap_or_else(|e| {
+                            // The backup fails; the chunk need not be stored.
+                            shared.fail(e);
+                            false
+                        });
                         (Extent::chunk(chunk.len() as u32, id), new.then_some(id))
                     };
                     match seg.work {
@@ -654,7 +660,11 @@ pub fn backup_sources(
                     // Chunker::validate keeps chunks ≥ 4 KiB, so this cannot fail.
                     debug_assert!(body.len() <= crate::chunker::MAX_CHUNK);
                     let lid = repo.key.chunk_id(&body);
-                    if !index.contains(&lid) && pending.lock().expect("pending set").insert(lid) {
+                    let new = claim_new(index, &pending, lid).unwrap_or_else(|e| {
+                        shared.fail(e);
+                        false
+                    });
+                    if new {
                         let sealed = list_sealer.seal(&repo.key, &body);
                         shared
                             .stored_bytes
@@ -803,6 +813,18 @@ pub fn backup_sources(
     Ok(summary)
 }
 
+/// Whether chunk `id` is new to the repository and to this backup, claiming it
+/// for this backup when it is.
+fn claim_new(index: &Index, pending: &Mutex<ChunkTable>, id: ChunkId) -> Result<bool> {
+    if index.contains(&id)? {
+        return Ok(false);
+    }
+    pending
+        .lock()
+        .expect("pending set")
+        .insert(id, index::Location::default())
+}
+
 struct DiskState {
     size: u64,
     marker: Option<(i64, i64)>,
@@ -855,7 +877,8 @@ impl Parent<'_> {
         if self.remote {
             return self.repo.recent.lock().expect("recent chunks").get(id);
         }
-        let loc = self.index.get(id)?;
+        // A lookup that fails is not fatal either: the region is stored whole.
+        let loc = self.index.get(id).ok().flatten()?;
         let at = (loc.pack, loc.offset);
         let sealed = match &reads.last {
             Some((place, sealed)) if *place == at => sealed.clone(),
@@ -1250,7 +1273,7 @@ pub fn recover_unindexed_packs(
         spent += 8 + size.min(pack::MAX_WRITTEN_TABLE);
         match pack::read_unindexed_table(&repo.store, &repo.key, &name, size) {
             Ok(entries) => {
-                index.add_pack(id, size, &entries);
+                index.add_pack(id, size, &entries)?;
                 records.push(PackRecord { id, size, entries });
             }
             Err(Error::Missing { .. }) => {}
@@ -1527,10 +1550,13 @@ mod tests {
         )
         .unwrap();
         let (index, _) = index::load(&repo.store, &repo.key).unwrap();
-        let grouped = index
-            .chunks()
-            .filter(|(_, l)| l.inner & pack::GROUPED != 0)
-            .count();
+        let mut grouped = 0;
+        index
+            .try_for_each_chunk(|_, l| -> Result<()> {
+                grouped += usize::from(l.inner & pack::GROUPED != 0);
+                Ok(())
+            })
+            .unwrap();
         assert_eq!(s.new_chunks, 192);
         assert_eq!(
             grouped, 192,

@@ -116,9 +116,10 @@ pub fn check(repo: &Repository, opts: CheckOptions, progress: &Progress) -> Resu
     let bytes_read = AtomicU64::new(0);
     if opts.read_data {
         let mut by_pack: BTreeMap<u32, Vec<BlobEntry>> = BTreeMap::new();
-        for (id, loc) in index.chunks() {
+        index.try_for_each_chunk(|id, loc| -> Result<()> {
             by_pack.entry(loc.pack).or_default().push(loc.entry(*id));
-        }
+            Ok(())
+        })?;
         // In pack order: a compression group's chunks are then opened in a row,
         // the group decompressed once.
         for entries in by_pack.values_mut() {
@@ -278,12 +279,15 @@ fn judge_list(
     for e in extents {
         if let Some(cid) = e.id {
             let why = match index.get(&cid) {
-                None => Some("no pack holds it".to_string()),
-                Some(loc) if e.skip as u64 + e.len as u64 > loc.raw_len as u64 => Some(format!(
-                    "the list takes {} bytes from {} of it, but it has {}",
-                    e.len, e.skip, loc.raw_len
-                )),
-                Some(loc) => bad_packs
+                Err(e) => Some(e.to_string()),
+                Ok(None) => Some("no pack holds it".to_string()),
+                Ok(Some(loc)) if e.skip as u64 + e.len as u64 > loc.raw_len as u64 => {
+                    Some(format!(
+                        "the list takes {} bytes from {} of it, but it has {}",
+                        e.len, e.skip, loc.raw_len
+                    ))
+                }
+                Ok(Some(loc)) => bad_packs
                     .get(&loc.pack)
                     .cloned()
                     .or_else(|| bad_chunks.get(&cid).cloned()),

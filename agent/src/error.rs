@@ -92,6 +92,17 @@ pub enum Error {
         source: std::io::Error,
     },
 
+    /// The index could not use its temporary files on local disk.
+    #[error(
+        "cannot use the index's temporary files in {}: {source}; free space there or set FERRY_SPILL_DIR to a private directory with room",
+        path.display()
+    )]
+    Spill {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+
     /// The object store failed.
     #[error("object store error on {object}: {source}")]
     Store {
@@ -173,6 +184,7 @@ impl Error {
             | Error::Source { .. }
             | Error::SourceChanged { .. }
             | Error::Target { .. }
+            | Error::Spill { .. }
             | Error::Locked { .. }
             | Error::Cancelled { .. }
             | Error::DamagedConfig { .. }

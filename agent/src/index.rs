@@ -9,7 +9,9 @@
 //! struct PackRecord { id: [u8; 32], size: u64 LE, count: u32 LE, entries: [BlobEntry; count] }
 //! ```
 //! Index objects are named `index/<BLAKE3 of the object>` and only ever added.
-//! In memory, the index costs about 56 bytes per unique chunk (see docs/performance.md).
+//! In memory, the index costs about 60 bytes per chunk for its newest million
+//! chunks and about 4.3 for the rest, which [`ChunkTable`] keeps on local disk
+//! (see docs/performance.md).
 
 use std::collections::{HashMap, HashSet};
 use std::hash::{BuildHasherDefault, Hasher};
@@ -20,6 +22,7 @@ use crate::crypto::{ChunkId, MasterKey};
 use crate::error::{Error, Result};
 use crate::format::{self, Kind, Reader};
 use crate::pack::BlobEntry;
+use crate::table::ChunkTable;
 
 /// Chunk ids are already uniformly random: hash them by their first 8 bytes.
 #[derive(Default)]
@@ -42,7 +45,7 @@ impl Hasher for IdHasher {
 pub type IdMap<V> = HashMap<ChunkId, V, BuildHasherDefault<IdHasher>>;
 
 /// Where a chunk lives.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Location {
     pub pack: u32,
     pub offset: u32,
@@ -73,21 +76,31 @@ pub struct PackRecord {
     pub entries: Vec<BlobEntry>,
 }
 
-/// Every chunk the repository holds.
+/// Every chunk the repository holds: the packs in memory, the chunks in a
+/// [`ChunkTable`] that keeps the newest million in memory and the rest in
+/// sorted runs on local disk (about 4.3 bytes of memory per chunk there).
 #[derive(Debug, Default)]
 pub struct Index {
     packs: Vec<([u8; 32], u64)>,
     pack_pos: HashMap<[u8; 32], u32>,
-    chunks: IdMap<Location>,
+    chunks: ChunkTable,
 }
 
 impl Index {
-    pub fn contains(&self, id: &ChunkId) -> bool {
-        self.chunks.contains_key(id)
+    /// An empty index whose chunk table keeps at most `limit` chunks in memory.
+    pub fn with_memory_limit(limit: usize) -> Self {
+        Index {
+            chunks: ChunkTable::with_limit(limit),
+            ..Index::default()
+        }
     }
 
-    pub fn get(&self, id: &ChunkId) -> Option<Location> {
-        self.chunks.get(id).copied()
+    pub fn contains(&self, id: &ChunkId) -> Result<bool> {
+        self.chunks.contains(id)
+    }
+
+    pub fn get(&self, id: &ChunkId) -> Result<Option<Location>> {
+        self.chunks.get(id)
     }
 
     /// The pack id and size of a location's pack.
@@ -107,14 +120,23 @@ impl Index {
         self.chunks.len()
     }
 
-    pub fn chunks(&self) -> impl Iterator<Item = (&ChunkId, &Location)> {
-        self.chunks.iter()
+    /// Bytes the index holds in memory (its packs and its chunk table's part).
+    pub fn memory_bytes(&self) -> usize {
+        self.packs.capacity() * 40 + self.pack_pos.capacity() * 44 + self.chunks.memory_bytes()
+    }
+
+    /// Every chunk once, in no particular order; stops at the first error.
+    pub fn try_for_each_chunk<E: From<Error>>(
+        &self,
+        f: impl FnMut(&ChunkId, &Location) -> std::result::Result<(), E>,
+    ) -> std::result::Result<(), E> {
+        self.chunks.try_for_each(f)
     }
 
     /// Add a pack's entries; a pack seen twice (two index objects) is added once.
-    pub fn add_pack(&mut self, id: [u8; 32], size: u64, entries: &[BlobEntry]) {
+    pub fn add_pack(&mut self, id: [u8; 32], size: u64, entries: &[BlobEntry]) -> Result<()> {
         if self.pack_pos.contains_key(&id) {
-            return;
+            return Ok(());
         }
         let pos = self.packs.len() as u32;
         self.packs.push((id, size));
@@ -122,14 +144,18 @@ impl Index {
         for e in entries {
             // The first copy of a chunk wins; later duplicates (two concurrent backups
             // storing the same chunk) stay reachable only through their pack table.
-            self.chunks.entry(e.id).or_insert(Location {
-                pack: pos,
-                offset: e.offset,
-                length: e.length,
-                raw_len: e.raw_len,
-                inner: e.inner,
-            });
+            self.chunks.insert(
+                e.id,
+                Location {
+                    pack: pos,
+                    offset: e.offset,
+                    length: e.length,
+                    raw_len: e.raw_len,
+                    inner: e.inner,
+                },
+            )?;
         }
+        Ok(())
     }
 }
 
@@ -295,7 +321,7 @@ pub fn load_onto(
         match decode(key, &name, &bytes) {
             Ok(packs) => {
                 for p in packs.iter().filter(|p| !exclude.contains(&p.id)) {
-                    out.index.add_pack(p.id, p.size, &p.entries);
+                    out.index.add_pack(p.id, p.size, &p.entries)?;
                 }
                 out.names.insert(name);
             }
@@ -376,8 +402,9 @@ mod tests {
         let back = decode(&key, "i", &obj).unwrap();
         assert_eq!(back[0].entries, rec.entries);
         let mut idx = Index::default();
-        idx.add_pack(back[0].id, back[0].size, &back[0].entries);
-        assert_eq!(idx.get(&ChunkId([9; 32])).unwrap().raw_len, 200);
+        idx.add_pack(back[0].id, back[0].size, &back[0].entries)
+            .unwrap();
+        assert_eq!(idx.get(&ChunkId([9; 32])).unwrap().unwrap().raw_len, 200);
     }
 
     fn random(n: usize, seed: u64) -> Vec<u8> {
@@ -414,7 +441,7 @@ mod tests {
         assert_eq!(kept.index.chunk_count(), whole.chunk_count());
         for p in [&a, &b] {
             assert!(
-                kept.index.contains(&p.lists[0][0]),
+                kept.index.contains(&p.lists[0][0]).unwrap(),
                 "the point's list is indexed"
             );
         }

@@ -190,7 +190,7 @@ impl DiskReader {
                 if cache.get(&id).is_some() || inflight.contains(&id) {
                     continue;
                 }
-                let loc = self.index.get(&id).ok_or_else(|| Error::DamagedChunk {
+                let loc = self.index.get(&id)?.ok_or_else(|| Error::DamagedChunk {
                     chunk: id.to_hex(),
                     disk: self.disk.clone(),
                     offset: span.starts[i],

@@ -32,6 +32,7 @@ pub mod sink;
 pub mod source;
 pub mod stats;
 pub mod store;
+pub mod table;
 #[cfg(test)]
 mod testing;
 pub mod tier;

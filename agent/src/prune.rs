@@ -149,7 +149,7 @@ pub fn readable_index(repo: &Repository) -> Result<(Index, Vec<Error>)> {
             continue;
         };
         match pack::read_table(&repo.store, &repo.key, &name, size) {
-            Ok(entries) => index.add_pack(id, size, &entries),
+            Ok(entries) => index.add_pack(id, size, &entries)?,
             Err(Error::Missing { .. }) => {}
             Err(e) => damaged.push(e),
         }
@@ -378,7 +378,7 @@ struct Lists<'a> {
 
 impl Lists<'_> {
     fn load(&mut self, id: &ChunkId, span: u64) -> Result<Vec<point::Extent>> {
-        if self.index.contains(id) {
+        if self.index.contains(id)? {
             return self.repo.load_list(self.index, id, span);
         }
         if self.extra.is_none() {
@@ -390,7 +390,7 @@ impl Lists<'_> {
                         *id,
                         size,
                         &pack::read_table(&self.repo.store, &self.repo.key, &name, size)?,
-                    );
+                    )?;
                 }
             }
             self.extra = Some(extra);
@@ -541,7 +541,7 @@ fn prune_at(repo: &Repository, opts: PruneOptions, now: DateTime<Utc>) -> Result
     order.sort();
     for id in &order {
         let r = &records_by_pack[id];
-        index.add_pack(r.id, r.size, &r.entries);
+        index.add_pack(r.id, r.size, &r.entries)?;
     }
 
     let points = all_points(repo)?;
@@ -623,11 +623,12 @@ fn prune_at(repo: &Repository, opts: PruneOptions, now: DateTime<Utc>) -> Result
     let mut live_bytes: HashMap<u32, u64> = HashMap::new();
     // A compression group is live when any of its chunks is, and counts once.
     let mut live_blobs: HashSet<(u32, u32)> = HashSet::new();
-    for (id, loc) in index.chunks() {
+    index.try_for_each_chunk(|id, loc| -> Result<()> {
         if live.contains(id) && live_blobs.insert((loc.pack, loc.offset)) {
             *live_bytes.entry(loc.pack).or_default() += u64::from(loc.length);
         }
-    }
+        Ok(())
+    })?;
     let mut condemned = Vec::new();
     let mut repack = Vec::new();
     for (pos, (id, size)) in index.packs().enumerate() {
@@ -683,7 +684,7 @@ fn prune_at(repo: &Repository, opts: PruneOptions, now: DateTime<Utc>) -> Result
         let mut entries: Vec<&pack::BlobEntry> = rec.entries.iter().collect();
         entries.sort_by_key(|e| (e.offset, e.inner));
         for e in entries {
-            if !live.contains(&e.id) || index.get(&e.id).is_none_or(|l| l.pack != *pos) {
+            if !live.contains(&e.id) || index.get(&e.id)?.is_none_or(|l| l.pack != *pos) {
                 continue;
             }
             let sealed = data
@@ -762,7 +763,7 @@ fn prune_at(repo: &Repository, opts: PruneOptions, now: DateTime<Utc>) -> Result
         add_fresh_points(repo, &index, &trashed, &seen_points, &mut live)?;
         let mut index = Index::default();
         for r in &keep {
-            index.add_pack(r.id, r.size, &r.entries);
+            index.add_pack(r.id, r.size, &r.entries)?;
         }
         settle(repo, &name, &record, &mut index, &live, &mut report)?;
     } else {
@@ -839,7 +840,12 @@ fn settle(
     live: &HashSet<ChunkId>,
     report: &mut PruneReport,
 ) -> Result<Vec<PackRecord>> {
-    let needed: HashSet<&ChunkId> = live.iter().filter(|c| !index.contains(c)).collect();
+    let mut needed: HashSet<&ChunkId> = HashSet::new();
+    for c in live {
+        if !index.contains(c)? {
+            needed.insert(c);
+        }
+    }
     let indexes_left = delete_indexes(repo, &record.indexes)?;
     let mut restored = Vec::new();
     let mut left = 0;
@@ -855,7 +861,7 @@ fn settle(
         if !needed.is_empty() {
             let entries = pack::read_table(&repo.store, &repo.key, &pack_name, size)?;
             if entries.iter().any(|e| needed.contains(&e.id)) {
-                index.add_pack(id, size, &entries);
+                index.add_pack(id, size, &entries)?;
                 restored.push(PackRecord { id, size, entries });
                 continue;
             }
@@ -1071,6 +1077,7 @@ mod tests {
         crate::restore::restore(&repo, &p, &opts, &Progress::default()).unwrap();
         assert_eq!(std::fs::read(dir.path().join("vda")).unwrap(), disk);
     }
+
     #[test]
     fn a_repacked_pack_is_not_repacked_again_for_its_table() {
         // Chunks that compress to almost nothing, in groups: a pack's table

@@ -415,7 +415,7 @@ impl Repository {
         id: &crate::crypto::ChunkId,
         what: &str,
     ) -> Result<Vec<u8>> {
-        let loc = index.get(id).ok_or_else(|| Error::Missing {
+        let loc = index.get(id)?.ok_or_else(|| Error::Missing {
             object: format!("{what} (no pack holds it)"),
         })?;
         let (pack_id, _) = index.pack(loc.pack);
@@ -461,7 +461,7 @@ impl Repository {
         let what = format!("chunk list {}", &id.to_hex()[..16]);
         // Refused before it is read and decompressed: a blob may be 4 MiB, a
         // chunk list never more than `MAX_LIST_BODY`.
-        if let Some(loc) = index.get(id)
+        if let Some(loc) = index.get(id)?
             && loc.raw_len as usize > point::MAX_LIST_BODY
         {
             return Err(Error::corrupt(

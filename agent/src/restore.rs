@@ -372,7 +372,10 @@ fn verify_base(
         let (start, span) = point::list_span(size, k);
         let mut off = start;
         for e in repo.load_list(index, &lists[k], span)? {
-            let whole = e.id.and_then(|id| index.get(&id)).map(|l| l.raw_len);
+            let whole = match e.id {
+                Some(id) => index.get(&id)?.map(|l| l.raw_len),
+                None => None,
+            };
             if let (Some(id), 0, Some(raw)) = (e.id, e.skip, whole)
                 && raw == e.len
             {
@@ -563,7 +566,8 @@ fn restore_extents(
                         if progress.cancelled() {
                             return;
                         }
-                        let whole = index.get(id).map(|l| l.raw_len);
+                        // A lookup that fails only means the chunk is fetched.
+                        let whole = index.get(id).ok().flatten().map(|l| l.raw_len);
                         let mut missing = Vec::new();
                         for p in places {
                             let good = p.skip == 0
@@ -596,7 +600,7 @@ fn restore_extents(
     let mut unindexed: Option<(u64, ChunkId)> = None;
     let mut located = Vec::with_capacity(wanted.len());
     for (id, places) in &wanted {
-        match index.get(id) {
+        match index.get(id)? {
             Some(loc) => located.push((*id, loc)),
             None => {
                 let here = (places[0].off, *id);

@@ -134,13 +134,14 @@ pub fn restore_reads(
             continue;
         };
         for (i, id) in ids.iter().enumerate() {
-            if let Some(l) = idx.get(id) {
+            // An estimate: a chunk the index cannot give is left out.
+            if let Some(l) = idx.get(id).ok().flatten() {
                 used_packs.insert(l.pack);
             }
             let (_, span) = crate::point::list_span(disk.size, i);
             if let Ok(extents) = repo.load_list(idx, id, span) {
                 for x in extents.iter().filter_map(|x| x.id) {
-                    if let Some(l) = idx.get(&x)
+                    if let Some(l) = idx.get(&x).ok().flatten()
                         && seen.insert(x)
                     {
                         used_packs.insert(l.pack);
@@ -170,7 +171,11 @@ pub fn stats(repo: &Repository, prices: &Prices, class: Option<&str>) -> Result<
     }
     let total_bytes = objects.values().map(|(_, b)| b).sum();
     let (idx, _) = index::load(&repo.store, &repo.key)?;
-    let unique_bytes = idx.chunks().map(|(_, l)| u64::from(l.raw_len)).sum();
+    let mut unique_bytes = 0u64;
+    idx.try_for_each_chunk(|_, l| -> Result<()> {
+        unique_bytes += u64::from(l.raw_len);
+        Ok(())
+    })?;
     let pack_bytes = idx.packs().map(|(_, s)| s).sum::<u64>();
     let mut latest = BTreeMap::new();
     for p in &points {

@@ -66,12 +66,12 @@ fn packs_used(
                 if !lists.insert(*id) {
                     continue;
                 }
-                if let Some(l) = index.get(id) {
+                if let Some(l) = index.get(id)? {
                     used.insert(l.pack);
                 }
                 let (_, span) = crate::point::list_span(disk.size, i);
                 for x in repo.load_list(index, id, span)?.iter().filter_map(|x| x.id) {
-                    if let Some(l) = index.get(&x) {
+                    if let Some(l) = index.get(&x)? {
                         used.insert(l.pack);
                     }
                 }
