@@ -190,8 +190,8 @@ pub fn check(repo: &Repository, opts: CheckOptions, progress: &Progress) -> Resu
             }
             for (i, lid) in p.lists[d].iter().enumerate() {
                 let (start, span) = point::list_span(meta.size, i);
-                let verdict = judged.entry(*lid).or_insert_with(|| {
-                    judge_list(
+                if !judged.contains_key(lid) {
+                    let v = judge_list(
                         repo,
                         &index,
                         &bad_packs,
@@ -199,8 +199,10 @@ pub fn check(repo: &Repository, opts: CheckOptions, progress: &Progress) -> Resu
                         lid,
                         span,
                         &mut problems,
-                    )
-                });
+                    )?;
+                    judged.insert(*lid, v);
+                }
+                let verdict = &judged[lid];
                 count += verdict.damaged;
                 for (rel, why) in &verdict.first {
                     if reasons.len() < 10 {
@@ -261,9 +263,11 @@ fn judge_list(
     lid: &point::ListId,
     span: u64,
     problems: &mut Vec<Problem>,
-) -> ListVerdict {
+) -> Result<ListVerdict> {
     let extents = match repo.load_list(index, lid, span) {
         Ok(e) => e,
+        // This machine's trouble, not the repository's: say so, not "damaged".
+        Err(e @ Error::Spill { .. }) => return Err(e),
         Err(e) => {
             let pr = problem_of(e);
             let v = ListVerdict {
@@ -271,7 +275,7 @@ fn judge_list(
                 first: vec![(0, format!("{}: {}", pr.object, pr.detail))],
             };
             problems.push(pr);
-            return v;
+            return Ok(v);
         }
     };
     let mut v = ListVerdict::default();
@@ -279,7 +283,7 @@ fn judge_list(
     for e in extents {
         if let Some(cid) = e.id {
             let why = match index.get(&cid) {
-                Err(e) => Some(e.to_string()),
+                Err(e) => return Err(e),
                 Ok(None) => Some("no pack holds it".to_string()),
                 Ok(Some(loc)) if e.skip as u64 + e.len as u64 > loc.raw_len as u64 => {
                     Some(format!(
@@ -302,7 +306,7 @@ fn judge_list(
         }
         off += e.len as u64;
     }
-    v
+    Ok(v)
 }
 
 fn problem_of(e: Error) -> Problem {

@@ -3,7 +3,7 @@
 //! The newest entries live in a hash map. When it holds more than its limit,
 //! they are sorted and written to a *run*: an unnamed, owner-only temporary
 //! file of fixed-size records, gone when the process ends, even by `kill -9`.
-//! For each run only two arrays stay in memory, about 4.3 bytes per entry:
+//! For each run only two arrays stay in memory, 4.5 to 5 bytes per entry:
 //!
 //! ```text
 //! struct Record { id: [u8; 32], pack: u32 LE, offset: u32 LE, length: u32 LE, raw_len: u32 LE, inner: u32 LE }
@@ -14,12 +14,13 @@
 //! A lookup finds the bucket, compares fingerprints in memory and reads a
 //! record from disk only where one matches: a chunk that is not there (every
 //! new chunk of a backup) costs no read at all, except one in 2^32 per
-//! neighbour. Chunk ids are keyed hashes, so buckets hold about 8 entries each.
+//! neighbour. Chunk ids are keyed hashes, so buckets hold 4 to 8 entries each.
 //!
 //! The first entry for an id wins, as in the in-memory index: `insert` checks
 //! the runs before adding, so an id is in one place only and every lookup or
-//! walk sees it once. More than [`MAX_RUNS`] runs are merged into one, so a
-//! lookup probes a bounded number of runs.
+//! walk sees it once. Runs merge like a binary counter (a new run merges with
+//! the last while that is no larger), so there are at most log2(entries /
+//! limit) + 1 of them and each entry is rewritten as many times at most.
 
 use std::fs::File;
 use std::io::{BufWriter, Write};
@@ -33,11 +34,12 @@ use crate::index::{IdMap, Location};
 
 /// Bytes of one record in a run.
 pub const RECORD: usize = 32 + 5 * 4;
-/// Runs kept before they are merged into one.
-pub const MAX_RUNS: usize = 8;
 /// Entries kept in memory by default before they go to a run (about 50 MiB):
-/// `FERRY_INDEX_MEMORY_CHUNKS` sets it (0: always on disk).
+/// `FERRY_INDEX_MEMORY_CHUNKS` sets it, at least [`MIN_MEMORY_ENTRIES`].
 pub const DEFAULT_MEMORY_ENTRIES: usize = 1 << 19;
+/// The least limit the environment may set: smaller runs would cost a file and
+/// a merge step per few entries.
+pub const MIN_MEMORY_ENTRIES: usize = 1 << 16;
 
 /// The default limit, from `FERRY_INDEX_MEMORY_CHUNKS` when set.
 pub fn default_limit() -> usize {
@@ -45,7 +47,8 @@ pub fn default_limit() -> usize {
     *LIMIT.get_or_init(|| {
         std::env::var("FERRY_INDEX_MEMORY_CHUNKS")
             .ok()
-            .and_then(|v| v.trim().parse().ok())
+            .and_then(|v| v.trim().parse::<usize>().ok())
+            .map(|n| n.max(MIN_MEMORY_ENTRIES))
             .unwrap_or(if cfg!(test) {
                 64
             } else {
@@ -68,6 +71,9 @@ pub struct ChunkTable {
     runs: Vec<Run>,
     limit: usize,
     dir: PathBuf,
+    /// Why the last spill failed: the table refuses new entries from then on
+    /// (its owner stops and drops it) rather than retry a full disk per insert.
+    failed: Option<String>,
 }
 
 impl Default for ChunkTable {
@@ -99,6 +105,7 @@ impl ChunkTable {
             runs: Vec::new(),
             limit,
             dir,
+            failed: None,
         }
     }
 
@@ -150,8 +157,13 @@ impl ChunkTable {
         Ok(self.get(id)?.is_some())
     }
 
-    /// Add `id` unless it is already here; returns whether it was added.
+    /// Add `id` unless it is already here; returns whether it was added. An
+    /// error (a spill that failed) may come after the entry was added; the
+    /// table refuses every insert after it.
     pub fn insert(&mut self, id: ChunkId, loc: Location) -> Result<bool> {
+        if let Some(why) = &self.failed {
+            return Err(self.spill_error(std::io::Error::other(why.clone())));
+        }
         if self.recent.contains_key(&id) {
             return Ok(false);
         }
@@ -161,14 +173,17 @@ impl ChunkTable {
             }
         }
         self.recent.insert(id, loc);
-        if self.recent.len() > self.limit {
-            self.spill()?;
+        if self.recent.len() > self.limit
+            && let Err(e) = self.spill()
+        {
+            self.failed = Some(e.to_string());
+            return Err(e);
         }
         Ok(true)
     }
 
-    /// Write the entries in memory to a new run; merge the runs when there
-    /// are too many.
+    /// Write the entries in memory to a new run, and merge it with the last
+    /// runs while the last is no larger than the new one.
     fn spill(&mut self) -> Result<()> {
         let mut entries: Vec<(ChunkId, Location)> = self.recent.drain().collect();
         entries.sort_unstable_by_key(|e| e.0.0);
@@ -181,11 +196,15 @@ impl ChunkTable {
             }
         }
         self.recent.shrink_to(self.limit.min(1 << 16));
-        if self.runs.len() > MAX_RUNS {
-            let total = self.runs.iter().map(|r| r.prints.len()).sum();
-            let merged = Run::write(&self.dir, total, Merge::new(&self.runs))
+        while let [.., older, newer] = &self.runs[..]
+            && older.prints.len() <= newer.prints.len()
+        {
+            let n = self.runs.len();
+            let total = older.prints.len() + newer.prints.len();
+            let merged = Run::write(&self.dir, total, Merge::new(&self.runs[n - 2..]))
                 .map_err(|e| self.spill_error(e))?;
-            self.runs = vec![merged];
+            self.runs.truncate(n - 2);
+            self.runs.push(merged);
         }
         Ok(())
     }
@@ -257,9 +276,12 @@ impl Run {
         n: usize,
         entries: impl Iterator<Item = std::io::Result<(ChunkId, Location)>>,
     ) -> std::io::Result<Run> {
-        // About 8 entries per bucket.
+        // 2^bits buckets in (n/8, n/4]: 4 to 8 entries each.
         let bits = (usize::BITS - (n / 8).max(1).leading_zeros()).clamp(1, 28);
         let file = tempfile::tempfile_in(dir)?;
+        // O_TMPFILE gives 0666 less the umask: no one can open it by name,
+        // but it is the index's, so it is the owner's only.
+        file.set_permissions(std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
         let mut out = BufWriter::with_capacity(1 << 20, &file);
         let mut counts = vec![0u32; (1usize << bits) + 1];
         let mut prints = Vec::with_capacity(n);
@@ -349,6 +371,8 @@ struct Merge<'a> {
     readers: Vec<RunReader<'a>>,
     heads: Vec<Option<(ChunkId, Location)>>,
     started: bool,
+    /// After an error the merge yields nothing more.
+    failed: bool,
 }
 
 impl<'a> Merge<'a> {
@@ -357,6 +381,7 @@ impl<'a> Merge<'a> {
             readers: runs.iter().map(RunReader::new).collect(),
             heads: vec![None; runs.len()],
             started: false,
+            failed: false,
         }
     }
 }
@@ -365,16 +390,22 @@ impl Iterator for Merge<'_> {
     type Item = std::io::Result<(ChunkId, Location)>;
 
     fn next(&mut self) -> Option<Self::Item> {
+        if self.failed {
+            return None;
+        }
         if !self.started {
             self.started = true;
             for (h, r) in self.heads.iter_mut().zip(&mut self.readers) {
                 match r.next_record() {
                     Ok(x) => *h = x,
-                    Err(e) => return Some(Err(e)),
+                    Err(e) => {
+                        self.failed = true;
+                        return Some(Err(e));
+                    }
                 }
             }
         }
-        // At most MAX_RUNS + 1 heads: a scan is as fast as a heap.
+        // Two heads: a scan is as fast as a heap.
         let (i, _) = self
             .heads
             .iter()
@@ -384,7 +415,10 @@ impl Iterator for Merge<'_> {
         let out = self.heads[i].take();
         match self.readers[i].next_record() {
             Ok(x) => self.heads[i] = x,
-            Err(e) => return Some(Err(e)),
+            Err(e) => {
+                self.failed = true;
+                return Some(Err(e));
+            }
         }
         out.map(Ok)
     }
@@ -417,8 +451,15 @@ mod tests {
             assert!(t.insert(id(n), loc(n)).unwrap());
             want.insert(id(n), loc(n));
         }
-        // 5000 / 101 spills, merged whenever there were more than MAX_RUNS.
-        assert!(t.runs() >= 1 && t.runs() <= MAX_RUNS, "{t:?}");
+        // 49 spills of 101, merged as a binary counter: one run per bit of 49.
+        assert_eq!(t.runs(), 3, "{t:?}");
+        for r in &t.runs {
+            use std::os::unix::fs::PermissionsExt;
+            assert_eq!(
+                r.file.metadata().unwrap().permissions().mode() & 0o777,
+                0o600
+            );
+        }
         assert_eq!(t.len(), 5000);
         // A later copy of an id loses, wherever the first one is.
         for n in (0..5000u64).step_by(7) {
@@ -467,5 +508,9 @@ mod tests {
         let mut t = ChunkTable::in_dir(0, dir.path().join("gone"));
         let e = t.insert(id(1), loc(1)).unwrap_err().to_string();
         assert!(e.contains("gone") && e.contains("FERRY_SPILL_DIR"), "{e}");
+        // Nothing was lost, and the table does not try again per insert.
+        assert_eq!(t.get(&id(1)).unwrap(), Some(loc(1)));
+        assert!(t.insert(id(2), loc(2)).is_err());
+        assert_eq!(t.get(&id(2)).unwrap(), None);
     }
 }

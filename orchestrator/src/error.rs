@@ -152,9 +152,12 @@ pub fn class_of(e: &ferry_agent::Error) -> ferry_engine::runbook::ErrorClass {
             ferry_agent::error::Retry::Transient => Transient,
             ferry_agent::error::Retry::Never => Permanent,
         },
-        E::Missing { .. } | E::Locked { .. } | E::SourceChanged { .. } | E::Target { .. } => {
-            Transient
-        }
+        // A full local disk under the index's temporary files too.
+        E::Missing { .. }
+        | E::Locked { .. }
+        | E::SourceChanged { .. }
+        | E::Target { .. }
+        | E::Spill { .. } => Transient,
         E::Cancelled { .. } => Cancelled,
     }
 }
