@@ -273,6 +273,11 @@ pub fn disk_digest(key: &MasterKey, size: u64, lists: &[ListId]) -> String {
 pub fn encode_list(extents: &[Extent]) -> Vec<u8> {
     let mut body = Vec::with_capacity(4 + extents.len() * 36);
     body.extend_from_slice(&(extents.len() as u32).to_le_bytes());
+    encode_extents(extents, &mut body);
+    body
+}
+
+fn encode_extents(extents: &[Extent], body: &mut Vec<u8>) {
     for e in extents {
         match e.id {
             Some(id) if e.skip == 0 => {
@@ -287,7 +292,195 @@ pub fn encode_list(extents: &[Extent]) -> Vec<u8> {
             None => body.extend_from_slice(&(e.len | ZERO_FLAG).to_le_bytes()),
         }
     }
+}
+
+/// The first word of a delta list's body, where a full list has its extent
+/// count (never this large: a count is bounded by the body's length).
+const DELTA_MARK: u32 = u32::MAX;
+
+/// The longest chain of delta lists: a reader loads at most this many lists
+/// and one full list for a span.
+pub const MAX_DELTA_DEPTH: u32 = 32;
+
+/// A change of a span against another list of it: the bytes `[start, end)`
+/// of the span (from its first byte) are `extents`.
+pub type Patch = (u64, u64, Vec<Extent>);
+
+/// A decoded chunk list body: the extents of its span, or a delta against
+/// the list `base` of the same span, `depth` deltas above a full list (see
+/// docs/formats.md#delta-lists).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ListBody {
+    Full(Vec<Extent>),
+    Delta {
+        base: ListId,
+        depth: u32,
+        patches: Vec<Patch>,
+    },
+}
+
+/// Encode a delta list: `base` (itself `depth - 1` deltas above a full list)
+/// with `patches` (sorted, apart).
+pub fn encode_delta(base: &ListId, depth: u32, patches: &[Patch]) -> Vec<u8> {
+    let mut body = Vec::new();
+    body.extend_from_slice(&DELTA_MARK.to_le_bytes());
+    body.extend_from_slice(&depth.to_le_bytes());
+    body.extend_from_slice(&base.0);
+    body.extend_from_slice(&(patches.len() as u32).to_le_bytes());
+    for (start, end, extents) in patches {
+        body.extend_from_slice(&(*start as u32).to_le_bytes());
+        body.extend_from_slice(&(*end as u32).to_le_bytes());
+        body.extend_from_slice(&(extents.len() as u32).to_le_bytes());
+        encode_extents(extents, &mut body);
+    }
     body
+}
+
+/// The patches that make `new` out of `base` (both extents of one span):
+/// each range where they differ, with `new`'s extents there.
+pub fn delta_patches(base: &[Extent], new: &[Extent]) -> Vec<Patch> {
+    let mut cur = Cursor::new(new);
+    let mut at = 0;
+    let mut out = Vec::new();
+    for (a, b) in differing_ranges(0, base, new) {
+        cur.skip(a - at);
+        let mut extents = Vec::new();
+        cur.take(b - a, &mut extents);
+        out.push((a, b, extents));
+        at = b;
+    }
+    out
+}
+
+/// Decode a chunk list body of either form; a full list must describe
+/// exactly `span` bytes, and a delta's patches must lie inside it.
+pub fn decode_list(name: &str, body: &[u8], span: u64) -> Result<ListBody> {
+    if body.len() >= 4 && body[..4] == DELTA_MARK.to_le_bytes() {
+        return decode_delta(name, body, span);
+    }
+    decode_list_body(name, body, span).map(ListBody::Full)
+}
+
+fn decode_delta(name: &str, body: &[u8], span: u64) -> Result<ListBody> {
+    let bad = |what: String| Error::corrupt(name, what);
+    if body.len() > MAX_LIST_BODY {
+        return Err(bad(format!(
+            "its body is {} bytes, more than the {MAX_LIST_BODY} a chunk list can hold",
+            body.len()
+        )));
+    }
+    let mut r = Reader::new(&body[4..]);
+    let depth = r.u32().ok_or_else(|| bad("short delta list".into()))?;
+    if !(1..=MAX_DELTA_DEPTH).contains(&depth) {
+        return Err(bad(format!(
+            "a delta list of depth {depth}, not 1 to {MAX_DELTA_DEPTH}"
+        )));
+    }
+    let base = ChunkId(r.array32().ok_or_else(|| bad("short delta list".into()))?);
+    // A patch is at least its start, end and count.
+    let count = r
+        .count(12)
+        .ok_or_else(|| bad("patch count out of bounds".into()))?;
+    let mut patches = Vec::with_capacity(count);
+    let mut prev_end = 0u64;
+    for _ in 0..count {
+        let (start, end) = match (r.u32(), r.u32()) {
+            (Some(s), Some(e)) => (u64::from(s), u64::from(e)),
+            _ => return Err(bad("short patch".into())),
+        };
+        if start < prev_end || start >= end || end > span {
+            return Err(bad(format!(
+                "a patch of [{start}, {end}) is out of order, empty or past the span's {span} bytes"
+            )));
+        }
+        let n = r
+            .count(4)
+            .ok_or_else(|| bad("extent count out of bounds".into()))?;
+        let (extents, total) = read_extents(&mut r, n, &bad)?;
+        if total != end - start {
+            return Err(bad(format!(
+                "a patch's extents add up to {total} bytes, not its {}",
+                end - start
+            )));
+        }
+        patches.push((start, end, extents));
+        prev_end = end;
+    }
+    if r.remaining() != 0 {
+        return Err(bad("trailing bytes".into()));
+    }
+    Ok(ListBody::Delta {
+        base,
+        depth,
+        patches,
+    })
+}
+
+/// A full list's extents with `patches` applied.
+pub fn apply_patches(base: &[Extent], patches: Vec<Patch>) -> Vec<Extent> {
+    splice(base, patches)
+}
+
+/// Walks a list of extents, handing out the next bytes as (sliced) extents.
+pub(crate) struct Cursor<'a> {
+    list: &'a [Extent],
+    i: usize,
+    within: u32,
+}
+
+impl<'a> Cursor<'a> {
+    pub(crate) fn new(list: &'a [Extent]) -> Self {
+        Cursor {
+            list,
+            i: 0,
+            within: 0,
+        }
+    }
+
+    /// The next `n` bytes; fewer only if the list ends.
+    pub(crate) fn take(&mut self, mut n: u64, out: &mut Vec<Extent>) {
+        while n > 0 && self.i < self.list.len() {
+            let e = self.list[self.i];
+            let here = ((e.len - self.within) as u64).min(n) as u32;
+            push_extent(out, e.slice(self.within, here));
+            self.advance(here);
+            n -= here as u64;
+        }
+    }
+
+    pub(crate) fn skip(&mut self, mut n: u64) {
+        while n > 0 && self.i < self.list.len() {
+            let here = ((self.list[self.i].len - self.within) as u64).min(n) as u32;
+            self.advance(here);
+            n -= here as u64;
+        }
+    }
+
+    fn advance(&mut self, by: u32) {
+        self.within += by;
+        if self.within == self.list[self.i].len {
+            self.i += 1;
+            self.within = 0;
+        }
+    }
+}
+
+/// `base` with the ranges `[start, end)` replaced by the given extents.
+pub(crate) fn splice(base: &[Extent], patches: Vec<Patch>) -> Vec<Extent> {
+    let total: u64 = base.iter().map(|e| e.len as u64).sum();
+    let mut cur = Cursor::new(base);
+    let mut out = Vec::with_capacity(base.len() + patches.len() * 3);
+    let mut pos = 0u64;
+    for (a, b, exts) in patches {
+        cur.take(a - pos, &mut out);
+        cur.skip(b - a);
+        for e in exts {
+            push_extent(&mut out, e);
+        }
+        pos = b;
+    }
+    cur.take(total - pos, &mut out);
+    out
 }
 
 /// Decode a chunk list's body, which must describe exactly `span` bytes.
@@ -303,6 +496,24 @@ pub fn decode_list_body(name: &str, body: &[u8], span: u64) -> Result<Vec<Extent
     let count = r
         .count(4)
         .ok_or_else(|| bad("extent count out of bounds".into()))?;
+    let (list, total) = read_extents(&mut r, count, &bad)?;
+    if total != span {
+        return Err(bad(format!(
+            "extents add up to {total} bytes, not the span's {span}"
+        )));
+    }
+    if r.remaining() != 0 {
+        return Err(bad("trailing bytes".into()));
+    }
+    Ok(list)
+}
+
+/// `count` extents, and the bytes they add up to.
+fn read_extents(
+    r: &mut Reader<'_>,
+    count: usize,
+    bad: &dyn Fn(String) -> Error,
+) -> Result<(Vec<Extent>, u64)> {
     let mut list = Vec::with_capacity(count);
     let mut total = 0u64;
     for _ in 0..count {
@@ -335,15 +546,7 @@ pub fn decode_list_body(name: &str, body: &[u8], span: u64) -> Result<Vec<Extent
         total += e.len as u64;
         list.push(e);
     }
-    if total != span {
-        return Err(bad(format!(
-            "extents add up to {total} bytes, not the span's {span}"
-        )));
-    }
-    if r.remaining() != 0 {
-        return Err(bad("trailing bytes".into()));
-    }
-    Ok(list)
+    Ok((list, total))
 }
 
 fn seal_object(key: &MasterKey, kind: Kind, body: &[u8]) -> Vec<u8> {
@@ -574,6 +777,86 @@ mod tests {
             framed.extend_from_slice(&bytes);
             let _ = decode_body("p", &framed);
             let _ = decode_list_body("l", &bytes, span);
+            let _ = decode_list("l", &bytes, span);
+            // The same bytes behind a delta list's mark and a valid depth.
+            let mut delta = DELTA_MARK.to_le_bytes().to_vec();
+            delta.extend_from_slice(&1u32.to_le_bytes());
+            delta.extend_from_slice(&bytes);
+            let _ = decode_list("l", &delta, span);
         }
+
+        #[test]
+        fn a_delta_list_applied_to_its_base_gives_the_new_list(
+            cuts in proptest::collection::vec((0u64..256, 1u64..4, any::<bool>()), 0..40),
+        ) {
+            // A span of 256 blocks of 4 KiB in 16 KiB chunks; `cuts` overwrite
+            // runs of blocks with new pieces or zeros.
+            let span = 256 * 4096u64;
+            let id = |n: u64| ChunkId(*blake3::hash(&n.to_le_bytes()).as_bytes());
+            let base: Vec<Extent> = (0..64).map(|i| Extent::chunk(16384, id(i))).collect();
+            let mut patches: Vec<Patch> = Vec::new();
+            let mut blocks: Vec<(u64, u64, bool)> = cuts
+                .into_iter()
+                .map(|(b, n, z)| (b * 4096, ((b + n) * 4096).min(span), z))
+                .collect();
+            blocks.sort();
+            let mut end = 0;
+            for (a, b, z) in blocks {
+                if a < end || a >= b {
+                    continue;
+                }
+                let e = if z { Extent::zeros((b - a) as u32) } else { Extent::chunk((b - a) as u32, id(1000 + a)) };
+                patches.push((a, b, vec![e]));
+                end = b;
+            }
+            let new = splice(&base, patches);
+            let found = delta_patches(&base, &new);
+            let body = encode_delta(&id(7), 3, &found);
+            let ListBody::Delta { base: b, depth, patches } = decode_list("l", &body, span).unwrap() else {
+                panic!("not decoded as a delta");
+            };
+            prop_assert_eq!((b, depth), (id(7), 3));
+            prop_assert_eq!(apply_patches(&base, patches), new);
+        }
+    }
+
+    #[test]
+    fn malformed_delta_lists_are_refused() {
+        let span = 1 << 20;
+        let id = ChunkId([5; 32]);
+        let piece = |n: u32| vec![Extent::chunk(n, id)];
+        let body = |depth: u32, patches: &[Patch]| {
+            let mut b = encode_delta(&id, 1, patches);
+            b[4..8].copy_from_slice(&depth.to_le_bytes());
+            b
+        };
+        for (what, bytes) in [
+            ("depth", body(0, &[])),
+            ("depth", body(MAX_DELTA_DEPTH + 1, &[])),
+            (
+                "out of order",
+                body(1, &[(8192, 12288, piece(4096)), (4096, 8192, piece(4096))]),
+            ),
+            (
+                "out of order",
+                body(1, &[(0, 8192, piece(8192)), (4096, 12288, piece(8192))]),
+            ),
+            (
+                "past the span",
+                body(1, &[(span - 4096, span + 4096, piece(8192))]),
+            ),
+            ("add up", body(1, &[(0, 8192, piece(4096))])),
+        ] {
+            let e = decode_list("chunk list ab", &bytes, span)
+                .unwrap_err()
+                .to_string();
+            assert!(
+                e.contains(what) && e.contains("chunk list ab"),
+                "{what}: {e}"
+            );
+        }
+        let mut trailing = body(1, &[(0, 4096, piece(4096))]);
+        trailing.push(0);
+        assert!(decode_list("l", &trailing, span).is_err());
     }
 }

@@ -377,9 +377,10 @@ struct Lists<'a> {
 }
 
 impl Lists<'_> {
-    fn load(&mut self, id: &ChunkId, span: u64) -> Result<Vec<point::Extent>> {
-        if self.index.contains(id)? {
-            return self.repo.load_list(self.index, id, span);
+    fn load(&mut self, id: &ChunkId, span: u64) -> Result<crate::repo::ListParts> {
+        match self.repo.load_list_parts(&[self.index], id, span) {
+            Err(Error::Missing { .. }) => {}
+            r => return r,
         }
         if self.extra.is_none() {
             let mut extra = Index::default();
@@ -396,7 +397,7 @@ impl Lists<'_> {
             self.extra = Some(extra);
         }
         let extra = self.extra.as_ref().expect("built above");
-        self.repo.load_list(extra, id, span)
+        self.repo.load_list_parts(&[self.index, extra], id, span)
     }
 }
 
@@ -413,13 +414,18 @@ fn live_chunks<'a>(
                     continue;
                 }
                 let (_, span) = point::list_span(disk.size, i);
-                let extents = lists.load(id, span).map_err(|e| {
-                    Error::InvalidInput(format!(
+                let parts = lists.load(id, span).map_err(|e| match e {
+                    // This machine's trouble, not the point's.
+                    e @ Error::Spill { .. } => e,
+                    e => Error::InvalidInput(format!(
                         "recovery point {} is damaged ({e}); prune deletes nothing while a point is unreadable: run `ferry check`",
                         p.short_id()
-                    ))
+                    )),
                 })?;
-                live.extend(extents.iter().filter_map(|x| x.id));
+                // A delta list needs the lists it is built on, not the chunks
+                // of theirs that its patches replaced.
+                live.extend(parts.bases.iter().copied());
+                live.extend(parts.extents.iter().filter_map(|x| x.id));
             }
         }
     }

@@ -85,6 +85,10 @@ pub struct Repository {
     /// Chunks recently stored or read by incrementals through a change map, which
     /// the next one compares its changed regions with (see `backup::Parent`).
     pub(crate) recent: std::sync::Arc<std::sync::Mutex<crate::cache::ChunkCache>>,
+    /// Bytes that incrementals through a change map may still read whole to
+    /// compact fragmented segments (see `backup::COMPACT_SHARE`); carried from
+    /// one backup of a long-lived process to the next.
+    pub(crate) compaction_credit: std::sync::Arc<std::sync::atomic::AtomicU64>,
     /// Key files skipped by `open`, with why.
     warnings: Vec<String>,
 }
@@ -126,6 +130,16 @@ fn recent_chunks() -> std::sync::Arc<std::sync::Mutex<crate::cache::ChunkCache>>
         .and_then(|v| v.parse::<usize>().ok())
         .map_or(RECENT_CHUNKS_BYTES, |m| m << 20);
     std::sync::Arc::new(std::sync::Mutex::new(crate::cache::ChunkCache::new(budget)))
+}
+
+/// A chunk list as loaded: its extents; for a delta list the lists it is built
+/// on, which must stay as long as it does, and how many deltas deep it is.
+#[derive(Debug)]
+pub struct ListParts {
+    pub bases: Vec<point::ListId>,
+    /// 0 for a full list.
+    pub depth: u32,
+    pub extents: Vec<point::Extent>,
 }
 
 impl Repository {
@@ -249,6 +263,7 @@ impl Repository {
             config,
             points_read: Default::default(),
             kept_index: Default::default(),
+            compaction_credit: Default::default(),
             recent: recent_chunks(),
             warnings: Vec::new(),
         })
@@ -334,6 +349,7 @@ impl Repository {
                 config,
                 points_read: Default::default(),
                 kept_index: Default::default(),
+                compaction_credit: Default::default(),
                 recent: recent_chunks(),
                 warnings,
             });
@@ -451,14 +467,87 @@ impl Repository {
             .map_err(|d| Error::corrupt(what, format!("in {pack_name}: {d}")))
     }
 
-    /// Load a chunk list that describes `span` bytes, through the index.
+    /// Load a chunk list that describes `span` bytes, through the index: its
+    /// extents, a delta list's applied to its base.
     pub fn load_list(
         &self,
         index: &crate::index::Index,
         id: &point::ListId,
         span: u64,
     ) -> Result<Vec<point::Extent>> {
+        Ok(self.load_list_parts(&[index], id, span)?.extents)
+    }
+
+    /// Load a chunk list through the first of `indexes` that holds each blob:
+    /// a delta list is applied to the lists it is built on, down to a full one.
+    pub fn load_list_parts(
+        &self,
+        indexes: &[&crate::index::Index],
+        id: &point::ListId,
+        span: u64,
+    ) -> Result<ListParts> {
+        let mut chain = Vec::new();
+        let mut at = *id;
+        let mut want: Option<u32> = None;
+        let full = loop {
+            match self.list_body(indexes, &at, span)? {
+                point::ListBody::Full(extents) if want.is_none_or(|d| d == 0) => break extents,
+                point::ListBody::Delta {
+                    base,
+                    depth,
+                    patches,
+                } if want.is_none_or(|d| d == depth) => {
+                    chain.push((at, patches));
+                    want = Some(depth - 1);
+                    at = base;
+                }
+                _ => {
+                    return Err(Error::corrupt(
+                        format!("chunk list {}", &id.to_hex()[..16]),
+                        format!(
+                            "its chain of delta lists breaks at chunk list {}, which is not {} deltas above a full list",
+                            &at.to_hex()[..16],
+                            want.unwrap_or(0)
+                        ),
+                    ));
+                }
+            }
+        };
+        let depth = chain.len() as u32;
+        let mut bases: Vec<point::ListId> = chain.iter().skip(1).map(|(id, _)| *id).collect();
+        if depth > 0 {
+            bases.push(at);
+        }
+        let mut extents = full;
+        for (_, patches) in chain.into_iter().rev() {
+            extents = point::apply_patches(&extents, patches);
+        }
+        Ok(ListParts {
+            bases,
+            depth,
+            extents,
+        })
+    }
+
+    fn list_body(
+        &self,
+        indexes: &[&crate::index::Index],
+        id: &point::ListId,
+        span: u64,
+    ) -> Result<point::ListBody> {
         let what = format!("chunk list {}", &id.to_hex()[..16]);
+        let mut index = indexes.first().copied();
+        for i in indexes {
+            if i.contains(id)? {
+                index = Some(i);
+                break;
+            }
+        }
+        let Some(index) = index else {
+            return Err(Error::Missing {
+                object: format!("{what} (no pack holds it)"),
+            });
+        };
         // Refused before it is read and decompressed: a blob may be 4 MiB, a
         // chunk list never more than `MAX_LIST_BODY`.
         if let Some(loc) = index.get(id)?
@@ -474,7 +563,7 @@ impl Repository {
             ));
         }
         let body = self.read_blob(index, id, &what)?;
-        point::decode_list_body(&what, &body, span)
+        point::decode_list(&what, &body, span)
     }
 
     /// Every readable point, oldest first, and the errors of the unreadable ones.

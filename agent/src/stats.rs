@@ -139,8 +139,13 @@ pub fn restore_reads(
                 used_packs.insert(l.pack);
             }
             let (_, span) = crate::point::list_span(disk.size, i);
-            if let Ok(extents) = repo.load_list(idx, id, span) {
-                for x in extents.iter().filter_map(|x| x.id) {
+            if let Ok(parts) = repo.load_list_parts(&[idx], id, span) {
+                for base in &parts.bases {
+                    if let Some(l) = idx.get(base).ok().flatten() {
+                        used_packs.insert(l.pack);
+                    }
+                }
+                for x in parts.extents.iter().filter_map(|x| x.id) {
                     if let Some(l) = idx.get(&x).ok().flatten()
                         && seen.insert(x)
                     {

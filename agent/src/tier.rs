@@ -70,7 +70,13 @@ fn packs_used(
                     used.insert(l.pack);
                 }
                 let (_, span) = crate::point::list_span(disk.size, i);
-                for x in repo.load_list(index, id, span)?.iter().filter_map(|x| x.id) {
+                let parts = repo.load_list_parts(&[index], id, span)?;
+                for base in &parts.bases {
+                    if let Some(l) = index.get(base)? {
+                        used.insert(l.pack);
+                    }
+                }
+                for x in parts.extents.iter().filter_map(|x| x.id) {
                     if let Some(l) = index.get(&x)? {
                         used.insert(l.pack);
                     }
