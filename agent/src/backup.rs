@@ -242,9 +242,14 @@ struct SegResult {
 const REREAD_CHANGED: usize = SEGMENT_SIZE / 4;
 /// A segment cut into more extents than this (an average under 8 KiB) is
 /// fragmented, and is compacted (read and chunked whole) when the compaction
-/// credit allows. Fragmentation is bounded without it: every extent but a
-/// segment's last is at least 4 KiB, so a segment never holds more than 1024.
+/// credit allows. With the fixed chunker fragmentation is bounded without it:
+/// every extent but a segment's last is at least 4 KiB, so a segment never
+/// holds more than [`MAX_SEGMENT_EXTENTS`]; with the content-defined one, a
+/// segment that could pass that is compacted whatever the credit.
 const REREAD_EXTENTS: usize = 512;
+/// The most extents a 4 MiB segment may hold, so that a span's list stays
+/// within [`point::MAX_LIST_EXTENTS`].
+const MAX_SEGMENT_EXTENTS: usize = point::MAX_LIST_EXTENTS / (LIST_SPAN as usize / SEGMENT_SIZE);
 /// Compaction re-stores a segment's data, so it is paced: each incremental
 /// through a change map earns credit for this share of its changed bytes, and
 /// a fragmented segment is compacted only while the credit (carried between
@@ -685,9 +690,18 @@ pub fn backup_sources(
                     // smaller.
                     let k = ((next_seq[d] - 1) / segs_per_span) as usize;
                     let root = shared.roots.lock().expect("list roots").remove(&(d, k));
-                    let body = list_body(&span_ext[d], root);
-                    // Chunker::validate keeps chunks ≥ 4 KiB, so this cannot fail.
-                    debug_assert!(body.len() <= crate::chunker::MAX_CHUNK);
+                    let body = match list_body(&span_ext[d], root) {
+                        Ok(SpanList::Same(lid)) => {
+                            lists[d].push(lid);
+                            span_ext[d].clear();
+                            continue;
+                        }
+                        Ok(SpanList::Store(body)) => body,
+                        Err(e) => {
+                            shared.fail(e);
+                            break;
+                        }
+                    };
                     let lid = repo.key.chunk_id(&body);
                     let new = claim_new(index, &pending, lid).unwrap_or_else(|e| {
                         shared.fail(e);
@@ -854,19 +868,41 @@ const DELTA_FRACTION: usize = 4;
 /// A parent point's list of a span: its id, delta depth and extents.
 type ParentList = (ListId, u32, Vec<Extent>);
 
-/// The body of a span's new list: a delta of the parent's list, or the full list.
-fn list_body(extents: &[Extent], parent: Option<ParentList>) -> Vec<u8> {
+/// What a completed span's list is.
+enum SpanList {
+    /// The parent's list: the span's extents are the same.
+    Same(ListId),
+    /// A list body to store (or find stored).
+    Store(Vec<u8>),
+}
+
+/// The list of a completed span: the parent's when nothing differs, a delta
+/// of it, or the full list.
+fn list_body(extents: &[Extent], parent: Option<ParentList>) -> Result<SpanList> {
     let full = point::encode_list(extents);
-    if let Some((base, depth, base_extents)) = parent
-        && depth < point::MAX_DELTA_DEPTH
-    {
+    // Every later delta resolves to lists like this one: one that no reader
+    // would accept must not be committed (compaction keeps them within it).
+    if full.len() > point::MAX_LIST_BODY {
+        return Err(Error::InvalidInput(format!(
+            "a span's chunk list would be {} bytes ({} extents), more than the {} a list can: nothing was committed (a bug: compaction should have prevented it)",
+            full.len(),
+            extents.len(),
+            point::MAX_LIST_BODY
+        )));
+    }
+    if let Some((base, depth, base_extents)) = parent {
         let patches = point::delta_patches(&base_extents, extents);
-        let delta = point::encode_delta(&base, depth + 1, &patches);
-        if delta.len() * DELTA_FRACTION <= full.len() {
-            return delta;
+        if patches.is_empty() {
+            return Ok(SpanList::Same(base));
+        }
+        if depth < point::MAX_DELTA_DEPTH {
+            let delta = point::encode_delta(&base, depth + 1, &patches);
+            if delta.len() * DELTA_FRACTION <= full.len() {
+                return Ok(SpanList::Store(delta));
+            }
         }
     }
-    full
+    Ok(SpanList::Store(full))
 }
 
 /// Whether chunk `id` is new to the repository and to this backup, claiming it
@@ -1121,6 +1157,7 @@ fn read_changes(
     shared: &Shared,
 ) -> Result<bool> {
     let seg_size = SEGMENT_SIZE as u64;
+    let cdc = matches!(repo.config.chunker, crate::chunker::Chunker::Cdc { .. });
     let mut seq = 0u64;
     let mut next_range = 0usize;
     for (i, lid) in plan.lists.iter().enumerate() {
@@ -1187,9 +1224,21 @@ fn read_changes(
                 j += 1;
             }
             let changed: u64 = runs.iter().map(|r| r.1 - r.0).sum();
+            // With the content-defined chunker, chunk edges are not 4 KiB
+            // aligned and a change beside one leaves a slice of a few bytes, so
+            // only compaction bounds a segment's extents: at most 2 per changed
+            // 4 KiB block and 2 per run are added.
+            let could_overflow = cdc
+                && seg_base.len()
+                    + runs
+                        .iter()
+                        .map(|r| 2 * (r.1 - r.0).div_ceil(4096) as usize + 2)
+                        .sum::<usize>()
+                    > MAX_SEGMENT_EXTENTS;
             plans.push(if changed == 0 {
                 Plan::Same(seg_base)
             } else if changed >= REREAD_CHANGED as u64
+                || could_overflow
                 || (seg_base.len() > REREAD_EXTENTS
                     && repo
                         .compaction_credit
@@ -1746,6 +1795,119 @@ mod tests {
         assert!(report.problems.is_empty(), "{:?}", report.problems);
         assert!(crate::testing::restore_bytes(&repo, &last.id) == disk.data);
         assert!(crate::testing::restore_bytes(&repo, &old) == data);
+    }
+
+    #[test]
+    fn prune_keeps_a_list_that_a_later_point_names_after_a_delta_built_on_it() {
+        // P1 full (list L0); P2 rewrites whole chunks, stored as a delta of L0
+        // that replaces them; the disk is rolled back and P3, a full read,
+        // names L0 again. With P1 forgotten, L0 is first met as P2's base,
+        // and the chunks P2 replaced are still P3's.
+        let repo = repo();
+        let mut disk = Tracked {
+            data: vec![0u8; 64 << 20],
+            changes: None,
+        };
+        noise(&mut disk.data, 11);
+        let original = disk.data.clone();
+        let p1 = backup_sources(&repo, &opts(), &[&disk], &Progress::default()).unwrap();
+        let mut changes = Vec::new();
+        for k in [3u64, 200, 517, 900] {
+            let off = k * 65536;
+            noise(&mut disk.data[off as usize..(off + 65536) as usize], k);
+            changes.push((off, off + 65536));
+        }
+        disk.changes = Some(changes);
+        let p2 = backup_sources(&repo, &opts(), &[&disk], &Progress::default()).unwrap();
+        let (index, _) = index::load(&repo.store, &repo.key).unwrap();
+        let l2 = repo.load_point(&p2.point).unwrap().lists[0][0];
+        assert_eq!(
+            repo.load_list_parts(&[&index], &l2, LIST_SPAN)
+                .unwrap()
+                .depth,
+            1
+        );
+        disk.data = original.clone();
+        disk.changes = None;
+        let p3 = backup_sources(&repo, &opts(), &[&disk], &Progress::default()).unwrap();
+        assert_eq!(
+            repo.load_point(&p3.point).unwrap().lists,
+            repo.load_point(&p1.point).unwrap().lists
+        );
+        crate::prune::forget(&repo, &Default::default(), None, &[p1.point], false).unwrap();
+        crate::prune::prune(
+            &repo,
+            crate::prune::PruneOptions {
+                max_unused: 0.0,
+                dry_run: false,
+            },
+        )
+        .unwrap();
+        assert!(crate::testing::restore_bytes(&repo, &p3.point) == original);
+        assert!(crate::testing::restore_bytes(&repo, &p2.point) == disk_after(&original));
+
+        fn disk_after(original: &[u8]) -> Vec<u8> {
+            let mut d = original.to_vec();
+            for k in [3u64, 200, 517, 900] {
+                let off = (k * 65536) as usize;
+                noise(&mut d[off..off + 65536], k);
+            }
+            d
+        }
+    }
+
+    #[test]
+    fn with_the_content_defined_chunker_a_span_list_stays_readable_under_every_other_block_written()
+    {
+        // CDC edges are not 4 KiB aligned: 4 KiB writes beside them leave
+        // slivers, and without compaction 16 segments of them would make a
+        // list no reader accepts. Every incremental changes under 1/4 of each
+        // segment, so only the extent bound compacts.
+        let repo = Repository::init(
+            crate::store::Store::new(
+                std::sync::Arc::new(object_store::memory::InMemory::new()),
+                "memory:",
+            ),
+            b"pw",
+            crate::repo::InitOptions {
+                chunker: crate::chunker::Chunker::Cdc {
+                    min: 4096,
+                    avg: 16384,
+                    max: 65536,
+                },
+                kdf: crate::crypto::KdfParams {
+                    memory_kib: 64,
+                    iterations: 1,
+                    ..Default::default()
+                },
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        let mut disk = Tracked {
+            data: vec![0u8; 64 << 20],
+            changes: None,
+        };
+        noise(&mut disk.data, 21);
+        backup_sources(&repo, &opts(), &[&disk], &Progress::default()).unwrap();
+        for round in 0..4u64 {
+            // Every other 4 KiB block, a quarter of them per round.
+            let blocks: Vec<u64> = (0..(64u64 << 20) / 8192)
+                .filter(|b| b % 4 == round)
+                .map(|b| b * 2)
+                .collect();
+            for &b in &blocks {
+                let off = (b * 4096) as usize;
+                noise(&mut disk.data[off..off + 4096], b + 7 * round);
+            }
+            disk.changes = Some(blocks.iter().map(|b| (b * 4096, (b + 1) * 4096)).collect());
+            let s = backup_sources(&repo, &opts(), &[&disk], &Progress::default()).unwrap();
+            assert!(read_all(&repo, &s.point) == disk.data, "round {round}");
+            let (index, _) = index::load(&repo.store, &repo.key).unwrap();
+            let list = repo.load_point(&s.point).unwrap().lists[0][0];
+            let n = repo.load_list(&index, &list, LIST_SPAN).unwrap().len();
+            assert!(n <= point::MAX_LIST_EXTENTS, "round {round}: {n} extents");
+        }
     }
 
     #[test]

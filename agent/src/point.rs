@@ -47,7 +47,10 @@ pub const MAX_POINT_BODY: usize = 64 << 20;
 pub const MAX_POINT_OBJECT: u64 = format::sealed_zstd_bound(MAX_POINT_BODY);
 /// The largest chunk list body: 16 384 extents (a 64 MiB span of extents of at
 /// least 4 KiB) of at most 40 bytes, plus the count (docs/formats.md#extents).
-pub const MAX_LIST_BODY: usize = 4 + 16_384 * 40;
+pub const MAX_LIST_BODY: usize = 4 + MAX_LIST_EXTENTS * 40;
+/// The most extents a span's list holds when each is at least 4 KiB (a 64 MiB
+/// span); what readers enforce is [`MAX_LIST_BODY`].
+pub const MAX_LIST_EXTENTS: usize = 16_384;
 
 /// A chunk list is stored as a chunk and named by the same keyed hash.
 pub type ListId = ChunkId;
@@ -292,6 +295,18 @@ fn encode_extents(extents: &[Extent], body: &mut Vec<u8>) {
             None => body.extend_from_slice(&(e.len | ZERO_FLAG).to_le_bytes()),
         }
     }
+}
+
+/// The length of [`encode_list`]'s body for these extents.
+pub fn list_body_len(extents: &[Extent]) -> usize {
+    4 + extents
+        .iter()
+        .map(|e| match e.id {
+            Some(_) if e.skip == 0 => 36,
+            Some(_) => 40,
+            None => 4,
+        })
+        .sum::<usize>()
 }
 
 /// The first word of a delta list's body, where a full list has its extent
@@ -665,7 +680,8 @@ pub fn differing_ranges(base: u64, old: &[Extent], new: &[Extent]) -> Vec<(u64, 
         let n = left_a.min(left_b);
         let same =
             a.id == b.id && (a.id.is_none() || u64::from(a.skip) + oi == u64::from(b.skip) + nj);
-        if !same {
+        // An extent of 0 bytes (readers accept empty zero runs) differs in nothing.
+        if !same && n > 0 {
             match out.last_mut() {
                 Some(last) if last.1 == at => last.1 = at + n,
                 _ => out.push((at, at + n)),

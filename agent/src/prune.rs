@@ -407,12 +407,17 @@ fn live_chunks<'a>(
     points: impl IntoIterator<Item = &'a Point>,
     live: &mut HashSet<ChunkId>,
 ) -> Result<()> {
+    // Lists walked in this call, apart from `live`: a list may be live already
+    // as the base of a delta, which keeps only what the delta still uses, and
+    // must still be walked when a point names it.
+    let mut walked: HashSet<ChunkId> = HashSet::new();
     for p in points {
         for (disk, ids) in p.meta.disks.iter().zip(&p.lists) {
             for (i, id) in ids.iter().enumerate() {
-                if !live.insert(*id) {
+                if !walked.insert(*id) {
                     continue;
                 }
+                live.insert(*id);
                 let (_, span) = point::list_span(disk.size, i);
                 let parts = lists.load(id, span).map_err(|e| match e {
                     // This machine's trouble, not the point's.

@@ -521,6 +521,18 @@ impl Repository {
         let mut extents = full;
         for (_, patches) in chain.into_iter().rev() {
             extents = point::apply_patches(&extents, patches);
+            // Each body is bounded, but patches could multiply extents: what
+            // they make must fit a full list's body, as backup ensures.
+            let len = point::list_body_len(&extents);
+            if len > point::MAX_LIST_BODY {
+                return Err(Error::corrupt(
+                    format!("chunk list {}", &id.to_hex()[..16]),
+                    format!(
+                        "its deltas make a list of {len} bytes, more than the {} a chunk list can hold",
+                        point::MAX_LIST_BODY
+                    ),
+                ));
+            }
         }
         Ok(ListParts {
             bases,
