@@ -18,9 +18,9 @@
 //!
 //! The first entry for an id wins, as in the in-memory index: `insert` checks
 //! the runs before adding, so an id is in one place only and every lookup or
-//! walk sees it once. Runs merge like a binary counter (a new run merges with
-//! the last while that is no larger), so there are at most log2(entries /
-//! limit) + 1 of them and each entry is rewritten as many times at most.
+//! walk sees it once. Runs merge size-tiered: [`MERGE_FAN_IN`] runs of one
+//! level become one of the next, so there are at most 3 per level, log4(entries
+//! / limit) levels, and each entry is rewritten once per level.
 
 use std::fs::File;
 use std::io::{BufWriter, Write};
@@ -34,6 +34,8 @@ use crate::index::{IdMap, Location};
 
 /// Bytes of one record in a run.
 pub const RECORD: usize = 32 + 5 * 4;
+/// Runs of one level that merge into one of the next.
+pub const MERGE_FAN_IN: usize = 4;
 /// Entries kept in memory by default before they go to a run (about 50 MiB):
 /// `FERRY_INDEX_MEMORY_CHUNKS` sets it, at least [`MIN_MEMORY_ENTRIES`].
 pub const DEFAULT_MEMORY_ENTRIES: usize = 1 << 19;
@@ -196,14 +198,20 @@ impl ChunkTable {
             }
         }
         self.recent.shrink_to(self.limit.min(1 << 16));
-        while let [.., older, newer] = &self.runs[..]
-            && older.prints.len() <= newer.prints.len()
-        {
+        // Size-tiered: MERGE_FAN_IN runs of one level merge into one of the
+        // next, so each entry is rewritten once per level.
+        while self.runs.len() >= MERGE_FAN_IN {
             let n = self.runs.len();
-            let total = older.prints.len() + newer.prints.len();
-            let merged = Run::write(&self.dir, total, Merge::new(&self.runs[n - 2..]))
-                .map_err(|e| self.spill_error(e))?;
-            self.runs.truncate(n - 2);
+            let tail = &self.runs[n - MERGE_FAN_IN..];
+            let level = tail[0].level;
+            if tail.iter().any(|r| r.level != level) {
+                break;
+            }
+            let total = tail.iter().map(|r| r.prints.len()).sum();
+            let mut merged =
+                Run::write(&self.dir, total, Merge::new(tail)).map_err(|e| self.spill_error(e))?;
+            merged.level = level + 1;
+            self.runs.truncate(n - MERGE_FAN_IN);
             self.runs.push(merged);
         }
         Ok(())
@@ -234,6 +242,8 @@ impl ChunkTable {
 /// A sorted run on disk and what finds its records.
 struct Run {
     file: File,
+    /// 0 for a spill; a merge of runs of level n is of level n + 1.
+    level: u32,
     bits: u32,
     starts: Vec<u32>,
     prints: Vec<u32>,
@@ -301,6 +311,7 @@ impl Run {
         }
         Ok(Run {
             file,
+            level: 0,
             bits,
             starts: counts,
             prints,
@@ -451,8 +462,13 @@ mod tests {
             assert!(t.insert(id(n), loc(n)).unwrap());
             want.insert(id(n), loc(n));
         }
-        // 49 spills of 101, merged as a binary counter: one run per bit of 49.
-        assert_eq!(t.runs(), 3, "{t:?}");
+        // 49 spills of 101, merged by fours: 49 = 3·16 + 0·4 + 1, so three
+        // runs of level 2 and one of level 0.
+        assert_eq!(t.runs(), 4, "{t:?}");
+        assert_eq!(
+            t.runs.iter().map(|r| r.level).collect::<Vec<_>>(),
+            [2, 2, 2, 0]
+        );
         for r in &t.runs {
             use std::os::unix::fs::PermissionsExt;
             assert_eq!(
