@@ -1766,6 +1766,34 @@ mod tests {
             .unwrap();
         assert!(depth > 0, "no list of the last point is a delta");
         assert!(read_all(&repo, &last.id) == disk.data);
+        // A check from a cold start applies each chain once, not once per
+        // point that reaches it: its reads stay near one per list.
+        *repo.lists_resolved.lock().unwrap() =
+            std::sync::Arc::try_unwrap(crate::repo::list_cache())
+                .unwrap()
+                .into_inner()
+                .unwrap();
+        let lists: HashSet<ListId> = repo
+            .points()
+            .unwrap()
+            .0
+            .iter()
+            .flat_map(|p| p.lists[0].clone())
+            .collect();
+        let before = repo.store.requests().gets;
+        let report = crate::check::check(
+            &repo,
+            crate::check::CheckOptions { read_data: false },
+            &Progress::default(),
+        )
+        .unwrap();
+        assert!(report.problems.is_empty(), "{:?}", report.problems);
+        let gets = repo.store.requests().gets - before;
+        assert!(
+            gets <= 3 * lists.len() as u64 + 200,
+            "{gets} reads to check {} lists",
+            lists.len()
+        );
         let (old, data) = kept.unwrap();
         assert!(read_all(&repo, &old) == data);
         // Forgetting every point but these two keeps the lists their deltas

@@ -1,51 +1,64 @@
-//! Decoded chunks kept in memory, bounded by bytes, evicted oldest first: the
-//! read-ahead of instant restore, and the recently stored chunks an incremental
-//! compares its changed regions against.
+//! Decoded chunks (or other values by chunk id) kept in memory, bounded by
+//! bytes, evicted oldest first: the read-ahead of instant restore, the recently
+//! stored chunks an incremental compares its changed regions against, and the
+//! chunk lists `Repository::load_list_parts` resolved.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 
 use crate::crypto::ChunkId;
 
-pub(crate) struct ChunkCache {
-    map: HashMap<ChunkId, Arc<Vec<u8>>>,
+/// Values by chunk id, at most `budget` bytes of them as `weigh` counts.
+pub(crate) struct Fifo<V> {
+    map: HashMap<ChunkId, Arc<V>>,
     order: VecDeque<ChunkId>,
     bytes: usize,
     budget: usize,
+    weigh: fn(&V) -> usize,
 }
+
+/// Decoded chunks.
+pub(crate) type ChunkCache = Fifo<Vec<u8>>;
 
 impl ChunkCache {
     pub(crate) fn new(budget: usize) -> Self {
-        ChunkCache {
+        Fifo::weighed(budget, Vec::len)
+    }
+}
+
+impl<V> Fifo<V> {
+    pub(crate) fn weighed(budget: usize, weigh: fn(&V) -> usize) -> Self {
+        Fifo {
             map: HashMap::new(),
             order: VecDeque::new(),
             bytes: 0,
             budget,
+            weigh,
         }
     }
 
-    pub(crate) fn get(&self, id: &ChunkId) -> Option<Arc<Vec<u8>>> {
+    pub(crate) fn get(&self, id: &ChunkId) -> Option<Arc<V>> {
         self.map.get(id).cloned()
     }
 
-    pub(crate) fn insert(&mut self, id: ChunkId, data: Arc<Vec<u8>>) {
+    pub(crate) fn insert(&mut self, id: ChunkId, data: Arc<V>) {
         if self.budget == 0 || self.map.contains_key(&id) {
             return;
         }
-        self.bytes += data.len();
+        self.bytes += (self.weigh)(&data);
         self.map.insert(id, data);
         self.order.push_back(id);
         while self.bytes > self.budget
             && let Some(old) = self.order.pop_front()
         {
             if let Some(d) = self.map.remove(&old) {
-                self.bytes -= d.len();
+                self.bytes -= (self.weigh)(&d);
             }
         }
     }
 }
 
-impl std::fmt::Debug for ChunkCache {
+impl<V> std::fmt::Debug for Fifo<V> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ChunkCache")
             .field("chunks", &self.map.len())
