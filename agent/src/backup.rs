@@ -32,7 +32,7 @@ use crate::crypto::ChunkId;
 use crate::error::{Error, Result};
 use crate::index::{self, Index, PackRecord};
 use crate::pack::{self, PackWriter};
-use crate::point::{self, Consistency, Cursor, DiskMeta, Extent, LIST_SPAN, ListId, Meta, splice};
+use crate::point::{self, Consistency, Cursor, DiskMeta, Extent, LIST_SPAN, ListId, Meta};
 use crate::progress::Progress;
 use crate::repo::Repository;
 use crate::source::{BlockSource, FileSource, is_zero};
@@ -448,8 +448,8 @@ pub fn backup_sources(
         crate::chunker::Chunker::Cdc { .. } => PIECE,
     };
     let level = repo.config.compression_level;
-    // The new chunks of this backup, so that each is stored once; on disk past
-    // a million, as the index is.
+    // The new chunks of this backup, so that each is stored once; a chunk
+    // table, so past its limit on local disk, as the index is.
     let pending: Mutex<ChunkTable> = Mutex::default();
     let index = &kept.index;
     let parent_bytes = Parent {
@@ -605,7 +605,7 @@ pub fn backup_sources(
                                 }
                             }
                             batch.seal(&mut sealer, key, shared, &mut out.blobs);
-                            out.extents = splice(&base, patches);
+                            out.extents = point::apply_patches(&base, patches);
                         }
                         Work::Span { list, segs } => out.span = Some((list, segs)),
                     }
@@ -686,8 +686,7 @@ pub fn backup_sources(
                 next_seq[d] += 1;
                 if next_seq[d].is_multiple_of(segs_per_span) || next_seq[d] == seg_count[d] {
                     // A span is complete: its list is stored like a chunk, once,
-                    // as a delta of the parent's full list when that is much
-                    // smaller.
+                    // as a delta of the parent's list when that is much smaller.
                     let k = ((next_seq[d] - 1) / segs_per_span) as usize;
                     let root = shared.roots.lock().expect("list roots").remove(&(d, k));
                     let body = match list_body(&span_ext[d], root) {
@@ -879,13 +878,12 @@ enum SpanList {
 /// The list of a completed span: the parent's when nothing differs, a delta
 /// of it, or the full list.
 fn list_body(extents: &[Extent], parent: Option<ParentList>) -> Result<SpanList> {
-    let full = point::encode_list(extents);
+    let full_len = point::list_body_len(extents);
     // Every later delta resolves to lists like this one: one that no reader
     // would accept must not be committed (compaction keeps them within it).
-    if full.len() > point::MAX_LIST_BODY {
+    if full_len > point::MAX_LIST_BODY {
         return Err(Error::InvalidInput(format!(
-            "a span's chunk list would be {} bytes ({} extents), more than the {} a list can: nothing was committed (a bug: compaction should have prevented it)",
-            full.len(),
+            "a span's chunk list would be {full_len} bytes ({} extents), more than the {} a list can: nothing was committed (a bug: compaction should have prevented it)",
             extents.len(),
             point::MAX_LIST_BODY
         )));
@@ -897,12 +895,12 @@ fn list_body(extents: &[Extent], parent: Option<ParentList>) -> Result<SpanList>
         }
         if depth < point::MAX_DELTA_DEPTH {
             let delta = point::encode_delta(&base, depth + 1, &patches);
-            if delta.len() * DELTA_FRACTION <= full.len() {
+            if delta.len() * DELTA_FRACTION <= full_len {
                 return Ok(SpanList::Store(delta));
             }
         }
     }
-    Ok(SpanList::Store(full))
+    Ok(SpanList::Store(point::encode_list(extents)))
 }
 
 /// Whether chunk `id` is new to the repository and to this backup, claiming it
@@ -1448,6 +1446,18 @@ mod tests {
         changes: Option<Vec<(u64, u64)>>,
     }
 
+    impl Tracked {
+        /// A disk of `size` bytes of seeded noise, without a change map yet.
+        fn noise(size: usize, seed: u64) -> Self {
+            let mut data = vec![0u8; size];
+            noise(&mut data, seed);
+            Tracked {
+                data,
+                changes: None,
+            }
+        }
+    }
+
     impl BlockSource for Tracked {
         fn size(&self) -> Result<u64> {
             Ok(self.data.len() as u64)
@@ -1543,13 +1553,7 @@ mod tests {
             );
             assert!(read_all(&repo, &s.point) == disk.data, "round {round}");
         }
-        let c = crate::check::check(
-            &repo,
-            crate::check::CheckOptions { read_data: true },
-            &Progress::default(),
-        )
-        .unwrap();
-        assert!(c.problems.is_empty(), "{:?}", c.problems);
+        crate::testing::check_clean(&repo);
     }
 
     /// Writes 4 KiB of noise at `n` random 4 KiB blocks of `within` (one block
@@ -1653,23 +1657,10 @@ mod tests {
             false,
         )
         .unwrap();
-        let r = crate::prune::prune(
-            &repo,
-            crate::prune::PruneOptions {
-                max_unused: 0.0,
-                dry_run: false,
-            },
-        )
-        .unwrap();
+        let r = crate::testing::prune_all(&repo);
         assert!(r.repacked_packs >= 1, "{r:?}");
         assert!(read_all(&repo, &s2.point) == second);
-        let c = crate::check::check(
-            &repo,
-            crate::check::CheckOptions { read_data: true },
-            &Progress::default(),
-        )
-        .unwrap();
-        assert!(c.problems.is_empty(), "{:?}", c.problems);
+        crate::testing::check_clean(&repo);
         crate::prune::prune(&repo, crate::prune::PruneOptions::default()).unwrap();
         let restored = crate::testing::restore_bytes(&repo, &s2.point);
         assert!(restored == second);
@@ -1715,11 +1706,7 @@ mod tests {
         // segments are compacted only as the credit allows.
         let repo = repo();
         let size = 256usize << 20;
-        let mut disk = Tracked {
-            data: vec![0u8; size],
-            changes: None,
-        };
-        noise(&mut disk.data, 3);
+        let mut disk = Tracked::noise(size, 3);
         backup_sources(&repo, &opts(), &[&disk], &Progress::default()).unwrap();
         let stored = || -> u64 { repo.store.list("").unwrap().iter().map(|o| o.1).sum() };
         let mut seed = 7u64;
@@ -1805,22 +1792,9 @@ mod tests {
             .filter(|p| *p != old && *p != last.id)
             .collect();
         crate::prune::forget(&repo, &Default::default(), None, &others, false).unwrap();
-        let r = crate::prune::prune(
-            &repo,
-            crate::prune::PruneOptions {
-                max_unused: 0.0,
-                dry_run: false,
-            },
-        )
-        .unwrap();
+        let r = crate::testing::prune_all(&repo);
         assert!(r.deleted_packs > 0, "{r:?}");
-        let report = crate::check::check(
-            &repo,
-            crate::check::CheckOptions { read_data: true },
-            &Progress::default(),
-        )
-        .unwrap();
-        assert!(report.problems.is_empty(), "{:?}", report.problems);
+        crate::testing::check_clean(&repo);
         assert!(crate::testing::restore_bytes(&repo, &last.id) == disk.data);
         assert!(crate::testing::restore_bytes(&repo, &old) == data);
     }
@@ -1832,11 +1806,7 @@ mod tests {
         // names L0 again. With P1 forgotten, L0 is first met as P2's base,
         // and the chunks P2 replaced are still P3's.
         let repo = repo();
-        let mut disk = Tracked {
-            data: vec![0u8; 64 << 20],
-            changes: None,
-        };
-        noise(&mut disk.data, 11);
+        let mut disk = Tracked::noise(64 << 20, 11);
         let original = disk.data.clone();
         let p1 = backup_sources(&repo, &opts(), &[&disk], &Progress::default()).unwrap();
         let mut changes = Vec::new();
@@ -1847,6 +1817,7 @@ mod tests {
         }
         disk.changes = Some(changes);
         let p2 = backup_sources(&repo, &opts(), &[&disk], &Progress::default()).unwrap();
+        let changed = disk.data.clone();
         let (index, _) = index::load(&repo.store, &repo.key).unwrap();
         let l2 = repo.load_point(&p2.point).unwrap().lists[0][0];
         assert_eq!(
@@ -1863,25 +1834,9 @@ mod tests {
             repo.load_point(&p1.point).unwrap().lists
         );
         crate::prune::forget(&repo, &Default::default(), None, &[p1.point], false).unwrap();
-        crate::prune::prune(
-            &repo,
-            crate::prune::PruneOptions {
-                max_unused: 0.0,
-                dry_run: false,
-            },
-        )
-        .unwrap();
+        crate::testing::prune_all(&repo);
         assert!(crate::testing::restore_bytes(&repo, &p3.point) == original);
-        assert!(crate::testing::restore_bytes(&repo, &p2.point) == disk_after(&original));
-
-        fn disk_after(original: &[u8]) -> Vec<u8> {
-            let mut d = original.to_vec();
-            for k in [3u64, 200, 517, 900] {
-                let off = (k * 65536) as usize;
-                noise(&mut d[off..off + 65536], k);
-            }
-            d
-        }
+        assert!(crate::testing::restore_bytes(&repo, &p2.point) == changed);
     }
 
     #[test]
@@ -1912,11 +1867,7 @@ mod tests {
             },
         )
         .unwrap();
-        let mut disk = Tracked {
-            data: vec![0u8; 64 << 20],
-            changes: None,
-        };
-        noise(&mut disk.data, 21);
+        let mut disk = Tracked::noise(64 << 20, 21);
         backup_sources(&repo, &opts(), &[&disk], &Progress::default()).unwrap();
         for round in 0..4u64 {
             // Every other 4 KiB block, a quarter of them per round.
@@ -1942,11 +1893,7 @@ mod tests {
     fn from_a_remote_repository_only_recently_stored_chunks_are_compared() {
         let repo = crate::testing::memory_repo_named("s3://bucket/repo");
         assert!(repo.store.is_remote());
-        let mut disk = Tracked {
-            data: vec![0u8; 32 << 20],
-            changes: None,
-        };
-        noise(&mut disk.data, 6);
+        let mut disk = Tracked::noise(32 << 20, 6);
         backup_sources(&repo, &opts(), &[&disk], &Progress::default()).unwrap();
         // The full backup's chunks were not kept, and a remote miss is not
         // fetched: the first incremental stores its regions whole.
@@ -1969,11 +1916,7 @@ mod tests {
     #[test]
     fn a_heavily_changed_segment_is_read_whole() {
         let repo = repo();
-        let mut disk = Tracked {
-            data: vec![0u8; 16 << 20],
-            changes: None,
-        };
-        noise(&mut disk.data, 3);
+        let mut disk = Tracked::noise(16 << 20, 3);
         backup_sources(&repo, &opts(), &[&disk], &Progress::default()).unwrap();
         // Half of the second segment changes: it is re-read and chunked whole.
         noise(&mut disk.data[(4 << 20)..(6 << 20)], 99);

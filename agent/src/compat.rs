@@ -8,11 +8,10 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use crate::check::{CheckOptions, check};
 use crate::progress::Progress;
 use crate::repo::Repository;
 use crate::store::Store;
-use crate::testing::restore_bytes;
+use crate::testing::{check_clean, prune_all, restore_bytes};
 
 fn copy_dir(from: &Path, to: &Path) {
     std::fs::create_dir_all(to).unwrap();
@@ -25,12 +24,6 @@ fn copy_dir(from: &Path, to: &Path) {
             std::fs::copy(e.path(), dest).unwrap();
         }
     }
-}
-
-/// `check --read-data` of the whole repository finds nothing.
-fn check_clean(repo: &Repository) {
-    let report = check(repo, CheckOptions { read_data: true }, &Progress::default()).unwrap();
-    assert!(report.problems.is_empty(), "{:?}", report.problems);
 }
 
 #[test]
@@ -84,14 +77,7 @@ fn a_version_1_repository_opens_restores_checks_and_takes_version_2_backups() {
         false,
     )
     .unwrap();
-    crate::prune::prune(
-        &repo,
-        crate::prune::PruneOptions {
-            max_unused: 0.0,
-            dry_run: false,
-        },
-    )
-    .unwrap();
+    prune_all(&repo);
     check_clean(&repo);
     let (second, want) = expected.iter().nth(1).unwrap();
     assert_eq!(&digest(&restore_bytes(&repo, second)), want);

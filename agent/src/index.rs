@@ -9,12 +9,11 @@
 //! struct PackRecord { id: [u8; 32], size: u64 LE, count: u32 LE, entries: [BlobEntry; count] }
 //! ```
 //! Index objects are named `index/<BLAKE3 of the object>` and only ever added.
-//! In memory, the index costs about 60 bytes per chunk for its newest million
-//! chunks and about 4.3 for the rest, which [`ChunkTable`] keeps on local disk
+//! In memory, the index costs about 100 bytes per chunk for its newest 524,288
+//! chunks (a hash table) and 4.5 to 5 for the rest, which [`ChunkTable`] keeps on local disk
 //! (see docs/performance.md).
 
 use std::collections::{HashMap, HashSet};
-use std::hash::{BuildHasherDefault, Hasher};
 
 use bytes::Bytes;
 
@@ -24,49 +23,9 @@ use crate::format::{self, Kind, Reader};
 use crate::pack::BlobEntry;
 use crate::table::ChunkTable;
 
-/// Chunk ids are already uniformly random: hash them by their first 8 bytes.
-#[derive(Default)]
-pub struct IdHasher(u64);
-
-impl Hasher for IdHasher {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-    fn write(&mut self, bytes: &[u8]) {
-        // A `[u8; 32]` hashes as a length prefix and one 32-byte write; XOR keeps
-        // the id's first 8 bytes (the constant prefix changes nothing).
-        let mut b = [0u8; 8];
-        let n = bytes.len().min(8);
-        b[..n].copy_from_slice(&bytes[..n]);
-        self.0 ^= u64::from_le_bytes(b);
-    }
-}
-
-pub type IdMap<V> = HashMap<ChunkId, V, BuildHasherDefault<IdHasher>>;
-
-/// Where a chunk lives.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Location {
-    pub pack: u32,
-    pub offset: u32,
-    pub length: u32,
-    pub raw_len: u32,
-    /// As [`BlobEntry::inner`]: the chunk's place in its compression group.
-    pub inner: u32,
-}
-
-impl Location {
-    /// The pack table entry of chunk `id` at this location.
-    pub fn entry(&self, id: ChunkId) -> BlobEntry {
-        BlobEntry {
-            id,
-            offset: self.offset,
-            length: self.length,
-            raw_len: self.raw_len,
-            inner: self.inner,
-        }
-    }
-}
+// Defined beside the chunk table, which stores them; named here as well, where
+// readers of the index look for them.
+pub use crate::table::{IdMap, Location};
 
 /// A pack known to the index.
 #[derive(Debug, Clone)]
@@ -77,8 +36,8 @@ pub struct PackRecord {
 }
 
 /// Every chunk the repository holds: the packs in memory, the chunks in a
-/// [`ChunkTable`] that keeps the newest million in memory and the rest in
-/// sorted runs on local disk (about 4.3 bytes of memory per chunk there).
+/// [`ChunkTable`] that keeps the newest 524,288 in memory and the rest in
+/// sorted runs on local disk (4.5 to 5 bytes of memory per chunk there).
 #[derive(Debug, Default)]
 pub struct Index {
     packs: Vec<([u8; 32], u64)>,

@@ -431,11 +431,6 @@ fn decode_delta(name: &str, body: &[u8], span: u64) -> Result<ListBody> {
     })
 }
 
-/// A full list's extents with `patches` applied.
-pub fn apply_patches(base: &[Extent], patches: Vec<Patch>) -> Vec<Extent> {
-    splice(base, patches)
-}
-
 /// Walks a list of extents, handing out the next bytes as (sliced) extents.
 pub(crate) struct Cursor<'a> {
     list: &'a [Extent],
@@ -480,8 +475,9 @@ impl<'a> Cursor<'a> {
     }
 }
 
-/// `base` with the ranges `[start, end)` replaced by the given extents.
-pub(crate) fn splice(base: &[Extent], patches: Vec<Patch>) -> Vec<Extent> {
+/// `base` with the ranges `[start, end)` of `patches` (sorted, apart) replaced
+/// by their extents: a delta list applied, or a segment's changes spliced in.
+pub fn apply_patches(base: &[Extent], patches: Vec<Patch>) -> Vec<Extent> {
     let total: u64 = base.iter().map(|e| e.len as u64).sum();
     let mut cur = Cursor::new(base);
     let mut out = Vec::with_capacity(base.len() + patches.len() * 3);
@@ -825,7 +821,7 @@ mod tests {
                 patches.push((a, b, vec![e]));
                 end = b;
             }
-            let new = splice(&base, patches);
+            let new = apply_patches(&base, patches);
             let found = delta_patches(&base, &new);
             let body = encode_delta(&id(7), 3, &found);
             let ListBody::Delta { base: b, depth, patches } = decode_list("l", &body, span).unwrap() else {

@@ -146,8 +146,7 @@ pub struct ListParts {
     pub extents: Vec<point::Extent>,
 }
 
-/// Resolved chunk lists kept by a repository: 64 MiB of extents (about 1.4
-/// million, 85 spans of fully cut-up lists or 1,300 of 64 KiB chunks).
+/// Resolved chunk lists kept by a repository: 64 MiB of extents.
 pub(crate) type ListCache = crate::cache::Fifo<(u64, ListParts)>;
 
 pub(crate) fn list_cache() -> std::sync::Arc<std::sync::Mutex<ListCache>> {
@@ -527,7 +526,7 @@ impl Repository {
                     return Err(broken(&at, want.unwrap_or(0)));
                 }
                 // The list itself must still be one the index knows.
-                if at == *id && !self.indexed(indexes, id)? {
+                if at == *id && Self::holder(indexes, id)?.is_none() {
                     return Err(Error::Missing {
                         object: format!("chunk list {} (no pack holds it)", &id.to_hex()[..16]),
                     });
@@ -589,14 +588,17 @@ impl Repository {
         Ok(parts)
     }
 
-    /// Whether one of `indexes` holds `id`.
-    fn indexed(&self, indexes: &[&crate::index::Index], id: &point::ListId) -> Result<bool> {
+    /// The first of `indexes` that holds `id`.
+    fn holder<'a>(
+        indexes: &[&'a crate::index::Index],
+        id: &point::ListId,
+    ) -> Result<Option<&'a crate::index::Index>> {
         for i in indexes {
             if i.contains(id)? {
-                return Ok(true);
+                return Ok(Some(i));
             }
         }
-        Ok(false)
+        Ok(None)
     }
 
     /// Keep a resolved list for the next chain that reaches it.
@@ -614,14 +616,7 @@ impl Repository {
         span: u64,
     ) -> Result<point::ListBody> {
         let what = format!("chunk list {}", &id.to_hex()[..16]);
-        let mut index = indexes.first().copied();
-        for i in indexes {
-            if i.contains(id)? {
-                index = Some(i);
-                break;
-            }
-        }
-        let Some(index) = index else {
+        let Some(index) = Self::holder(indexes, id)?.or(indexes.first().copied()) else {
             return Err(Error::Missing {
                 object: format!("{what} (no pack holds it)"),
             });

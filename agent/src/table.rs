@@ -22,7 +22,9 @@
 //! level become one of the next, so there are at most 3 per level, log4(entries
 //! / limit) levels, and each entry is rewritten once per level.
 
+use std::collections::HashMap;
 use std::fs::File;
+use std::hash::{BuildHasherDefault, Hasher};
 use std::io::{BufWriter, Write};
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
@@ -30,7 +32,51 @@ use std::sync::OnceLock;
 
 use crate::crypto::ChunkId;
 use crate::error::{Error, Result};
-use crate::index::{IdMap, Location};
+use crate::pack::BlobEntry;
+
+/// Chunk ids are already uniformly random: hash them by their first 8 bytes.
+#[derive(Default)]
+pub struct IdHasher(u64);
+
+impl Hasher for IdHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        // A `[u8; 32]` hashes as a length prefix and one 32-byte write; XOR keeps
+        // the id's first 8 bytes (the constant prefix changes nothing).
+        let mut b = [0u8; 8];
+        let n = bytes.len().min(8);
+        b[..n].copy_from_slice(&bytes[..n]);
+        self.0 ^= u64::from_le_bytes(b);
+    }
+}
+
+pub type IdMap<V> = HashMap<ChunkId, V, BuildHasherDefault<IdHasher>>;
+
+/// Where a chunk lives.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Location {
+    pub pack: u32,
+    pub offset: u32,
+    pub length: u32,
+    pub raw_len: u32,
+    /// As [`BlobEntry::inner`]: the chunk's place in its compression group.
+    pub inner: u32,
+}
+
+impl Location {
+    /// The pack table entry of chunk `id` at this location.
+    pub fn entry(&self, id: ChunkId) -> BlobEntry {
+        BlobEntry {
+            id,
+            offset: self.offset,
+            length: self.length,
+            raw_len: self.raw_len,
+            inner: self.inner,
+        }
+    }
+}
 
 /// Bytes of one record in a run.
 pub const RECORD: usize = 32 + 5 * 4;

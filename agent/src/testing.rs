@@ -79,3 +79,26 @@ pub(crate) fn restore_bytes(repo: &Repository, point: &str) -> Vec<u8> {
     .expect("a restore");
     std::fs::read(&target).expect("the restored disk")
 }
+
+/// Prunes everything no point needs, repacking every pack that holds a dead blob.
+pub(crate) fn prune_all(repo: &Repository) -> crate::prune::PruneReport {
+    crate::prune::prune(
+        repo,
+        crate::prune::PruneOptions {
+            max_unused: 0.0,
+            dry_run: false,
+        },
+    )
+    .expect("a prune")
+}
+
+/// `check --read-data` finds nothing wrong.
+pub(crate) fn check_clean(repo: &Repository) {
+    let report = crate::check::check(
+        repo,
+        crate::check::CheckOptions { read_data: true },
+        &Progress::default(),
+    )
+    .expect("a check");
+    assert!(report.problems.is_empty(), "{:?}", report.problems);
+}
