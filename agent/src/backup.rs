@@ -642,7 +642,8 @@ pub fn backup_sources(
         drop(pack_rx);
 
         // Collector (this thread): pack blobs, put extents in order, flush indexes.
-        let mut writer = PackWriter::new();
+        let pack_size = repo.config().pack_size as usize;
+        let mut writer = PackWriter::new(pack_size);
         let mut reorder: Vec<BTreeMap<u64, SegResult>> = (0..n).map(|_| BTreeMap::new()).collect();
         let mut next_seq = vec![0u64; sources.len()];
         let flush_index = || -> Result<()> {
@@ -724,7 +725,8 @@ pub fn backup_sources(
             for blob in blobs {
                 writer.add_blob(&blob.members, &blob.sealed);
                 if writer.full() {
-                    let full = std::mem::take(&mut writer).finish(&repo.key);
+                    let full = std::mem::replace(&mut writer, PackWriter::new(pack_size))
+                        .finish(&repo.key);
                     packs_written += 1;
                     if pack_tx.send(full).is_err() {
                         break;
@@ -1365,7 +1367,7 @@ pub fn recover_unindexed_packs(
 mod tests {
     use super::*;
     use crate::source::MemSource;
-    use crate::testing::{memory_repo as repo, vm_backup as opts};
+    use crate::testing::{memory_repo as repo, noise, vm_backup as opts};
     use std::sync::atomic::AtomicUsize;
 
     /// A disk that grows after the backup has started.
@@ -1471,16 +1473,6 @@ mod tests {
                 tracker: "test-bitmap".into(),
                 ranges,
             }))
-        }
-    }
-
-    fn noise(data: &mut [u8], seed: u64) {
-        let mut x = seed | 1;
-        for b in data.iter_mut() {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            *b = x as u8;
         }
     }
 

@@ -41,8 +41,15 @@ pub const GROUPED: u32 = 1 << 31;
 pub const GROUP_BYTES: usize = 1 << 20;
 /// Readers refuse a group that decompresses to more than this (a segment).
 pub const MAX_GROUP: usize = crate::chunker::SEGMENT_SIZE;
-/// Packs are cut near this size; a pack never exceeds 4 GiB (offsets are u32).
-pub const TARGET_PACK_SIZE: usize = 16 << 20;
+/// Packs are cut near this size unless the repository's config says otherwise
+/// (`ferry init --pack-size`); a pack never exceeds 4 GiB (offsets are u32).
+pub const DEFAULT_PACK_SIZE: usize = 16 << 20;
+/// The smallest pack size a repository may set.
+pub const MIN_PACK_SIZE: usize = 4 << 20;
+/// The largest pack size a repository may set: every pack of up to this size is
+/// held in memory while it is written (the collector's, one queued, one per
+/// uploader), and readers refuse larger unindexed packs.
+pub const MAX_PACK_SIZE: usize = 64 << 20;
 /// A sealed table larger than this is treated as damage, not allocated.
 const MAX_TABLE: u64 = 64 << 20;
 /// A pack is closed when it holds this many blobs, whatever its size, so its
@@ -58,10 +65,10 @@ pub const MAX_GROUP_MEMBERS: usize = GROUP_BYTES / 4096 + 1;
 pub const MAX_WRITTEN_TABLE: u64 =
     (4 + ENTRY_LEN * (MAX_PACK_ENTRIES + MAX_GROUP_MEMBERS) + OVERHEAD) as u64;
 /// The largest pack this version writes: a pack is closed at its first blob past
-/// [`TARGET_PACK_SIZE`], a blob is at most a sealed 4 MiB chunk, then the table
+/// [`MAX_PACK_SIZE`] at most, a blob is at most a sealed 4 MiB chunk, then the table
 /// and the 8-byte trailer.
 pub const MAX_WRITTEN_PACK: u64 =
-    (TARGET_PACK_SIZE + crate::chunker::MAX_CHUNK + OVERHEAD + 8) as u64 + MAX_WRITTEN_TABLE;
+    (MAX_PACK_SIZE + crate::chunker::MAX_CHUNK + OVERHEAD + 8) as u64 + MAX_WRITTEN_TABLE;
 
 /// A chunk of a blob being packed: its id, its length and its place in its
 /// compression group (`inner` of [`BlobEntry`]).
@@ -133,21 +140,21 @@ pub fn parse_name(name: &str) -> Option<[u8; 32]> {
 pub struct PackWriter {
     buf: Vec<u8>,
     entries: Vec<BlobEntry>,
-}
-
-impl Default for PackWriter {
-    fn default() -> Self {
-        Self::new()
-    }
+    /// Where the pack is cut (the repository's pack size).
+    target: usize,
 }
 
 impl PackWriter {
-    pub fn new() -> Self {
-        let mut buf = Vec::with_capacity(TARGET_PACK_SIZE + (1 << 20));
+    /// A pack cut near `target` bytes (clamped to the sizes a repository may set).
+    pub fn new(target: usize) -> Self {
+        let target = target.clamp(MIN_PACK_SIZE, MAX_PACK_SIZE);
+        // Reserved, not touched: pages become resident as blobs arrive.
+        let mut buf = Vec::with_capacity(target + (1 << 20));
         buf.extend_from_slice(&format::header(Kind::Pack));
         PackWriter {
             buf,
             entries: Vec::new(),
+            target,
         }
     }
 
@@ -159,16 +166,16 @@ impl PackWriter {
         self.entries.is_empty()
     }
 
-    /// Whether adding a blob of `next` bytes would take the pack past
-    /// [`TARGET_PACK_SIZE`] or [`MAX_PACK_ENTRIES`] (never for an empty pack).
+    /// Whether adding a blob of `next` bytes would take the pack past its
+    /// size or [`MAX_PACK_ENTRIES`] (never for an empty pack).
     pub fn full_before(&self, next: usize) -> bool {
         !self.is_empty()
-            && (self.buf.len() + next > TARGET_PACK_SIZE || self.entries.len() >= MAX_PACK_ENTRIES)
+            && (self.buf.len() + next > self.target || self.entries.len() >= MAX_PACK_ENTRIES)
     }
 
-    /// Whether the pack has reached [`TARGET_PACK_SIZE`] or [`MAX_PACK_ENTRIES`].
+    /// Whether the pack has reached its size or [`MAX_PACK_ENTRIES`].
     pub fn full(&self) -> bool {
-        self.buf.len() >= TARGET_PACK_SIZE || self.entries.len() >= MAX_PACK_ENTRIES
+        self.buf.len() >= self.target || self.entries.len() >= MAX_PACK_ENTRIES
     }
 
     /// Append an already sealed blob of one chunk.
@@ -492,7 +499,7 @@ mod tests {
     fn pack_round_trip_through_store() {
         let key = MasterKey::generate();
         let mut sealer = Sealer::new(3);
-        let mut w = PackWriter::new();
+        let mut w = PackWriter::new(DEFAULT_PACK_SIZE);
         let chunks: Vec<Vec<u8>> = vec![
             vec![7u8; 10000],
             (0..5000u32).map(|i| (i * 7919) as u8).collect(),
@@ -534,7 +541,7 @@ mod tests {
             members.push((key.chunk_id(c), c.len() as u32, GROUPED | at));
             at += c.len() as u32;
         }
-        let mut w = PackWriter::new();
+        let mut w = PackWriter::new(DEFAULT_PACK_SIZE);
         w.add(key.chunk_id(b"alone"), 5, &sealer.seal(&key, b"alone"));
         w.add_blob(&members, &sealed);
         let (id, bytes, entries) = w.finish(&key);

@@ -674,7 +674,8 @@ fn prune_at(repo: &Repository, opts: PruneOptions, now: DateTime<Utc>) -> Result
 
     // Copy the live blobs of mostly-unused packs into new packs, verifying each.
     let mut new_records = Vec::new();
-    let mut writer = PackWriter::new();
+    let pack_size = repo.config().pack_size as usize;
+    let mut writer = PackWriter::new(pack_size);
     let mut opener = ChunkOpener::default();
     let mut kept_after_all = HashSet::new();
     let flush = |w: PackWriter, out: &mut Vec<PackRecord>| -> Result<()> {
@@ -720,7 +721,10 @@ fn prune_at(repo: &Repository, opts: PruneOptions, now: DateTime<Utc>) -> Result
         }
         for (_, sealed, members) in blobs {
             if writer.full_before(sealed.len()) {
-                flush(std::mem::take(&mut writer), &mut new_records)?;
+                flush(
+                    std::mem::replace(&mut writer, PackWriter::new(pack_size)),
+                    &mut new_records,
+                )?;
             }
             writer.add_blob(&members, sealed);
             report.repacked_bytes += sealed.len() as u64;
@@ -991,7 +995,7 @@ mod tests {
 
     /// A real pack of this repository that no index lists (a running backup's).
     fn real_unindexed(repo: &Repository, data: &[u8]) -> String {
-        let mut w = PackWriter::new();
+        let mut w = PackWriter::new(pack::DEFAULT_PACK_SIZE);
         let sealed = crate::pack::Sealer::new(3).seal(&repo.key, data);
         w.add(repo.key.chunk_id(data), data.len() as u32, &sealed);
         let (id, bytes, _) = w.finish(&repo.key);

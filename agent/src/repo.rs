@@ -16,6 +16,7 @@ use crate::chunker::Chunker;
 use crate::crypto::{KdfParams, KeyFile, MasterKey, random_hex};
 use crate::error::{Error, Result};
 use crate::format::{self, Kind};
+use crate::pack;
 use crate::point::{self, Point};
 use crate::replica::{ReplicaConfig, ReplicaSet, ReplicaSpec};
 use crate::store::{LockPolicy, Store};
@@ -37,6 +38,36 @@ pub struct Config {
     /// same in every replica's config.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub replicas: Option<ReplicaConfig>,
+    /// Where packs are cut, in bytes ([`pack::MIN_PACK_SIZE`] to
+    /// [`pack::MAX_PACK_SIZE`]). Left out when it is the default, so that a
+    /// repository made without `--pack-size` opens in builds that predate it.
+    #[serde(
+        default = "default_pack_size",
+        skip_serializing_if = "is_default_pack_size"
+    )]
+    pub pack_size: u64,
+}
+
+fn default_pack_size() -> u64 {
+    pack::DEFAULT_PACK_SIZE as u64
+}
+
+fn is_default_pack_size(size: &u64) -> bool {
+    *size == default_pack_size()
+}
+
+/// Whether `size` is a pack size a repository may have.
+fn check_pack_size(size: u64) -> std::result::Result<(), String> {
+    let (min, max) = (pack::MIN_PACK_SIZE as u64, pack::MAX_PACK_SIZE as u64);
+    if (min..=max).contains(&size) {
+        Ok(())
+    } else {
+        Err(format!(
+            "a pack size of {size} bytes is outside {} to {} MiB",
+            min >> 20,
+            max >> 20
+        ))
+    }
 }
 
 /// Options for `init`.
@@ -51,6 +82,8 @@ pub struct InitOptions {
     /// Replicas that must hold an object before a write succeeds (a majority
     /// when `None`).
     pub write_quorum: Option<usize>,
+    /// Where packs are cut (bytes).
+    pub pack_size: u64,
 }
 
 impl Default for InitOptions {
@@ -62,6 +95,7 @@ impl Default for InitOptions {
             lock: None,
             replicas: Vec::new(),
             write_quorum: None,
+            pack_size: default_pack_size(),
         }
     }
 }
@@ -167,6 +201,7 @@ impl Repository {
                 opts.compression_level
             )));
         }
+        check_pack_size(opts.pack_size).map_err(Error::InvalidInput)?;
         let mut stores = vec![store];
         stores.extend(opts.replicas);
         for st in &stores {
@@ -250,6 +285,7 @@ impl Repository {
             compression_level: opts.compression_level,
             lock: if replicas.is_some() { None } else { locks[0] },
             replicas,
+            pack_size: opts.pack_size,
         };
         let header = format::header(Kind::Config);
         let mut obj = header.to_vec();
@@ -347,6 +383,7 @@ impl Repository {
                     ),
                 ));
             }
+            check_pack_size(config.pack_size).map_err(|e| Error::corrupt("config", e))?;
             if config.lock.is_some() && store.versioned().is_none() {
                 tracing::warn!(
                     "the repository was created with Object Lock, but {} has no Object Lock; new objects are not locked",
@@ -945,6 +982,101 @@ mod tests {
             "{:?}",
             started.elapsed()
         );
+    }
+
+    #[test]
+    fn packs_are_cut_at_the_repository_pack_size_which_it_keeps() {
+        let mut data = vec![0u8; 24 << 20];
+        crate::testing::noise(&mut data, 7);
+        let packs = |repo: &Repository| {
+            let mut sizes: Vec<u64> = repo
+                .store()
+                .list("packs/")
+                .unwrap()
+                .into_iter()
+                .map(|(_, size)| size)
+                .collect();
+            sizes.sort_unstable();
+            sizes
+        };
+        let default = crate::testing::memory_repo();
+        crate::testing::backup_bytes(&default, &data);
+        assert_eq!(packs(&default).len(), 2, "{:?}", packs(&default));
+
+        let fresh = Store::new(
+            std::sync::Arc::new(object_store::memory::InMemory::new()),
+            "memory:",
+        );
+        let small = Repository::init(
+            fresh.clone(),
+            b"pw",
+            InitOptions {
+                pack_size: pack::MIN_PACK_SIZE as u64,
+                ..crate::testing::cheap_init()
+            },
+        )
+        .unwrap();
+        let point = crate::testing::backup_bytes(&small, &data);
+        let sizes = packs(&small);
+        assert!(sizes.len() >= 6, "{sizes:?}");
+        let one_chunk = (64 << 10) + 4096;
+        assert!(
+            sizes
+                .iter()
+                .all(|&s| s <= pack::MIN_PACK_SIZE as u64 + one_chunk),
+            "{sizes:?}"
+        );
+        // The size is the repository's: it comes back when it is opened, and
+        // prune's repacked packs are cut at it too.
+        let reopened = Repository::open(fresh, b"pw").unwrap();
+        assert_eq!(reopened.config().pack_size, pack::MIN_PACK_SIZE as u64);
+        let mut changed = data.clone();
+        for block in changed.chunks_mut(128 << 10) {
+            block[..64 << 10].fill(1);
+        }
+        let second = crate::testing::backup_bytes(&reopened, &changed);
+        crate::prune::forget(&reopened, &Default::default(), None, &[point.id], false).unwrap();
+        let report = crate::testing::prune_all(&reopened);
+        assert!(report.repacked_packs >= 6, "{report:?}");
+        let sizes = packs(&reopened);
+        assert!(
+            sizes
+                .iter()
+                .all(|&s| s <= pack::MIN_PACK_SIZE as u64 + one_chunk),
+            "{sizes:?}"
+        );
+        assert_eq!(
+            crate::testing::restore_bytes(&reopened, &second.id),
+            changed
+        );
+        // The default is left out of the config, which older builds then read.
+        let json = serde_json::to_string(default.config()).unwrap();
+        assert!(!json.contains("pack_size"), "{json}");
+        assert!(
+            serde_json::to_string(reopened.config())
+                .unwrap()
+                .contains("pack_size")
+        );
+    }
+
+    #[test]
+    fn a_pack_size_out_of_range_is_refused_at_init_naming_the_range() {
+        for size in [1u64 << 20, 128 << 20] {
+            let err = Repository::init(
+                Store::new(
+                    std::sync::Arc::new(object_store::memory::InMemory::new()),
+                    "memory:",
+                ),
+                b"pw",
+                InitOptions {
+                    pack_size: size,
+                    ..crate::testing::cheap_init()
+                },
+            )
+            .unwrap_err();
+            assert!(matches!(err, Error::InvalidInput(_)), "{err}");
+            assert!(err.to_string().contains("4 to 64 MiB"), "{err}");
+        }
     }
 
     #[test]

@@ -16,23 +16,27 @@ pub(crate) fn memory_repo() -> Repository {
 /// A repository in memory that calls itself `location` (`s3://...` makes it
 /// count as remote).
 pub(crate) fn memory_repo_named(location: &str) -> Repository {
-    let kdf = KdfParams {
-        memory_kib: 64,
-        iterations: 1,
-        ..KdfParams::default()
-    };
     Repository::init(
         Store::new(
             std::sync::Arc::new(object_store::memory::InMemory::new()),
             location,
         ),
         b"pw",
-        InitOptions {
-            kdf,
-            ..InitOptions::default()
-        },
+        cheap_init(),
     )
     .expect("a repository in memory")
+}
+
+/// `init`'s defaults, with a key derivation cheap enough for tests.
+pub(crate) fn cheap_init() -> InitOptions {
+    InitOptions {
+        kdf: KdfParams {
+            memory_kib: 64,
+            iterations: 1,
+            ..KdfParams::default()
+        },
+        ..InitOptions::default()
+    }
 }
 
 /// A backup of source `vm` with one disk, `/dev/vda`.
@@ -101,4 +105,15 @@ pub(crate) fn check_clean(repo: &Repository) {
     )
     .expect("a check");
     assert!(report.problems.is_empty(), "{:?}", report.problems);
+}
+
+/// Fills `data` with seeded noise (xorshift), which does not compress.
+pub(crate) fn noise(data: &mut [u8], seed: u64) {
+    let mut x = seed | 1;
+    for b in data.iter_mut() {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        *b = x as u8;
+    }
 }

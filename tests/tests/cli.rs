@@ -204,6 +204,15 @@ fn bad_input_gets_clear_errors_and_exit_codes() {
         stderr(&o)
     );
 
+    // A pack size outside what a repository may have is refused before
+    // anything is written, naming the range.
+    let o = env.run(&["init", "--pack-size", "2MiB"]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(stderr(&o).contains("4 to 64 MiB"), "{}", stderr(&o));
+    let o = env.run(&["init", "--pack-size", "lots"]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(stderr(&o).contains("pack size \"lots\""), "{}", stderr(&o));
+
     env.init();
     // init twice changes nothing.
     let o = env.run(&["init"]);

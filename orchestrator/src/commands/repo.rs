@@ -202,6 +202,12 @@ pub struct InitArgs {
     /// zstd level for chunks, 1 to 19.
     #[arg(long, default_value_t = ferry_agent::repo::DEFAULT_COMPRESSION_LEVEL)]
     pub compression: i32,
+    /// Where packs are cut, 4MiB to 64MiB: larger packs mean fewer objects
+    /// (per-object fees, listings) for more memory while backing up (up to
+    /// four packs in flight) and more bytes rewritten by prune; see
+    /// docs/performance.md (object storage).
+    #[arg(long, default_value = "16MiB")]
+    pub pack_size: String,
     /// Make recovery points immutable with S3 Object Lock: every object is written
     /// with a retention in this mode (the bucket must have Object Lock enabled).
     #[arg(long, value_enum)]
@@ -353,6 +359,12 @@ pub fn init(ctx: &Context, a: &InitArgs) -> Result<ExitCode> {
             max: size * 4,
         },
     };
+    let pack_size = output::parse_size(&a.pack_size).ok_or_else(|| {
+        Error::Usage(format!(
+            "cannot read pack size {:?} (e.g. 32MiB)",
+            a.pack_size
+        ))
+    })?;
     let location = ctx.repo_location()?;
     let store = ferry_connectors::store::open(&replica_location(location), true)?;
     let mut replicas = Vec::new();
@@ -376,6 +388,7 @@ pub fn init(ctx: &Context, a: &InitArgs) -> Result<ExitCode> {
             }),
             replicas,
             write_quorum: a.write_quorum,
+            pack_size,
             ..InitOptions::default()
         },
     )?;
@@ -383,10 +396,11 @@ pub fn init(ctx: &Context, a: &InitArgs) -> Result<ExitCode> {
         print_json(repo.config())?;
     } else {
         println!(
-            "created repository {} at {location} ({} chunks, zstd level {})",
+            "created repository {} at {location} ({} chunks, zstd level {}, {} MiB packs)",
             &repo.config().id[..8],
             chunker.describe(),
-            a.compression
+            a.compression,
+            repo.config().pack_size as f64 / f64::from(1 << 20)
         );
         if let Some(l) = repo.config().lock {
             println!(
