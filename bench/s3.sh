@@ -14,6 +14,15 @@
 #              requests fail), wall time against the fault-free S3 backup
 #              (target <= 1.5x) and retries; in round 1 the point is then
 #              restored without faults and compared with the image
+#   threads    the S3 restore again with FERRY_RESTORE_THREADS set to a local
+#              restore's count, against the remote default (twice that)
+#   pack sizes the S3 backup and restore again in repositories made with
+#              `init --pack-size` for each other size of PACK_SIZES (MiB):
+#              time, peak RSS, objects per GiB (round 1)
+#   prune      after the rounds, for every size of PACK_SIZES: a full backup,
+#              1% clustered (1 MiB) plus 1% scattered (4 KiB) writes to the
+#              image, an incremental, forget the full, `prune` (default
+#              --max-unused): packs and bytes repacked and deleted, time, RSS
 # Wall/user/sys/peak RSS come from GNU time, s3s-fs's CPU from /proc/PID/stat.
 # s3s-fs is started on a free port on 127.0.0.1 and killed (by PID) at exit.
 # A Markdown report goes to stdout and --out.
@@ -22,7 +31,8 @@
 # Env:   SIZE_MIB (2048), ROUNDS (3), FERRY_BENCH_DIR (/var/tmp/ferry-bench),
 #        FERRY_BIN, CARGO_TARGET_DIR (/var/tmp/ferry-target), FERRY_TOOLS_DIR
 #        (/var/tmp/ferry-tools; s3s-fs is installed there if missing),
-#        FAULTS (the FERRY_FAULTS spec), KEEP_REPOS=1
+#        FAULTS (the FERRY_FAULTS spec), PACK_SIZES ("16 32 64"; 16 is the
+#        default, measured as the plain S3 steps), KEEP_REPOS=1
 set -euo pipefail
 
 BENCH_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -58,6 +68,13 @@ S3S_BIN="$S3S_ROOT/bin/s3s-fs"
 S3_DATA="$RUN/s3-data"            # s3s-fs: one top-level directory per bucket
 BUCKET=ferry-bench RESTIC_BUCKET=restic-bucket
 FAULTS=${FAULTS:-"rate=0.05 seed=1 kinds=error+slowdown+reset+partial+lost"}
+PACK_SIZES=${PACK_SIZES:-"16 32 64"}
+# A local restore's thread count (agent/src/restore.rs restore_threads).
+LOCAL_THREADS=$(( $(nproc) * 2 > 4 ? $(nproc) * 2 : 4 ))
+for p in $PACK_SIZES; do
+  [[ $p =~ ^[0-9]+$ ]] || { echo "PACK_SIZES must be MiB figures, not $p" >&2; exit 2; }
+done
+OTHER_SIZES=$(for p in $PACK_SIZES; do [[ $p == 16 ]] || echo "$p"; done)
 
 export RESTIC_PASSWORD=bench FERRY_PASSWORD=bench-password
 export RESTIC_CACHE_DIR="$RUN/cache/restic" XDG_CACHE_HOME="$RUN/cache/xdg"
@@ -242,21 +259,25 @@ PY
 
 warm() { cat "$DISK" >/dev/null; }
 
-# restore_cmp STEP REPO: restore the latest point into a new file, cmp with the image.
+# restore_cmp STEP REPO [PREFIX...]: restore the latest point into a new file
+# (the command run after PREFIX, e.g. env VAR=VALUE), cmp with the image.
 restore_cmp() {
   local step=$1 repo=$2 dir="$RUN/restore/$1"
+  shift 2
   rm -rf "$dir"; mkdir -p "$dir"
-  if measure "$step" "$FERRY_BIN" --json -r "$repo" restore bench@latest --to "$dir/disk.img"; then
+  if measure "$step" "$@" "$FERRY_BIN" --json -r "$repo" restore bench@latest --to "$dir/disk.img"; then
     if cmp -s "$DISK" "$dir/disk.img"; then R[$step,ident]=yes; else R[$step,ident]=NO; fi
   fi
   rm -rf "$dir"
 }
 
-# ferry_round KIND ROUND REPO [BUCKET_DIR]: init, full backup, restore + cmp.
-# With BUCKET_DIR, the objects and bytes the backup added there.
+# ferry_round KIND ROUND REPO [BUCKET_DIR]: init (with the INIT_ARGS array),
+# full backup, restore + cmp. With BUCKET_DIR, the objects and bytes the
+# backup added there.
+INIT_ARGS=()
 ferry_round() {
   local kind=$1 r=$2 repo=$3 bdir=${4:-} o0=0 b0=0
-  "$FERRY_BIN" -r "$repo" init >"$LOGS/$kind-init.$r.log" 2>&1 </dev/null \
+  "$FERRY_BIN" -r "$repo" init "${INIT_ARGS[@]}" >"$LOGS/$kind-init.$r.log" 2>&1 </dev/null \
     || { log "$kind.$r: init FAILED (see $LOGS/$kind-init.$r.log)"; R[$kind-backup.$r,status]=failed; return 0; }
   [[ -n $bdir ]] && { o0=$(objects_in "$bdir"); b0=$(bytes_in "$bdir"); }
   warm
@@ -281,9 +302,23 @@ run_all() {
     # 2. the same on s3s-fs (objects counted in round 1)
     local bdir=""; [[ $r == 1 ]] && bdir="$S3_DATA/$BUCKET/plain-1"
     ferry_round s3 "$r" "s3://$BUCKET/plain-$r" $bdir
+    # 2a. the S3 restore again with the thread count of a local restore
+    #     (FERRY_RESTORE_THREADS): what the remote default buys
+    if [[ ${R[s3-backup.$r,status]:-} == ok ]]; then
+      restore_cmp "s3t-restore.$r" "s3://$BUCKET/plain-$r" env FERRY_RESTORE_THREADS="$LOCAL_THREADS"
+    fi
     if [[ $r == 1 && ${R[s3-backup.1,status]:-} == ok ]]; then
       "$FERRY_BIN" --json -r "s3://$BUCKET/plain-1" stats >"$LOGS/s3-stats.json" 2>"$LOGS/s3-stats.err" </dev/null || true
     fi
+    # 2b. the same with each other pack size
+    local p
+    for p in $OTHER_SIZES; do
+      bdir=""; [[ $r == 1 ]] && bdir="$S3_DATA/$BUCKET/p$p-1"
+      INIT_ARGS=(--pack-size "${p}MiB")
+      ferry_round "s3p$p" "$r" "s3://$BUCKET/p$p-$r" $bdir
+      INIT_ARGS=()
+      [[ ${KEEP_REPOS:-0} == 1 ]] || rm -rf "$S3_DATA/$BUCKET/p$p-$r"
+    done
     # 3. restic on the same server, same image (round 1 only: it is the slow one)
     [[ $r == 1 ]] && run_restic
     # 4. injected faults, fresh prefix (init without faults); the faulted
@@ -303,8 +338,38 @@ run_all() {
       rm -rf "$RUN/repos/local-$r" "$S3_DATA/$BUCKET/plain-$r" "$S3_DATA/$BUCKET/faults-$r"
     fi
   done
-  for s in local-backup local-restore s3-backup s3-restore faults-backup faults-restore restic-backup; do
+  for s in local-backup local-restore s3-backup s3-restore s3t-restore faults-backup faults-restore restic-backup; do
     summarize "$s"
+  done
+  for p in $OTHER_SIZES; do summarize "s3p$p-backup"; summarize "s3p$p-restore"; done
+  prune_by_pack_size
+}
+
+# prune_by_pack_size: what prune rewrites after churn, for every pack size.
+# Changes $DISK: it runs after every step that compares a restore with it.
+prune_by_pack_size() {
+  local p repo
+  for p in $PACK_SIZES; do
+    repo="s3://$BUCKET/prune-$p"
+    "$FERRY_BIN" -r "$repo" init --pack-size "${p}MiB" >"$LOGS/prune-init.$p.log" 2>&1 </dev/null &&
+      "$FERRY_BIN" --json -r "$repo" backup --source bench "$DISK" >"$LOGS/prune-full.$p.out" 2>&1 </dev/null ||
+      { log "prune.$p: init or full backup FAILED (see $LOGS/prune-*.$p.*)"; R[prune-$p,status]=failed; }
+  done
+  python3 "$HELPERS" writes "$DISK" clustered 11 >/dev/null
+  python3 "$HELPERS" writes "$DISK" scattered 12 >/dev/null
+  for p in $PACK_SIZES; do
+    [[ ${R[prune-$p,status]:-} == failed ]] && continue
+    repo="s3://$BUCKET/prune-$p"
+    local full
+    full=$(jget "$LOGS/prune-full.$p.out" point)
+    if "$FERRY_BIN" --json -r "$repo" backup --source bench "$DISK" >"$LOGS/prune-incr.$p.out" 2>&1 </dev/null &&
+       "$FERRY_BIN" -r "$repo" forget "$full" >"$LOGS/prune-forget.$p.log" 2>&1 </dev/null &&
+       measure "prune-$p" "$FERRY_BIN" --json -r "$repo" prune; then
+      R[prune-$p,status]=ok
+    else
+      R[prune-$p,status]=failed
+    fi
+    [[ ${KEEP_REPOS:-0} == 1 ]] || rm -rf "$S3_DATA/$BUCKET/prune-$p"
   done
 }
 
@@ -405,8 +470,9 @@ report() {
   echo "| Step | Wall s, each round | Wall s, median | ferry's own s | Retry backoff s (lock removal) | Client CPU s | s3s-fs CPU s | Peak RSS MiB | Identical |"
   echo "|---|---|---:|---:|---:|---:|---:|---:|:---:|"
   local s label
-  for s in local-backup local-restore s3-backup s3-restore faults-backup faults-restore restic-backup; do
+  for s in local-backup local-restore s3-backup s3-restore s3t-restore faults-backup faults-restore restic-backup; do
     case $s in
+      s3t-restore) label="ferry, S3: restore with $LOCAL_THREADS threads (a local restore's count)" ;;
       local-*) label="ferry, local dir: ${s#local-}" ;;
       s3-*) label="ferry, S3: ${s#s3-}" ;;
       faults-backup) label="ferry, S3 with 5% faults: backup" ;;
@@ -494,6 +560,7 @@ print(", ".join(f"{k} {c}" for k, (c, _) in s["objects"].items()))' "$LOGS/s3-st
          "$(calc "printf \"%.1f\", $(req s3-backup.1 bytes_up)/1048576") MiB up."
   fi
 
+  pack_size_report
   echo
   echo "## Targets"
   echo
@@ -509,10 +576,46 @@ print(", ".join(f"{k} {c}" for k, (c, _) in s["objects"].items()))' "$LOGS/s3-st
   v="n/a"; [[ $fr != n/a ]] && v=$(verdict "$fr <= 1.5")
   echo "| backup with 5% faults ≤ 1.5× the fault-free time | ${fr}× (${R[faults-backup,wall]:-?} s against ${R[s3-backup,wall]:-?} s; rounds: $(per_round faults-backup s3-backup)); without the lock-removal backoff ${frd}×; retries per round $retries (fault-free: $retries0) | $v |"
   local idv=yes s2
-  for s2 in local-restore s3-restore faults-restore; do ok "$s2" && [[ ${R[$s2,ident]} == yes ]] || idv="**no**"; done
-  echo "| every restore byte-identical | local ${R[local-restore,ident]:-–}, S3 ${R[s3-restore,ident]:-–}, faulted backup ${R[faults-restore,ident]:-–} | $idv |"
+  local others=""
+  for p in $OTHER_SIZES; do others+=" s3p$p-restore"; done
+  for s2 in local-restore s3-restore s3t-restore faults-restore $others; do ok "$s2" && [[ ${R[$s2,ident]} == yes ]] || idv="**no**"; done
+  echo "| every restore byte-identical | local ${R[local-restore,ident]:-–}, S3 ${R[s3-restore,ident]:-–} (and with $LOCAL_THREADS threads ${R[s3t-restore,ident]:-–}), faulted backup ${R[faults-restore,ident]:-–}$(for p in $OTHER_SIZES; do printf ', %s MiB packs %s' "$p" "${R[s3p$p-restore,ident]:-–}"; done) | $idv |"
   echo
   echo "Logs: \`$LOGS\` (kept until the next run)."
+}
+
+# pack_size_report: the S3 steps and prune for every size of PACK_SIZES.
+pack_size_report() {
+  local gib=1073741824 p kind objs puts new rg="" pr
+  ok restic-backup.1 && rg=$(calc "printf \"%.4f\", ${R[restic,objs]}/($(jget "$LOGS/restic-backup.1.out" data_added)/$gib)")
+  echo
+  echo "## Pack size (\`ferry init --pack-size\`)"
+  echo
+  echo "S3 steps as above, one repository per size and round; objects in round 1. Prune: after the rounds, a"
+  echo "full backup per size, then 1% clustered (1 MiB) and 1% scattered (4 KiB) writes to the image, an"
+  echo "incremental, \`forget\` of the full and \`prune\` (default --max-unused 10%)."
+  echo
+  echo "| Pack MiB | S3 backup s | S3 restore s | backup / restore peak RSS MiB | PUTs (objects) per GiB | / restic's objects | prune: packs repacked, MiB repacked, MiB deleted | prune s, peak RSS MiB | prune GETs, PUTs |"
+  echo "|---:|---:|---:|---:|---:|---:|---|---:|---:|"
+  for p in $PACK_SIZES; do
+    if [[ $p == 16 ]]; then kind=s3; else kind="s3p$p"; fi
+    local row="| $p | $(cell "$kind-backup" wall) | $(cell "$kind-restore" wall) | $(cell "$kind-backup" rss) / $(cell "$kind-restore" rss) |"
+    if ok "$kind-backup.1"; then
+      new=$(jget "$LOGS/$kind-backup.1.out" new_bytes); puts=$(req "$kind-backup.1" puts); objs=${R[$kind,objs]}
+      row+=" $(calc "printf \"%.1f (%.1f)\", $puts/($new/$gib), $objs/($new/$gib)") |"
+      if [[ -n $rg ]]; then row+=" $(calc "printf \"%.2f\", ($objs/($new/$gib))/$rg") |"; else row+=" n/a |"; fi
+    else
+      row+=" failed | n/a |"
+    fi
+    pr="$LOGS/prune-$p.out"
+    if ok "prune-$p"; then
+      row+=" $(jget "$pr" repacked_packs), $(calc "printf \"%.1f\", $(jget "$pr" repacked_bytes)/1048576"), $(calc "printf \"%.1f\", $(jget "$pr" deleted_bytes)/1048576") |"
+      row+=" ${R[prune-$p,wall]}, ${R[prune-$p,rss]} | $(jget "$pr" requests.gets), $(jget "$pr" requests.puts) |"
+    else
+      row+=" ${R[prune-$p,status]:-missing} | | |"
+    fi
+    echo "$row"
+  done
 }
 
 # ---------------------------------------------------------------- main

@@ -624,7 +624,10 @@ fn restore_extents(
     let fetched = AtomicU64::new(0);
     let failure: Mutex<Option<Error>> = Mutex::new(None);
     let next = AtomicU64::new(0);
-    let threads = (std::thread::available_parallelism().map_or(2, |n| n.get()) * 2).max(4);
+    let threads = restore_threads(
+        std::thread::available_parallelism().map_or(2, |n| n.get()),
+        repo.store.is_remote(),
+    );
     let done = std::sync::atomic::AtomicBool::new(false);
     std::thread::scope(|s| {
         // Start writeback while chunks are still arriving, so the final sync only
@@ -682,6 +685,23 @@ fn restore_extents(
         return Err(e);
     }
     Ok((written.into_inner(), kept, fetched.into_inner(), skipped))
+}
+
+/// Threads that fetch, open and write chunks: `FERRY_RESTORE_THREADS` (1 to
+/// 64) when set; else two per core, so that one waits on a read while the
+/// other works, and four per core from object storage, where a ranged GET
+/// waits on a round trip and on the server (docs/performance.md, Object
+/// storage). Each holds at most one read of [`MAX_READ`] and a write batch.
+fn restore_threads(cores: usize, remote: bool) -> usize {
+    let set = std::env::var("FERRY_RESTORE_THREADS")
+        .ok()
+        .and_then(|v| v.trim().parse::<usize>().ok())
+        .filter(|n| (1..=64).contains(n));
+    match set {
+        Some(n) => n,
+        None if remote => (cores * 4).max(8),
+        None => (cores * 2).max(4),
+    }
 }
 
 /// One restore thread: what it shares with the others, and the buffers it reuses

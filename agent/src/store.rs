@@ -34,8 +34,9 @@ use serde::{Deserialize, Serialize};
 use crate::error::{Error, Result, Retry};
 pub use crate::retry::{NoAnswer, ServerAnswer, ShortBody, TimedOut, retry_of};
 
-/// Objects at least this large are uploaded in parts. Packs (about 16 MiB) stay
-/// below it: one PUT is one request and is atomic on every store.
+/// Objects at least this large are uploaded in parts, but for packs: a pack
+/// (at most `pack::MAX_WRITTEN_PACK`, about 69 MiB, far below any store's
+/// single-PUT limit) is always one PUT, one request and atomic on every store.
 pub const MULTIPART_THRESHOLD: usize = 64 << 20;
 /// Part size of multipart uploads.
 pub const PART_SIZE: usize = 16 << 20;
@@ -426,7 +427,6 @@ impl Store {
         self.rt.block_on(f)
     }
 
-    /// Where the repository lives, as the user named it.
     /// Whether a read costs a network round trip: a cloud bucket, or a set of
     /// replicas (which may include one).
     pub fn is_remote(&self) -> bool {
@@ -436,6 +436,7 @@ impl Store {
                 .any(|s| self.location.starts_with(s))
     }
 
+    /// Where the repository lives, as the user named it.
     pub fn location(&self) -> &str {
         &self.location
     }
@@ -949,7 +950,7 @@ impl Store {
             attributes.insert(Attribute::StorageClass, class.to_string().into());
         }
         self.retrying(name, || async {
-            if data.len() >= MULTIPART_THRESHOLD {
+            if data.len() >= MULTIPART_THRESHOLD && !name.starts_with("packs/") {
                 let upload = self.inner.put_multipart(&path).await?;
                 let mut w = WriteMultipart::new_with_chunk_size(upload, PART_SIZE);
                 w.put(data.clone());

@@ -8,6 +8,12 @@ use clap::{Parser, Subcommand};
 use ferry_fleet::config::{self, Config};
 use ferry_fleet::daemon;
 
+/// jemalloc, as in `ferry`: the daemon runs every scheduled backup's pipeline
+/// on new threads for weeks, and glibc's per-thread arenas keep what such
+/// threads once held (docs/performance.md, Continuous protection).
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 #[derive(Debug, Parser)]
 #[command(
     name = "ferry-agent",
