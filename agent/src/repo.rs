@@ -86,6 +86,21 @@ pub struct InitOptions {
     pub pack_size: u64,
 }
 
+impl InitOptions {
+    /// Whether these options make a repository (checked by
+    /// [`Repository::init`]; callers may check before creating anything).
+    pub fn validate(&self) -> Result<()> {
+        self.chunker.validate()?;
+        if !(1..=19).contains(&self.compression_level) {
+            return Err(Error::InvalidInput(format!(
+                "compression level {} must be from 1 to 19",
+                self.compression_level
+            )));
+        }
+        check_pack_size(self.pack_size).map_err(Error::InvalidInput)
+    }
+}
+
 impl Default for InitOptions {
     fn default() -> Self {
         InitOptions {
@@ -194,14 +209,7 @@ impl Repository {
     /// Create a repository. Keys go first and the config last, so a crash leaves
     /// either nothing usable or a complete repository.
     pub fn init(store: Store, password: &[u8], opts: InitOptions) -> Result<Repository> {
-        opts.chunker.validate()?;
-        if !(1..=19).contains(&opts.compression_level) {
-            return Err(Error::InvalidInput(format!(
-                "compression level {} must be from 1 to 19",
-                opts.compression_level
-            )));
-        }
-        check_pack_size(opts.pack_size).map_err(Error::InvalidInput)?;
+        opts.validate()?;
         let mut stores = vec![store];
         stores.extend(opts.replicas);
         for st in &stores {

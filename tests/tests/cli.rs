@@ -209,6 +209,7 @@ fn bad_input_gets_clear_errors_and_exit_codes() {
     let o = env.run(&["init", "--pack-size", "2MiB"]);
     assert_eq!(o.status.code(), Some(2));
     assert!(stderr(&o).contains("4 to 64 MiB"), "{}", stderr(&o));
+    assert!(!env.repo.exists(), "a refused init created {:?}", env.repo);
     let o = env.run(&["init", "--pack-size", "lots"]);
     assert_eq!(o.status.code(), Some(2));
     assert!(stderr(&o).contains("pack size \"lots\""), "{}", stderr(&o));

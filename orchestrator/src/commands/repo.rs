@@ -365,33 +365,31 @@ pub fn init(ctx: &Context, a: &InitArgs) -> Result<ExitCode> {
             a.pack_size
         ))
     })?;
+    let mut opts = InitOptions {
+        chunker,
+        compression_level: a.compression,
+        lock: a.object_lock.map(|m| ferry_agent::store::LockPolicy {
+            mode: match m {
+                LockModeArg::Compliance => ferry_agent::store::LockMode::Compliance,
+                LockModeArg::Governance => ferry_agent::store::LockMode::Governance,
+            },
+            days: a.lock_days,
+        }),
+        write_quorum: a.write_quorum,
+        pack_size,
+        ..InitOptions::default()
+    };
+    // Refused before a directory or bucket prefix is created for nothing.
+    opts.validate()?;
     let location = ctx.repo_location()?;
     let store = ferry_connectors::store::open(&replica_location(location), true)?;
-    let mut replicas = Vec::new();
     for r in &a.replicas {
-        replicas.push(ferry_connectors::store::open(&replica_location(r), true)?);
+        opts.replicas
+            .push(ferry_connectors::store::open(&replica_location(r), true)?);
     }
     let pw = ctx.password(true)?;
     ferry_agent::crypto::check_new_password(pw.bytes())?;
-    let repo = Repository::init(
-        store,
-        pw.bytes(),
-        InitOptions {
-            chunker,
-            compression_level: a.compression,
-            lock: a.object_lock.map(|m| ferry_agent::store::LockPolicy {
-                mode: match m {
-                    LockModeArg::Compliance => ferry_agent::store::LockMode::Compliance,
-                    LockModeArg::Governance => ferry_agent::store::LockMode::Governance,
-                },
-                days: a.lock_days,
-            }),
-            replicas,
-            write_quorum: a.write_quorum,
-            pack_size,
-            ..InitOptions::default()
-        },
-    )?;
+    let repo = Repository::init(store, pw.bytes(), opts)?;
     if ctx.json {
         print_json(repo.config())?;
     } else {
