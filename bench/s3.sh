@@ -352,7 +352,7 @@ prune_by_pack_size() {
   for p in $PACK_SIZES; do
     repo="s3://$BUCKET/prune-$p"
     "$FERRY_BIN" -r "$repo" init --pack-size "${p}MiB" >"$LOGS/prune-init.$p.log" 2>&1 </dev/null &&
-      "$FERRY_BIN" --json -r "$repo" backup --source bench "$DISK" >"$LOGS/prune-full.$p.out" 2>&1 </dev/null ||
+      "$FERRY_BIN" --json -r "$repo" backup --source bench "$DISK" >"$LOGS/prune-full.$p.out" 2>"$LOGS/prune-full.$p.err" </dev/null ||
       { log "prune.$p: init or full backup FAILED (see $LOGS/prune-*.$p.*)"; R[prune-$p,status]=failed; }
   done
   python3 "$HELPERS" writes "$DISK" clustered 11 >/dev/null
@@ -361,8 +361,8 @@ prune_by_pack_size() {
     [[ ${R[prune-$p,status]:-} == failed ]] && continue
     repo="s3://$BUCKET/prune-$p"
     local full
-    full=$(jget "$LOGS/prune-full.$p.out" point)
-    if "$FERRY_BIN" --json -r "$repo" backup --source bench "$DISK" >"$LOGS/prune-incr.$p.out" 2>&1 </dev/null &&
+    full=$(jget "$LOGS/prune-full.$p.out" point) || { log "prune.$p: no point in $LOGS/prune-full.$p.out"; R[prune-$p,status]=failed; continue; }
+    if "$FERRY_BIN" --json -r "$repo" backup --source bench "$DISK" >"$LOGS/prune-incr.$p.out" 2>"$LOGS/prune-incr.$p.err" </dev/null &&
        "$FERRY_BIN" -r "$repo" forget "$full" >"$LOGS/prune-forget.$p.log" 2>&1 </dev/null &&
        measure "prune-$p" "$FERRY_BIN" --json -r "$repo" prune; then
       R[prune-$p,status]=ok
