@@ -161,6 +161,12 @@ pub fn check(repo: &Repository, opts: CheckOptions, progress: &Progress) -> Resu
     let mut damaged_points = Vec::new();
     let mut point_count = 0u64;
     let mut judged: HashMap<point::ListId, ListVerdict> = HashMap::new();
+    let mut known = Known {
+        index: &index,
+        bad_packs: &bad_packs,
+        bad_chunks: &bad_chunks,
+        sound: Sound::default(),
+    };
     for id in point_ids {
         point_count += 1;
         let p = match repo.load_point(&id) {
@@ -191,15 +197,7 @@ pub fn check(repo: &Repository, opts: CheckOptions, progress: &Progress) -> Resu
             for (i, lid) in p.lists[d].iter().enumerate() {
                 let (start, span) = point::list_span(meta.size, i);
                 if !judged.contains_key(lid) {
-                    let v = judge_list(
-                        repo,
-                        &index,
-                        &bad_packs,
-                        &bad_chunks,
-                        lid,
-                        span,
-                        &mut problems,
-                    )?;
+                    let v = judge_list(repo, &mut known, lid, span, &mut problems)?;
                     judged.insert(*lid, v);
                 }
                 let verdict = &judged[lid];
@@ -247,6 +245,27 @@ pub fn check(repo: &Repository, opts: CheckOptions, progress: &Progress) -> Resu
     })
 }
 
+/// Chunks found sound (indexed, in a pack and not damaged), with their
+/// length: a point's lists share most chunks with the points before it, and
+/// an index lookup past memory is a read from its runs. Without it, check
+/// looked up every extent of every list (636 s for the 598 points a one-hour
+/// protect soak kept; 5.7 times the time of this on the agent's 60-cycle
+/// test). Emptied when it reaches [`MAX_SOUND`] entries, so it stays under
+/// about 64 MiB.
+type Sound = IdMap<u32>;
+
+/// Entries [`Sound`] holds at most.
+const MAX_SOUND: usize = 1 << 20;
+
+/// What chunks are known to be: where (the index), damaged (by pack or by
+/// chunk, from reading data), or sound.
+struct Known<'a> {
+    index: &'a index::Index,
+    bad_packs: &'a HashMap<u32, String>,
+    bad_chunks: &'a IdMap<String>,
+    sound: Sound,
+}
+
 /// What a chunk list contributes to a point's damage.
 #[derive(Default)]
 struct ListVerdict {
@@ -257,13 +276,17 @@ struct ListVerdict {
 
 fn judge_list(
     repo: &Repository,
-    index: &index::Index,
-    bad_packs: &HashMap<u32, String>,
-    bad_chunks: &IdMap<String>,
+    known: &mut Known<'_>,
     lid: &point::ListId,
     span: u64,
     problems: &mut Vec<Problem>,
 ) -> Result<ListVerdict> {
+    let Known {
+        index,
+        bad_packs,
+        bad_chunks,
+        sound,
+    } = known;
     let extents = match repo.load_list(index, lid, span) {
         Ok(e) => e,
         // This machine's trouble, not the repository's: say so, not "damaged".
@@ -282,19 +305,29 @@ fn judge_list(
     let mut off = 0u64;
     for e in extents {
         if let Some(cid) = e.id {
-            let why = match index.get(&cid) {
-                Err(e) => return Err(e),
-                Ok(None) => Some("no pack holds it".to_string()),
-                Ok(Some(loc)) if e.skip as u64 + e.len as u64 > loc.raw_len as u64 => {
-                    Some(format!(
-                        "the list takes {} bytes from {} of it, but it has {}",
-                        e.len, e.skip, loc.raw_len
-                    ))
-                }
-                Ok(Some(loc)) => bad_packs
-                    .get(&loc.pack)
-                    .cloned()
-                    .or_else(|| bad_chunks.get(&cid).cloned()),
+            let raw_len = match sound.get(&cid) {
+                Some(&raw_len) => Ok(raw_len),
+                None => match index.get(&cid)? {
+                    None => Err("no pack holds it".to_string()),
+                    Some(loc) => match bad_packs.get(&loc.pack).or_else(|| bad_chunks.get(&cid)) {
+                        Some(why) => Err(why.clone()),
+                        None => {
+                            if sound.len() >= MAX_SOUND {
+                                sound.clear();
+                            }
+                            sound.insert(cid, loc.raw_len);
+                            Ok(loc.raw_len)
+                        }
+                    },
+                },
+            };
+            let why = match raw_len {
+                Err(why) => Some(why),
+                Ok(raw_len) if e.skip as u64 + e.len as u64 > raw_len as u64 => Some(format!(
+                    "the list takes {} bytes from {} of it, but it has {}",
+                    e.len, e.skip, raw_len
+                )),
+                Ok(_) => None,
             };
             if let Some(why) = why {
                 v.damaged += 1;
