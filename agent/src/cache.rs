@@ -60,7 +60,7 @@ impl<V> Fifo<V> {
 
 impl<V> std::fmt::Debug for Fifo<V> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ChunkCache")
+        f.debug_struct("Fifo")
             .field("chunks", &self.map.len())
             .field("bytes", &self.bytes)
             .field("budget", &self.budget)

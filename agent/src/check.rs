@@ -251,11 +251,12 @@ pub fn check(repo: &Repository, opts: CheckOptions, progress: &Progress) -> Resu
 /// looked up every extent of every list (636 s for the 598 points a one-hour
 /// protect soak kept; 5.7 times the time of this on the agent's 60-cycle
 /// test). Emptied when it reaches [`MAX_SOUND`] entries, so it stays under
-/// about 64 MiB.
+/// about 40 MiB.
 type Sound = IdMap<u32>;
 
-/// Entries [`Sound`] holds at most.
-const MAX_SOUND: usize = 1 << 20;
+/// Entries [`Sound`] holds at most: what a table of 2^20 buckets takes (7/8 of
+/// them) before it doubles; 37 bytes a bucket (id, length, control byte).
+const MAX_SOUND: usize = (1 << 20) / 8 * 7;
 
 /// What chunks are known to be: where (the index), damaged (by pack or by
 /// chunk, from reading data), or sound.

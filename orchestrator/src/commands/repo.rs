@@ -204,8 +204,8 @@ pub struct InitArgs {
     pub compression: i32,
     /// Where packs are cut, 4MiB to 64MiB: larger packs mean fewer objects
     /// (per-object fees, listings) for more memory while backing up (up to
-    /// four packs in flight) and more bytes rewritten by prune; see
-    /// docs/performance.md (object storage).
+    /// four packs in flight), and prune frees space later and in larger
+    /// steps; see docs/performance.md (object storage).
     #[arg(long, default_value = "16MiB")]
     pub pack_size: String,
     /// Make recovery points immutable with S3 Object Lock: every object is written
