@@ -4,13 +4,13 @@
 //! fails them the ways cloud storage fails: a 500, a 503 SlowDown, a connection
 //! reset, a response body cut short, a put that landed but whose answer was lost,
 //! a request that hangs past the client's timeout, or a whole outage after N
-//! requests. Enabled by `FERRY_FAULTS` (see [`FaultSpec::parse`]); never on by
+//! requests or from the first request for a given kind of object. Enabled by `FERRY_FAULTS` (see [`FaultSpec::parse`]); never on by
 //! default.
 
 use std::fmt;
 use std::ops::Range;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -72,13 +72,18 @@ pub struct FaultSpec {
     pub hang: Duration,
     /// After this many requests every request fails with a reset (an outage).
     pub outage_after: Option<u64>,
+    /// From the first request for an object whose name starts with this
+    /// (`index/`, `points/`), every request fails with a reset: an outage at a
+    /// chosen step of a backup, whatever order its concurrent requests take.
+    pub outage_from: Option<String>,
     /// Only stores whose location contains this (one replica of several).
     pub at: Option<String>,
 }
 
 impl FaultSpec {
     /// Parse `rate=0.05 seed=7 kinds=error+slowdown+reset+partial+lost+hang
-    /// latency=2ms put-latency=1s range-latency=1s hang=3s outage-after=100 at=LOCATION-PART` (every field optional; spaces or
+    /// latency=2ms put-latency=1s range-latency=1s hang=3s outage-after=100 outage-from=index/ at=LOCATION-PART` (every
+    /// field optional; spaces or
     /// commas between fields).
     pub fn parse(s: &str) -> Result<FaultSpec, String> {
         let mut spec = FaultSpec {
@@ -96,6 +101,7 @@ impl FaultSpec {
             range_latency: Duration::ZERO,
             hang: Duration::from_secs(3),
             outage_after: None,
+            outage_from: None,
             at: None,
         };
         let dur = |v: &str| -> Result<Duration, String> {
@@ -133,6 +139,7 @@ impl FaultSpec {
                 "outage-after" => {
                     spec.outage_after = Some(v.parse().map_err(|_| format!("bad count {v:?}"))?)
                 }
+                "outage-from" => spec.outage_from = Some(v.to_string()),
                 "at" => spec.at = Some(v.to_string()),
                 _ => return Err(format!("FERRY_FAULTS: unknown field {k:?}")),
             }
@@ -146,6 +153,8 @@ impl FaultSpec {
 pub struct Injected {
     pub requests: AtomicU64,
     pub faults: AtomicU64,
+    /// An `outage-from` outage has begun.
+    pub outage: AtomicBool,
 }
 
 /// A store that fails on purpose.
@@ -219,13 +228,27 @@ impl Faulty {
         }
     }
 
-    /// Decide the fate of the next request.
-    async fn roll(&self) -> Result<Option<Fault>, object_store::Error> {
+    /// Whether the request numbered `n`, for `location` (an object or a
+    /// listed prefix), falls in an outage.
+    fn in_outage(&self, n: u64, location: Option<&Path>) -> bool {
+        if self.spec.outage_after.is_some_and(|after| n >= after) {
+            return true;
+        }
+        if let (Some(from), Some(at)) = (&self.spec.outage_from, location)
+            && at.as_ref().starts_with(from.as_str())
+        {
+            self.injected.outage.store(true, Ordering::SeqCst);
+        }
+        self.injected.outage.load(Ordering::SeqCst)
+    }
+
+    /// Decide the fate of the next request, for `location`.
+    async fn roll(&self, location: Option<&Path>) -> Result<Option<Fault>, object_store::Error> {
         let n = self.injected.requests.fetch_add(1, Ordering::Relaxed);
         if !self.spec.latency.is_zero() {
             tokio::time::sleep(self.spec.latency).await;
         }
-        if self.spec.outage_after.is_some_and(|after| n >= after) {
+        if self.in_outage(n, location) {
             self.injected.faults.fetch_add(1, Ordering::Relaxed);
             return Err(injected(InjectedFault::Reset));
         }
@@ -259,7 +282,7 @@ impl ObjectStore for Faulty {
         if !self.spec.put_latency.is_zero() {
             tokio::time::sleep(self.spec.put_latency).await;
         }
-        let fault = self.roll().await?;
+        let fault = self.roll(Some(location)).await?;
         let r = self.inner.put_opts(location, payload, opts).await?;
         if fault == Some(Fault::Lost) {
             return Err(injected(InjectedFault::Reset));
@@ -272,7 +295,7 @@ impl ObjectStore for Faulty {
         location: &Path,
         opts: PutMultipartOptions,
     ) -> object_store::Result<Box<dyn MultipartUpload>> {
-        self.roll().await?;
+        self.roll(Some(location)).await?;
         self.inner.put_multipart_opts(location, opts).await
     }
 
@@ -284,7 +307,7 @@ impl ObjectStore for Faulty {
         if options.range.is_some() && !self.spec.range_latency.is_zero() {
             tokio::time::sleep(self.spec.range_latency).await;
         }
-        let fault = self.roll().await?;
+        let fault = self.roll(Some(location)).await?;
         let head = options.head;
         let r = self.inner.get_opts(location, options).await?;
         if fault != Some(Fault::Partial) || head {
@@ -324,7 +347,7 @@ impl ObjectStore for Faulty {
         if !self.spec.range_latency.is_zero() {
             tokio::time::sleep(self.spec.range_latency).await;
         }
-        self.roll().await?;
+        self.roll(Some(location)).await?;
         self.inner.get_ranges(location, ranges).await
     }
 
@@ -337,7 +360,7 @@ impl ObjectStore for Faulty {
 
     fn list(&self, prefix: Option<&Path>) -> BoxStream<'static, object_store::Result<ObjectMeta>> {
         let n = self.injected.requests.fetch_add(1, Ordering::Relaxed);
-        let outage = self.spec.outage_after.is_some_and(|after| n >= after);
+        let outage = self.in_outage(n, prefix);
         let r = splitmix(self.spec.seed ^ splitmix(n));
         if outage || unit(r) < self.spec.rate {
             self.injected.faults.fetch_add(1, Ordering::Relaxed);
@@ -347,7 +370,7 @@ impl ObjectStore for Faulty {
     }
 
     async fn list_with_delimiter(&self, prefix: Option<&Path>) -> object_store::Result<ListResult> {
-        self.roll().await?;
+        self.roll(prefix).await?;
         self.inner.list_with_delimiter(prefix).await
     }
 
@@ -357,7 +380,7 @@ impl ObjectStore for Faulty {
         to: &Path,
         options: CopyOptions,
     ) -> object_store::Result<()> {
-        self.roll().await?;
+        self.roll(Some(from)).await?;
         self.inner.copy_opts(from, to, options).await
     }
 }
@@ -369,7 +392,7 @@ mod tests {
     #[test]
     fn specs_parse_and_bad_ones_say_why() {
         let s = FaultSpec::parse(
-            "rate=0.05 seed=9 kinds=error+hang latency=2ms range-latency=1s hang=1.5s outage-after=10",
+            "rate=0.05 seed=9 kinds=error+hang latency=2ms range-latency=1s hang=1.5s outage-after=10 outage-from=index/",
         )
         .unwrap();
         assert_eq!(s.rate, 0.05);
@@ -379,6 +402,7 @@ mod tests {
         assert_eq!(s.range_latency, Duration::from_secs(1));
         assert_eq!(s.hang, Duration::from_millis(1500));
         assert_eq!(s.outage_after, Some(10));
+        assert_eq!(s.outage_from.as_deref(), Some("index/"));
         for (bad, says) in [
             ("rate=2", "rate"),
             ("kinds=error+fire", "fire"),
@@ -389,6 +413,33 @@ mod tests {
             let e = FaultSpec::parse(bad).unwrap_err();
             assert!(e.contains(says), "{bad}: {e}");
         }
+    }
+
+    #[test]
+    fn an_outage_from_a_prefix_starts_at_its_first_request_and_stays() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let mem: Arc<dyn ObjectStore> = Arc::new(object_store::memory::InMemory::new());
+        let f = Faulty::new(mem, FaultSpec::parse("outage-from=index/").unwrap());
+        let put = |name: &'static str| {
+            let p = Path::from(name);
+            rt.block_on(f.put_opts(&p, PutPayload::from_static(b"x"), PutOptions::default()))
+                .is_ok()
+        };
+        assert!(put("packs/aa"));
+        assert!(put("packs/bb"));
+        assert!(
+            !put("index/cc"),
+            "the outage starts with the first index put"
+        );
+        assert!(!put("packs/dd"), "and every request after it fails");
+        assert!(!put("points/ee"));
+        assert!(
+            rt.block_on(f.get_opts(&Path::from("packs/aa"), GetOptions::default()))
+                .is_err()
+        );
     }
 
     #[test]
