@@ -152,7 +152,8 @@ struct Batch<'d> {
 }
 
 impl<'d> Batch<'d> {
-    /// Add a new chunk; a group that reached [`pack::GROUP_BYTES`] is sealed.
+    /// Add a new chunk; a group that reached [`pack::GROUP_BYTES`] or
+    /// [`pack::MAX_GROUP_MEMBERS`] is sealed.
     fn add(
         &mut self,
         id: ChunkId,
@@ -164,7 +165,7 @@ impl<'d> Batch<'d> {
     ) {
         self.chunks.push((id, chunk));
         self.bytes += chunk.len();
-        if self.bytes >= pack::GROUP_BYTES {
+        if self.bytes >= pack::GROUP_BYTES || self.chunks.len() >= pack::MAX_GROUP_MEMBERS {
             self.seal(sealer, key, shared, out);
         }
     }
@@ -1591,6 +1592,59 @@ mod tests {
     }
 
     #[test]
+    fn a_group_of_small_chunks_is_cut_at_its_member_cap() {
+        // 4 KiB chunks: 2 MiB would be 512 members, past what a pack's table
+        // bound allows per group, so groups stop at MAX_GROUP_MEMBERS.
+        let repo = Repository::init(
+            crate::store::Store::new(
+                std::sync::Arc::new(object_store::memory::InMemory::new()),
+                "memory:",
+            ),
+            b"pw",
+            crate::repo::InitOptions {
+                chunker: crate::chunker::Chunker::Fixed { size: 4096 },
+                ..crate::testing::cheap_init()
+            },
+        )
+        .unwrap();
+        // Every 4 KiB block unique, and compressible.
+        let data: Vec<u8> = (0..1024)
+            .flat_map(|i| {
+                let mut b = format!("block {i:08} of a group. ")
+                    .repeat(160)
+                    .into_bytes();
+                b.resize(4096, b'.');
+                b
+            })
+            .collect();
+        let s = backup_sources(
+            &repo,
+            &opts(),
+            &[&MemSource(data.clone())],
+            &Progress::default(),
+        )
+        .unwrap();
+        let (index, _) = index::load(&repo.store, &repo.key).unwrap();
+        let mut members = std::collections::BTreeMap::<(u32, u32), usize>::new();
+        index
+            .try_for_each_chunk(|_, l| -> Result<()> {
+                if l.inner & pack::GROUPED != 0 {
+                    *members.entry((l.pack, l.offset)).or_default() += 1;
+                }
+                Ok(())
+            })
+            .unwrap();
+        assert_eq!(s.new_chunks, 1024);
+        assert_eq!(members.values().sum::<usize>(), 1024, "{members:?}");
+        assert!(
+            members.values().all(|&n| n <= pack::MAX_GROUP_MEMBERS),
+            "{members:?}"
+        );
+        assert_eq!(members.len(), 1024usize.div_ceil(pack::MAX_GROUP_MEMBERS));
+        assert!(crate::testing::restore_bytes(&repo, &s.point) == data);
+    }
+
+    #[test]
     fn new_chunks_are_compressed_in_groups_and_read_back_one_by_one() {
         let repo = repo();
         let data = prose(12 << 20, 3);
@@ -1603,9 +1657,13 @@ mod tests {
         .unwrap();
         let (index, _) = index::load(&repo.store, &repo.key).unwrap();
         let mut grouped = 0;
+        let mut groups = std::collections::BTreeSet::new();
         index
             .try_for_each_chunk(|_, l| -> Result<()> {
-                grouped += usize::from(l.inner & pack::GROUPED != 0);
+                if l.inner & pack::GROUPED != 0 {
+                    grouped += 1;
+                    groups.insert((l.pack, l.offset));
+                }
                 Ok(())
             })
             .unwrap();
@@ -1613,6 +1671,11 @@ mod tests {
         assert_eq!(
             grouped, 192,
             "every new chunk of these segments is in a group"
+        );
+        assert_eq!(
+            groups.len(),
+            (12 << 20) / pack::GROUP_BYTES,
+            "groups are cut at GROUP_BYTES"
         );
         // Smaller than the same chunks sealed one by one.
         let mut sealer = pack::Sealer::new(repo.config.compression_level);

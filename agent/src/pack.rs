@@ -19,7 +19,8 @@
 //! compressed together as one zstd frame, each listed with the group's offset
 //! and length and its own place inside the group's plaintext. Dedup stays per
 //! chunk; compressing runs of new chunks together is what brings a repository
-//! to the size of restic's, whose units are about 1 MiB.
+//! to the size of restic's, whose units are about 1 MiB (Ferry's groups are up
+//! to 2 MiB).
 //! A pack's name is the BLAKE3 hash of its bytes, so `check --read-data` can tell a
 //! damaged pack from its name alone. The table makes a pack self-describing: an
 //! index lost to a crash is rebuilt from it.
@@ -37,8 +38,11 @@ pub const ENTRY_LEN_V1: usize = 44;
 pub const GROUPED: u32 = 1 << 31;
 /// A compression group holds new chunks of one segment, in disk order, up to
 /// this many bytes of plaintext: zstd on 64 KiB units stored 10% more than
-/// restic's ~1 MiB units on the benchmark image (docs/performance.md).
-pub const GROUP_BYTES: usize = 1 << 20;
+/// restic's ~1 MiB units on the benchmark image, and 2 MiB groups store 1.4%
+/// less than 1 MiB ones for the same compression CPU (docs/performance.md,
+/// Compression groups). Groups of 1 MiB (before) and up to [`MAX_GROUP`] read
+/// the same.
+pub const GROUP_BYTES: usize = 2 << 20;
 /// Readers refuse a group that decompresses to more than this (a segment).
 pub const MAX_GROUP: usize = crate::chunker::SEGMENT_SIZE;
 /// Packs are cut near this size unless the repository's config says otherwise
@@ -57,8 +61,11 @@ const MAX_TABLE: u64 = 64 << 20;
 /// otherwise fill 16 MiB with hundreds of thousands of tiny blobs.
 pub const MAX_PACK_ENTRIES: usize = 16384;
 /// The most chunks one compression group holds: it is sealed once it reaches
-/// [`GROUP_BYTES`], and chunks are at least 4 KiB but for a segment's last.
-pub const MAX_GROUP_MEMBERS: usize = GROUP_BYTES / 4096 + 1;
+/// [`GROUP_BYTES`] or this many members, whichever comes first. Kept at what
+/// 1 MiB groups of 4 KiB chunks could reach, so that [`MAX_WRITTEN_TABLE`],
+/// which readers of every version bound unindexed packs by, did not grow
+/// with the groups.
+pub const MAX_GROUP_MEMBERS: usize = 257;
 /// The largest table a pack of this version writes (about 780 KiB): 4 bytes of
 /// count, the entries (a pack is closed at its first blob past
 /// [`MAX_PACK_ENTRIES`], which may be a group), and the AEAD overhead.
