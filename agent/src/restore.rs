@@ -627,7 +627,8 @@ fn restore_extents(
     let threads = restore_threads(
         std::thread::available_parallelism().map_or(2, |n| n.get()),
         repo.store.is_remote(),
-    );
+        std::env::var("FERRY_RESTORE_THREADS").ok().as_deref(),
+    )?;
     let done = std::sync::atomic::AtomicBool::new(false);
     std::thread::scope(|s| {
         // Start writeback while chunks are still arriving, so the final sync only
@@ -692,15 +693,22 @@ fn restore_extents(
 /// other works, and four per core from object storage, where a ranged GET
 /// waits on a round trip and on the server (docs/performance.md, Object
 /// storage). Each holds at most one read of [`MAX_READ`] and a write batch.
-fn restore_threads(cores: usize, remote: bool) -> usize {
-    let set = std::env::var("FERRY_RESTORE_THREADS")
-        .ok()
-        .and_then(|v| v.trim().parse::<usize>().ok())
-        .filter(|n| (1..=64).contains(n));
-    match set {
-        Some(n) => n,
-        None if remote => (cores * 4).max(8),
-        None => (cores * 2).max(4),
+/// `set` is the variable's value; empty counts as unset, anything else but a
+/// count from 1 to 64 is refused (not silently replaced by the default).
+fn restore_threads(cores: usize, remote: bool, set: Option<&str>) -> Result<usize> {
+    match set.map(str::trim).filter(|v| !v.is_empty()) {
+        Some(v) => v
+            .parse::<usize>()
+            .ok()
+            .filter(|n| (1..=64).contains(n))
+            .ok_or_else(|| {
+                Error::InvalidInput(format!(
+                    "FERRY_RESTORE_THREADS={v:?} is not a thread count from 1 to 64; \
+                     set one or unset it for the default"
+                ))
+            }),
+        None if remote => Ok((cores * 4).max(8)),
+        None => Ok((cores * 2).max(4)),
     }
 }
 
@@ -851,6 +859,27 @@ fn write_run(out: &dyn BlockSink, run: &[u8], at: u64, written: &AtomicU64) -> R
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn restore_threads_follow_the_store_and_the_variable_and_refuse_nonsense() {
+        // Two per core locally, four per core from object storage, at least 4 and 8.
+        assert_eq!(restore_threads(2, false, None).unwrap(), 4);
+        assert_eq!(restore_threads(2, true, None).unwrap(), 8);
+        assert_eq!(restore_threads(16, false, None).unwrap(), 32);
+        assert_eq!(restore_threads(16, true, None).unwrap(), 64);
+        assert_eq!(restore_threads(2, true, Some("")).unwrap(), 8);
+        assert_eq!(restore_threads(2, true, Some(" 3 ")).unwrap(), 3);
+        assert_eq!(restore_threads(2, false, Some("64")).unwrap(), 64);
+        for bad in ["0", "65", "lots", "-1", "2.5"] {
+            let e = restore_threads(2, false, Some(bad))
+                .unwrap_err()
+                .to_string();
+            assert!(
+                e.contains("FERRY_RESTORE_THREADS") && e.contains("1 to 64") && e.contains(bad),
+                "{bad}: {e}"
+            );
+        }
+    }
 
     #[test]
     fn a_cancelled_restore_stops_keeps_its_partial_and_resumes() {

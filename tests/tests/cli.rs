@@ -267,6 +267,32 @@ fn bad_input_gets_clear_errors_and_exit_codes() {
     // Nothing was committed by the failures.
     assert_eq!(env.json(&["points"]).as_array().unwrap().len(), 0);
 
+    // A restore thread count that is not one is refused, naming the variable.
+    let disk = env.path("small.img");
+    make_image(&disk, 4 << 20, 7);
+    env.backup("vm", &[&disk]);
+    let target = env.path("threads.img");
+    let o = env
+        .cmd()
+        .env("FERRY_RESTORE_THREADS", "lots")
+        .args(["restore", "vm@latest", "--to", target.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("FERRY_RESTORE_THREADS=\"lots\""),
+        "{}",
+        stderr(&o)
+    );
+    let o = env
+        .cmd()
+        .env("FERRY_RESTORE_THREADS", "1")
+        .args(["restore", "vm@latest", "--to", target.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(same_content(&target, &disk));
+
     // A repository written by a newer format version.
     let config = env.repo.join("config");
     let mut bytes = std::fs::read(&config).unwrap();
