@@ -155,6 +155,8 @@ pub struct Injected {
     pub faults: AtomicU64,
     /// An `outage-from` outage has begun.
     pub outage: AtomicBool,
+    /// Multipart uploads started (each counts as one request too).
+    pub multipart: AtomicU64,
 }
 
 /// A store that fails on purpose.
@@ -296,6 +298,7 @@ impl ObjectStore for Faulty {
         opts: PutMultipartOptions,
     ) -> object_store::Result<Box<dyn MultipartUpload>> {
         self.roll(Some(location)).await?;
+        self.injected.multipart.fetch_add(1, Ordering::Relaxed);
         self.inner.put_multipart_opts(location, opts).await
     }
 
@@ -440,6 +443,25 @@ mod tests {
             rt.block_on(f.get_opts(&Path::from("packs/aa"), GetOptions::default()))
                 .is_err()
         );
+    }
+
+    #[test]
+    fn packs_go_up_in_one_put_and_other_large_objects_in_parts() {
+        use ferry_agent::store::{MULTIPART_THRESHOLD, Store};
+        let f = Arc::new(Faulty::new(
+            Arc::new(object_store::memory::InMemory::new()),
+            FaultSpec::parse("rate=0").unwrap(),
+        ));
+        let injected = f.injected.clone();
+        let store = Store::new(f, "memory:");
+        let big = Bytes::from(vec![7u8; MULTIPART_THRESHOLD + 4096]);
+        // A pack this large is atomic on every store only as one PUT.
+        store.put("packs/00ff", big.clone()).unwrap();
+        assert_eq!(injected.multipart.load(Ordering::Relaxed), 0);
+        assert_eq!(store.get("packs/00ff").unwrap(), big);
+        store.put("replicas/big", big.clone()).unwrap();
+        assert_eq!(injected.multipart.load(Ordering::Relaxed), 1);
+        assert_eq!(store.get("replicas/big").unwrap(), big);
     }
 
     #[test]
