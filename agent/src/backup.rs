@@ -1591,22 +1591,30 @@ mod tests {
         out
     }
 
+    /// The compression groups the index holds, by (pack, offset), with how
+    /// many chunks each has.
+    fn group_members(repo: &Repository) -> BTreeMap<(u32, u32), usize> {
+        let (index, _) = index::load(&repo.store, &repo.key).unwrap();
+        let mut members = BTreeMap::new();
+        index
+            .try_for_each_chunk(|_, l| -> Result<()> {
+                if l.inner & pack::GROUPED != 0 {
+                    *members.entry((l.pack, l.offset)).or_default() += 1;
+                }
+                Ok(())
+            })
+            .unwrap();
+        members
+    }
+
     #[test]
     fn a_group_of_small_chunks_is_cut_at_its_member_cap() {
         // 4 KiB chunks: 2 MiB would be 512 members, past what a pack's table
         // bound allows per group, so groups stop at MAX_GROUP_MEMBERS.
-        let repo = Repository::init(
-            crate::store::Store::new(
-                std::sync::Arc::new(object_store::memory::InMemory::new()),
-                "memory:",
-            ),
-            b"pw",
-            crate::repo::InitOptions {
-                chunker: crate::chunker::Chunker::Fixed { size: 4096 },
-                ..crate::testing::cheap_init()
-            },
-        )
-        .unwrap();
+        let repo = crate::testing::memory_repo_with(crate::repo::InitOptions {
+            chunker: crate::chunker::Chunker::Fixed { size: 4096 },
+            ..crate::testing::cheap_init()
+        });
         // Every 4 KiB block unique, and compressible.
         let data: Vec<u8> = (0..1024)
             .flat_map(|i| {
@@ -1624,16 +1632,7 @@ mod tests {
             &Progress::default(),
         )
         .unwrap();
-        let (index, _) = index::load(&repo.store, &repo.key).unwrap();
-        let mut members = std::collections::BTreeMap::<(u32, u32), usize>::new();
-        index
-            .try_for_each_chunk(|_, l| -> Result<()> {
-                if l.inner & pack::GROUPED != 0 {
-                    *members.entry((l.pack, l.offset)).or_default() += 1;
-                }
-                Ok(())
-            })
-            .unwrap();
+        let members = group_members(&repo);
         assert_eq!(s.new_chunks, 1024);
         assert_eq!(members.values().sum::<usize>(), 1024, "{members:?}");
         assert!(
@@ -1655,18 +1654,8 @@ mod tests {
             &Progress::default(),
         )
         .unwrap();
-        let (index, _) = index::load(&repo.store, &repo.key).unwrap();
-        let mut grouped = 0;
-        let mut groups = std::collections::BTreeSet::new();
-        index
-            .try_for_each_chunk(|_, l| -> Result<()> {
-                if l.inner & pack::GROUPED != 0 {
-                    grouped += 1;
-                    groups.insert((l.pack, l.offset));
-                }
-                Ok(())
-            })
-            .unwrap();
+        let groups = group_members(&repo);
+        let grouped: usize = groups.values().sum();
         assert_eq!(s.new_chunks, 192);
         assert_eq!(
             grouped, 192,

@@ -1011,10 +1011,7 @@ mod tests {
         crate::testing::backup_bytes(&default, &data);
         assert_eq!(packs(&default).len(), 2, "{:?}", packs(&default));
 
-        let fresh = Store::new(
-            std::sync::Arc::new(object_store::memory::InMemory::new()),
-            "memory:",
-        );
+        let fresh = Store::memory();
         let small = Repository::init(
             fresh.clone(),
             b"pw",
@@ -1071,10 +1068,7 @@ mod tests {
     fn a_pack_size_out_of_range_is_refused_at_init_naming_the_range() {
         for size in [1u64 << 20, 128 << 20] {
             let err = Repository::init(
-                Store::new(
-                    std::sync::Arc::new(object_store::memory::InMemory::new()),
-                    "memory:",
-                ),
+                Store::memory(),
                 b"pw",
                 InitOptions {
                     pack_size: size,

@@ -27,6 +27,11 @@ pub(crate) fn memory_repo_named(location: &str) -> Repository {
     .expect("a repository in memory")
 }
 
+/// A repository in memory made with `opts` (start from [`cheap_init`]).
+pub(crate) fn memory_repo_with(opts: InitOptions) -> Repository {
+    Repository::init(Store::memory(), b"pw", opts).expect("a repository in memory")
+}
+
 /// `init`'s defaults, with a key derivation cheap enough for tests.
 pub(crate) fn cheap_init() -> InitOptions {
     InitOptions {

@@ -418,14 +418,25 @@ mod tests {
         }
     }
 
-    #[test]
-    fn an_outage_from_a_prefix_starts_at_its_first_request_and_stays() {
-        let rt = tokio::runtime::Builder::new_current_thread()
+    fn runtime() -> tokio::runtime::Runtime {
+        tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
-            .unwrap();
-        let mem: Arc<dyn ObjectStore> = Arc::new(object_store::memory::InMemory::new());
-        let f = Faulty::new(mem, FaultSpec::parse("outage-from=index/").unwrap());
+            .unwrap()
+    }
+
+    /// A store in memory behind faults as `spec` says.
+    fn over_memory(spec: &str) -> Faulty {
+        Faulty::new(
+            Arc::new(object_store::memory::InMemory::new()),
+            FaultSpec::parse(spec).unwrap(),
+        )
+    }
+
+    #[test]
+    fn an_outage_from_a_prefix_starts_at_its_first_request_and_stays() {
+        let rt = runtime();
+        let f = over_memory("outage-from=index/");
         let put = |name: &'static str| {
             let p = Path::from(name);
             rt.block_on(f.put_opts(&p, PutPayload::from_static(b"x"), PutOptions::default()))
@@ -448,10 +459,7 @@ mod tests {
     #[test]
     fn packs_go_up_in_one_put_and_other_large_objects_in_parts() {
         use ferry_agent::store::{MULTIPART_THRESHOLD, Store};
-        let f = Arc::new(Faulty::new(
-            Arc::new(object_store::memory::InMemory::new()),
-            FaultSpec::parse("rate=0").unwrap(),
-        ));
+        let f = Arc::new(over_memory("rate=0"));
         let injected = f.injected.clone();
         let store = Store::new(f, "memory:");
         let big = Bytes::from(vec![7u8; MULTIPART_THRESHOLD + 4096]);
@@ -466,12 +474,8 @@ mod tests {
 
     #[test]
     fn about_the_asked_fraction_of_requests_fail() {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        let mem: Arc<dyn ObjectStore> = Arc::new(object_store::memory::InMemory::new());
-        let f = Faulty::new(mem, FaultSpec::parse("rate=0.1 kinds=error").unwrap());
+        let rt = runtime();
+        let f = over_memory("rate=0.1 kinds=error");
         let p = Path::from("x");
         let failed = rt.block_on(async {
             let mut failed = 0;

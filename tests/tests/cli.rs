@@ -272,24 +272,21 @@ fn bad_input_gets_clear_errors_and_exit_codes() {
     make_image(&disk, 4 << 20, 7);
     env.backup("vm", &[&disk]);
     let target = env.path("threads.img");
-    let o = env
-        .cmd()
-        .env("FERRY_RESTORE_THREADS", "lots")
-        .args(["restore", "vm@latest", "--to", target.to_str().unwrap()])
-        .output()
-        .unwrap();
+    let restore_on = |threads: &str| {
+        env.cmd()
+            .env("FERRY_RESTORE_THREADS", threads)
+            .args(["restore", "vm@latest", "--to", target.to_str().unwrap()])
+            .output()
+            .unwrap()
+    };
+    let o = restore_on("lots");
     assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
     assert!(
         stderr(&o).contains("FERRY_RESTORE_THREADS=\"lots\""),
         "{}",
         stderr(&o)
     );
-    let o = env
-        .cmd()
-        .env("FERRY_RESTORE_THREADS", "1")
-        .args(["restore", "vm@latest", "--to", target.to_str().unwrap()])
-        .output()
-        .unwrap();
+    let o = restore_on("1");
     assert!(o.status.success(), "{}", stderr(&o));
     assert!(same_content(&target, &disk));
 
