@@ -149,20 +149,36 @@ struct Blob {
 struct Batch<'d> {
     chunks: Vec<(ChunkId, &'d [u8])>,
     bytes: usize,
+    /// While every chunk so far follows the one before it in the same buffer:
+    /// that buffer and the range they cover, so the group is compressed where
+    /// it lies instead of being copied together first (in a full backup, most
+    /// groups; the copy was 1.2 GB for the benchmark's image).
+    joint: Option<(&'d [u8], usize, usize)>,
 }
 
 impl<'d> Batch<'d> {
-    /// Add a new chunk; a group that reached [`pack::GROUP_BYTES`] or
-    /// [`pack::MAX_GROUP_MEMBERS`] is sealed.
+    /// Add a new chunk, `buf[at..at + len]`; a group that reached
+    /// [`pack::GROUP_BYTES`] or [`pack::MAX_GROUP_MEMBERS`] is sealed.
+    #[allow(clippy::too_many_arguments)]
     fn add(
         &mut self,
         id: ChunkId,
-        chunk: &'d [u8],
+        buf: &'d [u8],
+        at: usize,
+        len: usize,
         sealer: &mut pack::Sealer,
         key: &crate::crypto::MasterKey,
         shared: &Shared,
         out: &mut Vec<Blob>,
     ) {
+        let chunk = &buf[at..at + len];
+        self.joint = match self.joint {
+            None if self.chunks.is_empty() => Some((buf, at, at + len)),
+            Some((b, start, end)) if std::ptr::eq(b, buf) && end == at => {
+                Some((b, start, at + len))
+            }
+            _ => None,
+        };
         self.chunks.push((id, chunk));
         self.bytes += chunk.len();
         if self.bytes >= pack::GROUP_BYTES || self.chunks.len() >= pack::MAX_GROUP_MEMBERS {
@@ -188,7 +204,8 @@ impl<'d> Batch<'d> {
             }),
             many => {
                 let plain: Vec<&[u8]> = many.iter().map(|(_, c)| *c).collect();
-                match sealer.seal_group(key, &plain) {
+                let joint = self.joint.map(|(b, start, end)| &b[start..end]);
+                match sealer.seal_group(key, &plain, joint) {
                     Some(sealed) => {
                         let mut at = 0u32;
                         let members = many
@@ -224,6 +241,7 @@ impl<'d> Batch<'d> {
             .fetch_add(stored as u64, Ordering::Relaxed);
         self.chunks.clear();
         self.bytes = 0;
+        self.joint = None;
     }
 }
 
@@ -555,7 +573,16 @@ pub fn backup_sources(
                                 let chunk = &data[at..at + n as usize];
                                 let (e, new) = claim(chunk);
                                 if let Some(id) = new {
-                                    batch.add(id, chunk, &mut sealer, key, shared, &mut out.blobs);
+                                    batch.add(
+                                        id,
+                                        &data,
+                                        at,
+                                        n as usize,
+                                        &mut sealer,
+                                        key,
+                                        shared,
+                                        &mut out.blobs,
+                                    );
                                 }
                                 if incremental[seg.disk] {
                                     parent.keep(&e, chunk);
@@ -591,7 +618,9 @@ pub fn backup_sources(
                                         if let Some(id) = new {
                                             batch.add(
                                                 id,
-                                                piece,
+                                                bytes,
+                                                at,
+                                                n,
                                                 &mut sealer,
                                                 key,
                                                 shared,

@@ -92,6 +92,14 @@ impl MasterKey {
         seal_into(&self.data, aad, plaintext, out);
     }
 
+    /// Seal in place: `buf[at..at + NONCE_LEN]` is room for the nonce and
+    /// `buf[at + NONCE_LEN..]` the plaintext, which becomes the ciphertext, and
+    /// the tag is appended; the same bytes [`Self::seal_into`] would append to
+    /// `buf[..at]`, without copying the plaintext there first.
+    pub fn seal_in_place(&self, aad: &[u8], buf: &mut Vec<u8>, at: usize) {
+        seal_in_place(&self.data, aad, buf, at);
+    }
+
     pub fn seal(&self, aad: &[u8], plaintext: &[u8]) -> Vec<u8> {
         let mut out = Vec::with_capacity(plaintext.len() + OVERHEAD);
         self.seal_into(aad, plaintext, &mut out);
@@ -318,20 +326,26 @@ pub fn check_new_password(password: &[u8]) -> Result<()> {
 }
 
 fn seal_into(key: &LessSafeKey, aad: &[u8], plaintext: &[u8], out: &mut Vec<u8>) {
+    let at = out.len();
+    out.reserve(plaintext.len() + OVERHEAD);
+    out.extend_from_slice(&[0; NONCE_LEN]);
+    out.extend_from_slice(plaintext);
+    seal_in_place(key, aad, out, at);
+}
+
+/// See [`MasterKey::seal_in_place`].
+fn seal_in_place(key: &LessSafeKey, aad: &[u8], buf: &mut Vec<u8>, at: usize) {
     let mut nonce = [0u8; NONCE_LEN];
     fill_random(&mut nonce);
-    out.reserve(plaintext.len() + OVERHEAD);
-    out.extend_from_slice(&nonce);
-    let start = out.len();
-    out.extend_from_slice(plaintext);
+    buf[at..at + NONCE_LEN].copy_from_slice(&nonce);
     let tag = key
         .seal_in_place_separate_tag(
             Nonce::assume_unique_for_key(nonce),
             Aad::from(aad),
-            &mut out[start..],
+            &mut buf[at + NONCE_LEN..],
         )
         .expect("AES-GCM seals any message under 64 GiB");
-    out.extend_from_slice(tag.as_ref());
+    buf.extend_from_slice(tag.as_ref());
 }
 
 fn open(key: &LessSafeKey, aad: &[u8], sealed: &[u8]) -> Option<Vec<u8>> {
