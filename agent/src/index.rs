@@ -301,6 +301,9 @@ pub struct RangedRead {
 
 /// Group blobs by pack, in pack order, and coalesce neighbours that lie at most
 /// `max_gap` apart into reads of at most `max_read` bytes (restore, instant restore).
+/// The members of a compression group come in their order inside it, which
+/// for a full backup's groups is their order on the disk: a restore writes a
+/// run of them with one call instead of one call per chunk.
 pub fn plan_reads(
     blobs: impl IntoIterator<Item = (ChunkId, Location)>,
     max_gap: u64,
@@ -313,7 +316,7 @@ pub fn plan_reads(
     }
     let mut reads = Vec::new();
     for (pack, mut blobs) in by_pack {
-        blobs.sort_by_key(|b| b.1.offset);
+        blobs.sort_unstable_by_key(|b| (b.1.offset, b.1.inner));
         let mut cur: Option<RangedRead> = None;
         for (id, loc) in blobs {
             let (s, e) = (loc.offset as u64, loc.offset as u64 + loc.length as u64);
@@ -364,6 +367,39 @@ mod tests {
         idx.add_pack(back[0].id, back[0].size, &back[0].entries)
             .unwrap();
         assert_eq!(idx.get(&ChunkId([9; 32])).unwrap().unwrap().raw_len, 200);
+    }
+
+    #[test]
+    fn reads_come_in_pack_order_and_a_group_in_its_members_order() {
+        let at = |pack, offset, length, inner| Location {
+            pack,
+            offset,
+            length,
+            raw_len: 65536,
+            inner,
+        };
+        // Given in another order (a restore collects them from a hash map).
+        let mut blobs = Vec::new();
+        for k in (0..8u32).rev() {
+            blobs.push((
+                ChunkId([k as u8; 32]),
+                at(1, 500, 9000, crate::pack::GROUPED | (k << 16)),
+            ));
+        }
+        blobs.push((ChunkId([20; 32]), at(1, 9500, 100, 0)));
+        blobs.push((ChunkId([21; 32]), at(0, 8, 100, 0)));
+        blobs.push((ChunkId([22; 32]), at(1, 100, 300, 0)));
+        blobs.push((ChunkId([23; 32]), at(1, 1 << 30, 100, 0)));
+        let reads = plan_reads(blobs, 256 << 10, 8 << 20);
+        let order: Vec<Vec<u8>> = reads
+            .iter()
+            .map(|r| r.blobs.iter().map(|(id, _)| id.0[0]).collect())
+            .collect();
+        assert_eq!(
+            order,
+            vec![vec![21], vec![22, 0, 1, 2, 3, 4, 5, 6, 7, 20], vec![23]]
+        );
+        assert_eq!((reads[1].start, reads[1].end), (100, 9600));
     }
 
     fn random(n: usize, seed: u64) -> Vec<u8> {
