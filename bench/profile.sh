@@ -28,10 +28,12 @@ sync
 perf record -q -F 999 -g -o "$DIR/restore.data" -- \
   "$FERRY" --json -r "$DIR/repo" restore profile@latest --to "$DIR/out.img" >"$DIR/restore.json" 2>/dev/null
 cmp "$DIR/disk.img" "$DIR/out.img" || { echo "the restored image differs" >&2; exit 1; }
+# awk, not head: under pipefail, head closing the pipe early killed perf
+# report with SIGPIPE and the script with it, before the restore's profile.
 for s in backup restore; do
   echo "## $s"
   echo
   perf report -i "$DIR/$s.data" --no-children --sort symbol --stdio 2>/dev/null |
-    grep -E '^ +[0-9.]+%' | head -n "$TOP" | awk '{printf "    %s %s\n", $1, $3}'
+    grep -E '^ +[0-9.]+%' | awk -v top="$TOP" 'NR <= top {printf "    %s %s\n", $1, $3}'
   echo
 done
