@@ -82,7 +82,7 @@ const SPARSE_BLOCK: usize = 4096;
 /// Restored bytes between two background syncs.
 const SYNC_EVERY: u64 = 256 << 20;
 /// Restored bytes gathered before a write (one write may exceed it by one
-/// chunk). Not more: writes of 1 MiB and more cost the kernel four to five
+/// chunk). Not more: writes of 1 MiB and more cost the kernel four to six
 /// times the CPU here ([`crate::store::WRITE_PIECE`]); runs used to be cut at 4 MiB, but
 /// restores wrote chunk by chunk anyway until the members of a group were read
 /// in their order (see `index::plan_reads`).

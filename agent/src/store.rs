@@ -43,9 +43,9 @@ pub const PART_SIZE: usize = 16 << 20;
 /// The largest piece of a put's payload. A directory store writes each piece
 /// with one `write` call; on the project's machines (Linux 6.18, ext4 with
 /// large folios, a VM whose free memory goes back to its host) writes of 1 MiB
-/// and more cost the kernel four to five times the CPU of writes of 256 KiB and
-/// less (`dd` of 1.2 GB: 2.1 to 2.9 s of system time at 1 and 4 MiB, 0.47 s at
-/// 256 KiB and 64 KiB), and a pack went down in one write. Splitting copies
+/// and more cost the kernel four to six times the CPU of writes of 256 KiB and
+/// less (`dd` of 1.2 GB: 2.1 to 3.0 s of system time at 1 and 4 MiB, 0.47 to
+/// 0.49 s at 256 KiB and 64 KiB), and a pack went down in one write. Splitting copies
 /// nothing: the pieces are slices of the same buffer, and an HTTP store sends
 /// them as one body.
 pub const WRITE_PIECE: usize = 256 << 10;
