@@ -410,6 +410,14 @@ impl FileSink {
         self.file.sync_all().map_err(err)?;
         if !self.is_device && self.path != self.final_path {
             std::fs::rename(&self.path, &self.final_path).map_err(err)?;
+            // The new name, too, must outlive a power loss.
+            let dir = match self.final_path.parent() {
+                Some(d) if !d.as_os_str().is_empty() => d,
+                _ => std::path::Path::new("."),
+            };
+            std::fs::File::open(dir)
+                .and_then(|d| d.sync_all())
+                .map_err(err)?;
         }
         Ok(())
     }

@@ -1,16 +1,35 @@
-//! A directory repository whose objects only their owner can read.
+//! A directory repository whose objects only their owner can read, and that a
+//! power loss cannot take back once a write has returned.
 //!
 //! `object_store`'s local store creates files with the process umask (usually
-//! 0644) and offers no way to choose a mode. Key files are what an offline
-//! password guess starts from, and the rest is the user's encrypted data, so
-//! [`PrivateDir`] sets every object it writes to 0600 right after the write, and
-//! `store::open` creates a new repository directory 0700, which also closes the
-//! moment between the write and the `chmod`. Objects written in parts (64 MiB and
-//! more) keep the umask's mode and rely on the directory.
+//! 0644), offers no way to choose a mode, and never calls `fsync`: a pack it
+//! wrote sits in the page cache for up to half a minute, so a power loss right
+//! after `ferry backup` reported success could leave a point whose packs were
+//! never on disk. [`PrivateDir`] therefore writes whole objects itself, the way
+//! the local store does but durably:
+//!
+//! 1. a staging file next to the object (`NAME#DIGITS`, which the local store's
+//!    listing skips), created 0600 and never readable by anyone else;
+//! 2. the payload, then `fdatasync`;
+//! 3. a rename over the object, so readers see all or nothing;
+//! 4. `fsync` of the directory that holds the name, and of the parent of every
+//!    directory the write created.
+//!
+//! Objects written in parts (64 MiB and more), copies and writes with a
+//! condition still go through the local store; they are made private and
+//! synced the same way once it has written them. `store::open` creates a new
+//! repository directory 0700, and the directories under it are 0700.
+//!
+//! Deletes are not synced: a delete a power loss takes back leaves an object
+//! nothing refers to, which the next prune removes.
 
 use std::fmt;
+use std::fs::{File, OpenOptions};
+use std::io::{self, Write as _};
 use std::ops::Range;
-use std::os::unix::fs::PermissionsExt;
+use std::os::unix::fs::{DirBuilderExt as _, OpenOptionsExt as _, PermissionsExt as _};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -19,7 +38,8 @@ use object_store::local::LocalFileSystem;
 use object_store::path::Path;
 use object_store::{
     CopyOptions, GetOptions, GetResult, ListResult, MultipartUpload, ObjectMeta, ObjectStore,
-    PutMultipartOptions, PutOptions, PutPayload, PutResult,
+    ObjectStoreExt as _, PutMode, PutMultipartOptions, PutOptions, PutPayload, PutResult,
+    UploadPart,
 };
 
 /// The mode of every object Ferry writes to a directory repository.
@@ -27,25 +47,192 @@ pub const FILE_MODE: u32 = 0o600;
 /// The mode of a repository directory Ferry creates.
 pub const DIR_MODE: u32 = 0o700;
 
-/// A [`LocalFileSystem`] that makes each object it writes private.
+/// A [`LocalFileSystem`] whose objects are private and on disk once written.
 #[derive(Debug)]
 pub struct PrivateDir {
     inner: LocalFileSystem,
+    /// The repository directory; the syncs after a write stop here.
+    root: PathBuf,
 }
 
 impl PrivateDir {
-    pub fn new(inner: LocalFileSystem) -> Self {
-        PrivateDir { inner }
+    /// `inner` serves the directory `root`.
+    pub fn new(inner: LocalFileSystem, root: impl Into<PathBuf>) -> Self {
+        PrivateDir {
+            inner,
+            root: root.into(),
+        }
     }
 
-    fn restrict(&self, location: &Path) -> object_store::Result<()> {
-        let file = self.inner.path_to_filesystem(location)?;
-        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(FILE_MODE)).map_err(|e| {
-            object_store::Error::Generic {
-                store: "LocalFileSystem",
-                source: format!("cannot make {} private (mode 0600): {e}", file.display()).into(),
+    fn file(&self, location: &Path) -> object_store::Result<PathBuf> {
+        self.inner.path_to_filesystem(location)
+    }
+}
+
+/// After the local store wrote `file` by itself: private, then on disk.
+async fn settle(file: PathBuf, root: PathBuf) -> object_store::Result<()> {
+    blocking(move || {
+        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(FILE_MODE))
+            .map_err(|e| failed("make private (mode 0600)", &file, e))?;
+        File::open(&file)
+            .and_then(|f| f.sync_data())
+            .map_err(|e| failed("sync", &file, e))?;
+        // It may have made the directories on the way: sync them all.
+        let mut dir = file.parent();
+        while let Some(d) = dir.filter(|d| d.starts_with(&root)) {
+            sync_dir(d)?;
+            dir = d.parent();
+        }
+        Ok(())
+    })
+    .await
+}
+
+/// Writes `payload` to `file` as described in the module's documentation.
+fn write_durably(file: &std::path::Path, payload: &PutPayload) -> object_store::Result<()> {
+    let dir = file
+        .parent()
+        .ok_or_else(|| failed("write", file, io::Error::other("no parent directory")))?;
+    let created = create_dirs(dir)?;
+    let (staged, mut f) = stage(file)?;
+    let written = payload
+        .iter()
+        .try_for_each(|piece| f.write_all(piece))
+        .and_then(|()| f.sync_data())
+        .map_err(|e| failed("write", &staged, e))
+        .and_then(|()| {
+            drop(f);
+            std::fs::rename(&staged, file).map_err(|e| failed("rename to", file, e))
+        });
+    if let Err(e) = written {
+        let _ = std::fs::remove_file(&staged);
+        return Err(e);
+    }
+    sync_dir(dir)?;
+    for made in &created {
+        if let Some(parent) = made.parent() {
+            sync_dir(parent)?;
+        }
+    }
+    Ok(())
+}
+
+/// Creates the missing directories up to `dir`, 0700; those it created, outermost first.
+fn create_dirs(dir: &std::path::Path) -> object_store::Result<Vec<PathBuf>> {
+    let mut missing = Vec::new();
+    let mut at = Some(dir);
+    while let Some(d) = at {
+        match std::fs::symlink_metadata(d) {
+            Ok(_) => break,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                missing.push(d.to_path_buf());
+                at = d.parent();
             }
-        })
+            Err(e) => return Err(failed("look at", d, e)),
+        }
+    }
+    missing.reverse();
+    for d in &missing {
+        match std::fs::DirBuilder::new().mode(DIR_MODE).create(d) {
+            // Another writer made it first: it still needs no sync from us
+            // beyond the one of the parent below.
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(failed("create directory", d, e)),
+        }
+    }
+    Ok(missing)
+}
+
+/// A new staging file for `file`, 0600 from its creation.
+fn stage(file: &std::path::Path) -> object_store::Result<(PathBuf, File)> {
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    loop {
+        // `NAME#DIGITS`: the local store's listing skips such names.
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let mut name = file.as_os_str().to_owned();
+        name.push(format!("#{}{n}", std::process::id()));
+        let staged = PathBuf::from(name);
+        match OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(FILE_MODE)
+            .open(&staged)
+        {
+            Ok(f) => return Ok((staged, f)),
+            // Left by a process with our PID that died: take the next number.
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => continue,
+            Err(e) => return Err(failed("create", &staged, e)),
+        }
+    }
+}
+
+fn sync_dir(dir: &std::path::Path) -> object_store::Result<()> {
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| failed("sync directory", dir, e))
+}
+
+/// A file operation that failed; the `io::Error` stays the source, so that a
+/// full disk is still recognised as one.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot {what} {}: {source}", path.display())]
+struct FsError {
+    what: &'static str,
+    path: PathBuf,
+    source: io::Error,
+}
+
+fn failed(what: &'static str, path: &std::path::Path, source: io::Error) -> object_store::Error {
+    object_store::Error::Generic {
+        store: "LocalFileSystem",
+        source: Box::new(FsError {
+            what,
+            path: path.to_path_buf(),
+            source,
+        }),
+    }
+}
+
+/// Runs file IO off the async workers, as the local store does.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> object_store::Result<T> + Send + 'static,
+) -> object_store::Result<T> {
+    match tokio::runtime::Handle::try_current() {
+        Ok(handle) => handle
+            .spawn_blocking(f)
+            .await
+            .map_err(|e| object_store::Error::Generic {
+                store: "LocalFileSystem",
+                source: Box::new(e),
+            })?,
+        Err(_) => f(),
+    }
+}
+
+/// An upload in parts that is made private and synced once complete.
+#[derive(Debug)]
+struct SettledUpload {
+    inner: Box<dyn MultipartUpload>,
+    file: PathBuf,
+    root: PathBuf,
+}
+
+#[async_trait]
+impl MultipartUpload for SettledUpload {
+    fn put_part(&mut self, data: PutPayload) -> UploadPart {
+        self.inner.put_part(data)
+    }
+
+    async fn complete(&mut self) -> object_store::Result<PutResult> {
+        let r = self.inner.complete().await?;
+        // Settling needs only the paths, not the store.
+        settle(self.file.clone(), self.root.clone()).await?;
+        Ok(r)
+    }
+
+    async fn abort(&mut self) -> object_store::Result<()> {
+        self.inner.abort().await
     }
 }
 
@@ -63,9 +250,20 @@ impl ObjectStore for PrivateDir {
         payload: PutPayload,
         opts: PutOptions,
     ) -> object_store::Result<PutResult> {
-        let r = self.inner.put_opts(location, payload, opts).await?;
-        self.restrict(location)?;
-        Ok(r)
+        let file = self.file(location)?;
+        if !matches!(opts.mode, PutMode::Overwrite) || !opts.attributes.is_empty() {
+            // What only the local store knows how to do (or to refuse).
+            let r = self.inner.put_opts(location, payload, opts).await?;
+            settle(file, self.root.clone()).await?;
+            return Ok(r);
+        }
+        blocking(move || write_durably(&file, &payload)).await?;
+        let meta = self.inner.head(location).await?;
+        Ok(PutResult {
+            e_tag: meta.e_tag,
+            version: None,
+            extensions: Default::default(),
+        })
     }
 
     async fn put_multipart_opts(
@@ -73,7 +271,12 @@ impl ObjectStore for PrivateDir {
         location: &Path,
         opts: PutMultipartOptions,
     ) -> object_store::Result<Box<dyn MultipartUpload>> {
-        self.inner.put_multipart_opts(location, opts).await
+        let inner = self.inner.put_multipart_opts(location, opts).await?;
+        Ok(Box::new(SettledUpload {
+            inner,
+            file: self.file(location)?,
+            root: self.root.clone(),
+        }))
     }
 
     async fn get_opts(
@@ -114,6 +317,115 @@ impl ObjectStore for PrivateDir {
         options: CopyOptions,
     ) -> object_store::Result<()> {
         self.inner.copy_opts(from, to, options).await?;
-        self.restrict(to)
+        settle(self.file(to)?, self.root.clone()).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use futures::TryStreamExt as _;
+    use object_store::WriteMultipart;
+
+    fn mode(p: &std::path::Path) -> u32 {
+        std::fs::metadata(p).unwrap().permissions().mode() & 0o777
+    }
+
+    fn open(dir: &std::path::Path) -> PrivateDir {
+        let root = dir.canonicalize().unwrap();
+        PrivateDir::new(LocalFileSystem::new_with_prefix(&root).unwrap(), root)
+    }
+
+    fn staged_left(dir: &std::path::Path) -> Vec<PathBuf> {
+        let mut left = Vec::new();
+        let mut todo = vec![dir.to_path_buf()];
+        while let Some(d) = todo.pop() {
+            for e in std::fs::read_dir(d).unwrap() {
+                let p = e.unwrap().path();
+                if p.is_dir() {
+                    todo.push(p);
+                } else if p.to_string_lossy().contains('#') {
+                    left.push(p);
+                }
+            }
+        }
+        left
+    }
+
+    #[tokio::test]
+    async fn an_object_lands_whole_and_private_in_new_private_directories() {
+        let dir = tempfile::tempdir().unwrap();
+        // A repository directory the user made, readable by all.
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        let store = open(dir.path());
+        let path = Path::from("packs/ab/abcdef");
+        let payload =
+            PutPayload::from_iter([Bytes::from(vec![1u8; 1000]), Bytes::from(vec![2u8; 10])]);
+        store.put(&path, payload).await.unwrap();
+        let file = dir.path().join("packs/ab/abcdef");
+        let mut want = vec![1u8; 1000];
+        want.extend([2u8; 10]);
+        assert_eq!(std::fs::read(&file).unwrap(), want);
+        assert_eq!(mode(&file), FILE_MODE);
+        assert_eq!(mode(&dir.path().join("packs")), DIR_MODE);
+        assert_eq!(mode(&dir.path().join("packs/ab")), DIR_MODE);
+        assert!(staged_left(dir.path()).is_empty());
+
+        // A write over it replaces it; readers never see a mix.
+        store
+            .put(&path, Bytes::from_static(b"new").into())
+            .await
+            .unwrap();
+        assert_eq!(
+            store.get(&path).await.unwrap().bytes().await.unwrap(),
+            "new"
+        );
+
+        // What a write killed half-way leaves is not an object.
+        std::fs::write(dir.path().join("packs/ab/abcdef#4242"), b"half").unwrap();
+        let listed: Vec<_> = store
+            .list(Some(&Path::from("packs")))
+            .map_ok(|m| m.location.to_string())
+            .try_collect()
+            .await
+            .unwrap();
+        assert_eq!(listed, vec!["packs/ab/abcdef".to_string()]);
+    }
+
+    #[tokio::test]
+    async fn objects_written_in_parts_or_copied_are_private_too() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(dir.path());
+        let big = Path::from("index/big");
+        let upload = store.put_multipart(&big).await.unwrap();
+        let mut w = WriteMultipart::new_with_chunk_size(upload, 1000);
+        w.put(Bytes::from(vec![7u8; 2500]));
+        w.finish().await.unwrap();
+        assert_eq!(
+            std::fs::read(dir.path().join("index/big")).unwrap(),
+            vec![7u8; 2500]
+        );
+        assert_eq!(mode(&dir.path().join("index/big")), FILE_MODE);
+
+        store.copy(&big, &Path::from("index/copy")).await.unwrap();
+        assert_eq!(mode(&dir.path().join("index/copy")), FILE_MODE);
+    }
+
+    #[tokio::test]
+    async fn a_write_that_fails_names_the_file_and_leaves_nothing_behind() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(dir.path());
+        // A directory where the object should go: the rename cannot replace it.
+        std::fs::create_dir_all(dir.path().join("points/p1/inner")).unwrap();
+        let err = store
+            .put(&Path::from("points/p1"), Bytes::from_static(b"x").into())
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("cannot rename to") && err.contains("points/p1"),
+            "{err}"
+        );
+        assert!(staged_left(dir.path()).is_empty());
     }
 }

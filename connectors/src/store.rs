@@ -164,7 +164,11 @@ fn open_inner(location: &str, create: bool) -> Result<Opened> {
             })?;
     }
     let fs = LocalFileSystem::new_with_prefix(dir).map_err(cannot)?;
-    Ok((Arc::new(crate::private::PrivateDir::new(fs)), None))
+    // As the local store names its files: absolute, without links.
+    let root = dir.canonicalize().map_err(|e| {
+        Error::InvalidInput(format!("cannot open repository directory {path}: {e}"))
+    })?;
+    Ok((Arc::new(crate::private::PrivateDir::new(fs, root)), None))
 }
 
 #[cfg(test)]
