@@ -20,8 +20,11 @@
 //! synced the same way once it has written them. `store::open` creates a new
 //! repository directory 0700, and the directories under it are 0700.
 //!
-//! Deletes are not synced: a delete a power loss takes back leaves an object
-//! nothing refers to, which the next prune removes.
+//! Deletes are not synced. Journaling filesystems (ext4, XFS) bring metadata
+//! changes to disk in the order they were made, so a power loss can take back
+//! only the last ones: a point `forget` removed may come back, but not once the
+//! packs a later prune deleted for it are gone. On a filesystem without that
+//! order this is not guaranteed.
 
 use std::fmt;
 use std::fs::{File, OpenOptions};
