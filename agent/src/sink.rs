@@ -415,9 +415,16 @@ impl FileSink {
                 Some(d) if !d.as_os_str().is_empty() => d,
                 _ => std::path::Path::new("."),
             };
-            std::fs::File::open(dir)
-                .and_then(|d| d.sync_all())
-                .map_err(err)?;
+            // A filesystem that cannot sync a directory (EINVAL) is let be.
+            match std::fs::File::open(dir).and_then(|d| d.sync_all()) {
+                Err(source) if source.kind() != std::io::ErrorKind::InvalidInput => {
+                    return Err(Error::Target {
+                        path: dir.to_path_buf(),
+                        source,
+                    });
+                }
+                _ => {}
+            }
         }
         Ok(())
     }

@@ -2,30 +2,35 @@
 //! power loss cannot take back once a write has returned.
 //!
 //! `object_store`'s local store creates files with the process umask (usually
-//! 0644), offers no way to choose a mode, and never calls `fsync`: a pack it
-//! wrote sits in the page cache for up to half a minute, so a power loss right
-//! after `ferry backup` reported success could leave a point whose packs were
-//! never on disk. [`PrivateDir`] therefore writes whole objects itself, the way
-//! the local store does but durably:
+//! 0644), offers no way to choose a mode, and calls `fsync` only when built
+//! `with_fsync(true)` (off by default, and off in Ferry until 85eaa7d): a pack
+//! sat in the page cache for up to half a minute, so a power loss right after
+//! `ferry backup` reported success could leave a point whose packs were never
+//! on disk. [`PrivateDir`] therefore writes whole objects itself:
 //!
 //! 1. a staging file next to the object (`NAME#DIGITS`, which the local store's
 //!    listing skips), created 0600 and never readable by anyone else;
 //! 2. the payload, then `fdatasync`;
 //! 3. a rename over the object, so readers see all or nothing;
-//! 4. `fsync` of the directory that holds the name, and of the parent of every
-//!    directory the write created.
+//! 4. `fsync` of the directory that holds the name. The first time a process
+//!    writes into a directory, the directories above it up to the repository
+//!    are synced too, whoever created them (they are made 0700).
 //!
 //! Objects written in parts (64 MiB and more), copies and writes with a
-//! condition still go through the local store; they are made private and
-//! synced the same way once it has written them. `store::open` creates a new
-//! repository directory 0700, and the directories under it are 0700.
+//! condition go through the local store, built `with_fsync(true)` so that it
+//! syncs before it renames; they are then made private and synced again for
+//! the mode. `store::open` creates a new repository directory 0700.
 //!
 //! Deletes are not synced. Journaling filesystems (ext4, XFS) bring metadata
 //! changes to disk in the order they were made, so a power loss can take back
 //! only the last ones: a point `forget` removed may come back, but not once the
 //! packs a later prune deleted for it are gone. On a filesystem without that
 //! order this is not guaranteed.
+//!
+//! A filesystem that cannot sync a directory (`EINVAL`, as some FUSE and
+//! network filesystems answer) is written without that sync, as SQLite does.
 
+use std::collections::HashSet;
 use std::fmt;
 use std::fs::{File, OpenOptions};
 use std::io::{self, Write as _};
@@ -33,6 +38,7 @@ use std::ops::Range;
 use std::os::unix::fs::{DirBuilderExt as _, OpenOptionsExt as _, PermissionsExt as _};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -56,14 +62,17 @@ pub struct PrivateDir {
     inner: LocalFileSystem,
     /// The repository directory; the syncs after a write stop here.
     root: PathBuf,
+    /// Directories whose entries up to `root` this process has synced.
+    durable: Arc<Mutex<HashSet<PathBuf>>>,
 }
 
 impl PrivateDir {
-    /// `inner` serves the directory `root`.
+    /// `inner` serves the directory `root`; it is made to sync its own writes.
     pub fn new(inner: LocalFileSystem, root: impl Into<PathBuf>) -> Self {
         PrivateDir {
-            inner,
+            inner: inner.with_fsync(true),
             root: root.into(),
+            durable: Arc::default(),
         }
     }
 
@@ -72,31 +81,45 @@ impl PrivateDir {
     }
 }
 
-/// After the local store wrote `file` by itself: private, then on disk.
-async fn settle(file: PathBuf, root: PathBuf) -> object_store::Result<()> {
+/// After the local store wrote and synced `file` by itself: private, with the
+/// new mode on disk too (`fdatasync` would leave it behind).
+async fn settle(file: PathBuf) -> object_store::Result<()> {
     blocking(move || {
         std::fs::set_permissions(&file, std::fs::Permissions::from_mode(FILE_MODE))
             .map_err(|e| failed("make private (mode 0600)", &file, e))?;
         File::open(&file)
-            .and_then(|f| f.sync_data())
-            .map_err(|e| failed("sync", &file, e))?;
-        // It may have made the directories on the way: sync them all.
-        let mut dir = file.parent();
-        while let Some(d) = dir.filter(|d| d.starts_with(&root)) {
-            sync_dir(d)?;
-            dir = d.parent();
-        }
-        Ok(())
+            .and_then(|f| f.sync_all())
+            .map_err(|e| failed("sync", &file, e))
     })
     .await
 }
 
 /// Writes `payload` to `file` as described in the module's documentation.
-fn write_durably(file: &std::path::Path, payload: &PutPayload) -> object_store::Result<()> {
+fn write_durably(
+    file: &std::path::Path,
+    payload: &PutPayload,
+    root: &std::path::Path,
+    durable: &Mutex<HashSet<PathBuf>>,
+) -> object_store::Result<()> {
     let dir = file
         .parent()
         .ok_or_else(|| failed("write", file, io::Error::other("no parent directory")))?;
-    let created = create_dirs(dir)?;
+    let known = durable.lock().map(|d| d.contains(dir)).unwrap_or(false);
+    if !known {
+        create_dirs(dir)?;
+        // Whoever made them, their entries must be on disk before an object
+        // in them is said to be.
+        let mut at = dir;
+        while at != root {
+            match at.parent() {
+                Some(parent) if parent.starts_with(root) => {
+                    sync_dir(parent)?;
+                    at = parent;
+                }
+                _ => break,
+            }
+        }
+    }
     let (staged, mut f) = stage(file)?;
     let written = payload
         .iter()
@@ -112,39 +135,35 @@ fn write_durably(file: &std::path::Path, payload: &PutPayload) -> object_store::
         return Err(e);
     }
     sync_dir(dir)?;
-    for made in &created {
-        if let Some(parent) = made.parent() {
-            sync_dir(parent)?;
-        }
+    if !known && let Ok(mut d) = durable.lock() {
+        d.insert(dir.to_path_buf());
     }
     Ok(())
 }
 
-/// Creates the missing directories up to `dir`, 0700; those it created, outermost first.
-fn create_dirs(dir: &std::path::Path) -> object_store::Result<Vec<PathBuf>> {
+/// Creates the missing directories up to `dir`, 0700.
+fn create_dirs(dir: &std::path::Path) -> object_store::Result<()> {
     let mut missing = Vec::new();
     let mut at = Some(dir);
     while let Some(d) = at {
         match std::fs::symlink_metadata(d) {
             Ok(_) => break,
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                missing.push(d.to_path_buf());
+                missing.push(d);
                 at = d.parent();
             }
             Err(e) => return Err(failed("look at", d, e)),
         }
     }
-    missing.reverse();
-    for d in &missing {
+    for d in missing.into_iter().rev() {
         match std::fs::DirBuilder::new().mode(DIR_MODE).create(d) {
-            // Another writer made it first: it still needs no sync from us
-            // beyond the one of the parent below.
+            // Another writer made it first.
             Ok(()) => {}
             Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
             Err(e) => return Err(failed("create directory", d, e)),
         }
     }
-    Ok(missing)
+    Ok(())
 }
 
 /// A new staging file for `file`, 0600 from its creation.
@@ -170,10 +189,12 @@ fn stage(file: &std::path::Path) -> object_store::Result<(PathBuf, File)> {
     }
 }
 
+/// `fsync` of a directory; a filesystem that cannot (`EINVAL`) is let be.
 fn sync_dir(dir: &std::path::Path) -> object_store::Result<()> {
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(|e| failed("sync directory", dir, e))
+    match File::open(dir).and_then(|d| d.sync_all()) {
+        Err(e) if e.kind() != io::ErrorKind::InvalidInput => Err(failed("sync directory", dir, e)),
+        _ => Ok(()),
+    }
 }
 
 /// A file operation that failed; the `io::Error` stays the source, so that a
@@ -218,7 +239,6 @@ async fn blocking<T: Send + 'static>(
 struct SettledUpload {
     inner: Box<dyn MultipartUpload>,
     file: PathBuf,
-    root: PathBuf,
 }
 
 #[async_trait]
@@ -230,7 +250,7 @@ impl MultipartUpload for SettledUpload {
     async fn complete(&mut self) -> object_store::Result<PutResult> {
         let r = self.inner.complete().await?;
         // Settling needs only the paths, not the store.
-        settle(self.file.clone(), self.root.clone()).await?;
+        settle(self.file.clone()).await?;
         Ok(r)
     }
 
@@ -257,10 +277,11 @@ impl ObjectStore for PrivateDir {
         if !matches!(opts.mode, PutMode::Overwrite) || !opts.attributes.is_empty() {
             // What only the local store knows how to do (or to refuse).
             let r = self.inner.put_opts(location, payload, opts).await?;
-            settle(file, self.root.clone()).await?;
+            settle(file).await?;
             return Ok(r);
         }
-        blocking(move || write_durably(&file, &payload)).await?;
+        let (root, durable) = (self.root.clone(), self.durable.clone());
+        blocking(move || write_durably(&file, &payload, &root, &durable)).await?;
         let meta = self.inner.head(location).await?;
         Ok(PutResult {
             e_tag: meta.e_tag,
@@ -278,7 +299,6 @@ impl ObjectStore for PrivateDir {
         Ok(Box::new(SettledUpload {
             inner,
             file: self.file(location)?,
-            root: self.root.clone(),
         }))
     }
 
@@ -320,7 +340,7 @@ impl ObjectStore for PrivateDir {
         options: CopyOptions,
     ) -> object_store::Result<()> {
         self.inner.copy_opts(from, to, options).await?;
-        settle(self.file(to)?, self.root.clone()).await
+        settle(self.file(to)?).await
     }
 }
 

@@ -159,6 +159,17 @@ fn open_inner(location: &str, create: bool) -> Result<Opened> {
             .recursive(true)
             .mode(crate::private::DIR_MODE)
             .create(dir)
+            .and_then(|()| {
+                // Its name, too, must outlive a power loss.
+                let parent = match dir.parent() {
+                    Some(p) if !p.as_os_str().is_empty() => p,
+                    _ => std::path::Path::new("."),
+                };
+                match std::fs::File::open(parent).and_then(|d| d.sync_all()) {
+                    Err(e) if e.kind() != std::io::ErrorKind::InvalidInput => Err(e),
+                    _ => Ok(()),
+                }
+            })
             .map_err(|e| {
                 Error::InvalidInput(format!("cannot create repository directory {path}: {e}"))
             })?;
