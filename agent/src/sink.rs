@@ -411,22 +411,29 @@ impl FileSink {
         if !self.is_device && self.path != self.final_path {
             std::fs::rename(&self.path, &self.final_path).map_err(err)?;
             // The new name, too, must outlive a power loss.
-            let dir = match self.final_path.parent() {
-                Some(d) if !d.as_os_str().is_empty() => d,
-                _ => std::path::Path::new("."),
-            };
-            // A filesystem that cannot sync a directory (EINVAL) is let be.
-            match std::fs::File::open(dir).and_then(|d| d.sync_all()) {
-                Err(source) if source.kind() != std::io::ErrorKind::InvalidInput => {
-                    return Err(Error::Target {
-                        path: dir.to_path_buf(),
-                        source,
-                    });
-                }
-                _ => {}
-            }
+            let dir = self.final_path.parent().unwrap_or(Path::new(""));
+            sync_dir(dir).map_err(|source| Error::Target {
+                path: dir.to_path_buf(),
+                source,
+            })?;
         }
         Ok(())
+    }
+}
+
+/// `fsync` of a directory (`""` is the current one), so that the names just
+/// made or changed in it outlive a power loss. A filesystem that cannot sync a
+/// directory (`EINVAL`, as some FUSE and network filesystems answer) is let be,
+/// as SQLite does.
+pub fn sync_dir(dir: &Path) -> std::io::Result<()> {
+    let dir = if dir.as_os_str().is_empty() {
+        Path::new(".")
+    } else {
+        dir
+    };
+    match File::open(dir).and_then(|d| d.sync_all()) {
+        Err(e) if e.kind() == std::io::ErrorKind::InvalidInput => Ok(()),
+        r => r,
     }
 }
 

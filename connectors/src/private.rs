@@ -189,12 +189,8 @@ fn stage(file: &std::path::Path) -> object_store::Result<(PathBuf, File)> {
     }
 }
 
-/// `fsync` of a directory; a filesystem that cannot (`EINVAL`) is let be.
 fn sync_dir(dir: &std::path::Path) -> object_store::Result<()> {
-    match File::open(dir).and_then(|d| d.sync_all()) {
-        Err(e) if e.kind() != io::ErrorKind::InvalidInput => Err(failed("sync directory", dir, e)),
-        _ => Ok(()),
-    }
+    ferry_agent::sink::sync_dir(dir).map_err(|e| failed("sync directory", dir, e))
 }
 
 /// A file operation that failed; the `io::Error` stays the source, so that a
@@ -249,7 +245,6 @@ impl MultipartUpload for SettledUpload {
 
     async fn complete(&mut self) -> object_store::Result<PutResult> {
         let r = self.inner.complete().await?;
-        // Settling needs only the paths, not the store.
         settle(self.file.clone()).await?;
         Ok(r)
     }

@@ -159,17 +159,8 @@ fn open_inner(location: &str, create: bool) -> Result<Opened> {
             .recursive(true)
             .mode(crate::private::DIR_MODE)
             .create(dir)
-            .and_then(|()| {
-                // Its name, too, must outlive a power loss.
-                let parent = match dir.parent() {
-                    Some(p) if !p.as_os_str().is_empty() => p,
-                    _ => std::path::Path::new("."),
-                };
-                match std::fs::File::open(parent).and_then(|d| d.sync_all()) {
-                    Err(e) if e.kind() != std::io::ErrorKind::InvalidInput => Err(e),
-                    _ => Ok(()),
-                }
-            })
+            // Its name, too, must outlive a power loss.
+            .and_then(|()| ferry_agent::sink::sync_dir(dir.parent().unwrap_or(dir)))
             .map_err(|e| {
                 Error::InvalidInput(format!("cannot create repository directory {path}: {e}"))
             })?;

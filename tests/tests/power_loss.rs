@@ -95,7 +95,7 @@ fn a_backup_that_reported_success_survives_a_power_loss() {
         );
         out.stdout
     };
-    // 48 MiB of random data: three packs, none of which dedups or compresses.
+    // 48 MiB of random data: several 16 MiB packs, nothing deduplicated or compressed.
     let disk = env.path("disk.img");
     let mut data = vec![0u8; 48 << 20];
     Rng(11).fill(&mut data);
