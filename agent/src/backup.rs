@@ -481,7 +481,7 @@ pub fn backup_sources(
     let (seg_tx, seg_rx) = bounded::<Segment>(workers);
     let (res_tx, res_rx) = bounded::<SegResult>(workers);
     let (free_tx, free_rx) = bounded::<Vec<u8>>(workers * 2 + 2);
-    let (pack_tx, pack_rx) = bounded::<([u8; 32], Vec<u8>, Vec<pack::BlobEntry>)>(1);
+    let (pack_tx, pack_rx) = bounded::<pack::Sealed>(1);
     for _ in 0..workers * 2 + 2 {
         free_tx.send(Vec::new()).expect("free list has room");
     }
@@ -653,10 +653,10 @@ pub fn backup_sources(
             let pack_rx = pack_rx.clone();
             let shared = &shared;
             scope.spawn(move || {
-                for (id, bytes, entries) in pack_rx.iter() {
-                    let size = bytes.len() as u64;
+                for pack::Sealed { id, body, entries } in pack_rx.iter() {
+                    let size = body.len();
                     let name = pack::object_name(&id);
-                    if let Err(e) = repo.put_object(&name, bytes) {
+                    if let Err(e) = repo.put_pack(&name, body) {
                         shared.fail(e);
                         return;
                     }
@@ -753,10 +753,20 @@ pub fn backup_sources(
                 }
             }
             for blob in blobs {
-                writer.add_blob(&blob.members, &blob.sealed);
+                if let Err(e) = writer.add_blob(&blob.members, &blob.sealed) {
+                    shared.fail(e);
+                    break;
+                }
                 if writer.full() {
-                    let full = std::mem::replace(&mut writer, PackWriter::new(pack_size))
-                        .finish(&repo.key);
+                    let full = match std::mem::replace(&mut writer, PackWriter::new(pack_size))
+                        .finish(&repo.key)
+                    {
+                        Ok(full) => full,
+                        Err(e) => {
+                            shared.fail(e);
+                            break;
+                        }
+                    };
                     packs_written += 1;
                     if pack_tx.send(full).is_err() {
                         break;
@@ -772,8 +782,13 @@ pub fn backup_sources(
         drop(free_tx);
         if !shared.failed() && !writer.is_empty() {
             packs_written += 1;
-            if pack_tx.send(writer.finish(&repo.key)).is_err() {
-                shared.fail(Error::InvalidInput("uploaders stopped".into()));
+            match writer.finish(&repo.key) {
+                Ok(last) => {
+                    if pack_tx.send(last).is_err() {
+                        shared.fail(Error::InvalidInput("uploaders stopped".into()));
+                    }
+                }
+                Err(e) => shared.fail(e),
             }
         }
         drop(pack_tx);

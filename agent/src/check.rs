@@ -60,6 +60,12 @@ pub struct Report {
     pub replicas: Option<crate::replica::RepairReport>,
 }
 
+/// What `--read-data` holds of packs at once: it reads each pack whole (to
+/// hash it against its name), one per thread, so its threads are as many as
+/// the largest pack fits in this (two of the largest 128 MiB packs; sixteen of
+/// the default 16 MiB ones), and at least one.
+const READ_DATA_MEMORY: u64 = 288 << 20;
+
 pub fn check(repo: &Repository, opts: CheckOptions, progress: &Progress) -> Result<Report> {
     let started = Instant::now();
     let _lock = crate::lock::Lock::acquire(repo, "check", false)?;
@@ -128,9 +134,12 @@ pub fn check(repo: &Repository, opts: CheckOptions, progress: &Progress) -> Resu
         progress.add_total(pack_names.iter().map(|p| p.2).sum());
         let found: Mutex<(Vec<Problem>, IdMap<String>)> = Mutex::default();
         let next = AtomicU64::new(0);
+        // A pack is read whole: as many at once as fit in READ_DATA_MEMORY.
+        let largest = pack_names.iter().map(|p| p.2).max().unwrap_or(0).max(1);
         let threads = std::thread::available_parallelism()
             .map_or(2, |n| n.get())
-            .max(2);
+            .max(2)
+            .min((READ_DATA_MEMORY / largest).max(1) as usize);
         std::thread::scope(|s| {
             for _ in 0..threads {
                 s.spawn(|| {

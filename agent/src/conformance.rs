@@ -242,6 +242,39 @@ pub fn store(store: &Store, prefix: &str, large: bool) -> Outcome {
             format!("read back {} bytes that differ", got.len())
         })?;
         ok("store.multipart", store.delete(&big))?;
+
+        // A spilled pack goes up from its file in parts, and a short one whole.
+        for (check, what, len) in [
+            ("store.put_file", "file", 2 * PART_SIZE + 4_321),
+            ("store.put_small_file", "small_file", 70_001),
+        ] {
+            let data = pattern(len, 5);
+            let io = |e: std::io::Error| fail(check, format!("temporary file: {e}"));
+            let mut file = tempfile::tempfile().map_err(io)?;
+            std::io::Write::write_all(&mut file, &data).map_err(io)?;
+            // Bytes past `len` are not part of the object.
+            std::io::Write::write_all(&mut file, b"tail").map_err(io)?;
+            let obj = name(what);
+            let before = store.requests().puts;
+            ok(check, store.put_file(&obj, &file, len as u64))?;
+            let puts = store.requests().puts - before;
+            let want = if len > PART_SIZE {
+                len.div_ceil(PART_SIZE) as u64 + 2
+            } else {
+                1
+            };
+            ensure(check, puts == want, || {
+                format!("{puts} put requests counted, want {want}")
+            })?;
+            let got = ok(check, store.get(&obj))?;
+            ensure(check, got == data, || {
+                format!(
+                    "read back {} bytes that differ from the {len} written",
+                    got.len()
+                )
+            })?;
+            ok(check, store.delete(&obj))?;
+        }
     }
 
     for n in under.iter().chain([&name("listed"), &empty]) {

@@ -49,12 +49,17 @@ pub const MAX_GROUP: usize = crate::chunker::SEGMENT_SIZE;
 /// Packs are cut near this size unless the repository's config says otherwise
 /// (`ferry init --pack-size`); a pack never exceeds 4 GiB (offsets are u32).
 pub const DEFAULT_PACK_SIZE: usize = 16 << 20;
+/// The pack size `ferry init` gives a repository in object storage unless told
+/// otherwise: a quarter of restic's objects per GiB, built in a temporary file
+/// and uploaded in parts, so no more memory than 16 MiB packs in memory.
+pub const REMOTE_PACK_SIZE: usize = 128 << 20;
 /// The smallest pack size a repository may set.
 pub const MIN_PACK_SIZE: usize = 4 << 20;
-/// The largest pack size a repository may set: every pack of up to this size is
-/// held in memory while it is written (the collector's, one queued, one per
-/// uploader), and readers refuse larger unindexed packs.
-pub const MAX_PACK_SIZE: usize = 64 << 20;
+/// The largest pack size a repository may set; readers refuse larger
+/// unindexed packs. Packs over [`IN_MEMORY_PACK`] are built in a temporary
+/// file, so a backup's memory does not grow with the pack size; `check
+/// --read-data` and `prune` read a pack whole, one per thread.
+pub const MAX_PACK_SIZE: usize = 128 << 20;
 /// A sealed table larger than this is treated as damage, not allocated.
 const MAX_TABLE: u64 = 64 << 20;
 /// A pack is closed when it holds this many blobs, whatever its size, so its
@@ -144,30 +149,134 @@ pub fn parse_name(name: &str) -> Option<[u8; 32]> {
     v.try_into().ok()
 }
 
-/// Builds one pack in memory.
+/// Packs cut at up to this size are built in memory and put whole; larger
+/// ones are built in an unnamed temporary file in the spill directory
+/// ([`crate::table::spill_dir`]) and uploaded from it in parts
+/// ([`crate::store::Store::put_file`]), as restic builds every pack, so that
+/// a backup's memory does not grow with the pack size.
+pub const IN_MEMORY_PACK: usize = 16 << 20;
+/// A spilled pack's bytes are written to its file in pieces of this size (see
+/// [`crate::store::WRITE_PIECE`] for why not larger).
+const SPILL_PIECE: usize = 1 << 20;
+
+/// A finished pack: its id (the BLAKE3 hash of its bytes), bytes and table.
+pub struct Sealed {
+    pub id: [u8; 32],
+    pub body: PackBody,
+    pub entries: Vec<BlobEntry>,
+}
+
+/// Where a finished pack's bytes are.
+pub enum PackBody {
+    Memory(Vec<u8>),
+    /// An unnamed temporary file (gone when closed) holding `len` bytes.
+    File {
+        file: std::fs::File,
+        len: u64,
+    },
+}
+
+impl PackBody {
+    pub fn len(&self) -> u64 {
+        match self {
+            PackBody::Memory(v) => v.len() as u64,
+            PackBody::File { len, .. } => *len,
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The bytes in memory (a spilled pack is read back whole).
+    pub fn into_bytes(self) -> std::io::Result<Vec<u8>> {
+        match self {
+            PackBody::Memory(v) => Ok(v),
+            PackBody::File { file, len } => {
+                use std::os::unix::fs::FileExt;
+                let mut buf = vec![0; len as usize];
+                file.read_exact_at(&mut buf, 0)?;
+                Ok(buf)
+            }
+        }
+    }
+}
+
+/// The file a large pack is built in, with the hash of what went into it.
+struct Spill {
+    dir: std::path::PathBuf,
+    /// Created at the first write.
+    file: Option<std::fs::File>,
+    hasher: blake3::Hasher,
+    written: u64,
+}
+
+impl Spill {
+    fn write(&mut self, bytes: &[u8]) -> Result<()> {
+        use std::io::Write;
+        let fail = |dir: &std::path::Path, source| Error::Spill {
+            path: dir.to_path_buf(),
+            source,
+        };
+        let file = match &mut self.file {
+            Some(f) => f,
+            None => self
+                .file
+                .insert(tempfile::tempfile_in(&self.dir).map_err(|e| fail(&self.dir, e))?),
+        };
+        for piece in bytes.chunks(SPILL_PIECE) {
+            file.write_all(piece).map_err(|e| fail(&self.dir, e))?;
+        }
+        self.hasher.update(bytes);
+        self.written += bytes.len() as u64;
+        Ok(())
+    }
+}
+
+/// Builds one pack, in memory or (over [`IN_MEMORY_PACK`]) in a temporary file.
 pub struct PackWriter {
+    /// The whole pack in memory; for a spilled pack, what is not written yet.
     buf: Vec<u8>,
+    spill: Option<Spill>,
     entries: Vec<BlobEntry>,
     /// Where the pack is cut (the repository's pack size).
     target: usize,
 }
 
 impl PackWriter {
-    /// A pack cut near `target` bytes (clamped to the sizes a repository may set).
+    /// A pack cut near `target` bytes (clamped to the sizes a repository may
+    /// set); spilled into [`crate::table::spill_dir`] when over [`IN_MEMORY_PACK`].
     pub fn new(target: usize) -> Self {
+        Self::in_dir(target, crate::table::spill_dir())
+    }
+
+    /// [`PackWriter::new`], spilling into `dir`.
+    pub fn in_dir(target: usize, dir: std::path::PathBuf) -> Self {
         let target = target.clamp(MIN_PACK_SIZE, MAX_PACK_SIZE);
+        let spill = (target > IN_MEMORY_PACK).then(|| Spill {
+            dir,
+            file: None,
+            hasher: blake3::Hasher::new(),
+            written: 0,
+        });
         // Reserved, not touched: pages become resident as blobs arrive.
-        let mut buf = Vec::with_capacity(target + (1 << 20));
+        let reserve = if spill.is_some() {
+            2 * SPILL_PIECE
+        } else {
+            target + (1 << 20)
+        };
+        let mut buf = Vec::with_capacity(reserve);
         buf.extend_from_slice(&format::header(Kind::Pack));
         PackWriter {
             buf,
+            spill,
             entries: Vec::new(),
             target,
         }
     }
 
     pub fn len(&self) -> usize {
-        self.buf.len()
+        self.buf.len() + self.spill.as_ref().map_or(0, |s| s.written as usize)
     }
 
     pub fn is_empty(&self) -> bool {
@@ -178,24 +287,25 @@ impl PackWriter {
     /// size or [`MAX_PACK_ENTRIES`] (never for an empty pack).
     pub fn full_before(&self, next: usize) -> bool {
         !self.is_empty()
-            && (self.buf.len() + next > self.target || self.entries.len() >= MAX_PACK_ENTRIES)
+            && (self.len() + next > self.target || self.entries.len() >= MAX_PACK_ENTRIES)
     }
 
     /// Whether the pack has reached its size or [`MAX_PACK_ENTRIES`].
     pub fn full(&self) -> bool {
-        self.buf.len() >= self.target || self.entries.len() >= MAX_PACK_ENTRIES
+        self.len() >= self.target || self.entries.len() >= MAX_PACK_ENTRIES
     }
 
     /// Append an already sealed blob of one chunk.
-    pub fn add(&mut self, id: ChunkId, raw_len: u32, sealed: &[u8]) {
-        self.add_blob(&[(id, raw_len, 0)], sealed);
+    pub fn add(&mut self, id: ChunkId, raw_len: u32, sealed: &[u8]) -> Result<()> {
+        self.add_blob(&[(id, raw_len, 0)], sealed)
     }
 
     /// Append an already sealed blob: one chunk (`inner` 0), or a compression
     /// group whose members are `(id, raw_len, inner)` with `inner` as in
-    /// [`BlobEntry::inner`].
-    pub fn add_blob(&mut self, members: &[Member], sealed: &[u8]) {
-        let offset = self.buf.len() as u32;
+    /// [`BlobEntry::inner`]. Fails only when a spilled pack cannot be written
+    /// (`Error::Spill`, naming the directory).
+    pub fn add_blob(&mut self, members: &[Member], sealed: &[u8]) -> Result<()> {
+        let offset = self.len() as u32;
         for &(id, raw_len, inner) in members {
             self.entries.push(BlobEntry {
                 id,
@@ -205,11 +315,25 @@ impl PackWriter {
                 inner,
             });
         }
-        self.buf.extend_from_slice(sealed);
+        match &mut self.spill {
+            None => self.buf.extend_from_slice(sealed),
+            Some(spill) => {
+                if !self.buf.is_empty() && self.buf.len() + sealed.len() > SPILL_PIECE {
+                    spill.write(&self.buf)?;
+                    self.buf.clear();
+                }
+                if sealed.len() >= SPILL_PIECE {
+                    spill.write(sealed)?;
+                } else {
+                    self.buf.extend_from_slice(sealed);
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Seal the table and return the pack's id, bytes and entries.
-    pub fn finish(mut self, key: &MasterKey) -> ([u8; 32], Vec<u8>, Vec<BlobEntry>) {
+    pub fn finish(mut self, key: &MasterKey) -> Result<Sealed> {
         let mut table = Vec::with_capacity(4 + self.entries.len() * ENTRY_LEN);
         table.extend_from_slice(&(self.entries.len() as u32).to_le_bytes());
         for e in &self.entries {
@@ -220,8 +344,28 @@ impl PackWriter {
         let table_len = (self.buf.len() - before) as u32;
         self.buf.extend_from_slice(&table_len.to_le_bytes());
         self.buf.extend_from_slice(&TRAILER_MAGIC);
-        let id = *blake3::hash(&self.buf).as_bytes();
-        (id, self.buf, self.entries)
+        let (id, body) = match self.spill.take() {
+            None => (
+                *blake3::hash(&self.buf).as_bytes(),
+                PackBody::Memory(self.buf),
+            ),
+            Some(mut spill) => {
+                spill.write(&self.buf)?;
+                let file = spill.file.take().expect("a spilled pack was written");
+                (
+                    *spill.hasher.finalize().as_bytes(),
+                    PackBody::File {
+                        file,
+                        len: spill.written,
+                    },
+                )
+            }
+        };
+        Ok(Sealed {
+            id,
+            body,
+            entries: self.entries,
+        })
     }
 }
 
@@ -519,9 +663,10 @@ mod tests {
         ];
         for c in &chunks {
             let sealed = sealer.seal(&key, c);
-            w.add(key.chunk_id(c), c.len() as u32, &sealed);
+            w.add(key.chunk_id(c), c.len() as u32, &sealed).unwrap();
         }
-        let (id, bytes, entries) = w.finish(&key);
+        let Sealed { id, body, entries } = w.finish(&key).unwrap();
+        let bytes = body.into_bytes().unwrap();
         let store = crate::store::Store::memory();
         let name = object_name(&id);
         assert_eq!(parse_name(&name), Some(id));
@@ -537,6 +682,87 @@ mod tests {
         }
         // The compressible chunk was stored compressed.
         assert!(entries[0].length < 1000);
+    }
+
+    #[test]
+    fn a_spilled_pack_is_the_same_bytes_as_one_built_in_memory() {
+        let key = MasterKey::generate();
+        let mut sealer = Sealer::new(2);
+        // Blobs below and above the spill piece, compressible and not.
+        let chunks: Vec<Vec<u8>> = (0..40u32)
+            .map(|k| {
+                let len = [4096, 65536, 3 << 20, 777][k as usize % 4];
+                (0..len as u32)
+                    .map(|i| {
+                        if k % 3 == 0 {
+                            (i % 7) as u8
+                        } else {
+                            (i.wrapping_mul(2654435761) >> 13) as u8 ^ k as u8
+                        }
+                    })
+                    .collect()
+            })
+            .collect();
+        let dir = tempfile::tempdir().unwrap();
+        let mut spilled = PackWriter::in_dir(64 << 20, dir.path().to_path_buf());
+        let mut memory = PackWriter::new(IN_MEMORY_PACK);
+        for c in &chunks {
+            let sealed = sealer.seal_raw(&key, c);
+            let id = key.chunk_id(c);
+            spilled.add(id, c.len() as u32, &sealed).unwrap();
+            // The same sealed bytes (nonces are random) in both.
+            memory.add(id, c.len() as u32, &sealed).unwrap();
+            assert_eq!(spilled.len(), memory.len());
+        }
+        assert!(spilled.len() > IN_MEMORY_PACK && !spilled.full());
+        // An unnamed file: nothing is left in the directory, even now.
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+        let a = spilled.finish(&key).unwrap();
+        let b = memory.finish(&key).unwrap();
+        assert!(matches!(a.body, PackBody::File { .. }));
+        assert!(matches!(b.body, PackBody::Memory(_)));
+        assert_eq!(a.entries, b.entries);
+        // The tables are sealed with their own nonces: compare up to them.
+        let (a_bytes, b_bytes) = (a.body.into_bytes().unwrap(), b.body.into_bytes().unwrap());
+        assert_eq!(a_bytes.len(), b_bytes.len());
+        let table_at = a
+            .entries
+            .last()
+            .map(|e| (e.offset + e.length) as usize)
+            .unwrap();
+        assert_eq!(a_bytes[..table_at], b_bytes[..table_at]);
+        assert_eq!(&a.id, blake3::hash(&a_bytes).as_bytes());
+        let store = crate::store::Store::memory();
+        let name = object_name(&a.id);
+        store.put(&name, a_bytes.clone().into()).unwrap();
+        assert_eq!(
+            read_table(&store, &key, &name, a_bytes.len() as u64).unwrap(),
+            a.entries
+        );
+        let mut opener = ChunkOpener::default();
+        for (e, c) in a.entries.iter().zip(&chunks) {
+            let sealed = &a_bytes[e.offset as usize..(e.offset + e.length) as usize];
+            assert_eq!(opener.open(&key, e, sealed).unwrap(), &c[..]);
+        }
+    }
+
+    #[test]
+    fn a_pack_that_cannot_spill_names_the_directory() {
+        let key = MasterKey::generate();
+        let missing = std::path::PathBuf::from("/nonexistent/ferry-spill");
+        let mut w = PackWriter::in_dir(32 << 20, missing.clone());
+        let blob = vec![1u8; 2 << 20];
+        let err = w
+            .add(key.chunk_id(&blob), blob.len() as u32, &blob)
+            .unwrap_err();
+        match &err {
+            Error::Spill { path, .. } => assert_eq!(path, &missing),
+            other => panic!("{other:?}"),
+        }
+        assert!(
+            err.to_string().contains("/nonexistent/ferry-spill"),
+            "{err}"
+        );
     }
 
     #[test]
@@ -561,10 +787,16 @@ mod tests {
             at += c.len() as u32;
         }
         let mut w = PackWriter::new(DEFAULT_PACK_SIZE);
-        w.add(key.chunk_id(b"alone"), 5, &sealer.seal(&key, b"alone"));
-        w.add_blob(&members, &sealed);
-        w.add_blob(&members, &sealed_joint);
-        let (id, bytes, mut entries) = w.finish(&key);
+        w.add(key.chunk_id(b"alone"), 5, &sealer.seal(&key, b"alone"))
+            .unwrap();
+        w.add_blob(&members, &sealed).unwrap();
+        w.add_blob(&members, &sealed_joint).unwrap();
+        let Sealed {
+            id,
+            body,
+            mut entries,
+        } = w.finish(&key).unwrap();
+        let bytes = body.into_bytes().unwrap();
         let joint_entries = entries.split_off(5);
         let store = crate::store::Store::memory();
         let name = object_name(&id);

@@ -679,9 +679,9 @@ fn prune_at(repo: &Repository, opts: PruneOptions, now: DateTime<Utc>) -> Result
     let mut opener = ChunkOpener::default();
     let mut kept_after_all = HashSet::new();
     let flush = |w: PackWriter, out: &mut Vec<PackRecord>| -> Result<()> {
-        let (id, bytes, entries) = w.finish(&repo.key);
-        let size = bytes.len() as u64;
-        repo.put_object(&pack::object_name(&id), bytes)?;
+        let pack::Sealed { id, body, entries } = w.finish(&repo.key)?;
+        let size = body.len();
+        repo.put_pack(&pack::object_name(&id), body)?;
         out.push(PackRecord { id, size, entries });
         Ok(())
     };
@@ -726,7 +726,7 @@ fn prune_at(repo: &Repository, opts: PruneOptions, now: DateTime<Utc>) -> Result
                     &mut new_records,
                 )?;
             }
-            writer.add_blob(&members, sealed);
+            writer.add_blob(&members, sealed)?;
             report.repacked_bytes += sealed.len() as u64;
         }
     }
@@ -997,10 +997,11 @@ mod tests {
     fn real_unindexed(repo: &Repository, data: &[u8]) -> String {
         let mut w = PackWriter::new(pack::DEFAULT_PACK_SIZE);
         let sealed = crate::pack::Sealer::new(3).seal(&repo.key, data);
-        w.add(repo.key.chunk_id(data), data.len() as u32, &sealed);
-        let (id, bytes, _) = w.finish(&repo.key);
-        let name = pack::object_name(&id);
-        repo.store.put(&name, bytes.into()).unwrap();
+        w.add(repo.key.chunk_id(data), data.len() as u32, &sealed)
+            .unwrap();
+        let p = w.finish(&repo.key).unwrap();
+        let name = pack::object_name(&p.id);
+        repo.put_pack(&name, p.body).unwrap();
         name
     }
 

@@ -26,8 +26,8 @@ use futures::TryStreamExt;
 use futures::future::BoxFuture;
 use object_store::path::Path;
 use object_store::{
-    Attribute, Attributes, GetOptions, GetRange, ObjectStore, ObjectStoreExt, PutOptions,
-    PutPayload, WriteMultipart,
+    Attribute, Attributes, GetOptions, GetRange, ObjectStore, ObjectStoreExt, PutMultipartOptions,
+    PutOptions, PutPayload, WriteMultipart,
 };
 use serde::{Deserialize, Serialize};
 
@@ -35,11 +35,16 @@ use crate::error::{Error, Result, Retry};
 pub use crate::retry::{NoAnswer, ServerAnswer, ShortBody, TimedOut, retry_of};
 
 /// Objects at least this large are uploaded in parts, but for packs: a pack
-/// (at most `pack::MAX_WRITTEN_PACK`, about 69 MiB, far below any store's
-/// single-PUT limit) is always one PUT, one request and atomic on every store.
+/// built in memory (at most `pack::IN_MEMORY_PACK`) is one PUT, one request;
+/// larger packs are built in files and go up in parts through
+/// [`Store::put_file`]. Either way the object appears whole or not at all.
 pub const MULTIPART_THRESHOLD: usize = 64 << 20;
 /// Part size of multipart uploads.
 pub const PART_SIZE: usize = 16 << 20;
+/// Parts of one [`Store::put_file`] upload in flight at once. A backup has two
+/// uploaders, so at most four parts (64 MiB) are in memory: what four packs
+/// of the default 16 MiB held before packs were spilled to files.
+pub const FILE_PARTS_IN_FLIGHT: usize = 2;
 /// The largest piece of a put's payload. A directory store writes each piece
 /// with one `write` call; on the project's machines (Linux 6.18, ext4 with
 /// large folios, a VM whose free memory goes back to its host) writes of 1 MiB
@@ -979,6 +984,87 @@ impl Store {
                 };
                 self.inner.put_opts(&path, payload(&data), opts).await?;
             }
+            Ok(())
+        })
+        .map_err(|e| self.failed(name, e))
+    }
+
+    /// Write a whole object from the first `len` bytes of `file` (a spilled
+    /// pack, [`crate::pack::PackBody::File`]), atomic like [`Store::put`].
+    /// It is uploaded in parts of [`PART_SIZE`], read from the file as they
+    /// go, at most [`FILE_PARTS_IN_FLIGHT`] at once, so memory stays near
+    /// that many parts whatever the object's size; every part and the two
+    /// requests that open and complete the upload count as puts. A failed
+    /// upload is aborted and sent again whole, as one request is. Objects of
+    /// one part, and puts to replicated or Object-Locked repositories (which
+    /// go through their own single-request writes), read the file whole.
+    pub fn put_file(&self, name: &str, file: &std::fs::File, len: u64) -> Result<()> {
+        use std::os::unix::fs::FileExt;
+        let read_at = |at: u64, n: usize| -> std::io::Result<Bytes> {
+            let mut buf = vec![0; n];
+            file.read_exact_at(&mut buf, at).map_err(|e| {
+                std::io::Error::new(
+                    e.kind(),
+                    format!("reading the temporary file of {name}: {e}"),
+                )
+            })?;
+            Ok(Bytes::from(buf))
+        };
+        let whole = len <= PART_SIZE as u64
+            || self.replicas.is_some()
+            || (self.lock.is_some() && self.versioned.is_some());
+        if whole {
+            let data = read_at(0, len as usize).map_err(|e| Error::Spill {
+                path: crate::table::spill_dir(),
+                source: e,
+            })?;
+            return self.put(name, data);
+        }
+        let parts = len.div_ceil(PART_SIZE as u64);
+        self.counters.puts.fetch_add(parts + 2, Ordering::Relaxed);
+        self.counters.bytes_up.fetch_add(len, Ordering::Relaxed);
+        let path = Path::from(name);
+        let mut attributes = Attributes::new();
+        if let Some(class) = self
+            .storage_class
+            .as_deref()
+            .filter(|_| name.starts_with("packs/"))
+        {
+            attributes.insert(Attribute::StorageClass, class.to_string().into());
+        }
+        self.retrying(name, || async {
+            let opts = PutMultipartOptions {
+                attributes: attributes.clone(),
+                ..PutMultipartOptions::default()
+            };
+            let upload = self.inner.put_multipart_opts(&path, opts).await?;
+            let mut w = WriteMultipart::new_with_chunk_size(upload, PART_SIZE);
+            let mut at = 0;
+            while at < len {
+                let part = match w.wait_for_capacity(FILE_PARTS_IN_FLIGHT).await {
+                    Ok(()) => read_at(at, PART_SIZE.min((len - at) as usize)).map_err(|e| {
+                        object_store::Error::Generic {
+                            store: "ferry",
+                            source: Box::new(e),
+                        }
+                    }),
+                    Err(e) => Err(e),
+                };
+                match part {
+                    Ok(part) => {
+                        at += part.len() as u64;
+                        w.put(part);
+                    }
+                    Err(e) => {
+                        // Parts already sent would otherwise be kept (and billed).
+                        if let Err(abort) = w.abort().await {
+                            tracing::debug!(object = name, error = %abort, "aborting the upload failed");
+                        }
+                        return Err(e);
+                    }
+                }
+            }
+            w.finish().await?;
             Ok(())
         })
         .map_err(|e| self.failed(name, e))

@@ -208,7 +208,7 @@ fn bad_input_gets_clear_errors_and_exit_codes() {
     // anything is written, naming the range.
     let o = env.run(&["init", "--pack-size", "2MiB"]);
     assert_eq!(o.status.code(), Some(2));
-    assert!(stderr(&o).contains("4 to 64 MiB"), "{}", stderr(&o));
+    assert!(stderr(&o).contains("4 to 128 MiB"), "{}", stderr(&o));
     assert!(!env.repo.exists(), "a refused init created {:?}", env.repo);
     let o = env.run(&["init", "--pack-size", "lots"]);
     assert_eq!(o.status.code(), Some(2));

@@ -75,6 +75,66 @@ fn s3_repository_round_trip_with_requests_and_stats() {
 }
 
 #[test]
+fn object_storage_gets_large_packs_built_in_files_and_sent_in_parts() {
+    let Some(moto) = Moto::start() else { return };
+    moto.create_bucket("ferry-large", false);
+    let env = Env::at("s3://ferry-large/repo", moto.env());
+    // 36 MiB of random data (a quarter of the segments), text, zeros, holes.
+    let disk = env.path("disk.img");
+    make_image(&disk, 144 * MIB, 17);
+    let spill = env.path("spill");
+    std::fs::create_dir(&spill).unwrap();
+
+    // Object storage gets 128 MiB packs unless told otherwise.
+    let config = env.json(&["init"]);
+    assert_eq!(config["pack_size"], 128 * MIB, "{config}");
+
+    // A spill directory that is not there: the backup fails naming it, and
+    // commits nothing.
+    let o = env
+        .cmd()
+        .env("FERRY_SPILL_DIR", "/nonexistent/ferry-spill")
+        .args(["backup", "--source", "vm", disk.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("/nonexistent/ferry-spill"),
+        "{}",
+        stderr(&o)
+    );
+    assert!(points(&env).is_empty());
+
+    let o = env
+        .cmd()
+        .env("FERRY_SPILL_DIR", &spill)
+        .args(["--json", "backup", "--source", "vm", disk.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let full: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(full["packs_written"], 1, "{full}");
+    // One pack of over two 16 MiB parts: opened, three parts, completed; then
+    // the index and the point (and the lock).
+    let puts = full["requests"]["puts"].as_u64().unwrap();
+    assert!(puts >= 7, "{full}");
+    // The pack's file was unnamed: nothing is left behind.
+    assert_eq!(std::fs::read_dir(&spill).unwrap().count(), 0);
+    let packs = moto.python(
+        "print(json.dumps([o['Size'] for o in s3.list_objects_v2(Bucket='ferry-large', Prefix='repo/packs/').get('Contents', [])]))",
+    );
+    let packs: Vec<u64> = serde_json::from_str(&packs).unwrap();
+    assert_eq!(packs.len(), 1, "{packs:?}");
+    assert!(packs[0] > 32 * MIB, "{packs:?}");
+
+    let out = env.path("restored.img");
+    env.json(&["restore", "vm@latest", "--to", out.to_str().unwrap()]);
+    assert!(same_content(&disk, &out));
+    let check = env.json(&["check", "--read-data"]);
+    assert_eq!(check["ok"], true, "{check}");
+}
+
+#[test]
 fn unreachable_endpoint_and_missing_bucket_are_clear_errors() {
     let Some(moto) = Moto::start() else { return };
     let mut vars = moto.env();

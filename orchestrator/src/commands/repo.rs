@@ -202,12 +202,15 @@ pub struct InitArgs {
     /// zstd level for chunks, 1 to 19.
     #[arg(long, default_value_t = ferry_agent::repo::DEFAULT_COMPRESSION_LEVEL)]
     pub compression: i32,
-    /// Where packs are cut, 4MiB to 64MiB: larger packs mean fewer objects
-    /// (per-object fees, listings) for more memory while backing up (up to
-    /// four packs in flight), and prune frees space later and in larger
-    /// steps; see docs/performance.md (object storage).
-    #[arg(long, default_value = "16MiB")]
-    pub pack_size: String,
+    /// Where packs are cut, 4MiB to 128MiB [default: 16MiB for a directory,
+    /// 128MiB for object storage]. Larger packs mean fewer objects
+    /// (per-object fees, listings); packs over 16MiB are built in a
+    /// temporary file (FERRY_SPILL_DIR, TMPDIR or /var/tmp) and uploaded in
+    /// 16MiB parts, so memory does not grow with them, but `check
+    /// --read-data` reads fewer at once and prune frees space later and in
+    /// larger steps; see docs/performance.md (object storage).
+    #[arg(long)]
+    pub pack_size: Option<String>,
     /// Make recovery points immutable with S3 Object Lock: every object is written
     /// with a retention in this mode (the bucket must have Object Lock enabled).
     #[arg(long, value_enum)]
@@ -359,12 +362,11 @@ pub fn init(ctx: &Context, a: &InitArgs) -> Result<ExitCode> {
             max: size * 4,
         },
     };
-    let pack_size = output::parse_size(&a.pack_size).ok_or_else(|| {
-        Error::Usage(format!(
-            "cannot read pack size {:?} (e.g. 32MiB)",
-            a.pack_size
-        ))
-    })?;
+    let pack_size = match &a.pack_size {
+        Some(text) => output::parse_size(text)
+            .ok_or_else(|| Error::Usage(format!("cannot read pack size {text:?} (e.g. 32MiB)")))?,
+        None => ferry_agent::pack::DEFAULT_PACK_SIZE as u64,
+    };
     let mut opts = InitOptions {
         chunker,
         compression_level: a.compression,
@@ -386,6 +388,11 @@ pub fn init(ctx: &Context, a: &InitArgs) -> Result<ExitCode> {
     for r in &a.replicas {
         opts.replicas
             .push(ferry_connectors::store::open(&replica_location(r), true)?);
+    }
+    // In object storage, larger packs: a quarter of restic's objects per GiB
+    // for no more memory (docs/performance.md, Pack size).
+    if a.pack_size.is_none() && (store.is_remote() || opts.replicas.iter().any(|r| r.is_remote())) {
+        opts.pack_size = ferry_agent::pack::REMOTE_PACK_SIZE as u64;
     }
     let pw = ctx.password(true)?;
     ferry_agent::crypto::check_new_password(pw.bytes())?;
