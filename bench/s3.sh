@@ -31,8 +31,9 @@
 # Env:   SIZE_MIB (2048), ROUNDS (3), FERRY_BENCH_DIR (/var/tmp/ferry-bench),
 #        FERRY_BIN, CARGO_TARGET_DIR (/var/tmp/ferry-target), FERRY_TOOLS_DIR
 #        (/var/tmp/ferry-tools; s3s-fs is installed there if missing),
-#        FAULTS (the FERRY_FAULTS spec), PACK_SIZES ("16 32 64"; 16 is the
-#        default, measured as the plain S3 steps), KEEP_REPOS=1
+#        FAULTS (the FERRY_FAULTS spec), PACK_SIZES ("16 64 128"; 128 is
+#        what `ferry init` gives object storage, measured as the plain S3
+#        steps), KEEP_REPOS=1
 set -euo pipefail
 
 BENCH_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -68,13 +69,14 @@ S3S_BIN="$S3S_ROOT/bin/s3s-fs"
 S3_DATA="$RUN/s3-data"            # s3s-fs: one top-level directory per bucket
 BUCKET=ferry-bench RESTIC_BUCKET=restic-bucket
 FAULTS=${FAULTS:-"rate=0.05 seed=1 kinds=error+slowdown+reset+partial+lost"}
-PACK_SIZES=${PACK_SIZES:-"16 32 64"}
+PACK_SIZES=${PACK_SIZES:-"16 64 128"}
+DEFAULT_PACK=128                  # ferry init's pack size for object storage (pack::REMOTE_PACK_SIZE)
 # A local restore's thread count (agent/src/restore.rs restore_threads).
 LOCAL_THREADS=$(( $(nproc) * 2 > 4 ? $(nproc) * 2 : 4 ))
 for p in $PACK_SIZES; do
   [[ $p =~ ^[0-9]+$ ]] || { echo "PACK_SIZES must be MiB figures, not $p" >&2; exit 2; }
 done
-OTHER_SIZES=$(for p in $PACK_SIZES; do [[ $p == 16 ]] || echo "$p"; done)
+OTHER_SIZES=$(for p in $PACK_SIZES; do [[ $p == "$DEFAULT_PACK" ]] || echo "$p"; done)
 
 export RESTIC_PASSWORD=bench FERRY_PASSWORD=bench-password
 export RESTIC_CACHE_DIR="$RUN/cache/restic" XDG_CACHE_HOME="$RUN/cache/xdg"
@@ -571,8 +573,10 @@ print(", ".join(f"{k} {c}" for k, (c, _) in s["objects"].items()))' "$LOGS/s3-st
   echo "| backup throughput S3 / local ≥ 0.70 | $bk (${R[local-backup,wall]:-?} s local, ${R[s3-backup,wall]:-?} s S3; rounds: $(per_round local-backup s3-backup)); without the lock-removal backoff $bkd | $v |"
   v="n/a"; [[ $rs != n/a ]] && v=$(verdict "$rs >= 0.70")
   echo "| restore throughput S3 / local ≥ 0.70 | $rs (${R[local-restore,wall]:-?} s local, ${R[s3-restore,wall]:-?} s S3; rounds: $(per_round local-restore s3-restore)); without the lock-removal backoff $rsd | $v |"
-  v="n/a"; [[ $objratio != n/a ]] && v=$(verdict "$objratio <= 0.25")
-  echo "| objects per GiB of new data ≤ ¼ of restic's | ferry/restic $objratio by PUTs ($objratio2 by objects): ${f_puts_g:-?} PUTs/GiB against $r_g objects/GiB | $v |"
+  # The target is objects at rest; a pack sent in parts costs more PUT
+  # requests than one object (opening, parts, completing): reported too.
+  v="n/a"; [[ $objratio2 != n/a ]] && v=$(verdict "$objratio2 <= 0.25")
+  echo "| objects per GiB of new data ≤ ¼ of restic's | ferry/restic $objratio2 by objects ($objratio by PUT requests): ${f_puts_g:-?} PUTs/GiB against $r_g objects/GiB | $v |"
   v="n/a"; [[ $fr != n/a ]] && v=$(verdict "$fr <= 1.5")
   echo "| backup with 5% faults ≤ 1.5× the fault-free time | ${fr}× (${R[faults-backup,wall]:-?} s against ${R[s3-backup,wall]:-?} s; rounds: $(per_round faults-backup s3-backup)); without the lock-removal backoff ${frd}×; retries per round $retries (fault-free: $retries0) | $v |"
   local idv=yes s2
@@ -598,7 +602,7 @@ pack_size_report() {
   echo "| Pack MiB | S3 backup s | S3 restore s | backup / restore peak RSS MiB | PUTs (objects) per GiB | / restic's objects | prune: packs repacked, MiB repacked, MiB deleted | prune s, peak RSS MiB | prune GETs, PUTs |"
   echo "|---:|---:|---:|---:|---:|---:|---|---:|---:|"
   for p in $PACK_SIZES; do
-    if [[ $p == 16 ]]; then kind=s3; else kind="s3p$p"; fi
+    if [[ $p == "$DEFAULT_PACK" ]]; then kind=s3; else kind="s3p$p"; fi
     local row="| $p | $(cell "$kind-backup" wall) | $(cell "$kind-restore" wall) | $(cell "$kind-backup" rss) / $(cell "$kind-restore" rss) |"
     if ok "$kind-backup.1"; then
       new=$(jget "$LOGS/$kind-backup.1.out" new_bytes); puts=$(req "$kind-backup.1" puts); objs=${R[$kind,objs]}

@@ -494,7 +494,21 @@ impl Store {
     }
 
     /// Run `op` with the retry policy. `op` is called once per try.
-    fn retrying<T, F, Fut>(&self, what: &str, mut op: F) -> Result<T, object_store::Error>
+    fn retrying<T, F, Fut>(&self, what: &str, op: F) -> Result<T, object_store::Error>
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = Result<T, object_store::Error>>,
+    {
+        self.retrying_within(what, self.retry.timeout, op)
+    }
+
+    /// [`Store::retrying`] with `timeout` for each try.
+    fn retrying_within<T, F, Fut>(
+        &self,
+        what: &str,
+        timeout: Duration,
+        mut op: F,
+    ) -> Result<T, object_store::Error>
     where
         F: FnMut() -> Fut,
         Fut: Future<Output = Result<T, object_store::Error>>,
@@ -504,13 +518,13 @@ impl Store {
             attempt += 1;
             let result = self
                 .rt
-                .block_on(async { tokio::time::timeout(self.retry.timeout, op()).await })
+                .block_on(async { tokio::time::timeout(timeout, op()).await })
                 .unwrap_or_else(|_| {
                     Err(object_store::Error::Generic {
                         store: "ferry",
                         source: Box::new(TimedOut {
                             object: what.to_string(),
-                            after: self.retry.timeout,
+                            after: timeout,
                         }),
                     })
                 });
@@ -995,7 +1009,8 @@ impl Store {
     /// go, at most [`FILE_PARTS_IN_FLIGHT`] at once, so memory stays near
     /// that many parts whatever the object's size; every part and the two
     /// requests that open and complete the upload count as puts. A failed
-    /// upload is aborted and sent again whole, as one request is. Objects of
+    /// upload is aborted and sent again whole, as one request is; it may take
+    /// the request timeout once per round of parts in flight. Objects of
     /// one part, and puts to replicated or Object-Locked repositories (which
     /// go through their own single-request writes), read the file whole.
     pub fn put_file(&self, name: &str, file: &std::fs::File, len: u64) -> Result<()> {
@@ -1032,7 +1047,11 @@ impl Store {
         {
             attributes.insert(Attribute::StorageClass, class.to_string().into());
         }
-        self.retrying(name, || async {
+        // A request's timeout for every round of parts in flight, so a slow
+        // link is held to the pace a single request of one part must keep.
+        let rounds = parts.div_ceil(FILE_PARTS_IN_FLIGHT as u64) + 1;
+        let timeout = self.retry.timeout.saturating_mul(rounds as u32);
+        self.retrying_within(name, timeout, || async {
             let opts = PutMultipartOptions {
                 attributes: attributes.clone(),
                 ..PutMultipartOptions::default()
