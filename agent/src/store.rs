@@ -26,8 +26,8 @@ use futures::TryStreamExt;
 use futures::future::BoxFuture;
 use object_store::path::Path;
 use object_store::{
-    Attribute, Attributes, GetOptions, GetRange, ObjectStore, ObjectStoreExt, PutMultipartOptions,
-    PutOptions, PutPayload, WriteMultipart,
+    Attribute, Attributes, GetOptions, GetRange, MultipartUpload, ObjectStore, ObjectStoreExt,
+    PutMultipartOptions, PutOptions, PutPayload, WriteMultipart,
 };
 use serde::{Deserialize, Serialize};
 
@@ -1009,19 +1009,19 @@ impl Store {
     /// go, at most [`FILE_PARTS_IN_FLIGHT`] at once, so memory stays near
     /// that many parts whatever the object's size; every part and the two
     /// requests that open and complete the upload count as puts. A failed
-    /// upload is aborted and sent again whole, as one request is; it may take
-    /// the request timeout once per round of parts in flight. Objects of
+    /// upload is aborted (so the store keeps no orphaned parts) and sent
+    /// again whole, as one request is; the parts may take the request
+    /// timeout once per round in flight, and are aborted when they run out
+    /// of it. Objects of
     /// one part, and puts to replicated or Object-Locked repositories (which
     /// go through their own single-request writes), read the file whole.
     pub fn put_file(&self, name: &str, file: &std::fs::File, len: u64) -> Result<()> {
         use std::os::unix::fs::FileExt;
         let read_at = |at: u64, n: usize| -> std::io::Result<Bytes> {
             let mut buf = vec![0; n];
+            // Not a store's failure: never retried (kind `Other`).
             file.read_exact_at(&mut buf, at).map_err(|e| {
-                std::io::Error::new(
-                    e.kind(),
-                    format!("reading the temporary file of {name}: {e}"),
-                )
+                std::io::Error::other(format!("reading the temporary file of {name}: {e}"))
             })?;
             Ok(Bytes::from(buf))
         };
@@ -1051,40 +1051,56 @@ impl Store {
         // link is held to the pace a single request of one part must keep.
         let rounds = parts.div_ceil(FILE_PARTS_IN_FLIGHT as u64) + 1;
         let timeout = self.retry.timeout.saturating_mul(rounds as u32);
-        self.retrying_within(name, timeout, || async {
+        // Parts that are not completed into an object are kept, and billed,
+        // until the upload is aborted: every failure and the timeout abort it.
+        self.retrying_within(name, timeout + self.retry.timeout, || async {
             let opts = PutMultipartOptions {
                 attributes: attributes.clone(),
                 ..PutMultipartOptions::default()
             };
-            let upload = self.inner.put_multipart_opts(&path, opts).await?;
-            let mut w = WriteMultipart::new_with_chunk_size(upload, PART_SIZE);
-            let mut at = 0;
-            while at < len {
-                let part = match w.wait_for_capacity(FILE_PARTS_IN_FLIGHT).await {
-                    Ok(()) => read_at(at, PART_SIZE.min((len - at) as usize)).map_err(|e| {
-                        object_store::Error::Generic {
-                            store: "ferry",
-                            source: Box::new(e),
-                        }
-                    }),
-                    Err(e) => Err(e),
-                };
-                match part {
-                    Ok(part) => {
+            let mut upload = self.inner.put_multipart_opts(&path, opts).await?;
+            let sent = tokio::time::timeout(timeout, async {
+                let mut in_flight = tokio::task::JoinSet::new();
+                let mut at = 0;
+                while at < len || !in_flight.is_empty() {
+                    if at < len && in_flight.len() < FILE_PARTS_IN_FLIGHT {
+                        let part =
+                            read_at(at, PART_SIZE.min((len - at) as usize)).map_err(|e| {
+                                object_store::Error::Generic {
+                                    store: "ferry",
+                                    source: Box::new(e),
+                                }
+                            })?;
                         at += part.len() as u64;
-                        w.put(part);
+                        in_flight.spawn(upload.put_part(PutPayload::from(part)));
+                        continue;
                     }
-                    Err(e) => {
-                        // Parts already sent would otherwise be kept (and billed).
-                        if let Err(abort) = w.abort().await {
-                            tracing::debug!(object = name, error = %abort, "aborting the upload failed");
-                        }
-                        return Err(e);
+                    if let Some(done) = in_flight.join_next().await {
+                        done.map_err(|source| object_store::Error::JoinError { source })??;
                     }
                 }
+                upload.complete().await.map(|_| ())
+            })
+            .await;
+            match sent {
+                Ok(Ok(())) => Ok(()),
+                failed => {
+                    if let Err(e) = upload.abort().await {
+                        tracing::debug!(object = name, error = %e, "aborting the upload failed");
+                    }
+                    Err(failed
+                        .unwrap_or_else(|_| {
+                            Err(object_store::Error::Generic {
+                                store: "ferry",
+                                source: Box::new(TimedOut {
+                                    object: name.to_string(),
+                                    after: timeout,
+                                }),
+                            })
+                        })
+                        .expect_err("not sent"))
+                }
             }
-            w.finish().await?;
-            Ok(())
         })
         .map_err(|e| self.failed(name, e))
     }

@@ -16,7 +16,8 @@
 //!    writes into a directory, the directories above it up to the repository
 //!    are synced too, whoever created them (they are made 0700).
 //!
-//! Objects written in parts (64 MiB and more), copies and writes with a
+//! Objects written in parts (64 MiB and more, and packs over 16 MiB, which
+//! `Store::put_file` sends in parts), copies and writes with a
 //! condition go through the local store, built `with_fsync(true)` so that it
 //! syncs before it renames; they are then made private and synced again for
 //! the mode. `store::open` creates a new repository directory 0700.
