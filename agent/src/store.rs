@@ -1437,6 +1437,151 @@ mod tests {
         assert_eq!(retry_of(&short), Retry::Transient);
     }
 
+    /// An in-memory store whose multipart uploads fail their second part
+    /// once (a 503) or, with `hang`, never finish it; aborts are counted.
+    #[derive(Debug)]
+    struct PartTrouble {
+        inner: Arc<object_store::memory::InMemory>,
+        hang: bool,
+        failed_once: Arc<std::sync::atomic::AtomicBool>,
+        aborts: Arc<AtomicU64>,
+    }
+
+    impl std::fmt::Display for PartTrouble {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            write!(f, "PartTrouble")
+        }
+    }
+
+    #[derive(Debug)]
+    struct TroubledUpload {
+        inner: Box<dyn MultipartUpload>,
+        parts: u64,
+        hang: bool,
+        failed_once: Arc<std::sync::atomic::AtomicBool>,
+        aborts: Arc<AtomicU64>,
+    }
+
+    #[async_trait::async_trait]
+    impl MultipartUpload for TroubledUpload {
+        fn put_part(&mut self, data: PutPayload) -> object_store::UploadPart {
+            self.parts += 1;
+            if self.parts == 2 {
+                if self.hang {
+                    return Box::pin(futures::future::pending());
+                }
+                if !self.failed_once.swap(true, Ordering::Relaxed) {
+                    return Box::pin(async { Err(answer(503)) });
+                }
+            }
+            self.inner.put_part(data)
+        }
+        async fn complete(&mut self) -> object_store::Result<object_store::PutResult> {
+            self.inner.complete().await
+        }
+        async fn abort(&mut self) -> object_store::Result<()> {
+            self.aborts.fetch_add(1, Ordering::Relaxed);
+            self.inner.abort().await
+        }
+    }
+
+    #[async_trait::async_trait]
+    impl ObjectStore for PartTrouble {
+        async fn put_opts(
+            &self,
+            location: &Path,
+            payload: PutPayload,
+            opts: PutOptions,
+        ) -> object_store::Result<object_store::PutResult> {
+            self.inner.put_opts(location, payload, opts).await
+        }
+        async fn put_multipart_opts(
+            &self,
+            location: &Path,
+            opts: PutMultipartOptions,
+        ) -> object_store::Result<Box<dyn MultipartUpload>> {
+            Ok(Box::new(TroubledUpload {
+                inner: self.inner.put_multipart_opts(location, opts).await?,
+                parts: 0,
+                hang: self.hang,
+                failed_once: self.failed_once.clone(),
+                aborts: self.aborts.clone(),
+            }))
+        }
+        async fn get_opts(
+            &self,
+            location: &Path,
+            options: GetOptions,
+        ) -> object_store::Result<object_store::GetResult> {
+            self.inner.get_opts(location, options).await
+        }
+        fn delete_stream(
+            &self,
+            locations: futures::stream::BoxStream<'static, object_store::Result<Path>>,
+        ) -> futures::stream::BoxStream<'static, object_store::Result<Path>> {
+            self.inner.delete_stream(locations)
+        }
+        fn list(
+            &self,
+            prefix: Option<&Path>,
+        ) -> futures::stream::BoxStream<'static, object_store::Result<object_store::ObjectMeta>>
+        {
+            self.inner.list(prefix)
+        }
+        async fn list_with_delimiter(
+            &self,
+            prefix: Option<&Path>,
+        ) -> object_store::Result<object_store::ListResult> {
+            self.inner.list_with_delimiter(prefix).await
+        }
+        async fn copy_opts(
+            &self,
+            from: &Path,
+            to: &Path,
+            options: object_store::CopyOptions,
+        ) -> object_store::Result<()> {
+            self.inner.copy_opts(from, to, options).await
+        }
+    }
+
+    #[test]
+    fn a_file_upload_whose_part_fails_or_hangs_is_aborted_and_sent_again() {
+        let len = 2 * PART_SIZE + 1000;
+        let data: Vec<u8> = (0..len).map(|i| (i % 251) as u8).collect();
+        let mut file = tempfile::tempfile().unwrap();
+        std::io::Write::write_all(&mut file, &data).unwrap();
+        for hang in [false, true] {
+            let inner = Arc::new(object_store::memory::InMemory::new());
+            let aborts = Arc::new(AtomicU64::new(0));
+            let troubled = PartTrouble {
+                inner: inner.clone(),
+                hang,
+                failed_once: Arc::default(),
+                aborts: aborts.clone(),
+            };
+            let store = Store::new(Arc::new(troubled), "troubled:").with_retry(RetryPolicy {
+                attempts: 3,
+                base: Duration::from_millis(1),
+                max: Duration::from_millis(2),
+                timeout: Duration::from_millis(300),
+            });
+            let r = store.put_file("packs/ab/big", &file, len as u64);
+            if hang {
+                // Every try hangs on its second part: each is aborted, and the
+                // error says the request timed out.
+                let e = r.unwrap_err();
+                assert!(e.to_string().contains("packs/ab/big"), "{e}");
+                assert_eq!(aborts.load(Ordering::Relaxed), 3);
+                assert!(store.get("packs/ab/big").is_err());
+            } else {
+                r.unwrap();
+                assert_eq!(aborts.load(Ordering::Relaxed), 1);
+                assert_eq!(store.get("packs/ab/big").unwrap(), data);
+                assert_eq!(store.requests().retries, 1);
+            }
+        }
+    }
+
     /// How many times the store's retry loop sends a request failing with `e`.
     fn tries(e: fn() -> object_store::Error) -> (u64, Error) {
         let store = Store::memory().with_retry(RetryPolicy {
