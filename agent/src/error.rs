@@ -94,7 +94,7 @@ pub enum Error {
 
     /// The index could not use its temporary files on local disk.
     #[error(
-        "cannot use the index's temporary files in {}: {source}; free space there or set FERRY_SPILL_DIR to a private directory with room",
+        "cannot use Ferry's temporary files (index runs, packs) in {}: {source}; free space there or set FERRY_SPILL_DIR to a private directory with room",
         path.display()
     )]
     Spill {

@@ -212,18 +212,14 @@ struct Spill {
 }
 
 impl Spill {
+    /// Write `bytes` to the file, which must be open (see `PackWriter::open_spill`).
     fn write(&mut self, bytes: &[u8]) -> Result<()> {
         use std::io::Write;
         let fail = |dir: &std::path::Path, source| Error::Spill {
             path: dir.to_path_buf(),
             source,
         };
-        let file = match &mut self.file {
-            Some(f) => f,
-            None => self
-                .file
-                .insert(tempfile::tempfile_in(&self.dir).map_err(|e| fail(&self.dir, e))?),
-        };
+        let file = self.file.as_mut().expect("the spill file is open");
         for piece in bytes.chunks(SPILL_PIECE) {
             file.write_all(piece).map_err(|e| fail(&self.dir, e))?;
         }
@@ -315,6 +311,7 @@ impl PackWriter {
                 inner,
             });
         }
+        self.open_spill();
         match &mut self.spill {
             None => self.buf.extend_from_slice(sealed),
             Some(spill) => {
@@ -332,6 +329,31 @@ impl PackWriter {
         Ok(())
     }
 
+    /// Opens the spill file on first use. Where it cannot be created (a
+    /// spill directory that is missing or not writable, as inside a minimal
+    /// guest) the pack is built in memory instead, with a warning, rather than
+    /// failing the backup; a write that fails once the file is open is an
+    /// error (`Error::Spill`, naming the directory).
+    fn open_spill(&mut self) {
+        let Some(spill) = self.spill.as_mut() else {
+            return;
+        };
+        if spill.file.is_none() {
+            match tempfile::tempfile_in(&spill.dir) {
+                Ok(f) => spill.file = Some(f),
+                Err(e) => {
+                    static WARNED: std::sync::atomic::AtomicBool =
+                        std::sync::atomic::AtomicBool::new(false);
+                    if !WARNED.swap(true, std::sync::atomic::Ordering::Relaxed) {
+                        tracing::warn!(dir = %spill.dir.display(), error = %e, "cannot create a temporary file for a pack there; building packs in memory (set FERRY_SPILL_DIR to a private directory with room)");
+                    }
+                    // Nothing was written yet: the pack so far is in `buf`.
+                    self.spill = None;
+                }
+            }
+        }
+    }
+
     /// Seal the table and return the pack's id, bytes and entries.
     pub fn finish(mut self, key: &MasterKey) -> Result<Sealed> {
         let mut table = Vec::with_capacity(4 + self.entries.len() * ENTRY_LEN);
@@ -344,6 +366,7 @@ impl PackWriter {
         let table_len = (self.buf.len() - before) as u32;
         self.buf.extend_from_slice(&table_len.to_le_bytes());
         self.buf.extend_from_slice(&TRAILER_MAGIC);
+        self.open_spill();
         let (id, body) = match self.spill.take() {
             None => (
                 *blake3::hash(&self.buf).as_bytes(),
@@ -747,22 +770,20 @@ mod tests {
     }
 
     #[test]
-    fn a_pack_that_cannot_spill_names_the_directory() {
+    fn a_pack_that_cannot_spill_is_built_in_memory() {
         let key = MasterKey::generate();
         let missing = std::path::PathBuf::from("/nonexistent/ferry-spill");
-        let mut w = PackWriter::in_dir(32 << 20, missing.clone());
+        let mut w = PackWriter::in_dir(32 << 20, missing);
         let blob = vec![1u8; 2 << 20];
-        let err = w
-            .add(key.chunk_id(&blob), blob.len() as u32, &blob)
-            .unwrap_err();
-        match &err {
-            Error::Spill { path, .. } => assert_eq!(path, &missing),
-            other => panic!("{other:?}"),
+        for _ in 0..3 {
+            w.add(key.chunk_id(&blob), blob.len() as u32, &blob)
+                .unwrap();
         }
-        assert!(
-            err.to_string().contains("/nonexistent/ferry-spill"),
-            "{err}"
-        );
+        let p = w.finish(&key).unwrap();
+        assert!(matches!(p.body, PackBody::Memory(_)));
+        let bytes = p.body.into_bytes().unwrap();
+        assert_eq!(&p.id, blake3::hash(&bytes).as_bytes());
+        assert_eq!(p.entries[2].offset as usize, HEADER_LEN + 2 * blob.len());
     }
 
     #[test]
