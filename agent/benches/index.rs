@@ -139,7 +139,7 @@ fn main() {
         "Index of {chunks} chunks ({:.2} TiB of unique data at 64 KiB), packs of {PACK_ENTRIES} entries; \
          runs in `{}`.\n",
         chunks as f64 * 65536.0 / (1u64 << 40) as f64,
-        ferry_agent::table::spill_dir().display()
+        ferry_agent::spill::spill_dir().display()
     );
     println!(
         "| index | build, s | index memory, B/chunk | RSS after build, MiB | peak RSS, MiB | RSS, B/chunk | hits/s, 1 thread (k) | misses/s, 1 thread (k) | hits/s, 2 threads (k) | misses/s, 2 threads (k) |"

@@ -30,6 +30,7 @@ pub mod retention;
 pub mod retry;
 pub mod sink;
 pub mod source;
+pub mod spill;
 pub mod stats;
 pub mod store;
 pub mod table;

@@ -151,7 +151,7 @@ pub fn parse_name(name: &str) -> Option<[u8; 32]> {
 
 /// Packs cut at up to this size are built in memory and put whole; larger
 /// ones are built in an unnamed temporary file in the spill directory
-/// ([`crate::table::spill_dir`]) and uploaded from it in parts
+/// ([`crate::spill::spill_dir`]) and uploaded from it in parts
 /// ([`crate::store::Store::put_file`]), as restic builds every pack, so that
 /// a backup's memory does not grow with the pack size.
 pub const IN_MEMORY_PACK: usize = 16 << 20;
@@ -241,9 +241,9 @@ pub struct PackWriter {
 
 impl PackWriter {
     /// A pack cut near `target` bytes (clamped to the sizes a repository may
-    /// set); spilled into [`crate::table::spill_dir`] when over [`IN_MEMORY_PACK`].
+    /// set); spilled into [`crate::spill::spill_dir`] when over [`IN_MEMORY_PACK`].
     pub fn new(target: usize) -> Self {
-        Self::in_dir(target, crate::table::spill_dir())
+        Self::in_dir(target, crate::spill::spill_dir())
     }
 
     /// [`PackWriter::new`], spilling into `dir`.

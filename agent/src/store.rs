@@ -55,6 +55,17 @@ pub const FILE_PARTS_IN_FLIGHT: usize = 2;
 /// them as one body.
 pub const WRITE_PIECE: usize = 256 << 10;
 
+/// A request to `object` that did not finish within `after`: transient.
+fn timed_out(object: &str, after: Duration) -> object_store::Error {
+    object_store::Error::Generic {
+        store: "ferry",
+        source: Box::new(TimedOut {
+            object: object.to_string(),
+            after,
+        }),
+    }
+}
+
 /// `data` as a payload of pieces of at most [`WRITE_PIECE`] bytes.
 fn payload(data: &Bytes) -> PutPayload {
     (0..data.len())
@@ -519,15 +530,7 @@ impl Store {
             let result = self
                 .rt
                 .block_on(async { tokio::time::timeout(timeout, op()).await })
-                .unwrap_or_else(|_| {
-                    Err(object_store::Error::Generic {
-                        store: "ferry",
-                        source: Box::new(TimedOut {
-                            object: what.to_string(),
-                            after: timeout,
-                        }),
-                    })
-                });
+                .unwrap_or_else(|_| Err(timed_out(what, timeout)));
             match result {
                 Err(e) if attempt < self.retry.attempts && retry_of(&e) == Retry::Transient => {
                     self.counters.retries.fetch_add(1, Ordering::Relaxed);
@@ -1004,7 +1007,7 @@ impl Store {
     }
 
     /// Write a whole object from the first `len` bytes of `file` (a spilled
-    /// pack, [`crate::pack::PackBody::File`]), atomic like [`Store::put`].
+    /// pack), atomic like [`Store::put`].
     /// It is uploaded in parts of [`PART_SIZE`], read from the file as they
     /// go, at most [`FILE_PARTS_IN_FLIGHT`] at once, so memory stays near
     /// that many parts whatever the object's size; every part and the two
@@ -1030,7 +1033,7 @@ impl Store {
             || (self.lock.is_some() && self.versioned.is_some());
         if whole {
             let data = read_at(0, len as usize).map_err(|e| Error::Spill {
-                path: crate::table::spill_dir(),
+                path: crate::spill::spill_dir(),
                 source: e,
             })?;
             return self.put(name, data);
@@ -1082,25 +1085,15 @@ impl Store {
                 upload.complete().await.map(|_| ())
             })
             .await;
-            match sent {
-                Ok(Ok(())) => Ok(()),
-                failed => {
-                    if let Err(e) = upload.abort().await {
-                        tracing::debug!(object = name, error = %e, "aborting the upload failed");
-                    }
-                    Err(failed
-                        .unwrap_or_else(|_| {
-                            Err(object_store::Error::Generic {
-                                store: "ferry",
-                                source: Box::new(TimedOut {
-                                    object: name.to_string(),
-                                    after: timeout,
-                                }),
-                            })
-                        })
-                        .expect_err("not sent"))
-                }
+            let error = match sent {
+                Ok(Ok(())) => return Ok(()),
+                Ok(Err(e)) => e,
+                Err(_) => timed_out(name, timeout),
+            };
+            if let Err(e) = upload.abort().await {
+                tracing::debug!(object = name, error = %e, "aborting the upload failed");
             }
+            Err(error)
         })
         .map_err(|e| self.failed(name, e))
     }

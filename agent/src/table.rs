@@ -105,14 +105,6 @@ pub fn default_limit() -> usize {
     })
 }
 
-/// Where runs are written: `FERRY_SPILL_DIR`, else `TMPDIR`, else `/var/tmp`
-/// (on disk on most systems, where `/tmp` is often memory).
-pub fn spill_dir() -> PathBuf {
-    std::env::var_os("FERRY_SPILL_DIR")
-        .or_else(|| std::env::var_os("TMPDIR"))
-        .map_or_else(|| PathBuf::from("/var/tmp"), PathBuf::from)
-}
-
 /// Chunk ids and their locations, the newest in memory and the rest on disk.
 pub struct ChunkTable {
     recent: IdMap<Location>,
@@ -143,7 +135,7 @@ impl std::fmt::Debug for ChunkTable {
 impl ChunkTable {
     /// A table that keeps at most `limit` entries in memory.
     pub fn with_limit(limit: usize) -> Self {
-        Self::in_dir(limit, spill_dir())
+        Self::in_dir(limit, crate::spill::spill_dir())
     }
 
     /// A table that keeps at most `limit` entries in memory and writes runs in `dir`.
