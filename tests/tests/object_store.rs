@@ -55,7 +55,7 @@ fn s3_repository_round_trip_with_requests_and_stats() {
     assert!(stored > 0 && stored < 24 * MIB, "{stats}");
     assert!(stats["monthly_storage_cost"].as_f64().unwrap() > 0.0);
     let packs = stats["objects"]["packs"][0].as_u64().unwrap();
-    // About 16 MiB packs: a handful of objects, not one per chunk.
+    // Large packs (128 MiB in object storage): a handful of objects, not one per chunk.
     assert!(packs <= 4, "{stats}");
 
     // A price table the user edits changes the estimate.
