@@ -4,7 +4,8 @@
 //! fails them the ways cloud storage fails: a 500, a 503 SlowDown, a connection
 //! reset, a response body cut short, a put that landed but whose answer was lost,
 //! a request that hangs past the client's timeout, or a whole outage after N
-//! requests or from the first request for a given kind of object. Enabled by `FERRY_FAULTS` (see [`FaultSpec::parse`]); never on by
+//! requests or from the first request for a given kind of object. The parts of
+//! a multipart upload and its completion are requests like any other. Enabled by `FERRY_FAULTS` (see [`FaultSpec::parse`]); never on by
 //! default.
 
 use std::fmt;
@@ -20,7 +21,7 @@ use futures::stream::BoxStream;
 use object_store::path::Path;
 use object_store::{
     CopyOptions, GetOptions, GetResult, GetResultPayload, ListResult, MultipartUpload, ObjectMeta,
-    ObjectStore, PutMultipartOptions, PutOptions, PutPayload, PutResult,
+    ObjectStore, PutMultipartOptions, PutOptions, PutPayload, PutResult, UploadPart,
 };
 
 /// The kinds of fault, each picked with equal odds when a request is chosen.
@@ -157,14 +158,24 @@ pub struct Injected {
     pub outage: AtomicBool,
     /// Multipart uploads started (each counts as one request too).
     pub multipart: AtomicU64,
+    /// Parts sent in multipart uploads (each counts as one request too).
+    pub parts: AtomicU64,
 }
 
 /// A store that fails on purpose.
 #[derive(Debug)]
 pub struct Faulty {
     inner: Arc<dyn ObjectStore>,
-    spec: FaultSpec,
+    dice: Arc<Dice>,
     pub injected: Arc<Injected>,
+}
+
+/// What decides each request's fate, shared by the store and the multipart
+/// uploads it starts (whose parts outlive the call that made them).
+#[derive(Debug)]
+struct Dice {
+    spec: FaultSpec,
+    injected: Arc<Injected>,
 }
 
 impl fmt::Display for Faulty {
@@ -223,13 +234,19 @@ fn injected(what: InjectedFault) -> object_store::Error {
 
 impl Faulty {
     pub fn new(inner: Arc<dyn ObjectStore>, spec: FaultSpec) -> Faulty {
+        let injected = Arc::<Injected>::default();
         Faulty {
             inner,
-            spec,
-            injected: Arc::default(),
+            dice: Arc::new(Dice {
+                spec,
+                injected: injected.clone(),
+            }),
+            injected,
         }
     }
+}
 
+impl Dice {
     /// Whether the request numbered `n`, for `location` (an object or a
     /// listed prefix), falls in an outage.
     fn in_outage(&self, n: u64, location: Option<&Path>) -> bool {
@@ -281,10 +298,10 @@ impl ObjectStore for Faulty {
         payload: PutPayload,
         opts: PutOptions,
     ) -> object_store::Result<PutResult> {
-        if !self.spec.put_latency.is_zero() {
-            tokio::time::sleep(self.spec.put_latency).await;
+        if !self.dice.spec.put_latency.is_zero() {
+            tokio::time::sleep(self.dice.spec.put_latency).await;
         }
-        let fault = self.roll(Some(location)).await?;
+        let fault = self.dice.roll(Some(location)).await?;
         let r = self.inner.put_opts(location, payload, opts).await?;
         if fault == Some(Fault::Lost) {
             return Err(injected(InjectedFault::Reset));
@@ -297,9 +314,14 @@ impl ObjectStore for Faulty {
         location: &Path,
         opts: PutMultipartOptions,
     ) -> object_store::Result<Box<dyn MultipartUpload>> {
-        self.roll(Some(location)).await?;
+        self.dice.roll(Some(location)).await?;
         self.injected.multipart.fetch_add(1, Ordering::Relaxed);
-        self.inner.put_multipart_opts(location, opts).await
+        let inner = self.inner.put_multipart_opts(location, opts).await?;
+        Ok(Box::new(FaultyUpload {
+            inner,
+            dice: self.dice.clone(),
+            location: location.clone(),
+        }))
     }
 
     async fn get_opts(
@@ -307,10 +329,10 @@ impl ObjectStore for Faulty {
         location: &Path,
         options: GetOptions,
     ) -> object_store::Result<GetResult> {
-        if options.range.is_some() && !self.spec.range_latency.is_zero() {
-            tokio::time::sleep(self.spec.range_latency).await;
+        if options.range.is_some() && !self.dice.spec.range_latency.is_zero() {
+            tokio::time::sleep(self.dice.spec.range_latency).await;
         }
-        let fault = self.roll(Some(location)).await?;
+        let fault = self.dice.roll(Some(location)).await?;
         let head = options.head;
         let r = self.inner.get_opts(location, options).await?;
         if fault != Some(Fault::Partial) || head {
@@ -347,10 +369,10 @@ impl ObjectStore for Faulty {
         location: &Path,
         ranges: &[Range<u64>],
     ) -> object_store::Result<Vec<Bytes>> {
-        if !self.spec.range_latency.is_zero() {
-            tokio::time::sleep(self.spec.range_latency).await;
+        if !self.dice.spec.range_latency.is_zero() {
+            tokio::time::sleep(self.dice.spec.range_latency).await;
         }
-        self.roll(Some(location)).await?;
+        self.dice.roll(Some(location)).await?;
         self.inner.get_ranges(location, ranges).await
     }
 
@@ -363,9 +385,9 @@ impl ObjectStore for Faulty {
 
     fn list(&self, prefix: Option<&Path>) -> BoxStream<'static, object_store::Result<ObjectMeta>> {
         let n = self.injected.requests.fetch_add(1, Ordering::Relaxed);
-        let outage = self.in_outage(n, prefix);
-        let r = splitmix(self.spec.seed ^ splitmix(n));
-        if outage || unit(r) < self.spec.rate {
+        let outage = self.dice.in_outage(n, prefix);
+        let r = splitmix(self.dice.spec.seed ^ splitmix(n));
+        if outage || unit(r) < self.dice.spec.rate {
             self.injected.faults.fetch_add(1, Ordering::Relaxed);
             return futures::stream::once(async { Err(injected(InjectedFault::SlowDown)) }).boxed();
         }
@@ -373,7 +395,7 @@ impl ObjectStore for Faulty {
     }
 
     async fn list_with_delimiter(&self, prefix: Option<&Path>) -> object_store::Result<ListResult> {
-        self.roll(prefix).await?;
+        self.dice.roll(prefix).await?;
         self.inner.list_with_delimiter(prefix).await
     }
 
@@ -383,8 +405,49 @@ impl ObjectStore for Faulty {
         to: &Path,
         options: CopyOptions,
     ) -> object_store::Result<()> {
-        self.roll(Some(from)).await?;
+        self.dice.roll(Some(from)).await?;
         self.inner.copy_opts(from, to, options).await
+    }
+}
+
+/// A multipart upload whose parts and completion fail as requests do: a part
+/// or a completion can fail before it is sent, or land with its answer lost.
+/// Aborting is never failed, so what a test finds left over is the caller's.
+#[derive(Debug)]
+struct FaultyUpload {
+    inner: Box<dyn MultipartUpload>,
+    dice: Arc<Dice>,
+    location: Path,
+}
+
+#[async_trait]
+impl MultipartUpload for FaultyUpload {
+    fn put_part(&mut self, data: PutPayload) -> UploadPart {
+        // The part takes its number now, in the order the caller sent it.
+        let part = self.inner.put_part(data);
+        let (dice, location) = (self.dice.clone(), self.location.clone());
+        Box::pin(async move {
+            dice.injected.parts.fetch_add(1, Ordering::Relaxed);
+            let fault = dice.roll(Some(&location)).await?;
+            part.await?;
+            if fault == Some(Fault::Lost) {
+                return Err(injected(InjectedFault::Reset));
+            }
+            Ok(())
+        })
+    }
+
+    async fn complete(&mut self) -> object_store::Result<PutResult> {
+        let fault = self.dice.roll(Some(&self.location)).await?;
+        let r = self.inner.complete().await?;
+        if fault == Some(Fault::Lost) {
+            return Err(injected(InjectedFault::Reset));
+        }
+        Ok(r)
+    }
+
+    async fn abort(&mut self) -> object_store::Result<()> {
+        self.inner.abort().await
     }
 }
 
@@ -470,6 +533,46 @@ mod tests {
         store.put("replicas/big", big.clone()).unwrap();
         assert_eq!(injected.multipart.load(Ordering::Relaxed), 1);
         assert_eq!(store.get("replicas/big").unwrap(), big);
+    }
+
+    #[test]
+    fn a_file_sent_in_parts_through_faults_arrives_whole() {
+        use ferry_agent::store::{PART_SIZE, RetryPolicy, Store};
+        let len = 2 * PART_SIZE + 1000;
+        let data: Vec<u8> = (0..len).map(|i| (i % 253) as u8).collect();
+        let mut file = tempfile::tempfile().unwrap();
+        std::io::Write::write_all(&mut file, &data).unwrap();
+        let (mut part_faults, mut retries) = (0, 0);
+        for seed in 1..=6 {
+            // Parts and completions fail as other requests do, lost answers
+            // included (the part or the object landed; the client saw a reset).
+            let f = Arc::new(over_memory(&format!(
+                "rate=0.25 seed={seed} kinds=error+reset+lost"
+            )));
+            let injected = f.injected.clone();
+            let store = Store::new(f, "faulty:").with_retry(RetryPolicy {
+                attempts: 20,
+                base: Duration::from_millis(1),
+                max: Duration::from_millis(2),
+                timeout: Duration::from_secs(30),
+            });
+            store.put_file("packs/ab/big", &file, len as u64).unwrap();
+            assert_eq!(store.get("packs/ab/big").unwrap(), data, "seed {seed}");
+            let uploads = injected.multipart.load(Ordering::Relaxed);
+            let parts = injected.parts.load(Ordering::Relaxed);
+            // Every upload but the last that sent parts was cut short by a
+            // fault among its parts or its completion, and sent again whole.
+            if parts > 3 {
+                part_faults += 1;
+            }
+            assert!(parts <= 3 * uploads, "{parts} parts in {uploads} uploads");
+            retries += store.requests().retries;
+        }
+        assert!(
+            part_faults >= 2,
+            "faults hit the parts of only {part_faults} of 6 uploads"
+        );
+        assert!(retries >= part_faults);
     }
 
     #[test]
