@@ -339,7 +339,7 @@ impl PackWriter {
             return;
         };
         if spill.file.is_none() {
-            match tempfile::tempfile_in(&spill.dir) {
+            match crate::spill::temp_file(&spill.dir) {
                 Ok(f) => spill.file = Some(f),
                 Err(e) => {
                     static WARNED: std::sync::atomic::AtomicBool =

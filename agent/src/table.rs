@@ -326,10 +326,7 @@ impl Run {
     ) -> std::io::Result<Run> {
         // 2^bits buckets in (n/8, n/4]: 4 to 8 entries each.
         let bits = (usize::BITS - (n / 8).max(1).leading_zeros()).clamp(1, 28);
-        let file = tempfile::tempfile_in(dir)?;
-        // O_TMPFILE gives 0666 less the umask: no one can open it by name,
-        // but it is the index's, so it is the owner's only.
-        file.set_permissions(std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
+        let file = crate::spill::temp_file(dir)?;
         let mut out = BufWriter::with_capacity(1 << 20, &file);
         let mut counts = vec![0u32; (1usize << bits) + 1];
         let mut prints = Vec::with_capacity(n);
