@@ -599,11 +599,11 @@ pack_size_report() {
   echo "full backup per size, then 1% clustered (1 MiB) and 1% scattered (4 KiB) writes to the image, an"
   echo "incremental, \`forget\` of the full and \`prune\` (default --max-unused 10%)."
   echo
-  echo "| Pack MiB | S3 backup s | S3 restore s | backup / restore peak RSS MiB | PUTs (objects) per GiB | / restic's objects | prune: packs repacked, MiB repacked, MiB deleted | prune s, peak RSS MiB | prune GETs, PUTs |"
-  echo "|---:|---:|---:|---:|---:|---:|---|---:|---:|"
+  echo "| Pack MiB | S3 backup s | backup CPU s: client / s3s-fs | S3 restore s | backup / restore peak RSS MiB | PUTs (objects) per GiB | / restic's objects | prune: packs repacked, MiB repacked, MiB deleted | prune s, peak RSS MiB | prune GETs, PUTs |"
+  echo "|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|"
   for p in $PACK_SIZES; do
     if [[ $p == "$DEFAULT_PACK" ]]; then kind=s3; else kind="s3p$p"; fi
-    local row="| $p | $(cell "$kind-backup" wall) | $(cell "$kind-restore" wall) | $(cell "$kind-backup" rss) / $(cell "$kind-restore" rss) |"
+    local row="| $p | $(cell "$kind-backup" wall) | $(cell "$kind-backup" cpu) / $(cell "$kind-backup" s3cpu) | $(cell "$kind-restore" wall) | $(cell "$kind-backup" rss) / $(cell "$kind-restore" rss) |"
     if ok "$kind-backup.1"; then
       new=$(jget "$LOGS/$kind-backup.1.out" new_bytes); puts=$(req "$kind-backup.1" puts); objs=${R[$kind,objs]}
       row+=" $(calc "printf \"%.1f (%.1f)\", $puts/($new/$gib), $objs/($new/$gib)") |"

@@ -297,6 +297,9 @@ pub fn store(store: &Store, prefix: &str, large: bool) -> Outcome {
 /// - Writing an old version's bytes back makes it current again (undelete).
 /// - A retention set on a put reads back (mode and date, to the second), and a
 ///   later date can be set with `extend_retention`.
+/// - A multipart upload started with a retention (`put_retained_parts`) shows
+///   no object until it completes, then the parts' bytes in order, locked; an
+///   aborted one leaves nothing.
 pub fn versioned(store: &Store, plain_delete: impl Fn(&str), prefix: &str) -> Outcome {
     let Some(v) = store.versioned() else {
         return Err(fail("versioned.present", "the store has no versioned side"));
@@ -388,6 +391,67 @@ pub fn versioned(store: &Store, plain_delete: impl Fn(&str), prefix: &str) -> Ou
     ensure("versioned.extend", got == Some(later), || {
         format!("extended to {later:?}, read back {got:?}")
     })?;
+    // A retention set on a multipart upload: the object appears whole, and
+    // locked, only once the upload completes.
+    let parted = format!("{prefix}/parted");
+    let (first, last) = (pattern(5 << 20, 4), pattern(1000, 5));
+    let parts = rt.block_on(async {
+        let mut upload = v.put_retained_parts(&parted, want, None).await?;
+        let a = upload.put_part(first.clone().into());
+        let b = upload.put_part(last.clone().into());
+        a.await?;
+        b.await?;
+        Ok::<_, object_store::Error>(upload)
+    });
+    let mut upload = ok(
+        "versioned.retained_parts",
+        parts.map_err(|e| Error::InvalidInput(e.to_string())),
+    )?;
+    ensure(
+        "versioned.retained_parts",
+        !ok("versioned.retained_parts", store.exists(&parted))?,
+        || "the object is visible before its upload completes".into(),
+    )?;
+    let sent = rt.block_on(upload.complete());
+    ok(
+        "versioned.retained_parts",
+        sent.map_err(|e| Error::InvalidInput(e.to_string())),
+    )?;
+    let got = ok("versioned.retained_parts", store.get(&parted))?;
+    ensure(
+        "versioned.retained_parts",
+        got.len() == first.len() + last.len()
+            && got[..first.len()] == first[..]
+            && got[first.len()..] == last[..],
+        || {
+            format!(
+                "{} bytes read back, {} sent, or in another order",
+                got.len(),
+                first.len() + last.len()
+            )
+        },
+    )?;
+    let kept = ok("versioned.retained_parts", store.retention(&parted))?;
+    ensure("versioned.retained_parts", kept == Some(want), || {
+        format!("uploaded with {want:?}, read back {kept:?}")
+    })?;
+    // An aborted upload leaves nothing.
+    let dropped = format!("{prefix}/dropped");
+    let aborted = rt.block_on(async {
+        let mut upload = v.put_retained_parts(&dropped, want, None).await?;
+        upload.put_part(pattern(1000, 6).into()).await?;
+        upload.abort().await
+    });
+    ok(
+        "versioned.retained_parts_abort",
+        aborted.map_err(|e| Error::InvalidInput(e.to_string())),
+    )?;
+    ensure(
+        "versioned.retained_parts_abort",
+        !ok("versioned.retained_parts_abort", store.exists(&dropped))?,
+        || "an aborted upload left an object".into(),
+    )?;
+
     // A locked version cannot be removed for good.
     match store.delete(&locked) {
         Err(Error::Locked { .. }) => {}

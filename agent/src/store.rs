@@ -177,6 +177,15 @@ pub trait Versioned: Send + Sync + std::fmt::Debug {
         retention: Retention,
         storage_class: Option<&'a str>,
     ) -> BoxFuture<'a, Result<(), object_store::Error>>;
+    /// Start a multipart upload of an object that will carry a retention
+    /// date once completed (for packs too large for one request). Its parts
+    /// follow S3's rules: every part but the last at least 5 MiB.
+    fn put_retained_parts<'a>(
+        &'a self,
+        name: &'a str,
+        retention: Retention,
+        storage_class: Option<&'a str>,
+    ) -> BoxFuture<'a, Result<Box<dyn MultipartUpload>, object_store::Error>>;
     /// The retention of the current version, if it has one.
     fn retention<'a>(
         &'a self,
@@ -959,6 +968,26 @@ impl Store {
         })
     }
 
+    /// The versioned side and the retention a new object named `name` gets,
+    /// when the repository locks its objects (all but locks and the trash).
+    fn retention_for(&self, name: &str) -> Option<(&Arc<dyn Versioned>, Retention)> {
+        let (Some(lock), Some(v)) = (self.lock, &self.versioned) else {
+            return None;
+        };
+        if name.starts_with("locks/") || name.starts_with("trash/") || name.starts_with("replicas/")
+        {
+            return None;
+        }
+        let until = Utc::now() + chrono::Duration::days(i64::from(lock.days));
+        Some((
+            v,
+            Retention {
+                mode: lock.mode,
+                until,
+            },
+        ))
+    }
+
     fn put_inner(&self, name: &str, data: Bytes) -> Result<()> {
         self.counters.puts.fetch_add(1, Ordering::Relaxed);
         self.counters
@@ -969,15 +998,7 @@ impl Store {
             .storage_class
             .as_deref()
             .filter(|_| name.starts_with("packs/"));
-        if let (Some(lock), Some(v)) = (self.lock, &self.versioned)
-            && !name.starts_with("locks/")
-            && !name.starts_with("trash/")
-            && !name.starts_with("replicas/")
-        {
-            let retention = Retention {
-                mode: lock.mode,
-                until: Utc::now() + chrono::Duration::days(i64::from(lock.days)),
-            };
+        if let Some((v, retention)) = self.retention_for(name) {
             return self
                 .retrying(name, || {
                     v.put_retained(name, data.clone(), retention, class)
@@ -1015,9 +1036,11 @@ impl Store {
     /// upload is aborted (so the store keeps no orphaned parts) and sent
     /// again whole, as one request is; the parts may take the request
     /// timeout once per round in flight, and are aborted when they run out
-    /// of it. Objects of
-    /// one part, and puts to replicated or Object-Locked repositories (which
-    /// go through their own single-request writes), read the file whole.
+    /// of it. In a repository with Object Lock the upload is started with
+    /// the retention ([`Versioned::put_retained_parts`]), so the object is
+    /// locked from the moment it appears. Objects of one part, and puts to
+    /// replicated repositories (which send one payload to every replica),
+    /// read the file whole.
     pub fn put_file(&self, name: &str, file: &std::fs::File, len: u64) -> Result<()> {
         use std::os::unix::fs::FileExt;
         let read_at = |at: u64, n: usize| -> std::io::Result<Bytes> {
@@ -1028,9 +1051,7 @@ impl Store {
             })?;
             Ok(Bytes::from(buf))
         };
-        let whole = len <= PART_SIZE as u64
-            || self.replicas.is_some()
-            || (self.lock.is_some() && self.versioned.is_some());
+        let whole = len <= PART_SIZE as u64 || self.replicas.is_some();
         if whole {
             let data = read_at(0, len as usize).map_err(|e| Error::Spill {
                 path: crate::spill::spill_dir(),
@@ -1042,14 +1063,16 @@ impl Store {
         self.counters.puts.fetch_add(parts + 2, Ordering::Relaxed);
         self.counters.bytes_up.fetch_add(len, Ordering::Relaxed);
         let path = Path::from(name);
-        let mut attributes = Attributes::new();
-        if let Some(class) = self
+        let class = self
             .storage_class
             .as_deref()
-            .filter(|_| name.starts_with("packs/"))
-        {
+            .filter(|_| name.starts_with("packs/"));
+        let mut attributes = Attributes::new();
+        if let Some(class) = class {
             attributes.insert(Attribute::StorageClass, class.to_string().into());
         }
+        // Taken once: every try keeps the date of the first.
+        let retained = self.retention_for(name);
         // A request's timeout for every round of parts in flight, so a slow
         // link is held to the pace a single request of one part must keep.
         let rounds = parts.div_ceil(FILE_PARTS_IN_FLIGHT as u64) + 1;
@@ -1057,11 +1080,16 @@ impl Store {
         // Parts that are not completed into an object are kept, and billed,
         // until the upload is aborted: every failure and the timeout abort it.
         self.retrying_within(name, timeout + self.retry.timeout, || async {
-            let opts = PutMultipartOptions {
-                attributes: attributes.clone(),
-                ..PutMultipartOptions::default()
+            let mut upload = match retained {
+                Some((v, retention)) => v.put_retained_parts(name, retention, class).await?,
+                None => {
+                    let opts = PutMultipartOptions {
+                        attributes: attributes.clone(),
+                        ..PutMultipartOptions::default()
+                    };
+                    self.inner.put_multipart_opts(&path, opts).await?
+                }
             };
-            let mut upload = self.inner.put_multipart_opts(&path, opts).await?;
             let sent = tokio::time::timeout(timeout, async {
                 let mut in_flight = tokio::task::JoinSet::new();
                 let mut at = 0;
@@ -1730,6 +1758,14 @@ mod tests {
             _: Retention,
             _: Option<&'a str>,
         ) -> BoxFuture<'a, Result<(), object_store::Error>> {
+            unimplemented!()
+        }
+        fn put_retained_parts<'a>(
+            &'a self,
+            _: &'a str,
+            _: Retention,
+            _: Option<&'a str>,
+        ) -> BoxFuture<'a, Result<Box<dyn MultipartUpload>, object_store::Error>> {
             unimplemented!()
         }
         fn retention<'a>(

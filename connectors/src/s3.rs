@@ -2,7 +2,8 @@
 //!
 //! The data path (get, ranged get, put, list, delete) goes through `object_store`,
 //! which is fast and streams. What `object_store` does not speak goes through the
-//! AWS SDK: Object Lock (puts with a retention date, extending it, reading it),
+//! AWS SDK: Object Lock (puts and multipart uploads with a retention date,
+//! extending it, reading it),
 //! object versions, and the bucket's lock configuration.
 //!
 //! Credentials, region and endpoint come from the AWS SDK's default chain
@@ -17,18 +18,20 @@ use aws_sdk_s3::config::http::HttpResponse;
 use aws_sdk_s3::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_s3::primitives::{ByteStream, DateTime as AwsTime};
 use aws_sdk_s3::types::{
-    ChecksumAlgorithm, ObjectLockEnabled, ObjectLockMode, ObjectLockRetention,
-    ObjectLockRetentionMode, StorageClass,
+    ChecksumAlgorithm, CompletedMultipartUpload, CompletedPart, ObjectLockEnabled, ObjectLockMode,
+    ObjectLockRetention, ObjectLockRetentionMode, StorageClass,
 };
 use bytes::Bytes;
-use chrono::{DateTime, Utc};
+use chrono::{DateTime, SubsecRound, Utc};
 use ferry_agent::store::{LockMode, NoAnswer, ObjectVersion, Retention, ServerAnswer, Versioned};
 use ferry_agent::{Error, Result};
 use futures::FutureExt;
 use futures::future::BoxFuture;
 use object_store::aws::{AmazonS3Builder, AwsCredential, S3ConditionalPut};
 use object_store::prefix::PrefixStore;
-use object_store::{CredentialProvider, ObjectStore};
+use object_store::{
+    CredentialProvider, MultipartUpload, ObjectStore, PutPayload, PutResult, UploadPart,
+};
 
 /// Where an `s3://` URL points, and how to reach it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -170,6 +173,159 @@ pub fn open(location: &str) -> Result<(Arc<dyn ObjectStore>, Arc<dyn Versioned>)
         },
     };
     Ok((inner, Arc::new(versioned)))
+}
+
+/// The retention of `key` (its current version, or `version`), if it has one.
+async fn read_retention(
+    client: &aws_sdk_s3::Client,
+    bucket: &str,
+    key: String,
+    version: Option<&str>,
+) -> Result<Option<Retention>, object_store::Error> {
+    let head = client
+        .head_object()
+        .bucket(bucket)
+        .key(&key)
+        .set_version_id(version.map(str::to_string))
+        .send()
+        .await
+        .map_err(|e| sdk_error(&key, e))?;
+    let mode = match head.object_lock_mode() {
+        Some(ObjectLockMode::Compliance) => LockMode::Compliance,
+        Some(ObjectLockMode::Governance) => LockMode::Governance,
+        _ => return Ok(None),
+    };
+    Ok(head.object_lock_retain_until_date().map(|t| Retention {
+        mode,
+        until: from_aws(t),
+    }))
+}
+
+/// Set `retention` on `key` (its current version, or `version`).
+async fn set_retention(
+    client: &aws_sdk_s3::Client,
+    bucket: &str,
+    key: String,
+    version: Option<&str>,
+    retention: Retention,
+) -> Result<(), object_store::Error> {
+    let mode = match retention.mode {
+        LockMode::Compliance => ObjectLockRetentionMode::Compliance,
+        LockMode::Governance => ObjectLockRetentionMode::Governance,
+    };
+    client
+        .put_object_retention()
+        .bucket(bucket)
+        .key(&key)
+        .set_version_id(version.map(str::to_string))
+        .retention(
+            ObjectLockRetention::builder()
+                .mode(mode)
+                .retain_until_date(to_aws(retention.until))
+                .build(),
+        )
+        .send()
+        .await
+        .map_err(|e| sdk_error(&key, e))?;
+    Ok(())
+}
+
+/// A multipart upload started with a retention, through the AWS SDK
+/// (`object_store` cannot set Object Lock headers). The object appears,
+/// locked, only when the upload completes.
+#[derive(Debug)]
+struct RetainedUpload {
+    client: aws_sdk_s3::Client,
+    bucket: String,
+    key: String,
+    upload_id: String,
+    retention: Retention,
+    /// The number the next part takes (S3 numbers them from 1).
+    next: i32,
+    /// Parts sent, with what completing the upload must name.
+    done: Arc<std::sync::Mutex<Vec<CompletedPart>>>,
+}
+
+#[async_trait::async_trait]
+impl MultipartUpload for RetainedUpload {
+    fn put_part(&mut self, data: PutPayload) -> UploadPart {
+        let number = self.next;
+        self.next += 1;
+        let (client, done) = (self.client.clone(), self.done.clone());
+        let (bucket, key, upload_id) = (
+            self.bucket.clone(),
+            self.key.clone(),
+            self.upload_id.clone(),
+        );
+        Box::pin(async move {
+            let sent = client
+                .upload_part()
+                .bucket(&bucket)
+                .key(&key)
+                .upload_id(&upload_id)
+                .part_number(number)
+                .checksum_algorithm(ChecksumAlgorithm::Sha256)
+                .body(ByteStream::from(Bytes::from(data)))
+                .send()
+                .await
+                .map_err(|e| sdk_error(&key, e))?;
+            let part = CompletedPart::builder()
+                .part_number(number)
+                .set_e_tag(sent.e_tag().map(str::to_string))
+                .set_checksum_sha256(sent.checksum_sha256().map(str::to_string))
+                .build();
+            done.lock().expect("parts sent").push(part);
+            Ok(())
+        })
+    }
+
+    async fn complete(&mut self) -> object_store::Result<PutResult> {
+        let mut parts = std::mem::take(&mut *self.done.lock().expect("parts sent"));
+        parts.sort_by_key(|p| p.part_number());
+        let done = self
+            .client
+            .complete_multipart_upload()
+            .bucket(&self.bucket)
+            .key(&self.key)
+            .upload_id(&self.upload_id)
+            .multipart_upload(
+                CompletedMultipartUpload::builder()
+                    .set_parts(Some(parts))
+                    .build(),
+            )
+            .send()
+            .await
+            .map_err(|e| sdk_error(&self.key, e))?;
+        // S3 locks the object as it completes. Some S3-compatible servers
+        // (moto among them) ignore the lock headers of a multipart upload:
+        // the object must not stay unlocked there, so its retention is read
+        // back and set when it is missing or shorter.
+        let version = done.version_id();
+        let (client, bucket) = (&self.client, self.bucket.as_str());
+        let kept = read_retention(client, bucket, self.key.clone(), version).await?;
+        // Dates are kept to the second.
+        let want = self.retention.until.trunc_subsecs(0);
+        if kept.is_none_or(|k| k.mode != self.retention.mode || k.until < want) {
+            set_retention(client, bucket, self.key.clone(), version, self.retention).await?;
+        }
+        Ok(PutResult {
+            e_tag: done.e_tag().map(str::to_string),
+            version: done.version_id().map(str::to_string),
+            extensions: Default::default(),
+        })
+    }
+
+    async fn abort(&mut self) -> object_store::Result<()> {
+        self.client
+            .abort_multipart_upload()
+            .bucket(&self.bucket)
+            .key(&self.key)
+            .upload_id(&self.upload_id)
+            .send()
+            .await
+            .map_err(|e| sdk_error(&self.key, e))?;
+        Ok(())
+    }
 }
 
 /// Versions and Object Lock through the AWS SDK.
@@ -324,31 +480,54 @@ impl Versioned for SdkVersioned {
         .boxed()
     }
 
+    fn put_retained_parts<'a>(
+        &'a self,
+        name: &'a str,
+        retention: Retention,
+        storage_class: Option<&'a str>,
+    ) -> BoxFuture<'a, Result<Box<dyn MultipartUpload>, object_store::Error>> {
+        async move {
+            let key = self.key(name);
+            // Parts of an upload with Object Lock must carry a checksum: the
+            // algorithm named here is the one each part and the completion give.
+            let created = self
+                .client
+                .create_multipart_upload()
+                .bucket(&self.bucket)
+                .key(&key)
+                .checksum_algorithm(ChecksumAlgorithm::Sha256)
+                .object_lock_mode(mode(retention.mode))
+                .object_lock_retain_until_date(to_aws(retention.until))
+                .set_storage_class(storage_class.map(StorageClass::from))
+                .send()
+                .await
+                .map_err(|e| sdk_error(&key, e))?;
+            let upload_id = created
+                .upload_id()
+                .ok_or_else(|| object_store::Error::Generic {
+                    store: "S3",
+                    source: format!("{key}: CreateMultipartUpload answered without an upload id")
+                        .into(),
+                })?;
+            let upload: Box<dyn MultipartUpload> = Box::new(RetainedUpload {
+                client: self.client.clone(),
+                bucket: self.bucket.clone(),
+                key,
+                upload_id: upload_id.to_string(),
+                retention,
+                next: 1,
+                done: Arc::default(),
+            });
+            Ok(upload)
+        }
+        .boxed()
+    }
+
     fn retention<'a>(
         &'a self,
         name: &'a str,
     ) -> BoxFuture<'a, Result<Option<Retention>, object_store::Error>> {
-        async move {
-            let key = self.key(name);
-            let head = self
-                .client
-                .head_object()
-                .bucket(&self.bucket)
-                .key(&key)
-                .send()
-                .await
-                .map_err(|e| sdk_error(&key, e))?;
-            let mode = match head.object_lock_mode() {
-                Some(ObjectLockMode::Compliance) => LockMode::Compliance,
-                Some(ObjectLockMode::Governance) => LockMode::Governance,
-                _ => return Ok(None),
-            };
-            Ok(head.object_lock_retain_until_date().map(|t| Retention {
-                mode,
-                until: from_aws(t),
-            }))
-        }
-        .boxed()
+        read_retention(&self.client, &self.bucket, self.key(name), None).boxed()
     }
 
     fn extend<'a>(
@@ -356,28 +535,7 @@ impl Versioned for SdkVersioned {
         name: &'a str,
         retention: Retention,
     ) -> BoxFuture<'a, Result<(), object_store::Error>> {
-        async move {
-            let key = self.key(name);
-            let mode = match retention.mode {
-                LockMode::Compliance => ObjectLockRetentionMode::Compliance,
-                LockMode::Governance => ObjectLockRetentionMode::Governance,
-            };
-            self.client
-                .put_object_retention()
-                .bucket(&self.bucket)
-                .key(&key)
-                .retention(
-                    ObjectLockRetention::builder()
-                        .mode(mode)
-                        .retain_until_date(to_aws(retention.until))
-                        .build(),
-                )
-                .send()
-                .await
-                .map_err(|e| sdk_error(&key, e))?;
-            Ok(())
-        }
-        .boxed()
+        set_retention(&self.client, &self.bucket, self.key(name), None, retention).boxed()
     }
 
     fn versions<'a>(

@@ -171,6 +171,51 @@ fn unreachable_endpoint_and_missing_bucket_are_clear_errors() {
     );
 }
 
+/// A repository with Object Lock gets large packs too: each goes up as a
+/// multipart upload started with the retention, so it is locked from the
+/// moment it appears, and no upload is left open.
+#[test]
+fn locked_large_packs_go_up_in_parts_with_their_retention() {
+    let Some(moto) = Moto::start() else { return };
+    moto.create_bucket("ferry-locked-large", true);
+    let env = Env::at("s3://ferry-locked-large/r", moto.env());
+    let disk = env.path("disk.img");
+    make_image(&disk, 144 * MIB, 23);
+    let config = env.json(&["init", "--object-lock", "governance", "--lock-days", "3"]);
+    assert_eq!(config["pack_size"], 128 * MIB, "{config}");
+    let full = env.backup("vm", &[&disk]);
+    assert_eq!(full["packs_written"], 1, "{full}");
+    assert!(full["requests"]["puts"].as_u64().unwrap() >= 7, "{full}");
+
+    let found = moto.python(
+        r#"
+        import datetime
+        now = datetime.datetime.now(datetime.timezone.utc)
+        out = []
+        for o in s3.list_objects_v2(Bucket='ferry-locked-large', Prefix='r/packs/')['Contents']:
+            h = s3.head_object(Bucket='ferry-locked-large', Key=o['Key'])
+            days = (h['ObjectLockRetainUntilDate'] - now).total_seconds() / 86400
+            out.append([o['Size'], h.get('ObjectLockMode'), round(days, 2)])
+        open_uploads = len(s3.list_multipart_uploads(Bucket='ferry-locked-large').get('Uploads', []))
+        print(json.dumps({'packs': out, 'open_uploads': open_uploads}))
+        "#,
+    );
+    let found: serde_json::Value = serde_json::from_str(&found).unwrap();
+    let packs = found["packs"].as_array().unwrap();
+    assert_eq!(packs.len(), 1, "{found}");
+    assert!(packs[0][0].as_u64().unwrap() > 32 * MIB, "{found}");
+    assert_eq!(packs[0][1], "GOVERNANCE", "{found}");
+    let days = packs[0][2].as_f64().unwrap();
+    assert!((2.9..=3.01).contains(&days), "{found}");
+    assert_eq!(found["open_uploads"], 0, "{found}");
+
+    let out = env.path("restored.img");
+    env.json(&["restore", "vm@latest", "--to", out.to_str().unwrap()]);
+    assert!(same_content(&disk, &out));
+    let check = env.json(&["check", "--read-data"]);
+    assert_eq!(check["ok"], true, "{check}");
+}
+
 #[test]
 fn object_lock_needs_a_lock_enabled_bucket() {
     let Some(moto) = Moto::start() else { return };

@@ -203,7 +203,7 @@ pub struct InitArgs {
     #[arg(long, default_value_t = ferry_agent::repo::DEFAULT_COMPRESSION_LEVEL)]
     pub compression: i32,
     /// Where packs are cut, 4MiB to 128MiB [default: 128MiB in object
-    /// storage without --object-lock or replicas, else 16MiB]. Larger packs
+    /// storage without replicas, else 16MiB]. Larger packs
     /// mean fewer objects
     /// (per-object fees, listings); packs over 16MiB are built in a
     /// temporary file (FERRY_SPILL_DIR, TMPDIR or /var/tmp) and uploaded in
@@ -391,14 +391,10 @@ pub fn init(ctx: &Context, a: &InitArgs) -> Result<ExitCode> {
             .push(ferry_connectors::store::open(&replica_location(r), true)?);
     }
     // In object storage, larger packs: a quarter of restic's objects per GiB
-    // for no more memory (docs/performance.md, Pack size). Not with Object
-    // Lock or replicas, whose single-request writes would hold each pack
-    // whole in memory.
-    if a.pack_size.is_none()
-        && a.object_lock.is_none()
-        && opts.replicas.is_empty()
-        && store.is_remote()
-    {
+    // for no more memory (docs/performance.md, Pack size), with or without
+    // Object Lock. Not with replicas, which send one payload to every
+    // replica and so would hold each pack whole in memory.
+    if a.pack_size.is_none() && opts.replicas.is_empty() && store.is_remote() {
         opts.pack_size = ferry_agent::pack::REMOTE_PACK_SIZE as u64;
     }
     let pw = ctx.password(true)?;
