@@ -969,7 +969,8 @@ impl Store {
     }
 
     /// The versioned side and the retention a new object named `name` gets,
-    /// when the repository locks its objects (all but locks and the trash).
+    /// when the repository locks its objects (all but `locks/`, `trash/` and
+    /// `replicas/`, which Ferry must be able to delete).
     fn retention_for(&self, name: &str) -> Option<(&Arc<dyn Versioned>, Retention)> {
         let (Some(lock), Some(v)) = (self.lock, &self.versioned) else {
             return None;

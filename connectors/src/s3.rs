@@ -310,7 +310,7 @@ impl MultipartUpload for RetainedUpload {
         }
         Ok(PutResult {
             e_tag: done.e_tag().map(str::to_string),
-            version: done.version_id().map(str::to_string),
+            version: version.map(str::to_string),
             extensions: Default::default(),
         })
     }
