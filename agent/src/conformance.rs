@@ -298,7 +298,8 @@ pub fn store(store: &Store, prefix: &str, large: bool) -> Outcome {
 /// - A retention set on a put reads back (mode and date, to the second), and a
 ///   later date can be set with `extend_retention`.
 /// - A multipart upload started with a retention (`put_retained_parts`) shows
-///   no object until it completes, then the parts' bytes in order, locked; an
+///   no object until it completes, then the parts' bytes in order, locked; a
+///   part sent again under its number replaces the bytes sent before; an
 ///   aborted one leaves nothing.
 pub fn versioned(store: &Store, plain_delete: impl Fn(&str), prefix: &str) -> Outcome {
     let Some(v) = store.versioned() else {
@@ -396,14 +397,17 @@ pub fn versioned(store: &Store, plain_delete: impl Fn(&str), prefix: &str) -> Ou
     let parted = format!("{prefix}/parted");
     let (first, last) = (pattern(5 << 20, 4), pattern(1000, 5));
     let parts = rt.block_on(async {
-        let mut upload = v.put_retained_parts(&parted, want, None).await?;
-        let a = upload.put_part(first.clone().into());
-        let b = upload.put_part(last.clone().into());
-        a.await?;
-        b.await?;
-        Ok::<_, object_store::Error>(upload)
+        let upload = v.put_retained_parts(&parted, want, None).await?;
+        // The last part goes first, and then again with other bytes: a part
+        // sent again under its number replaces the first try's bytes.
+        upload.put_part(1, pattern(1000, 9).into()).await?;
+        let (a, b) = futures::join!(
+            upload.put_part(0, first.clone().into()),
+            upload.put_part(1, last.clone().into())
+        );
+        Ok::<_, object_store::Error>((upload, vec![a?, b?]))
     });
-    let mut upload = ok(
+    let (upload, ids) = ok(
         "versioned.retained_parts",
         parts.map_err(|e| Error::InvalidInput(e.to_string())),
     )?;
@@ -412,7 +416,7 @@ pub fn versioned(store: &Store, plain_delete: impl Fn(&str), prefix: &str) -> Ou
         !ok("versioned.retained_parts", store.exists(&parted))?,
         || "the object is visible before its upload completes".into(),
     )?;
-    let sent = rt.block_on(upload.complete());
+    let sent = rt.block_on(upload.complete(ids));
     ok(
         "versioned.retained_parts",
         sent.map_err(|e| Error::InvalidInput(e.to_string())),
@@ -438,8 +442,8 @@ pub fn versioned(store: &Store, plain_delete: impl Fn(&str), prefix: &str) -> Ou
     // An aborted upload leaves nothing.
     let dropped = format!("{prefix}/dropped");
     let aborted = rt.block_on(async {
-        let mut upload = v.put_retained_parts(&dropped, want, None).await?;
-        upload.put_part(pattern(1000, 6).into()).await?;
+        let upload = v.put_retained_parts(&dropped, want, None).await?;
+        upload.put_part(0, pattern(1000, 6).into()).await?;
         upload.abort().await
     });
     ok(

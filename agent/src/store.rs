@@ -24,9 +24,10 @@ use bytes::Bytes;
 use chrono::{DateTime, Utc};
 use futures::TryStreamExt;
 use futures::future::BoxFuture;
+use object_store::multipart::{MultipartStore, PartId};
 use object_store::path::Path;
 use object_store::{
-    Attribute, Attributes, GetOptions, GetRange, MultipartUpload, ObjectStore, ObjectStoreExt,
+    Attribute, Attributes, GetOptions, GetRange, MultipartId, ObjectStore, ObjectStoreExt,
     PutMultipartOptions, PutOptions, PutPayload, WriteMultipart,
 };
 use serde::{Deserialize, Serialize};
@@ -185,7 +186,7 @@ pub trait Versioned: Send + Sync + std::fmt::Debug {
         name: &'a str,
         retention: Retention,
         storage_class: Option<&'a str>,
-    ) -> BoxFuture<'a, Result<Box<dyn MultipartUpload>, object_store::Error>>;
+    ) -> BoxFuture<'a, Result<Arc<dyn PartedUpload>, object_store::Error>>;
     /// The retention of the current version, if it has one.
     fn retention<'a>(
         &'a self,
@@ -249,6 +250,53 @@ pub trait Versioned: Send + Sync + std::fmt::Debug {
     }
 }
 
+/// A multipart upload whose parts the caller numbers, from 0, so that a part
+/// that failed is sent again alone and not the whole object. Sending a part
+/// again under its number replaces what an earlier try left.
+pub trait PartedUpload: Send + Sync {
+    /// Send part `index`; every part but the last is [`PART_SIZE`].
+    fn put_part(
+        &self,
+        index: usize,
+        data: PutPayload,
+    ) -> BoxFuture<'_, Result<PartId, object_store::Error>>;
+    /// Join the parts into the object: `parts[i]` is what sending part `i`
+    /// gave. The object appears only now, whole.
+    fn complete(&self, parts: Vec<PartId>) -> BoxFuture<'_, Result<(), object_store::Error>>;
+    /// Drop the upload and the parts sent (they are billed until then).
+    fn abort(&self) -> BoxFuture<'_, Result<(), object_store::Error>>;
+}
+
+/// A [`PartedUpload`] through a store's own multipart API (S3, Azure, GCS).
+struct StoreUpload {
+    store: Arc<dyn MultipartStore>,
+    path: Path,
+    id: MultipartId,
+}
+
+impl PartedUpload for StoreUpload {
+    fn put_part(
+        &self,
+        index: usize,
+        data: PutPayload,
+    ) -> BoxFuture<'_, Result<PartId, object_store::Error>> {
+        self.store.put_part(&self.path, &self.id, index, data)
+    }
+
+    fn complete(&self, parts: Vec<PartId>) -> BoxFuture<'_, Result<(), object_store::Error>> {
+        Box::pin(async move {
+            self.store
+                .complete_multipart(&self.path, &self.id, parts)
+                .await
+                .map(|_| ())
+        })
+    }
+
+    fn abort(&self) -> BoxFuture<'_, Result<(), object_store::Error>> {
+        self.store.abort_multipart(&self.path, &self.id)
+    }
+}
+
 /// Retention applied to every object a repository writes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LockPolicy {
@@ -260,6 +308,9 @@ pub struct LockPolicy {
 #[derive(Clone)]
 pub struct Store {
     inner: Arc<dyn ObjectStore>,
+    /// The same store's multipart API, where it has one: large objects then
+    /// go up in numbered parts, each retried alone ([`Store::put_file`]).
+    parts: Option<Arc<dyn MultipartStore>>,
     rt: Arc<tokio::runtime::Runtime>,
     location: String,
     counters: Arc<Counters>,
@@ -361,6 +412,7 @@ impl Store {
             .expect("a tokio runtime can be built");
         Store {
             inner,
+            parts: None,
             rt: Arc::new(rt),
             location: location.into(),
             counters: Arc::default(),
@@ -381,6 +433,7 @@ impl Store {
     pub fn replicated(first: &Store, set: Arc<dyn Replicas>, location: impl Into<String>) -> Store {
         Store {
             inner: first.inner.clone(),
+            parts: None,
             rt: first.rt.clone(),
             location: location.into(),
             counters: Arc::default(),
@@ -439,6 +492,13 @@ impl Store {
     }
 
     /// Give the store its versioning and Object Lock features.
+    /// The store's multipart API (the same store as `inner`, whose paths
+    /// it shares), for uploads whose parts are retried one by one.
+    pub fn with_parts(mut self, parts: Arc<dyn MultipartStore>) -> Self {
+        self.parts = Some(parts);
+        self
+    }
+
     pub fn with_versioned(mut self, v: Arc<dyn Versioned>) -> Self {
         self.versioned = Some(v);
         self
@@ -527,34 +587,14 @@ impl Store {
         &self,
         what: &str,
         timeout: Duration,
-        mut op: F,
+        op: F,
     ) -> Result<T, object_store::Error>
     where
         F: FnMut() -> Fut,
         Fut: Future<Output = Result<T, object_store::Error>>,
     {
-        let mut attempt = 0;
-        loop {
-            attempt += 1;
-            let result = self
-                .rt
-                .block_on(async { tokio::time::timeout(timeout, op()).await })
-                .unwrap_or_else(|_| Err(timed_out(what, timeout)));
-            match result {
-                Err(e) if attempt < self.retry.attempts && retry_of(&e) == Retry::Transient => {
-                    self.counters.retries.fetch_add(1, Ordering::Relaxed);
-                    let cap = self
-                        .retry
-                        .base
-                        .saturating_mul(1 << (attempt - 1).min(16))
-                        .min(self.retry.max);
-                    let wait = cap.mul_f64(jitter());
-                    tracing::debug!(object = what, attempt, ?wait, error = %e, "retrying");
-                    std::thread::sleep(wait);
-                }
-                other => return other,
-            }
-        }
+        self.rt
+            .block_on(retry(self.retry, &self.counters, what, timeout, op))
     }
 
     pub fn get(&self, name: &str) -> Result<Bytes> {
@@ -1029,32 +1069,26 @@ impl Store {
     }
 
     /// Write a whole object from the first `len` bytes of `file` (a spilled
-    /// pack), atomic like [`Store::put`].
+    /// pack), atomic like [`Store::put`]. The object must be named by its
+    /// content, like a pack: an upload whose completion was answered with an
+    /// error counts as done when an object of `len` bytes is found under the
+    /// name (the answer was lost).
+    ///
     /// It is uploaded in parts of [`PART_SIZE`], read from the file as they
     /// go, at most [`FILE_PARTS_IN_FLIGHT`] at once, so memory stays near
-    /// that many parts whatever the object's size; every part and the two
-    /// requests that open and complete the upload count as puts. A failed
-    /// upload is aborted (so the store keeps no orphaned parts) and sent
-    /// again whole, as one request is; the parts may take the request
-    /// timeout once per round in flight, and are aborted when they run out
-    /// of it. In a repository with Object Lock the upload is started with
-    /// the retention ([`Versioned::put_retained_parts`]), so the object is
-    /// locked from the moment it appears. Objects of one part, and puts to
-    /// replicated repositories (which send one payload to every replica),
+    /// that and not the object's size. Where the store has a multipart API,
+    /// or the repository locks its objects (the upload is then started with
+    /// the retention, [`Versioned::put_retained_parts`], so the object is
+    /// locked from the moment it appears), each part is retried alone, each
+    /// try held to a single request's timeout; when a part or the completion
+    /// fails for good, the upload is aborted. A store without one (a
+    /// directory) sends the upload again whole. Objects of one part, and puts
+    /// to replicated repositories (which send one payload to every replica),
     /// read the file whole.
     pub fn put_file(&self, name: &str, file: &std::fs::File, len: u64) -> Result<()> {
-        use std::os::unix::fs::FileExt;
-        let read_at = |at: u64, n: usize| -> std::io::Result<Bytes> {
-            let mut buf = vec![0; n];
-            // Not a store's failure: never retried (kind `Other`).
-            file.read_exact_at(&mut buf, at).map_err(|e| {
-                std::io::Error::other(format!("reading the temporary file of {name}: {e}"))
-            })?;
-            Ok(Bytes::from(buf))
-        };
         let whole = len <= PART_SIZE as u64 || self.replicas.is_some();
         if whole {
-            let data = read_at(0, len as usize).map_err(|e| Error::Spill {
+            let data = read_part(file, name, 0, len as usize).map_err(|e| Error::Spill {
                 path: crate::spill::spill_dir(),
                 source: e,
             })?;
@@ -1072,36 +1106,120 @@ impl Store {
         if let Some(class) = class {
             attributes.insert(Attribute::StorageClass, class.to_string().into());
         }
+        let opts = PutMultipartOptions {
+            attributes,
+            ..PutMultipartOptions::default()
+        };
         // Taken once: every try keeps the date of the first.
         let retained = self.retention_for(name);
-        // A request's timeout for every round of parts in flight, so a slow
-        // link is held to the pace a single request of one part must keep.
+        if retained.is_none() && self.parts.is_none() {
+            return self.put_file_again_whole(name, file, len, opts);
+        }
+        let upload: Arc<dyn PartedUpload> = self
+            .retrying(name, || async {
+                match (retained, &self.parts) {
+                    (Some((v, retention)), _) => v.put_retained_parts(name, retention, class).await,
+                    (None, Some(store)) => {
+                        let id = store.create_multipart_opts(&path, opts.clone()).await?;
+                        let upload: Arc<dyn PartedUpload> = Arc::new(StoreUpload {
+                            store: store.clone(),
+                            path: path.clone(),
+                            id,
+                        });
+                        Ok(upload)
+                    }
+                    (None, None) => unreachable!("checked above"),
+                }
+            })
+            .map_err(|e| self.failed(name, e))?;
+        let sent = self.rt.block_on(async {
+            let mut in_flight = tokio::task::JoinSet::new();
+            let mut done: Vec<Option<PartId>> = vec![None; parts as usize];
+            let mut next = 0usize;
+            loop {
+                if next < done.len() && in_flight.len() < FILE_PARTS_IN_FLIGHT {
+                    let at = next as u64 * PART_SIZE as u64;
+                    let data = read_part(file, name, at, PART_SIZE.min((len - at) as usize))
+                        .map_err(|e| object_store::Error::Generic {
+                            store: "ferry",
+                            source: Box::new(e),
+                        })?;
+                    let (upload, counters) = (upload.clone(), self.counters.clone());
+                    let (policy, what) = (self.retry, format!("{name} (part {})", next + 1));
+                    let index = next;
+                    in_flight.spawn(async move {
+                        let sent = retry(policy, &counters, &what, policy.timeout, || {
+                            upload.put_part(index, PutPayload::from(data.clone()))
+                        })
+                        .await;
+                        (index, sent)
+                    });
+                    next += 1;
+                    continue;
+                }
+                match in_flight.join_next().await {
+                    Some(joined) => {
+                        let (index, sent) =
+                            joined.map_err(|source| object_store::Error::JoinError { source })?;
+                        done[index] = Some(sent?);
+                    }
+                    None => break,
+                }
+            }
+            let done: Vec<PartId> = done
+                .into_iter()
+                .map(|p| p.expect("every part sent"))
+                .collect();
+            let timeout = self.retry.timeout;
+            retry(self.retry, &self.counters, name, timeout, || {
+                upload.complete(done.clone())
+            })
+            .await
+        });
+        let Err(error) = sent else { return Ok(()) };
+        // A completion whose answer was lost made the object; trying it again
+        // finds no upload. The name is the content's: one of `len` bytes is it.
+        if let Ok(Some(size)) = self.size(name)
+            && size == len
+        {
+            tracing::debug!(object = name, %error, "the upload failed, but its object is there");
+            return Ok(());
+        }
+        if let Err(e) = self.rt.block_on(upload.abort()) {
+            tracing::debug!(object = name, error = %e, "aborting the upload failed");
+        }
+        Err(self.failed(name, error))
+    }
+
+    /// [`Store::put_file`] for a store without a multipart API of its own (a
+    /// directory): `object_store` numbers the parts as they are sent, so a
+    /// part that fails cannot be sent again alone; the upload is aborted and
+    /// sent again whole, within a request's timeout for every round of parts
+    /// in flight.
+    fn put_file_again_whole(
+        &self,
+        name: &str,
+        file: &std::fs::File,
+        len: u64,
+        opts: PutMultipartOptions,
+    ) -> Result<()> {
+        let path = Path::from(name);
+        let parts = len.div_ceil(PART_SIZE as u64);
         let rounds = parts.div_ceil(FILE_PARTS_IN_FLIGHT as u64) + 1;
         let timeout = self.retry.timeout.saturating_mul(rounds as u32);
-        // Parts that are not completed into an object are kept, and billed,
-        // until the upload is aborted: every failure and the timeout abort it.
+        // Parts that are not completed into an object are kept until the
+        // upload is aborted: every failure and the timeout abort it.
         self.retrying_within(name, timeout + self.retry.timeout, || async {
-            let mut upload = match retained {
-                Some((v, retention)) => v.put_retained_parts(name, retention, class).await?,
-                None => {
-                    let opts = PutMultipartOptions {
-                        attributes: attributes.clone(),
-                        ..PutMultipartOptions::default()
-                    };
-                    self.inner.put_multipart_opts(&path, opts).await?
-                }
-            };
+            let mut upload = self.inner.put_multipart_opts(&path, opts.clone()).await?;
             let sent = tokio::time::timeout(timeout, async {
                 let mut in_flight = tokio::task::JoinSet::new();
                 let mut at = 0;
                 while at < len || !in_flight.is_empty() {
                     if at < len && in_flight.len() < FILE_PARTS_IN_FLIGHT {
-                        let part =
-                            read_at(at, PART_SIZE.min((len - at) as usize)).map_err(|e| {
-                                object_store::Error::Generic {
-                                    store: "ferry",
-                                    source: Box::new(e),
-                                }
+                        let part = read_part(file, name, at, PART_SIZE.min((len - at) as usize))
+                            .map_err(|e| object_store::Error::Generic {
+                                store: "ferry",
+                                source: Box::new(e),
                             })?;
                         at += part.len() as u64;
                         in_flight.spawn(upload.put_part(PutPayload::from(part)));
@@ -1348,6 +1466,52 @@ pub(crate) fn content_hash(name: &str) -> Option<String> {
 }
 
 /// A number in [0, 1) for backoff jitter; quality does not matter.
+/// Run `op` until it succeeds, fails for good, or has had
+/// [`RetryPolicy::attempts`] tries, each within `timeout`; a transient failure
+/// is tried again after an exponential backoff with full jitter.
+async fn retry<T, F, Fut>(
+    policy: RetryPolicy,
+    counters: &Counters,
+    what: &str,
+    timeout: Duration,
+    mut op: F,
+) -> Result<T, object_store::Error>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, object_store::Error>>,
+{
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        let result = tokio::time::timeout(timeout, op())
+            .await
+            .unwrap_or_else(|_| Err(timed_out(what, timeout)));
+        match result {
+            Err(e) if attempt < policy.attempts && retry_of(&e) == Retry::Transient => {
+                counters.retries.fetch_add(1, Ordering::Relaxed);
+                let cap = policy
+                    .base
+                    .saturating_mul(1 << (attempt - 1).min(16))
+                    .min(policy.max);
+                let wait = cap.mul_f64(jitter());
+                tracing::debug!(object = what, attempt, ?wait, error = %e, "retrying");
+                tokio::time::sleep(wait).await;
+            }
+            other => return other,
+        }
+    }
+}
+
+/// `n` bytes of a spilled object's `file` from `at`. A failure is not a
+/// store's: it is never retried (kind `Other`).
+fn read_part(file: &std::fs::File, name: &str, at: u64, n: usize) -> std::io::Result<Bytes> {
+    use std::os::unix::fs::FileExt;
+    let mut buf = vec![0; n];
+    file.read_exact_at(&mut buf, at)
+        .map_err(|e| std::io::Error::other(format!("reading the temporary file of {name}: {e}")))?;
+    Ok(Bytes::from(buf))
+}
+
 fn jitter() -> f64 {
     use std::hash::{BuildHasher, Hasher};
     let mut h = std::collections::hash_map::RandomState::new().build_hasher();
@@ -1358,6 +1522,7 @@ fn jitter() -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use object_store::MultipartUpload;
 
     fn generic(source: impl std::error::Error + Send + Sync + 'static) -> object_store::Error {
         object_store::Error::Generic {
@@ -1467,6 +1632,8 @@ mod tests {
         hang: bool,
         failed_once: Arc<std::sync::atomic::AtomicBool>,
         aborts: Arc<AtomicU64>,
+        /// Parts sent through the multipart API.
+        sent: Arc<AtomicU64>,
     }
 
     impl std::fmt::Display for PartTrouble {
@@ -1580,6 +1747,7 @@ mod tests {
                 hang,
                 failed_once: Arc::default(),
                 aborts: aborts.clone(),
+                sent: Arc::default(),
             };
             let store = Store::new(Arc::new(troubled), "troubled:").with_retry(RetryPolicy {
                 attempts: 3,
@@ -1600,6 +1768,91 @@ mod tests {
                 assert_eq!(aborts.load(Ordering::Relaxed), 1);
                 assert_eq!(store.get("packs/ab/big").unwrap(), data);
                 assert_eq!(store.requests().retries, 1);
+            }
+        }
+    }
+
+    /// The multipart API of [`PartTrouble`]: the second part fails once, or
+    /// hangs every time.
+    #[async_trait::async_trait]
+    impl MultipartStore for PartTrouble {
+        async fn create_multipart(&self, path: &Path) -> object_store::Result<MultipartId> {
+            self.inner.create_multipart(path).await
+        }
+        async fn put_part(
+            &self,
+            path: &Path,
+            id: &MultipartId,
+            part_idx: usize,
+            data: PutPayload,
+        ) -> object_store::Result<PartId> {
+            self.sent.fetch_add(1, Ordering::Relaxed);
+            if part_idx == 1 {
+                if self.hang {
+                    return futures::future::pending().await;
+                }
+                if !self.failed_once.swap(true, Ordering::Relaxed) {
+                    return Err(answer(503));
+                }
+            }
+            self.inner.put_part(path, id, part_idx, data).await
+        }
+        async fn complete_multipart(
+            &self,
+            path: &Path,
+            id: &MultipartId,
+            parts: Vec<PartId>,
+        ) -> object_store::Result<object_store::PutResult> {
+            self.inner.complete_multipart(path, id, parts).await
+        }
+        async fn abort_multipart(&self, path: &Path, id: &MultipartId) -> object_store::Result<()> {
+            self.aborts.fetch_add(1, Ordering::Relaxed);
+            self.inner.abort_multipart(path, id).await
+        }
+    }
+
+    #[test]
+    fn a_part_that_fails_is_sent_again_alone_and_one_that_hangs_aborts_the_upload() {
+        let len = 2 * PART_SIZE + 1000;
+        let data: Vec<u8> = (0..len).map(|i| (i % 241) as u8).collect();
+        let mut file = tempfile::tempfile().unwrap();
+        std::io::Write::write_all(&mut file, &data).unwrap();
+        for hang in [false, true] {
+            let troubled = Arc::new(PartTrouble {
+                inner: Arc::new(object_store::memory::InMemory::new()),
+                hang,
+                failed_once: Arc::default(),
+                aborts: Arc::default(),
+                sent: Arc::default(),
+            });
+            let store = Store::new(troubled.clone(), "troubled:")
+                .with_parts(troubled.clone())
+                .with_retry(RetryPolicy {
+                    attempts: 3,
+                    base: Duration::from_millis(1),
+                    max: Duration::from_millis(2),
+                    timeout: Duration::from_millis(300),
+                });
+            let r = store.put_file("packs/ab/big", &file, len as u64);
+            let (sent, aborts) = (
+                troubled.sent.load(Ordering::Relaxed),
+                troubled.aborts.load(Ordering::Relaxed),
+            );
+            if hang {
+                // The second part hangs on each of its three tries: the error
+                // names the part, and the upload is aborted once.
+                let e = r.unwrap_err().to_string();
+                assert!(e.contains("packs/ab/big (part 2)"), "{e}");
+                assert_eq!(aborts, 1);
+                assert_eq!(store.requests().retries, 2);
+                assert!(store.get("packs/ab/big").is_err());
+            } else {
+                // Three parts and the failed one again: not the whole upload.
+                r.unwrap();
+                assert_eq!(sent, 4);
+                assert_eq!(aborts, 0);
+                assert_eq!(store.requests().retries, 1);
+                assert_eq!(store.get("packs/ab/big").unwrap(), data);
             }
         }
     }
@@ -1766,7 +2019,7 @@ mod tests {
             _: &'a str,
             _: Retention,
             _: Option<&'a str>,
-        ) -> BoxFuture<'a, Result<Box<dyn MultipartUpload>, object_store::Error>> {
+        ) -> BoxFuture<'a, Result<Arc<dyn PartedUpload>, object_store::Error>> {
             unimplemented!()
         }
         fn retention<'a>(

@@ -23,15 +23,15 @@ use aws_sdk_s3::types::{
 };
 use bytes::Bytes;
 use chrono::{DateTime, SubsecRound, Utc};
-use ferry_agent::store::{LockMode, NoAnswer, ObjectVersion, Retention, ServerAnswer, Versioned};
+use ferry_agent::store::{
+    LockMode, NoAnswer, ObjectVersion, PartedUpload, Retention, ServerAnswer, Versioned,
+};
 use ferry_agent::{Error, Result};
 use futures::FutureExt;
 use futures::future::BoxFuture;
 use object_store::aws::{AmazonS3Builder, AwsCredential, S3ConditionalPut};
-use object_store::prefix::PrefixStore;
-use object_store::{
-    CredentialProvider, MultipartUpload, ObjectStore, PutPayload, PutResult, UploadPart,
-};
+use object_store::multipart::PartId;
+use object_store::{CredentialProvider, PutPayload};
 
 /// Where an `s3://` URL points, and how to reach it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -106,8 +106,9 @@ impl CredentialProvider for SdkCredentials {
     }
 }
 
-/// Open an `s3://` repository location: the data-path store and the SDK side.
-pub fn open(location: &str) -> Result<(Arc<dyn ObjectStore>, Arc<dyn Versioned>)> {
+/// Open an `s3://` repository location: the data-path store, its multipart
+/// API (the same store), and the SDK side.
+pub(crate) fn open(location: &str) -> Result<crate::store::Opened> {
     let url = S3Url::parse(location)?;
     // The runtime that will drive every request is the store's; build the SDK
     // configuration on a throwaway one (it only reads files and the environment).
@@ -163,11 +164,7 @@ pub fn open(location: &str) -> Result<(Arc<dyn ObjectStore>, Arc<dyn Versioned>)
     let s3 = builder
         .build()
         .map_err(|e| Error::InvalidInput(format!("cannot use {location}: {e}")))?;
-    let inner: Arc<dyn ObjectStore> = if url.prefix.is_empty() {
-        Arc::new(s3)
-    } else {
-        Arc::new(PrefixStore::new(s3, url.prefix.as_str()))
-    };
+    let (inner, parts) = crate::store::with_parts(s3, &url.prefix);
 
     let conf = aws_sdk_s3::config::Builder::from(&sdk)
         .force_path_style(endpoint.is_some())
@@ -181,7 +178,11 @@ pub fn open(location: &str) -> Result<(Arc<dyn ObjectStore>, Arc<dyn Versioned>)
             format!("{}/", url.prefix)
         },
     };
-    Ok((inner, Arc::new(versioned)))
+    Ok(crate::store::Opened {
+        inner,
+        parts: Some(parts),
+        versioned: Some(Arc::new(versioned)),
+    })
 }
 
 /// The retention of `key` (its current version, or `version`), if it has one.
@@ -249,91 +250,111 @@ struct RetainedUpload {
     key: String,
     upload_id: String,
     retention: Retention,
-    /// The number the next part takes (S3 numbers them from 1).
-    next: i32,
-    /// Parts sent, with what completing the upload must name.
-    done: Arc<std::sync::Mutex<Vec<CompletedPart>>>,
+    /// Parts sent, by number (S3 numbers them from 1), with what completing
+    /// the upload must name; a part sent again replaces its entry.
+    done: std::sync::Mutex<std::collections::BTreeMap<i32, CompletedPart>>,
 }
 
-#[async_trait::async_trait]
-impl MultipartUpload for RetainedUpload {
-    fn put_part(&mut self, data: PutPayload) -> UploadPart {
-        let number = self.next;
-        self.next += 1;
-        let (client, done) = (self.client.clone(), self.done.clone());
-        let (bucket, key, upload_id) = (
-            self.bucket.clone(),
-            self.key.clone(),
-            self.upload_id.clone(),
-        );
-        Box::pin(async move {
-            let sent = client
+impl PartedUpload for RetainedUpload {
+    fn put_part(
+        &self,
+        index: usize,
+        data: PutPayload,
+    ) -> BoxFuture<'_, object_store::Result<PartId>> {
+        async move {
+            let number = i32::try_from(index + 1).map_err(|_| object_store::Error::Generic {
+                store: "S3",
+                source: format!("{}: part {index} is past S3's numbering", self.key).into(),
+            })?;
+            let sent = self
+                .client
                 .upload_part()
-                .bucket(&bucket)
-                .key(&key)
-                .upload_id(&upload_id)
+                .bucket(&self.bucket)
+                .key(&self.key)
+                .upload_id(&self.upload_id)
                 .part_number(number)
                 .checksum_algorithm(ChecksumAlgorithm::Sha256)
                 .body(ByteStream::from(Bytes::from(data)))
                 .send()
                 .await
-                .map_err(|e| sdk_error(&key, e))?;
+                .map_err(|e| sdk_error(&self.key, e))?;
+            let e_tag = sent.e_tag().unwrap_or_default().to_string();
             let part = CompletedPart::builder()
                 .part_number(number)
-                .set_e_tag(sent.e_tag().map(str::to_string))
+                .e_tag(&e_tag)
                 .set_checksum_sha256(sent.checksum_sha256().map(str::to_string))
                 .build();
-            done.lock().expect("parts sent").push(part);
-            Ok(())
-        })
-    }
-
-    async fn complete(&mut self) -> object_store::Result<PutResult> {
-        let mut parts = std::mem::take(&mut *self.done.lock().expect("parts sent"));
-        parts.sort_by_key(|p| p.part_number());
-        let done = self
-            .client
-            .complete_multipart_upload()
-            .bucket(&self.bucket)
-            .key(&self.key)
-            .upload_id(&self.upload_id)
-            .multipart_upload(
-                CompletedMultipartUpload::builder()
-                    .set_parts(Some(parts))
-                    .build(),
-            )
-            .send()
-            .await
-            .map_err(|e| sdk_error(&self.key, e))?;
-        // S3 locks the object as it completes. Some S3-compatible servers
-        // (moto among them) ignore the lock headers of a multipart upload:
-        // the object must not stay unlocked there, so its retention is read
-        // back and set when it is missing or shorter.
-        let version = done.version_id();
-        let (client, bucket) = (&self.client, self.bucket.as_str());
-        let kept = read_retention(client, bucket, self.key.clone(), version).await?;
-        // Dates are kept to the second.
-        let want = self.retention.until.trunc_subsecs(0);
-        if kept.is_none_or(|k| k.mode != self.retention.mode || k.until < want) {
-            set_retention(client, bucket, self.key.clone(), version, self.retention).await?;
+            self.done.lock().expect("parts sent").insert(number, part);
+            Ok(PartId { content_id: e_tag })
         }
-        Ok(PutResult {
-            e_tag: done.e_tag().map(str::to_string),
-            version: version.map(str::to_string),
-            extensions: Default::default(),
-        })
+        .boxed()
     }
 
-    async fn abort(&mut self) -> object_store::Result<()> {
-        self.client
-            .abort_multipart_upload()
-            .bucket(&self.bucket)
-            .key(&self.key)
-            .upload_id(&self.upload_id)
-            .send()
-            .await
-            .map_err(|e| sdk_error(&self.key, e))?;
-        Ok(())
+    fn complete(&self, parts: Vec<PartId>) -> BoxFuture<'_, object_store::Result<()>> {
+        async move {
+            let sent: Vec<CompletedPart> = self
+                .done
+                .lock()
+                .expect("parts sent")
+                .values()
+                .cloned()
+                .collect();
+            if sent.len() != parts.len() {
+                return Err(object_store::Error::Generic {
+                    store: "S3",
+                    source: format!(
+                        "{}: completing an upload of {} parts with {} sent",
+                        self.key,
+                        parts.len(),
+                        sent.len()
+                    )
+                    .into(),
+                });
+            }
+            let done = self
+                .client
+                .complete_multipart_upload()
+                .bucket(&self.bucket)
+                .key(&self.key)
+                .upload_id(&self.upload_id)
+                .multipart_upload(
+                    CompletedMultipartUpload::builder()
+                        .set_parts(Some(sent))
+                        .build(),
+                )
+                .send()
+                .await
+                .map_err(|e| sdk_error(&self.key, e))?;
+            // S3 locks the object as it completes. Some S3-compatible servers
+            // (moto among them) ignore the lock headers of a multipart upload:
+            // the object must not stay unlocked there, so its retention is read
+            // back and set when it is missing or shorter.
+            let version = done.version_id();
+            let (client, bucket) = (&self.client, self.bucket.as_str());
+            let kept = read_retention(client, bucket, self.key.clone(), version).await?;
+            // Dates are kept to the second.
+            let want = self.retention.until.trunc_subsecs(0);
+            if kept.is_none_or(|k| k.mode != self.retention.mode || k.until < want) {
+                set_retention(client, bucket, self.key.clone(), version, self.retention).await?;
+            }
+            Ok(())
+        }
+        .boxed()
+    }
+
+    fn abort(&self) -> BoxFuture<'_, object_store::Result<()>> {
+        async move {
+            self.client
+                .abort_multipart_upload()
+                .bucket(&self.bucket)
+                .key(&self.key)
+                .upload_id(&self.upload_id)
+                .send()
+                .await
+                .map_err(|e| sdk_error(&self.key, e))?;
+            Ok(())
+        }
+        .boxed()
     }
 }
 
@@ -494,7 +515,7 @@ impl Versioned for SdkVersioned {
         name: &'a str,
         retention: Retention,
         storage_class: Option<&'a str>,
-    ) -> BoxFuture<'a, Result<Box<dyn MultipartUpload>, object_store::Error>> {
+    ) -> BoxFuture<'a, Result<Arc<dyn PartedUpload>, object_store::Error>> {
         async move {
             let key = self.key(name);
             // Parts of an upload with Object Lock must carry a checksum: the
@@ -518,14 +539,13 @@ impl Versioned for SdkVersioned {
                     source: format!("{key}: CreateMultipartUpload answered without an upload id")
                         .into(),
                 })?;
-            let upload: Box<dyn MultipartUpload> = Box::new(RetainedUpload {
+            let upload: Arc<dyn PartedUpload> = Arc::new(RetainedUpload {
                 client: self.client.clone(),
                 bucket: self.bucket.clone(),
                 key,
                 upload_id: upload_id.to_string(),
                 retention,
-                next: 1,
-                done: Arc::default(),
+                done: Default::default(),
             });
             Ok(upload)
         }

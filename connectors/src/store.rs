@@ -16,46 +16,60 @@ use ferry_agent::store::RetryPolicy;
 use ferry_agent::{Error, Result, Store};
 use object_store::ObjectStore;
 use object_store::local::LocalFileSystem;
+use object_store::multipart::MultipartStore;
 use object_store::prefix::PrefixStore;
 
 use crate::faults::{FaultSpec, Faulty};
 
 /// Open the store a repository location names. `create` makes a missing directory.
 pub fn open(location: &str, create: bool) -> Result<Store> {
-    let (inner, versioned) = open_inner(location, create)?;
-    let inner = match std::env::var("FERRY_FAULTS") {
-        Ok(specs) if !specs.is_empty() => {
-            // Several specs, separated by `;`: the last one whose `at` matches
-            // this location applies (one per replica, say).
-            let mut chosen = None;
-            for spec in specs.split(';').filter(|s| !s.trim().is_empty()) {
-                let spec = FaultSpec::parse(spec).map_err(Error::InvalidInput)?;
-                if spec
-                    .at
-                    .as_ref()
-                    .is_none_or(|at| location.contains(at.as_str()))
-                {
-                    chosen = Some(spec);
-                }
-            }
-            match chosen {
-                Some(spec) => {
-                    tracing::warn!(?spec, location, "injecting store faults (FERRY_FAULTS)");
-                    Arc::new(Faulty::new(inner, spec)) as Arc<dyn ObjectStore>
-                }
-                None => inner,
-            }
+    let Opened {
+        mut inner,
+        mut parts,
+        versioned,
+    } = open_inner(location, create)?;
+    if let Some(spec) = fault_spec(location)? {
+        tracing::warn!(?spec, location, "injecting store faults (FERRY_FAULTS)");
+        let mut faulty = Faulty::new(inner, spec);
+        if let Some(p) = parts {
+            faulty = faulty.with_parts(p);
         }
-        _ => inner,
-    };
+        let faulty = Arc::new(faulty);
+        parts = faulty
+            .has_parts()
+            .then(|| faulty.clone() as Arc<dyn MultipartStore>);
+        inner = faulty;
+    }
     let mut store = Store::new(inner, location)
         .with_retry(retry_policy()?)
-        // The other replicas of a replicated repository, as its config names them.
         .with_opener(Arc::new(|location: &str| open(location, false)));
+    if let Some(p) = parts {
+        store = store.with_parts(p);
+    }
     if let Some(v) = versioned {
         store = store.with_versioned(v);
     }
     Ok(store)
+}
+
+/// The `FERRY_FAULTS` spec that applies to `location`, if any: the last of
+/// its `;`-separated specs whose `at=` is in the location, or has none.
+fn fault_spec(location: &str) -> Result<Option<FaultSpec>> {
+    let Ok(specs) = std::env::var("FERRY_FAULTS") else {
+        return Ok(None);
+    };
+    let mut chosen = None;
+    for spec in specs.split(';').filter(|s| !s.trim().is_empty()) {
+        let spec = FaultSpec::parse(spec).map_err(Error::InvalidInput)?;
+        if spec
+            .at
+            .as_ref()
+            .is_none_or(|at| location.contains(at.as_str()))
+        {
+            chosen = Some(spec);
+        }
+    }
+    Ok(chosen)
 }
 
 fn retry_policy() -> Result<RetryPolicy> {
@@ -78,10 +92,15 @@ fn retry_policy() -> Result<RetryPolicy> {
     Ok(p)
 }
 
-type Opened = (
-    Arc<dyn ObjectStore>,
-    Option<Arc<dyn ferry_agent::store::Versioned>>,
-);
+/// What a location opens to.
+pub(crate) struct Opened {
+    /// The store every request goes to.
+    pub inner: Arc<dyn ObjectStore>,
+    /// Its multipart API, where it has one (S3, Azure, GCS): the same store.
+    pub parts: Option<Arc<dyn MultipartStore>>,
+    /// Versions and Object Lock (S3).
+    pub versioned: Option<Arc<dyn ferry_agent::store::Versioned>>,
+}
 
 fn bucket_and_prefix<'a>(location: &'a str, scheme: &str) -> Result<(&'a str, &'a str)> {
     let rest = &location[scheme.len()..];
@@ -94,24 +113,35 @@ fn bucket_and_prefix<'a>(location: &'a str, scheme: &str) -> Result<(&'a str, &'
     Ok((bucket, prefix.trim_matches('/')))
 }
 
-fn prefixed<S: ObjectStore>(store: S, prefix: &str) -> Arc<dyn ObjectStore> {
+/// `store` under `prefix` (none when empty), as a store and as its
+/// multipart API, both naming objects the same way.
+pub(crate) fn with_parts<S: ObjectStore + MultipartStore>(
+    store: S,
+    prefix: &str,
+) -> (Arc<dyn ObjectStore>, Arc<dyn MultipartStore>) {
     if prefix.is_empty() {
-        Arc::new(store)
+        let s = Arc::new(store);
+        (s.clone(), s)
     } else {
-        Arc::new(PrefixStore::new(store, prefix))
+        let s = Arc::new(PrefixStore::new(store, prefix));
+        (s.clone(), s)
     }
 }
 
 fn open_inner(location: &str, create: bool) -> Result<Opened> {
     if location == "memory:" {
-        return Ok((Arc::new(object_store::memory::InMemory::new()), None));
+        let (inner, parts) = with_parts(object_store::memory::InMemory::new(), "");
+        return Ok(Opened {
+            inner,
+            parts: Some(parts),
+            versioned: None,
+        });
     }
     let cannot = |e: object_store::Error| {
         Error::InvalidInput(format!("cannot use {location} as a repository: {e}"))
     };
     if location.starts_with("s3://") {
-        let (inner, v) = crate::s3::open(location)?;
-        return Ok((inner, Some(v)));
+        return crate::s3::open(location);
     }
     if location.starts_with("gs://") {
         let (bucket, prefix) = bucket_and_prefix(location, "gs://")?;
@@ -121,7 +151,12 @@ fn open_inner(location: &str, create: bool) -> Result<Opened> {
             .with_http_connector(crate::http::TypedConnector { store: "GCS" })
             .build()
             .map_err(cannot)?;
-        return Ok((prefixed(gcs, prefix), None));
+        let (inner, parts) = with_parts(gcs, prefix);
+        return Ok(Opened {
+            inner,
+            parts: Some(parts),
+            versioned: None,
+        });
     }
     if let Some(scheme) = ["az://", "azure://"]
         .into_iter()
@@ -134,7 +169,12 @@ fn open_inner(location: &str, create: bool) -> Result<Opened> {
             .with_http_connector(crate::http::TypedConnector { store: "Azure" })
             .build()
             .map_err(cannot)?;
-        return Ok((prefixed(az, prefix), None));
+        let (inner, parts) = with_parts(az, prefix);
+        return Ok(Opened {
+            inner,
+            parts: Some(parts),
+            versioned: None,
+        });
     }
     if location.starts_with("http://") || location.starts_with("https://") {
         return Err(Error::InvalidInput(format!(
@@ -170,7 +210,13 @@ fn open_inner(location: &str, create: bool) -> Result<Opened> {
     let root = dir.canonicalize().map_err(|e| {
         Error::InvalidInput(format!("cannot open repository directory {path}: {e}"))
     })?;
-    Ok((Arc::new(crate::private::PrivateDir::new(fs, root)), None))
+    Ok(Opened {
+        inner: Arc::new(crate::private::PrivateDir::new(fs, root)),
+        // `LocalFileSystem` has no multipart API: its uploads are sent again
+        // whole (`Store::put_file`).
+        parts: None,
+        versioned: None,
+    })
 }
 
 #[cfg(test)]
