@@ -1185,8 +1185,14 @@ impl Store {
             tracing::debug!(object = name, %error, "the upload failed, but its object is there");
             return Ok(());
         }
-        if let Err(e) = self.rt.block_on(upload.abort()) {
-            tracing::debug!(object = name, error = %e, "aborting the upload failed");
+        let timeout = self.retry.timeout;
+        match self
+            .rt
+            .block_on(async { tokio::time::timeout(timeout, upload.abort()).await })
+        {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::debug!(object = name, error = %e, "aborting the upload failed"),
+            Err(_) => tracing::debug!(object = name, ?timeout, "aborting the upload timed out"),
         }
         Err(self.failed(name, error))
     }
