@@ -1076,7 +1076,9 @@ impl Store {
     ///
     /// It is uploaded in parts of [`PART_SIZE`], read from the file as they
     /// go, at most [`FILE_PARTS_IN_FLIGHT`] at once, so memory stays near
-    /// that and not the object's size. Where the store has a multipart API,
+    /// that and not the object's size. Every part and the two requests that
+    /// open and complete the upload count as puts (retries are counted as
+    /// retries). Where the store has a multipart API,
     /// or the repository locks its objects (the upload is then started with
     /// the retention, [`Versioned::put_retained_parts`], so the object is
     /// locked from the moment it appears), each part is retried alone, each

@@ -42,6 +42,7 @@ pub fn open(location: &str, create: bool) -> Result<Store> {
     }
     let mut store = Store::new(inner, location)
         .with_retry(retry_policy()?)
+        // The other replicas of a replicated repository, as its config names them.
         .with_opener(Arc::new(|location: &str| open(location, false)));
     if let Some(p) = parts {
         store = store.with_parts(p);
