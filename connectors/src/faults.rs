@@ -297,13 +297,12 @@ impl MultipartStore for Faulty {
         opts: PutMultipartOptions,
     ) -> object_store::Result<MultipartId> {
         let parts = self.parts()?;
-        let fault = self.dice.roll(Some(path)).await?;
-        self.injected.multipart.fetch_add(1, Ordering::Relaxed);
-        let id = parts.create_multipart_opts(path, opts).await?;
-        if fault == Some(Fault::Lost) {
-            return Err(injected(InjectedFault::Reset));
-        }
-        Ok(id)
+        self.dice
+            .write(Some(path), async {
+                self.injected.multipart.fetch_add(1, Ordering::Relaxed);
+                parts.create_multipart_opts(path, opts).await
+            })
+            .await
     }
 
     async fn put_part(
@@ -315,12 +314,9 @@ impl MultipartStore for Faulty {
     ) -> object_store::Result<PartId> {
         let parts = self.parts()?;
         self.injected.parts.fetch_add(1, Ordering::Relaxed);
-        let fault = self.dice.roll(Some(path)).await?;
-        let part = parts.put_part(path, id, part_idx, data).await?;
-        if fault == Some(Fault::Lost) {
-            return Err(injected(InjectedFault::Reset));
-        }
-        Ok(part)
+        self.dice
+            .write(Some(path), parts.put_part(path, id, part_idx, data))
+            .await
     }
 
     async fn complete_multipart(
@@ -330,12 +326,9 @@ impl MultipartStore for Faulty {
         parts: Vec<PartId>,
     ) -> object_store::Result<PutResult> {
         let store = self.parts()?;
-        let fault = self.dice.roll(Some(path)).await?;
-        let r = store.complete_multipart(path, id, parts).await?;
-        if fault == Some(Fault::Lost) {
-            return Err(injected(InjectedFault::Reset));
-        }
-        Ok(r)
+        self.dice
+            .write(Some(path), store.complete_multipart(path, id, parts))
+            .await
     }
 
     async fn abort_multipart(&self, path: &Path, id: &MultipartId) -> object_store::Result<()> {
@@ -356,6 +349,21 @@ impl Dice {
             self.injected.outage.store(true, Ordering::SeqCst);
         }
         self.injected.outage.load(Ordering::SeqCst)
+    }
+
+    /// A request that writes: `op`, unless the dice fail it before it is
+    /// sent; with a lost answer it lands and the caller sees a reset.
+    async fn write<T>(
+        &self,
+        location: Option<&Path>,
+        op: impl std::future::Future<Output = object_store::Result<T>>,
+    ) -> object_store::Result<T> {
+        let fault = self.roll(location).await?;
+        let r = op.await?;
+        if fault == Some(Fault::Lost) {
+            return Err(injected(InjectedFault::Reset));
+        }
+        Ok(r)
     }
 
     /// Decide the fate of the next request, for `location`.
@@ -398,12 +406,9 @@ impl ObjectStore for Faulty {
         if !self.dice.spec.put_latency.is_zero() {
             tokio::time::sleep(self.dice.spec.put_latency).await;
         }
-        let fault = self.dice.roll(Some(location)).await?;
-        let r = self.inner.put_opts(location, payload, opts).await?;
-        if fault == Some(Fault::Lost) {
-            return Err(injected(InjectedFault::Reset));
-        }
-        Ok(r)
+        self.dice
+            .write(Some(location), self.inner.put_opts(location, payload, opts))
+            .await
     }
 
     async fn put_multipart_opts(
@@ -525,22 +530,14 @@ impl MultipartUpload for FaultyUpload {
         let (dice, location) = (self.dice.clone(), self.location.clone());
         Box::pin(async move {
             dice.injected.parts.fetch_add(1, Ordering::Relaxed);
-            let fault = dice.roll(Some(&location)).await?;
-            part.await?;
-            if fault == Some(Fault::Lost) {
-                return Err(injected(InjectedFault::Reset));
-            }
-            Ok(())
+            dice.write(Some(&location), part).await
         })
     }
 
     async fn complete(&mut self) -> object_store::Result<PutResult> {
-        let fault = self.dice.roll(Some(&self.location)).await?;
-        let r = self.inner.complete().await?;
-        if fault == Some(Fault::Lost) {
-            return Err(injected(InjectedFault::Reset));
-        }
-        Ok(r)
+        self.dice
+            .write(Some(&self.location), self.inner.complete())
+            .await
     }
 
     async fn abort(&mut self) -> object_store::Result<()> {

@@ -8,6 +8,7 @@ pub mod faults;
 pub mod http;
 pub mod libvirt;
 pub mod nbd;
+pub(crate) mod opened;
 pub mod private;
 pub mod protect;
 pub mod qemu;

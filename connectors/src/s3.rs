@@ -108,7 +108,7 @@ impl CredentialProvider for SdkCredentials {
 
 /// Open an `s3://` repository location: the data-path store, its multipart
 /// API (the same store), and the SDK side.
-pub(crate) fn open(location: &str) -> Result<crate::store::Opened> {
+pub(crate) fn open(location: &str) -> Result<crate::opened::Opened> {
     let url = S3Url::parse(location)?;
     // The runtime that will drive every request is the store's; build the SDK
     // configuration on a throwaway one (it only reads files and the environment).
@@ -164,7 +164,7 @@ pub(crate) fn open(location: &str) -> Result<crate::store::Opened> {
     let s3 = builder
         .build()
         .map_err(|e| Error::InvalidInput(format!("cannot use {location}: {e}")))?;
-    let (inner, parts) = crate::store::with_parts(s3, &url.prefix);
+    let (inner, parts) = crate::opened::with_parts(s3, &url.prefix);
 
     let conf = aws_sdk_s3::config::Builder::from(&sdk)
         .force_path_style(endpoint.is_some())
@@ -178,7 +178,7 @@ pub(crate) fn open(location: &str) -> Result<crate::store::Opened> {
             format!("{}/", url.prefix)
         },
     };
-    Ok(crate::store::Opened {
+    Ok(crate::opened::Opened {
         inner,
         parts: Some(parts),
         versioned: Some(Arc::new(versioned)),

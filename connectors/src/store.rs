@@ -14,12 +14,11 @@ use std::sync::Arc;
 
 use ferry_agent::store::RetryPolicy;
 use ferry_agent::{Error, Result, Store};
-use object_store::ObjectStore;
 use object_store::local::LocalFileSystem;
 use object_store::multipart::MultipartStore;
-use object_store::prefix::PrefixStore;
 
 use crate::faults::{FaultSpec, Faulty};
+use crate::opened::{Opened, with_parts};
 
 /// Open the store a repository location names. `create` makes a missing directory.
 pub fn open(location: &str, create: bool) -> Result<Store> {
@@ -93,16 +92,6 @@ fn retry_policy() -> Result<RetryPolicy> {
     Ok(p)
 }
 
-/// What a location opens to.
-pub(crate) struct Opened {
-    /// The store every request goes to.
-    pub inner: Arc<dyn ObjectStore>,
-    /// Its multipart API, where it has one (S3, Azure, GCS): the same store.
-    pub parts: Option<Arc<dyn MultipartStore>>,
-    /// Versions and Object Lock (S3).
-    pub versioned: Option<Arc<dyn ferry_agent::store::Versioned>>,
-}
-
 fn bucket_and_prefix<'a>(location: &'a str, scheme: &str) -> Result<(&'a str, &'a str)> {
     let rest = &location[scheme.len()..];
     let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
@@ -112,21 +101,6 @@ fn bucket_and_prefix<'a>(location: &'a str, scheme: &str) -> Result<(&'a str, &'
         )));
     }
     Ok((bucket, prefix.trim_matches('/')))
-}
-
-/// `store` under `prefix` (none when empty), as a store and as its
-/// multipart API, both naming objects the same way.
-pub(crate) fn with_parts<S: ObjectStore + MultipartStore>(
-    store: S,
-    prefix: &str,
-) -> (Arc<dyn ObjectStore>, Arc<dyn MultipartStore>) {
-    if prefix.is_empty() {
-        let s = Arc::new(store);
-        (s.clone(), s)
-    } else {
-        let s = Arc::new(PrefixStore::new(store, prefix));
-        (s.clone(), s)
-    }
 }
 
 fn open_inner(location: &str, create: bool) -> Result<Opened> {
