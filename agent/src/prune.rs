@@ -337,6 +337,11 @@ pub struct PruneReport {
     /// [`INVALID_PACK_GRACE`]: removed (or, in a dry run, that would be).
     pub invalid_objects: usize,
     pub invalid_bytes: u64,
+    /// Files of writes that never finished (a directory repository's staging
+    /// files, left by a process killed mid-write), older than
+    /// [`INVALID_PACK_GRACE`]: removed (or, in a dry run, that would be).
+    pub unfinished_writes: usize,
+    pub unfinished_bytes: u64,
     /// Objects whose Object Lock retention was extended (locked repositories).
     pub extended: usize,
     pub dry_run: bool,
@@ -499,6 +504,48 @@ fn invalid_packs(
     Ok(out)
 }
 
+/// Remove the files of writes that never finished and were last touched more
+/// than [`INVALID_PACK_GRACE`] before `now`, in every replica of a replicated
+/// repository. A live writer finishes or abandons a write within a request's
+/// timeout, far sooner, so none of these is still being written.
+fn sweep_unfinished(
+    repo: &Repository,
+    now: DateTime<Utc>,
+    dry_run: bool,
+    report: &mut PruneReport,
+) -> Result<()> {
+    let stores: Vec<&crate::store::Store> = match crate::replica::of(&repo.store) {
+        Some(set) => set.members().map(|(_, _, s)| s).collect(),
+        None => vec![&repo.store],
+    };
+    for store in stores {
+        let Some(leftovers) = store.leftovers() else {
+            continue;
+        };
+        let found = leftovers.leftovers().map_err(|source| Error::Store {
+            object: format!("{} (looking for unfinished writes)", store.location()),
+            source,
+        })?;
+        for l in found {
+            if now - l.modified < INVALID_PACK_GRACE {
+                continue;
+            }
+            warn!(object = %l.name, bytes = l.size, modified = %l.modified, dry_run, "removing the file of a write that never finished");
+            if !dry_run {
+                leftovers
+                    .remove_leftover(&l.name)
+                    .map_err(|source| Error::Store {
+                        object: l.name.clone(),
+                        source,
+                    })?;
+            }
+            report.unfinished_writes += 1;
+            report.unfinished_bytes += l.size;
+        }
+    }
+    Ok(())
+}
+
 fn prune_at(repo: &Repository, opts: PruneOptions, now: DateTime<Utc>) -> Result<PruneReport> {
     // Prune condemns what no point in the union of the replicas uses, and
     // deletes it from every replica: it needs all of them.
@@ -587,6 +634,8 @@ fn prune_at(repo: &Repository, opts: PruneOptions, now: DateTime<Utc>) -> Result
         report.invalid_objects += 1;
         report.invalid_bytes += size;
     }
+
+    sweep_unfinished(repo, now, opts.dry_run, &mut report)?;
 
     // Phase 2 for earlier records whose waits have cleared.
     if !opts.dry_run {

@@ -297,6 +297,28 @@ impl PartedUpload for StoreUpload {
     }
 }
 
+/// A write that never finished, which the store's listing does not show: the
+/// staging file of a directory repository's put or upload whose process was
+/// killed before its rename.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Leftover {
+    /// Its path under the repository, `/`-separated (e.g. `packs/ab/NAME#1234`).
+    pub name: String,
+    pub size: u64,
+    pub modified: DateTime<Utc>,
+}
+
+/// A store whose unfinished writes leave files behind that its listing hides
+/// (directories). Prune removes those older than a lock's lifetime
+/// (`prune::INVALID_PACK_GRACE`): a live writer finishes or gives up on a
+/// write within a request's timeout, far sooner.
+pub trait Leftovers: Send + Sync + std::fmt::Debug {
+    /// Every unfinished write's file, whatever its age.
+    fn leftovers(&self) -> Result<Vec<Leftover>, object_store::Error>;
+    /// Remove one that [`Leftovers::leftovers`] gave; gone already is done.
+    fn remove_leftover(&self, name: &str) -> Result<(), object_store::Error>;
+}
+
 /// Retention applied to every object a repository writes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LockPolicy {
@@ -333,6 +355,8 @@ pub struct Store {
     opener: Option<Opener>,
     /// Read a replicated repository from this replica alone (id or location).
     read_replica: Option<String>,
+    /// Where unfinished writes leave files the listing hides (directories).
+    leftovers: Option<Arc<dyn Leftovers>>,
 }
 
 /// Where a replicated repository's store sends its data methods:
@@ -425,6 +449,7 @@ impl Store {
             replicas: None,
             opener: None,
             read_replica: None,
+            leftovers: None,
         }
     }
 
@@ -446,6 +471,8 @@ impl Store {
             replicas: Some(set),
             opener: first.opener.clone(),
             read_replica: first.read_replica.clone(),
+            // Each replica keeps its own; prune sweeps them one by one.
+            leftovers: None,
         }
     }
 
@@ -497,6 +524,16 @@ impl Store {
     pub fn with_parts(mut self, parts: Arc<dyn MultipartStore>) -> Self {
         self.parts = Some(parts);
         self
+    }
+
+    /// Where this store's unfinished writes leave hidden files (see [`Leftovers`]).
+    pub fn with_leftovers(mut self, l: Arc<dyn Leftovers>) -> Self {
+        self.leftovers = Some(l);
+        self
+    }
+
+    pub fn leftovers(&self) -> Option<&Arc<dyn Leftovers>> {
+        self.leftovers.as_ref()
     }
 
     pub fn with_versioned(mut self, v: Arc<dyn Versioned>) -> Self {

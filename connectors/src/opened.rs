@@ -1,5 +1,5 @@
-//! What opening a repository location gives: the store, its multipart API
-//! and its versioned side. Shared by `store` (which picks the kind of
+//! What opening a repository location gives: the store, its multipart API,
+//! its versioned side and its unfinished writes. Shared by `store` (which picks the kind of
 //! location) and the modules that open one kind (`s3`), so that neither
 //! imports the other.
 
@@ -17,6 +17,8 @@ pub struct Opened {
     pub parts: Option<Arc<dyn MultipartStore>>,
     /// Versions and Object Lock (S3).
     pub versioned: Option<Arc<dyn ferry_agent::store::Versioned>>,
+    /// Where unfinished writes leave files the listing hides (directories).
+    pub leftovers: Option<Arc<dyn ferry_agent::store::Leftovers>>,
 }
 
 /// `store` under `prefix` (none when empty), as a store and as its

@@ -231,6 +231,98 @@ async fn blocking<T: Send + 'static>(
     }
 }
 
+/// Whether `file_name` is a staging file's: `NAME#DIGITS`, as this module and
+/// the local store's uploads in parts name them (and its listing hides).
+fn is_staged(file_name: &str) -> bool {
+    file_name
+        .split_once('#')
+        .is_some_and(|(_, n)| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+}
+
+impl ferry_agent::store::Leftovers for PrivateDir {
+    /// Every staging file under the repository: what a write killed before its
+    /// rename (or an upload in parts never completed nor aborted) left.
+    fn leftovers(&self) -> object_store::Result<Vec<ferry_agent::store::Leftover>> {
+        let mut out = Vec::new();
+        let mut dirs = vec![self.root.clone()];
+        while let Some(dir) = dirs.pop() {
+            let entries = match std::fs::read_dir(&dir) {
+                Ok(e) => e,
+                // Removed meanwhile (a prune's or a user's delete).
+                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(failed("list", &dir, e)),
+            };
+            for entry in entries {
+                let entry = entry.map_err(|e| failed("list", &dir, e))?;
+                let path = entry.path();
+                // Links are neither followed nor removed.
+                let meta = match std::fs::symlink_metadata(&path) {
+                    Ok(m) => m,
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                    Err(e) => return Err(failed("look at", &path, e)),
+                };
+                if meta.is_dir() {
+                    dirs.push(path);
+                    continue;
+                }
+                let staged = entry.file_name().to_str().is_some_and(is_staged);
+                if !meta.is_file() || !staged {
+                    continue;
+                }
+                let Some(name) = path.strip_prefix(&self.root).ok().and_then(|p| p.to_str()) else {
+                    continue;
+                };
+                out.push(ferry_agent::store::Leftover {
+                    name: name.to_string(),
+                    size: meta.len(),
+                    modified: meta
+                        .modified()
+                        .map(chrono::DateTime::<chrono::Utc>::from)
+                        .map_err(|e| failed("look at", &path, e))?,
+                });
+            }
+        }
+        out.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(out)
+    }
+
+    fn remove_leftover(&self, name: &str) -> object_store::Result<()> {
+        let rel = std::path::Path::new(name);
+        let inside = rel
+            .components()
+            .all(|c| matches!(c, std::path::Component::Normal(_)));
+        let staged = rel
+            .file_name()
+            .and_then(|f| f.to_str())
+            .is_some_and(is_staged);
+        let path = self.root.join(rel);
+        if !inside || !staged {
+            return Err(failed(
+                "remove",
+                &path,
+                io::Error::other("not a staging file under the repository"),
+            ));
+        }
+        match std::fs::symlink_metadata(&path) {
+            Ok(m) if m.is_file() => {}
+            Ok(_) => {
+                return Err(failed(
+                    "remove",
+                    &path,
+                    io::Error::other("not a regular file"),
+                ));
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(failed("look at", &path, e)),
+        }
+        match std::fs::remove_file(&path) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(failed("remove", &path, e)),
+        }
+    }
+}
+
 /// An upload in parts that is made private and synced once complete.
 #[derive(Debug)]
 struct SettledUpload {
@@ -446,5 +538,70 @@ mod tests {
             "{err}"
         );
         assert!(staged_left(dir.path()).is_empty());
+    }
+
+    #[tokio::test]
+    async fn unfinished_writes_are_found_and_removed_and_nothing_else_is() {
+        use ferry_agent::store::Leftovers as _;
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(dir.path());
+        store
+            .put(
+                &Path::from("packs/ab/abcdef"),
+                Bytes::from_static(b"pack").into(),
+            )
+            .await
+            .unwrap();
+        // Left by a put killed before its rename, and by an upload in parts
+        // the local store never completed.
+        std::fs::write(dir.path().join("packs/ab/abcdef#123457"), vec![1u8; 300]).unwrap();
+        std::fs::create_dir_all(dir.path().join("index")).unwrap();
+        std::fs::write(dir.path().join("index/big#7"), vec![2u8; 20]).unwrap();
+        // Listed objects whose names merely hold a `#`, a directory named like
+        // a staging file, and a link named like one whose target is the
+        // user's: none of them is a leftover.
+        std::fs::write(dir.path().join("packs/ab/x#note"), b"listed").unwrap();
+        std::fs::create_dir_all(dir.path().join("packs/cd#9")).unwrap();
+        let precious = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(precious.path(), b"the user's").unwrap();
+        std::os::unix::fs::symlink(precious.path(), dir.path().join("packs/ab/link#1")).unwrap();
+
+        let found = store.leftovers().unwrap();
+        let names: Vec<_> = found.iter().map(|l| (l.name.as_str(), l.size)).collect();
+        assert_eq!(
+            names,
+            [("index/big#7", 20), ("packs/ab/abcdef#123457", 300)]
+        );
+        let age = chrono::Utc::now() - found[0].modified;
+        assert!(age.num_seconds().abs() < 60, "modified {age} ago");
+
+        // Nothing but a staging file under the repository is removed, whatever it is asked.
+        for bad in [
+            "../outside#1",
+            "/etc/passwd#1",
+            "packs/ab/abcdef",
+            "packs/ab/link#1",
+            "packs/cd#9",
+        ] {
+            assert!(store.remove_leftover(bad).is_err(), "{bad} was accepted");
+        }
+        assert_eq!(std::fs::read(precious.path()).unwrap(), b"the user's");
+        for l in &found {
+            store.remove_leftover(&l.name).unwrap();
+            // Gone already is done: two prunes may race.
+            store.remove_leftover(&l.name).unwrap();
+        }
+        assert!(store.leftovers().unwrap().is_empty());
+        assert_eq!(
+            std::fs::read(dir.path().join("packs/ab/abcdef")).unwrap(),
+            b"pack"
+        );
+        assert!(dir.path().join("packs/ab/x#note").exists());
+        assert!(
+            dir.path()
+                .join("packs/ab/link#1")
+                .symlink_metadata()
+                .is_ok()
+        );
     }
 }

@@ -182,6 +182,8 @@ pub(crate) fn open(location: &str) -> Result<crate::opened::Opened> {
         inner,
         parts: Some(parts),
         versioned: Some(Arc::new(versioned)),
+        // Uploads never completed are the bucket lifecycle rule's to abort.
+        leftovers: None,
     })
 }
 

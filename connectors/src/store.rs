@@ -26,6 +26,7 @@ pub fn open(location: &str, create: bool) -> Result<Store> {
         mut inner,
         mut parts,
         versioned,
+        leftovers,
     } = open_inner(location, create)?;
     if let Some(spec) = fault_spec(location)? {
         tracing::warn!(?spec, location, "injecting store faults (FERRY_FAULTS)");
@@ -48,6 +49,9 @@ pub fn open(location: &str, create: bool) -> Result<Store> {
     }
     if let Some(v) = versioned {
         store = store.with_versioned(v);
+    }
+    if let Some(l) = leftovers {
+        store = store.with_leftovers(l);
     }
     Ok(store)
 }
@@ -110,6 +114,7 @@ fn open_inner(location: &str, create: bool) -> Result<Opened> {
             inner,
             parts: Some(parts),
             versioned: None,
+            leftovers: None,
         });
     }
     let cannot = |e: object_store::Error| {
@@ -131,6 +136,7 @@ fn open_inner(location: &str, create: bool) -> Result<Opened> {
             inner,
             parts: Some(parts),
             versioned: None,
+            leftovers: None,
         });
     }
     if let Some(scheme) = ["az://", "azure://"]
@@ -149,6 +155,7 @@ fn open_inner(location: &str, create: bool) -> Result<Opened> {
             inner,
             parts: Some(parts),
             versioned: None,
+            leftovers: None,
         });
     }
     if location.starts_with("http://") || location.starts_with("https://") {
@@ -185,12 +192,15 @@ fn open_inner(location: &str, create: bool) -> Result<Opened> {
     let root = dir.canonicalize().map_err(|e| {
         Error::InvalidInput(format!("cannot open repository directory {path}: {e}"))
     })?;
+    let dir = Arc::new(crate::private::PrivateDir::new(fs, root));
     Ok(Opened {
-        inner: Arc::new(crate::private::PrivateDir::new(fs, root)),
+        inner: dir.clone(),
         // `LocalFileSystem` has no multipart API: its uploads are sent again
         // whole (`Store::put_file`).
         parts: None,
         versioned: None,
+        // Staging files of writes killed before their rename: prune sweeps them.
+        leftovers: Some(dir),
     })
 }
 

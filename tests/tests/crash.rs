@@ -182,3 +182,103 @@ fn kill_9_during_restore_then_resume() {
     }
     assert!(resumed > 0, "no restore was killed mid-way in 20 tries");
 }
+
+/// Staging files (`NAME#DIGITS`) under a directory repository.
+fn staged(env: &Env) -> Vec<std::path::PathBuf> {
+    files_under(&env.repo)
+        .into_iter()
+        .filter(|p| {
+            p.file_name()
+                .and_then(|f| f.to_str())
+                .and_then(|f| f.split_once('#'))
+                .is_some_and(|(_, n)| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+        })
+        .collect()
+}
+
+#[test]
+fn a_write_killed_before_its_rename_leaves_a_file_prune_removes_once_it_is_stale() {
+    let disk_env = Env::new();
+    let disk = disk_env.path("big.img");
+    // Random data only, so packs keep being written.
+    let size = 128u64 << 20;
+    {
+        let f = std::fs::File::create(&disk).unwrap();
+        let mut buf = vec![0u8; 1 << 20];
+        let mut rng = Rng(77);
+        let mut w = std::io::BufWriter::new(f);
+        for _ in 0..size >> 20 {
+            rng.fill(&mut buf);
+            std::io::Write::write_all(&mut w, &buf).unwrap();
+        }
+    }
+    // Kill the backup while a pack's staging file exists; a kill that lands
+    // after its rename proves nothing, so try again afresh.
+    let mut killed = None;
+    for _ in 0..5 {
+        let env = Env::new();
+        env.init();
+        let mut child = env
+            .cmd()
+            .args(["--json", "backup", "--source", "vm", disk.to_str().unwrap()])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        while staged(&env).is_empty() && child.try_wait().unwrap().is_none() {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let _ = child.kill(); // SIGKILL
+        let _ = child.wait();
+        if !staged(&env).is_empty() {
+            killed = Some(env);
+            break;
+        }
+    }
+    let env = killed.expect("no backup was killed with a staging file on disk in 5 tries");
+    let left = staged(&env);
+    let left_bytes: u64 = left
+        .iter()
+        .map(|p| std::fs::metadata(p).unwrap().len())
+        .sum();
+
+    // A staging file this young may be a live writer's: prune keeps it.
+    let p = env.json(&["prune"]);
+    assert_eq!(p["unfinished_writes"], 0, "{p}");
+    assert_eq!(staged(&env), left, "prune removed a fresh staging file");
+
+    // Once older than a lock's lifetime its writer is gone.
+    let old = std::time::SystemTime::now() - Duration::from_secs(31 * 60);
+    for f in &left {
+        std::fs::File::options()
+            .write(true)
+            .open(f)
+            .unwrap()
+            .set_modified(old)
+            .unwrap();
+    }
+    let dry = env.json(&["prune", "--dry-run"]);
+    assert_eq!(dry["unfinished_writes"], left.len(), "{dry}");
+    assert_eq!(staged(&env), left, "a dry run removed a staging file");
+    let text = env.ok(&["prune", "--dry-run"]);
+    assert!(
+        text.contains(&format!(
+            "would remove {} file(s) of writes that never finished",
+            left.len()
+        )),
+        "{text}"
+    );
+    let p = env.json(&["prune"]);
+    assert_eq!(p["unfinished_writes"], left.len(), "{p}");
+    assert_eq!(p["unfinished_bytes"], left_bytes, "{p}");
+    assert!(staged(&env).is_empty(), "left: {:?}", staged(&env));
+
+    // The repository is whole, and the next backup completes and restores exactly.
+    assert_eq!(env.json(&["check"])["ok"], true);
+    env.backup("vm", &[&disk]);
+    assert_eq!(env.json(&["check", "--read-data"])["ok"], true);
+    let out = env.path("out.img");
+    env.ok(&["restore", "vm@latest", "--to", out.to_str().unwrap()]);
+    assert!(same_content(&out, &disk));
+    assert!(staged(&env).is_empty());
+}

@@ -1495,6 +1495,21 @@ pub fn prune(ctx: &Context, a: &PruneArgs) -> Result<ExitCode> {
         bytes(r.stored_bytes),
         r.packs
     );
+    let verb = if r.dry_run { "would remove" } else { "removed" };
+    if r.invalid_objects > 0 {
+        println!(
+            "{verb} {} object(s) under packs/ that are not packs of this repository ({})",
+            r.invalid_objects,
+            bytes(r.invalid_bytes)
+        );
+    }
+    if r.unfinished_writes > 0 {
+        println!(
+            "{verb} {} file(s) of writes that never finished ({}), left by a process killed mid-write",
+            r.unfinished_writes,
+            bytes(r.unfinished_bytes)
+        );
+    }
     if r.dry_run {
         println!(
             "would condemn {} pack(s) ({} of them repacked); nothing was changed",
