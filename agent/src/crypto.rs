@@ -172,14 +172,18 @@ pub struct KdfParams {
 }
 
 impl Default for KdfParams {
-    /// 64 MiB and 3 passes: above OWASP's Argon2id minimum (19 MiB, 2 passes),
-    /// about 0.2 s here.
+    /// 64 MiB, 3 passes and 4 lanes: RFC 9106's second recommended option
+    /// (section 4), above OWASP's Argon2id minimum (19 MiB, 2 passes). The
+    /// lanes are computed on as many threads as there are cores, so the same
+    /// memory and passes cost half the time on two cores, and a guess costs
+    /// an attacker the same memory and work. Key files of 1 lane, which
+    /// builds before 2026-12-07 wrote, open as before.
     fn default() -> Self {
         KdfParams {
             algorithm: "argon2id".into(),
             memory_kib: 64 * 1024,
             iterations: 3,
-            parallelism: 1,
+            parallelism: 4,
             salt: String::new(),
         }
     }
@@ -251,6 +255,14 @@ impl KdfParams {
     }
 
     fn derive(&self, password: &[u8]) -> Result<Kek> {
+        let out = self.key_bytes(password)?;
+        Ok(Kek(LessSafeKey::new(
+            UnboundKey::new(&AES_256_GCM, &out).expect("AES-256 key is 32 bytes"),
+        )))
+    }
+
+    /// Argon2id of `password` under these parameters: 32 bytes.
+    fn key_bytes(&self, password: &[u8]) -> Result<[u8; 32]> {
         self.check("key file")?;
         let salt =
             hex::decode(&self.salt).map_err(|_| Error::corrupt("key file", "salt is not hex"))?;
@@ -263,9 +275,7 @@ impl KdfParams {
         argon
             .hash_password_into(password, &salt, &mut out)
             .map_err(|e| Error::corrupt("key file", format!("Argon2id: {e}")))?;
-        Ok(Kek(LessSafeKey::new(
-            UnboundKey::new(&AES_256_GCM, &out).expect("AES-256 key is 32 bytes"),
-        )))
+        Ok(out)
     }
 }
 
@@ -405,6 +415,35 @@ mod tests {
         bad[14] ^= 1;
         assert!(k.open(b"ad", &bad).is_none());
         assert!(MasterKey::generate().open(b"ad", &sealed).is_none());
+    }
+
+    #[test]
+    fn keys_derive_as_earlier_builds_derived_them_whatever_the_lanes() {
+        // Known answers from argon2 0.5.3, which computed lanes one after
+        // another (builds before 2026-12-07): key files they wrote, of one
+        // lane or of four, still open now that lanes run on threads.
+        let kdf = |parallelism| KdfParams {
+            memory_kib: 64,
+            iterations: 1,
+            parallelism,
+            salt: hex::encode([5u8; 32]),
+            ..KdfParams::default()
+        };
+        let hex_of = |p| hex::encode(kdf(p).key_bytes(b"correct horse").unwrap());
+        assert_eq!(
+            hex_of(1),
+            "f79d0d41c5d4d7f1a64a8a1e9a13447ed013ed46a6ecfe20706206dbacc8504a"
+        );
+        assert_eq!(
+            hex_of(4),
+            "fda0c9d6761beab1ee8a59a08b12402d1377120161b5e8fe1a498caebb4f3bc6"
+        );
+        // What init writes: RFC 9106's second recommended option.
+        let d = KdfParams::default();
+        assert_eq!(
+            (d.memory_kib, d.iterations, d.parallelism),
+            (64 * 1024, 3, 4)
+        );
     }
 
     #[test]

@@ -11,7 +11,7 @@
 use crate::error::Error;
 use crate::state::State;
 use crate::state::users::{AuditEntry, TokenRow};
-use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
+use argon2::{PasswordHasher as _, PasswordVerifier as _};
 use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -141,10 +141,9 @@ fn hasher() -> argon2::Argon2<'static> {
 
 /// The PHC string of `password` under a fresh salt.
 pub fn hash_password(password: &str) -> anyhow::Result<String> {
-    let salt = SaltString::encode_b64(&crate::sys::random_bytes(16)?)
-        .map_err(|e| anyhow::anyhow!("cannot encode a salt: {e}"))?;
+    let salt = crate::sys::random_bytes(16)?;
     Ok(hasher()
-        .hash_password(password.as_bytes(), &salt)
+        .hash_password_with_salt(password.as_bytes(), &salt)
         .map_err(|e| anyhow::anyhow!("cannot hash the password: {e}"))?
         .to_string())
 }
@@ -160,7 +159,7 @@ pub async fn hash_password_blocking(password: String) -> anyhow::Result<String> 
 /// Whether `password` matches the PHC string `hash` (false for a hash this
 /// build cannot read).
 pub fn verify_password(password: &str, hash: &str) -> bool {
-    PasswordHash::new(hash).is_ok_and(|h| hasher().verify_password(password.as_bytes(), &h).is_ok())
+    hasher().verify_password(password.as_bytes(), hash).is_ok()
 }
 
 /// A hash no password matches, verified when a user does not exist so that
@@ -468,6 +467,17 @@ mod tests {
         assert!(!verify_password("correct horse batterY", &h));
         assert!(!verify_password("x", "not a hash"));
         assert_ne!(h, hash_password("correct horse battery").unwrap(), "salted");
+    }
+
+    #[test]
+    fn a_password_hash_stored_by_earlier_builds_still_verifies() {
+        // Made by argon2 0.5.3 (builds before 2026-12-07) from a 16-byte salt.
+        let stored = "$argon2id$v=19$m=19456,t=2,p=1$CQkJCQkJCQkJCQkJCQkJCQ$pOqQirULkxHWuAH8qBQTRDGbdpw4foY2az6Q+vq2uvM";
+        assert!(verify_password("correct horse battery", stored));
+        assert!(!verify_password("correct horse batterY", stored));
+        // New hashes keep the same cost and form.
+        let h = hash_password("correct horse battery").unwrap();
+        assert!(h.starts_with("$argon2id$v=19$m=19456,t=2,p=1$"), "{h}");
     }
 
     #[test]
