@@ -11,23 +11,26 @@ use std::time::Duration;
 
 use common::*;
 
+/// `size` bytes (whole MiB) of random data only, so every chunk is new and
+/// packs keep being written.
+fn random_image(path: &std::path::Path, size: u64, seed: u64) {
+    let f = std::fs::File::create(path).unwrap();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut rng = Rng(seed);
+    let mut w = std::io::BufWriter::new(f);
+    for _ in 0..size >> 20 {
+        rng.fill(&mut buf);
+        std::io::Write::write_all(&mut w, &buf).unwrap();
+    }
+}
+
 #[test]
 fn kill_9_during_backups_leaves_a_valid_repository() {
     let env = Env::new();
     env.init();
     let disk = env.path("big.img");
-    // Random data only, so every chunk is new and packs keep landing.
     let size = 96u64 << 20;
-    {
-        let f = std::fs::File::create(&disk).unwrap();
-        let mut buf = vec![0u8; 1 << 20];
-        let mut rng = Rng(5);
-        let mut w = std::io::BufWriter::new(f);
-        for _ in 0..size >> 20 {
-            rng.fill(&mut buf);
-            std::io::Write::write_all(&mut w, &buf).unwrap();
-        }
-    }
+    random_image(&disk, size, 5);
     // Reuse: kill the first backup of the repository (so no committed point
     // holds its data) as soon as a pack has landed; the next backup must adopt
     // the packs it left instead of uploading their chunks again.
@@ -200,18 +203,8 @@ fn staged(env: &Env) -> Vec<std::path::PathBuf> {
 fn a_write_killed_before_its_rename_leaves_a_file_prune_removes_once_it_is_stale() {
     let disk_env = Env::new();
     let disk = disk_env.path("big.img");
-    // Random data only, so packs keep being written.
     let size = 128u64 << 20;
-    {
-        let f = std::fs::File::create(&disk).unwrap();
-        let mut buf = vec![0u8; 1 << 20];
-        let mut rng = Rng(77);
-        let mut w = std::io::BufWriter::new(f);
-        for _ in 0..size >> 20 {
-            rng.fill(&mut buf);
-            std::io::Write::write_all(&mut w, &buf).unwrap();
-        }
-    }
+    random_image(&disk, size, 77);
     // Kill the backup while a pack's staging file exists; a kill that lands
     // after its rename proves nothing, so try again afresh.
     let mut killed = None;
