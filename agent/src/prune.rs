@@ -337,9 +337,10 @@ pub struct PruneReport {
     /// [`INVALID_PACK_GRACE`]: removed (or, in a dry run, that would be).
     pub invalid_objects: usize,
     pub invalid_bytes: u64,
-    /// Files of writes that never finished (a directory repository's staging
-    /// files, left by a process killed mid-write), older than
-    /// [`INVALID_PACK_GRACE`]: removed (or, in a dry run, that would be).
+    /// Writes that never finished, left by a process killed mid-write (a
+    /// directory repository's staging files, S3's uploads in parts), older
+    /// than [`INVALID_PACK_GRACE`]: removed or aborted (or, in a dry run, that
+    /// would be).
     pub unfinished_writes: usize,
     pub unfinished_bytes: u64,
     /// Objects whose Object Lock retention was extended (locked repositories).
@@ -504,9 +505,9 @@ fn invalid_packs(
     Ok(out)
 }
 
-/// Remove the files of writes that never finished and were last touched more
-/// than [`INVALID_PACK_GRACE`] before `now`, in every replica of a replicated
-/// repository. A live writer finishes or abandons a write within a request's
+/// Remove the writes that never finished (staging files, open uploads) last
+/// touched more than [`INVALID_PACK_GRACE`] before `now`, in every replica of a
+/// replicated repository. A live writer finishes or abandons a write within a request's
 /// timeout, far sooner, so none of these is still being written.
 fn sweep_unfinished(
     repo: &Repository,
@@ -519,25 +520,13 @@ fn sweep_unfinished(
         None => vec![&repo.store],
     };
     for store in stores {
-        let Some(leftovers) = store.leftovers() else {
-            continue;
-        };
-        let found = leftovers.leftovers().map_err(|source| Error::Store {
-            object: format!("{} (looking for unfinished writes)", store.location()),
-            source,
-        })?;
-        for l in found {
+        for l in store.unfinished_writes()? {
             if now - l.modified < INVALID_PACK_GRACE {
                 continue;
             }
-            warn!(object = %l.name, bytes = l.size, modified = %l.modified, dry_run, "removing the file of a write that never finished");
+            warn!(object = %l.name, bytes = l.size, modified = %l.modified, dry_run, "removing a write that never finished");
             if !dry_run {
-                leftovers
-                    .remove_leftover(&l.name)
-                    .map_err(|source| Error::Store {
-                        object: l.name.clone(),
-                        source,
-                    })?;
+                store.remove_unfinished(&l)?;
             }
             report.unfinished_writes += 1;
             report.unfinished_bytes += l.size;
@@ -546,7 +535,10 @@ fn sweep_unfinished(
     Ok(())
 }
 
-fn prune_at(repo: &Repository, opts: PruneOptions, now: DateTime<Utc>) -> Result<PruneReport> {
+/// [`prune`] as if the clock read `now`: what ages against the grace
+/// ([`INVALID_PACK_GRACE`]) is judged from it. For tests that cannot wait half
+/// an hour, and tools that judge by another clock.
+pub fn prune_at(repo: &Repository, opts: PruneOptions, now: DateTime<Utc>) -> Result<PruneReport> {
     // Prune condemns what no point in the union of the replicas uses, and
     // deletes it from every replica: it needs all of them.
     if let (Some(set), false) = (crate::replica::of(&repo.store), opts.dry_run) {

@@ -299,24 +299,57 @@ impl PartedUpload for StoreUpload {
 
 /// A write that never finished, which the store's listing does not show: the
 /// staging file of a directory repository's put or upload whose process was
-/// killed before its rename.
+/// killed before its rename, or an object store's multipart upload never
+/// completed nor aborted.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Leftover {
-    /// Its path under the repository, `/`-separated (e.g. `packs/ab/NAME#1234`).
+    /// The object it was writing, `/`-separated under the repository (for a
+    /// staging file, the file's own name: `packs/ab/NAME#1234`).
     pub name: String,
+    /// What the store needs besides the name to remove it: the upload's id on
+    /// S3; `None` for a file.
+    pub upload: Option<String>,
+    /// The bytes it holds (an upload's parts so far).
     pub size: u64,
+    /// When it was last written to (a file), or started (an upload).
     pub modified: DateTime<Utc>,
 }
 
-/// A store whose unfinished writes leave files behind that its listing hides
-/// (directories). Prune removes those older than a lock's lifetime
-/// (`prune::INVALID_PACK_GRACE`): a live writer finishes or gives up on a
-/// write within a request's timeout, far sooner.
+/// A store whose unfinished writes stay behind, out of its listing: staging
+/// files in directories, multipart uploads on S3. Prune removes those older
+/// than a lock's lifetime (`prune::INVALID_PACK_GRACE`): a live writer
+/// finishes or gives up on a write within a request's timeout, far sooner.
 pub trait Leftovers: Send + Sync + std::fmt::Debug {
-    /// Every unfinished write's file, whatever its age.
-    fn leftovers(&self) -> Result<Vec<Leftover>, object_store::Error>;
+    /// Every unfinished write of the repository's objects, whatever its age.
+    /// Writes to names a repository never uses (another program's, in the same
+    /// bucket) are not the repository's to list.
+    fn leftovers(&self) -> BoxFuture<'_, Result<Vec<Leftover>, object_store::Error>>;
     /// Remove one that [`Leftovers::leftovers`] gave; gone already is done.
-    fn remove_leftover(&self, name: &str) -> Result<(), object_store::Error>;
+    fn remove_leftover<'a>(
+        &'a self,
+        leftover: &'a Leftover,
+    ) -> BoxFuture<'a, Result<(), object_store::Error>>;
+}
+
+/// The directories a repository writes objects under, besides its `config`
+/// (`docs/formats.md`, Objects in the store).
+const REPOSITORY_DIRS: [&str; 7] = [
+    "keys/",
+    "packs/",
+    "index/",
+    "points/",
+    "locks/",
+    "trash/",
+    "replicas/",
+];
+
+/// Whether a repository ever writes an object of this name: what
+/// [`Leftovers`] may touch in a bucket it shares with others.
+pub fn is_repository_name(name: &str) -> bool {
+    name == "config"
+        || REPOSITORY_DIRS
+            .iter()
+            .any(|d| name.strip_prefix(d).is_some_and(|rest| !rest.is_empty()))
 }
 
 /// Retention applied to every object a repository writes.
@@ -532,8 +565,27 @@ impl Store {
         self
     }
 
-    pub fn leftovers(&self) -> Option<&Arc<dyn Leftovers>> {
-        self.leftovers.as_ref()
+    /// The unfinished writes this store keeps (see [`Leftovers`]); none where
+    /// the store has no way to list them (GCS, Azure, memory) or is a set of
+    /// replicas (ask each member).
+    pub fn unfinished_writes(&self) -> Result<Vec<Leftover>> {
+        let Some(l) = &self.leftovers else {
+            return Ok(Vec::new());
+        };
+        let what = "unfinished writes";
+        self.counters.lists.fetch_add(1, Ordering::Relaxed);
+        self.retrying(what, || l.leftovers())
+            .map_err(|e| self.failed(&format!("{what} in {}", self.location), e))
+    }
+
+    /// Remove one of [`Store::unfinished_writes`]; gone already is done.
+    pub fn remove_unfinished(&self, leftover: &Leftover) -> Result<()> {
+        let Some(l) = &self.leftovers else {
+            return Ok(());
+        };
+        self.counters.deletes.fetch_add(1, Ordering::Relaxed);
+        self.retrying(&leftover.name, || l.remove_leftover(leftover))
+            .map_err(|e| self.failed(&leftover.name, e))
     }
 
     pub fn with_versioned(mut self, v: Arc<dyn Versioned>) -> Self {
@@ -2180,6 +2232,34 @@ mod tests {
                 &repo.store.get_uncached(name).unwrap()[..],
                 b"encrypted by ransomware"
             );
+        }
+    }
+
+    #[test]
+    fn only_names_a_repository_writes_are_its_own() {
+        for ours in [
+            "config",
+            "keys/0123",
+            "packs/ab/abcdef",
+            "index/ff",
+            "points/p",
+            "locks/l",
+            "trash/t.waits",
+            "replicas/missing/r/x",
+        ] {
+            assert!(is_repository_name(ours), "{ours}");
+        }
+        // Another program's, beside or under the repository's prefix.
+        for theirs in [
+            "",
+            "config.bak",
+            "configs/x",
+            "packs/",
+            "packsx/ab",
+            "notes/draft",
+            "backup/packs/ab",
+        ] {
+            assert!(!is_repository_name(theirs), "{theirs}");
         }
     }
 }

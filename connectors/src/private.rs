@@ -43,6 +43,8 @@ use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
 use bytes::Bytes;
+use futures::FutureExt as _;
+use futures::future::BoxFuture;
 use futures::stream::BoxStream;
 use object_store::local::LocalFileSystem;
 use object_store::path::Path;
@@ -240,9 +242,22 @@ fn is_staged(file_name: &str) -> bool {
 }
 
 impl ferry_agent::store::Leftovers for PrivateDir {
+    fn leftovers(&self) -> BoxFuture<'_, object_store::Result<Vec<ferry_agent::store::Leftover>>> {
+        futures::future::ready(self.staging_files()).boxed()
+    }
+
+    fn remove_leftover<'a>(
+        &'a self,
+        leftover: &'a ferry_agent::store::Leftover,
+    ) -> BoxFuture<'a, object_store::Result<()>> {
+        futures::future::ready(self.remove_staging_file(&leftover.name)).boxed()
+    }
+}
+
+impl PrivateDir {
     /// Every staging file under the repository: what a write killed before its
     /// rename (or an upload in parts never completed nor aborted) left.
-    fn leftovers(&self) -> object_store::Result<Vec<ferry_agent::store::Leftover>> {
+    fn staging_files(&self) -> object_store::Result<Vec<ferry_agent::store::Leftover>> {
         let mut out = Vec::new();
         let mut dirs = vec![self.root.clone()];
         while let Some(dir) = dirs.pop() {
@@ -274,6 +289,7 @@ impl ferry_agent::store::Leftovers for PrivateDir {
                 };
                 out.push(ferry_agent::store::Leftover {
                     name: name.to_string(),
+                    upload: None,
                     size: meta.len(),
                     modified: meta
                         .modified()
@@ -286,7 +302,8 @@ impl ferry_agent::store::Leftovers for PrivateDir {
         Ok(out)
     }
 
-    fn remove_leftover(&self, name: &str) -> object_store::Result<()> {
+    /// Remove the staging file `name`, and nothing that is not one.
+    fn remove_staging_file(&self, name: &str) -> object_store::Result<()> {
         let rel = std::path::Path::new(name);
         let inside = rel
             .components()
@@ -566,7 +583,7 @@ mod tests {
         std::fs::write(precious.path(), b"the user's").unwrap();
         std::os::unix::fs::symlink(precious.path(), dir.path().join("packs/ab/link#1")).unwrap();
 
-        let found = store.leftovers().unwrap();
+        let found = store.leftovers().await.unwrap();
         let names: Vec<_> = found.iter().map(|l| (l.name.as_str(), l.size)).collect();
         assert_eq!(
             names,
@@ -583,15 +600,24 @@ mod tests {
             "packs/ab/link#1",
             "packs/cd#9",
         ] {
-            assert!(store.remove_leftover(bad).is_err(), "{bad} was accepted");
+            let bad = ferry_agent::store::Leftover {
+                name: bad.to_string(),
+                upload: None,
+                size: 0,
+                modified: chrono::Utc::now(),
+            };
+            assert!(
+                store.remove_leftover(&bad).await.is_err(),
+                "{bad:?} was accepted"
+            );
         }
         assert_eq!(std::fs::read(precious.path()).unwrap(), b"the user's");
         for l in &found {
-            store.remove_leftover(&l.name).unwrap();
+            store.remove_leftover(l).await.unwrap();
             // Gone already is done: two prunes may race.
-            store.remove_leftover(&l.name).unwrap();
+            store.remove_leftover(l).await.unwrap();
         }
-        assert!(store.leftovers().unwrap().is_empty());
+        assert!(store.leftovers().await.unwrap().is_empty());
         assert_eq!(
             std::fs::read(dir.path().join("packs/ab/abcdef")).unwrap(),
             b"pack"

@@ -24,7 +24,8 @@ use aws_sdk_s3::types::{
 use bytes::Bytes;
 use chrono::{DateTime, SubsecRound, Utc};
 use ferry_agent::store::{
-    LockMode, NoAnswer, ObjectVersion, PartedUpload, Retention, ServerAnswer, Versioned,
+    Leftover, Leftovers, LockMode, NoAnswer, ObjectVersion, PartedUpload, Retention, ServerAnswer,
+    Versioned, is_repository_name,
 };
 use ferry_agent::{Error, Result};
 use futures::FutureExt;
@@ -169,7 +170,7 @@ pub(crate) fn open(location: &str) -> Result<crate::opened::Opened> {
     let conf = aws_sdk_s3::config::Builder::from(&sdk)
         .force_path_style(endpoint.is_some())
         .build();
-    let versioned = SdkVersioned {
+    let sdk = Arc::new(S3Sdk {
         client: aws_sdk_s3::Client::from_conf(conf),
         bucket: url.bucket.clone(),
         prefix: if url.prefix.is_empty() {
@@ -177,13 +178,12 @@ pub(crate) fn open(location: &str) -> Result<crate::opened::Opened> {
         } else {
             format!("{}/", url.prefix)
         },
-    };
+    });
     Ok(crate::opened::Opened {
         inner,
         parts: Some(parts),
-        versioned: Some(Arc::new(versioned)),
-        // Uploads never completed are the bucket lifecycle rule's to abort.
-        leftovers: None,
+        versioned: Some(sdk.clone()),
+        leftovers: Some(sdk),
     })
 }
 
@@ -360,9 +360,10 @@ impl PartedUpload for RetainedUpload {
     }
 }
 
-/// Versions and Object Lock through the AWS SDK.
+/// What `object_store` does not speak, through the AWS SDK: versions, Object
+/// Lock, and the uploads in parts never completed.
 #[derive(Debug)]
-struct SdkVersioned {
+struct S3Sdk {
     client: aws_sdk_s3::Client,
     bucket: String,
     /// The repository's prefix in the bucket, with a trailing `/` (or empty).
@@ -459,13 +460,13 @@ fn mode(m: LockMode) -> ObjectLockMode {
     }
 }
 
-impl SdkVersioned {
+impl S3Sdk {
     fn key(&self, name: &str) -> String {
         format!("{}{name}", self.prefix)
     }
 }
 
-impl Versioned for SdkVersioned {
+impl Versioned for S3Sdk {
     fn lock_enabled(&self) -> BoxFuture<'_, Result<bool, object_store::Error>> {
         async move {
             match self
@@ -761,6 +762,128 @@ impl Versioned for SdkVersioned {
                     source: Box::new(e),
                 })?;
             Ok(body.into_bytes())
+        }
+        .boxed()
+    }
+}
+
+impl S3Sdk {
+    /// The bytes the parts of upload `id` of `key` hold so far; `None` when the
+    /// upload is gone (completed or aborted since it was listed).
+    async fn uploaded(&self, key: &str, id: &str) -> Result<Option<u64>, object_store::Error> {
+        let mut bytes = 0u64;
+        let mut marker = None;
+        loop {
+            let page = match self
+                .client
+                .list_parts()
+                .bucket(&self.bucket)
+                .key(key)
+                .upload_id(id)
+                .set_part_number_marker(marker.take())
+                .send()
+                .await
+            {
+                Ok(p) => p,
+                Err(e) if e.code() == Some("NoSuchUpload") => return Ok(None),
+                Err(e) => return Err(sdk_error(key, e)),
+            };
+            bytes += page
+                .parts()
+                .iter()
+                .filter_map(|p| p.size())
+                .map(|s| u64::try_from(s).unwrap_or(0))
+                .sum::<u64>();
+            match page.next_part_number_marker() {
+                Some(next) if page.is_truncated() == Some(true) => marker = Some(next.to_string()),
+                _ => return Ok(Some(bytes)),
+            }
+        }
+    }
+}
+
+/// Uploads in parts that were started and never completed nor aborted: a
+/// process killed mid-upload, or one whose abort was lost. S3 keeps (and
+/// bills) their parts until they are aborted.
+impl Leftovers for S3Sdk {
+    fn leftovers(&self) -> BoxFuture<'_, Result<Vec<Leftover>, object_store::Error>> {
+        async move {
+            let mut out = Vec::new();
+            let (mut key_marker, mut id_marker) = (None, None);
+            loop {
+                let page = self
+                    .client
+                    .list_multipart_uploads()
+                    .bucket(&self.bucket)
+                    .set_prefix((!self.prefix.is_empty()).then(|| self.prefix.clone()))
+                    .set_key_marker(key_marker.take())
+                    .set_upload_id_marker(id_marker.take())
+                    .send()
+                    .await
+                    .map_err(|e| sdk_error(&self.bucket, e))?;
+                for u in page.uploads() {
+                    let (Some(key), Some(id)) = (u.key(), u.upload_id()) else {
+                        continue;
+                    };
+                    // Another program's upload in the same bucket is not ours.
+                    let Some(name) = key.strip_prefix(&self.prefix) else {
+                        continue;
+                    };
+                    if !is_repository_name(name) {
+                        continue;
+                    }
+                    let Some(size) = self.uploaded(key, id).await? else {
+                        continue;
+                    };
+                    out.push(Leftover {
+                        name: name.to_string(),
+                        upload: Some(id.to_string()),
+                        size,
+                        // No start time reads as just started: kept.
+                        modified: u.initiated().map_or_else(Utc::now, from_aws),
+                    });
+                }
+                if page.is_truncated() != Some(true) {
+                    break;
+                }
+                key_marker = page.next_key_marker().map(str::to_string);
+                id_marker = page.next_upload_id_marker().map(str::to_string);
+                if key_marker.is_none() && id_marker.is_none() {
+                    break;
+                }
+            }
+            out.sort_by(|a, b| a.name.cmp(&b.name).then(a.modified.cmp(&b.modified)));
+            Ok(out)
+        }
+        .boxed()
+    }
+
+    fn remove_leftover<'a>(
+        &'a self,
+        leftover: &'a Leftover,
+    ) -> BoxFuture<'a, Result<(), object_store::Error>> {
+        async move {
+            let key = self.key(&leftover.name);
+            let Some(id) = &leftover.upload else {
+                return Err(object_store::Error::Generic {
+                    store: "S3",
+                    source: format!("{key}: an unfinished upload without its upload id").into(),
+                });
+            };
+            match self
+                .client
+                .abort_multipart_upload()
+                .bucket(&self.bucket)
+                .key(&key)
+                .upload_id(id)
+                .send()
+                .await
+            {
+                Ok(_) => Ok(()),
+                // Aborted or completed meanwhile (another prune): done.
+                Err(e) if e.code() == Some("NoSuchUpload") => Ok(()),
+                Err(e) => Err(sdk_error(&key, e)),
+            }
         }
         .boxed()
     }

@@ -18,30 +18,10 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
+use common::run_child;
 use common::servers::{Azurite, Moto, free_port, s3_python};
 use ferry_agent::conformance;
 use ferry_connectors::nbd::{NbdSource, NbdUrl};
-
-/// Run the ignored test `name` of this binary with `server`'s environment
-/// applied by `apply`, and fail with its output if it fails.
-fn run_child(name: &str, apply: impl FnOnce(&mut Command) -> &mut Command) {
-    let mut cmd = Command::new(std::env::current_exe().unwrap());
-    cmd.args([
-        "--exact",
-        name,
-        "--ignored",
-        "--nocapture",
-        "--test-threads=1",
-    ]);
-    apply(&mut cmd);
-    let out = cmd.output().unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success() && stdout.contains("1 passed"),
-        "{name} failed:\n{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
 
 fn open(location: &str) -> ferry_agent::Store {
     ferry_connectors::store::open(location, false).unwrap()

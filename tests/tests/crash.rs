@@ -11,19 +11,6 @@ use std::time::Duration;
 
 use common::*;
 
-/// `size` bytes (whole MiB) of random data only, so every chunk is new and
-/// packs keep being written.
-fn random_image(path: &std::path::Path, size: u64, seed: u64) {
-    let f = std::fs::File::create(path).unwrap();
-    let mut buf = vec![0u8; 1 << 20];
-    let mut rng = Rng(seed);
-    let mut w = std::io::BufWriter::new(f);
-    for _ in 0..size >> 20 {
-        rng.fill(&mut buf);
-        std::io::Write::write_all(&mut w, &buf).unwrap();
-    }
-}
-
 #[test]
 fn kill_9_during_backups_leaves_a_valid_repository() {
     let env = Env::new();
@@ -256,7 +243,7 @@ fn a_write_killed_before_its_rename_leaves_a_file_prune_removes_once_it_is_stale
     let text = env.ok(&["prune", "--dry-run"]);
     assert!(
         text.contains(&format!(
-            "would remove {} file(s) of writes that never finished",
+            "would remove {} write(s) that never finished",
             left.len()
         )),
         "{text}"

@@ -17,7 +17,7 @@ use ferry_agent::repo::{InitOptions, Repository};
 use ferry_agent::restore::RestoreOptions;
 use ferry_agent::source::BlockSource;
 
-use super::output::{self, Bar, bytes};
+use super::output::{self, Bar, bytes, print_json};
 use crate::context::{Context, PasswordSource};
 use crate::error::Error;
 
@@ -339,11 +339,6 @@ pub struct CheckArgs {
     /// Read and verify every byte of every pack.
     #[arg(long)]
     pub read_data: bool,
-}
-
-fn print_json(v: &impl serde::Serialize) -> Result<()> {
-    println!("{}", serde_json::to_string_pretty(v)?);
-    Ok(())
 }
 
 pub fn init(ctx: &Context, a: &InitArgs) -> Result<ExitCode> {
@@ -1505,7 +1500,7 @@ pub fn prune(ctx: &Context, a: &PruneArgs) -> Result<ExitCode> {
     }
     if r.unfinished_writes > 0 {
         println!(
-            "{verb} {} file(s) of writes that never finished ({}), left by a process killed mid-write",
+            "{verb} {} write(s) that never finished ({}): staging files or uploads in parts left by a process killed mid-write",
             r.unfinished_writes,
             bytes(r.unfinished_bytes)
         );

@@ -3,6 +3,7 @@
 //! (a private file, or the database's credentials) manages them; each change
 //! goes to the audit log as `USER (cli)`.
 
+use super::output::print_json;
 use crate::auth::{self, Role};
 use crate::context::Context;
 use crate::error::Error;
@@ -75,11 +76,6 @@ pub enum TokenCommand {
     },
     /// Revoke a token by its id (the part after `ferry_`, before the next `_`).
     Revoke { id: String },
-}
-
-fn print_json(v: &impl serde::Serialize) -> Result<()> {
-    println!("{}", serde_json::to_string_pretty(v)?);
-    Ok(())
 }
 
 fn runtime() -> Result<tokio::runtime::Runtime> {

@@ -176,6 +176,19 @@ pub fn make_image(path: &Path, size: u64, seed: u64) {
     f.sync_all().expect("sync");
 }
 
+/// `size` bytes (whole MiB) of random data only, so every chunk is new and
+/// packs keep being written.
+pub fn random_image(path: &Path, size: u64, seed: u64) {
+    let f = std::fs::File::create(path).expect("create image");
+    let mut buf = vec![0u8; 1 << 20];
+    let mut rng = Rng(seed);
+    let mut w = std::io::BufWriter::new(f);
+    for _ in 0..size >> 20 {
+        rng.fill(&mut buf);
+        std::io::Write::write_all(&mut w, &buf).expect("write image");
+    }
+}
+
 /// Overwrite `count` random 4 KiB blocks with random data.
 pub fn scatter_writes(path: &Path, count: usize, seed: u64) {
     let f = std::fs::OpenOptions::new()
@@ -266,6 +279,30 @@ pub fn moto_env(moto: &servers::Moto) -> Env {
         e.dir.path().join("home").display().to_string(),
     ));
     e
+}
+
+/// Run the ignored test `name` of this test binary in a child process, with
+/// the environment `apply` gives it (a server's credentials and endpoint, which
+/// a threaded test process cannot set safely), and fail with its output if it
+/// fails. Returns what it printed.
+pub fn run_child(name: &str, apply: impl FnOnce(&mut Command) -> &mut Command) -> String {
+    let mut cmd = Command::new(std::env::current_exe().expect("the test binary"));
+    cmd.args([
+        "--exact",
+        name,
+        "--ignored",
+        "--nocapture",
+        "--test-threads=1",
+    ]);
+    apply(&mut cmd);
+    let out = cmd.output().expect("the test binary runs");
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success() && stdout.contains("1 passed"),
+        "{name} failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
 }
 
 /// A `ferry --json serve` started by [`serve`], stopped (by PID) when dropped.
