@@ -66,6 +66,11 @@ impl MasterKey {
         Self::from_raw(raw)
     }
 
+    /// Whether `other` is the same secret (a key file read back, unwrapped).
+    pub fn same_secret(&self, other: &MasterKey) -> bool {
+        self.raw == other.raw
+    }
+
     fn from_raw(raw: [u8; 64]) -> Self {
         let mut id_key = [0u8; 32];
         id_key.copy_from_slice(&raw[32..]);

@@ -18,6 +18,7 @@ pub mod error;
 pub mod format;
 pub mod index;
 pub mod instant;
+pub mod keys;
 pub mod lock;
 pub mod pack;
 pub mod point;

@@ -144,6 +144,8 @@ pub struct Repository {
     pub(crate) lists_resolved: std::sync::Arc<std::sync::Mutex<ListCache>>,
     /// Key files skipped by `open`, with why.
     warnings: Vec<String>,
+    /// The key file that opened it (`keys/<hex>`), or that `init` wrote.
+    pub(crate) key_name: String,
 }
 
 /// Points already read, up to [`POINT_CACHE_BYTES`] of chunk list ids: a point
@@ -278,10 +280,8 @@ impl Repository {
             .collect();
         let key = MasterKey::generate();
         let key_file = key.wrap(password, opts.kdf)?;
-        let mut obj = format::header(Kind::Key).to_vec();
-        obj.extend_from_slice(&serde_json::to_vec_pretty(&key_file).expect("key file serialises"));
         let key_name = format!("keys/{}", random_hex(16));
-        let key_obj = Bytes::from(obj);
+        let key_obj = key_file_object(&key_file);
         // Keys on every replica first, then the config on every replica.
         for st in &stores {
             st.put(&key_name, key_obj.clone())?;
@@ -325,6 +325,7 @@ impl Repository {
             lists_resolved: list_cache(),
             recent: recent_chunks(),
             warnings: Vec::new(),
+            key_name,
         })
     }
 
@@ -413,6 +414,7 @@ impl Repository {
                 lists_resolved: list_cache(),
                 recent: recent_chunks(),
                 warnings,
+                key_name: (*name).clone(),
             });
         }
         warn_skipped(&skipped);
@@ -844,8 +846,15 @@ fn same_place(a: &str, b: &str) -> bool {
 /// The largest key file accepted: its JSON is about 500 bytes.
 pub const MAX_KEY_FILE: u64 = 64 << 10;
 
+/// A key file as stored: its envelope, then its JSON.
+pub(crate) fn key_file_object(file: &KeyFile) -> Bytes {
+    let mut obj = format::header(Kind::Key).to_vec();
+    obj.extend_from_slice(&serde_json::to_vec_pretty(file).expect("key file serialises"));
+    Bytes::from(obj)
+}
+
 /// Read, parse and check one key file, naming it in every error.
-fn read_key_file(store: &Store, name: &str) -> Result<KeyFile> {
+pub(crate) fn read_key_file(store: &Store, name: &str) -> Result<KeyFile> {
     let bytes = store.get_bounded(name, MAX_KEY_FILE)?;
     let body = format::split(name, Kind::Key, &bytes)?;
     let file: KeyFile =

@@ -3,7 +3,7 @@
 //! Conventions follow restic and borg: `-r/--repo` or `FERRY_REPO`,
 //! `FERRY_PASSWORD` or `--password-file`, `--json` on every listing.
 
-use crate::commands::{agents, protect, repo, runbooks, schedules, serve, users};
+use crate::commands::{agents, keys, protect, repo, runbooks, schedules, serve, users};
 use crate::context::{Context, PasswordSource, default_home};
 use anyhow::Result;
 use clap::{Args, Parser, Subcommand};
@@ -64,6 +64,8 @@ pub struct Global {
 pub enum Command {
     /// Create a repository.
     Init(repo::InitArgs),
+    /// A repository's passwords: list, add, change and remove key files.
+    Key(keys::KeyArgs),
     /// Make one recovery point of a source's disks.
     Backup(repo::BackupArgs),
     /// List recovery points.
@@ -164,6 +166,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
     let ctx = &cli.global.context();
     match &cli.command {
         Command::Init(a) => repo::init(ctx, a),
+        Command::Key(a) => keys::key(ctx, a),
         Command::ServeNbd(a) => repo::serve_nbd(ctx, a),
         Command::Protect(a) => protect::protect(ctx, a),
         Command::Backup(a) => repo::backup(ctx, a),

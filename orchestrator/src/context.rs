@@ -184,7 +184,12 @@ impl Context {
         if let Some(p) = &*slot {
             return Ok(p.clone());
         }
-        let p = Password::new(read_password(&self.password_source, confirm)?);
+        let p = Password::new(read_password(
+            &self.password_source,
+            confirm,
+            "repository password: ",
+            "set FERRY_PASSWORD or pass --password-file FILE",
+        )?);
         *slot = Some(p.clone());
         Ok(p)
     }
@@ -229,7 +234,27 @@ impl Context {
     }
 }
 
-fn read_password(source: &PasswordSource, confirm: bool) -> Result<Vec<u8>> {
+/// A new password for a repository (`ferry key add`, `ferry key passwd`):
+/// `--new-password-file` if given, else `FERRY_NEW_PASSWORD` if set, else asked
+/// twice on the terminal.
+pub fn new_password(file: Option<PathBuf>) -> Result<Password> {
+    let source = PasswordSource::from_file_or_var(file, "FERRY_NEW_PASSWORD");
+    Ok(Password::new(read_password(
+        &source,
+        true,
+        "new repository password: ",
+        "set FERRY_NEW_PASSWORD or pass --new-password-file FILE",
+    )?))
+}
+
+/// The password from `source`; `label` is the prompt, `how` says how to give
+/// one without a terminal.
+fn read_password(
+    source: &PasswordSource,
+    confirm: bool,
+    label: &str,
+    how: &str,
+) -> Result<Vec<u8>> {
     match source {
         PasswordSource::File(file) => {
             let mut s = std::fs::read(file).map_err(|e| {
@@ -242,8 +267,7 @@ fn read_password(source: &PasswordSource, confirm: bool) -> Result<Vec<u8>> {
         }
         PasswordSource::Env(bytes) => Ok(bytes.clone()),
         PasswordSource::Prompt if std::io::stdin().is_terminal() => {
-            let p = rpassword::prompt_password("repository password: ")
-                .map_err(|e| Error::Internal(e.into()))?;
+            let p = rpassword::prompt_password(label).map_err(|e| Error::Internal(e.into()))?;
             if confirm
                 && rpassword::prompt_password("again: ").map_err(|e| Error::Internal(e.into()))?
                     != p
@@ -252,9 +276,7 @@ fn read_password(source: &PasswordSource, confirm: bool) -> Result<Vec<u8>> {
             }
             Ok(p.into_bytes())
         }
-        PasswordSource::Prompt => Err(Error::usage(
-            "no password: set FERRY_PASSWORD or pass --password-file FILE",
-        )),
+        PasswordSource::Prompt => Err(Error::usage(format!("no password: {how}"))),
         PasswordSource::Unavailable => Err(Error::usage(
             "the server has no repository password: restart it with FERRY_PASSWORD or --password-file",
         )),

@@ -3,6 +3,7 @@
 //! `cli` (the command line, outermost) picks which.
 
 pub mod agents;
+pub mod keys;
 pub mod output;
 pub mod protect;
 pub mod repo;
