@@ -8,6 +8,7 @@ use chrono::{DateTime, Utc};
 use serde::Serialize;
 
 use crate::crypto::{KdfParams, KeyFile, MasterKey, check_new_password, random_hex};
+use crate::lock::Lock;
 use crate::repo::{Repository, key_file_object, read_key_file};
 use crate::{Error, Result};
 
@@ -110,6 +111,8 @@ impl Repository {
     /// never left as the only way in.
     pub fn add_key(&self, password: &[u8]) -> Result<KeyInfo> {
         check_new_password(password)?;
+        // Every writer holds a lock while it writes (see `prune::abandoned`).
+        let _lock = Lock::acquire(self, "key", false)?;
         let file = self.key.wrap(password, KdfParams::default())?;
         let name = format!("keys/{}", random_hex(16));
         self.store.put(&name, key_file_object(&file))?;
@@ -149,6 +152,7 @@ impl Repository {
                 self.store.location()
             )));
         }
+        let _lock = Lock::acquire(self, "key", false)?;
         self.store.delete(&name)
     }
 
@@ -158,6 +162,7 @@ impl Repository {
     /// until its retention ends (said in [`PasswordChange::kept`]).
     pub fn change_password(&mut self, new: &[u8]) -> Result<PasswordChange> {
         let mut added = self.add_key(new)?;
+        let _lock = Lock::acquire(self, "key", false)?;
         let old = std::mem::replace(&mut self.key_name, format!("keys/{}", added.id));
         added.current = true;
         let (removed, kept) = match self.store.delete(&old) {

@@ -505,12 +505,37 @@ fn invalid_packs(
     Ok(out)
 }
 
-/// Remove the writes that never finished (staging files, open uploads) last
-/// touched more than [`INVALID_PACK_GRACE`] before `now`, in every replica of a
-/// replicated repository. A live writer finishes or abandons a write within a request's
-/// timeout, far sooner, so none of these is still being written.
+/// Whether a write that never finished is abandoned, so prune may remove it.
+///
+/// Its time (a file's last write, an upload's start) is believed when it falls
+/// between the repository's creation and `now`, each give or take
+/// [`lock::MAX_FUTURE`]: then it is abandoned once older than
+/// [`INVALID_PACK_GRACE`] (a live writer finishes or gives up a write within a
+/// request's timeout, far sooner). A time outside that span is the store's
+/// clock lying (moto dates every upload 2010-11-10): then the write is
+/// abandoned only if no other operation held a live lock when prune looked,
+/// after listing it. Every writer holds a lock from before its first write,
+/// so a write listed before a look that finds no lock has no live writer.
+fn abandoned(
+    modified: DateTime<Utc>,
+    now: DateTime<Utc>,
+    created: DateTime<Utc>,
+    others_live: bool,
+) -> bool {
+    let skew = chrono::TimeDelta::from_std(lock::MAX_FUTURE).unwrap_or(chrono::TimeDelta::MAX);
+    let believable = modified >= created - skew && modified <= now + skew;
+    if believable {
+        now - modified >= INVALID_PACK_GRACE
+    } else {
+        !others_live
+    }
+}
+
+/// Remove the writes that never finished (staging files, open uploads) that
+/// are [`abandoned`], in every replica of a replicated repository.
 fn sweep_unfinished(
     repo: &Repository,
+    own: &str,
     now: DateTime<Utc>,
     dry_run: bool,
     report: &mut PruneReport,
@@ -520,8 +545,14 @@ fn sweep_unfinished(
         None => vec![&repo.store],
     };
     for store in stores {
-        for l in store.unfinished_writes()? {
-            if now - l.modified < INVALID_PACK_GRACE {
+        let found = store.unfinished_writes()?;
+        if found.is_empty() {
+            continue;
+        }
+        // Looked at after the listing: see `abandoned`.
+        let others_live = !live_locks(repo, own)?.is_empty();
+        for l in found {
+            if !abandoned(l.modified, now, repo.config.created, others_live) {
                 continue;
             }
             warn!(object = %l.name, bytes = l.size, modified = %l.modified, dry_run, "removing a write that never finished");
@@ -627,7 +658,7 @@ pub fn prune_at(repo: &Repository, opts: PruneOptions, now: DateTime<Utc>) -> Re
         report.invalid_bytes += size;
     }
 
-    sweep_unfinished(repo, now, opts.dry_run, &mut report)?;
+    sweep_unfinished(repo, own.name(), now, opts.dry_run, &mut report)?;
 
     // Phase 2 for earlier records whose waits have cleared.
     if !opts.dry_run {
@@ -1168,5 +1199,36 @@ mod tests {
         assert_eq!(again.condemned_packs, 0, "{again:?}");
         assert_eq!(again.repacked_bytes, 0, "{again:?}");
         assert_eq!(crate::testing::restore_bytes(&repo, &kept.id), second);
+    }
+
+    #[test]
+    fn a_write_is_abandoned_by_its_age_or_if_its_time_is_a_lie_by_the_locks() {
+        let created = Utc::now() - chrono::TimeDelta::days(3);
+        let now = Utc::now();
+        let minutes = |m: i64| now - chrono::TimeDelta::minutes(m);
+        // A believable time: its age decides, whatever the locks say.
+        for live in [false, true] {
+            assert!(!abandoned(minutes(1), now, created, live));
+            assert!(!abandoned(minutes(29), now, created, live));
+            assert!(abandoned(minutes(31), now, created, live));
+            assert!(abandoned(created, now, created, live));
+        }
+        // Before the repository existed, or far ahead of now: only a look at
+        // the locks that finds none lets it go.
+        let lies = [
+            created - chrono::TimeDelta::days(5000),
+            now + chrono::TimeDelta::hours(2),
+        ];
+        for t in lies {
+            assert!(!abandoned(t, now, created, true), "{t}");
+            assert!(abandoned(t, now, created, false), "{t}");
+        }
+        // A little clock skew is believed.
+        assert!(!abandoned(
+            now + chrono::TimeDelta::minutes(5),
+            now,
+            created,
+            false
+        ));
     }
 }

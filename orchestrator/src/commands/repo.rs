@@ -1279,6 +1279,13 @@ pub fn repair(ctx: &Context, a: &RepairArgs) -> Result<ExitCode> {
         ))
         .into());
     };
+    // Repair writes: it holds a lock like every writer, so a prune that finds
+    // no live lock knows no write of it is in flight.
+    let _lock = if a.dry_run {
+        None
+    } else {
+        Some(ferry_agent::lock::Lock::acquire(&repo, "repair", false)?)
+    };
     let r = set.repair(ferry_agent::replica::RepairOptions {
         dry_run: a.dry_run,
         read_data: a.read_data,
