@@ -79,6 +79,33 @@ fn key_name(id: &str) -> Result<String> {
 }
 
 impl Repository {
+    /// Hold the repository's key files still: an exclusive lock (two key
+    /// changes, or a key change and a prune, never run at once; two that each
+    /// removed the other's password would leave none), taken only once every
+    /// replica answers, and then a check that the key file this password
+    /// opened is still there.
+    fn lock_keys(&self, operation: &str) -> Result<Lock> {
+        if let Some(set) = crate::replica::of(&self.store) {
+            set.require_all(operation)?;
+        }
+        let lock = Lock::acquire(self, "key", true)?;
+        if !self.store.exists(&self.key_name)? {
+            return Err(Error::InvalidInput(format!(
+                "{} was removed since the repository was opened: your password no longer opens it; nothing was changed",
+                self.key_name
+            )));
+        }
+        Ok(lock)
+    }
+
+    /// Wait for every replica to hold what was just written (a key file
+    /// present on some replicas only would open some and not others).
+    fn settle_keys(&self) {
+        if let Some(set) = crate::replica::of(&self.store) {
+            set.settle(std::time::Duration::from_secs(120));
+        }
+    }
+
     /// The id of the key file the password opened (or `init` wrote).
     pub fn key_id(&self) -> &str {
         self.key_name.trim_start_matches("keys/")
@@ -111,11 +138,11 @@ impl Repository {
     /// never left as the only way in.
     pub fn add_key(&self, password: &[u8]) -> Result<KeyInfo> {
         check_new_password(password)?;
-        // Every writer holds a lock while it writes (see `prune::abandoned`).
-        let _lock = Lock::acquire(self, "key", false)?;
+        let _lock = self.lock_keys("adding a password")?;
         let file = self.key.wrap(password, KdfParams::default())?;
         let name = format!("keys/{}", random_hex(16));
         self.store.put(&name, key_file_object(&file))?;
+        self.settle_keys();
         let back = read_key_file(&self.store, &name)?;
         let opens = MasterKey::unwrap(&back, password)?.is_some_and(|k| k.same_secret(&self.key));
         if !opens {
@@ -152,7 +179,7 @@ impl Repository {
                 self.store.location()
             )));
         }
-        let _lock = Lock::acquire(self, "key", false)?;
+        let _lock = self.lock_keys("removing a password")?;
         self.store.delete(&name)
     }
 
@@ -162,13 +189,20 @@ impl Repository {
     /// until its retention ends (said in [`PasswordChange::kept`]).
     pub fn change_password(&mut self, new: &[u8]) -> Result<PasswordChange> {
         let mut added = self.add_key(new)?;
-        let _lock = Lock::acquire(self, "key", false)?;
+        let _lock = self.lock_keys("changing a password")?;
         let old = std::mem::replace(&mut self.key_name, format!("keys/{}", added.id));
         added.current = true;
         let (removed, kept) = match self.store.delete(&old) {
             Ok(()) => (Some(old.trim_start_matches("keys/").to_string()), None),
             Err(e @ Error::Locked { .. }) => (None, Some(e.to_string())),
-            Err(e) => return Err(e),
+            // The new password works already: say so, and how to finish.
+            Err(e) => {
+                return Err(Error::InvalidInput(format!(
+                    "the new password was added (key {}), but the old key file {old} could not be removed, so the old password still opens the repository: {e}; remove it with `ferry key remove {}` once the store answers",
+                    added.id,
+                    old.trim_start_matches("keys/")
+                )));
+            }
         };
         Ok(PasswordChange {
             added,

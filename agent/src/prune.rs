@@ -343,6 +343,9 @@ pub struct PruneReport {
     /// would be).
     pub unfinished_writes: usize,
     pub unfinished_bytes: u64,
+    /// Stores (replicas) whose unfinished writes could not be listed (the
+    /// warning says why); prune went on without them.
+    pub unfinished_unlisted: usize,
     /// Objects whose Object Lock retention was extended (locked repositories).
     pub extended: usize,
     pub dry_run: bool,
@@ -505,17 +508,26 @@ fn invalid_packs(
     Ok(out)
 }
 
+/// How long after its last sign of life a write is abandoned even while other
+/// operations hold live locks: far beyond the slowest upload in parts (every
+/// part retried to its last attempt at the longest timeout).
+pub const ABANDONED_AFTER: chrono::TimeDelta = chrono::TimeDelta::hours(24);
+
 /// Whether a write that never finished is abandoned, so prune may remove it.
 ///
-/// Its time (a file's last write, an upload's start) is believed when it falls
-/// between the repository's creation and `now`, each give or take
-/// [`lock::MAX_FUTURE`]: then it is abandoned once older than
-/// [`INVALID_PACK_GRACE`] (a live writer finishes or gives up a write within a
-/// request's timeout, far sooner). A time outside that span is the store's
-/// clock lying (moto dates every upload 2010-11-10): then the write is
-/// abandoned only if no other operation held a live lock when prune looked,
-/// after listing it. Every writer holds a lock from before its first write,
-/// so a write listed before a look that finds no lock has no live writer.
+/// `modified` is its last sign of life (a file's last write; an upload's
+/// latest part, else its start). `others_live` says whether another operation
+/// held a live lock when prune looked, after listing the write: every writer
+/// holds a lock from before its first write, so a write listed before a look
+/// that finds no lock has no live writer.
+///
+/// The time is believed when it falls between the repository's creation and
+/// `now`, each give or take [`lock::MAX_FUTURE`]. Then the write is abandoned
+/// once older than [`INVALID_PACK_GRACE`] if no other lock is live, and once
+/// older than [`ABANDONED_AFTER`] whatever the locks (an upload whose parts are
+/// retried at a long `FERRY_STORE_TIMEOUT` may be silent for most of an hour).
+/// A time outside that span is the store's clock lying (moto dates every
+/// upload 2010-11-10): the write is abandoned only if no other lock is live.
 fn abandoned(
     modified: DateTime<Utc>,
     now: DateTime<Utc>,
@@ -524,11 +536,11 @@ fn abandoned(
 ) -> bool {
     let skew = chrono::TimeDelta::from_std(lock::MAX_FUTURE).unwrap_or(chrono::TimeDelta::MAX);
     let believable = modified >= created - skew && modified <= now + skew;
-    if believable {
-        now - modified >= INVALID_PACK_GRACE
-    } else {
-        !others_live
+    if !believable {
+        return !others_live;
     }
+    let age = now - modified;
+    (age >= INVALID_PACK_GRACE && !others_live) || age >= ABANDONED_AFTER
 }
 
 /// Remove the writes that never finished (staging files, open uploads) that
@@ -545,7 +557,17 @@ fn sweep_unfinished(
         None => vec![&repo.store],
     };
     for store in stores {
-        let found = store.unfinished_writes()?;
+        // Cleaning up after killed writers is not worth failing a prune for:
+        // credentials without `s3:ListBucketMultipartUploads`, or a store
+        // that does not list uploads, leave them to the bucket's lifecycle.
+        let found = match store.unfinished_writes() {
+            Ok(f) => f,
+            Err(e) => {
+                warn!(store = store.location(), error = %e, "cannot list the writes that never finished; they stay (a bucket lifecycle rule can abort old uploads)");
+                report.unfinished_unlisted += 1;
+                continue;
+            }
+        };
         if found.is_empty() {
             continue;
         }
@@ -1202,17 +1224,19 @@ mod tests {
     }
 
     #[test]
-    fn a_write_is_abandoned_by_its_age_or_if_its_time_is_a_lie_by_the_locks() {
+    fn a_write_is_abandoned_by_its_age_and_the_locks() {
         let created = Utc::now() - chrono::TimeDelta::days(3);
         let now = Utc::now();
         let minutes = |m: i64| now - chrono::TimeDelta::minutes(m);
-        // A believable time: its age decides, whatever the locks say.
-        for live in [false, true] {
-            assert!(!abandoned(minutes(1), now, created, live));
-            assert!(!abandoned(minutes(29), now, created, live));
-            assert!(abandoned(minutes(31), now, created, live));
-            assert!(abandoned(created, now, created, live));
-        }
+        // A believable time, no other operation running: its age decides.
+        assert!(!abandoned(minutes(1), now, created, false));
+        assert!(!abandoned(minutes(29), now, created, false));
+        assert!(abandoned(minutes(31), now, created, false));
+        // Another operation running: it may be that writer's slow upload,
+        // until a day has passed.
+        assert!(!abandoned(minutes(31), now, created, true));
+        assert!(!abandoned(minutes(23 * 60), now, created, true));
+        assert!(abandoned(minutes(25 * 60), now, created, true));
         // Before the repository existed, or far ahead of now: only a look at
         // the locks that finds none lets it go.
         let lies = [
@@ -1223,7 +1247,7 @@ mod tests {
             assert!(!abandoned(t, now, created, true), "{t}");
             assert!(abandoned(t, now, created, false), "{t}");
         }
-        // A little clock skew is believed.
+        // A little clock skew is believed: just written.
         assert!(!abandoned(
             now + chrono::TimeDelta::minutes(5),
             now,

@@ -311,14 +311,15 @@ pub struct Leftover {
     pub upload: Option<String>,
     /// The bytes it holds (an upload's parts so far).
     pub size: u64,
-    /// When it was last written to (a file), or started (an upload).
+    /// Its last sign of life: a file's last write; an upload's latest part,
+    /// else its start.
     pub modified: DateTime<Utc>,
 }
 
 /// A store whose unfinished writes stay behind, out of its listing: staging
-/// files in directories, multipart uploads on S3. Prune removes those older
-/// than a lock's lifetime (`prune::INVALID_PACK_GRACE`): a live writer
-/// finishes or gives up on a write within a request's timeout, far sooner.
+/// files in directories, multipart uploads on S3. Prune removes those it
+/// judges abandoned by their last sign of life and the repository's locks
+/// (`prune::abandoned`).
 pub trait Leftovers: Send + Sync + std::fmt::Debug {
     /// Every unfinished write of the repository's objects, whatever its age.
     /// Writes to names a repository never uses (another program's, in the same

@@ -768,11 +768,17 @@ impl Versioned for S3Sdk {
 }
 
 impl S3Sdk {
-    /// The bytes the parts of upload `id` of `key` hold so far (as far as the
-    /// server's answers can be read); `None` when the upload is gone
-    /// (completed or aborted since it was listed).
-    async fn uploaded(&self, key: &str, id: &str) -> Result<Option<u64>, object_store::Error> {
+    /// The bytes the parts of upload `id` of `key` hold so far, and when the
+    /// last of them landed (as far as the server's answers can be read);
+    /// `None` when the upload is gone (completed or aborted since it was
+    /// listed).
+    async fn uploaded(
+        &self,
+        key: &str,
+        id: &str,
+    ) -> Result<Option<(u64, Option<DateTime<Utc>>)>, object_store::Error> {
         let mut bytes = 0u64;
+        let mut latest: Option<DateTime<Utc>> = None;
         let mut marker = None;
         loop {
             let page = match self
@@ -793,19 +799,19 @@ impl S3Sdk {
                 // unknown. Counting it as empty beats leaving it open.
                 Err(e) if e.raw_response().is_some_and(|r| r.status().is_success()) => {
                     tracing::warn!(upload = key, error = %aws_sdk_s3::error::DisplayErrorContext(&e), "cannot read the parts of an unfinished upload; its bytes are counted as 0");
-                    return Ok(Some(bytes));
+                    return Ok(Some((bytes, latest)));
                 }
                 Err(e) => return Err(sdk_error(key, e)),
             };
-            bytes += page
-                .parts()
-                .iter()
-                .filter_map(|p| p.size())
-                .map(|s| u64::try_from(s).unwrap_or(0))
-                .sum::<u64>();
+            for part in page.parts() {
+                bytes += part.size().map_or(0, |s| u64::try_from(s).unwrap_or(0));
+                if let Some(t) = part.last_modified().map(from_aws) {
+                    latest = latest.max(Some(t));
+                }
+            }
             match page.next_part_number_marker() {
                 Some(next) if page.is_truncated() == Some(true) => marker = Some(next.to_string()),
-                _ => return Ok(Some(bytes)),
+                _ => return Ok(Some((bytes, latest))),
             }
         }
     }
@@ -841,15 +847,17 @@ impl Leftovers for S3Sdk {
                     if !is_repository_name(name) {
                         continue;
                     }
-                    let Some(size) = self.uploaded(key, id).await? else {
+                    let Some((size, last_part)) = self.uploaded(key, id).await? else {
                         continue;
                     };
+                    // Its last sign of life: the latest part, else its start
+                    // (none reads as just started: kept).
+                    let started = u.initiated().map_or_else(Utc::now, from_aws);
                     out.push(Leftover {
                         name: name.to_string(),
                         upload: Some(id.to_string()),
                         size,
-                        // No start time reads as just started: kept.
-                        modified: u.initiated().map_or_else(Utc::now, from_aws),
+                        modified: last_part.map_or(started, |t| t.max(started)),
                     });
                 }
                 if page.is_truncated() != Some(true) {

@@ -7,13 +7,13 @@ use std::time::Duration;
 
 use ferry_agent::progress::Progress;
 
-/// `1.5 GiB`, `512 B`.
 /// `v` as pretty JSON on stdout (`--json`).
 pub fn print_json(v: &impl serde::Serialize) -> anyhow::Result<()> {
     println!("{}", serde_json::to_string_pretty(v)?);
     Ok(())
 }
 
+/// `1.5 GiB`, `512 B`.
 pub fn bytes(n: u64) -> String {
     const UNITS: [&str; 6] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
     let mut v = n as f64;

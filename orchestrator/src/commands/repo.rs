@@ -1512,6 +1512,12 @@ pub fn prune(ctx: &Context, a: &PruneArgs) -> Result<ExitCode> {
             bytes(r.unfinished_bytes)
         );
     }
+    if r.unfinished_unlisted > 0 {
+        println!(
+            "could not list the writes that never finished in {} store(s) (see the warning); a bucket lifecycle rule can abort old uploads",
+            r.unfinished_unlisted
+        );
+    }
     if r.dry_run {
         println!(
             "would condemn {} pack(s) ({} of them repacked); nothing was changed",
