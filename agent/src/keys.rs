@@ -68,6 +68,11 @@ fn info(id: &str, file: &KeyFile, current: bool) -> KeyInfo {
     }
 }
 
+/// The id of key file `name` (`keys/ID`): what `ferry key list` shows.
+fn id_of(name: &str) -> &str {
+    name.trim_start_matches("keys/")
+}
+
 /// `keys/ID` for an id as `ferry key list` shows it (32 lowercase hex digits).
 fn key_name(id: &str) -> Result<String> {
     if id.len() != 32 || !id.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
@@ -108,7 +113,7 @@ impl Repository {
 
     /// The id of the key file the password opened (or `init` wrote).
     pub fn key_id(&self) -> &str {
-        self.key_name.trim_start_matches("keys/")
+        id_of(&self.key_name)
     }
 
     /// Every key file, read and checked (none is unwrapped: that needs its
@@ -116,7 +121,7 @@ impl Repository {
     pub fn keys(&self) -> Result<Keys> {
         let mut out = Keys::default();
         for (name, _) in self.store.list("keys/")? {
-            let id = name.trim_start_matches("keys/");
+            let id = id_of(&name);
             match read_key_file(&self.store, &name) {
                 Ok(file) => out.keys.push(info(id, &file, name == self.key_name)),
                 Err(Error::Missing { .. }) => {} // removed since the listing
@@ -159,7 +164,7 @@ impl Repository {
                 ),
             ));
         }
-        Ok(info(name.trim_start_matches("keys/"), &back, false))
+        Ok(info(id_of(&name), &back, false))
     }
 
     /// Remove the key file `id`: its password no longer opens the repository.
@@ -193,14 +198,14 @@ impl Repository {
         let old = std::mem::replace(&mut self.key_name, format!("keys/{}", added.id));
         added.current = true;
         let (removed, kept) = match self.store.delete(&old) {
-            Ok(()) => (Some(old.trim_start_matches("keys/").to_string()), None),
+            Ok(()) => (Some(id_of(&old).to_string()), None),
             Err(e @ Error::Locked { .. }) => (None, Some(e.to_string())),
             // The new password works already: say so, and how to finish.
             Err(e) => {
                 return Err(Error::InvalidInput(format!(
                     "the new password was added (key {}), but the old key file {old} could not be removed, so the old password still opens the repository: {e}; remove it with `ferry key remove {}` once the store answers",
                     added.id,
-                    old.trim_start_matches("keys/")
+                    id_of(&old)
                 )));
             }
         };

@@ -338,9 +338,8 @@ pub struct PruneReport {
     pub invalid_objects: usize,
     pub invalid_bytes: u64,
     /// Writes that never finished, left by a process killed mid-write (a
-    /// directory repository's staging files, S3's uploads in parts), older
-    /// than [`INVALID_PACK_GRACE`]: removed or aborted (or, in a dry run, that
-    /// would be).
+    /// directory repository's staging files, S3's uploads in parts), judged
+    /// [`abandoned`]: removed or aborted (or, in a dry run, that would be).
     pub unfinished_writes: usize,
     pub unfinished_bytes: u64,
     /// Stores (replicas) whose unfinished writes could not be listed (the
